@@ -1,0 +1,12 @@
+#!/usr/bin/env node
+"use strict";
+// Runs the TypeScript sources directly (transpile only; `npm run typecheck` checks
+// types), or the compiled build when one exists under dist/ and STOWAGE_DIST=1.
+const path = require("node:path");
+const root = path.join(__dirname, "..");
+if (process.env.STOWAGE_DIST === "1") {
+  require(path.join(root, "dist", "src", "main.js")).run(process.argv.slice(2));
+} else {
+  require("ts-node").register({ project: path.join(root, "tsconfig.json"), transpileOnly: true, files: false });
+  require(path.join(root, "src", "main.ts")).run(process.argv.slice(2));
+}

@@ -1,0 +1,81 @@
+import path from "node:path";
+
+export interface S3Config {
+  bucket: string;
+  endpoint?: string;
+  region: string;
+  accessKeyId?: string;
+  secretAccessKey?: string;
+  forcePathStyle: boolean;
+}
+
+export interface Config {
+  host: string;
+  port: number;
+  dataDir: string;
+  /** Set when an external Postgres is used; embedded Postgres otherwise. */
+  databaseUrl?: string;
+  corsOrigins: string[];
+  maxQueryDepth: number;
+  maxQueryCost: number;
+  maxPageSize: number;
+  maxDiskBytes: number;
+  s3?: S3Config;
+  logLevel: "debug" | "info" | "warn" | "error";
+}
+
+export class ConfigError extends Error {}
+
+type Env = Record<string, string | undefined>;
+
+function int(env: Env, name: string, fallback: number, min: number, max: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === "") return fallback;
+  const value = Number(raw);
+  if (!Number.isSafeInteger(value) || value < min || value > max) {
+    throw new ConfigError(`${name} must be an integer between ${min} and ${max}, got "${raw}"`);
+  }
+  return value;
+}
+
+function bool(env: Env, name: string, fallback: boolean): boolean {
+  const raw = env[name];
+  if (raw === undefined || raw === "") return fallback;
+  if (/^(1|true|yes|on)$/i.test(raw)) return true;
+  if (/^(0|false|no|off)$/i.test(raw)) return false;
+  throw new ConfigError(`${name} must be true or false, got "${raw}"`);
+}
+
+/** Reads and validates the configuration once; everything else receives the result. */
+export function loadConfig(env: Env = process.env): Config {
+  const logLevel = (env.LOG_LEVEL || "info") as Config["logLevel"];
+  if (!["debug", "info", "warn", "error"].includes(logLevel)) {
+    throw new ConfigError(`LOG_LEVEL must be one of debug, info, warn, error, got "${env.LOG_LEVEL}"`);
+  }
+  const s3 = env.S3_BUCKET
+    ? {
+        bucket: env.S3_BUCKET,
+        endpoint: env.S3_ENDPOINT || undefined,
+        region: env.S3_REGION || "us-east-1",
+        accessKeyId: env.S3_ACCESS_KEY_ID || undefined,
+        secretAccessKey: env.S3_SECRET_ACCESS_KEY || undefined,
+        forcePathStyle: bool(env, "S3_FORCE_PATH_STYLE", Boolean(env.S3_ENDPOINT)),
+      }
+    : undefined;
+  return {
+    host: env.HOST || "127.0.0.1",
+    port: int(env, "PORT", 4000, 0, 65535),
+    dataDir: path.resolve(env.STOWAGE_DATA_DIR || ".data"),
+    databaseUrl: env.DATABASE_URL || undefined,
+    corsOrigins: (env.CORS_ORIGINS || "")
+      .split(",")
+      .map((s) => s.trim())
+      .filter(Boolean),
+    maxQueryDepth: int(env, "MAX_QUERY_DEPTH", 12, 2, 100),
+    maxQueryCost: int(env, "MAX_QUERY_COST", 50_000, 10, 100_000_000),
+    maxPageSize: int(env, "MAX_PAGE_SIZE", 100, 1, 10_000),
+    maxDiskBytes: int(env, "MAX_DISK_BYTES", 64 * 2 ** 40, 2 ** 20, Number.MAX_SAFE_INTEGER),
+    s3,
+    logLevel,
+  };
+}

@@ -1,0 +1,55 @@
+import { DataSource, type Logger as TypeOrmLogger } from "typeorm";
+import { migrations } from "../../migrations";
+import { entities } from "../entities";
+import type { Logger } from "../logger";
+import { SnakeNamingStrategy } from "./naming-strategy";
+
+export interface DataSourceOptions {
+  url: string;
+  logger: Logger;
+  poolSize?: number;
+  /** Called with every SQL statement sent; the statement-count tests listen here. */
+  onQuery?: (sql: string) => void;
+}
+
+class QueryLogger implements TypeOrmLogger {
+  constructor(private readonly logger: Logger, private readonly onQuery?: (sql: string) => void) {}
+  logQuery(query: string) {
+    this.onQuery?.(query);
+  }
+  logQueryError(error: string | Error, query: string) {
+    this.logger.debug("query failed", { error: error instanceof Error ? error.message : error, query });
+  }
+  logQuerySlow(time: number, query: string) {
+    this.logger.warn("slow query", { ms: time, query: query.slice(0, 500) });
+  }
+  logSchemaBuild() {}
+  logMigration(message: string) {
+    this.logger.info(message);
+  }
+  log(level: "log" | "info" | "warn", message: unknown) {
+    if (level === "warn") this.logger.warn(String(message));
+  }
+}
+
+export function createDataSource(opts: DataSourceOptions): DataSource {
+  return new DataSource({
+    type: "postgres",
+    url: opts.url,
+    entities,
+    migrations,
+    migrationsTableName: "migrations",
+    migrationsTransactionMode: "each",
+    synchronize: false,
+    namingStrategy: new SnakeNamingStrategy(),
+    logging: ["query", "error", "warn", "migration"],
+    logger: new QueryLogger(opts.logger, opts.onQuery),
+    maxQueryExecutionTime: 2000,
+    extra: { max: opts.poolSize ?? 20, application_name: "stowage" },
+  });
+}
+
+/** True when every migration the code knows has been applied. */
+export async function migrationsApplied(ds: DataSource): Promise<boolean> {
+  return !(await ds.showMigrations());
+}

@@ -1,0 +1,31 @@
+import { Column, CreateDateColumn, Entity, PrimaryGeneratedColumn, UpdateDateColumn } from "typeorm";
+import { bigintNumber } from "./columns";
+import { BackupResourceType, BackupStatus, BackupTrigger } from "./enums";
+
+@Entity("backups")
+export class Backup {
+  @PrimaryGeneratedColumn("uuid") id: string;
+  @Column("uuid") projectId: string;
+  @Column("text") name: string;
+  @Column("text", { default: "" }) description: string;
+  @Column("text") resourceType: BackupResourceType;
+  /** The backed-up server or disk; kept when that resource is deleted. */
+  @Column("uuid") resourceId: string;
+  @Column("text") resourceName: string;
+  @Column("uuid", { nullable: true }) serverId: string | null;
+  @Column("uuid", { nullable: true }) diskId: string | null;
+  @Column("text") status: BackupStatus;
+  @Column("text") trigger: BackupTrigger;
+  @Column("uuid", { nullable: true }) policyId: string | null;
+  /** The server backup this disk backup belongs to. */
+  @Column("uuid", { nullable: true }) parentId: string | null;
+  @Column("uuid", { nullable: true }) jobId: string | null;
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) sizeBytes: number;
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) storedBytes: number;
+  @Column("real", { default: 0 }) progress: number;
+  @Column("text", { nullable: true }) error: string | null;
+  @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
+  @Column("timestamptz", { nullable: true }) completedAt: Date | null;
+  @Column("timestamptz", { nullable: true }) expiresAt: Date | null;
+  @UpdateDateColumn({ type: "timestamptz" }) updatedAt: Date;
+}

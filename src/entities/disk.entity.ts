@@ -1,0 +1,20 @@
+import { Column, CreateDateColumn, Entity, PrimaryGeneratedColumn, UpdateDateColumn } from "typeorm";
+import { bigintNumber } from "./columns";
+import { DiskStatus, DiskType } from "./enums";
+
+@Entity("disks")
+export class Disk {
+  @PrimaryGeneratedColumn("uuid") id: string;
+  @Column("uuid") projectId: string;
+  @Column("text") name: string;
+  @Column("text") type: DiskType;
+  @Column("bigint", { transformer: bigintNumber }) sizeBytes: number;
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) usedBytes: number;
+  @Column("text") status: DiskStatus;
+  @Column("uuid", { nullable: true }) serverId: string | null;
+  @Column("text", { nullable: true }) device: string | null;
+  @Column("uuid", { nullable: true }) sourceImageId: string | null;
+  @Column("uuid", { nullable: true }) sourceBackupId: string | null;
+  @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
+  @UpdateDateColumn({ type: "timestamptz" }) updatedAt: Date;
+}

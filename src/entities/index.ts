@@ -1,0 +1,15 @@
+import { ApiKey } from "./api-key.entity";
+import { Backup } from "./backup.entity";
+import { Disk } from "./disk.entity";
+import { ImageExport } from "./image-export.entity";
+import { Image } from "./image.entity";
+import { Job } from "./job.entity";
+import { PolicyBinding } from "./policy-binding.entity";
+import { Policy } from "./policy.entity";
+import { Project } from "./project.entity";
+import { Server } from "./server.entity";
+
+export { ApiKey, Backup, Disk, Image, ImageExport, Job, Policy, PolicyBinding, Project, Server };
+export * from "./enums";
+
+export const entities = [Project, ApiKey, Server, Disk, Backup, Image, ImageExport, Policy, PolicyBinding, Job];

@@ -1,0 +1,29 @@
+import { Column, CreateDateColumn, Entity, PrimaryGeneratedColumn, UpdateDateColumn } from "typeorm";
+import { bigintNumber } from "./columns";
+import { JobStatus, JobType } from "./enums";
+
+@Entity("jobs")
+export class Job {
+  @PrimaryGeneratedColumn("uuid") id: string;
+  @Column("uuid") projectId: string;
+  @Column("text") type: JobType;
+  @Column("text") status: JobStatus;
+  @Column("real", { default: 0 }) progress: number;
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) bytesDone: number;
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) bytesTotal: number;
+  @Column("int", { default: 0 }) attempts: number;
+  @Column("boolean", { default: false }) cancelRequested: boolean;
+  @Column("jsonb", { default: {} }) payload: Record<string, unknown>;
+  @Column("text", { nullable: true }) errorCode: string | null;
+  @Column("text", { nullable: true }) errorMessage: string | null;
+  @Column("uuid", { nullable: true }) serverId: string | null;
+  @Column("uuid", { nullable: true }) diskId: string | null;
+  @Column("uuid", { nullable: true }) backupId: string | null;
+  @Column("uuid", { nullable: true }) imageId: string | null;
+  @Column("uuid", { nullable: true }) policyId: string | null;
+  @Column("uuid", { nullable: true }) exportId: string | null;
+  @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
+  @Column("timestamptz", { nullable: true }) startedAt: Date | null;
+  @Column("timestamptz", { nullable: true }) finishedAt: Date | null;
+  @UpdateDateColumn({ type: "timestamptz" }) updatedAt: Date;
+}

@@ -1,0 +1,53 @@
+import { GraphQLError, type GraphQLFormattedError } from "graphql";
+import { DomainError, ErrorCode } from "../services/errors";
+import type { Logger } from "../logger";
+
+/** HTTP status for errors that end a request before execution (authentication). */
+export function httpStatusOf(code: ErrorCode): number {
+  switch (code) {
+    case ErrorCode.UNAUTHENTICATED:
+      return 401;
+    case ErrorCode.FORBIDDEN:
+      return 403;
+    case ErrorCode.NOT_FOUND:
+      return 404;
+    case ErrorCode.BAD_USER_INPUT:
+      return 400;
+    case ErrorCode.CONFLICT:
+      return 409;
+    case ErrorCode.FAILED_PRECONDITION:
+      return 412;
+  }
+}
+
+export function toGraphQLError(err: DomainError): GraphQLError {
+  return new GraphQLError(err.message, {
+    extensions: { code: err.code, ...(err.field ? { field: err.field } : {}) },
+  });
+}
+
+/**
+ * The one place errors become responses: domain errors keep their code and message;
+ * errors graphql-js or Apollo raised about the request itself (parse, validation,
+ * coercion, limits) keep theirs; anything else is logged and answered as an internal
+ * error with no message, stack, SQL or path.
+ */
+export function createErrorFormatter(logger: Logger) {
+  return (formatted: GraphQLFormattedError, error: unknown): GraphQLFormattedError => {
+    const original = error instanceof GraphQLError ? error.originalError : error;
+    if (original instanceof DomainError) {
+      return {
+        message: original.message,
+        locations: formatted.locations,
+        path: formatted.path,
+        extensions: { code: original.code, ...(original.field ? { field: original.field } : {}) },
+      };
+    }
+    if (error instanceof GraphQLError && (original === undefined || original instanceof GraphQLError)) {
+      const { stacktrace: _stack, ...extensions } = formatted.extensions ?? {};
+      return { ...formatted, extensions: { ...extensions, code: extensions.code ?? "BAD_USER_INPUT" } };
+    }
+    logger.error("unexpected error in request", { error: original instanceof Error ? original : String(original), path: formatted.path });
+    return { message: "Internal server error", locations: formatted.locations, path: formatted.path, extensions: { code: "INTERNAL_SERVER_ERROR" } };
+  };
+}

@@ -1,0 +1,66 @@
+import { Arg, Args, Ctx, FieldResolver, Mutation, Query, Resolver, Root } from "type-graphql";
+import type { Disk } from "../../entities";
+import { toGlobalId } from "../../services/global-id";
+import type { GraphQLContext } from "../context";
+import { AttachDiskInput, BackupListArgs, CreateDiskInput, DetachDiskInput, DiskListArgs, IdInput, ImageListArgs, PolicyListArgs } from "../types/inputs.type";
+import { AttachmentPayload, DeleteDiskPayload, DiskPayload } from "../types/payloads.type";
+import { BackupConnection, BackupType, DiskConnection, DiskType_, ImageConnection, ImageType_, PolicyConnection, ServerType } from "../types/resources.type";
+
+@Resolver(() => DiskType_)
+export class DiskResolver {
+  @Query(() => DiskConnection)
+  disks(@Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.disks.list(ctx, "disks", ctx.projectId, args);
+  }
+
+  @Mutation(() => DiskPayload, { description: "Creates a blank data disk, or one filled from an image or a backup." })
+  async createDisk(@Arg("input") input: CreateDiskInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return { disk: await services.disks.create(ctx, input) };
+  }
+
+  @Mutation(() => AttachmentPayload)
+  attachDisk(@Arg("input") input: AttachDiskInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.disks.attach(ctx, input);
+  }
+
+  @Mutation(() => AttachmentPayload)
+  detachDisk(@Arg("input") input: DetachDiskInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.disks.detach(ctx, input);
+  }
+
+  @Mutation(() => DeleteDiskPayload, { description: "Deletes a detached disk; its backups stay." })
+  async deleteDisk(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    const disk = await services.disks.delete(ctx, input.id);
+    return { deletedDiskId: toGlobalId("Disk", disk.id) };
+  }
+
+  @FieldResolver(() => ServerType, { nullable: true })
+  server(@Root() disk: Disk, @Ctx() { ctx }: GraphQLContext) {
+    return disk.serverId ? ctx.loaders.server.load(disk.serverId) : null;
+  }
+
+  @FieldResolver(() => ImageType_, { nullable: true })
+  sourceImage(@Root() disk: Disk, @Ctx() { ctx }: GraphQLContext) {
+    return disk.sourceImageId ? ctx.loaders.image.load(disk.sourceImageId) : null;
+  }
+
+  @FieldResolver(() => BackupType, { nullable: true })
+  sourceBackup(@Root() disk: Disk, @Ctx() { ctx }: GraphQLContext) {
+    return disk.sourceBackupId ? ctx.loaders.backup.load(disk.sourceBackupId) : null;
+  }
+
+  @FieldResolver(() => BackupConnection, { description: "Backups of this disk, its parts of server backups included." })
+  backups(@Root() disk: Disk, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.backups.list(ctx, "diskBackups", disk.id, args);
+  }
+
+  @FieldResolver(() => ImageConnection)
+  images(@Root() disk: Disk, @Args() args: ImageListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.images.list(ctx, "diskImages", disk.id, args);
+  }
+
+  @FieldResolver(() => PolicyConnection)
+  policies(@Root() disk: Disk, @Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.policies.list(ctx, "diskPolicies", disk.id, args);
+  }
+}

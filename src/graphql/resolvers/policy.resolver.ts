@@ -1,0 +1,61 @@
+import { Arg, Args, Ctx, FieldResolver, Mutation, Query, Resolver, Root } from "type-graphql";
+import type { Policy } from "../../entities";
+import { toGlobalId } from "../../services/global-id";
+import type { GraphQLContext } from "../context";
+import { BackupListArgs, BindPolicyInput, CreatePolicyInput, DiskListArgs, IdInput, PolicyListArgs, ServerListArgs, UpdatePolicyInput } from "../types/inputs.type";
+import { DeletePolicyPayload, PolicyPayload } from "../types/payloads.type";
+import { BackupConnection, DiskConnection, PolicyConnection, PolicyType, RetentionType, ServerConnection } from "../types/resources.type";
+
+@Resolver(() => PolicyType)
+export class PolicyResolver {
+  @Query(() => PolicyConnection)
+  policies(@Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.policies.list(ctx, "policies", ctx.projectId, args);
+  }
+
+  @Mutation(() => PolicyPayload)
+  async createPolicy(@Arg("input") input: CreatePolicyInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return { policy: await services.policies.create(ctx, input) };
+  }
+
+  @Mutation(() => PolicyPayload)
+  async updatePolicy(@Arg("input") input: UpdatePolicyInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return { policy: await services.policies.update(ctx, input) };
+  }
+
+  @Mutation(() => DeletePolicyPayload, { description: "Deletes the policy and unbinds its resources; their backups stay." })
+  async deletePolicy(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    const policy = await services.policies.delete(ctx, input.id);
+    return { deletedPolicyId: toGlobalId("Policy", policy.id) };
+  }
+
+  @Mutation(() => PolicyPayload, { description: "Binds servers and disks; each resource is bound to at most one policy." })
+  async bindPolicy(@Arg("input") input: BindPolicyInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return { policy: await services.policies.bind(ctx, input) };
+  }
+
+  @Mutation(() => PolicyPayload)
+  async unbindPolicy(@Arg("input") input: BindPolicyInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return { policy: await services.policies.unbind(ctx, input) };
+  }
+
+  @FieldResolver(() => RetentionType)
+  retention(@Root() policy: Policy) {
+    return policy;
+  }
+
+  @FieldResolver(() => ServerConnection)
+  servers(@Root() policy: Policy, @Args() args: ServerListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.servers.list(ctx, "policyServers", policy.id, args);
+  }
+
+  @FieldResolver(() => DiskConnection)
+  disks(@Root() policy: Policy, @Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.disks.list(ctx, "policyDisks", policy.id, args);
+  }
+
+  @FieldResolver(() => BackupConnection, { description: "Backups this policy made." })
+  backups(@Root() policy: Policy, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.backups.list(ctx, "policyBackups", policy.id, args);
+  }
+}

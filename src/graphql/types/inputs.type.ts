@@ -1,0 +1,182 @@
+import { ArgsType, Field, ID, InputType, Int } from "type-graphql";
+import { Order, PageArgs, TimeOrder } from "./connection";
+import {
+  BackupResourceType, BackupStatus, BackupTrigger, DiskFormat, DiskStatus, DiskType, ExportStatus,
+  ImageSource, ImageStatus, ImageType, JobStatus, JobType, OsType, ServerStatus,
+} from "./enums";
+import { SafeInt } from "./scalars";
+
+const nameFilter = { nullable: true, description: "Case-insensitive substring of the name." } as const;
+
+@InputType()
+export class ServerFilter {
+  @Field(() => [ServerStatus], { nullable: true }) statuses?: ServerStatus[];
+  @Field(() => [OsType], { nullable: true }) osTypes?: OsType[];
+  @Field(() => String, nameFilter) name?: string;
+  @Field(() => ID, { nullable: true, description: "Servers created from this image." }) imageId?: string;
+}
+
+@InputType()
+export class DiskFilter {
+  @Field(() => [DiskStatus], { nullable: true }) statuses?: DiskStatus[];
+  @Field(() => [DiskType], { nullable: true }) types?: DiskType[];
+  @Field(() => String, nameFilter) name?: string;
+  @Field(() => ID, { nullable: true }) serverId?: string;
+  @Field(() => Boolean, { nullable: true }) attached?: boolean;
+  @Field(() => ID, { nullable: true }) imageId?: string;
+  @Field(() => ID, { nullable: true }) backupId?: string;
+}
+
+@InputType()
+export class BackupFilter {
+  @Field(() => [BackupStatus], { nullable: true }) statuses?: BackupStatus[];
+  @Field(() => [BackupResourceType], { nullable: true }) resourceTypes?: BackupResourceType[];
+  @Field(() => [BackupTrigger], { nullable: true }) triggers?: BackupTrigger[];
+  @Field(() => String, nameFilter) name?: string;
+  @Field(() => ID, { nullable: true, description: "Backups of this server or disk." }) resourceId?: string;
+  @Field(() => ID, { nullable: true }) policyId?: string;
+  @Field(() => Boolean, { nullable: true, description: "true: only backups that are not part of a server backup." }) topLevel?: boolean;
+}
+
+@InputType()
+export class ImageFilter {
+  @Field(() => [ImageStatus], { nullable: true }) statuses?: ImageStatus[];
+  @Field(() => [ImageType], { nullable: true }) types?: ImageType[];
+  @Field(() => [ImageSource], { nullable: true }) sources?: ImageSource[];
+  @Field(() => [OsType], { nullable: true }) osTypes?: OsType[];
+  @Field(() => String, nameFilter) name?: string;
+}
+
+@InputType()
+export class ImageExportFilter {
+  @Field(() => [ExportStatus], { nullable: true }) statuses?: ExportStatus[];
+  @Field(() => [DiskFormat], { nullable: true }) formats?: DiskFormat[];
+}
+
+@InputType()
+export class PolicyFilter {
+  @Field(() => Boolean, { nullable: true }) enabled?: boolean;
+  @Field(() => String, nameFilter) name?: string;
+}
+
+@InputType()
+export class JobFilter {
+  @Field(() => [JobStatus], { nullable: true }) statuses?: JobStatus[];
+  @Field(() => [JobType], { nullable: true }) types?: JobType[];
+  @Field(() => ID, { nullable: true, description: "Jobs acting on this server, disk, backup, image, export or policy." }) resourceId?: string;
+}
+
+@ArgsType() export class ServerListArgs extends PageArgs {
+  @Field(() => ServerFilter, { nullable: true }) filter?: ServerFilter;
+  @Field(() => Order, { nullable: true }) orderBy?: Order;
+}
+@ArgsType() export class DiskListArgs extends PageArgs {
+  @Field(() => DiskFilter, { nullable: true }) filter?: DiskFilter;
+  @Field(() => Order, { nullable: true }) orderBy?: Order;
+}
+@ArgsType() export class BackupListArgs extends PageArgs {
+  @Field(() => BackupFilter, { nullable: true }) filter?: BackupFilter;
+  @Field(() => Order, { nullable: true }) orderBy?: Order;
+}
+@ArgsType() export class ImageListArgs extends PageArgs {
+  @Field(() => ImageFilter, { nullable: true }) filter?: ImageFilter;
+  @Field(() => Order, { nullable: true }) orderBy?: Order;
+}
+@ArgsType() export class ImageExportListArgs extends PageArgs {
+  @Field(() => ImageExportFilter, { nullable: true }) filter?: ImageExportFilter;
+  @Field(() => TimeOrder, { nullable: true }) orderBy?: TimeOrder;
+}
+@ArgsType() export class PolicyListArgs extends PageArgs {
+  @Field(() => PolicyFilter, { nullable: true }) filter?: PolicyFilter;
+  @Field(() => Order, { nullable: true }) orderBy?: Order;
+}
+@ArgsType() export class JobListArgs extends PageArgs {
+  @Field(() => JobFilter, { nullable: true }) filter?: JobFilter;
+  @Field(() => TimeOrder, { nullable: true }) orderBy?: TimeOrder;
+}
+
+@InputType()
+export class IdInput {
+  @Field(() => ID) id: string;
+}
+
+@InputType()
+export class DataDiskInput {
+  @Field(() => String, { nullable: true, description: "Defaults to <server>-data-<n>." }) name?: string;
+  @Field(() => SafeInt) sizeBytes: number;
+  @Field(() => ID, { nullable: true, description: "A DATA_DISK image to fill the disk from." }) imageId?: string;
+}
+
+@InputType()
+export class CreateServerInput {
+  @Field() name: string;
+  @Field(() => Int) vcpus: number;
+  @Field(() => Int) memoryMiB: number;
+  @Field(() => OsType, { nullable: true, description: "Defaults to the image's, or LINUX." }) osType?: OsType;
+  @Field(() => ID, { nullable: true, description: "A SYSTEM_DISK or FULL_SERVER image." }) imageId?: string;
+  @Field(() => SafeInt, { nullable: true, description: "Required without imageId; a whole number of MiB." }) systemDiskSizeBytes?: number;
+  @Field(() => [DataDiskInput], { nullable: true }) dataDisks?: DataDiskInput[];
+}
+
+@InputType()
+export class DeleteServerInput {
+  @Field(() => ID) id: string;
+  @Field({ defaultValue: false, description: "Delete the data disks too; otherwise they are detached and kept. The system disk is always deleted." })
+  deleteDisks: boolean;
+}
+
+@InputType()
+export class CreateDiskInput {
+  @Field() name: string;
+  @Field(() => SafeInt, { nullable: true, description: "Required for a blank disk; a whole number of MiB." }) sizeBytes?: number;
+  @Field(() => ID, { nullable: true }) imageId?: string;
+  @Field(() => ID, { nullable: true }) backupId?: string;
+}
+
+@InputType()
+export class AttachDiskInput {
+  @Field(() => ID) diskId: string;
+  @Field(() => ID) serverId: string;
+  @Field(() => String, { nullable: true, description: "/dev/vdb to /dev/vdz; the first free one when omitted." }) device?: string;
+}
+
+@InputType()
+export class DetachDiskInput {
+  @Field(() => ID) diskId: string;
+  @Field(() => ID, { nullable: true, description: "When given, the disk must be attached to this server." }) serverId?: string;
+}
+
+@InputType()
+export class RetentionInput {
+  @Field(() => Int, { nullable: true, description: "1 to 99999." }) maxBackups?: number | null;
+  @Field(() => Int, { nullable: true, description: "1 to 99999." }) retentionDays?: number | null;
+  @Field(() => Int, { nullable: true, description: "0 to 100." }) keepDaily?: number | null;
+  @Field(() => Int, { nullable: true, description: "0 to 100." }) keepWeekly?: number | null;
+  @Field(() => Int, { nullable: true, description: "0 to 100." }) keepMonthly?: number | null;
+  @Field(() => Int, { nullable: true, description: "0 to 100." }) keepYearly?: number | null;
+}
+
+@InputType()
+export class CreatePolicyInput {
+  @Field() name: string;
+  @Field(() => Boolean, { nullable: true, defaultValue: true }) enabled?: boolean;
+  @Field(() => [String], { description: "RFC 5545 RRULEs, e.g. FREQ=DAILY;BYHOUR=2;BYMINUTE=0." }) schedule: string[];
+  @Field(() => String, { nullable: true, defaultValue: "UTC", description: "IANA time zone." }) timezone?: string;
+  @Field(() => RetentionInput, { nullable: true }) retention?: RetentionInput;
+}
+
+@InputType()
+export class UpdatePolicyInput {
+  @Field(() => ID) id: string;
+  @Field(() => String, { nullable: true }) name?: string;
+  @Field(() => Boolean, { nullable: true }) enabled?: boolean;
+  @Field(() => [String], { nullable: true }) schedule?: string[];
+  @Field(() => String, { nullable: true }) timezone?: string;
+  @Field(() => RetentionInput, { nullable: true, description: "Only the fields given change; null clears a rule." }) retention?: RetentionInput;
+}
+
+@InputType()
+export class BindPolicyInput {
+  @Field(() => ID) policyId: string;
+  @Field(() => [ID], { description: "Servers and disks." }) resourceIds: string[];
+}

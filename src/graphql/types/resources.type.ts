@@ -1,0 +1,136 @@
+import { Field, Float, Int, ObjectType } from "type-graphql";
+import { connectionOf } from "./connection";
+import {
+  BackupResourceType, BackupStatus, BackupTrigger, DiskFormat, DiskStatus, DiskType, ExportStatus,
+  ImageSource, ImageStatus, ImageType, JobStatus, JobType, OsType, ServerStatus,
+} from "./enums";
+import { Node } from "./node";
+import { DateTime, SafeInt } from "./scalars";
+
+@ObjectType("Server", { implements: Node, description: "A virtual server (ECS): one system disk and any number of data disks." })
+export class ServerType extends Node {
+  @Field() name: string;
+  @Field(() => ServerStatus) status: ServerStatus;
+  @Field(() => Int) vcpus: number;
+  @Field(() => OsType) osType: OsType;
+  @Field(() => DateTime) createdAt: Date;
+  @Field(() => DateTime) updatedAt: Date;
+}
+
+@ObjectType("Disk", { implements: Node, description: "A block device (EVS) of a fixed size, attached to at most one server." })
+export class DiskType_ extends Node {
+  @Field() name: string;
+  @Field(() => DiskType) type: DiskType;
+  @Field(() => SafeInt) sizeBytes: number;
+  @Field(() => SafeInt, { description: "Bytes of the disk that hold written data." }) usedBytes: number;
+  @Field(() => DiskStatus) status: DiskStatus;
+  @Field(() => String, { nullable: true, description: "Device name on its server, e.g. /dev/vdb." }) device: string | null;
+  @Field(() => DateTime) createdAt: Date;
+  @Field(() => DateTime) updatedAt: Date;
+}
+
+@ObjectType("Backup", { implements: Node, description: "The state of a server (all its disks) or of one disk at one point in time." })
+export class BackupType extends Node {
+  @Field() name: string;
+  @Field() description: string;
+  @Field(() => BackupResourceType) resourceType: BackupResourceType;
+  @Field(() => String, { description: "Name of the backed-up resource when the backup was taken." }) resourceName: string;
+  @Field(() => BackupStatus) status: BackupStatus;
+  @Field(() => BackupTrigger) trigger: BackupTrigger;
+  @Field(() => DateTime) createdAt: Date;
+  @Field(() => DateTime, { nullable: true }) completedAt: Date | null;
+  @Field(() => DateTime, { nullable: true, description: "When the policy's retentionDays rule will delete it." }) expiresAt: Date | null;
+  @Field(() => SafeInt, { description: "Data the backup represents: the written blocks of its disks." }) sizeBytes: number;
+  @Field(() => SafeInt, { description: "Bytes this backup added to the vault after dedup and compression." }) storedBytes: number;
+  @Field(() => Float, { description: "0 to 1." }) progress: number;
+  @Field(() => String, { nullable: true }) error: string | null;
+}
+
+@ObjectType("Image", { implements: Node, description: "Everything needed to create a server (SYSTEM_DISK, FULL_SERVER) or a disk (DATA_DISK)." })
+export class ImageType_ extends Node {
+  @Field() name: string;
+  @Field() description: string;
+  @Field(() => ImageType) type: ImageType;
+  @Field(() => ImageStatus) status: ImageStatus;
+  @Field(() => ImageSource) source: ImageSource;
+  @Field(() => OsType) osType: OsType;
+  @Field(() => SafeInt) minDiskBytes: number;
+  @Field(() => SafeInt) virtualSizeBytes: number;
+  @Field(() => SafeInt, { description: "Stored (compressed) size." }) sizeBytes: number;
+  @Field(() => String, { nullable: true, description: "SHA-256 of the raw disk bytes." }) checksum: string | null;
+  @Field(() => String, { nullable: true }) error: string | null;
+  @Field(() => DateTime) createdAt: Date;
+}
+
+@ObjectType("ImageExport", { implements: Node, description: "An image written to a file of a disk-image format." })
+export class ImageExportType extends Node {
+  @Field(() => DiskFormat) format: DiskFormat;
+  @Field(() => ExportStatus) status: ExportStatus;
+  @Field(() => SafeInt, { nullable: true }) sizeBytes: number | null;
+  @Field(() => String, { nullable: true }) sha256: string | null;
+  @Field(() => DateTime, { nullable: true }) expiresAt: Date | null;
+  @Field(() => DateTime) createdAt: Date;
+}
+
+@ObjectType("Retention", { description: "Which policy backups are kept; a backup any rule keeps stays." })
+export class RetentionType {
+  @Field(() => Int, { nullable: true, description: "Keep the newest n backups of each resource." }) maxBackups: number | null;
+  @Field(() => Int, { nullable: true, description: "Keep backups younger than n days." }) retentionDays: number | null;
+  @Field(() => Int) keepDaily: number;
+  @Field(() => Int) keepWeekly: number;
+  @Field(() => Int) keepMonthly: number;
+  @Field(() => Int) keepYearly: number;
+}
+
+@ObjectType("Policy", { implements: Node, description: "A schedule (iCalendar RRULEs in a time zone) plus retention rules, bound to servers and disks." })
+export class PolicyType extends Node {
+  @Field() name: string;
+  @Field() enabled: boolean;
+  @Field(() => [String], { description: "RFC 5545 RRULEs, e.g. FREQ=DAILY;BYHOUR=2;BYMINUTE=0." }) schedule: string[];
+  @Field({ description: "IANA time zone the schedule is read in." }) timezone: string;
+  @Field(() => DateTime, { nullable: true }) lastRunAt: Date | null;
+  @Field(() => DateTime, { nullable: true }) nextRunAt: Date | null;
+  @Field(() => DateTime) createdAt: Date;
+}
+
+@ObjectType("JobError")
+export class JobErrorType {
+  @Field() code: string;
+  @Field() message: string;
+}
+
+@ObjectType("Job", { implements: Node, description: "One long operation with its progress." })
+export class JobType_ extends Node {
+  @Field(() => JobType) type: JobType;
+  @Field(() => JobStatus) status: JobStatus;
+  @Field(() => Float, { description: "0 to 1." }) progress: number;
+  @Field(() => SafeInt) bytesDone: number;
+  @Field(() => SafeInt) bytesTotal: number;
+  @Field(() => DateTime) createdAt: Date;
+  @Field(() => DateTime, { nullable: true }) startedAt: Date | null;
+  @Field(() => DateTime, { nullable: true }) finishedAt: Date | null;
+}
+
+@ObjectType("StorageUsage")
+export class StorageUsageType {
+  @Field(() => SafeInt, { description: "Written bytes of all disks." }) diskBytes: number;
+  @Field(() => Int) backupCount: number;
+  @Field(() => Int) imageCount: number;
+  @Field(() => SafeInt, { description: "Data held by backups and images before dedup and compression." }) logicalBytes: number;
+  @Field(() => SafeInt, { description: "Bytes the vault stores for them." }) storedBytes: number;
+  @Field(() => Float, { description: "logicalBytes / storedBytes." }) dedupRatio: number;
+}
+
+@ObjectType("Project", { implements: Node, description: "A tenant: every resource belongs to one." })
+export class ProjectType extends Node {
+  @Field() name: string;
+  @Field(() => DateTime) createdAt: Date;
+}
+
+export const ServerConnection = connectionOf("Server", ServerType);
+export const DiskConnection = connectionOf("Disk", DiskType_);
+export const BackupConnection = connectionOf("Backup", BackupType);
+export const ImageConnection = connectionOf("Image", ImageType_);
+export const ImageExportConnection = connectionOf("ImageExport", ImageExportType);
+export const PolicyConnection = connectionOf("Policy", PolicyType);
+export const JobConnection = connectionOf("Job", JobType_);

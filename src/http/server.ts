@@ -1,0 +1,254 @@
+import fs from "node:fs";
+import http from "node:http";
+import path from "node:path";
+import { ApolloServer } from "@apollo/server";
+import { ApolloServerPluginDrainHttpServer } from "@apollo/server/plugin/drainHttpServer";
+import { expressMiddleware } from "@as-integrations/express5";
+import express, { type NextFunction, type Request, type Response } from "express";
+import { Kind, parse, specifiedRules, validate, type FragmentDefinitionNode, type GraphQLSchema, type OperationDefinitionNode } from "graphql";
+import { useServer } from "graphql-ws/use/ws";
+import type { DataSource } from "typeorm";
+import { WebSocketServer } from "ws";
+import type { Config } from "../config";
+import { migrationsApplied } from "../db/data-source";
+import type { Project } from "../entities";
+import type { GraphQLContext } from "../graphql/context";
+import { createErrorFormatter } from "../graphql/errors";
+import { costError, depthLimit, operationCost } from "../graphql/limits";
+import type { Logger } from "../logger";
+import { RequestContext } from "../services/context";
+import type { Services } from "../services";
+import { createMetrics } from "./metrics";
+
+export interface HttpDeps {
+  config: Config;
+  logger: Logger;
+  ds: DataSource;
+  services: Services;
+  schema: GraphQLSchema;
+}
+
+export interface HttpServer {
+  server: http.Server;
+  url: string;
+  close(): Promise<void>;
+}
+
+declare module "express-serve-static-core" {
+  interface Request {
+    project?: Project;
+  }
+}
+
+/** The playground's files, served from the installed packages (no CDN). */
+const PLAYGROUND_FILES: Record<string, [pkg: string, file: string]> = {
+  "graphiql.min.css": ["graphiql", "graphiql.min.css"],
+  "graphiql.min.js": ["graphiql", "graphiql.min.js"],
+  "react.production.min.js": ["react", "umd/react.production.min.js"],
+  "react-dom.production.min.js": ["react-dom", "umd/react-dom.production.min.js"],
+  "graphql-ws.min.js": ["graphql-ws", "umd/graphql-ws.min.js"],
+};
+
+/** A package's root folder, found from its entry point (packages' exports hide their other files). */
+function packageDir(name: string): string {
+  let dir = path.dirname(require.resolve(name));
+  while (!fs.existsSync(path.join(dir, "package.json")) || JSON.parse(fs.readFileSync(path.join(dir, "package.json"), "utf8")).name !== name) {
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error(`cannot find the folder of package ${name}`);
+    dir = up;
+  }
+  return dir;
+}
+
+function unauthenticatedBody(message: string) {
+  return { errors: [{ message, extensions: { code: "UNAUTHENTICATED" } }] };
+}
+
+export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
+  const { config, logger, ds, services, schema } = deps;
+  const app = express();
+  app.disable("x-powered-by");
+  app.set("trust proxy", false);
+  const server = http.createServer(app);
+  const metrics = createMetrics();
+
+  // CORS: only the configured origins; the API key travels in a header, never a cookie.
+  app.use((req, res, next) => {
+    const origin = req.headers.origin;
+    if (origin && config.corsOrigins.includes(origin)) {
+      res.setHeader("Access-Control-Allow-Origin", origin);
+      res.setHeader("Vary", "Origin");
+      res.setHeader("Access-Control-Allow-Headers", "Authorization, Content-Type, Content-Range, Range");
+      res.setHeader("Access-Control-Allow-Methods", "GET, POST, PUT, OPTIONS");
+      res.setHeader("Access-Control-Expose-Headers", "Content-Range, Content-Length, Accept-Ranges");
+      res.setHeader("Access-Control-Max-Age", "600");
+    }
+    if (req.method === "OPTIONS") {
+      res.status(origin && config.corsOrigins.includes(origin) ? 204 : 403).end();
+      return;
+    }
+    next();
+  });
+
+  app.get("/healthz", metrics.httpMiddleware("/healthz"), (_req, res) => {
+    res.json({ status: "ok" });
+  });
+  app.get("/readyz", metrics.httpMiddleware("/readyz"), async (_req, res) => {
+    try {
+      await ds.query("SELECT 1");
+      if (!(await migrationsApplied(ds))) {
+        res.status(503).json({ status: "unavailable", reason: "migrations pending" });
+        return;
+      }
+      res.json({ status: "ready" });
+    } catch {
+      res.status(503).json({ status: "unavailable", reason: "database unreachable" });
+    }
+  });
+  app.get("/metrics", async (_req, res) => {
+    res.setHeader("Content-Type", metrics.registry.contentType);
+    res.send(await metrics.registry.metrics());
+  });
+
+  const playgroundDir = path.join(__dirname, "playground");
+  app.get("/", (_req, res) => {
+    res.setHeader("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:; style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:");
+    res.sendFile(path.join(playgroundDir, "index.html"));
+  });
+  app.get("/playground/playground.js", (_req, res) => res.sendFile(path.join(playgroundDir, "playground.js")));
+  for (const [name, [pkg, rel]] of Object.entries(PLAYGROUND_FILES)) {
+    const file = path.join(packageDir(pkg), rel);
+    app.get(`/playground/${name}`, (_req, res) => res.sendFile(file, { maxAge: "1h" }));
+  }
+
+  const authenticate = async (req: Request, res: Response, next: NextFunction) => {
+    try {
+      const project = await services.projects.authenticate(req.headers.authorization);
+      if (!project) {
+        res.status(401).setHeader("WWW-Authenticate", 'Bearer realm="stowage"').json(unauthenticatedBody("a valid API key is required: send Authorization: Bearer <key>"));
+        return;
+      }
+      req.project = project;
+      next();
+    } catch (err) {
+      next(err);
+    }
+  };
+
+  const fragmentsOf = (doc: { definitions: readonly { kind: string }[] }) => {
+    const out: Record<string, FragmentDefinitionNode> = {};
+    for (const d of doc.definitions) if (d.kind === Kind.FRAGMENT_DEFINITION) out[(d as FragmentDefinitionNode).name.value] = d as FragmentDefinitionNode;
+    return out;
+  };
+
+  const makeContext = (project: Project): GraphQLContext => ({
+    ctx: new RequestContext(project.id, ds, config),
+    project,
+    services,
+  });
+
+  const wss = new WebSocketServer({ server, path: "/graphql" });
+  const validationRules = [depthLimit(config.maxQueryDepth)];
+  const wsCleanup = useServer<Record<string, unknown>, { project?: Project }>(
+    {
+      schema,
+      onConnect: async (ctx) => {
+        const auth = ctx.connectionParams?.authorization ?? ctx.connectionParams?.Authorization;
+        const project = await services.projects.authenticate(typeof auth === "string" ? auth : null);
+        if (!project) return false;
+        ctx.extra.project = project;
+        return true;
+      },
+      context: (ctx) => makeContext(ctx.extra.project!),
+      validate: (s, doc) => validate(s, doc, [...specifiedRules, ...validationRules]),
+      // The same cost limit as over HTTP; variables are known once the operation arrives.
+      onSubscribe: (_ctx, _id, payload) => {
+        let doc;
+        try {
+          doc = parse(payload.query);
+        } catch {
+          return; // graphql-ws reports the syntax error itself
+        }
+        const op = doc.definitions.find(
+          (d): d is OperationDefinitionNode => d.kind === Kind.OPERATION_DEFINITION && (!payload.operationName || d.name?.value === payload.operationName),
+        );
+        if (!op) return;
+        const cost = operationCost(schema, op, fragmentsOf(doc), payload.variables ?? {});
+        if (cost > config.maxQueryCost) return [costError(cost, config.maxQueryCost)];
+      },
+    },
+    wss,
+  );
+
+  const apollo = new ApolloServer<GraphQLContext>({
+    schema,
+    introspection: true,
+    csrfPrevention: false, // every request carries a bearer key that a browser never adds by itself
+    includeStacktraceInErrorResponses: false,
+    validationRules,
+    formatError: createErrorFormatter(logger),
+    plugins: [
+      ApolloServerPluginDrainHttpServer({ httpServer: server }),
+      {
+        async serverWillStart() {
+          return {
+            async drainServer() {
+              await wsCleanup.dispose();
+            },
+          };
+        },
+      },
+      metrics.apolloPlugin,
+      {
+        async requestDidStart() {
+          return {
+            async didResolveOperation(rc) {
+              if (!rc.operation) return;
+              const cost = operationCost(schema, rc.operation, fragmentsOf(rc.document), rc.request.variables ?? {});
+              if (cost > config.maxQueryCost) throw costError(cost, config.maxQueryCost);
+            },
+          };
+        },
+      },
+    ],
+  });
+  await apollo.start();
+
+  app.use(
+    "/graphql",
+    metrics.httpMiddleware("/graphql"),
+    authenticate,
+    express.json({ limit: "1mb" }),
+    expressMiddleware(apollo, { context: async ({ req }) => makeContext(req.project!) }),
+  );
+
+  app.use((_req, res) => {
+    res.status(404).json({ error: { code: "NOT_FOUND", message: "no such endpoint" } });
+  });
+  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+    const status = (err as { status?: number; statusCode?: number }).status ?? (err as { statusCode?: number }).statusCode;
+    if (status && status >= 400 && status < 500) {
+      res.status(status).json({ error: { code: "BAD_USER_INPUT", message: (err as Error).message } });
+      return;
+    }
+    logger.error("unexpected error in HTTP request", { error: err instanceof Error ? err : String(err) });
+    res.status(500).json({ error: { code: "INTERNAL_SERVER_ERROR", message: "Internal server error" } });
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(config.port, config.host, () => resolve());
+  });
+  const addr = server.address() as import("node:net").AddressInfo;
+  const host = addr.family === "IPv6" ? `[${addr.address}]` : addr.address;
+  return {
+    server,
+    url: `http://${host}:${addr.port}`,
+    async close() {
+      // Apollo's drain plugin stops accepting, waits for requests in flight, then closes WebSockets.
+      await apollo.stop();
+      wss.close();
+    },
+  };
+}
+

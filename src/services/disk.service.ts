@@ -1,0 +1,164 @@
+import { Backup, Disk, DiskStatus, DiskType, Image, Server, ServerStatus } from "../entities";
+import type { RequestContext } from "./context";
+import { translateDbError } from "./db-errors";
+import { badInput, conflict, failedPrecondition, notFound } from "./errors";
+import { decodeId } from "./global-id";
+import type { ListName } from "./lists";
+import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { DEVICES } from "./server.service";
+import { diskSize, resourceName } from "./validate";
+
+export interface DiskFilter {
+  statuses?: DiskStatus[] | null;
+  types?: DiskType[] | null;
+  name?: string | null;
+  serverId?: string | null;
+  attached?: boolean | null;
+  imageId?: string | null;
+  backupId?: string | null;
+}
+
+export interface CreateDiskInput {
+  name: string;
+  sizeBytes?: number | null;
+  imageId?: string | null;
+  backupId?: string | null;
+}
+
+export interface AttachDiskInput {
+  diskId: string;
+  serverId: string;
+  device?: string | null;
+}
+
+export function diskConditions(filter: DiskFilter | null | undefined): Condition[] {
+  const out: Condition[] = [];
+  if (!filter) return out;
+  if (filter.statuses?.length) out.push({ sql: "t.status = ANY($1)", params: [filter.statuses] });
+  if (filter.types?.length) out.push({ sql: "t.type = ANY($1)", params: [filter.types] });
+  if (filter.name) out.push({ sql: "t.name ILIKE $1", params: [likeSubstring(filter.name)] });
+  if (filter.serverId) out.push({ sql: "t.server_id = $1", params: [decodeId(filter.serverId, "Server", "filter.serverId")] });
+  if (filter.attached != null) out.push({ sql: filter.attached ? "t.server_id IS NOT NULL" : "t.server_id IS NULL", params: [] });
+  if (filter.imageId) out.push({ sql: "t.source_image_id = $1", params: [decodeId(filter.imageId, "Image", "filter.imageId")] });
+  if (filter.backupId) out.push({ sql: "t.source_backup_id = $1", params: [decodeId(filter.backupId, "Backup", "filter.backupId")] });
+  return out;
+}
+
+const DEVICE_IN_USE = { uq_disks_server_device: "that device is already in use on the server" };
+
+export class DiskService {
+  list(ctx: RequestContext, list: ListName & `${string}isks`, key: string, args: PageArgs & { filter?: DiskFilter | null }) {
+    return ctx.loaders.connection(list, key, args, diskConditions(args.filter));
+  }
+
+  async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Disk> {
+    const disk = await ctx.loaders.disk.load(decodeId(globalId, "Disk", field));
+    if (!disk) throw notFound("disk", globalId);
+    return disk;
+  }
+
+  async create(ctx: RequestContext, input: CreateDiskInput): Promise<Disk> {
+    const name = resourceName(input.name, "name");
+    if (input.imageId && input.backupId) throw badInput("backupId", "give imageId or backupId, not both");
+    if (input.imageId) {
+      const image = await ctx.ds.getRepository(Image).findOneBy({ id: decodeId(input.imageId, "Image", "imageId"), projectId: ctx.projectId });
+      if (!image) throw notFound("image", input.imageId);
+      throw failedPrecondition("creating disks from images is not supported by this version");
+    }
+    if (input.backupId) {
+      const backup = await ctx.ds.getRepository(Backup).findOneBy({ id: decodeId(input.backupId, "Backup", "backupId"), projectId: ctx.projectId });
+      if (!backup) throw notFound("backup", input.backupId);
+      throw failedPrecondition("creating disks from backups is not supported by this version");
+    }
+    if (input.sizeBytes == null) throw badInput("sizeBytes", "is required for a blank disk");
+    const sizeBytes = diskSize(input.sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
+    const disk = await ctx.ds.getRepository(Disk).save({
+      projectId: ctx.projectId,
+      name,
+      type: DiskType.DATA,
+      sizeBytes,
+      usedBytes: 0,
+      status: DiskStatus.AVAILABLE,
+      serverId: null,
+      device: null,
+      sourceImageId: null,
+      sourceBackupId: null,
+    });
+    ctx.invalidate();
+    return disk;
+  }
+
+  /** Attaches a data disk; without `device`, the first free one after /dev/vda. */
+  async attach(ctx: RequestContext, input: AttachDiskInput): Promise<{ disk: Disk; server: Server }> {
+    const diskId = decodeId(input.diskId, "Disk", "diskId");
+    const serverId = decodeId(input.serverId, "Server", "serverId");
+    if (input.device != null && !DEVICES.slice(1).includes(input.device)) {
+      throw badInput("device", "must be one of /dev/vdb to /dev/vdz (/dev/vda is the system disk)");
+    }
+    const result = await ctx.ds
+      .transaction(async (em) => {
+        // Lock the server before the disk, in the same order as deleteServer, so the two never deadlock.
+        const server = await em.findOne(Server, { where: { id: serverId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+        if (!server) throw notFound("server", input.serverId);
+        const disk = await em.findOne(Disk, { where: { id: diskId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+        if (!disk) throw notFound("disk", input.diskId);
+        if (disk.serverId) {
+          throw failedPrecondition(disk.serverId === server.id ? `disk is already attached to this server as ${disk.device}` : "disk is attached to another server; detach it first");
+        }
+        if (disk.type === DiskType.SYSTEM) throw failedPrecondition("a system disk cannot be attached as a data disk");
+        if (disk.status !== DiskStatus.AVAILABLE) throw failedPrecondition(`disk is ${disk.status}; only an AVAILABLE disk can be attached`);
+        if (server.status !== ServerStatus.ACTIVE && server.status !== ServerStatus.SHUTOFF) {
+          throw failedPrecondition(`server is ${server.status}; disks can be attached to ACTIVE or SHUTOFF servers`);
+        }
+        const used = new Set((await em.find(Disk, { where: { serverId: server.id }, select: { device: true } })).map((d) => d.device));
+        let device = input.device ?? DEVICES.slice(1).find((d) => !used.has(d));
+        if (!device) throw failedPrecondition("server has no free device name left");
+        if (used.has(device)) throw conflict(`${device} is already in use on the server`);
+        disk.serverId = server.id;
+        disk.device = device;
+        disk.status = DiskStatus.IN_USE;
+        return { disk: await em.save(disk), server };
+      })
+      .catch((err) => {
+        throw translateDbError(err, DEVICE_IN_USE);
+      });
+    ctx.invalidate();
+    return result;
+  }
+
+  async detach(ctx: RequestContext, input: { diskId: string; serverId?: string | null }): Promise<{ disk: Disk; server: Server }> {
+    const diskId = decodeId(input.diskId, "Disk", "diskId");
+    const expectedServer = input.serverId ? decodeId(input.serverId, "Server", "serverId") : null;
+    const result = await ctx.ds.transaction(async (em) => {
+      const current = await em.findOne(Disk, { where: { id: diskId, projectId: ctx.projectId } });
+      if (!current) throw notFound("disk", input.diskId);
+      if (!current.serverId) throw failedPrecondition("disk is not attached to a server");
+      if (expectedServer && current.serverId !== expectedServer) throw failedPrecondition("disk is not attached to that server");
+      const server = await em.findOne(Server, { where: { id: current.serverId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      const disk = await em.findOne(Disk, { where: { id: diskId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!server || !disk || disk.serverId !== server.id) throw conflict("the disk's attachment changed concurrently; try again");
+      if (disk.type === DiskType.SYSTEM) throw failedPrecondition("the system disk cannot be detached");
+      if (disk.status !== DiskStatus.IN_USE) throw failedPrecondition(`disk is ${disk.status}; it can be detached when IN_USE`);
+      disk.serverId = null;
+      disk.device = null;
+      disk.status = DiskStatus.AVAILABLE;
+      return { disk: await em.save(disk), server };
+    });
+    ctx.invalidate();
+    return result;
+  }
+
+  async delete(ctx: RequestContext, globalId: string): Promise<Disk> {
+    const id = decodeId(globalId, "Disk", "id");
+    const disk = await ctx.ds.transaction(async (em) => {
+      const d = await em.findOne(Disk, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!d) throw notFound("disk", globalId);
+      if (d.serverId) throw failedPrecondition(`disk is attached to a server as ${d.device}; detach it first`);
+      if (d.status === DiskStatus.RESTORING || d.status === DiskStatus.CREATING) throw failedPrecondition(`cannot delete a disk that is ${d.status}`);
+      await em.delete(Disk, { id, projectId: ctx.projectId });
+      return d;
+    });
+    ctx.invalidate();
+    return disk;
+  }
+}

@@ -1,0 +1,29 @@
+export enum ErrorCode {
+  UNAUTHENTICATED = "UNAUTHENTICATED",
+  FORBIDDEN = "FORBIDDEN",
+  NOT_FOUND = "NOT_FOUND",
+  BAD_USER_INPUT = "BAD_USER_INPUT",
+  CONFLICT = "CONFLICT",
+  FAILED_PRECONDITION = "FAILED_PRECONDITION",
+}
+
+/** An error whose message is safe to show to the caller. */
+export class DomainError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    /** The input field at fault, for BAD_USER_INPUT. */
+    readonly field?: string,
+  ) {
+    super(message);
+    this.name = "DomainError";
+  }
+}
+
+export const notFound = (what: string, id?: string) =>
+  new DomainError(ErrorCode.NOT_FOUND, id ? `${what} ${id} not found` : `${what} not found`);
+export const badInput = (field: string, message: string) => new DomainError(ErrorCode.BAD_USER_INPUT, `${field}: ${message}`, field);
+export const conflict = (message: string) => new DomainError(ErrorCode.CONFLICT, message);
+export const failedPrecondition = (message: string) => new DomainError(ErrorCode.FAILED_PRECONDITION, message);
+export const unauthenticated = (message = "a valid API key is required: send Authorization: Bearer <key>") =>
+  new DomainError(ErrorCode.UNAUTHENTICATED, message);

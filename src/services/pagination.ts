@@ -1,0 +1,199 @@
+import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
+import { badInput } from "./errors";
+
+export type SortField = "CREATED_AT" | "NAME";
+export type SortDirection = "ASC" | "DESC";
+
+export interface PageArgs {
+  first?: number | null;
+  after?: string | null;
+  last?: number | null;
+  before?: string | null;
+  orderBy?: { field: SortField; direction: SortDirection } | null;
+}
+
+/** A WHERE fragment over alias `t`, with `$n` placeholders numbered from 1 within the fragment. */
+export interface Condition {
+  sql: string;
+  params: unknown[];
+}
+
+/**
+ * Where the rows of one kind of list come from. `key` is the SQL expression that
+ * groups rows by their parent (t.project_id for top-level lists, t.server_id for a
+ * server's disks, …), so one statement serves the lists of many parents at once.
+ */
+export interface ListSource<T extends ObjectLiteral> {
+  entity: EntityTarget<T>;
+  table: string;
+  key: string;
+  join?: string;
+}
+
+export interface Edge<T> {
+  cursor: string;
+  node: T;
+}
+
+export interface Page<T> {
+  edges: Edge<T>[];
+  hasNextPage: boolean;
+  hasPreviousPage: boolean;
+}
+
+const SORT_SQL: Record<SortField, string> = { CREATED_AT: "t.created_at", NAME: "t.name" };
+
+export interface ResolvedPage {
+  limit: number;
+  backward: boolean;
+  cursor: { sort: string; id: string } | null;
+  field: SortField;
+  direction: SortDirection;
+}
+
+export function encodeCursor(sort: string, id: string): string {
+  return Buffer.from(JSON.stringify([sort, id]), "utf8").toString("base64url");
+}
+
+function decodeCursor(cursor: string, field: string): { sort: string; id: string } {
+  try {
+    const value = JSON.parse(Buffer.from(cursor, "base64url").toString("utf8"));
+    if (Array.isArray(value) && value.length === 2 && typeof value[0] === "string" && typeof value[1] === "string" && /^[0-9a-f-]{36}$/.test(value[1])) {
+      return { sort: value[0], id: value[1] };
+    }
+  } catch {
+    // fall through
+  }
+  throw badInput(field, "not a cursor from this list");
+}
+
+/** Checks the Relay arguments once and turns them into what the SQL needs. */
+export function resolvePage(args: PageArgs, maxPageSize: number, defaultPageSize = 20): ResolvedPage {
+  const { first, last, after, before } = args;
+  if (first != null && last != null) throw badInput("last", "use either first or last, not both");
+  for (const [name, value] of [["first", first], ["last", last]] as const) {
+    if (value != null && (!Number.isInteger(value) || value < 0 || value > maxPageSize)) {
+      throw badInput(name, `must be between 0 and ${maxPageSize}`);
+    }
+  }
+  const backward = last != null || (first == null && before != null && after == null);
+  if (backward && after != null) throw badInput("after", "after goes with first; use before with last");
+  if (!backward && before != null) throw badInput("before", "before goes with last; use after with first");
+  return {
+    limit: (backward ? last : first) ?? defaultPageSize,
+    backward,
+    cursor: backward ? (before ? decodeCursor(before, "before") : null) : after ? decodeCursor(after, "after") : null,
+    field: args.orderBy?.field ?? "CREATED_AT",
+    direction: args.orderBy?.direction ?? "ASC",
+  };
+}
+
+/** Renumbers a condition's $1..$n placeholders to follow `offset` parameters already bound. */
+function shift(cond: Condition, offset: number): string {
+  return cond.sql.replace(/\$(\d+)/g, (_, n) => `$${Number(n) + offset}`);
+}
+
+function whereClause(source: ListSource<ObjectLiteral>, projectId: string, keys: unknown[], conditions: Condition[]) {
+  const params: unknown[] = [keys, projectId];
+  const parts = [`${source.key} = ANY($1)`, `t.project_id = $2`];
+  for (const c of conditions) {
+    parts.push(`(${shift(c, params.length)})`);
+    params.push(...c.params);
+  }
+  return { sql: parts.join(" AND "), params };
+}
+
+/** Maps raw rows to entities through TypeORM's own column metadata and transformers. */
+export function hydrate<T extends ObjectLiteral>(ds: DataSource, entity: EntityTarget<T>, rows: Record<string, unknown>[]): T[] {
+  const meta = ds.getMetadata(entity);
+  return rows.map((row) => {
+    const obj = meta.create() as Record<string, unknown>;
+    for (const col of meta.columns) {
+      obj[col.propertyName] = ds.driver.prepareHydratedValue(row[col.databaseName], col);
+    }
+    return obj as T;
+  });
+}
+
+/**
+ * One page of each parent's list in a single statement: rows are numbered per
+ * parent by a window function and the first limit+1 of each are kept.
+ */
+export async function loadPages<T extends ObjectLiteral>(
+  ds: DataSource,
+  source: ListSource<T>,
+  projectId: string,
+  keys: readonly string[],
+  page: ResolvedPage,
+  conditions: Condition[],
+): Promise<Map<string, Page<T>>> {
+  const sortSql = SORT_SQL[page.field];
+  // Walking backward reads the list in the opposite order, then reverses each page.
+  const ascending = (page.direction === "ASC") !== page.backward;
+  const dir = ascending ? "ASC" : "DESC";
+  const all = [...conditions];
+  if (page.cursor) {
+    all.push({
+      sql: `(${sortSql}, t.id) ${ascending ? ">" : "<"} ($1::${page.field === "CREATED_AT" ? "timestamptz" : "text"}, $2::uuid)`,
+      params: [page.cursor.sort, page.cursor.id],
+    });
+  }
+  const where = whereClause(source as ListSource<ObjectLiteral>, projectId, [...keys], all);
+  const limitParam = where.params.length + 1;
+  const sql = `
+    SELECT * FROM (
+      SELECT t.*, ${source.key}::text AS "__key", ${sortSql}::text AS "__sort",
+             ROW_NUMBER() OVER (PARTITION BY ${source.key} ORDER BY ${sortSql} ${dir}, t.id ${dir}) AS "__rn"
+      FROM ${source.table} t ${source.join ?? ""}
+      WHERE ${where.sql}
+    ) ranked
+    WHERE "__rn" <= $${limitParam}
+    ORDER BY "__key", "__rn"`;
+  const rows: Record<string, unknown>[] = await ds.query(sql, [...where.params, page.limit + 1]);
+  const entities = hydrate(ds, source.entity, rows);
+
+  const grouped = new Map<string, Edge<T>[]>();
+  rows.forEach((row, i) => {
+    const key = row.__key as string;
+    const list = grouped.get(key) ?? [];
+    list.push({ cursor: encodeCursor(row.__sort as string, row.id as string), node: entities[i] });
+    grouped.set(key, list);
+  });
+  const result = new Map<string, Page<T>>();
+  for (const key of keys) {
+    const fetched = grouped.get(key) ?? [];
+    const more = fetched.length > page.limit;
+    const edges = fetched.slice(0, page.limit);
+    if (page.backward) edges.reverse();
+    result.set(key, {
+      edges,
+      // Rows on the far side of the cursor exist: the cursor's own row at least.
+      hasNextPage: page.backward ? page.cursor !== null : more,
+      hasPreviousPage: page.backward ? more : page.cursor !== null,
+    });
+  }
+  return result;
+}
+
+/** The size of each parent's whole list (filters applied, pagination not), in one statement. */
+export async function loadCounts<T extends ObjectLiteral>(
+  ds: DataSource,
+  source: ListSource<T>,
+  projectId: string,
+  keys: readonly string[],
+  conditions: Condition[],
+): Promise<Map<string, number>> {
+  const where = whereClause(source as ListSource<ObjectLiteral>, projectId, [...keys], conditions);
+  const rows: { key: string; count: string }[] = await ds.query(
+    `SELECT ${source.key}::text AS key, count(*) AS count FROM ${source.table} t ${source.join ?? ""} WHERE ${where.sql} GROUP BY 1`,
+    where.params,
+  );
+  const counts = new Map(keys.map((k) => [k, 0]));
+  for (const r of rows) counts.set(r.key, Number(r.count));
+  return counts;
+}
+
+/** Escapes LIKE wildcards so a name filter matches the text as typed. */
+export function likeSubstring(text: string): string {
+  return `%${text.replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
+}

@@ -1,0 +1,246 @@
+import { In } from "typeorm";
+import { Disk, Policy, PolicyBinding, Server } from "../entities";
+import { isValidTimezone, MAX_RULES, nextOccurrence, parseRule, ScheduleError } from "../jobs/schedule";
+import type { RequestContext } from "./context";
+import { translateDbError } from "./db-errors";
+import { badInput, conflict, notFound } from "./errors";
+import { decodeId, fromGlobalId, toGlobalId } from "./global-id";
+import type { ListName } from "./lists";
+import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { intInRange, resourceName } from "./validate";
+
+export interface RetentionInput {
+  maxBackups?: number | null;
+  retentionDays?: number | null;
+  keepDaily?: number | null;
+  keepWeekly?: number | null;
+  keepMonthly?: number | null;
+  keepYearly?: number | null;
+}
+
+export interface CreatePolicyInput {
+  name: string;
+  enabled?: boolean | null;
+  schedule: string[];
+  timezone?: string | null;
+  retention?: RetentionInput | null;
+}
+
+export interface UpdatePolicyInput extends Partial<Omit<CreatePolicyInput, "name">> {
+  id: string;
+  name?: string | null;
+}
+
+export interface PolicyFilter {
+  enabled?: boolean | null;
+  name?: string | null;
+}
+
+export function policyConditions(filter: PolicyFilter | null | undefined): Condition[] {
+  const out: Condition[] = [];
+  if (!filter) return out;
+  if (filter.enabled != null) out.push({ sql: "t.enabled = $1", params: [filter.enabled] });
+  if (filter.name) out.push({ sql: "t.name ILIKE $1", params: [likeSubstring(filter.name)] });
+  return out;
+}
+
+function validateSchedule(rules: string[], field = "schedule"): string[] {
+  if (!Array.isArray(rules) || rules.length === 0) throw badInput(field, "needs at least one RRULE");
+  if (rules.length > MAX_RULES) throw badInput(field, `at most ${MAX_RULES} rules`);
+  return rules.map((rule, i) => {
+    try {
+      parseRule(rule, i);
+    } catch (err) {
+      if (err instanceof ScheduleError) throw badInput(`${field}[${i}]`, err.message);
+      throw err;
+    }
+    return rule.trim().replace(/^RRULE:/i, "");
+  });
+}
+
+function validateTimezone(tz: string, field = "timezone"): string {
+  if (!isValidTimezone(tz)) throw badInput(field, `"${tz}" is not an IANA time zone (e.g. Europe/Berlin, UTC)`);
+  return tz;
+}
+
+const RETENTION_LIMITS = {
+  maxBackups: [1, 99999],
+  retentionDays: [1, 99999],
+  keepDaily: [0, 100],
+  keepWeekly: [0, 100],
+  keepMonthly: [0, 100],
+  keepYearly: [0, 100],
+} as const;
+
+interface Retention {
+  maxBackups: number | null;
+  retentionDays: number | null;
+  keepDaily: number;
+  keepWeekly: number;
+  keepMonthly: number;
+  keepYearly: number;
+}
+
+function validateRetention(input: RetentionInput): Retention {
+  const out = {} as Record<keyof RetentionInput, number | null>;
+  for (const [key, [min, max]] of Object.entries(RETENTION_LIMITS) as [keyof RetentionInput, readonly [number, number]][]) {
+    const value = input[key];
+    out[key] = value == null ? (min === 0 ? 0 : null) : intInRange(value, `retention.${key}`, min, max);
+  }
+  return out as unknown as Retention;
+}
+
+export class PolicyService {
+  list(ctx: RequestContext, list: ListName & `${string}olicies`, key: string, args: PageArgs & { filter?: PolicyFilter | null }) {
+    return ctx.loaders.connection(list, key, args, policyConditions(args.filter));
+  }
+
+  async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Policy> {
+    const policy = await ctx.loaders.policy.load(decodeId(globalId, "Policy", field));
+    if (!policy) throw notFound("policy", globalId);
+    return policy;
+  }
+
+  async create(ctx: RequestContext, input: CreatePolicyInput): Promise<Policy> {
+    const repo = ctx.ds.getRepository(Policy);
+    const now = ctx.now();
+    const policy = repo.create({
+      projectId: ctx.projectId,
+      name: resourceName(input.name, "name"),
+      enabled: input.enabled ?? true,
+      schedule: validateSchedule(input.schedule),
+      timezone: validateTimezone(input.timezone ?? "UTC"),
+      ...validateRetention(input.retention ?? {}),
+      lastRunAt: null,
+      createdAt: now,
+    });
+    this.checkOccurs(policy, now);
+    policy.nextRunAt = this.nextRun(policy, now);
+    const saved = await repo.save(policy);
+    ctx.invalidate();
+    return saved;
+  }
+
+  async update(ctx: RequestContext, input: UpdatePolicyInput): Promise<Policy> {
+    const id = decodeId(input.id, "Policy", "id");
+    const saved = await ctx.ds.transaction(async (em) => {
+      const policy = await em.findOne(Policy, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!policy) throw notFound("policy", input.id);
+      if (input.name != null) policy.name = resourceName(input.name, "name");
+      if (input.enabled != null) policy.enabled = input.enabled;
+      if (input.schedule != null) policy.schedule = validateSchedule(input.schedule);
+      if (input.timezone != null) policy.timezone = validateTimezone(input.timezone);
+      if (input.retention) {
+        // Only the retention fields given change; null clears a count rule.
+        const merged: RetentionInput = {};
+        for (const key of Object.keys(RETENTION_LIMITS) as (keyof RetentionInput)[]) {
+          merged[key] = key in input.retention ? input.retention[key] : policy[key];
+        }
+        Object.assign(policy, validateRetention(merged));
+      }
+      const now = ctx.now();
+      this.checkOccurs(policy, now);
+      policy.nextRunAt = this.nextRun(policy, now);
+      return em.save(policy);
+    });
+    ctx.invalidate();
+    return saved;
+  }
+
+  /** Deletes the policy; its resources are unbound and their backups stay. */
+  async delete(ctx: RequestContext, globalId: string): Promise<Policy> {
+    const id = decodeId(globalId, "Policy", "id");
+    const policy = await ctx.ds.transaction(async (em) => {
+      const p = await em.findOne(Policy, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!p) throw notFound("policy", globalId);
+      await em.delete(Policy, { id, projectId: ctx.projectId });
+      return p;
+    });
+    ctx.invalidate();
+    return policy;
+  }
+
+  /** Binds servers and disks; binding one that another policy holds is a conflict. */
+  async bind(ctx: RequestContext, input: { policyId: string; resourceIds: string[] }): Promise<Policy> {
+    const policyId = decodeId(input.policyId, "Policy", "policyId");
+    const { servers, disks } = this.splitResources(input.resourceIds);
+    const policy = await ctx.ds
+      .transaction(async (em) => {
+        const p = await em.findOne(Policy, { where: { id: policyId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+        if (!p) throw notFound("policy", input.policyId);
+        const foundServers = servers.length ? await em.findBy(Server, { id: In(servers), projectId: ctx.projectId }) : [];
+        const foundDisks = disks.length ? await em.findBy(Disk, { id: In(disks), projectId: ctx.projectId }) : [];
+        const missing = [
+          ...servers.filter((id) => !foundServers.some((s) => s.id === id)).map((id) => toGlobalId("Server", id)),
+          ...disks.filter((id) => !foundDisks.some((d) => d.id === id)).map((id) => toGlobalId("Disk", id)),
+        ];
+        if (missing.length) throw notFound("resource", missing[0]);
+        const existing = await em.find(PolicyBinding, {
+          where: [
+            ...(servers.length ? [{ serverId: In(servers), projectId: ctx.projectId }] : []),
+            ...(disks.length ? [{ diskId: In(disks), projectId: ctx.projectId }] : []),
+          ],
+        });
+        const taken = existing.find((b) => b.policyId !== policyId);
+        if (taken) {
+          const what = taken.serverId ? `server ${toGlobalId("Server", taken.serverId)}` : `disk ${toGlobalId("Disk", taken.diskId!)}`;
+          throw conflict(`${what} is already bound to policy ${toGlobalId("Policy", taken.policyId)}; unbind it first`);
+        }
+        const already = new Set(existing.map((b) => b.serverId ?? b.diskId));
+        const rows = [
+          ...servers.filter((id) => !already.has(id)).map((id) => ({ serverId: id, diskId: null })),
+          ...disks.filter((id) => !already.has(id)).map((id) => ({ serverId: null, diskId: id })),
+        ].map((r) => em.create(PolicyBinding, { ...r, projectId: ctx.projectId, policyId }));
+        if (rows.length) await em.save(rows);
+        return p;
+      })
+      .catch((err) => {
+        throw translateDbError(err, {
+          uq_policy_bindings_server: "a server is bound to at most one policy",
+          uq_policy_bindings_disk: "a disk is bound to at most one policy",
+        });
+      });
+    ctx.invalidate();
+    return policy;
+  }
+
+  async unbind(ctx: RequestContext, input: { policyId: string; resourceIds: string[] }): Promise<Policy> {
+    const policyId = decodeId(input.policyId, "Policy", "policyId");
+    const { servers, disks } = this.splitResources(input.resourceIds);
+    const policy = await ctx.ds.transaction(async (em) => {
+      const p = await em.findOne(Policy, { where: { id: policyId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!p) throw notFound("policy", input.policyId);
+      if (servers.length) await em.delete(PolicyBinding, { policyId, serverId: In(servers) });
+      if (disks.length) await em.delete(PolicyBinding, { policyId, diskId: In(disks) });
+      return p;
+    });
+    ctx.invalidate();
+    return policy;
+  }
+
+  /** The next time the schedule fires, or null when disabled or exhausted. */
+  nextRun(policy: Policy, after: Date): Date | null {
+    if (!policy.enabled) return null;
+    return nextOccurrence(policy.schedule, policy.timezone, after, policy.createdAt);
+  }
+
+  private checkOccurs(policy: Policy, now: Date) {
+    if (!nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt)) {
+      throw badInput("schedule", "never occurs again (check UNTIL and the BY… parts)");
+    }
+  }
+
+  private splitResources(resourceIds: string[]): { servers: string[]; disks: string[] } {
+    if (!Array.isArray(resourceIds) || resourceIds.length === 0) throw badInput("resourceIds", "needs at least one server or disk ID");
+    if (resourceIds.length > 1000) throw badInput("resourceIds", "at most 1000 IDs at once");
+    const servers = new Set<string>();
+    const disks = new Set<string>();
+    resourceIds.forEach((gid, i) => {
+      const parsed = fromGlobalId(gid);
+      if (parsed?.type === "Server") servers.add(parsed.id);
+      else if (parsed?.type === "Disk") disks.add(parsed.id);
+      else throw badInput(`resourceIds[${i}]`, "not a Server or Disk ID");
+    });
+    return { servers: [...servers], disks: [...disks] };
+  }
+}

@@ -1,0 +1,92 @@
+import crypto from "node:crypto";
+import type { DataSource } from "typeorm";
+import { ApiKey, Project } from "../entities";
+import type { RequestContext } from "./context";
+import { translateDbError } from "./db-errors";
+import { badInput } from "./errors";
+
+const KEY_PREFIX = "stw_";
+
+export const hashKey = (key: string) => crypto.createHash("sha256").update(key, "utf8").digest("hex");
+
+export interface StorageUsage {
+  diskBytes: number;
+  backupCount: number;
+  imageCount: number;
+  logicalBytes: number;
+  storedBytes: number;
+  dedupRatio: number;
+}
+
+/** Projects (tenants) and their API keys. These calls come before any request context exists. */
+export class ProjectService {
+  constructor(private readonly ds: DataSource) {}
+
+  /** Creates a project and its first key; the key is returned once and stored only as a hash. */
+  async create(name: string): Promise<{ project: Project; apiKey: string }> {
+    if (!/^[a-z0-9][a-z0-9_-]{0,62}$/.test(name)) {
+      throw badInput("name", "must be 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit");
+    }
+    const apiKey = KEY_PREFIX + crypto.randomBytes(32).toString("base64url");
+    try {
+      const project = await this.ds.transaction(async (em) => {
+        const p = await em.save(em.create(Project, { name }));
+        await em.save(em.create(ApiKey, { projectId: p.id, keyHash: hashKey(apiKey), prefix: apiKey.slice(0, 10), revokedAt: null }));
+        return p;
+      });
+      return { project, apiKey };
+    } catch (err) {
+      throw translateDbError(err, { uq_projects_name: `project "${name}" already exists` });
+    }
+  }
+
+  async count(): Promise<number> {
+    return this.ds.getRepository(Project).count();
+  }
+
+  async findByName(name: string): Promise<Project | null> {
+    return this.ds.getRepository(Project).findOneBy({ name });
+  }
+
+  /** The project a bearer key belongs to, or null for a missing, malformed, unknown or revoked key. */
+  async authenticate(authorization: string | undefined | null): Promise<Project | null> {
+    const match = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "");
+    if (!match || !match[1].startsWith(KEY_PREFIX) || match[1].length > 200) return null;
+    const rows: Record<string, unknown>[] = await this.ds.query(
+      `SELECT p.id, p.name, p.created_at FROM api_keys k JOIN projects p ON p.id = k.project_id
+        WHERE k.key_hash = $1 AND k.revoked_at IS NULL`,
+      [hashKey(match[1])],
+    );
+    if (!rows.length) return null;
+    return this.ds.getRepository(Project).create({ id: rows[0].id as string, name: rows[0].name as string, createdAt: rows[0].created_at as Date });
+  }
+
+  async get(ctx: RequestContext): Promise<Project> {
+    return this.ds.getRepository(Project).findOneByOrFail({ id: ctx.projectId });
+  }
+
+  /** Storage used by the project. Backups are counted by their per-disk parts, where data lives. */
+  async usage(ctx: RequestContext): Promise<StorageUsage> {
+    const [row] = await this.ds.query(
+      `SELECT
+         (SELECT coalesce(sum(used_bytes), 0) FROM disks WHERE project_id = $1) AS disk_bytes,
+         (SELECT count(*) FROM backups WHERE project_id = $1 AND parent_id IS NULL) AS backup_count,
+         (SELECT count(*) FROM images WHERE project_id = $1) AS image_count,
+         (SELECT coalesce(sum(size_bytes), 0) FROM backups WHERE project_id = $1 AND resource_type = 'DISK') AS backup_logical,
+         (SELECT coalesce(sum(stored_bytes), 0) FROM backups WHERE project_id = $1 AND resource_type = 'DISK') AS backup_stored,
+         (SELECT coalesce(sum(virtual_size_bytes), 0) FROM images WHERE project_id = $1 AND status = 'ACTIVE') AS image_logical,
+         (SELECT coalesce(sum(size_bytes), 0) FROM images WHERE project_id = $1 AND status = 'ACTIVE') AS image_stored`,
+      [ctx.projectId],
+    );
+    const logicalBytes = Number(row.backup_logical) + Number(row.image_logical);
+    const storedBytes = Number(row.backup_stored) + Number(row.image_stored);
+    return {
+      diskBytes: Number(row.disk_bytes),
+      backupCount: Number(row.backup_count),
+      imageCount: Number(row.image_count),
+      logicalBytes,
+      storedBytes,
+      dedupRatio: storedBytes > 0 ? logicalBytes / storedBytes : 1,
+    };
+  }
+}

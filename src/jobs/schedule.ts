@@ -41,7 +41,9 @@ export function parseRule(text: string, index: number): Partial<Options> {
   } catch (err) {
     throw new ScheduleError(index, `is not an RFC 5545 RRULE (${err instanceof Error ? err.message : "parse error"})`);
   }
-  if (options.freq === undefined || options.freq === null) throw new ScheduleError(index, "needs FREQ");
+  if (options.freq === undefined || options.freq === null) {
+    throw new ScheduleError(index, keys.includes("FREQ") ? "FREQ must be YEARLY, MONTHLY, WEEKLY, DAILY, HOURLY or MINUTELY" : "needs FREQ");
+  }
   if (options.freq === Frequency.SECONDLY) throw new ScheduleError(index, "FREQ=SECONDLY is too frequent; the finest is MINUTELY");
   if (options.interval !== undefined && (!Number.isInteger(options.interval) || options.interval < 1 || options.interval > 1000)) {
     throw new ScheduleError(index, "INTERVAL must be between 1 and 1000");

@@ -72,7 +72,8 @@ export class DiskService {
     }
     if (input.sizeBytes == null) throw badInput("sizeBytes", "is required for a blank disk");
     const sizeBytes = diskSize(input.sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
-    const disk = await ctx.ds.getRepository(Disk).save({
+    const repo = ctx.ds.getRepository(Disk);
+    const disk = await repo.save(repo.create({
       projectId: ctx.projectId,
       name,
       type: DiskType.DATA,
@@ -83,7 +84,7 @@ export class DiskService {
       device: null,
       sourceImageId: null,
       sourceBackupId: null,
-    });
+    }));
     ctx.invalidate();
     return disk;
   }

@@ -1,0 +1,52 @@
+import type { Readable } from "node:stream";
+
+export interface BlobInfo {
+  key: string;
+  size: number;
+  modifiedAt: Date;
+}
+
+/**
+ * Where bytes live: the volume store's segments, the vault's packs, uploads and
+ * exports. Keys are relative paths of lower-case letters, digits, '-', '_', '.'
+ * and '/'. A blob is written whole and becomes visible only once durable; it is
+ * never modified in place.
+ */
+export interface BlobStore {
+  readonly name: string;
+  /** Writes a small blob from memory, durably. */
+  put(key: string, data: Buffer): Promise<void>;
+  /** Writes a blob from a stream, durably; returns its size. */
+  putStream(key: string, body: Readable): Promise<number>;
+  get(key: string): Promise<Buffer>;
+  /** Bytes [offset, offset + length) of a blob. */
+  getRange(key: string, offset: number, length: number): Promise<Buffer>;
+  /** A stream of the blob, or of [start, end] inclusive. */
+  getStream(key: string, range?: { start: number; end: number }): Promise<Readable>;
+  /** Size, or null when absent. */
+  stat(key: string): Promise<BlobInfo | null>;
+  delete(key: string): Promise<void>;
+  list(prefix: string): AsyncIterable<BlobInfo>;
+}
+
+export class BlobNotFoundError extends Error {
+  constructor(readonly key: string) {
+    super(`blob ${key} does not exist`);
+    this.name = "BlobNotFoundError";
+  }
+}
+
+const KEY = /^[a-z0-9_.-]+(\/[a-z0-9_.-]+)*$/;
+
+/** Refuses keys that could escape a backend's root or collide with its temporary files. */
+export function checkKey(key: string): string {
+  if (typeof key !== "string" || key.length === 0 || key.length > 512 || !KEY.test(key) || key.split("/").some((p) => p === "." || p === ".." || p.startsWith(".tmp"))) {
+    throw new Error(`invalid blob key "${key}"`);
+  }
+  return key;
+}
+
+export function checkPrefix(prefix: string): string {
+  if (prefix === "") return prefix;
+  return checkKey(prefix.replace(/\/$/, "")) + (prefix.endsWith("/") ? "/" : "");
+}

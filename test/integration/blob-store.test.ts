@@ -1,0 +1,113 @@
+import crypto from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { Readable } from "node:stream";
+import { BlobNotFoundError, type BlobStore } from "../../src/storage/blob-store";
+import { FsBlobStore } from "../../src/storage/fs-blob-store";
+import { S3BlobStore } from "../../src/storage/s3-blob-store";
+import { startS3 } from "../helpers/s3";
+
+async function collect(stream: Readable): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const c of stream) parts.push(c as Buffer);
+  return Buffer.concat(parts);
+}
+
+const backends: [string, () => Promise<{ store: BlobStore; stop(): Promise<void> }>][] = [
+  [
+    "filesystem",
+    async () => {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-blobs-"));
+      return { store: new FsBlobStore(dir), stop: async () => fs.rmSync(dir, { recursive: true, force: true }) };
+    },
+  ],
+  [
+    "S3",
+    async () => {
+      const s3 = await startS3();
+      const store = new S3BlobStore(s3.config, "t/");
+      return { store, stop: async () => { store.destroy(); await s3.stop(); } };
+    },
+  ],
+];
+
+describe.each(backends)("%s blob store", (_name, open) => {
+  let store: BlobStore;
+  let stop: () => Promise<void>;
+  beforeAll(async () => {
+    ({ store, stop } = await open());
+  });
+  afterAll(async () => {
+    await stop?.();
+  });
+
+  it("stores and reads back a blob, whole and in ranges", async () => {
+    const data = crypto.randomBytes(300_000);
+    await store.put("packs/ab/abcdef", data);
+    expect((await store.get("packs/ab/abcdef")).equals(data)).toBe(true);
+    expect((await store.getRange("packs/ab/abcdef", 1000, 5000)).equals(data.subarray(1000, 6000))).toBe(true);
+    expect((await collect(await store.getStream("packs/ab/abcdef", { start: 10, end: 19 }))).equals(data.subarray(10, 20))).toBe(true);
+    expect(await store.stat("packs/ab/abcdef")).toMatchObject({ key: "packs/ab/abcdef", size: 300_000 });
+  });
+
+  it("streams a large blob in and out without holding it", async () => {
+    const part = crypto.randomBytes(1 << 20);
+    const hash = crypto.createHash("sha256");
+    const body = Readable.from((function* () {
+      for (let i = 0; i < 20; i++) {
+        hash.update(part);
+        yield part;
+      }
+    })());
+    expect(await store.putStream("uploads/big", body)).toBe(20 << 20);
+    const out = crypto.createHash("sha256");
+    for await (const c of await store.getStream("uploads/big")) out.update(c as Buffer);
+    expect(out.digest("hex")).toBe(hash.digest("hex"));
+  });
+
+  it("overwrites whole, lists by prefix and deletes", async () => {
+    await store.put("list/a/1", Buffer.from("one"));
+    await store.put("list/a/2", Buffer.from("two"));
+    await store.put("list/b/3", Buffer.from("three"));
+    await store.put("list/a/2", Buffer.from("TWO!"));
+    const keys: string[] = [];
+    for await (const b of store.list("list/a/")) keys.push(`${b.key}:${b.size}`);
+    expect(keys.sort()).toEqual(["list/a/1:3", "list/a/2:4"]);
+    const all: string[] = [];
+    for await (const b of store.list("list/")) all.push(b.key);
+    expect(all.sort()).toEqual(["list/a/1", "list/a/2", "list/b/3"]);
+    await store.delete("list/a/1");
+    await store.delete("list/a/1"); // deleting twice is fine
+    expect(await store.stat("list/a/1")).toBeNull();
+  });
+
+  it("reports a missing blob as BlobNotFoundError", async () => {
+    await expect(store.get("nope/x")).rejects.toBeInstanceOf(BlobNotFoundError);
+    await expect(store.getRange("nope/x", 0, 1)).rejects.toBeInstanceOf(BlobNotFoundError);
+    await expect(store.getStream("nope/x")).rejects.toBeInstanceOf(BlobNotFoundError);
+  });
+
+  it("refuses keys that could escape its root", async () => {
+    for (const key of ["../etc/passwd", "/abs", "a/../../b", "a//b", "A/B", "a/.tmp-x", ""]) {
+      await expect(store.put(key, Buffer.from("x"))).rejects.toThrow(/invalid blob key/);
+    }
+  });
+});
+
+describe("filesystem blob store crash safety", () => {
+  it("leaves no partial blob when a stream fails midway", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-blobs-"));
+    const store = new FsBlobStore(dir);
+    const failing = new Readable({
+      read() {
+        this.push(Buffer.alloc(1000));
+        this.destroy(new Error("connection reset"));
+      },
+    });
+    await expect(store.putStream("uploads/partial", failing)).rejects.toThrow("connection reset");
+    expect(await store.stat("uploads/partial")).toBeNull();
+    expect(fs.readdirSync(path.join(dir, "uploads"))).toEqual([]);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+});

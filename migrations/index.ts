@@ -1,4 +1,5 @@
 import { Initial1764000000000 } from "./1764000000000-initial";
+import { DataPlane1764100000000 } from "./1764100000000-data-plane";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
-export const migrations = [Initial1764000000000];
+export const migrations = [Initial1764000000000, DataPlane1764100000000];

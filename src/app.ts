@@ -10,6 +10,11 @@ import { buildStowageSchema } from "./graphql/schema";
 import { startHttpServer, type HttpServer } from "./http/server";
 import type { Logger } from "./logger";
 import { createServices, type Services } from "./services";
+import { collectAllGarbage, createJobRunner } from "./jobs";
+import { PgEventBus } from "./jobs/events";
+import type { JobRunner, RunnerOptions } from "./jobs/runner";
+import { createStorage, type Storage } from "./storage";
+import { DomainError, ErrorCode } from "./services/errors";
 
 const EMBEDDED_DATABASE = "stowage";
 /** Serialises migrations between processes sharing one database. */
@@ -17,6 +22,7 @@ const MIGRATION_LOCK = 0x5707_a6e;
 
 export interface Database {
   ds: DataSource;
+  url: string;
   close(): Promise<void>;
 }
 
@@ -47,7 +53,12 @@ export async function openDatabase(config: Config, logger: Logger, opts: { migra
   let url = config.databaseUrl;
   if (!url) {
     pg = await openEmbeddedPostgres(config.dataDir, logger);
-    url = await ensureDatabase(pg.url, EMBEDDED_DATABASE);
+    try {
+      url = await ensureDatabase(pg.url, EMBEDDED_DATABASE);
+    } catch (err) {
+      await pg.stop();
+      throw err;
+    }
   }
   const ds = createDataSource({ url, logger, onQuery: opts.onQuery });
   try {
@@ -60,6 +71,7 @@ export async function openDatabase(config: Config, logger: Logger, opts: { migra
   }
   return {
     ds,
+    url,
     async close() {
       await ds.destroy();
       await pg?.stop();
@@ -85,7 +97,14 @@ export async function migrate(ds: DataSource): Promise<void> {
  */
 export async function ensureDefaultProject(services: Services, dataDir: string): Promise<string | null> {
   if ((await services.projects.count()) > 0) return null;
-  const { apiKey } = await services.projects.create("default");
+  let apiKey: string;
+  try {
+    ({ apiKey } = await services.projects.create("default"));
+  } catch (err) {
+    // Another process starting on the same empty database created it meanwhile.
+    if (err instanceof DomainError && err.code === ErrorCode.CONFLICT) return null;
+    throw err;
+  }
   fs.mkdirSync(dataDir, { recursive: true });
   const file = path.join(dataDir, "default-api-key");
   fs.writeFileSync(file, apiKey + "\n", { mode: 0o600 });
@@ -98,32 +117,80 @@ export interface RunningService {
   http: HttpServer;
   db: Database;
   services: Services;
+  storage: Storage;
+  runner: JobRunner;
   stop(): Promise<void>;
 }
 
-/** API, and later jobs and scheduler, in one process. */
-export async function startService(config: Config, logger: Logger, opts: { onDefaultKey?: (key: string, file: string) => void } = {}): Promise<RunningService> {
-  const db = await openDatabase(config, logger);
-  const services = createServices(db.ds);
+const TERMINATION_SIGNALS = ["SIGINT", "SIGTERM", "SIGHUP"] as const;
+
+/**
+ * Runs `fn` and removes the termination-signal handlers it registered. Apollo Server
+ * (stopOnTerminationSignals, on by default unless NODE_ENV=test) stops itself on
+ * SIGINT/SIGTERM and then re-sends the signal to the process, which would end it
+ * before the database is closed; the caller of startService orders shutdown.
+ */
+async function withoutNewSignalHandlers<T>(fn: () => Promise<T>): Promise<T> {
+  const before = new Map(TERMINATION_SIGNALS.map((s) => [s, new Set(process.listeners(s))]));
   try {
+    return await fn();
+  } finally {
+    for (const s of TERMINATION_SIGNALS) {
+      for (const l of process.listeners(s)) if (!before.get(s)!.has(l)) process.removeListener(s, l);
+    }
+  }
+}
+
+/** API, jobs and garbage collection in one process. */
+export async function startService(
+  config: Config,
+  logger: Logger,
+  opts: { onDefaultKey?: (key: string, file: string) => void; db?: Database; runner?: RunnerOptions } = {},
+): Promise<RunningService> {
+  const db = opts.db ?? (await openDatabase(config, logger));
+  const events = new PgEventBus(db.url, (sql, params) => db.ds.query(sql, params), logger);
+  const storage = createStorage(config, db.ds);
+  const services = createServices(db.ds, events);
+  const runner = createJobRunner(db.ds, storage, events, config, logger, opts.runner);
+  let gcTimer: NodeJS.Timeout | undefined;
+  try {
+    await events.start();
     const key = await ensureDefaultProject(services, config.dataDir);
     if (key) opts.onDefaultKey?.(key, path.join(config.dataDir, "default-api-key"));
-    const http = await startHttpServer({ config, logger, ds: db.ds, services, schema: buildStowageSchema() });
+    await runner.start();
+    const http = await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
+    if (config.gcIntervalSeconds > 0) {
+      gcTimer = setInterval(
+        () => void collectAllGarbage(db.ds, storage, config.gcGraceSeconds * 1000, logger).catch((err) => logger.error("garbage collection failed", { error: err })),
+        config.gcIntervalSeconds * 1000,
+      );
+      gcTimer.unref();
+    }
     let stopping: Promise<void> | undefined;
     return {
       url: http.url,
       http,
       db,
       services,
+      storage,
+      runner,
       stop() {
         stopping ??= (async () => {
+          clearInterval(gcTimer);
           await http.close();
+          await runner.stop();
+          await events.close();
+          storage.close();
           await db.close();
         })();
         return stopping;
       },
     };
   } catch (err) {
+    clearInterval(gcTimer);
+    await runner.stop().catch(() => undefined);
+    await events.close().catch(() => undefined);
+    storage.close();
     await db.close();
     throw err;
   }

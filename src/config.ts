@@ -21,6 +21,15 @@ export interface Config {
   maxPageSize: number;
   maxDiskBytes: number;
   s3?: S3Config;
+  /** Where disk blocks and vault packs live: the local filesystem or the S3 bucket. */
+  volumeBackend: "fs" | "s3";
+  vaultBackend: "fs" | "s3";
+  jobConcurrency: number;
+  /** A running job whose process has been silent this long is failed. */
+  jobStaleSeconds: number;
+  /** Blobs written but never committed are deleted by garbage collection once this old. */
+  gcGraceSeconds: number;
+  gcIntervalSeconds: number;
   logLevel: "debug" | "info" | "warn" | "error";
 }
 
@@ -62,6 +71,12 @@ export function loadConfig(env: Env = process.env): Config {
         forcePathStyle: bool(env, "S3_FORCE_PATH_STYLE", Boolean(env.S3_ENDPOINT)),
       }
     : undefined;
+  const backend = (name: string): "fs" | "s3" => {
+    const value = env[name] || (s3 ? "s3" : "fs");
+    if (value !== "fs" && value !== "s3") throw new ConfigError(`${name} must be fs or s3, got "${value}"`);
+    if (value === "s3" && !s3) throw new ConfigError(`${name}=s3 needs S3_BUCKET`);
+    return value;
+  };
   return {
     host: env.HOST || "127.0.0.1",
     port: int(env, "PORT", 4000, 0, 65535),
@@ -76,6 +91,12 @@ export function loadConfig(env: Env = process.env): Config {
     maxPageSize: int(env, "MAX_PAGE_SIZE", 100, 1, 10_000),
     maxDiskBytes: int(env, "MAX_DISK_BYTES", 64 * 2 ** 40, 2 ** 20, Number.MAX_SAFE_INTEGER),
     s3,
+    volumeBackend: backend("VOLUME_BACKEND"),
+    vaultBackend: backend("VAULT_BACKEND"),
+    jobConcurrency: int(env, "JOB_CONCURRENCY", 2, 1, 64),
+    jobStaleSeconds: int(env, "JOB_STALE_SECONDS", 30, 2, 3600),
+    gcGraceSeconds: int(env, "GC_GRACE_SECONDS", 3600, 0, 30 * 86400),
+    gcIntervalSeconds: int(env, "GC_INTERVAL_SECONDS", 3600, 0, 30 * 86400),
     logLevel,
   };
 }

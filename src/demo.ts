@@ -1,15 +1,21 @@
 import type { DataSource } from "typeorm";
 import type { Config } from "./config";
-import { OsType } from "./entities";
+import { OsType, Server } from "./entities";
 import { RequestContext } from "./services/context";
+import { failedPrecondition } from "./services/errors";
 import type { Services } from "./services";
 import { toGlobalId } from "./services/global-id";
 import { GiB } from "./services/validate";
 
-/** Fills a project with a small graph to explore: servers, disks and policies. */
-export async function seedDemo(ds: DataSource, config: Config, services: Services, projectName = "default"): Promise<{ servers: number; disks: number; policies: number }> {
+/**
+ * Fills a project with a small graph to explore: servers, disks and policies.
+ * Returns null, adding nothing, when the project already has servers (so that
+ * `serve --demo` on every start, or `demo` twice, does not pile up copies).
+ */
+export async function seedDemo(ds: DataSource, config: Config, services: Services, projectName = "default"): Promise<{ servers: number; disks: number; policies: number } | null> {
   const project = await services.projects.findByName(projectName);
-  if (!project) throw new Error(`project "${projectName}" does not exist`);
+  if (!project) throw failedPrecondition(`project "${projectName}" does not exist; create it with: stowage project create ${projectName}`);
+  if ((await ds.getRepository(Server).countBy({ projectId: project.id })) > 0) return null;
   const ctx = new RequestContext(project.id, ds, config);
 
   const web = await Promise.all(
@@ -49,7 +55,7 @@ export async function seedDemo(ds: DataSource, config: Config, services: Service
     retention: { keepWeekly: 8, keepMonthly: 12, keepYearly: 3 },
   });
   await services.policies.bind(ctx, { policyId: toGlobalId("Policy", nightly.id), resourceIds: web.map((w) => toGlobalId("Server", w.server.id)) });
-  await services.policies.bind(ctx, { policyId: toGlobalId("Policy", hourly.id), resourceIds: [toGlobalId("Server", db.server.id), toGlobalId("Disk", spare.id)] });
+  await services.policies.bind(ctx, { policyId: toGlobalId("Policy", hourly.id), resourceIds: [toGlobalId("Server", db.server.id), toGlobalId("Disk", spare.disk.id)] });
 
   const disks = [...web, db, win].reduce((n, s) => n + s.disks.length, 0) + 1;
   return { servers: 5, disks, policies: 3 };

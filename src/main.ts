@@ -1,13 +1,16 @@
 import "reflect-metadata";
 import fs from "node:fs";
 import path from "node:path";
-import { openDatabase, startService } from "./app";
 import { ConfigError, loadConfig } from "./config";
-import { seedDemo } from "./demo";
-import { printStowageSchema } from "./graphql/schema";
+import { EmbeddedPostgresError } from "./db/embedded-postgres";
 import { createLogger } from "./logger";
-import { createServices } from "./services";
 import { DomainError } from "./services/errors";
+
+// The heavy modules (entities, services, GraphQL schema, Apollo) load only in the
+// commands that use them, so help, usage and configuration errors answer at once
+// (under ts-node, transpiling them takes about two seconds).
+const app = () => require("./app") as typeof import("./app");
+const servicesModule = () => require("./services") as typeof import("./services");
 
 const USAGE = `Usage: stowage <command>
 
@@ -31,18 +34,32 @@ export async function main(argv: string[]): Promise<number> {
 
   switch (command) {
     case "serve": {
-      const svc = await startService(config, logger, {
+      const svc = await app().startService(config, logger, {
         onDefaultKey: (key, file) => {
           process.stdout.write(`Created project "default". Its API key (also in ${file}):\n${key}\n`);
         },
       });
-      if (rest.includes("--demo")) await runDemo(svc.db.ds, config, svc.services);
+      if (rest.includes("--demo")) {
+        try {
+          await runDemo(svc.db.ds, config, svc.services);
+        } catch (err) {
+          await svc.stop();
+          throw err;
+        }
+      }
       logger.info("Stowage is serving", { url: `${svc.url}/graphql`, playground: `${svc.url}/` });
       process.stdout.write(`Stowage: API ${svc.url}/graphql · playground ${svc.url}/\n`);
       await new Promise<void>((resolve) => {
-        let signals = 0;
+        let first = 0;
         const onSignal = (sig: NodeJS.Signals) => {
-          if (++signals > 1) process.exit(130); // a second signal: stop waiting
+          if (first) {
+            // `npm start` forwards the terminal's Ctrl-C, so one keypress can arrive
+            // twice at once; only a later signal means "stop waiting".
+            if (Date.now() - first < 500) return;
+            logger.warn("second signal: exiting without waiting for shutdown", { signal: sig });
+            process.exit(130);
+          }
+          first = Date.now();
           logger.info("shutting down", { signal: sig });
           svc.stop().then(resolve, (err) => {
             logger.error("shutdown failed", { error: err });
@@ -51,11 +68,12 @@ export async function main(argv: string[]): Promise<number> {
         };
         process.on("SIGTERM", onSignal);
         process.on("SIGINT", onSignal);
+        process.on("SIGHUP", onSignal);
       });
       return 0;
     }
     case "migrate": {
-      const db = await openDatabase(config, logger);
+      const db = await app().openDatabase(config, logger);
       await db.close();
       process.stdout.write("migrations applied\n");
       return 0;
@@ -65,9 +83,9 @@ export async function main(argv: string[]): Promise<number> {
         process.stderr.write("usage: stowage project create NAME\n");
         return 1;
       }
-      const db = await openDatabase(config, logger);
+      const db = await app().openDatabase(config, logger);
       try {
-        const { project, apiKey } = await createServices(db.ds).projects.create(rest[1]);
+        const { project, apiKey } = await servicesModule().createServices(db.ds).projects.create(rest[1]);
         process.stdout.write(`Created project "${project.name}". Its API key is shown only now:\n${apiKey}\n`);
       } finally {
         await db.close();
@@ -75,16 +93,11 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     case "demo": {
-      const db = await openDatabase(config, logger);
+      const db = await app().openDatabase(config, logger);
       try {
-        const services = createServices(db.ds);
-        if ((await services.projects.count()) === 0) {
-          const { apiKey } = await services.projects.create("default");
-          const file = path.join(config.dataDir, "default-api-key");
-          fs.mkdirSync(config.dataDir, { recursive: true });
-          fs.writeFileSync(file, apiKey + "\n", { mode: 0o600 });
-          process.stdout.write(`Created project "default". Its API key (also in ${file}):\n${apiKey}\n`);
-        }
+        const services = servicesModule().createServices(db.ds);
+        const key = await app().ensureDefaultProject(services, config.dataDir);
+        if (key) process.stdout.write(`Created project "default". Its API key (also in ${path.join(config.dataDir, "default-api-key")}):\n${key}\n`);
         await runDemo(db.ds, config, services);
       } finally {
         await db.close();
@@ -92,9 +105,11 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     case "schema": {
-      const sdl = printStowageSchema();
+      const sdl = (require("./graphql/schema") as typeof import("./graphql/schema")).printStowageSchema();
       if (rest.includes("--write")) {
-        const file = path.join(__dirname, "..", "schema", "schema.graphql");
+        // The repository root: above src/, or above dist/src/ in a build.
+        const root = [path.join(__dirname, ".."), path.join(__dirname, "..", "..")].find((d) => fs.existsSync(path.join(d, "package.json")))!;
+        const file = path.join(root, "schema", "schema.graphql");
         fs.writeFileSync(file, sdl);
         process.stdout.write(`wrote ${path.relative(process.cwd(), file)}\n`);
       } else {
@@ -109,18 +124,40 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 async function runDemo(ds: import("typeorm").DataSource, config: import("./config").Config, services: import("./services").Services) {
+  const { seedDemo } = require("./demo") as typeof import("./demo");
   const r = await seedDemo(ds, config, services);
-  process.stdout.write(`Demo data added to project "default": ${r.servers} servers, ${r.disks} disks, ${r.policies} policies.\n`);
+  if (r) process.stdout.write(`Demo data added to project "default": ${r.servers} servers, ${r.disks} disks, ${r.policies} policies.\n`);
+  else process.stdout.write(`Project "default" already has servers; no demo data added.\n`);
+}
+
+/** One line for the operator; a stack only for what looks like a bug. */
+function describeError(err: unknown): string {
+  if (err instanceof ConfigError) return `configuration error: ${err.message}`;
+  if (err instanceof DomainError || err instanceof EmbeddedPostgresError) return err.message;
+  const code = (err as { code?: unknown } | null)?.code;
+  if (err instanceof Error && typeof code === "string") {
+    // System errors (EADDRINUSE, EACCES, ECONNREFUSED…) and Postgres errors (28P01…).
+    if (code === "EADDRINUSE" || code === "EADDRNOTAVAIL" || (code === "EACCES" && (err as { syscall?: string }).syscall === "listen")) {
+      return `cannot listen on ${(err as { address?: string }).address ?? "HOST"}:${(err as { port?: number }).port ?? "PORT"}: ${err.message} (set HOST or PORT)`;
+    }
+    return `stowage: ${err.message || code}`;
+  }
+  return `stowage: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`;
+}
+
+/** Exits once stdout and stderr are flushed (they are asynchronous when piped on some platforms). */
+function exitAfterFlush(code: number): void {
+  let pending = 2;
+  const done = () => {
+    if (--pending === 0) process.exit(code);
+  };
+  process.stdout.write("", done);
+  process.stderr.write("", done);
 }
 
 export function run(argv: string[]): void {
-  main(argv).then(
-    (code) => process.exit(code),
-    (err) => {
-      if (err instanceof ConfigError) process.stderr.write(`configuration error: ${err.message}\n`);
-      else if (err instanceof DomainError) process.stderr.write(`${err.message}\n`);
-      else process.stderr.write(`stowage: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
-      process.exit(1);
-    },
-  );
+  main(argv).then(exitAfterFlush, (err) => {
+    process.stderr.write(describeError(err) + "\n");
+    exitAfterFlush(1);
+  });
 }

@@ -1,6 +1,6 @@
 import { Column, CreateDateColumn, Entity, PrimaryGeneratedColumn, UpdateDateColumn } from "typeorm";
 import { bigintNumber } from "./columns";
-import { BackupResourceType, BackupStatus, BackupTrigger } from "./enums";
+import { BackupResourceType, BackupStatus, BackupTrigger, DiskType } from "./enums";
 
 @Entity("backups")
 export class Backup {
@@ -20,6 +20,13 @@ export class Backup {
   /** The server backup this disk backup belongs to. */
   @Column("uuid", { nullable: true }) parentId: string | null;
   @Column("uuid", { nullable: true }) jobId: string | null;
+  /** The previous backup of the same disk that this one holds changes against. */
+  @Column("uuid", { nullable: true }) baseId: string | null;
+  /** The disk's write version at the instant of the backup. */
+  @Column("bigint", { transformer: bigintNumber, nullable: true }) snapshotVersion: number | null;
+  @Column("bigint", { transformer: bigintNumber, nullable: true }) diskSizeBytes: number | null;
+  @Column("text", { nullable: true }) diskType: DiskType | null;
+  @Column("text", { nullable: true }) device: string | null;
   @Column("bigint", { transformer: bigintNumber, default: 0 }) sizeBytes: number;
   @Column("bigint", { transformer: bigintNumber, default: 0 }) storedBytes: number;
   @Column("real", { default: 0 }) progress: number;

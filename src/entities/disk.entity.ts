@@ -15,6 +15,8 @@ export class Disk {
   @Column("text", { nullable: true }) device: string | null;
   @Column("uuid", { nullable: true }) sourceImageId: string | null;
   @Column("uuid", { nullable: true }) sourceBackupId: string | null;
+  /** Bumped by every committed write; a backup records the version it captured. */
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) writeVersion: number;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
   @UpdateDateColumn({ type: "timestamptz" }) updatedAt: Date;
 }

@@ -22,6 +22,9 @@ export class Job {
   @Column("uuid", { nullable: true }) imageId: string | null;
   @Column("uuid", { nullable: true }) policyId: string | null;
   @Column("uuid", { nullable: true }) exportId: string | null;
+  /** The process running it, and when that process last said it is alive. */
+  @Column("text", { nullable: true }) workerId: string | null;
+  @Column("timestamptz", { nullable: true }) heartbeatAt: Date | null;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
   @Column("timestamptz", { nullable: true }) startedAt: Date | null;
   @Column("timestamptz", { nullable: true }) finishedAt: Date | null;

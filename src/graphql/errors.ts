@@ -44,8 +44,10 @@ export function createErrorFormatter(logger: Logger) {
       };
     }
     if (error instanceof GraphQLError && (original === undefined || original instanceof GraphQLError)) {
-      const { stacktrace: _stack, ...extensions } = formatted.extensions ?? {};
-      return { ...formatted, extensions: { ...extensions, code: extensions.code ?? "BAD_USER_INPUT" } };
+      const { stacktrace: _stack, http: _http, ...extensions } = formatted.extensions ?? {};
+      // Apollo re-codes validation errors as GRAPHQL_VALIDATION_FAILED; a rule's own code (QUERY_TOO_COMPLEX) wins.
+      const ownCode = original instanceof GraphQLError ? original.extensions.code : undefined;
+      return { ...formatted, extensions: { ...extensions, code: ownCode ?? extensions.code ?? "BAD_USER_INPUT" } };
     }
     logger.error("unexpected error in request", { error: original instanceof Error ? original : String(original), path: formatted.path });
     return { message: "Internal server error", locations: formatted.locations, path: formatted.path, extensions: { code: "INTERNAL_SERVER_ERROR" } };

@@ -1,13 +1,23 @@
 import {
+  getArgumentValues,
   getNamedType,
+  getVariableValues,
   GraphQLError,
+  isAbstractType,
   isCompositeType,
+  isEnumType,
+  isInputObjectType,
   isInterfaceType,
+  isIntrospectionType,
   isObjectType,
   Kind,
-  valueFromASTUntyped,
+  SchemaMetaFieldDef,
+  TypeMetaFieldDef,
+  type FieldNode,
   type FragmentDefinitionNode,
   type GraphQLCompositeType,
+  type GraphQLField,
+  type GraphQLNamedType,
   type GraphQLSchema,
   type OperationDefinitionNode,
   type SelectionSetNode,
@@ -18,20 +28,28 @@ export const DEFAULT_PAGE = 20;
 
 type Fragments = Record<string, FragmentDefinitionNode>;
 
-function depthOf(set: SelectionSetNode | undefined, fragments: Fragments, seen: Set<string>): number {
-  if (!set) return 0;
+/**
+ * Depth of a selection set. Fragments are measured once each: a document that
+ * spreads one fragment many times at every level must not make this exponential.
+ */
+function depthOf(set: SelectionSetNode, fragments: Fragments, memo: Map<string, number>): number {
   let max = 0;
   for (const sel of set.selections) {
     if (sel.kind === Kind.FIELD) {
-      if (sel.name.value.startsWith("__")) continue; // introspection is bounded by the schema
-      max = Math.max(max, sel.selectionSet ? 1 + depthOf(sel.selectionSet, fragments, seen) : 1);
+      // The introspection query nests deeper than an API query needs to; its size is bounded by the cost limit.
+      if (sel.name.value.startsWith("__")) continue;
+      max = Math.max(max, sel.selectionSet ? 1 + depthOf(sel.selectionSet, fragments, memo) : 1);
     } else if (sel.kind === Kind.INLINE_FRAGMENT) {
-      max = Math.max(max, depthOf(sel.selectionSet, fragments, seen));
+      max = Math.max(max, depthOf(sel.selectionSet, fragments, memo));
     } else {
       const name = sel.name.value;
       const frag = fragments[name];
-      if (!frag || seen.has(name)) continue; // cycles are reported by the standard rules
-      max = Math.max(max, depthOf(frag.selectionSet, fragments, new Set([...seen, name])));
+      if (!frag) continue;
+      if (!memo.has(name)) {
+        memo.set(name, 0); // a cycle counts as nothing here; the standard rules report it
+        memo.set(name, depthOf(frag.selectionSet, fragments, memo));
+      }
+      max = Math.max(max, memo.get(name)!);
     }
   }
   return max;
@@ -43,9 +61,10 @@ export function depthLimit(max: number): ValidationRule {
     const doc = context.getDocument();
     const fragments: Fragments = {};
     for (const def of doc.definitions) if (def.kind === Kind.FRAGMENT_DEFINITION) fragments[def.name.value] = def;
+    const memo = new Map<string, number>();
     return {
       OperationDefinition(op) {
-        const depth = depthOf(op.selectionSet, fragments, new Set());
+        const depth = depthOf(op.selectionSet, fragments, memo);
         if (depth > max) {
           context.reportError(
             new GraphQLError(`query depth ${depth} exceeds the limit of ${max}`, { nodes: [op], extensions: { code: "QUERY_TOO_COMPLEX", limit: max, depth } }),
@@ -57,10 +76,42 @@ export function depthLimit(max: number): ValidationRule {
 }
 
 /**
+ * How many items an introspection list holds on average, from the schema itself:
+ * introspection can loop (__Type.fields -> __Field.type -> __Type.fields ...), so
+ * it is costed like any other list rather than waved through.
+ */
+const introspectionSizes = new WeakMap<GraphQLSchema, Record<string, number>>();
+function introspectionSizesOf(schema: GraphQLSchema): Record<string, number> {
+  let sizes = introspectionSizes.get(schema);
+  if (sizes) return sizes;
+  const types = Object.values(schema.getTypeMap());
+  // Per type on average over all types, so that `types { fields }` costs what it returns.
+  const perType = (count: (t: GraphQLNamedType) => number) => Math.max(1, Math.ceil(types.reduce((sum, t) => sum + count(t), 0) / types.length));
+  const fieldsOf = (t: GraphQLNamedType) => (isObjectType(t) || isInterfaceType(t) ? Object.values(t.getFields()) : []);
+  const allFields = types.flatMap(fieldsOf);
+  const directives = schema.getDirectives();
+  sizes = {
+    "__Schema.types": types.length,
+    "__Schema.directives": directives.length,
+    "__Type.fields": perType((t) => fieldsOf(t).length),
+    "__Type.interfaces": perType((t) => (isObjectType(t) || isInterfaceType(t) ? t.getInterfaces().length : 0)),
+    "__Type.possibleTypes": perType((t) => (isAbstractType(t) ? schema.getPossibleTypes(t).length : 0)),
+    "__Type.enumValues": perType((t) => (isEnumType(t) ? t.getValues().length : 0)),
+    "__Type.inputFields": perType((t) => (isInputObjectType(t) ? Object.keys(t.getFields()).length : 0)),
+    "__Field.args": Math.max(1, Math.ceil(allFields.reduce((sum, f) => sum + f.args.length, 0) / Math.max(1, allFields.length))),
+    "__Directive.args": Math.max(1, Math.ceil(directives.reduce((sum, d) => sum + d.args.length, 0) / Math.max(1, directives.length))),
+  };
+  introspectionSizes.set(schema, sizes);
+  return sizes;
+}
+
+/**
  * The cost of an operation: every field costs 1, and a list field multiplies the
  * cost of what it selects by the page size asked for (first/last, or the default),
- * or by the number of IDs for nodes(ids:). Variables are known, so this runs after
- * validation.
+ * by the number of IDs for nodes(ids:), or for introspection lists by their size in
+ * this schema. Arguments are read the way execution reads them (variables coerced,
+ * defaults of variables and arguments applied), so a page size cannot hide behind a
+ * variable. Runs after validation.
  */
 export function operationCost(
   schema: GraphQLSchema,
@@ -70,48 +121,70 @@ export function operationCost(
 ): number {
   const root = op.operation === "query" ? schema.getQueryType() : op.operation === "mutation" ? schema.getMutationType() : schema.getSubscriptionType();
   if (!root) return 0;
+  const introspection = introspectionSizesOf(schema);
 
-  const arg = (node: { arguments?: readonly { name: { value: string }; value: import("graphql").ValueNode }[] }, name: string): unknown => {
-    const a = node.arguments?.find((x) => x.name.value === name);
-    return a ? valueFromASTUntyped(a.value, variables) : undefined;
+  // Variables that do not coerce fail execution anyway; count with what was sent.
+  const coerced = getVariableValues(schema, op.variableDefinitions ?? [], variables, { maxErrors: 1 });
+  const variableValues = coerced.coerced ?? variables;
+  const argsOf = (field: GraphQLField<unknown, unknown>, node: FieldNode): Record<string, unknown> => {
+    try {
+      return getArgumentValues(field, node, variableValues);
+    } catch {
+      return {};
+    }
   };
 
-  const cost = (set: SelectionSetNode, parent: GraphQLCompositeType, seen: Set<string>): number => {
+  const fieldOf = (parent: GraphQLCompositeType, name: string): GraphQLField<unknown, unknown> | undefined => {
+    if (parent === root && name === SchemaMetaFieldDef.name) return SchemaMetaFieldDef;
+    if (parent === root && name === TypeMetaFieldDef.name) return TypeMetaFieldDef;
+    return isObjectType(parent) || isInterfaceType(parent) ? parent.getFields()[name] : undefined;
+  };
+
+  // A fragment costs the same wherever it is spread: count it once (see depthOf).
+  const fragmentCost = new Map<string, number>();
+  const cost = (set: SelectionSetNode, parent: GraphQLCompositeType): number => {
     let total = 0;
     for (const sel of set.selections) {
       if (sel.kind === Kind.FIELD) {
-        if (sel.name.value.startsWith("__")) continue;
-        const fields = isObjectType(parent) || isInterfaceType(parent) ? parent.getFields() : {};
-        const field = fields[sel.name.value];
-        if (!field) continue;
+        const field = fieldOf(parent, sel.name.value);
+        if (!field) continue; // __typename, or unknown (validation reports it)
         let child = 0;
         const type = getNamedType(field.type);
-        if (sel.selectionSet && isCompositeType(type)) child = cost(sel.selectionSet, type, seen);
+        if (sel.selectionSet && isCompositeType(type)) child = cost(sel.selectionSet, type);
         let multiplier = 1;
         if (type.name.endsWith("Connection")) {
-          const n = Number(arg(sel, "first") ?? arg(sel, "last") ?? DEFAULT_PAGE);
+          const args = argsOf(field, sel);
+          const n = Number(args.first ?? args.last ?? DEFAULT_PAGE);
           multiplier = Number.isFinite(n) && n > 0 ? n : 1;
-        } else if (sel.name.value === "nodes") {
-          const ids = arg(sel, "ids");
+        } else if (sel.name.value === "nodes" && field.args.some((a) => a.name === "ids")) {
+          const ids = argsOf(field, sel).ids;
           multiplier = Array.isArray(ids) ? Math.max(1, ids.length) : 1;
+        } else if (isIntrospectionType(parent)) {
+          multiplier = introspection[`${parent.name}.${field.name}`] ?? 1;
         }
         total += 1 + multiplier * child;
       } else if (sel.kind === Kind.INLINE_FRAGMENT) {
         const cond = sel.typeCondition ? schema.getType(sel.typeCondition.name.value) : parent;
-        total += cost(sel.selectionSet, cond && isCompositeType(cond) ? cond : parent, seen);
+        total += cost(sel.selectionSet, cond && isCompositeType(cond) ? cond : parent);
       } else {
-        const frag = fragments[sel.name.value];
-        if (!frag || seen.has(frag.name.value)) continue;
-        const cond = schema.getType(frag.typeCondition.name.value);
-        total += cost(frag.selectionSet, cond && isCompositeType(cond) ? cond : parent, new Set([...seen, frag.name.value]));
+        const name = sel.name.value;
+        const frag = fragments[name];
+        if (!frag) continue;
+        if (!fragmentCost.has(name)) {
+          fragmentCost.set(name, 0); // cycles are invalid and reported by validation
+          const cond = schema.getType(frag.typeCondition.name.value);
+          fragmentCost.set(name, cost(frag.selectionSet, cond && isCompositeType(cond) ? cond : parent));
+        }
+        total += fragmentCost.get(name)!;
       }
     }
     return total;
   };
-  return cost(op.selectionSet, root, new Set());
+  return cost(op.selectionSet, root);
 }
 
-export function costError(cost: number, max: number): GraphQLError {
+export function costError(rawCost: number, max: number): GraphQLError {
+  const cost = Math.min(rawCost, Number.MAX_SAFE_INTEGER); // fragment-heavy documents reach astronomic numbers
   return new GraphQLError(`query cost ${cost} exceeds the limit of ${max}; ask for smaller pages or fewer nested lists`, {
     extensions: { code: "QUERY_TOO_COMPLEX", limit: max, cost, http: { status: 400 } },
   });

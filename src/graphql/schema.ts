@@ -8,16 +8,27 @@ import { JobResolver } from "./resolvers/job.resolver";
 import { NodeResolver } from "./resolvers/node.resolver";
 import { PolicyResolver } from "./resolvers/policy.resolver";
 import { ServerResolver } from "./resolvers/server.resolver";
+import { SubscriptionResolver } from "./resolvers/subscription.resolver";
 import { NodeIdResolver } from "./types/node";
 import { DateTime } from "./types/scalars";
 
-export const resolvers = [NodeIdResolver, NodeResolver, ServerResolver, DiskResolver, BackupResolver, ImageResolver, ImageExportResolver, PolicyResolver, JobResolver] as const;
+export const resolvers = [NodeIdResolver, NodeResolver, ServerResolver, DiskResolver, BackupResolver, ImageResolver, ImageExportResolver, PolicyResolver, JobResolver, SubscriptionResolver] as const;
 
 export function buildStowageSchema(): GraphQLSchema {
   return buildSchemaSync({
     resolvers: [...resolvers],
     scalarsMap: [{ type: Date, scalar: DateTime }],
     validate: false,
+    // Every subscription streams from the job event bus through its own subscribe function;
+    // type-graphql insists on a topic-based PubSub all the same, which must never be used.
+    pubSub: {
+      publish: () => {
+        throw new Error("topic publishing is not used; publish job events on the event bus");
+      },
+      subscribe: () => {
+        throw new Error("topic subscriptions are not used");
+      },
+    },
   });
 }
 

@@ -5,7 +5,17 @@ import { ApolloServer } from "@apollo/server";
 import { ApolloServerPluginDrainHttpServer } from "@apollo/server/plugin/drainHttpServer";
 import { expressMiddleware } from "@as-integrations/express5";
 import express, { type NextFunction, type Request, type Response } from "express";
-import { Kind, parse, specifiedRules, validate, type FragmentDefinitionNode, type GraphQLSchema, type OperationDefinitionNode } from "graphql";
+import {
+  getOperationAST,
+  GraphQLError,
+  Kind,
+  parse,
+  specifiedRules,
+  validate,
+  type DocumentNode,
+  type FragmentDefinitionNode,
+  type GraphQLSchema,
+} from "graphql";
 import { useServer } from "graphql-ws/use/ws";
 import type { DataSource } from "typeorm";
 import { WebSocketServer } from "ws";
@@ -18,6 +28,8 @@ import { costError, depthLimit, operationCost } from "../graphql/limits";
 import type { Logger } from "../logger";
 import { RequestContext } from "../services/context";
 import type { Services } from "../services";
+import type { Storage } from "../storage";
+import { dataRoutes } from "./data-routes";
 import { createMetrics } from "./metrics";
 
 export interface HttpDeps {
@@ -25,6 +37,7 @@ export interface HttpDeps {
   logger: Logger;
   ds: DataSource;
   services: Services;
+  storage: Storage;
   schema: GraphQLSchema;
 }
 
@@ -75,16 +88,18 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   // CORS: only the configured origins; the API key travels in a header, never a cookie.
   app.use((req, res, next) => {
     const origin = req.headers.origin;
-    if (origin && config.corsOrigins.includes(origin)) {
+    const allowed = origin !== undefined && config.corsOrigins.includes(origin);
+    // Caches must not hand one origin's answer to another.
+    if (config.corsOrigins.length) res.vary("Origin");
+    if (allowed) {
       res.setHeader("Access-Control-Allow-Origin", origin);
-      res.setHeader("Vary", "Origin");
       res.setHeader("Access-Control-Allow-Headers", "Authorization, Content-Type, Content-Range, Range");
       res.setHeader("Access-Control-Allow-Methods", "GET, POST, PUT, OPTIONS");
       res.setHeader("Access-Control-Expose-Headers", "Content-Range, Content-Length, Accept-Ranges");
       res.setHeader("Access-Control-Max-Age", "600");
     }
     if (req.method === "OPTIONS") {
-      res.status(origin && config.corsOrigins.includes(origin) ? 204 : 403).end();
+      res.status(allowed ? 204 : 403).end();
       return;
     }
     next();
@@ -141,41 +156,61 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
     return out;
   };
 
+  app.use("/v1/disks", metrics.httpMiddleware("/v1/disks/:id/data"));
+  app.use(dataRoutes({ ds, volumes: deps.storage.volumes, authenticate }));
+
   const makeContext = (project: Project): GraphQLContext => ({
     ctx: new RequestContext(project.id, ds, config),
     project,
     services,
   });
 
+  const formatError = createErrorFormatter(logger);
+  const formatErrors = (errors: readonly GraphQLError[]) => errors.map((e) => formatError(e.toJSON(), e));
+  // Errors about the request itself carry the codes Apollo gives them over HTTP.
+  const withCode = (errors: readonly GraphQLError[], code: string) =>
+    errors.map((e) => new GraphQLError(e.message, { nodes: e.nodes, source: e.source, positions: e.positions, originalError: e.originalError, extensions: { code, ...e.extensions } }));
+
   const wss = new WebSocketServer({ server, path: "/graphql" });
   const validationRules = [depthLimit(config.maxQueryDepth)];
   const wsCleanup = useServer<Record<string, unknown>, { project?: Project }>(
     {
       schema,
+      isProd: true, // close reasons never carry internal error messages
       onConnect: async (ctx) => {
         const auth = ctx.connectionParams?.authorization ?? ctx.connectionParams?.Authorization;
-        const project = await services.projects.authenticate(typeof auth === "string" ? auth : null);
+        let project: Project | null;
+        try {
+          project = await services.projects.authenticate(typeof auth === "string" ? auth : null);
+        } catch (err) {
+          logger.error("authenticating a WebSocket connection failed", { error: err instanceof Error ? err : String(err) });
+          throw new Error("Internal server error");
+        }
         if (!project) return false;
         ctx.extra.project = project;
         return true;
       },
       context: (ctx) => makeContext(ctx.extra.project!),
-      validate: (s, doc) => validate(s, doc, [...specifiedRules, ...validationRules]),
-      // The same cost limit as over HTTP; variables are known once the operation arrives.
+      // Parse, validate and cost-check here, as Apollo does over HTTP, so a bad document
+      // gets an error message instead of closing the socket.
       onSubscribe: (_ctx, _id, payload) => {
-        let doc;
+        let document: DocumentNode;
         try {
-          doc = parse(payload.query);
-        } catch {
-          return; // graphql-ws reports the syntax error itself
+          document = parse(payload.query);
+        } catch (err) {
+          if (err instanceof GraphQLError) return withCode([err], "GRAPHQL_PARSE_FAILED");
+          throw err;
         }
-        const op = doc.definitions.find(
-          (d): d is OperationDefinitionNode => d.kind === Kind.OPERATION_DEFINITION && (!payload.operationName || d.name?.value === payload.operationName),
-        );
-        if (!op) return;
-        const cost = operationCost(schema, op, fragmentsOf(doc), payload.variables ?? {});
+        const validationErrors = validate(schema, document, [...specifiedRules, ...validationRules]);
+        if (validationErrors.length) return withCode(validationErrors, "GRAPHQL_VALIDATION_FAILED");
+        const op = getOperationAST(document, payload.operationName);
+        if (!op) return [new GraphQLError("Unable to identify the operation to run", { extensions: { code: "OPERATION_RESOLUTION_FAILURE" } })];
+        const cost = operationCost(schema, op, fragmentsOf(document), payload.variables ?? {});
         if (cost > config.maxQueryCost) return [costError(cost, config.maxQueryCost)];
+        return { schema, document, operationName: payload.operationName, variableValues: payload.variables };
       },
+      onNext: (_ctx, _id, _payload, _args, result) => (result.errors ? { ...result, errors: formatErrors(result.errors) } : undefined),
+      onError: (_ctx, _id, _payload, errors) => formatErrors(errors),
     },
     wss,
   );
@@ -186,7 +221,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
     csrfPrevention: false, // every request carries a bearer key that a browser never adds by itself
     includeStacktraceInErrorResponses: false,
     validationRules,
-    formatError: createErrorFormatter(logger),
+    formatError,
     plugins: [
       ApolloServerPluginDrainHttpServer({ httpServer: server }),
       {
@@ -225,10 +260,13 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   app.use((_req, res) => {
     res.status(404).json({ error: { code: "NOT_FOUND", message: "no such endpoint" } });
   });
-  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+  app.use((err: unknown, req: Request, res: Response, _next: NextFunction) => {
     const status = (err as { status?: number; statusCode?: number }).status ?? (err as { statusCode?: number }).statusCode;
     if (status && status >= 400 && status < 500) {
-      res.status(status).json({ error: { code: "BAD_USER_INPUT", message: (err as Error).message } });
+      // body-parser's errors (bad JSON, too large) are about the request and safe to show.
+      const message = (err as Error).message;
+      if (req.originalUrl.split("?")[0] === "/graphql") res.status(status).json({ errors: [{ message, extensions: { code: "BAD_REQUEST" } }] });
+      else res.status(status).json({ error: { code: "BAD_USER_INPUT", message } });
       return;
     }
     logger.error("unexpected error in HTTP request", { error: err instanceof Error ? err : String(err) });

@@ -1,10 +1,29 @@
-import { BackupResourceType, BackupStatus, BackupTrigger, type Backup } from "../entities";
+import { In, type EntityManager } from "typeorm";
+import { rows } from "../db/sql";
+import {
+  Backup,
+  BackupResourceType,
+  BackupStatus,
+  BackupTrigger,
+  Disk,
+  DiskStatus,
+  DiskType,
+  Image,
+  ImageStatus,
+  ImageType,
+  JobType,
+  Server,
+  ServerStatus,
+  type Job,
+} from "../entities";
 import type { RequestContext } from "./context";
-import { notFound } from "./errors";
-import { decodeId, fromGlobalId } from "./global-id";
+import { translateDbError } from "./db-errors";
+import { badInput, conflict, failedPrecondition, notFound } from "./errors";
+import { decodeId, fromGlobalId, shortId, toGlobalId } from "./global-id";
+import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
-import { badInput } from "./errors";
+import { description as validDescription, resourceName } from "./validate";
 
 export interface BackupFilter {
   statuses?: BackupStatus[] | null;
@@ -15,6 +34,28 @@ export interface BackupFilter {
   policyId?: string | null;
   /** Only top-level backups (a server backup, not its per-disk children). */
   topLevel?: boolean | null;
+}
+
+export interface CreateBackupInput {
+  resourceId: string;
+  name?: string | null;
+  description?: string | null;
+}
+
+export interface RestoreBackupInput {
+  backupId: string;
+  targetDiskId?: string | null;
+  mappings?: { backupId: string; diskId: string }[] | null;
+  powerOn?: boolean | null;
+}
+
+/** What a RESTORE or CREATE_DISK job does: each disk backup onto its disk. */
+export interface RestorePlan {
+  targets: { backupId: string; diskId: string }[];
+  serverId: string | null;
+  powerOn: boolean;
+  /** Status each target disk returns to when the restore ends. */
+  diskStatus: Record<string, DiskStatus>;
 }
 
 export function backupConditions(filter: BackupFilter | null | undefined): Condition[] {
@@ -34,8 +75,18 @@ export function backupConditions(filter: BackupFilter | null | undefined): Condi
   return out;
 }
 
+const BUSY_BACKUP = { uq_backups_one_running: "a backup of this resource is already running" };
+
+/**
+ * The backup rules (CBR): one backup at a time per resource, no backup of a
+ * resource being restored and no restore of one being backed up, whole-server
+ * backups taken at one instant, restores only from AVAILABLE backups onto disks
+ * at least as large, never a data-disk backup onto a system disk.
+ */
 export class BackupService {
-  list(ctx: RequestContext, list: ListName & `${string}ackups` | "backupChildren", key: string, args: PageArgs & { filter?: BackupFilter | null }) {
+  constructor(private readonly queue: JobQueue) {}
+
+  list(ctx: RequestContext, list: (ListName & `${string}ackups`) | "backupChildren", key: string, args: PageArgs & { filter?: BackupFilter | null }) {
     return ctx.loaders.connection(list, key, args, backupConditions(args.filter));
   }
 
@@ -43,5 +94,278 @@ export class BackupService {
     const backup = await ctx.loaders.backup.load(decodeId(globalId, "Backup", field));
     if (!backup) throw notFound("backup", globalId);
     return backup;
+  }
+
+  /** Takes a backup now: the disks' block maps are captured in this transaction; the job copies their data into the vault. */
+  async create(ctx: RequestContext, input: CreateBackupInput, opts: { trigger?: BackupTrigger; policyId?: string | null } = {}): Promise<{ backup: Backup; job: Job }> {
+    const target = fromGlobalId(input.resourceId);
+    if (!target || (target.type !== "Server" && target.type !== "Disk")) throw badInput("resourceId", "not a Server or Disk ID");
+    const name = input.name == null ? null : resourceName(input.name, "name");
+    const desc = validDescription(input.description, "description");
+    const trigger = opts.trigger ?? BackupTrigger.MANUAL;
+    const prefix = trigger === BackupTrigger.POLICY ? "autobk" : "manualbk";
+
+    const result = await ctx.ds
+      .transaction(async (em) => {
+        let server: Server | null = null;
+        let disks: Disk[];
+        if (target.type === "Server") {
+          server = await em.findOne(Server, { where: { id: target.id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+          if (!server) throw notFound("server", input.resourceId);
+          if (server.status === ServerStatus.RESTORING) throw conflict("the server is being restored; back it up when the restore has finished");
+          if (server.status === ServerStatus.BUILDING || server.status === ServerStatus.ERROR) throw failedPrecondition(`cannot back up a server that is ${server.status}`);
+          disks = await em.find(Disk, { where: { serverId: server.id, projectId: ctx.projectId }, order: { device: "ASC" }, lock: { mode: "pessimistic_write" } });
+        } else {
+          const disk = await em.findOne(Disk, { where: { id: target.id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+          if (!disk) throw notFound("disk", input.resourceId);
+          disks = [disk];
+        }
+        for (const d of disks) {
+          if (d.status === DiskStatus.RESTORING) throw conflict(`disk ${d.name} is being restored; back it up when the restore has finished`);
+          if (d.status === DiskStatus.CREATING || d.status === DiskStatus.ERROR) throw failedPrecondition(`cannot back up disk ${d.name} while it is ${d.status}`);
+        }
+        const running = await em.find(Backup, { where: { resourceId: In([target.id, ...disks.map((d) => d.id)]), status: BackupStatus.CREATING } });
+        if (running.length) throw conflict("a backup of this resource is already running; one backup at a time");
+
+        const job = await this.queue.add(em, ctx.projectId, { type: JobType.BACKUP, serverId: server?.id ?? null, diskId: server ? null : disks[0].id, policyId: opts.policyId ?? null });
+        const base = {
+          projectId: ctx.projectId,
+          description: desc,
+          status: BackupStatus.CREATING,
+          trigger,
+          policyId: opts.policyId ?? null,
+          jobId: job.id,
+          completedAt: null,
+          expiresAt: null,
+          error: null,
+        };
+        let top: Backup;
+        if (server) {
+          top = em.create(Backup, { ...base, name: "", resourceType: BackupResourceType.SERVER, resourceId: server.id, resourceName: server.name, serverId: server.id, diskId: null, parentId: null });
+          top = await em.save(top);
+          top.name = name ?? `${prefix}_${shortId(top.id)}`;
+          let total = 0;
+          for (const d of disks) {
+            const child = await em.save(
+              em.create(Backup, {
+                ...base,
+                name: `${top.name}-${d.device?.replace("/dev/", "") ?? d.name}`,
+                resourceType: BackupResourceType.DISK,
+                resourceId: d.id,
+                resourceName: d.name,
+                serverId: server.id,
+                diskId: d.id,
+                parentId: top.id,
+              }),
+            );
+            total += await this.snapshot(em, child, d);
+          }
+          top.sizeBytes = total;
+          top.diskSizeBytes = disks.reduce((n, d) => n + d.sizeBytes, 0);
+          top = await em.save(top);
+        } else {
+          const d = disks[0];
+          top = await em.save(em.create(Backup, { ...base, name: "", resourceType: BackupResourceType.DISK, resourceId: d.id, resourceName: d.name, serverId: d.serverId, diskId: d.id, parentId: null }));
+          top.name = name ?? `${prefix}_${shortId(top.id)}`;
+          await this.snapshot(em, top, d);
+          top = await em.save(top);
+        }
+        job.backupId = top.id;
+        await em.update("jobs", { id: job.id }, { backupId: top.id });
+        return { backup: top, job };
+      })
+      .catch((err) => {
+        throw translateDbError(err, BUSY_BACKUP);
+      });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  /**
+   * Captures a disk at this instant: the blocks changed since its latest backup
+   * (the base) become this backup's rows, still pointing at their volume segments
+   * until the job has copied them into the vault. Returns the bytes the backup holds.
+   */
+  private async snapshot(em: EntityManager, backup: Backup, disk: Disk): Promise<number> {
+    const [base] = await rows<{ id: string; snapshot_version: string }>(
+      em,
+      `SELECT id, snapshot_version FROM backups WHERE resource_id = $1 AND resource_type = 'DISK' AND status IN ('AVAILABLE', 'RESTORING')
+        ORDER BY snapshot_version DESC, created_at DESC LIMIT 1`,
+      [disk.id],
+    );
+    await em.query(
+      `INSERT INTO backup_blocks (backup_id, block_index, hash, src_segment, src_offset)
+       SELECT $1, block_index, hash, segment_id, segment_offset FROM disk_blocks
+        WHERE disk_id = $2 AND version > $3 AND ($4 OR hash IS NOT NULL)`,
+      [backup.id, disk.id, base ? Number(base.snapshot_version) : -1, Boolean(base)],
+    );
+    backup.baseId = base?.id ?? null;
+    backup.snapshotVersion = disk.writeVersion;
+    backup.diskSizeBytes = disk.sizeBytes;
+    backup.diskType = disk.type;
+    backup.device = disk.device;
+    backup.sizeBytes = disk.usedBytes;
+    await em.save(backup);
+    return disk.usedBytes;
+  }
+
+  async restore(ctx: RequestContext, input: RestoreBackupInput): Promise<{ backup: Backup; job: Job }> {
+    const backupId = decodeId(input.backupId, "Backup", "backupId");
+    const powerOn = input.powerOn ?? true;
+    const result = await ctx.ds.transaction(async (em) => {
+      const backup = await em.findOne(Backup, { where: { id: backupId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!backup) throw notFound("backup", input.backupId);
+      this.checkRestorable(backup);
+      const children =
+        backup.resourceType === BackupResourceType.SERVER
+          ? await em.find(Backup, { where: { parentId: backup.id }, order: { device: "ASC" }, lock: { mode: "pessimistic_write" } })
+          : [];
+
+      let pairs: { source: Backup; diskId: string; field: string }[];
+      if (backup.resourceType === BackupResourceType.DISK) {
+        if (input.mappings?.length) throw badInput("mappings", "mappings are for server backups; use targetDiskId for a disk backup");
+        const diskId = input.targetDiskId ? decodeId(input.targetDiskId, "Disk", "targetDiskId") : backup.diskId;
+        if (!diskId) throw failedPrecondition("the backed-up disk no longer exists; give targetDiskId");
+        pairs = [{ source: backup, diskId, field: input.targetDiskId ? "targetDiskId" : "backupId" }];
+      } else {
+        if (input.targetDiskId) throw badInput("targetDiskId", "a server backup restores through mappings, one per disk backup");
+        if (input.mappings?.length) {
+          pairs = input.mappings.map((m, i) => {
+            const childId = decodeId(m.backupId, "Backup", `mappings[${i}].backupId`);
+            const source = children.find((c) => c.id === childId);
+            if (!source) throw badInput(`mappings[${i}].backupId`, "not a disk backup of this server backup");
+            return { source, diskId: decodeId(m.diskId, "Disk", `mappings[${i}].diskId`), field: `mappings[${i}].diskId` };
+          });
+        } else {
+          pairs = children.map((c) => {
+            if (!c.diskId) throw failedPrecondition(`the disk of ${c.name} no longer exists; give mappings`);
+            return { source: c, diskId: c.diskId, field: "mappings" };
+          });
+        }
+        const targets = new Set(pairs.map((p) => p.diskId));
+        if (targets.size !== pairs.length) throw badInput("mappings", "each disk can be the target of one disk backup");
+      }
+
+      const disks = await em.find(Disk, { where: { id: In(pairs.map((p) => p.diskId)), projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      const serverIds = new Set<string>();
+      for (const p of pairs) {
+        const disk = disks.find((d) => d.id === p.diskId);
+        if (!disk) throw notFound("disk", toGlobalId("Disk", p.diskId));
+        if (disk.status === DiskStatus.RESTORING || disk.status === DiskStatus.CREATING) throw conflict(`disk ${disk.name} is busy (${disk.status})`);
+        if (p.source.diskType === DiskType.DATA && disk.type === DiskType.SYSTEM) throw failedPrecondition(`a data-disk backup cannot be restored onto the system disk ${disk.name}`);
+        if (disk.sizeBytes < (p.source.diskSizeBytes ?? 0)) {
+          throw failedPrecondition(`disk ${disk.name} (${disk.sizeBytes} bytes) is smaller than the backed-up disk (${p.source.diskSizeBytes} bytes)`);
+        }
+        if (disk.serverId) serverIds.add(disk.serverId);
+      }
+      const busy = await em.find(Backup, { where: { resourceId: In([...disks.map((d) => d.id), ...serverIds]), status: BackupStatus.CREATING } });
+      if (busy.length) throw conflict("a backup of the target is running; restore when it has finished");
+      if (serverIds.size > 1) throw badInput("mappings", "all target disks must belong to one server");
+      const serverId = [...serverIds][0] ?? null;
+      if (serverId) {
+        const server = await em.findOne(Server, { where: { id: serverId }, lock: { mode: "pessimistic_write" } });
+        if (!server) throw notFound("server");
+        if (server.status === ServerStatus.RESTORING || server.status === ServerStatus.BUILDING) throw conflict(`the server is busy (${server.status})`);
+        // The server is stopped for the restore (RESTORING) and started afterwards when powerOn.
+        await em.update(Server, { id: serverId }, { status: ServerStatus.RESTORING });
+      }
+      const plan: RestorePlan = {
+        targets: pairs.map((p) => ({ backupId: p.source.id, diskId: p.diskId })),
+        serverId,
+        powerOn,
+        diskStatus: Object.fromEntries(disks.map((d) => [d.id, d.serverId ? DiskStatus.IN_USE : DiskStatus.AVAILABLE])),
+      };
+      await em.update(Disk, { id: In(disks.map((d) => d.id)) }, { status: DiskStatus.RESTORING });
+      await em.update(Backup, { id: In([backup.id, ...children.map((c) => c.id)]) }, { status: BackupStatus.RESTORING });
+      const job = await this.queue.add(em, ctx.projectId, {
+        type: JobType.RESTORE,
+        backupId: backup.id,
+        serverId,
+        diskId: pairs.length === 1 ? pairs[0].diskId : null,
+        payload: { plan },
+      });
+      await em.update(Backup, { id: backup.id }, { jobId: job.id });
+      backup.status = BackupStatus.RESTORING;
+      backup.jobId = job.id;
+      return { backup, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  /** A new data disk holding a disk backup's bytes (createDisk with backupId). */
+  async createDisk(ctx: RequestContext, input: { name: string; sizeBytes?: number | null; backupId: string }, maxBytes: number): Promise<{ disk: Disk; job: Job }> {
+    const name = resourceName(input.name, "name");
+    const backupId = decodeId(input.backupId, "Backup", "backupId");
+    const result = await ctx.ds.transaction(async (em) => {
+      const backup = await em.findOne(Backup, { where: { id: backupId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!backup) throw notFound("backup", input.backupId);
+      if (backup.resourceType !== BackupResourceType.DISK) throw badInput("backupId", "a server backup holds several disks; use one of its children");
+      this.checkRestorable(backup);
+      const source = backup.diskSizeBytes ?? 0;
+      const size = input.sizeBytes ?? source;
+      if (size < source) throw badInput("sizeBytes", `must be at least the backed-up disk's ${source} bytes`);
+      if (size > maxBytes || size % (1024 * 1024) !== 0) throw badInput("sizeBytes", `must be a whole number of MiB up to ${maxBytes} bytes`);
+      const disk = await em.save(
+        em.create(Disk, { projectId: ctx.projectId, name, type: DiskType.DATA, sizeBytes: size, usedBytes: 0, status: DiskStatus.CREATING, serverId: null, device: null, sourceImageId: null, sourceBackupId: backup.id }),
+      );
+      const plan: RestorePlan = { targets: [{ backupId: backup.id, diskId: disk.id }], serverId: null, powerOn: false, diskStatus: { [disk.id]: DiskStatus.AVAILABLE } };
+      await em.update(Backup, { id: backup.id }, { status: BackupStatus.RESTORING });
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, backupId: backup.id, diskId: disk.id, payload: { plan } });
+      return { disk, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  private checkRestorable(backup: Backup) {
+    if (backup.parentId) throw failedPrecondition("this disk backup is part of a server backup; restore the server backup with mappings");
+    if (backup.status === BackupStatus.CREATING || backup.status === BackupStatus.RESTORING || backup.status === BackupStatus.DELETING) {
+      throw conflict(`the backup is ${backup.status}; try again when it is AVAILABLE`);
+    }
+    if (backup.status !== BackupStatus.AVAILABLE) throw failedPrecondition(`only AVAILABLE backups restore; this one is ${backup.status}`);
+  }
+
+  async delete(ctx: RequestContext, globalId: string): Promise<{ backup: Backup; job: Job }> {
+    const id = decodeId(globalId, "Backup", "id");
+    const result = await ctx.ds.transaction(async (em) => {
+      const backup = await em.findOne(Backup, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!backup) throw notFound("backup", globalId);
+      if (backup.parentId) throw failedPrecondition("this disk backup is part of a server backup; delete the server backup");
+      if (backup.status === BackupStatus.CREATING || backup.status === BackupStatus.RESTORING || backup.status === BackupStatus.DELETING) {
+        throw conflict(`the backup is ${backup.status}; cancel its job or wait until it has finished`);
+      }
+      const image = await em.findOne(Image, { where: { sourceBackupId: backup.id, type: ImageType.FULL_SERVER, projectId: ctx.projectId } });
+      if (image && image.status !== ImageStatus.KILLED) {
+        throw failedPrecondition(`the FULL_SERVER image ${image.name} depends on this backup; delete the image first`);
+      }
+      await em.update(Backup, [{ id: backup.id }, { parentId: backup.id }], { status: BackupStatus.DELETING });
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.DELETE_BACKUP, backupId: backup.id, serverId: backup.serverId, diskId: backup.resourceType === BackupResourceType.DISK ? backup.diskId : null });
+      backup.status = BackupStatus.DELETING;
+      return { backup, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  async verify(ctx: RequestContext, globalId: string): Promise<{ backup: Backup; job: Job }> {
+    const id = decodeId(globalId, "Backup", "id");
+    const result = await ctx.ds.transaction(async (em) => {
+      const backup = await em.findOne(Backup, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!backup) throw notFound("backup", globalId);
+      if (backup.status !== BackupStatus.AVAILABLE && backup.status !== BackupStatus.ERROR) {
+        throw conflict(`the backup is ${backup.status}; verify it when it is AVAILABLE`);
+      }
+      if (!backup.completedAt) throw failedPrecondition("the backup never completed; there is nothing to verify");
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.VERIFY_BACKUP, backupId: backup.id, serverId: backup.serverId, diskId: backup.diskId });
+      return { backup, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
   }
 }

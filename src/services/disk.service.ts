@@ -1,4 +1,5 @@
-import { Backup, Disk, DiskStatus, DiskType, Image, Server, ServerStatus } from "../entities";
+import { Disk, DiskStatus, DiskType, Image, Server, ServerStatus, type Job } from "../entities";
+import type { BackupService } from "./backup.service";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput, conflict, failedPrecondition, notFound } from "./errors";
@@ -47,6 +48,8 @@ export function diskConditions(filter: DiskFilter | null | undefined): Condition
 const DEVICE_IN_USE = { uq_disks_server_device: "that device is already in use on the server" };
 
 export class DiskService {
+  constructor(private readonly backups: BackupService) {}
+
   list(ctx: RequestContext, list: ListName & `${string}isks`, key: string, args: PageArgs & { filter?: DiskFilter | null }) {
     return ctx.loaders.connection(list, key, args, diskConditions(args.filter));
   }
@@ -57,7 +60,7 @@ export class DiskService {
     return disk;
   }
 
-  async create(ctx: RequestContext, input: CreateDiskInput): Promise<Disk> {
+  async create(ctx: RequestContext, input: CreateDiskInput): Promise<{ disk: Disk; job: Job | null }> {
     const name = resourceName(input.name, "name");
     if (input.imageId && input.backupId) throw badInput("backupId", "give imageId or backupId, not both");
     if (input.imageId) {
@@ -65,11 +68,7 @@ export class DiskService {
       if (!image) throw notFound("image", input.imageId);
       throw failedPrecondition("creating disks from images is not supported by this version");
     }
-    if (input.backupId) {
-      const backup = await ctx.ds.getRepository(Backup).findOneBy({ id: decodeId(input.backupId, "Backup", "backupId"), projectId: ctx.projectId });
-      if (!backup) throw notFound("backup", input.backupId);
-      throw failedPrecondition("creating disks from backups is not supported by this version");
-    }
+    if (input.backupId) return this.backups.createDisk(ctx, { name, sizeBytes: input.sizeBytes, backupId: input.backupId }, ctx.config.maxDiskBytes);
     if (input.sizeBytes == null) throw badInput("sizeBytes", "is required for a blank disk");
     const sizeBytes = diskSize(input.sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
     const repo = ctx.ds.getRepository(Disk);
@@ -86,7 +85,7 @@ export class DiskService {
       sourceBackupId: null,
     }));
     ctx.invalidate();
-    return disk;
+    return { disk, job: null };
   }
 
   /** Attaches a data disk; without `device`, the first free one after /dev/vda. */

@@ -7,15 +7,23 @@ import { PolicyService } from "./policy.service";
 import { ProjectService } from "./project.service";
 import { ServerService } from "./server.service";
 
-export function createServices(ds: DataSource) {
+import type { EventBus } from "../jobs/events";
+import { MemoryEventBus } from "../jobs/events";
+import { JobQueue } from "./job-queue";
+import { ProgressService } from "./progress";
+
+export function createServices(ds: DataSource, events: EventBus = new MemoryEventBus()) {
+  const queue = new JobQueue(events);
+  const backups = new BackupService(queue);
   return {
     projects: new ProjectService(ds),
     servers: new ServerService(),
-    disks: new DiskService(),
-    backups: new BackupService(),
+    disks: new DiskService(backups),
+    backups,
     images: new ImageService(),
     policies: new PolicyService(),
-    jobs: new JobService(),
+    jobs: new JobService(queue),
+    progress: new ProgressService(events),
   };
 }
 

@@ -3,6 +3,11 @@ import type { RequestContext } from "./context";
 import { badInput, notFound } from "./errors";
 import { decodeId, fromGlobalId } from "./global-id";
 import type { Condition, PageArgs } from "./pagination";
+import type { JobQueue } from "./job-queue";
+import { rows } from "../db/sql";
+import { Job as JobEntity } from "../entities";
+import { hydrate } from "./pagination";
+import { conflict } from "./errors";
 
 export interface JobFilter {
   statuses?: JobStatus[] | null;
@@ -27,6 +32,8 @@ export function jobConditions(filter: JobFilter | null | undefined): Condition[]
 }
 
 export class JobService {
+  constructor(private readonly queue: JobQueue) {}
+
   list(ctx: RequestContext, args: PageArgs & { filter?: JobFilter | null }) {
     return ctx.loaders.connection("jobs", ctx.projectId, args, jobConditions(args.filter));
   }
@@ -34,6 +41,28 @@ export class JobService {
   async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Job> {
     const job = await ctx.loaders.job.load(decodeId(globalId, "Job", field));
     if (!job) throw notFound("job", globalId);
+    return job;
+  }
+
+  /**
+   * Asks a job to stop. The process running it notices within a second and the
+   * job ends CANCELLED after its cleanup; a queued job is cancelled as soon as a
+   * runner picks it up, before any work.
+   */
+  async cancel(ctx: RequestContext, globalId: string): Promise<Job> {
+    const id = decodeId(globalId, "Job", "id");
+    const [row] = await rows(
+      ctx.ds,
+      `UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1 AND project_id = $2 AND status IN ('QUEUED', 'RUNNING') RETURNING *`,
+      [id, ctx.projectId],
+    );
+    if (!row) {
+      const job = await this.get(ctx, globalId);
+      throw conflict(`the job has already ended (${job.status})`);
+    }
+    const [job] = hydrate(ctx.ds, JobEntity, [row]);
+    await this.queue.announce(job);
+    ctx.invalidate();
     return job;
   }
 }

@@ -1,10 +1,14 @@
 import "reflect-metadata";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import type { DataSource } from "typeorm";
+import { startService, type RunningService } from "../../src/app";
 import { loadConfig, type Config } from "../../src/config";
-import { buildStowageSchema } from "../../src/graphql/schema";
-import { startHttpServer, type HttpServer } from "../../src/http/server";
+import type { JobRunner } from "../../src/jobs/runner";
 import { silentLogger } from "../../src/logger";
-import { createServices, type Services } from "../../src/services";
+import type { Services } from "../../src/services";
+import type { Storage } from "../../src/storage";
 import { createTestDatabase, openTestDataSource, type TestDatabase } from "./db";
 
 export interface GqlResponse<T = any> {
@@ -18,6 +22,9 @@ export interface TestService {
   ds: DataSource;
   config: Config;
   services: Services;
+  storage: Storage;
+  runner: JobRunner;
+  dataDir: string;
   /** API keys of two projects, alpha and beta. */
   keys: { alpha: string; beta: string };
   projectIds: { alpha: string; beta: string };
@@ -26,21 +33,25 @@ export interface TestService {
   gql<T = any>(query: string, variables?: Record<string, unknown>, key?: string | null): Promise<GqlResponse<T>>;
   /** Like gql but fails the test on any error and returns data. */
   ok<T = any>(query: string, variables?: Record<string, unknown>, key?: string): Promise<T>;
+  /** fetch() against the service with the alpha key. */
+  http(pathname: string, init?: RequestInit & { key?: string | null }): Promise<Response>;
   stop(): Promise<void>;
 }
 
+/** The whole service (API, jobs, storage) on a fresh database and data directory. */
 export async function startTestService(env: Record<string, string> = {}): Promise<TestService> {
   const db: TestDatabase = await createTestDatabase();
   let recording: string[] | null = null;
   const ds = await openTestDataSource(db.url, (sql) => recording?.push(sql));
-  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: "/nonexistent", ...env });
-  const services = createServices(ds);
-  const alpha = await services.projects.create("alpha");
-  const beta = await services.projects.create("beta");
-  const http: HttpServer = await startHttpServer({ config, logger: silentLogger, ds, services, schema: buildStowageSchema() });
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-data-"));
+  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, GC_INTERVAL_SECONDS: "0", ...env });
+  let svc: RunningService;
+  svc = await startService(config, silentLogger, { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200 } });
+  const alpha = await svc.services.projects.create("alpha");
+  const beta = await svc.services.projects.create("beta");
 
   const gql = async (query: string, variables?: Record<string, unknown>, key: string | null = alpha.apiKey) => {
-    const res = await fetch(`${http.url}/graphql`, {
+    const res = await fetch(`${svc.url}/graphql`, {
       method: "POST",
       headers: { "content-type": "application/json", ...(key ? { authorization: `Bearer ${key}` } : {}) },
       body: JSON.stringify({ query, variables }),
@@ -50,10 +61,13 @@ export async function startTestService(env: Record<string, string> = {}): Promis
   };
 
   return {
-    url: http.url,
+    url: svc.url,
     ds,
     config,
-    services,
+    services: svc.services,
+    storage: svc.storage,
+    runner: svc.runner,
+    dataDir,
     keys: { alpha: alpha.apiKey, beta: beta.apiKey },
     projectIds: { alpha: alpha.project.id, beta: beta.project.id },
     gql,
@@ -61,6 +75,12 @@ export async function startTestService(env: Record<string, string> = {}): Promis
       const r = await gql(query, variables, key);
       if (r.errors?.length) throw new Error(`GraphQL errors: ${JSON.stringify(r.errors)}`);
       return r.data;
+    },
+    http(pathname, init = {}) {
+      const { key = alpha.apiKey, ...rest } = init;
+      const headers = new Headers(rest.headers);
+      if (key) headers.set("authorization", `Bearer ${key}`);
+      return fetch(`${svc.url}${pathname}`, { ...rest, headers, ...(rest.body ? { duplex: "half" } : {}) } as RequestInit);
     },
     async countQueries(fn) {
       const statements: string[] = [];
@@ -73,9 +93,9 @@ export async function startTestService(env: Record<string, string> = {}): Promis
       }
     },
     async stop() {
-      await http.close();
-      await ds.destroy();
+      await svc.stop();
       await db.drop();
+      fs.rmSync(dataDir, { recursive: true, force: true });
     },
   };
 }

@@ -1,8 +1,9 @@
-import { Args, Ctx, FieldResolver, ID, Query, Resolver, Root } from "type-graphql";
+import { Arg, Args, Ctx, FieldResolver, ID, Mutation, Query, Resolver, Root } from "type-graphql";
 import { BackupResourceType, type Backup } from "../../entities";
 import { toGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
-import { BackupListArgs, ImageListArgs } from "../types/inputs.type";
+import { BackupListArgs, CreateBackupInput, IdInput, ImageListArgs, RestoreBackupInput } from "../types/inputs.type";
+import { CreateBackupPayload, DeleteBackupPayload, RestoreBackupPayload, VerifyBackupPayload } from "../types/payloads.type";
 import { BackupConnection, BackupType, DiskType_, ImageConnection, JobType_, PolicyType, ServerType } from "../types/resources.type";
 
 @Resolver(() => BackupType)
@@ -10,6 +11,27 @@ export class BackupResolver {
   @Query(() => BackupConnection)
   backups(@Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext) {
     return services.backups.list(ctx, "backups", ctx.projectId, args);
+  }
+
+  @Mutation(() => CreateBackupPayload, { description: "Backs a server (all its disks at one instant) or a disk up now." })
+  createBackup(@Arg("input") input: CreateBackupInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.backups.create(ctx, input);
+  }
+
+  @Mutation(() => RestoreBackupPayload, { description: "Restores a backup onto its disks, another disk, or (server backups) the disks given in mappings." })
+  restoreBackup(@Arg("input") input: RestoreBackupInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.backups.restore(ctx, input);
+  }
+
+  @Mutation(() => DeleteBackupPayload, { description: "Deletes a backup; every other backup still restores on its own." })
+  async deleteBackup(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    const { backup, job } = await services.backups.delete(ctx, input.id);
+    return { deletedBackupId: toGlobalId("Backup", backup.id), job };
+  }
+
+  @Mutation(() => VerifyBackupPayload, { description: "Re-reads and re-hashes every chunk of the backup." })
+  verifyBackup(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.backups.verify(ctx, input.id);
   }
 
   @FieldResolver(() => ID, { description: "Global ID of the backed-up server or disk, which may no longer exist." })

@@ -14,8 +14,8 @@ export class DiskResolver {
   }
 
   @Mutation(() => DiskPayload, { description: "Creates a blank data disk, or one filled from an image or a backup." })
-  async createDisk(@Arg("input") input: CreateDiskInput, @Ctx() { ctx, services }: GraphQLContext) {
-    return { disk: await services.disks.create(ctx, input) };
+  createDisk(@Arg("input") input: CreateDiskInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.disks.create(ctx, input);
   }
 
   @Mutation(() => AttachmentPayload)

@@ -1,7 +1,9 @@
-import { Args, Ctx, FieldResolver, Int, Query, Resolver, Root } from "type-graphql";
+import { Arg, Args, Ctx, FieldResolver, Int, Mutation, Query, Resolver, Root } from "type-graphql";
 import type { Job } from "../../entities";
+import { etaSeconds } from "../../services/progress";
 import type { GraphQLContext } from "../context";
-import { JobListArgs } from "../types/inputs.type";
+import { IdInput, JobListArgs } from "../types/inputs.type";
+import { CancelJobPayload } from "../types/payloads.type";
 import { BackupType, DiskType_, ImageExportType, ImageType_, JobConnection, JobErrorType, JobType_, PolicyType, ServerType } from "../types/resources.type";
 
 @Resolver(() => JobType_)
@@ -11,11 +13,14 @@ export class JobResolver {
     return services.jobs.list(ctx, args);
   }
 
+  @Mutation(() => CancelJobPayload, { description: "Stops a queued or running job; what it did is undone or marked." })
+  async cancelJob(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return { job: await services.jobs.cancel(ctx, input.id) };
+  }
+
   @FieldResolver(() => Int, { nullable: true, description: "Seconds left at the current rate, while running." })
   etaSeconds(@Root() job: Job) {
-    if (job.status !== "RUNNING" || !job.startedAt || job.bytesDone <= 0 || job.bytesTotal <= job.bytesDone) return null;
-    const elapsed = (Date.now() - job.startedAt.getTime()) / 1000;
-    return Math.max(0, Math.round(((job.bytesTotal - job.bytesDone) * elapsed) / job.bytesDone));
+    return etaSeconds(job);
   }
 
   @FieldResolver(() => JobErrorType, { nullable: true })

@@ -180,3 +180,25 @@ export class BindPolicyInput {
   @Field(() => ID) policyId: string;
   @Field(() => [ID], { description: "Servers and disks." }) resourceIds: string[];
 }
+
+@InputType()
+export class CreateBackupInput {
+  @Field(() => ID, { description: "A server (all its disks at one instant) or a disk." }) resourceId: string;
+  @Field(() => String, { nullable: true, description: "Defaults to manualbk_<short id>." }) name?: string;
+  @Field(() => String, { nullable: true }) description?: string;
+}
+
+@InputType()
+export class RestoreMappingInput {
+  @Field(() => ID, { description: "A disk backup of the server backup." }) backupId: string;
+  @Field(() => ID, { description: "The disk to restore it onto." }) diskId: string;
+}
+
+@InputType()
+export class RestoreBackupInput {
+  @Field(() => ID) backupId: string;
+  @Field(() => ID, { nullable: true, description: "Disk backups: restore onto this disk instead of the original (at least as large)." }) targetDiskId?: string;
+  @Field(() => [RestoreMappingInput], { nullable: true, description: "Server backups: which disk each disk backup goes to; by default each to its original disk." })
+  mappings?: RestoreMappingInput[];
+  @Field(() => Boolean, { nullable: true, defaultValue: true, description: "Start the server after the restore." }) powerOn?: boolean;
+}

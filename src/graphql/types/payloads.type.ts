@@ -1,5 +1,5 @@
 import { Field, ID, ObjectType } from "type-graphql";
-import { DiskType_, PolicyType, ServerType } from "./resources.type";
+import { BackupType, DiskType_, JobType_, PolicyType, ServerType } from "./resources.type";
 
 @ObjectType()
 export class CreateServerPayload {
@@ -21,6 +21,7 @@ export class DeleteServerPayload {
 @ObjectType()
 export class DiskPayload {
   @Field(() => DiskType_) disk: unknown;
+  @Field(() => JobType_, { nullable: true, description: "The job filling the disk from a backup or image; null for a blank disk." }) job: unknown;
 }
 
 @ObjectType()
@@ -42,4 +43,30 @@ export class PolicyPayload {
 @ObjectType()
 export class DeletePolicyPayload {
   @Field(() => ID) deletedPolicyId: string;
+}
+
+@ObjectType()
+export class BackupPayload {
+  @Field(() => BackupType) backup: unknown;
+  @Field(() => JobType_) job: unknown;
+}
+
+@ObjectType()
+export class CreateBackupPayload extends BackupPayload {}
+
+@ObjectType()
+export class RestoreBackupPayload extends BackupPayload {}
+
+@ObjectType()
+export class VerifyBackupPayload extends BackupPayload {}
+
+@ObjectType()
+export class DeleteBackupPayload {
+  @Field(() => ID) deletedBackupId: string;
+  @Field(() => JobType_, { description: "Deletes the backup and reclaims its space." }) job: unknown;
+}
+
+@ObjectType()
+export class CancelJobPayload {
+  @Field(() => JobType_) job: unknown;
 }

@@ -1,0 +1,154 @@
+import { pipeline } from "node:stream/promises";
+import express, { type NextFunction, type Request, type RequestHandler, type Response } from "express";
+import type { DataSource } from "typeorm";
+import { Disk, DiskStatus } from "../entities";
+import { fromGlobalId } from "../services/global-id";
+import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../storage/volume-store";
+
+export interface DataRouteDeps {
+  ds: DataSource;
+  volumes: VolumeStore;
+  authenticate: RequestHandler;
+}
+
+function fail(res: Response, status: number, code: string, message: string, headers: Record<string, string> = {}) {
+  for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
+  // The body of a refused upload is not read; close the connection rather than drain it.
+  if (status >= 400 && res.req.method === "PUT" && !res.req.complete) res.setHeader("Connection", "close");
+  res.status(status).json({ error: { code, message } });
+}
+
+/** `bytes S-E/*` or `bytes S-E/N` of a PUT. */
+function parseContentRange(header: string): { start: number; end: number } | null {
+  const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(header.trim());
+  if (!m) return null;
+  const start = Number(m[1]);
+  const end = Number(m[2]);
+  if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || end < start) return null;
+  return { start, end };
+}
+
+/** A single `bytes=` range of a GET, resolved against the disk size; "unsatisfiable" when outside it. */
+function parseRange(header: string, size: number): { start: number; end: number } | "unsatisfiable" | null {
+  const m = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (!m || (m[1] === "" && m[2] === "")) return null;
+  if (m[1] === "") {
+    const n = Number(m[2]);
+    if (n === 0) return "unsatisfiable";
+    return { start: Math.max(0, size - n), end: size - 1 };
+  }
+  const start = Number(m[1]);
+  const end = m[2] === "" ? size - 1 : Math.min(Number(m[2]), size - 1);
+  if (start >= size || end < start) return "unsatisfiable";
+  return { start, end };
+}
+
+/**
+ * Cuts a byte stream landing at [start, start + length) into whole disk blocks.
+ * A block the write covers only in part is first read, so its other bytes stay.
+ */
+export async function* toBlocks(body: AsyncIterable<Buffer>, start: number, length: number, readBlock: (index: number) => Promise<Buffer>): AsyncIterable<BlockWrite> {
+  const end = start + length;
+  let pos = start;
+  let block: Buffer | null = null;
+  let index = -1;
+  for await (const chunk of body) {
+    let off = 0;
+    while (off < chunk.length) {
+      if (pos >= end) throw new BodyError("the body is longer than its Content-Length or Content-Range");
+      const inBlock = pos % BLOCK_SIZE;
+      if (!block) {
+        index = Math.floor(pos / BLOCK_SIZE);
+        block = inBlock !== 0 || end - pos < BLOCK_SIZE ? await readBlock(index) : Buffer.allocUnsafe(BLOCK_SIZE);
+      }
+      const n = Math.min(BLOCK_SIZE - inBlock, chunk.length - off, end - pos);
+      chunk.copy(block, inBlock, off, off + n);
+      off += n;
+      pos += n;
+      if (pos % BLOCK_SIZE === 0 || pos === end) {
+        yield { index, data: block };
+        block = null;
+      }
+    }
+  }
+  if (pos !== end) throw new BodyError(`the body ended after ${pos - start} of ${length} bytes`);
+}
+
+class BodyError extends Error {}
+
+/** PUT and GET of disk bytes: /v1/disks/{id}/data. */
+export function dataRoutes(deps: DataRouteDeps): express.Router {
+  const router = express.Router();
+
+  const loadDisk = async (req: Request, res: Response): Promise<Disk | null> => {
+    const parsed = fromGlobalId(String(req.params.id));
+    const disk = parsed?.type === "Disk" ? await deps.ds.getRepository(Disk).findOneBy({ id: parsed.id, projectId: req.project!.id }) : null;
+    if (!disk) fail(res, 404, "NOT_FOUND", "no such disk");
+    return disk;
+  };
+
+  router.put("/v1/disks/:id/data", deps.authenticate, async (req: Request, res: Response, next: NextFunction) => {
+    try {
+      const disk = await loadDisk(req, res);
+      if (!disk) return;
+      const declared = req.headers["content-length"];
+      if (declared === undefined) return fail(res, 411, "BAD_USER_INPUT", "Content-Length is required");
+      const length = Number(declared);
+      let start = 0;
+      if (req.headers["content-range"]) {
+        const range = parseContentRange(req.headers["content-range"]);
+        if (!range) return fail(res, 400, "BAD_USER_INPUT", "Content-Range must be bytes START-END/* with END >= START");
+        if (range.end - range.start + 1 !== length) return fail(res, 400, "BAD_USER_INPUT", "Content-Range and Content-Length disagree");
+        start = range.start;
+      }
+      if (start + length > disk.sizeBytes) {
+        return fail(res, 416, "BAD_USER_INPUT", `the write ends at byte ${start + length}, past the end of the ${disk.sizeBytes}-byte disk`, { "Content-Range": `bytes */${disk.sizeBytes}` });
+      }
+      if (disk.status === DiskStatus.RESTORING || disk.status === DiskStatus.CREATING) return fail(res, 409, "CONFLICT", `the disk is ${disk.status}`);
+      if (length === 0) return void res.status(200).json({ bytesWritten: 0 });
+
+      await deps.volumes.withDiskLock(disk.id, async () => {
+        const current = await deps.ds.getRepository(Disk).findOneByOrFail({ id: disk.id });
+        if (current.status === DiskStatus.RESTORING || current.status === DiskStatus.CREATING) throw new BusyError(`the disk is ${current.status}`);
+        await deps.volumes.putBlocks(disk.projectId, disk.id, toBlocks(req, start, length, (i) => deps.volumes.readBlock(disk.id, i)));
+      });
+      res.status(200).json({ bytesWritten: length });
+    } catch (err) {
+      if (err instanceof BodyError) return fail(res, 400, "BAD_USER_INPUT", err.message);
+      if (err instanceof BusyError) return fail(res, 409, "CONFLICT", err.message);
+      if ((err as NodeJS.ErrnoException).code === "ECONNRESET" || (err as Error).message === "aborted") return; // the client went away
+      next(err);
+    }
+  });
+
+  router.get("/v1/disks/:id/data", deps.authenticate, async (req: Request, res: Response, next: NextFunction) => {
+    try {
+      const disk = await loadDisk(req, res);
+      if (!disk) return;
+      let start = 0;
+      let end = disk.sizeBytes - 1;
+      res.setHeader("Accept-Ranges", "bytes");
+      if (req.headers.range) {
+        const range = parseRange(req.headers.range, disk.sizeBytes);
+        if (range === "unsatisfiable") return fail(res, 416, "BAD_USER_INPUT", "the range is outside the disk", { "Content-Range": `bytes */${disk.sizeBytes}` });
+        if (range) {
+          ({ start, end } = range);
+          res.status(206).setHeader("Content-Range", `bytes ${start}-${end}/${disk.sizeBytes}`);
+        }
+      }
+      res.setHeader("Content-Type", "application/octet-stream");
+      res.setHeader("Content-Length", String(end - start + 1));
+      await pipeline(deps.volumes.read(disk.id, start, end), res);
+    } catch (err) {
+      if (res.headersSent) {
+        res.destroy(err as Error);
+        return;
+      }
+      next(err);
+    }
+  });
+
+  return router;
+}
+
+class BusyError extends Error {}

@@ -1,0 +1,107 @@
+import { EventEmitter } from "node:events";
+import { Client } from "pg";
+import type { Logger } from "../logger";
+
+/** Something about a job changed: subscribers read the job afresh. */
+export interface JobEvent {
+  projectId: string;
+  jobId: string;
+  backupId: string | null;
+  status: string;
+}
+
+export type JobEventListener = (event: JobEvent) => void;
+
+/**
+ * Publish/subscribe of job changes. The Postgres implementation carries events
+ * between every process sharing the database (NOTIFY/LISTEN); the in-memory one
+ * serves a single process.
+ */
+export interface EventBus {
+  publish(event: JobEvent): Promise<void>;
+  /** Listens to one project's events; returns the function that stops listening. */
+  subscribe(projectId: string, listener: JobEventListener): () => void;
+  /** Listens to every project's events (the job runner, to hear of queued jobs at once). */
+  subscribeAll(listener: JobEventListener): () => void;
+  close(): Promise<void>;
+}
+
+export class MemoryEventBus implements EventBus {
+  private readonly emitter = new EventEmitter().setMaxListeners(0);
+
+  async publish(event: JobEvent): Promise<void> {
+    this.emitter.emit(event.projectId, event);
+    this.emitter.emit("*", event);
+  }
+
+  subscribe(projectId: string, listener: JobEventListener): () => void {
+    this.emitter.on(projectId, listener);
+    return () => this.emitter.off(projectId, listener);
+  }
+
+  subscribeAll(listener: JobEventListener): () => void {
+    return this.subscribe("*", listener);
+  }
+
+  async close(): Promise<void> {
+    this.emitter.removeAllListeners();
+  }
+}
+
+const CHANNEL = "stowage_job_events";
+
+export class PgEventBus implements EventBus {
+  private readonly local = new MemoryEventBus();
+  private listener: Client | null = null;
+  private closed = false;
+
+  constructor(
+    private readonly url: string,
+    private readonly publishQuery: (sql: string, params: unknown[]) => Promise<unknown>,
+    private readonly logger: Logger,
+  ) {}
+
+  async start(): Promise<void> {
+    await this.connect();
+  }
+
+  private async connect(): Promise<void> {
+    const client = new Client({ connectionString: this.url, application_name: "stowage-events" });
+    client.on("notification", (msg) => {
+      if (msg.channel !== CHANNEL || !msg.payload) return;
+      try {
+        void this.local.publish(JSON.parse(msg.payload) as JobEvent);
+      } catch {
+        this.logger.warn("malformed job event", { payload: msg.payload.slice(0, 200) });
+      }
+    });
+    client.on("error", (err) => {
+      this.logger.warn("event listener connection lost; reconnecting", { error: err.message });
+      this.listener = null;
+      client.end().catch(() => undefined);
+      if (!this.closed) setTimeout(() => this.connect().catch((e) => this.logger.error("event listener reconnect failed", { error: e })), 1000);
+    });
+    await client.connect();
+    await client.query(`LISTEN ${CHANNEL}`);
+    this.listener = client;
+  }
+
+  async publish(event: JobEvent): Promise<void> {
+    await this.publishQuery(`SELECT pg_notify($1, $2)`, [CHANNEL, JSON.stringify(event)]);
+  }
+
+  subscribe(projectId: string, listener: JobEventListener): () => void {
+    return this.local.subscribe(projectId, listener);
+  }
+
+  subscribeAll(listener: JobEventListener): () => void {
+    return this.local.subscribeAll(listener);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await this.local.close();
+    await this.listener?.end().catch(() => undefined);
+    this.listener = null;
+  }
+}

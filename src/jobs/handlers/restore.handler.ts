@@ -1,0 +1,110 @@
+import type { DataSource } from "typeorm";
+import { rows } from "../../db/sql";
+import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
+import type { RestorePlan } from "../../services/backup.service";
+import { MANIFEST_BATCH, resolveManifest } from "../../storage/manifest";
+import { hex, type Vault } from "../../storage/vault";
+import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
+import type { JobContext, JobHandler, JobOutcome } from "../runner";
+
+const READ_BATCH = 128;
+
+interface Diff {
+  write: { index: number; hash: Buffer }[];
+  zero: number[];
+}
+
+/**
+ * Makes disks read back exactly a backup's bytes, writing only the blocks whose
+ * content differs (compared by SHA-256, without reading the disk) and zeroing
+ * blocks the backup does not hold. Serves restoreBackup and createDisk from a backup.
+ */
+export class RestoreHandler implements JobHandler {
+  constructor(
+    readonly type: JobType.RESTORE | JobType.CREATE_DISK,
+    private readonly ds: DataSource,
+    private readonly volumes: VolumeStore,
+    private readonly vault: Vault,
+  ) {}
+
+  private plan(job: Job): RestorePlan {
+    return (job.payload as { plan: RestorePlan }).plan;
+  }
+
+  private async diff(backupId: string, diskId: string, first: number, last: number): Promise<Diff> {
+    const manifest = await resolveManifest(this.ds, backupId, first, last);
+    const current = await rows<{ block_index: string; hash: Buffer }>(
+      this.ds,
+      `SELECT block_index, hash FROM disk_blocks WHERE disk_id = $1 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL`,
+      [diskId, first, last],
+    );
+    const now = new Map(current.map((r) => [Number(r.block_index), r.hash]));
+    const want = new Map<number, Buffer>();
+    for (const m of manifest) if (m.hash) want.set(m.index, m.hash);
+    return {
+      write: [...want].filter(([i, h]) => !now.get(i)?.equals(h)).map(([index, hash]) => ({ index, hash })),
+      zero: [...now.keys()].filter((i) => !want.has(i)),
+    };
+  }
+
+  async run(ctx: JobContext): Promise<void> {
+    const { job } = ctx;
+    const plan = this.plan(job);
+    const targets: { backupId: string; diskId: string; blocks: number }[] = [];
+    for (const t of plan.targets) {
+      const [disk] = await rows<{ size_bytes: string }>(this.ds, `SELECT size_bytes FROM disks WHERE id = $1`, [t.diskId]);
+      targets.push({ ...t, blocks: Math.ceil(Number(disk.size_bytes) / BLOCK_SIZE) });
+    }
+    // First the size of the work, from the block maps alone.
+    let total = 0;
+    for (const t of targets) {
+      for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) {
+        const d = await this.diff(t.backupId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
+        total += d.write.length * BLOCK_SIZE;
+      }
+    }
+    let done = 0;
+    await ctx.progress(0, total);
+
+    for (const t of targets) {
+      const self = this;
+      const blocks = async function* (): AsyncIterable<BlockWrite> {
+        for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) {
+          ctx.checkCancelled();
+          const d = await self.diff(t.backupId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
+          for (const index of d.zero) yield { index, data: null };
+          for (let i = 0; i < d.write.length; i += READ_BATCH) {
+            ctx.checkCancelled();
+            const part = d.write.slice(i, i + READ_BATCH);
+            const chunks = await self.vault.readChunks(job.projectId, part.map((p) => p.hash));
+            for (const p of part) yield { index: p.index, data: chunks.get(hex(p.hash))! };
+            done += part.length * BLOCK_SIZE;
+            await ctx.progress(done, total);
+          }
+        }
+      };
+      await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks()));
+    }
+    ctx.checkCancelled();
+
+    await this.ds.transaction(async (em) => {
+      for (const [diskId, status] of Object.entries(plan.diskStatus)) {
+        await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1`, [diskId, status]);
+      }
+      if (plan.serverId) {
+        await em.query(`UPDATE servers SET status = $2, updated_at = now() WHERE id = $1`, [plan.serverId, plan.powerOn ? ServerStatus.ACTIVE : ServerStatus.SHUTOFF]);
+      }
+      await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
+    });
+  }
+
+  /** Disks left half-restored are marked ERROR (restore again or delete them); the server stays stopped; the backup is usable again. */
+  async cleanup(job: Job, _outcome: JobOutcome): Promise<void> {
+    const plan = this.plan(job);
+    await this.ds.transaction(async (em) => {
+      await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = ANY($1)`, [Object.keys(plan.diskStatus), DiskStatus.ERROR]);
+      if (plan.serverId) await em.query(`UPDATE servers SET status = 'SHUTOFF', updated_at = now() WHERE id = $1 AND status = 'RESTORING'`, [plan.serverId]);
+      await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
+    });
+  }
+}

@@ -1,0 +1,75 @@
+import type { DataSource } from "typeorm";
+import { Backup, JobType, type Job } from "../../entities";
+import { MANIFEST_BATCH, resolveManifest } from "../../storage/manifest";
+import { ChunkError, type Vault } from "../../storage/vault";
+import { BLOCK_SIZE } from "../../storage/volume-store";
+import type { JobContext, JobHandler, JobOutcome } from "../runner";
+import { JobFailure } from "../runner";
+
+const READ_BATCH = 128;
+const REPORT = 5;
+
+/**
+ * Re-reads every chunk a backup needs and re-hashes it. Missing or corrupt
+ * chunks fail the job with the blocks they belong to, and mark the backup ERROR
+ * so nothing restores from it.
+ */
+export class VerifyHandler implements JobHandler {
+  readonly type = JobType.VERIFY_BACKUP;
+
+  constructor(
+    private readonly ds: DataSource,
+    private readonly vault: Vault,
+  ) {}
+
+  async run(ctx: JobContext): Promise<void> {
+    const { job } = ctx;
+    const repo = this.ds.getRepository(Backup);
+    const top = await repo.findOneByOrFail({ id: job.backupId! });
+    const children = await repo.find({ where: { parentId: top.id }, order: { device: "ASC" } });
+    const parts = children.length ? children : [top];
+    const total = parts.reduce((n, p) => n + Math.ceil((p.diskSizeBytes ?? 0) / BLOCK_SIZE) * BLOCK_SIZE, 0);
+    let done = 0;
+    let checked = 0;
+    const problems: string[] = [];
+    let bad = 0;
+    for (const part of parts) {
+      const blocks = Math.ceil((part.diskSizeBytes ?? 0) / BLOCK_SIZE);
+      for (let first = 0; first < blocks; first += MANIFEST_BATCH) {
+        const entries = (await resolveManifest(this.ds, part.id, first, Math.min(blocks, first + MANIFEST_BATCH) - 1)).filter((e) => e.hash);
+        for (let i = 0; i < entries.length; i += READ_BATCH) {
+          ctx.checkCancelled();
+          const slice = entries.slice(i, i + READ_BATCH);
+          try {
+            await this.vault.readChunks(job.projectId, slice.map((e) => e.hash!));
+          } catch (err) {
+            if (!(err instanceof ChunkError)) throw err;
+            // Find every bad chunk of the batch, one by one.
+            for (const e of slice) {
+              try {
+                await this.vault.readChunks(job.projectId, [e.hash!]);
+              } catch (one) {
+                if (!(one instanceof ChunkError)) throw one;
+                bad++;
+                if (problems.length < REPORT) problems.push(`${part.name} block ${e.index} (bytes ${e.index * BLOCK_SIZE}-${(e.index + 1) * BLOCK_SIZE - 1}): ${one.message}`);
+              }
+            }
+          }
+          checked += slice.length;
+        }
+        done += Math.min(MANIFEST_BATCH, blocks - first) * BLOCK_SIZE;
+        await ctx.progress(done, total);
+      }
+    }
+    if (bad) {
+      const message = `${bad} of ${checked} chunks failed verification: ${problems.join("; ")}${bad > problems.length ? "; …" : ""}`;
+      await this.ds.query(`UPDATE backups SET status = 'ERROR', error = $2, updated_at = now() WHERE id = $1 OR parent_id = $1`, [top.id, message]);
+      throw new JobFailure("VERIFY_FAILED", message);
+    }
+    await this.ds.query(`UPDATE backups SET status = 'AVAILABLE', error = NULL, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'ERROR'`, [top.id]);
+  }
+
+  async cleanup(_job: Job, _outcome: JobOutcome): Promise<void> {
+    // Verification changes nothing unless it finds damage, which run() records itself.
+  }
+}

@@ -1,0 +1,303 @@
+import crypto from "node:crypto";
+import os from "node:os";
+import type { DataSource } from "typeorm";
+import { rows } from "../db/sql";
+import { Job, JobStatus, type JobType } from "../entities";
+import type { Logger } from "../logger";
+import { hydrate } from "../services/pagination";
+import { DomainError } from "../services/errors";
+import type { EventBus } from "./events";
+
+export class JobCancelled extends Error {
+  constructor() {
+    super("the job was cancelled");
+  }
+}
+
+export class JobInterrupted extends Error {
+  constructor(reason: string) {
+    super(reason);
+  }
+}
+
+/** What a handler receives while its job runs. */
+export interface JobContext {
+  readonly job: Job;
+  readonly signal: AbortSignal;
+  /** Records progress (throttled); throws JobCancelled once cancellation was asked for. */
+  progress(bytesDone: number, bytesTotal: number): Promise<void>;
+  /** Throws JobCancelled or JobInterrupted when the job must stop. */
+  checkCancelled(): void;
+}
+
+export interface JobOutcome {
+  status: JobStatus.FAILED | JobStatus.CANCELLED;
+  code: string;
+  message: string;
+}
+
+export interface JobHandler {
+  readonly type: JobType;
+  run(ctx: JobContext): Promise<void>;
+  /** Puts what the job touched back into a consistent state after it failed, was cancelled or was interrupted. */
+  cleanup(job: Job, outcome: JobOutcome): Promise<void>;
+}
+
+export interface RunnerOptions {
+  concurrency?: number;
+  /** How often a running job says it is alive. */
+  heartbeatMs?: number;
+  /** A running job silent for this long belongs to a dead process. */
+  staleMs?: number;
+  pollMs?: number;
+  progressIntervalMs?: number;
+}
+
+const TERMINAL = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED];
+
+/**
+ * Runs queued jobs: claims them from Postgres with FOR UPDATE SKIP LOCKED, so any
+ * number of processes can share the queue and each job runs once; keeps a
+ * heartbeat; fails the jobs of processes that died, calling their handler's
+ * cleanup; and publishes every change.
+ */
+export class JobRunner {
+  readonly workerId = `${os.hostname()}:${process.pid}:${crypto.randomBytes(3).toString("hex")}`;
+  private readonly handlers = new Map<JobType, JobHandler>();
+  private readonly running = new Map<string, AbortController>();
+  private timer: NodeJS.Timeout | null = null;
+  private recoverTimer: NodeJS.Timeout | null = null;
+  private stopped = true;
+  private claiming = false;
+  private unsubscribe: (() => void) | null = null;
+  private readonly opts: Required<RunnerOptions>;
+  private readonly settled = new Set<Promise<void>>();
+
+  constructor(
+    private readonly ds: DataSource,
+    private readonly events: EventBus,
+    private readonly logger: Logger,
+    handlers: JobHandler[],
+    opts: RunnerOptions = {},
+  ) {
+    for (const h of handlers) {
+      if (this.handlers.has(h.type)) throw new Error(`two handlers for job type ${h.type}`);
+      this.handlers.set(h.type, h);
+    }
+    this.opts = { concurrency: 2, heartbeatMs: 2000, staleMs: 30_000, pollMs: 1000, progressIntervalMs: 200, ...opts };
+  }
+
+  handledTypes(): JobType[] {
+    return [...this.handlers.keys()];
+  }
+
+  async start(): Promise<void> {
+    this.stopped = false;
+    this.unsubscribe = this.events.subscribeAll((e) => {
+      if (e.status === JobStatus.QUEUED) this.wake();
+    });
+    await this.recover();
+    this.recoverTimer = setInterval(() => void this.recover().catch((err) => this.logger.error("job recovery failed", { error: err })), this.opts.staleMs / 2);
+    this.timer = setInterval(() => this.wake(), this.opts.pollMs);
+    this.wake();
+  }
+
+  /** Stops claiming, interrupts the jobs running here and waits for their handlers to finish. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.unsubscribe?.();
+    if (this.timer) clearInterval(this.timer);
+    if (this.recoverTimer) clearInterval(this.recoverTimer);
+    for (const ctrl of this.running.values()) ctrl.abort(new JobInterrupted("the service stopped while the job ran"));
+    await Promise.allSettled([...this.settled]);
+  }
+
+  /** Claims queued jobs up to the concurrency limit. */
+  wake(): void {
+    if (this.stopped || this.claiming) return;
+    this.claiming = true;
+    void (async () => {
+      try {
+        while (!this.stopped && this.running.size < this.opts.concurrency) {
+          const job = await this.claim();
+          if (!job) break;
+          const done = this.execute(job).finally(() => this.settled.delete(done));
+          this.settled.add(done);
+        }
+      } catch (err) {
+        this.logger.error("claiming jobs failed", { error: err });
+      } finally {
+        this.claiming = false;
+      }
+    })();
+  }
+
+  private async claim(): Promise<Job | null> {
+    const claimed = await rows(
+      this.ds,
+      `UPDATE jobs SET status = 'RUNNING', started_at = now(), attempts = attempts + 1, worker_id = $1, heartbeat_at = now(), updated_at = now()
+        WHERE id = (SELECT id FROM jobs WHERE status = 'QUEUED' AND type = ANY($2) ORDER BY created_at, id FOR UPDATE SKIP LOCKED LIMIT 1)
+        RETURNING *`,
+      [this.workerId, this.handledTypes()],
+    );
+    if (!claimed.length) return null;
+    const [job] = hydrate(this.ds, Job, claimed);
+    await this.publish(job);
+    return job;
+  }
+
+  private async execute(job: Job): Promise<void> {
+    const handler = this.handlers.get(job.type)!;
+    const ctrl = new AbortController();
+    this.running.set(job.id, ctrl);
+    let cancelRequested = job.cancelRequested;
+    let lastWrite = 0;
+    const heartbeat = setInterval(() => {
+      void rows<{ cancel_requested: boolean }>(this.ds, `UPDATE jobs SET heartbeat_at = now() WHERE id = $1 RETURNING cancel_requested`, [job.id])
+        .then((r) => {
+          if (r[0]?.cancel_requested) {
+            cancelRequested = true;
+            ctrl.abort(new JobCancelled());
+          }
+        })
+        .catch(() => undefined);
+    }, Math.min(this.opts.heartbeatMs, 500));
+
+    const check = () => {
+      if (cancelRequested) throw new JobCancelled();
+      if (ctrl.signal.aborted) throw ctrl.signal.reason instanceof Error ? ctrl.signal.reason : new JobInterrupted("interrupted");
+    };
+    const ctx: JobContext = {
+      job,
+      signal: ctrl.signal,
+      checkCancelled: check,
+      progress: async (bytesDone, bytesTotal) => {
+        check();
+        const now = Date.now();
+        if (now - lastWrite < this.opts.progressIntervalMs) return;
+        lastWrite = now;
+        const total = Math.max(0, bytesTotal);
+        const done = Math.min(Math.max(0, bytesDone), total);
+        const progress = total > 0 ? Math.min(1, done / total) : 0;
+        const r = await rows<{ cancel_requested: boolean }>(
+          this.ds,
+          `UPDATE jobs SET progress = $2, bytes_done = $3, bytes_total = $4, heartbeat_at = now(), updated_at = now() WHERE id = $1 RETURNING cancel_requested`,
+          [job.id, progress, done, total],
+        );
+        if (job.backupId) await this.ds.query(`UPDATE backups SET progress = $2 WHERE id = $1 AND status IN ('CREATING', 'RESTORING')`, [job.backupId, progress]);
+        Object.assign(job, { progress, bytesDone: done, bytesTotal: total });
+        await this.publish(job);
+        if (r[0]?.cancel_requested) {
+          cancelRequested = true;
+          throw new JobCancelled();
+        }
+      },
+    };
+
+    try {
+      check();
+      await handler.run(ctx);
+      await this.finish(job, { status: JobStatus.SUCCEEDED });
+    } catch (err) {
+      const outcome = this.outcomeOf(err, job);
+      try {
+        await handler.cleanup(job, outcome);
+      } catch (cleanupErr) {
+        this.logger.error("job cleanup failed", { job: job.id, type: job.type, error: cleanupErr });
+      }
+      await this.finish(job, outcome).catch((e) => this.logger.error("recording a job's end failed", { job: job.id, error: e }));
+    } finally {
+      clearInterval(heartbeat);
+      this.running.delete(job.id);
+      this.wake();
+    }
+  }
+
+  private outcomeOf(err: unknown, job: Job): JobOutcome {
+    if (err instanceof JobCancelled) return { status: JobStatus.CANCELLED, code: "CANCELLED", message: "the job was cancelled" };
+    if (err instanceof JobInterrupted) return { status: JobStatus.FAILED, code: "INTERRUPTED", message: err.message };
+    if (err instanceof DomainError) return { status: JobStatus.FAILED, code: err.code, message: err.message };
+    if (err instanceof JobFailure) return { status: JobStatus.FAILED, code: err.code, message: err.message };
+    this.logger.error("job failed", { job: job.id, type: job.type, error: err });
+    return { status: JobStatus.FAILED, code: "INTERNAL", message: "the job failed unexpectedly; the service log has the details" };
+  }
+
+  private async finish(job: Job, outcome: { status: JobStatus; code?: string; message?: string }): Promise<void> {
+    const succeeded = outcome.status === JobStatus.SUCCEEDED;
+    const [row] = await rows(
+      this.ds,
+      `UPDATE jobs SET status = $2, finished_at = now(), updated_at = now(), error_code = $3, error_message = $4,
+              progress = CASE WHEN $5 THEN 1 ELSE progress END, bytes_done = CASE WHEN $5 THEN bytes_total ELSE bytes_done END
+        WHERE id = $1 RETURNING *`,
+      [job.id, outcome.status, outcome.code ?? null, outcome.message ?? null, succeeded],
+    );
+    if (row) Object.assign(job, hydrate(this.ds, Job, [row])[0]);
+    await this.publish(job);
+  }
+
+  /** Fails the running jobs of processes that stopped: silent too long, or dead on this host. */
+  async recover(): Promise<number> {
+    const candidates = await rows<{ id: string; worker_id: string | null; stale: boolean }>(
+      this.ds,
+      `SELECT id, worker_id, heartbeat_at < now() - make_interval(secs => $1) OR heartbeat_at IS NULL AS stale FROM jobs WHERE status = 'RUNNING'`,
+      [this.opts.staleMs / 1000],
+    );
+    const host = os.hostname();
+    const dead = candidates.filter((c) => {
+      if (this.running.has(c.id)) return false;
+      if (c.stale) return true;
+      const [h, pid] = (c.worker_id ?? "").split(":");
+      return h === host && c.worker_id !== null && !c.worker_id.startsWith(this.workerId) && !processAlive(Number(pid));
+    });
+    for (const c of dead) {
+      const claimed = await rows(
+        this.ds,
+        `UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), error_code = 'INTERRUPTED',
+                error_message = 'the process running the job stopped before it finished'
+          WHERE id = $1 AND status = 'RUNNING' RETURNING *`,
+        [c.id],
+      );
+      if (!claimed.length) continue;
+      const [job] = hydrate(this.ds, Job, claimed);
+      const handler = this.handlers.get(job.type);
+      try {
+        await handler?.cleanup(job, { status: JobStatus.FAILED, code: "INTERRUPTED", message: job.errorMessage ?? "interrupted" });
+      } catch (err) {
+        this.logger.error("cleanup of an interrupted job failed", { job: job.id, error: err });
+      }
+      this.logger.warn("failed a job interrupted by a stopped process", { job: job.id, type: job.type });
+      await this.publish(job);
+    }
+    return dead.length;
+  }
+
+  private async publish(job: Job): Promise<void> {
+    await this.events
+      .publish({ projectId: job.projectId, jobId: job.id, backupId: job.backupId, status: job.status })
+      .catch((err) => this.logger.warn("publishing a job event failed", { error: err }));
+  }
+
+  isTerminal(status: JobStatus): boolean {
+    return TERMINAL.includes(status);
+  }
+}
+
+/** A failure a handler reports with a code and a message for the user. */
+export class JobFailure extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+function processAlive(pid: number): boolean {
+  if (!pid) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}

@@ -1,0 +1,31 @@
+import path from "node:path";
+import type { DataSource } from "typeorm";
+import type { Config } from "../config";
+import type { BlobStore } from "./blob-store";
+import { FsBlobStore } from "./fs-blob-store";
+import { S3BlobStore } from "./s3-blob-store";
+import { Vault } from "./vault";
+import { VolumeStore } from "./volume-store";
+
+export interface Storage {
+  volumes: VolumeStore;
+  vault: Vault;
+  close(): void;
+}
+
+/** The volume store and the vault, each on the backend the configuration names. */
+export function createStorage(config: Config, ds: DataSource): Storage {
+  const made: BlobStore[] = [];
+  const open = (backend: "fs" | "s3"): BlobStore => {
+    const store = backend === "s3" ? new S3BlobStore(config.s3!) : new FsBlobStore(path.join(config.dataDir, "blobs"));
+    made.push(store);
+    return store;
+  };
+  return {
+    volumes: new VolumeStore(ds, open(config.volumeBackend)),
+    vault: new Vault(ds, open(config.vaultBackend)),
+    close() {
+      for (const s of made) if (s instanceof S3BlobStore) s.destroy();
+    },
+  };
+}

@@ -1,0 +1,249 @@
+import crypto from "node:crypto";
+import { once } from "node:events";
+import { PassThrough, Readable } from "node:stream";
+import type { DataSource, EntityManager } from "typeorm";
+import { rows } from "../db/sql";
+import type { BlobStore } from "./blob-store";
+
+/** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
+export const BLOCK_SIZE = 64 * 1024;
+/** A segment blob holds up to this many bytes of one write. */
+export const SEGMENT_BYTES = 64 * 1024 * 1024;
+const READ_BATCH_BLOCKS = 256;
+export const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+
+export const sha256 = (data: Buffer) => crypto.createHash("sha256").update(data).digest();
+export const isZero = (block: Buffer) => block.equals(ZERO_BLOCK.subarray(0, block.length));
+
+export interface BlockRef {
+  index: number;
+  segmentId: string;
+  offset: number;
+  hash: Buffer;
+}
+
+/** A block to store: its bytes, or null for a block that reads as zeros. */
+export interface BlockWrite {
+  index: number;
+  data: Buffer | null;
+}
+
+export const segmentKey = (diskId: string, segmentId: string) => `volumes/${diskId}/${segmentId}`;
+
+/**
+ * The bytes of disks. Writes append blocks to a new segment blob; once the blob
+ * is durable, one transaction points the disk's block map at it and bumps the
+ * disk's write version, which records durably which blocks changed. Nothing is
+ * overwritten in place, so a backup that captured the block map keeps reading
+ * the bytes of its instant while writes go on.
+ */
+export class VolumeStore {
+  constructor(
+    private readonly ds: DataSource,
+    readonly blobs: BlobStore,
+  ) {}
+
+  /**
+   * Stores whole blocks from an async source, in segments of up to SEGMENT_BYTES,
+   * committing each segment's blocks as one write. Blocks of all zeros cost nothing:
+   * they only mark the block as reading zeros. Returns the number of blocks changed.
+   */
+  async putBlocks(projectId: string, diskId: string, blocks: AsyncIterable<BlockWrite>, onCommit?: (blocks: number) => void | Promise<void>): Promise<number> {
+    let changed = 0;
+    let segment: { id: string; stream: PassThrough; done: Promise<number>; size: number; rows: BlockRef[] } | null = null;
+    let zeros: number[] = [];
+
+    const openSegment = () => {
+      const id = crypto.randomUUID();
+      const stream = new PassThrough({ highWaterMark: 4 * BLOCK_SIZE });
+      const done = this.blobs.putStream(segmentKey(diskId, id), stream);
+      done.catch(() => undefined); // awaited in closeSegment; avoid an unhandled rejection meanwhile
+      return { id, stream, done, size: 0, rows: [] as BlockRef[] };
+    };
+    const flush = async () => {
+      const seg = segment;
+      segment = null;
+      if (seg) {
+        seg.stream.end();
+        await seg.done;
+      }
+      if (!seg?.rows.length && !zeros.length) return;
+      await this.commit(projectId, diskId, seg && seg.rows.length ? { id: seg.id, size: seg.size, rows: seg.rows } : null, zeros);
+      const n = (seg?.rows.length ?? 0) + zeros.length;
+      changed += n;
+      zeros = [];
+      await onCommit?.(n);
+    };
+
+    try {
+      for await (const block of blocks) {
+        if (block.data === null || isZero(block.data)) {
+          zeros.push(block.index);
+          if (zeros.length >= 4096) await flush();
+          continue;
+        }
+        if (block.data.length !== BLOCK_SIZE) throw new Error("a block must be exactly BLOCK_SIZE bytes");
+        segment ??= openSegment();
+        segment.rows.push({ index: block.index, segmentId: segment.id, offset: segment.size, hash: sha256(block.data) });
+        segment.size += BLOCK_SIZE;
+        if (!segment.stream.write(block.data)) await once(segment.stream, "drain");
+        if (segment.size >= SEGMENT_BYTES) await flush();
+      }
+      await flush();
+    } catch (err) {
+      const seg = segment as { stream: PassThrough; done: Promise<number> } | null;
+      if (seg) {
+        seg.stream.destroy(err as Error);
+        await seg.done.catch(() => undefined);
+      }
+      throw err;
+    }
+    return changed;
+  }
+
+  private async commit(projectId: string, diskId: string, segment: { id: string; size: number; rows: BlockRef[] } | null, zeros: number[]): Promise<void> {
+    await this.ds.transaction(async (em) => {
+      const [{ write_version: version }] = await rows<{ write_version: string }>(em, `UPDATE disks SET write_version = write_version + 1 WHERE id = $1 RETURNING write_version`, [diskId]);
+      if (segment) {
+        await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
+      }
+      const indexes = [...(segment?.rows.map((r) => r.index) ?? []), ...zeros];
+      const before: { written: string }[] = await em.query(
+        `SELECT count(*) FILTER (WHERE hash IS NOT NULL) AS written FROM disk_blocks WHERE disk_id = $1 AND block_index = ANY($2::bigint[])`,
+        [diskId, indexes],
+      );
+      if (segment) {
+        await em.query(
+          `INSERT INTO disk_blocks (disk_id, block_index, segment_id, segment_offset, hash, version)
+           SELECT $1, b.i, $2, b.o, b.h, $3 FROM unnest($4::bigint[], $5::bigint[], $6::bytea[]) AS b(i, o, h)
+           ON CONFLICT (disk_id, block_index) DO UPDATE
+             SET segment_id = EXCLUDED.segment_id, segment_offset = EXCLUDED.segment_offset, hash = EXCLUDED.hash, version = EXCLUDED.version`,
+          [diskId, segment.id, version, segment.rows.map((r) => r.index), segment.rows.map((r) => r.offset), segment.rows.map((r) => r.hash)],
+        );
+      }
+      if (zeros.length) {
+        // Zeroing a block that was never written changes nothing; a written one keeps a tombstone
+        // so the next incremental backup sees the change.
+        await em.query(
+          `UPDATE disk_blocks SET segment_id = NULL, segment_offset = NULL, hash = NULL, version = $3
+            WHERE disk_id = $1 AND block_index = ANY($2::bigint[]) AND hash IS NOT NULL`,
+          [diskId, zeros, version],
+        );
+      }
+      const delta = (segment?.rows.length ?? 0) - Number(before[0].written);
+      await em.query(`UPDATE disks SET used_bytes = used_bytes + $2 WHERE id = $1`, [diskId, delta * BLOCK_SIZE]);
+    });
+  }
+
+  /**
+   * Runs `fn` holding the disk's write lock (a Postgres advisory lock, so it holds
+   * across processes): writes and restores of one disk happen one at a time.
+   */
+  async withDiskLock<T>(diskId: string, fn: () => Promise<T>): Promise<T> {
+    const runner = this.ds.createQueryRunner();
+    await runner.connect();
+    try {
+      await runner.query(`SELECT pg_advisory_lock(${0x5708}, hashtext($1))`, [diskId]);
+      try {
+        return await fn();
+      } finally {
+        await runner.query(`SELECT pg_advisory_unlock(${0x5708}, hashtext($1))`, [diskId]);
+      }
+    } finally {
+      await runner.release();
+    }
+  }
+
+  /** The stored blocks of [first, last] that hold data, in block order. */
+  async blockRefs(em: EntityManager | DataSource, diskId: string, first: number, last: number): Promise<BlockRef[]> {
+    const rows: { i: string; s: string; o: string; h: Buffer }[] = await em.query(
+      `SELECT block_index AS i, segment_id AS s, segment_offset AS o, hash AS h FROM disk_blocks
+        WHERE disk_id = $1 AND block_index BETWEEN $2 AND $3 AND segment_id IS NOT NULL ORDER BY block_index`,
+      [diskId, first, last],
+    );
+    return rows.map((r) => ({ index: Number(r.i), segmentId: r.s, offset: Number(r.o), hash: r.h }));
+  }
+
+  /** Reads the bytes of block refs, one range read per run of adjacent blocks in a segment. */
+  async readRefs(diskId: string, refs: { segmentId: string; offset: number }[]): Promise<Buffer[]> {
+    const out: Buffer[] = new Array(refs.length);
+    let i = 0;
+    while (i < refs.length) {
+      let j = i + 1;
+      while (j < refs.length && refs[j].segmentId === refs[i].segmentId && refs[j].offset === refs[j - 1].offset + BLOCK_SIZE && j - i < 256) j++;
+      const buf = await this.blobs.getRange(segmentKey(diskId, refs[i].segmentId), refs[i].offset, (j - i) * BLOCK_SIZE);
+      for (let k = i; k < j; k++) out[k] = buf.subarray((k - i) * BLOCK_SIZE, (k - i + 1) * BLOCK_SIZE);
+      i = j;
+    }
+    return out;
+  }
+
+  async readBlock(diskId: string, index: number): Promise<Buffer> {
+    const [ref] = await this.blockRefs(this.ds, diskId, index, index);
+    return ref ? Buffer.from((await this.readRefs(diskId, [ref]))[0]) : Buffer.alloc(BLOCK_SIZE);
+  }
+
+  /** The bytes [start, end] of a disk as a stream; unwritten blocks read as zeros. */
+  read(diskId: string, start: number, end: number): Readable {
+    const store = this;
+    return Readable.from(
+      (async function* () {
+        const firstBlock = Math.floor(start / BLOCK_SIZE);
+        const lastBlock = Math.floor(end / BLOCK_SIZE);
+        for (let batch = firstBlock; batch <= lastBlock; batch += READ_BATCH_BLOCKS) {
+          const batchEnd = Math.min(lastBlock, batch + READ_BATCH_BLOCKS - 1);
+          const refs = await store.blockRefs(store.ds, diskId, batch, batchEnd);
+          const data = await store.readRefs(diskId, refs);
+          const byIndex = new Map(refs.map((r, k) => [r.index, data[k]]));
+          for (let b = batch; b <= batchEnd; b++) {
+            const block = byIndex.get(b) ?? ZERO_BLOCK;
+            const from = b === firstBlock ? start - b * BLOCK_SIZE : 0;
+            const to = b === lastBlock ? end - b * BLOCK_SIZE + 1 : BLOCK_SIZE;
+            yield block.subarray(from, to);
+          }
+        }
+      })(),
+      { objectMode: false },
+    );
+  }
+
+  /**
+   * Deletes segment blobs that no disk block and no running backup points at, and
+   * blobs that were written but never committed (a crash between the two) once they
+   * are older than `graceMs`.
+   */
+  async collectGarbage(graceMs: number): Promise<{ segments: number; bytes: number }> {
+    const dead: { id: string; disk_id: string; size_bytes: string }[] = await this.ds.query(
+      `SELECT s.id, s.disk_id, s.size_bytes FROM volume_segments s
+        WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
+          AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)`,
+    );
+    let bytes = 0;
+    for (const s of dead) {
+      // The row goes only if still unreferenced; then the blob.
+      const gone = await rows(
+        this.ds,
+        `DELETE FROM volume_segments s WHERE s.id = $1
+           AND NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
+           AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id) RETURNING id`,
+        [s.id],
+      );
+      if (!gone.length) continue;
+      await this.blobs.delete(segmentKey(s.disk_id, s.id));
+      bytes += Number(s.size_bytes);
+    }
+    let orphans = 0;
+    const cutoff = Date.now() - graceMs;
+    for await (const blob of this.blobs.list("volumes/")) {
+      if (blob.modifiedAt.getTime() > cutoff) continue;
+      const id = blob.key.split("/")[2];
+      const [row] = await this.ds.query(`SELECT 1 FROM volume_segments WHERE id = $1`, [id]);
+      if (row) continue;
+      await this.blobs.delete(blob.key);
+      orphans++;
+      bytes += blob.size;
+    }
+    return { segments: dead.length + orphans, bytes };
+  }
+}
+

@@ -4,14 +4,11 @@ import type { TestService } from "./service";
 export const KiB = 1024;
 export const BLOCK = 64 * KiB;
 
-/** Deterministic pseudo-random bytes, so failures reproduce. */
+/** Deterministic pseudo-random bytes (an AES-CTR keystream of the seed), so failures reproduce. */
 export function bytes(n: number, seed = 1): Buffer {
-  const out = Buffer.alloc(n);
-  let block = 0;
-  for (let off = 0; off < n; off += 32) {
-    crypto.createHash("sha256").update(`${seed}:${block++}`).digest().copy(out, off);
-  }
-  return out;
+  const key = crypto.createHash("sha256").update(`seed:${seed}`).digest();
+  const cipher = crypto.createCipheriv("aes-256-ctr", key, Buffer.alloc(16));
+  return Buffer.concat([cipher.update(Buffer.alloc(n)), cipher.final()]);
 }
 
 export async function putDisk(svc: TestService, diskId: string, data: Buffer, offset = 0, key?: string): Promise<Response> {

@@ -113,8 +113,9 @@ export async function ensureDefaultProject(services: Services, dataDir: string):
 }
 
 export interface RunningService {
+  /** Empty for a jobs-only worker. */
   url: string;
-  http: HttpServer;
+  http: HttpServer | null;
   db: Database;
   services: Services;
   storage: Storage;
@@ -141,11 +142,11 @@ async function withoutNewSignalHandlers<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-/** API, jobs and garbage collection in one process. */
+/** API, jobs and garbage collection in one process; with `api: false`, a jobs-only worker. */
 export async function startService(
   config: Config,
   logger: Logger,
-  opts: { onDefaultKey?: (key: string, file: string) => void; db?: Database; runner?: RunnerOptions } = {},
+  opts: { onDefaultKey?: (key: string, file: string) => void; db?: Database; runner?: RunnerOptions; api?: boolean } = {},
 ): Promise<RunningService> {
   const db = opts.db ?? (await openDatabase(config, logger));
   const events = new PgEventBus(db.url, (sql, params) => db.ds.query(sql, params), logger);
@@ -158,7 +159,7 @@ export async function startService(
     const key = await ensureDefaultProject(services, config.dataDir);
     if (key) opts.onDefaultKey?.(key, path.join(config.dataDir, "default-api-key"));
     await runner.start();
-    const http = await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
+    const http = opts.api === false ? null : await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
     if (config.gcIntervalSeconds > 0) {
       gcTimer = setInterval(
         () => void collectAllGarbage(db.ds, storage, config.gcGraceSeconds * 1000, logger).catch((err) => logger.error("garbage collection failed", { error: err })),
@@ -168,7 +169,7 @@ export async function startService(
     }
     let stopping: Promise<void> | undefined;
     return {
-      url: http.url,
+      url: http?.url ?? "",
       http,
       db,
       services,
@@ -177,7 +178,7 @@ export async function startService(
       stop() {
         stopping ??= (async () => {
           clearInterval(gcTimer);
-          await http.close();
+          await http?.close();
           await runner.stop();
           await events.close();
           storage.close();

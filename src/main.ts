@@ -15,7 +15,8 @@ const servicesModule = () => require("./services") as typeof import("./services"
 const USAGE = `Usage: stowage <command>
 
 Commands:
-  serve [--demo]          serve the API on HOST:PORT (default 127.0.0.1:4000)
+  serve [--demo]          serve the API on HOST:PORT (default 127.0.0.1:4000), run jobs
+  worker                  run jobs only, beside API processes on the same database
   migrate                 apply database migrations
   project create NAME     create a project and print its API key (last line)
   demo                    fill project "default" with servers, disks and policies
@@ -49,27 +50,14 @@ export async function main(argv: string[]): Promise<number> {
       }
       logger.info("Stowage is serving", { url: `${svc.url}/graphql`, playground: `${svc.url}/` });
       process.stdout.write(`Stowage: API ${svc.url}/graphql · playground ${svc.url}/\n`);
-      await new Promise<void>((resolve) => {
-        let first = 0;
-        const onSignal = (sig: NodeJS.Signals) => {
-          if (first) {
-            // `npm start` forwards the terminal's Ctrl-C, so one keypress can arrive
-            // twice at once; only a later signal means "stop waiting".
-            if (Date.now() - first < 500) return;
-            logger.warn("second signal: exiting without waiting for shutdown", { signal: sig });
-            process.exit(130);
-          }
-          first = Date.now();
-          logger.info("shutting down", { signal: sig });
-          svc.stop().then(resolve, (err) => {
-            logger.error("shutdown failed", { error: err });
-            resolve();
-          });
-        };
-        process.on("SIGTERM", onSignal);
-        process.on("SIGINT", onSignal);
-        process.on("SIGHUP", onSignal);
-      });
+      await untilSignalled(svc, logger);
+      return 0;
+    }
+    case "worker": {
+      const svc = await app().startService(config, logger, { api: false });
+      logger.info("Stowage worker is running jobs", { worker: svc.runner.workerId });
+      process.stdout.write(`Stowage worker: running jobs as ${svc.runner.workerId}\n`);
+      await untilSignalled(svc, logger);
       return 0;
     }
     case "migrate": {
@@ -159,5 +147,30 @@ export function run(argv: string[]): void {
   main(argv).then(exitAfterFlush, (err) => {
     process.stderr.write(describeError(err) + "\n");
     exitAfterFlush(1);
+  });
+}
+
+/** Waits for SIGTERM, SIGINT or SIGHUP, then stops the service in order. */
+function untilSignalled(svc: { stop(): Promise<void> }, logger: import("./logger").Logger): Promise<void> {
+  return new Promise<void>((resolve) => {
+    let first = 0;
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (first) {
+        // `npm start` forwards the terminal's Ctrl-C, so one keypress can arrive
+        // twice at once; only a later signal means "stop waiting".
+        if (Date.now() - first < 500) return;
+        logger.warn("second signal: exiting without waiting for shutdown", { signal: sig });
+        process.exit(130);
+      }
+      first = Date.now();
+      logger.info("shutting down", { signal: sig });
+      svc.stop().then(resolve, (err) => {
+        logger.error("shutdown failed", { error: err });
+        resolve();
+      });
+    };
+    process.on("SIGTERM", onSignal);
+    process.on("SIGINT", onSignal);
+    process.on("SIGHUP", onSignal);
   });
 }

@@ -65,7 +65,11 @@ export class ProjectService {
     return this.ds.getRepository(Project).findOneByOrFail({ id: ctx.projectId });
   }
 
-  /** Storage used by the project. Backups are counted by their per-disk parts, where data lives. */
+  /**
+   * Storage used by the project: logical bytes are what its backups (by their
+   * per-disk parts) and images represent; stored bytes are what the vault holds
+   * for them after dedup and compression.
+   */
   async usage(ctx: RequestContext): Promise<StorageUsage> {
     const [row] = await this.ds.query(
       `SELECT
@@ -73,13 +77,12 @@ export class ProjectService {
          (SELECT count(*) FROM backups WHERE project_id = $1 AND parent_id IS NULL) AS backup_count,
          (SELECT count(*) FROM images WHERE project_id = $1) AS image_count,
          (SELECT coalesce(sum(size_bytes), 0) FROM backups WHERE project_id = $1 AND resource_type = 'DISK') AS backup_logical,
-         (SELECT coalesce(sum(stored_bytes), 0) FROM backups WHERE project_id = $1 AND resource_type = 'DISK') AS backup_stored,
          (SELECT coalesce(sum(virtual_size_bytes), 0) FROM images WHERE project_id = $1 AND status = 'ACTIVE') AS image_logical,
-         (SELECT coalesce(sum(size_bytes), 0) FROM images WHERE project_id = $1 AND status = 'ACTIVE') AS image_stored`,
+         (SELECT coalesce(sum(size_bytes), 0) FROM vault_packs WHERE project_id = $1) AS vault_bytes`,
       [ctx.projectId],
     );
     const logicalBytes = Number(row.backup_logical) + Number(row.image_logical);
-    const storedBytes = Number(row.backup_stored) + Number(row.image_stored);
+    const storedBytes = Number(row.vault_bytes);
     return {
       diskBytes: Number(row.disk_bytes),
       backupCount: Number(row.backup_count),

@@ -80,6 +80,14 @@ describe("disk backups", () => {
     expect((await getBackup(incremental)).storedBytes).toBeLessThanOrEqual(changed.length * BLOCK + 1024);
     expect(growth).toBeLessThanOrEqual(2 * changed.length * BLOCK);
 
+    // The viewer sees what the backups represent against what the vault stores.
+    const { viewer } = await svc.ok(`{ viewer { storage { logicalBytes storedBytes dedupRatio } } }`);
+    const [{ logical }] = await svc.ds.query(`SELECT sum(size_bytes)::bigint AS logical FROM backups WHERE project_id = $1 AND resource_type = 'DISK'`, [svc.projectIds.alpha]);
+    expect(viewer.storage.logicalBytes).toBe(Number(logical));
+    expect(viewer.storage.storedBytes).toBe(await vaultBytes());
+    expect(viewer.storage.dedupRatio).toBeCloseTo(Number(logical) / (await vaultBytes()), 6);
+    expect(viewer.storage.dedupRatio).toBeGreaterThan(1);
+
     // Each restores on its own.
     await writeDisk(svc, disk, Buffer.alloc(32 * MiB));
     await restoreNow(svc, { backupId: incremental });

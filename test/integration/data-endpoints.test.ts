@@ -62,7 +62,7 @@ it("refuses writes past the end and changes nothing", async () => {
   await writeDisk(svc, disk, before);
   const past = await putDisk(svc, disk, bytes(2 * BLOCK, 6), MiB - BLOCK);
   expect(past.status).toBe(416);
-  expect((await past.json()).error.code).toBe("BAD_USER_INPUT");
+  expect(((await past.json()) as { error: { code: string } }).error.code).toBe("BAD_USER_INPUT");
   const tooBig = await putDisk(svc, disk, bytes(MiB + 1, 7));
   expect(tooBig.status).toBe(416);
   expect((await readDisk(svc, disk)).equals(before)).toBe(true);

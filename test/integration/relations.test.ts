@@ -168,5 +168,6 @@ it("filters jobs, backups and images at the top level", async () => {
   expect(r.manual.totalCount).toBe(0);
   expect(r.full.nodes).toEqual([{ id: ids.image }]);
   expect(r.named.nodes).toEqual([{ id: ids.diskImage }]);
-  expect(r.storage.storage).toEqual({ backupCount: 1, imageCount: 2, logicalBytes: 200 + 2 * GiB, storedBytes: 80 + 50, dedupRatio: (200 + 2 * GiB) / 130 });
+  // The rows here have no data in the vault: nothing is stored.
+  expect(r.storage.storage).toEqual({ backupCount: 1, imageCount: 2, logicalBytes: 200 + 2 * GiB, storedBytes: 0, dedupRatio: 1 });
 });

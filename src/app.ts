@@ -151,7 +151,7 @@ export async function startService(
   const db = opts.db ?? (await openDatabase(config, logger));
   const events = new PgEventBus(db.url, (sql, params) => db.ds.query(sql, params), logger);
   const storage = createStorage(config, db.ds);
-  const services = createServices(db.ds, events);
+  const services = createServices(db.ds, events, storage.uploads);
   const runner = createJobRunner(db.ds, storage, events, config, logger, opts.runner);
   let gcTimer: NodeJS.Timeout | undefined;
   try {

@@ -30,6 +30,12 @@ export interface Config {
   /** Blobs written but never committed are deleted by garbage collection once this old. */
   gcGraceSeconds: number;
   gcIntervalSeconds: number;
+  /** Largest image file POST /v1/uploads takes. */
+  uploadMaxBytes: number;
+  uploadTtlSeconds: number;
+  exportTtlSeconds: number;
+  /** Largest virtual disk an imported image may describe. */
+  maxImageVirtualBytes: number;
   logLevel: "debug" | "info" | "warn" | "error";
 }
 
@@ -97,6 +103,10 @@ export function loadConfig(env: Env = process.env): Config {
     jobStaleSeconds: int(env, "JOB_STALE_SECONDS", 30, 2, 3600),
     gcGraceSeconds: int(env, "GC_GRACE_SECONDS", 3600, 0, 30 * 86400),
     gcIntervalSeconds: int(env, "GC_INTERVAL_SECONDS", 3600, 0, 30 * 86400),
+    uploadMaxBytes: int(env, "UPLOAD_MAX_BYTES", 64 * 2 ** 30, 512, Number.MAX_SAFE_INTEGER),
+    uploadTtlSeconds: int(env, "UPLOAD_TTL_SECONDS", 86400, 60, 365 * 86400),
+    exportTtlSeconds: int(env, "EXPORT_TTL_SECONDS", 86400, 1, 365 * 86400),
+    maxImageVirtualBytes: int(env, "MAX_IMAGE_VIRTUAL_BYTES", int(env, "MAX_DISK_BYTES", 64 * 2 ** 40, 2 ** 20, Number.MAX_SAFE_INTEGER), 2 ** 20, Number.MAX_SAFE_INTEGER),
     logLevel,
   };
 }

@@ -4,10 +4,17 @@ import type { DataSource } from "typeorm";
 import { Disk, DiskStatus } from "../entities";
 import { fromGlobalId } from "../services/global-id";
 import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../storage/volume-store";
+import { UploadTooLarge, type UploadStore } from "../storage/uploads";
+import { ImageExport, Image } from "../entities";
+import { EXTENSIONS, type FormatName } from "../formats";
+import { BlobNotFoundError } from "../storage/blob-store";
 
 export interface DataRouteDeps {
   ds: DataSource;
   volumes: VolumeStore;
+  uploads: UploadStore;
+  uploadMaxBytes: number;
+  uploadTtlSeconds: number;
   authenticate: RequestHandler;
 }
 
@@ -76,7 +83,7 @@ export async function* toBlocks(body: AsyncIterable<Buffer>, start: number, leng
 
 class BodyError extends Error {}
 
-/** PUT and GET of disk bytes: /v1/disks/{id}/data. */
+/** Bytes beside GraphQL: disk data, image uploads, export files. */
 export function dataRoutes(deps: DataRouteDeps): express.Router {
   const router = express.Router();
 
@@ -140,6 +147,57 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
       res.setHeader("Content-Length", String(end - start + 1));
       await pipeline(deps.volumes.read(disk.id, start, end), res);
     } catch (err) {
+      if (res.headersSent) {
+        res.destroy(err as Error);
+        return;
+      }
+      next(err);
+    }
+  });
+
+  router.post("/v1/uploads", deps.authenticate, async (req: Request, res: Response, next: NextFunction) => {
+    try {
+      const declared = req.headers["content-length"];
+      if (declared !== undefined && Number(declared) > deps.uploadMaxBytes) {
+        return fail(res, 413, "BAD_USER_INPUT", `the file is larger than the ${deps.uploadMaxBytes}-byte upload limit`);
+      }
+      const upload = await deps.uploads.put(req.project!.id, req, deps.uploadMaxBytes, deps.uploadTtlSeconds);
+      if (upload.sizeBytes === 0) return fail(res, 400, "BAD_USER_INPUT", "the file is empty");
+      res.status(201).json(upload);
+    } catch (err) {
+      if (err instanceof UploadTooLarge) return fail(res, 413, "BAD_USER_INPUT", err.message);
+      if ((err as NodeJS.ErrnoException).code === "ECONNRESET" || (err as Error).message === "aborted") return;
+      next(err);
+    }
+  });
+
+  router.get("/v1/exports/:id/file", deps.authenticate, async (req: Request, res: Response, next: NextFunction) => {
+    try {
+      const parsed = fromGlobalId(String(req.params.id));
+      const exp = parsed?.type === "ImageExport" ? await deps.ds.getRepository(ImageExport).findOneBy({ id: parsed.id, projectId: req.project!.id }) : null;
+      if (!exp) return fail(res, 404, "NOT_FOUND", "no such export");
+      if (exp.status !== "READY") return fail(res, 409, "FAILED_PRECONDITION", `the export is ${exp.status}`);
+      const size = exp.sizeBytes ?? 0;
+      const image = await deps.ds.getRepository(Image).findOneBy({ id: exp.imageId });
+      const filename = `${(image?.name ?? "image").replace(/[^A-Za-z0-9._-]/g, "_")}.${EXTENSIONS[exp.format as FormatName]}`;
+      res.setHeader("Accept-Ranges", "bytes");
+      res.setHeader("Content-Type", "application/octet-stream");
+      res.setHeader("Content-Disposition", `attachment; filename="${filename}"`);
+      if (exp.sha256) res.setHeader("ETag", `"${exp.sha256}"`);
+      let range: { start: number; end: number } | undefined;
+      if (req.headers.range) {
+        const r = parseRange(req.headers.range, size);
+        if (r === "unsatisfiable") return fail(res, 416, "BAD_USER_INPUT", "the range is outside the file", { "Content-Range": `bytes */${size}` });
+        if (r) {
+          range = r;
+          res.status(206).setHeader("Content-Range", `bytes ${r.start}-${r.end}/${size}`);
+        }
+      }
+      res.setHeader("Content-Length", String(range ? range.end - range.start + 1 : size));
+      const stream = await deps.uploads.blobs.getStream(`exports/${exp.projectId}/${exp.id}`, range);
+      await pipeline(stream, res);
+    } catch (err) {
+      if (err instanceof BlobNotFoundError && !res.headersSent) return fail(res, 404, "NOT_FOUND", "the export's file is gone (expired)");
       if (res.headersSent) {
         res.destroy(err as Error);
         return;

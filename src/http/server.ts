@@ -157,7 +157,18 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   };
 
   app.use("/v1/disks", metrics.httpMiddleware("/v1/disks/:id/data"));
-  app.use(dataRoutes({ ds, volumes: deps.storage.volumes, authenticate }));
+  app.use("/v1/uploads", metrics.httpMiddleware("/v1/uploads"));
+  app.use("/v1/exports", metrics.httpMiddleware("/v1/exports/:id/file"));
+  app.use(
+    dataRoutes({
+      ds,
+      volumes: deps.storage.volumes,
+      uploads: deps.storage.uploads,
+      uploadMaxBytes: config.uploadMaxBytes,
+      uploadTtlSeconds: config.uploadTtlSeconds,
+      authenticate,
+    }),
+  );
 
   const makeContext = (project: Project): GraphQLContext => ({
     ctx: new RequestContext(project.id, ds, config),

@@ -2,15 +2,18 @@ import type { DataSource } from "typeorm";
 import type { Config } from "../config";
 import { JobType } from "../entities";
 import type { Logger } from "../logger";
+import { rows } from "../db/sql";
 import type { Storage } from "../storage";
 import type { EventBus } from "./events";
 import { BackupHandler } from "./handlers/backup.handler";
 import { DeleteBackupHandler } from "./handlers/delete-backup.handler";
 import { RestoreHandler } from "./handlers/restore.handler";
 import { VerifyHandler } from "./handlers/verify.handler";
+import { CreateImageHandler } from "./handlers/image.handler";
+import { ExportImageHandler, ImportImageHandler } from "./handlers/transfer.handler";
 import { JobRunner, type RunnerOptions } from "./runner";
 
-/** The job runner with a handler for every job type this version runs. */
+/** The job runner with a handler for every job type; it refuses to start when one is missing or doubled. */
 export function createJobRunner(ds: DataSource, storage: Storage, events: EventBus, config: Config, logger: Logger, opts: RunnerOptions = {}): JobRunner {
   const { volumes, vault } = storage;
   return new JobRunner(
@@ -23,13 +26,29 @@ export function createJobRunner(ds: DataSource, storage: Storage, events: EventB
       new RestoreHandler(JobType.CREATE_DISK, ds, volumes, vault),
       new DeleteBackupHandler(ds, vault, () => config.gcGraceSeconds * 1000, logger),
       new VerifyHandler(ds, vault),
+      new CreateImageHandler(ds, volumes, vault),
+      new ImportImageHandler(ds, vault, config),
+      new ExportImageHandler(ds, vault, config),
     ],
     { concurrency: config.jobConcurrency, staleMs: config.jobStaleSeconds * 1000, ...opts },
   );
 }
 
-/** Reclaims unreferenced volume segments and vault chunks of every project. */
+/** Reclaims expired exports and uploads, unreferenced volume segments and vault chunks of every project. */
 export async function collectAllGarbage(ds: DataSource, storage: Storage, graceMs: number, logger: Logger): Promise<void> {
+  const expired: { id: string; project_id: string }[] = await rows(
+    ds,
+    `UPDATE image_exports SET status = 'EXPIRED' WHERE status = 'READY' AND expires_at < now() RETURNING id, project_id`,
+  );
+  for (const e of expired) await storage.uploads.blobs.delete(`exports/${e.project_id}/${e.id}`);
+  await storage.uploads.expire();
+  // Export files whose export is gone (its image was deleted) or never finished.
+  const cutoff = Date.now() - graceMs;
+  for await (const blob of storage.uploads.blobs.list("exports/")) {
+    if (blob.modifiedAt.getTime() > cutoff) continue;
+    const [row] = await rows(ds, `SELECT 1 FROM image_exports WHERE id = $1 AND status IN ('READY', 'RUNNING')`, [blob.key.split("/")[2]]);
+    if (!row) await storage.uploads.blobs.delete(blob.key);
+  }
   const volumes = await storage.volumes.collectGarbage(graceMs);
   const projects: { id: string }[] = await ds.query(`SELECT id FROM projects`);
   let chunks = 0;

@@ -2,7 +2,7 @@ import crypto from "node:crypto";
 import os from "node:os";
 import type { DataSource } from "typeorm";
 import { rows } from "../db/sql";
-import { Job, JobStatus, type JobType } from "../entities";
+import { Job, JobStatus, JobType as JobTypes, type JobType } from "../entities";
 import type { Logger } from "../logger";
 import { hydrate } from "../services/pagination";
 import { DomainError } from "../services/errors";
@@ -84,6 +84,8 @@ export class JobRunner {
       if (this.handlers.has(h.type)) throw new Error(`two handlers for job type ${h.type}`);
       this.handlers.set(h.type, h);
     }
+    const missing = Object.values(JobTypes).filter((t) => !this.handlers.has(t));
+    if (missing.length) throw new Error(`no handler for job type ${missing.join(", ")}`);
     this.opts = { concurrency: 2, heartbeatMs: 2000, staleMs: 30_000, pollMs: 1000, progressIntervalMs: 200, ...opts };
   }
 

@@ -49,9 +49,9 @@ export interface RestoreBackupInput {
   powerOn?: boolean | null;
 }
 
-/** What a RESTORE or CREATE_DISK job does: each disk backup onto its disk. */
+/** What a RESTORE or CREATE_DISK job does: each disk backup or image disk onto its disk. */
 export interface RestorePlan {
-  targets: { backupId: string; diskId: string }[];
+  targets: { backupId?: string; imageDiskId?: string; diskId: string }[];
   serverId: string | null;
   powerOn: boolean;
   /** Status each target disk returns to when the restore ends. */

@@ -1,5 +1,7 @@
-import { Disk, DiskStatus, DiskType, Image, Server, ServerStatus, type Job } from "../entities";
-import type { BackupService } from "./backup.service";
+import { Disk, DiskStatus, DiskType, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
+import type { BackupService, RestorePlan } from "./backup.service";
+import type { ImageService } from "./image.service";
+import type { JobQueue } from "./job-queue";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput, conflict, failedPrecondition, notFound } from "./errors";
@@ -7,7 +9,7 @@ import { decodeId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
 import { DEVICES } from "./server.service";
-import { diskSize, resourceName } from "./validate";
+import { diskSize, MiB, resourceName } from "./validate";
 
 export interface DiskFilter {
   statuses?: DiskStatus[] | null;
@@ -48,7 +50,11 @@ export function diskConditions(filter: DiskFilter | null | undefined): Condition
 const DEVICE_IN_USE = { uq_disks_server_device: "that device is already in use on the server" };
 
 export class DiskService {
-  constructor(private readonly backups: BackupService) {}
+  constructor(
+    private readonly backups: BackupService,
+    private readonly images: ImageService,
+    private readonly queue: JobQueue,
+  ) {}
 
   list(ctx: RequestContext, list: ListName & `${string}isks`, key: string, args: PageArgs & { filter?: DiskFilter | null }) {
     return ctx.loaders.connection(list, key, args, diskConditions(args.filter));
@@ -63,11 +69,7 @@ export class DiskService {
   async create(ctx: RequestContext, input: CreateDiskInput): Promise<{ disk: Disk; job: Job | null }> {
     const name = resourceName(input.name, "name");
     if (input.imageId && input.backupId) throw badInput("backupId", "give imageId or backupId, not both");
-    if (input.imageId) {
-      const image = await ctx.ds.getRepository(Image).findOneBy({ id: decodeId(input.imageId, "Image", "imageId"), projectId: ctx.projectId });
-      if (!image) throw notFound("image", input.imageId);
-      throw failedPrecondition("creating disks from images is not supported by this version");
-    }
+    if (input.imageId) return this.fromImage(ctx, name, input.imageId, input.sizeBytes ?? null);
     if (input.backupId) return this.backups.createDisk(ctx, { name, sizeBytes: input.sizeBytes, backupId: input.backupId }, ctx.config.maxDiskBytes);
     if (input.sizeBytes == null) throw badInput("sizeBytes", "is required for a blank disk");
     const sizeBytes = diskSize(input.sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
@@ -86,6 +88,26 @@ export class DiskService {
     }));
     ctx.invalidate();
     return { disk, job: null };
+  }
+
+  /** A data disk holding a DATA_DISK image's bytes, at least the image's minimum size. */
+  private async fromImage(ctx: RequestContext, name: string, imageGlobalId: string, sizeBytes: number | null): Promise<{ disk: Disk; job: Job }> {
+    const result = await ctx.ds.transaction(async (em) => {
+      const { image, disks } = await this.images.imageDisks(em, ctx, imageGlobalId, "imageId");
+      if (image.type !== ImageType.DATA_DISK) throw badInput("imageId", `a ${image.type} image makes servers; disks are made from DATA_DISK images`);
+      const minimum = Math.ceil(Math.max(disks[0].sizeBytes, image.minDiskBytes) / MiB) * MiB;
+      const size = sizeBytes == null ? minimum : diskSize(sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
+      if (size < minimum) throw badInput("sizeBytes", `must be at least the image's ${minimum} bytes`);
+      const disk = await em.save(
+        em.create(Disk, { projectId: ctx.projectId, name, type: DiskType.DATA, sizeBytes: size, usedBytes: 0, status: DiskStatus.CREATING, serverId: null, device: null, sourceImageId: image.id, sourceBackupId: null }),
+      );
+      const plan: RestorePlan = { targets: [{ imageDiskId: disks[0].id, diskId: disk.id }], serverId: null, powerOn: false, diskStatus: { [disk.id]: DiskStatus.AVAILABLE } };
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, diskId: disk.id, imageId: image.id, payload: { plan } });
+      return { disk, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
   }
 
   /** Attaches a data disk; without `device`, the first free one after /dev/vda. */

@@ -1,9 +1,34 @@
-import { DiskFormat, ExportStatus, ImageSource, ImageStatus, ImageType, OsType, type Image } from "../entities";
+import { In, type EntityManager } from "typeorm";
+import { rows } from "../db/sql";
+import {
+  Backup,
+  BackupResourceType,
+  BackupStatus,
+  Disk,
+  DiskFormat,
+  DiskStatus,
+  DiskType,
+  ExportStatus,
+  Image,
+  ImageExport,
+  ImageSource,
+  ImageStatus,
+  ImageType,
+  JobType,
+  OsType,
+  Server,
+  type Job,
+} from "../entities";
+import type { UploadStore } from "../storage/uploads";
+import type { BackupService } from "./backup.service";
 import type { RequestContext } from "./context";
-import { notFound } from "./errors";
+import { translateDbError } from "./db-errors";
+import { badInput, conflict, failedPrecondition, notFound } from "./errors";
 import { decodeId } from "./global-id";
+import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { description as validDescription, MiB, resourceName } from "./validate";
 
 export interface ImageFilter {
   statuses?: ImageStatus[] | null;
@@ -16,6 +41,34 @@ export interface ImageFilter {
 export interface ImageExportFilter {
   statuses?: ExportStatus[] | null;
   formats?: DiskFormat[] | null;
+}
+
+export interface CreateImageInput {
+  name: string;
+  type?: ImageType | null;
+  serverId?: string | null;
+  diskId?: string | null;
+  backupId?: string | null;
+  description?: string | null;
+  osType?: OsType | null;
+}
+
+export interface ImportImageInput {
+  name: string;
+  type?: ImageType | null;
+  uploadId: string;
+  format?: DiskFormat | null;
+  osType?: OsType | null;
+  minDiskBytes?: number | null;
+  description?: string | null;
+}
+
+/** What a CREATE_IMAGE job copies: blocks captured from a disk, or a backup to wait for. */
+export interface CreateImagePayload {
+  /** The disk whose volume holds pending blocks (image from a server or disk). */
+  sourceDiskId?: string;
+  /** A server backup being taken for a FULL_SERVER image; the job waits for it. */
+  awaitBackupId?: string;
 }
 
 export function imageConditions(filter: ImageFilter | null | undefined): Condition[] {
@@ -39,7 +92,22 @@ export function exportConditions(filter: ImageExportFilter | null | undefined): 
 /** Images can be exported to files unless they hold a whole server (IMS). */
 export const isExportable = (image: Image) => image.type !== ImageType.FULL_SERVER && image.status === ImageStatus.ACTIVE;
 
+const typeOfDisk = (t: DiskType | null) => (t === DiskType.SYSTEM ? ImageType.SYSTEM_DISK : ImageType.DATA_DISK);
+const ONE_PER_BACKUP = { uq_images_full_server_backup: "a FULL_SERVER image of this backup already exists; one per backup" };
+
+/**
+ * The image rules (IMS): SYSTEM_DISK and DATA_DISK images of a disk at one
+ * instant, FULL_SERVER images of a server backup (one per backup, taking the
+ * backup first when asked from a server), import from and export to files, and
+ * no export of FULL_SERVER images.
+ */
 export class ImageService {
+  constructor(
+    private readonly queue: JobQueue,
+    private readonly backups: BackupService,
+    private readonly uploads?: UploadStore,
+  ) {}
+
   list(ctx: RequestContext, list: ListName & `${string}mages`, key: string, args: PageArgs & { filter?: ImageFilter | null }) {
     return ctx.loaders.connection(list, key, args, imageConditions(args.filter));
   }
@@ -53,4 +121,244 @@ export class ImageService {
     if (!image) throw notFound("image", globalId);
     return image;
   }
+
+  async create(ctx: RequestContext, input: CreateImageInput): Promise<{ image: Image; job: Job }> {
+    const name = resourceName(input.name, "name");
+    const desc = validDescription(input.description, "description");
+    const given = [input.serverId && "serverId", input.diskId && "diskId", input.backupId && "backupId"].filter(Boolean);
+    if (given.length !== 1) throw badInput(given.length ? String(given[1]) : "serverId", "give exactly one of serverId, diskId or backupId");
+
+    // A FULL_SERVER image of a server: back the server up first, then make the image of that backup.
+    if (input.serverId && input.type === ImageType.FULL_SERVER) {
+      const { backup } = await this.backups.create(ctx, { resourceId: input.serverId, name: `${name}-backup`, description: `taken for image ${name}` });
+      return this.fromBackup(ctx, { ...input, name, description: desc, backupId: null }, backup.id, true);
+    }
+    if (input.backupId) return this.fromBackup(ctx, { ...input, name, description: desc }, decodeId(input.backupId, "Backup", "backupId"), false);
+
+    const result = await ctx.ds.transaction(async (em) => {
+      let disk: Disk | null;
+      let server: Server | null = null;
+      if (input.serverId) {
+        server = await em.findOne(Server, { where: { id: decodeId(input.serverId, "Server", "serverId"), projectId: ctx.projectId } });
+        if (!server) throw notFound("server", input.serverId);
+        if (input.type && input.type !== ImageType.SYSTEM_DISK) throw badInput("type", "a server makes a SYSTEM_DISK or FULL_SERVER image");
+        disk = await em.findOne(Disk, { where: { serverId: server.id, type: DiskType.SYSTEM }, lock: { mode: "pessimistic_write" } });
+        if (!disk) throw failedPrecondition("the server has no system disk");
+      } else {
+        disk = await em.findOne(Disk, { where: { id: decodeId(input.diskId!, "Disk", "diskId"), projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+        if (!disk) throw notFound("disk", input.diskId!);
+        if (input.type && input.type !== typeOfDisk(disk.type)) throw badInput("type", `a ${disk.type} disk makes a ${typeOfDisk(disk.type)} image`);
+        if (disk.serverId) server = await em.findOne(Server, { where: { id: disk.serverId } });
+      }
+      if (disk.status === DiskStatus.RESTORING || disk.status === DiskStatus.CREATING || disk.status === DiskStatus.ERROR) {
+        throw conflict(`disk ${disk.name} is ${disk.status}`);
+      }
+      const image = await em.save(
+        em.create(Image, {
+          projectId: ctx.projectId,
+          name,
+          description: desc,
+          type: typeOfDisk(disk.type),
+          status: ImageStatus.QUEUED,
+          source: input.serverId ? ImageSource.SERVER : ImageSource.DISK,
+          sourceServerId: server?.id ?? null,
+          sourceDiskId: disk.id,
+          sourceBackupId: null,
+          osType: input.osType ?? server?.osType ?? OsType.OTHER,
+          minDiskBytes: disk.sizeBytes,
+          virtualSizeBytes: disk.sizeBytes,
+          sizeBytes: 0,
+          checksum: null,
+          error: null,
+        }),
+      );
+      // The disk at this instant: its written blocks, still pointing at their volume segments.
+      const [imageDisk] = await rows<{ id: string }>(
+        em,
+        `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, 0, $2, $3, $4) RETURNING id`,
+        [image.id, disk.device, disk.type, disk.sizeBytes],
+      );
+      await em.query(
+        `INSERT INTO image_blocks (image_disk_id, block_index, hash, src_segment, src_offset)
+         SELECT $1, block_index, hash, segment_id, segment_offset FROM disk_blocks WHERE disk_id = $2 AND hash IS NOT NULL`,
+        [imageDisk.id, disk.id],
+      );
+      const payload: CreateImagePayload = { sourceDiskId: disk.id };
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_IMAGE, imageId: image.id, diskId: disk.id, serverId: server?.id ?? null, payload: { ...payload } });
+      return { image, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  private async fromBackup(ctx: RequestContext, input: CreateImageInput & { name: string; description: string }, backupId: string, takenNow: boolean): Promise<{ image: Image; job: Job }> {
+    const result = await ctx.ds
+      .transaction(async (em) => {
+        const backup = await em.findOne(Backup, { where: { id: backupId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+        if (!backup) throw notFound("backup", input.backupId ?? undefined);
+        if (backup.parentId) throw badInput("backupId", "this disk backup is part of a server backup; use the server backup");
+        if (!takenNow && backup.status !== BackupStatus.AVAILABLE) throw failedPrecondition(`only AVAILABLE backups make images; this one is ${backup.status}`);
+        const isServer = backup.resourceType === BackupResourceType.SERVER;
+        const type = isServer ? ImageType.FULL_SERVER : typeOfDisk(backup.diskType);
+        if (input.type && input.type !== type) throw badInput("type", `this backup makes a ${type} image`);
+        const server = backup.serverId ? await em.findOne(Server, { where: { id: backup.serverId } }) : null;
+        const parts = isServer ? await em.find(Backup, { where: { parentId: backup.id }, order: { device: "ASC" } }) : [backup];
+        const system = parts.find((p) => p.diskType === DiskType.SYSTEM) ?? parts[0];
+        const image = await em.save(
+          em.create(Image, {
+            projectId: ctx.projectId,
+            name: input.name,
+            description: input.description,
+            type,
+            status: ImageStatus.QUEUED,
+            source: takenNow ? ImageSource.SERVER : ImageSource.BACKUP,
+            sourceServerId: backup.serverId && server ? backup.serverId : null,
+            sourceDiskId: !isServer && backup.diskId ? backup.diskId : null,
+            sourceBackupId: backup.id,
+            osType: input.osType ?? server?.osType ?? OsType.OTHER,
+            minDiskBytes: system?.diskSizeBytes ?? 0,
+            virtualSizeBytes: system?.diskSizeBytes ?? 0,
+            sizeBytes: 0,
+            checksum: null,
+            error: null,
+          }),
+        );
+        const payload: CreateImagePayload = takenNow ? { awaitBackupId: backup.id } : {};
+        if (!takenNow) await addImageDisksFromBackup(em, image.id, parts);
+        const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_IMAGE, imageId: image.id, backupId: backup.id, serverId: backup.serverId, payload: { ...payload } });
+        return { image, job };
+      })
+      .catch((err) => {
+        throw translateDbError(err, ONE_PER_BACKUP);
+      });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  /** importImage: an uploaded file becomes an image; the job reads and checks it. */
+  async import(ctx: RequestContext, input: ImportImageInput): Promise<{ image: Image; job: Job }> {
+    const name = resourceName(input.name, "name");
+    const desc = validDescription(input.description, "description");
+    const type = input.type ?? ImageType.SYSTEM_DISK;
+    if (type === ImageType.FULL_SERVER) throw badInput("type", "FULL_SERVER images are made from server backups, not imported");
+    if (!/^[0-9a-f-]{36}$/.test(input.uploadId)) throw badInput("uploadId", "not an upload ID from POST /v1/uploads");
+    const [upload] = await rows<{ id: string; size_bytes: string }>(ctx.ds, `SELECT id, size_bytes FROM uploads WHERE id = $1 AND project_id = $2 AND expires_at > now()`, [
+      input.uploadId,
+      ctx.projectId,
+    ]);
+    if (!upload) throw notFound("upload", input.uploadId);
+    if (input.minDiskBytes != null && (!Number.isSafeInteger(input.minDiskBytes) || input.minDiskBytes < 0)) throw badInput("minDiskBytes", "must be a byte count");
+    let format: DiskFormat;
+    try {
+      if (!this.uploads) throw new Error("imports need the upload store");
+      format = (await this.uploads.detect(ctx.projectId, upload.id)) as DiskFormat;
+    } catch (err) {
+      if (err instanceof Error && err.name === "FormatError") throw badInput("uploadId", err.message);
+      throw err;
+    }
+    if (input.format && input.format !== format) throw badInput("format", `the file is ${format}, not ${input.format}`);
+    const result = await ctx.ds.transaction(async (em) => {
+      const image = await em.save(
+        em.create(Image, {
+          projectId: ctx.projectId,
+          name,
+          description: desc,
+          type,
+          status: ImageStatus.QUEUED,
+          source: ImageSource.IMPORT,
+          sourceServerId: null,
+          sourceDiskId: null,
+          sourceBackupId: null,
+          osType: input.osType ?? OsType.OTHER,
+          minDiskBytes: input.minDiskBytes ?? 0,
+          virtualSizeBytes: 0,
+          sizeBytes: 0,
+          checksum: null,
+          error: null,
+        }),
+      );
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.IMPORT_IMAGE, imageId: image.id, bytesTotal: Number(upload.size_bytes), payload: { uploadId: upload.id, format } });
+      return { image, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  async export(ctx: RequestContext, input: { imageId: string; format: DiskFormat }): Promise<{ export: ImageExport; job: Job }> {
+    const imageId = decodeId(input.imageId, "Image", "imageId");
+    if (!Object.values(DiskFormat).includes(input.format)) throw badInput("format", "one of RAW, QCOW2, VMDK, VHD");
+    const result = await ctx.ds.transaction(async (em) => {
+      const image = await em.findOne(Image, { where: { id: imageId, projectId: ctx.projectId }, lock: { mode: "pessimistic_read" } });
+      if (!image) throw notFound("image", input.imageId);
+      if (image.type === ImageType.FULL_SERVER) throw failedPrecondition("FULL_SERVER images cannot be exported; export an image of one disk");
+      if (image.status !== ImageStatus.ACTIVE) throw failedPrecondition(`only ACTIVE images can be exported; this one is ${image.status}`);
+      const exp = await em.save(em.create(ImageExport, { projectId: ctx.projectId, imageId, format: input.format, status: ExportStatus.QUEUED, sizeBytes: null, sha256: null, jobId: null, expiresAt: null }));
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.EXPORT_IMAGE, imageId, exportId: exp.id, payload: { format: input.format } });
+      exp.jobId = job.id;
+      await em.save(exp);
+      return { export: exp, job };
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  /** Deletes an image; servers and disks made from it stay, and so do backups it was made from. */
+  async delete(ctx: RequestContext, globalId: string): Promise<Image> {
+    const id = decodeId(globalId, "Image", "id");
+    const image = await ctx.ds.transaction(async (em) => {
+      const img = await em.findOne(Image, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!img) throw notFound("image", globalId);
+      if (img.status === ImageStatus.QUEUED || img.status === ImageStatus.SAVING) throw conflict("the image is being created; cancel its job first");
+      const building = await em.count(Disk, { where: { sourceImageId: id, status: DiskStatus.CREATING } });
+      if (building) throw conflict("disks are being created from this image; delete it when they are ready");
+      const exporting = await em.count(ImageExport, { where: { imageId: id, status: In([ExportStatus.QUEUED, ExportStatus.RUNNING]) } });
+      if (exporting) throw conflict("the image is being exported; cancel the export job first");
+      await em.delete(Image, { id });
+      return img;
+    });
+    ctx.invalidate();
+    return image;
+  }
+
+  /** The image disks a new server or disk is built from, checked against what the caller asks. */
+  async imageDisks(em: EntityManager, ctx: RequestContext, globalId: string, field: string): Promise<{ image: Image; disks: { id: string; device: string | null; diskType: DiskType; sizeBytes: number }[] }> {
+    const image = await em.findOne(Image, { where: { id: decodeId(globalId, "Image", field), projectId: ctx.projectId } });
+    if (!image) throw notFound("image", globalId);
+    if (image.status !== ImageStatus.ACTIVE) throw failedPrecondition(`image ${image.name} is ${image.status}; only ACTIVE images make servers and disks`);
+    const disks = await rows<{ id: string; device: string | null; disk_type: DiskType; size_bytes: string }>(
+      em,
+      `SELECT id, device, disk_type, size_bytes FROM image_disks WHERE image_id = $1 ORDER BY disk_index`,
+      [image.id],
+    );
+    return { image, disks: disks.map((d) => ({ id: d.id, device: d.device, diskType: d.disk_type, sizeBytes: Number(d.size_bytes) })) };
+  }
 }
+
+/** One image disk per disk backup, its blocks resolved through the backup's chain: no data is copied, chunks are shared. */
+export async function addImageDisksFromBackup(em: EntityManager, imageId: string, parts: Backup[]): Promise<void> {
+  for (const [i, part] of parts.entries()) {
+    const [disk] = await rows<{ id: string }>(
+      em,
+      `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, $2, $3, $4, $5) RETURNING id`,
+      [imageId, i, part.device, part.diskType ?? DiskType.DATA, part.diskSizeBytes ?? MiB],
+    );
+    await em.query(
+      `WITH RECURSIVE chain AS (
+         SELECT id, base_id, 0 AS depth FROM backups WHERE id = $2
+         UNION ALL
+         SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
+       )
+       INSERT INTO image_blocks (image_disk_id, block_index, hash)
+       SELECT $1, r.block_index, r.hash FROM (
+         SELECT DISTINCT ON (bb.block_index) bb.block_index, bb.hash FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
+          ORDER BY bb.block_index, c.depth
+       ) r WHERE r.hash IS NOT NULL`,
+      [disk.id, part.id],
+    );
+  }
+}
+

@@ -10,17 +10,19 @@ import { ServerService } from "./server.service";
 import type { EventBus } from "../jobs/events";
 import { MemoryEventBus } from "../jobs/events";
 import { JobQueue } from "./job-queue";
+import type { UploadStore } from "../storage/uploads";
 import { ProgressService } from "./progress";
 
-export function createServices(ds: DataSource, events: EventBus = new MemoryEventBus()) {
+export function createServices(ds: DataSource, events: EventBus = new MemoryEventBus(), uploads?: UploadStore) {
   const queue = new JobQueue(events);
   const backups = new BackupService(queue);
+  const images = new ImageService(queue, backups, uploads);
   return {
     projects: new ProjectService(ds),
-    servers: new ServerService(),
-    disks: new DiskService(backups),
+    servers: new ServerService(queue, images),
+    disks: new DiskService(backups, images, queue),
     backups,
-    images: new ImageService(),
+    images,
     policies: new PolicyService(),
     jobs: new JobService(queue),
     progress: new ProgressService(events),

@@ -32,30 +32,101 @@ const toEvent = (job: Job): ProgressEvent => ({
   etaSeconds: etaSeconds(job),
 });
 
+/** A stream of job events that can be closed at any moment, even while a read waits. */
+interface EventStream extends AsyncIterableIterator<JobEvent> {
+  return(): Promise<IteratorResult<JobEvent, undefined>>;
+}
+
 /**
- * Turns the project's job events into an async stream. It subscribes before the
- * caller reads the current state, so nothing falls between; events that arrive
- * faster than the client reads are coalesced to the latest.
+ * Turns the project's job events into an async stream. It subscribes at once, so
+ * a caller that reads the current state afterwards misses nothing between; events
+ * that arrive faster than the client reads are coalesced to the latest.
+ *
+ * Not an async generator on purpose: a generator waiting for the next event cannot
+ * be returned until that event comes (its return() queues behind the pending
+ * next()), so a subscription to a quiet job or project would never end and never
+ * unsubscribe. Here return() ends a pending read at once.
  */
-async function* events(bus: EventBus, projectId: string, accept: (e: JobEvent) => boolean): AsyncGenerator<JobEvent, void, undefined> {
+function events(bus: EventBus, projectId: string, accept: (e: JobEvent) => boolean): EventStream {
   const queue: JobEvent[] = [];
-  let wake: (() => void) | null = null;
+  let waiting: ((r: IteratorResult<JobEvent, undefined>) => void) | null = null;
+  let closed = false;
   const unsubscribe = bus.subscribe(projectId, (e) => {
-    if (!accept(e)) return;
+    if (closed || !accept(e)) return;
+    if (waiting) {
+      const w = waiting;
+      waiting = null;
+      w({ value: e, done: false });
+      return;
+    }
     const i = queue.findIndex((q) => q.jobId === e.jobId);
     if (i >= 0) queue.splice(i, 1);
     queue.push(e);
-    wake?.();
   });
-  try {
-    for (;;) {
-      while (queue.length) yield queue.shift()!;
-      await new Promise<void>((resolve) => (wake = resolve));
-      wake = null;
-    }
-  } finally {
-    unsubscribe();
-  }
+  const end = { value: undefined, done: true } as const;
+  return {
+    next() {
+      if (queue.length) return Promise.resolve({ value: queue.shift()!, done: false });
+      if (closed) return Promise.resolve(end);
+      return new Promise((resolve) => (waiting = resolve));
+    },
+    return() {
+      if (!closed) {
+        closed = true;
+        unsubscribe();
+        queue.length = 0;
+      }
+      const w = waiting;
+      waiting = null;
+      w?.(end);
+      return Promise.resolve(end);
+    },
+    [Symbol.asyncIterator]() {
+      return this;
+    },
+  };
+}
+
+/**
+ * Runs a generator that reads job events through `open`, so that returning it (the
+ * client unsubscribed or went away) first closes its stream: the generator's pending
+ * read ends, it runs its finally, and the return completes instead of waiting for an
+ * event that may never come.
+ */
+function closable<T>(
+  bus: EventBus,
+  projectId: string,
+  body: (open: (accept: (e: JobEvent) => boolean) => EventStream) => AsyncGenerator<T, void, undefined>,
+): AsyncGenerator<T, void, undefined> {
+  let stream: EventStream | null = null;
+  let returned = false;
+  const gen = body((accept) => {
+    stream = events(bus, projectId, accept);
+    if (returned) void stream.return();
+    return stream;
+  });
+  const close = async () => {
+    returned = true;
+    await stream?.return();
+  };
+  const wrapped: AsyncGenerator<T, void, undefined> = {
+    next: () => gen.next(),
+    async return(value) {
+      await close();
+      return gen.return(value);
+    },
+    async throw(err) {
+      await close();
+      return gen.throw(err);
+    },
+    [Symbol.asyncIterator]() {
+      return wrapped;
+    },
+    async [Symbol.asyncDispose]() {
+      await wrapped.return(undefined);
+    },
+  };
+  return wrapped;
 }
 
 /** Streams a job's progress: its state now, every change, the terminal state, then the end. */
@@ -68,32 +139,38 @@ export class ProgressService {
     return ctx.loaders.job.load(jobId);
   }
 
-  async *job(ctx: RequestContext, globalId: string): AsyncGenerator<ProgressEvent> {
+  job(ctx: RequestContext, globalId: string): AsyncGenerator<ProgressEvent, void, undefined> {
+    return closable(this.bus, ctx.projectId, (open) => this.jobEvents(ctx, globalId, open));
+  }
+
+  private async *jobEvents(ctx: RequestContext, globalId: string, open: (accept: (e: JobEvent) => boolean) => EventStream): AsyncGenerator<ProgressEvent, void, undefined> {
     const id = decodeId(globalId, "Job", "jobId");
-    const stream = events(this.bus, ctx.projectId, (e) => e.jobId === id);
+    const stream = open((e) => e.jobId === id); // subscribes before the current state is read
     try {
-      const first = stream.next(); // subscribes now
       const job = await this.fresh(ctx, id);
       if (!job) throw notFound("job", globalId);
       yield toEvent(job);
       if (TERMINAL.has(job.status)) return;
-      for (let next = await first; !next.done; next = await stream.next()) {
+      for (let next = await stream.next(); !next.done; next = await stream.next()) {
         const now = await this.fresh(ctx, id);
         if (!now) return;
         yield toEvent(now);
         if (TERMINAL.has(now.status)) return;
       }
     } finally {
-      await stream.return(undefined);
+      await stream.return();
     }
   }
 
   /** A backup's progress: the job now acting on it (backup, restore, verify, delete) until that job ends. */
-  async *backup(ctx: RequestContext, globalId: string): AsyncGenerator<ProgressEvent> {
+  backup(ctx: RequestContext, globalId: string): AsyncGenerator<ProgressEvent, void, undefined> {
+    return closable(this.bus, ctx.projectId, (open) => this.backupEvents(ctx, globalId, open));
+  }
+
+  private async *backupEvents(ctx: RequestContext, globalId: string, open: (accept: (e: JobEvent) => boolean) => EventStream): AsyncGenerator<ProgressEvent, void, undefined> {
     const id = decodeId(globalId, "Backup", "backupId");
-    const stream = events(this.bus, ctx.projectId, (e) => e.backupId === id);
+    const stream = open((e) => e.backupId === id); // subscribes before the current state is read
     try {
-      const first = stream.next();
       const backup = await ctx.loaders.backup.load(id);
       if (!backup) throw notFound("backup", globalId);
       const latest = await ctx.ds.getRepository(Job).findOne({ where: { backupId: id, projectId: ctx.projectId }, order: { createdAt: "DESC" } });
@@ -101,22 +178,26 @@ export class ProgressService {
         yield toEvent(latest);
         if (TERMINAL.has(latest.status)) return;
       }
-      for (let next = await first; !next.done; next = await stream.next()) {
+      for (let next = await stream.next(); !next.done; next = await stream.next()) {
         const now = await this.fresh(ctx, next.value.jobId);
         if (!now) continue;
         yield toEvent(now);
         if (TERMINAL.has(now.status)) return;
       }
     } finally {
-      await stream.return(undefined);
+      await stream.return();
     }
   }
 
   /** Every change of every job of the project that matches the filter; never ends by itself. */
-  async *updates(ctx: RequestContext, filter: JobFilter | null | undefined): AsyncGenerator<Job> {
+  updates(ctx: RequestContext, filter: JobFilter | null | undefined): AsyncGenerator<Job, void, undefined> {
+    return closable(this.bus, ctx.projectId, (open) => this.jobUpdates(ctx, filter, open));
+  }
+
+  private async *jobUpdates(ctx: RequestContext, filter: JobFilter | null | undefined, open: (accept: (e: JobEvent) => boolean) => EventStream): AsyncGenerator<Job, void, undefined> {
     jobConditions(filter); // validates the filter up front
     const resource = filter?.resourceId ? fromGlobalId(filter.resourceId)?.id : null;
-    const stream = events(this.bus, ctx.projectId, () => true);
+    const stream = open(() => true);
     try {
       for await (const e of stream) {
         const job = await this.fresh(ctx, e.jobId);
@@ -127,7 +208,7 @@ export class ProgressService {
         yield job;
       }
     } finally {
-      await stream.return(undefined);
+      await stream.return();
     }
   }
 }

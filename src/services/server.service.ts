@@ -1,12 +1,15 @@
 import type { EntityManager } from "typeorm";
-import { Disk, DiskStatus, DiskType, Image, OsType, Server, ServerStatus } from "../entities";
+import { Disk, DiskStatus, DiskType, ImageType, JobType, OsType, Server, ServerStatus, type Job } from "../entities";
+import type { RestorePlan } from "./backup.service";
+import type { ImageService } from "./image.service";
+import type { JobQueue } from "./job-queue";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput, failedPrecondition, notFound } from "./errors";
 import { decodeId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
-import { diskSize, intInRange, resourceName } from "./validate";
+import { diskSize, intInRange, MiB, resourceName } from "./validate";
 
 export interface ServerFilter {
   statuses?: ServerStatus[] | null;
@@ -22,7 +25,7 @@ export interface CreateServerInput {
   osType?: OsType | null;
   imageId?: string | null;
   systemDiskSizeBytes?: number | null;
-  dataDisks?: { name?: string | null; sizeBytes: number; imageId?: string | null }[] | null;
+  dataDisks?: { name?: string | null; sizeBytes?: number | null; imageId?: string | null }[] | null;
 }
 
 /** Device names in attachment order: the system disk is vda, data disks vdb to vdz. */
@@ -39,7 +42,14 @@ export function serverConditions(filter: ServerFilter | null | undefined): Condi
   return out;
 }
 
+const roundUpMiB = (n: number) => Math.ceil(n / MiB) * MiB;
+
 export class ServerService {
+  constructor(
+    private readonly queue: JobQueue,
+    private readonly images: ImageService,
+  ) {}
+
   list(ctx: RequestContext, list: ListName & `${string}ervers`, key: string, args: PageArgs & { filter?: ServerFilter | null }) {
     return ctx.loaders.connection(list, key, args, serverConditions(args.filter));
   }
@@ -50,56 +60,97 @@ export class ServerService {
     return server;
   }
 
-  async create(ctx: RequestContext, input: CreateServerInput): Promise<{ server: Server; disks: Disk[] }> {
+  /**
+   * Creates a server with a system disk (/dev/vda) and data disks (/dev/vdb, …):
+   * blank, or filled from images. A SYSTEM_DISK image fills the system disk; a
+   * FULL_SERVER image recreates every disk it holds; DATA_DISK images fill data
+   * disks. The server is BUILDING until a job has written the images' bytes.
+   */
+  async create(ctx: RequestContext, input: CreateServerInput): Promise<{ server: Server; disks: Disk[]; job: Job | null }> {
     const name = resourceName(input.name, "name");
     const vcpus = intInRange(input.vcpus, "vcpus", 1, 256);
     const memoryMib = intInRange(input.memoryMiB, "memoryMiB", 128, 4 * 1024 * 1024);
     const dataDisks = input.dataDisks ?? [];
-    if (dataDisks.length > MAX_DATA_DISKS) throw badInput("dataDisks", `at most ${MAX_DATA_DISKS} data disks`);
-    if (input.imageId || dataDisks.some((d) => d.imageId)) {
-      // Images come with the image service; until one exists, every image ID is unknown.
-      const field = input.imageId ? "imageId" : `dataDisks[${dataDisks.findIndex((d) => d.imageId)}].imageId`;
-      const imageId = decodeId((input.imageId ?? dataDisks.find((d) => d.imageId)!.imageId)!, "Image", field);
-      const image = await ctx.ds.getRepository(Image).findOneBy({ id: imageId, projectId: ctx.projectId });
-      if (!image) throw notFound("image", input.imageId ?? undefined);
-      throw failedPrecondition("creating servers and disks from images is not supported by this version");
-    }
-    if (input.systemDiskSizeBytes == null) throw badInput("systemDiskSizeBytes", "is required when no imageId is given");
-    const systemSize = diskSize(input.systemDiskSizeBytes, "systemDiskSizeBytes", ctx.config.maxDiskBytes);
-    const dataSpecs = dataDisks.map((d, i) => ({
-      name: d.name == null ? `${name}-data-${i + 1}` : resourceName(d.name, `dataDisks[${i}].name`),
-      sizeBytes: diskSize(d.sizeBytes, `dataDisks[${i}].sizeBytes`, ctx.config.maxDiskBytes),
-    }));
+    const max = ctx.config.maxDiskBytes;
 
     const result = await ctx.ds.transaction(async (em) => {
+      type Spec = { name: string; type: DiskType; sizeBytes: number; imageId: string | null; imageDiskId: string | null };
+      const specs: Spec[] = [];
+      let osType = input.osType ?? null;
+      let sourceImageId: string | null = null;
+      if (input.imageId) {
+        const { image, disks } = await this.images.imageDisks(em, ctx, input.imageId, "imageId");
+        if (image.type === ImageType.DATA_DISK) throw badInput("imageId", "a DATA_DISK image makes disks, not servers; use a SYSTEM_DISK or FULL_SERVER image");
+        sourceImageId = image.id;
+        osType ??= image.osType;
+        disks.forEach((d, i) => {
+          const minimum = roundUpMiB(Math.max(d.sizeBytes, i === 0 ? image.minDiskBytes : 0));
+          let size = minimum;
+          if (i === 0 && input.systemDiskSizeBytes != null) {
+            size = diskSize(input.systemDiskSizeBytes, "systemDiskSizeBytes", max);
+            if (size < minimum) throw badInput("systemDiskSizeBytes", `must be at least the image's ${minimum} bytes`);
+          }
+          specs.push({ name: i === 0 ? `${name}-system` : `${name}-data-${i}`, type: i === 0 ? DiskType.SYSTEM : DiskType.DATA, sizeBytes: size, imageId: image.id, imageDiskId: d.id });
+        });
+      } else {
+        if (input.systemDiskSizeBytes == null) throw badInput("systemDiskSizeBytes", "is required when no imageId is given");
+        specs.push({ name: `${name}-system`, type: DiskType.SYSTEM, sizeBytes: diskSize(input.systemDiskSizeBytes, "systemDiskSizeBytes", max), imageId: null, imageDiskId: null });
+      }
+      const first = specs.length;
+      for (const [i, d] of dataDisks.entries()) {
+        const field = `dataDisks[${i}]`;
+        let imageDiskId: string | null = null;
+        let minimum = 0;
+        if (d.imageId) {
+          const { image, disks } = await this.images.imageDisks(em, ctx, d.imageId, `${field}.imageId`);
+          if (image.type !== ImageType.DATA_DISK) throw badInput(`${field}.imageId`, "data disks are made from DATA_DISK images");
+          imageDiskId = disks[0].id;
+          minimum = roundUpMiB(Math.max(disks[0].sizeBytes, image.minDiskBytes));
+        }
+        const size = d.sizeBytes == null ? minimum : diskSize(d.sizeBytes, `${field}.sizeBytes`, max);
+        if (size < minimum || size === 0) throw badInput(`${field}.sizeBytes`, minimum ? `must be at least the image's ${minimum} bytes` : "is required for a blank disk");
+        specs.push({
+          name: d.name == null ? `${name}-data-${first + i}` : resourceName(d.name, `${field}.name`),
+          type: DiskType.DATA,
+          sizeBytes: size,
+          imageId: d.imageId ? decodeId(d.imageId, "Image", `${field}.imageId`) : null,
+          imageDiskId,
+        });
+      }
+      if (specs.length > DEVICES.length) throw badInput("dataDisks", `at most ${MAX_DATA_DISKS} data disks`);
+      const building = specs.some((s) => s.imageDiskId);
       const server = await em.save(
-        em.create(Server, {
-          projectId: ctx.projectId,
-          name,
-          vcpus,
-          memoryMib,
-          osType: input.osType ?? OsType.LINUX,
-          status: ServerStatus.ACTIVE,
-          sourceImageId: null,
-        }),
+        em.create(Server, { projectId: ctx.projectId, name, vcpus, memoryMib, osType: osType ?? OsType.LINUX, status: building ? ServerStatus.BUILDING : ServerStatus.ACTIVE, sourceImageId }),
       );
       const disks = await em.save(
-        [
-          { name: `${name}-system`, type: DiskType.SYSTEM, sizeBytes: systemSize },
-          ...dataSpecs.map((d) => ({ ...d, type: DiskType.DATA })),
-        ].map((d, i) =>
+        specs.map((s, i) =>
           em.create(Disk, {
-            ...d,
             projectId: ctx.projectId,
-            status: DiskStatus.IN_USE,
+            name: s.name,
+            type: s.type,
+            sizeBytes: s.sizeBytes,
+            usedBytes: 0,
+            status: s.imageDiskId ? DiskStatus.CREATING : DiskStatus.IN_USE,
             serverId: server.id,
             device: DEVICES[i],
-            usedBytes: 0,
+            sourceImageId: s.imageId,
+            sourceBackupId: null,
           }),
         ),
       );
-      return { server, disks };
+      let job: Job | null = null;
+      if (building) {
+        const plan: RestorePlan = {
+          targets: specs.flatMap((s, i) => (s.imageDiskId ? [{ imageDiskId: s.imageDiskId, diskId: disks[i].id }] : [])),
+          serverId: server.id,
+          powerOn: true,
+          diskStatus: Object.fromEntries(disks.map((d) => [d.id, DiskStatus.IN_USE])),
+        };
+        job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, serverId: server.id, imageId: sourceImageId, payload: { plan } });
+      }
+      return { server, disks, job };
     });
+    if (result.job) await this.queue.announce(result.job);
     ctx.invalidate();
     return result;
   }

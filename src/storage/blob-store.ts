@@ -26,7 +26,15 @@ export interface BlobStore {
   /** Size, or null when absent. */
   stat(key: string): Promise<BlobInfo | null>;
   delete(key: string): Promise<void>;
+  /** The finished blobs under `prefix`; what unfinished writes left behind is not listed. */
   list(prefix: string): AsyncIterable<BlobInfo>;
+  /**
+   * Deletes what writes under `prefix` left behind when their process died before
+   * they finished (a crash mid-write), once untouched since `before`. Garbage
+   * collection calls it; a backend whose store cleans these up itself (S3 with a
+   * lifecycle rule for incomplete multipart uploads) need not implement it.
+   */
+  removeIncomplete?(prefix: string, before: Date): Promise<{ count: number; bytes: number }>;
 }
 
 export class BlobNotFoundError extends Error {

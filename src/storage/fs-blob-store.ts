@@ -129,11 +129,35 @@ export class FsBlobStore implements BlobStore {
   }
 
   async *list(prefix: string): AsyncIterable<BlobInfo> {
+    for await (const f of this.walk(prefix)) {
+      if (!f.temporary) yield { key: f.key, size: f.size, modifiedAt: f.modifiedAt };
+    }
+  }
+
+  /** Temporary files of writes that never reached their rename (the process died), untouched since `before`. */
+  async removeIncomplete(prefix: string, before: Date): Promise<{ count: number; bytes: number }> {
+    let count = 0;
+    let bytes = 0;
+    for await (const f of this.walk(prefix)) {
+      if (!f.temporary || f.modifiedAt.getTime() >= before.getTime()) continue;
+      await fsp.rm(f.file, { force: true });
+      count++;
+      bytes += f.size;
+    }
+    return { count, bytes };
+  }
+
+  /**
+   * The files under a prefix: blobs by key, and the temporary files of writes in
+   * progress or abandoned (named `.tmp-<blob name>-<random>`, matched to the
+   * prefix by the name of the blob they were to become).
+   */
+  private async *walk(prefix: string): AsyncIterable<BlobInfo & { file: string; temporary: boolean }> {
     checkPrefix(prefix);
     // Walk the deepest folder the prefix names, then filter by the rest of it.
     const base = prefix.includes("/") ? prefix.slice(0, prefix.lastIndexOf("/")) : "";
     const start = base ? path.join(this.root, base) : this.root;
-    const walk = async function* (dir: string, rel: string): AsyncIterable<BlobInfo> {
+    const walk = async function* (dir: string, rel: string): AsyncIterable<BlobInfo & { file: string; temporary: boolean }> {
       let entries: fs.Dirent[];
       try {
         entries = await fsp.readdir(dir, { withFileTypes: true });
@@ -143,13 +167,23 @@ export class FsBlobStore implements BlobStore {
       }
       entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
       for (const e of entries) {
-        if (e.name.startsWith(".tmp")) continue;
-        const key = rel ? `${rel}/${e.name}` : e.name;
+        const temporary = e.name.startsWith(".tmp");
+        if (temporary && !e.isFile()) continue;
+        // A temporary file stands for the blob it was to become: .tmp-<name>-<12 hex>.
+        const name = temporary ? e.name.replace(/^\.tmp-/, "").replace(/-[0-9a-f]{12}$/, "") : e.name;
+        const key = rel ? `${rel}/${name}` : name;
         if (e.isDirectory()) {
           if (key.startsWith(prefix) || prefix.startsWith(key + "/")) yield* walk(path.join(dir, e.name), key);
         } else if (e.isFile() && key.startsWith(prefix)) {
-          const st = await fsp.stat(path.join(dir, e.name));
-          yield { key, size: st.size, modifiedAt: st.mtime };
+          const file = path.join(dir, e.name);
+          let st: fs.Stats;
+          try {
+            st = await fsp.stat(file);
+          } catch (err) {
+            if ((err as NodeJS.ErrnoException).code === "ENOENT") continue; // renamed or deleted meanwhile
+            throw err;
+          }
+          yield { key, size: st.size, modifiedAt: st.mtime, file, temporary };
         }
       }
     };

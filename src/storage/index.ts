@@ -4,12 +4,15 @@ import type { Config } from "../config";
 import type { BlobStore } from "./blob-store";
 import { FsBlobStore } from "./fs-blob-store";
 import { S3BlobStore } from "./s3-blob-store";
+import { UploadStore } from "./uploads";
 import { Vault } from "./vault";
 import { VolumeStore } from "./volume-store";
 
 export interface Storage {
   volumes: VolumeStore;
   vault: Vault;
+  /** Uploads and exports live beside the vault. */
+  uploads: UploadStore;
   close(): void;
 }
 
@@ -21,9 +24,11 @@ export function createStorage(config: Config, ds: DataSource): Storage {
     made.push(store);
     return store;
   };
+  const vault = new Vault(ds, open(config.vaultBackend));
   return {
     volumes: new VolumeStore(ds, open(config.volumeBackend)),
-    vault: new Vault(ds, open(config.vaultBackend)),
+    vault,
+    uploads: new UploadStore(ds, vault.blobs),
     close() {
       for (const s of made) if (s instanceof S3BlobStore) s.destroy();
     },

@@ -189,9 +189,9 @@ export class Vault {
    * Reclaims space of one project: unindexes chunks that no backup or image
    * references, deletes packs left with no live chunk, rewrites packs that are
    * mostly dead, and deletes pack blobs that were never indexed (a crash between
-   * writing and indexing) once older than `graceMs`. One collector per project at a
-   * time; safe while backups run, because a backup's blocks reference their chunks
-   * from the instant it is taken.
+   * writing and indexing) or never finished (a crash while writing) once older
+   * than `graceMs`. One collector per project at a time; safe while backups run,
+   * because a backup's blocks reference their chunks from the instant it is taken.
    */
   async collectGarbage(projectId: string, graceMs: number): Promise<{ chunks: number; packs: number; bytes: number } | null> {
     const runner = this.ds.createQueryRunner();
@@ -214,6 +214,8 @@ export class Vault {
       this.ds,
       `DELETE FROM vault_chunks c WHERE c.project_id = $1
          AND NOT EXISTS (SELECT 1 FROM backup_blocks bb JOIN backups b ON b.id = bb.backup_id WHERE bb.hash = c.hash AND b.project_id = c.project_id)
+         AND NOT EXISTS (SELECT 1 FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id JOIN images i ON i.id = d.image_id
+                          WHERE ib.hash = c.hash AND i.project_id = c.project_id)
        RETURNING hash`,
       [projectId],
     );
@@ -245,6 +247,12 @@ export class Vault {
       await this.blobs.delete(blob.key);
       packs++;
       bytes += blob.size;
+    }
+    // Packs a crashed process was still writing.
+    const incomplete = await this.blobs.removeIncomplete?.(`vault/${projectId}/packs/`, new Date(cutoff));
+    if (incomplete) {
+      packs += incomplete.count;
+      bytes += incomplete.bytes;
     }
     return { chunks: deadChunks.length, packs, bytes };
   }

@@ -208,15 +208,16 @@ export class VolumeStore {
   }
 
   /**
-   * Deletes segment blobs that no disk block and no running backup points at, and
-   * blobs that were written but never committed (a crash between the two) once they
-   * are older than `graceMs`.
+   * Deletes segment blobs that no disk block and no running backup or image creation points at, and
+   * blobs that were written but never committed (a crash between the two) or never
+   * finished (a crash while writing) once they are older than `graceMs`.
    */
   async collectGarbage(graceMs: number): Promise<{ segments: number; bytes: number }> {
     const dead: { id: string; disk_id: string; size_bytes: string }[] = await this.ds.query(
       `SELECT s.id, s.disk_id, s.size_bytes FROM volume_segments s
         WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
-          AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)`,
+          AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)
+          AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id)`,
     );
     let bytes = 0;
     for (const s of dead) {
@@ -225,7 +226,8 @@ export class VolumeStore {
         this.ds,
         `DELETE FROM volume_segments s WHERE s.id = $1
            AND NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
-           AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id) RETURNING id`,
+           AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)
+           AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id) RETURNING id`,
         [s.id],
       );
       if (!gone.length) continue;
@@ -242,6 +244,12 @@ export class VolumeStore {
       await this.blobs.delete(blob.key);
       orphans++;
       bytes += blob.size;
+    }
+    // Segments a crashed process was still writing.
+    const incomplete = await this.blobs.removeIncomplete?.("volumes/", new Date(cutoff));
+    if (incomplete) {
+      orphans += incomplete.count;
+      bytes += incomplete.bytes;
     }
     return { segments: dead.length + orphans, bytes };
   }

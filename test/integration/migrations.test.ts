@@ -14,8 +14,8 @@ afterAll(async () => {
 });
 
 const TABLES = [
-  "api_keys", "backup_blocks", "backups", "disk_blocks", "disks", "image_exports", "images", "jobs", "policies", "policy_bindings",
-  "projects", "servers", "vault_chunks", "vault_packs", "volume_segments",
+  "api_keys", "backup_blocks", "backups", "disk_blocks", "disks", "image_blocks", "image_disks", "image_exports", "images", "jobs",
+  "policies", "policy_bindings", "projects", "servers", "uploads", "vault_chunks", "vault_packs", "volume_segments",
 ];
 
 const tables = async () =>

@@ -1,9 +1,10 @@
-import { Args, Ctx, FieldResolver, Query, Resolver, Root } from "type-graphql";
+import { Arg, Args, Ctx, FieldResolver, Mutation, Query, Resolver, Root } from "type-graphql";
 import type { Image, ImageExport } from "../../entities";
 import { toGlobalId } from "../../services/global-id";
 import { isExportable } from "../../services/image.service";
 import type { GraphQLContext } from "../context";
-import { DiskListArgs, ImageExportListArgs, ImageListArgs, ServerListArgs } from "../types/inputs.type";
+import { CreateImageInput, DiskListArgs, ExportImageInput, IdInput, ImageExportListArgs, ImageListArgs, ImportImageInput, ServerListArgs } from "../types/inputs.type";
+import { CreateImagePayload, DeleteImagePayload, ExportImagePayload, ImportImagePayload } from "../types/payloads.type";
 import { BackupType, DiskConnection, DiskType_, ImageConnection, ImageExportConnection, ImageExportType, ImageType_, JobType_, ServerConnection, ServerType } from "../types/resources.type";
 
 @Resolver(() => ImageType_)
@@ -11,6 +12,27 @@ export class ImageResolver {
   @Query(() => ImageConnection)
   images(@Args() args: ImageListArgs, @Ctx() { ctx, services }: GraphQLContext) {
     return services.images.list(ctx, "images", ctx.projectId, args);
+  }
+
+  @Mutation(() => CreateImagePayload, { description: "An image of a server's system disk, of a disk, of a backup, or (type FULL_SERVER) of a whole server." })
+  createImage(@Arg("input") input: CreateImageInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.images.create(ctx, input);
+  }
+
+  @Mutation(() => ImportImagePayload, { description: "Imports a file uploaded with POST /v1/uploads (RAW, QCOW2, VMDK or VHD, detected from the file)." })
+  importImage(@Arg("input") input: ImportImageInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.images.import(ctx, input);
+  }
+
+  @Mutation(() => ExportImagePayload, { description: "Writes the image to a file; download it from the export's downloadUrl when READY." })
+  exportImage(@Arg("input") input: ExportImageInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.images.export(ctx, input);
+  }
+
+  @Mutation(() => DeleteImagePayload, { description: "Deletes the image; servers and disks made from it stay." })
+  async deleteImage(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    const image = await services.images.delete(ctx, input.id);
+    return { deletedImageId: toGlobalId("Image", image.id) };
   }
 
   @FieldResolver(() => Boolean, { description: "FULL_SERVER images cannot be exported to a file." })

@@ -13,7 +13,7 @@ export class ServerResolver {
     return services.servers.list(ctx, "servers", ctx.projectId, args);
   }
 
-  @Mutation(() => CreateServerPayload, { description: "Creates a server with a system disk (/dev/vda) and data disks (/dev/vdb, …)." })
+  @Mutation(() => CreateServerPayload, { description: "Creates a server with a system disk (/dev/vda) and data disks (/dev/vdb, …), blank or from images." })
   createServer(@Arg("input") input: CreateServerInput, @Ctx() { ctx, services }: GraphQLContext) {
     return services.servers.create(ctx, input);
   }

@@ -103,7 +103,7 @@ export class IdInput {
 @InputType()
 export class DataDiskInput {
   @Field(() => String, { nullable: true, description: "Defaults to <server>-data-<n>." }) name?: string;
-  @Field(() => SafeInt) sizeBytes: number;
+  @Field(() => SafeInt, { nullable: true, description: "Required for a blank disk; from an image, at least its minimum (the default)." }) sizeBytes?: number;
   @Field(() => ID, { nullable: true, description: "A DATA_DISK image to fill the disk from." }) imageId?: string;
 }
 
@@ -201,4 +201,33 @@ export class RestoreBackupInput {
   @Field(() => [RestoreMappingInput], { nullable: true, description: "Server backups: which disk each disk backup goes to; by default each to its original disk." })
   mappings?: RestoreMappingInput[];
   @Field(() => Boolean, { nullable: true, defaultValue: true, description: "Start the server after the restore." }) powerOn?: boolean;
+}
+
+@InputType()
+export class CreateImageInput {
+  @Field() name: string;
+  @Field(() => ImageType, { nullable: true, description: "With serverId: SYSTEM_DISK (default) or FULL_SERVER (backs the server up first). Otherwise inferred." })
+  type?: ImageType;
+  @Field(() => ID, { nullable: true }) serverId?: string;
+  @Field(() => ID, { nullable: true }) diskId?: string;
+  @Field(() => ID, { nullable: true, description: "A server backup makes a FULL_SERVER image; a disk backup a SYSTEM_DISK or DATA_DISK image." }) backupId?: string;
+  @Field(() => String, { nullable: true }) description?: string;
+  @Field(() => OsType, { nullable: true, description: "Defaults to the server's." }) osType?: OsType;
+}
+
+@InputType()
+export class ImportImageInput {
+  @Field() name: string;
+  @Field(() => ImageType, { nullable: true, defaultValue: ImageType.SYSTEM_DISK, description: "SYSTEM_DISK or DATA_DISK." }) type?: ImageType;
+  @Field({ description: "The id POST /v1/uploads answered." }) uploadId: string;
+  @Field(() => DiskFormat, { nullable: true, description: "Detected from the file; when given, it must agree." }) format?: DiskFormat;
+  @Field(() => OsType, { nullable: true }) osType?: OsType;
+  @Field(() => SafeInt, { nullable: true, description: "Smallest disk the image may be written to; at least its virtual size." }) minDiskBytes?: number;
+  @Field(() => String, { nullable: true }) description?: string;
+}
+
+@InputType()
+export class ExportImageInput {
+  @Field(() => ID) imageId: string;
+  @Field(() => DiskFormat) format: DiskFormat;
 }

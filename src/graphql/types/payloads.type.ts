@@ -1,9 +1,10 @@
 import { Field, ID, ObjectType } from "type-graphql";
-import { BackupType, DiskType_, JobType_, PolicyType, ServerType } from "./resources.type";
+import { BackupType, DiskType_, ImageExportType, ImageType_, JobType_, PolicyType, ServerType } from "./resources.type";
 
 @ObjectType()
 export class CreateServerPayload {
   @Field(() => ServerType) server: unknown;
+  @Field(() => JobType_, { nullable: true, description: "The job writing images onto the new disks; null for blank disks." }) job: unknown;
 }
 
 @ObjectType()
@@ -69,4 +70,27 @@ export class DeleteBackupPayload {
 @ObjectType()
 export class CancelJobPayload {
   @Field(() => JobType_) job: unknown;
+}
+
+@ObjectType()
+export class ImagePayload {
+  @Field(() => ImageType_) image: unknown;
+  @Field(() => JobType_) job: unknown;
+}
+
+@ObjectType()
+export class CreateImagePayload extends ImagePayload {}
+
+@ObjectType()
+export class ImportImagePayload extends ImagePayload {}
+
+@ObjectType()
+export class ExportImagePayload {
+  @Field(() => ImageExportType) export: unknown;
+  @Field(() => JobType_) job: unknown;
+}
+
+@ObjectType()
+export class DeleteImagePayload {
+  @Field(() => ID) deletedImageId: string;
 }

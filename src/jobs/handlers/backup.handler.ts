@@ -5,15 +5,7 @@ import type { Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type VolumeStore } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
-
-const BATCH = 512;
-
-interface Pending {
-  block_index: string;
-  hash: Buffer;
-  src_segment: string;
-  src_offset: string;
-}
+import { copyPendingBlocks, countPending, sealPending, type PendingBlocks } from "../copy-blocks";
 
 /**
  * Copies a backup's captured blocks into the vault. Blocks whose chunk the vault
@@ -39,52 +31,25 @@ export class BackupHandler implements JobHandler {
   async run(ctx: JobContext): Promise<void> {
     const { job } = ctx;
     const parts = await this.parts(job);
-    const [{ n }] = await rows<{ n: string }>(this.ds, `SELECT count(*) AS n FROM backup_blocks WHERE backup_id = ANY($1) AND src_segment IS NOT NULL`, [parts.map((p) => p.id)]);
-    const total = Number(n) * BLOCK_SIZE;
+    const pending = (part: Backup): PendingBlocks => ({ table: "backup_blocks", ownerColumn: "backup_id", ownerId: part.id, diskId: part.resourceId, projectId: job.projectId });
+    let total = 0;
+    for (const part of parts) total += (await countPending(this.ds, pending(part))) * BLOCK_SIZE;
     let done = 0;
     await ctx.progress(0, total);
     const stored = new Map<string, number>();
-
     for (const part of parts) {
-      const writer = this.vault.writer(job.projectId);
-      let after = -1;
-      for (;;) {
-        ctx.checkCancelled();
-        const batch = await rows<Pending>(
-          this.ds,
-          `SELECT block_index, hash, src_segment, src_offset FROM backup_blocks
-            WHERE backup_id = $1 AND src_segment IS NOT NULL AND block_index > $2 ORDER BY block_index LIMIT ${BATCH}`,
-          [part.id, after],
-        );
-        if (!batch.length) break;
-        after = Number(batch[batch.length - 1].block_index);
-        const have = await this.vault.existing(job.projectId, batch.map((b) => b.hash));
-        const missing = batch
-          .filter((b) => !have.has(b.hash.toString("hex")) && !writer.has(b.hash))
-          .sort((a, b) => (a.src_segment === b.src_segment ? Number(a.src_offset) - Number(b.src_offset) : a.src_segment < b.src_segment ? -1 : 1));
-        const data = await this.volumes.readRefs(
-          part.resourceId,
-          missing.map((m) => ({ segmentId: m.src_segment, offset: Number(m.src_offset) })),
-        );
-        for (let i = 0; i < missing.length; i++) await writer.add(missing[i].hash, data[i]);
-        done += batch.length * BLOCK_SIZE;
+      const added = await copyPendingBlocks(this.ds, this.volumes, this.vault, pending(part), async (n) => {
+        done += n * BLOCK_SIZE;
         await ctx.progress(done, total);
-      }
-      await writer.flush();
-      stored.set(part.id, writer.storedBytes);
+      });
+      stored.set(part.id, added);
     }
     ctx.checkCancelled();
 
     await this.ds.transaction(async (em) => {
       const ids = parts.map((p) => p.id);
-      const [{ missing }] = await rows<{ missing: string }>(
-        em,
-        `SELECT count(*) AS missing FROM backup_blocks bb WHERE bb.backup_id = ANY($1) AND bb.hash IS NOT NULL
-            AND NOT EXISTS (SELECT 1 FROM vault_chunks c WHERE c.project_id = $2 AND c.hash = bb.hash)`,
-        [ids, job.projectId],
-      );
-      if (Number(missing) > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
-      await em.query(`UPDATE backup_blocks SET src_segment = NULL, src_offset = NULL WHERE backup_id = ANY($1) AND src_segment IS NOT NULL`, [ids]);
+      const missing = await sealPending(em, { table: "backup_blocks", ownerColumn: "backup_id", ownerIds: ids, projectId: job.projectId });
+      if (missing > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
       for (const p of parts) {
         await em.query(`UPDATE backups SET status = 'AVAILABLE', progress = 1, completed_at = now(), stored_bytes = $2, updated_at = now() WHERE id = $1`, [p.id, stored.get(p.id) ?? 0]);
       }

@@ -9,6 +9,21 @@ import type { JobContext, JobHandler, JobOutcome } from "../runner";
 
 const READ_BATCH = 128;
 
+/** Where a disk's bytes come from: a disk backup (through its chain) or a disk of an image. */
+interface Source {
+  backupId?: string;
+  imageDiskId?: string;
+}
+
+async function imageManifest(ds: DataSource, imageDiskId: string, first: number, last: number) {
+  const r = await rows<{ block_index: string; hash: Buffer }>(
+    ds,
+    `SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3 ORDER BY block_index`,
+    [imageDiskId, first, last],
+  );
+  return r.map((x) => ({ index: Number(x.block_index), hash: x.hash as Buffer | null }));
+}
+
 interface Diff {
   write: { index: number; hash: Buffer }[];
   zero: number[];
@@ -17,7 +32,8 @@ interface Diff {
 /**
  * Makes disks read back exactly a backup's bytes, writing only the blocks whose
  * content differs (compared by SHA-256, without reading the disk) and zeroing
- * blocks the backup does not hold. Serves restoreBackup and createDisk from a backup.
+ * blocks the backup does not hold. Serves restoreBackup, and createDisk and
+ * createServer from a backup or an image.
  */
 export class RestoreHandler implements JobHandler {
   constructor(
@@ -31,8 +47,10 @@ export class RestoreHandler implements JobHandler {
     return (job.payload as { plan: RestorePlan }).plan;
   }
 
-  private async diff(backupId: string, diskId: string, first: number, last: number): Promise<Diff> {
-    const manifest = await resolveManifest(this.ds, backupId, first, last);
+  private async diff(source: Source, diskId: string, first: number, last: number): Promise<Diff> {
+    const manifest = source.imageDiskId
+      ? await imageManifest(this.ds, source.imageDiskId, first, last)
+      : await resolveManifest(this.ds, source.backupId!, first, last);
     const current = await rows<{ block_index: string; hash: Buffer }>(
       this.ds,
       `SELECT block_index, hash FROM disk_blocks WHERE disk_id = $1 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL`,
@@ -50,7 +68,7 @@ export class RestoreHandler implements JobHandler {
   async run(ctx: JobContext): Promise<void> {
     const { job } = ctx;
     const plan = this.plan(job);
-    const targets: { backupId: string; diskId: string; blocks: number }[] = [];
+    const targets: (Source & { diskId: string; blocks: number })[] = [];
     for (const t of plan.targets) {
       const [disk] = await rows<{ size_bytes: string }>(this.ds, `SELECT size_bytes FROM disks WHERE id = $1`, [t.diskId]);
       targets.push({ ...t, blocks: Math.ceil(Number(disk.size_bytes) / BLOCK_SIZE) });
@@ -59,7 +77,7 @@ export class RestoreHandler implements JobHandler {
     let total = 0;
     for (const t of targets) {
       for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) {
-        const d = await this.diff(t.backupId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
+        const d = await this.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
         total += d.write.length * BLOCK_SIZE;
       }
     }
@@ -71,7 +89,7 @@ export class RestoreHandler implements JobHandler {
       const blocks = async function* (): AsyncIterable<BlockWrite> {
         for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) {
           ctx.checkCancelled();
-          const d = await self.diff(t.backupId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
+          const d = await self.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
           for (const index of d.zero) yield { index, data: null };
           for (let i = 0; i < d.write.length; i += READ_BATCH) {
             ctx.checkCancelled();
@@ -94,7 +112,7 @@ export class RestoreHandler implements JobHandler {
       if (plan.serverId) {
         await em.query(`UPDATE servers SET status = $2, updated_at = now() WHERE id = $1`, [plan.serverId, plan.powerOn ? ServerStatus.ACTIVE : ServerStatus.SHUTOFF]);
       }
-      await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
+      if (job.backupId) await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
     });
   }
 
@@ -103,8 +121,9 @@ export class RestoreHandler implements JobHandler {
     const plan = this.plan(job);
     await this.ds.transaction(async (em) => {
       await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = ANY($1)`, [Object.keys(plan.diskStatus), DiskStatus.ERROR]);
-      if (plan.serverId) await em.query(`UPDATE servers SET status = 'SHUTOFF', updated_at = now() WHERE id = $1 AND status = 'RESTORING'`, [plan.serverId]);
-      await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
+      // A server being built from an image has nothing to fall back to: ERROR. A restored one stays stopped.
+      if (plan.serverId) await em.query(`UPDATE servers SET status = CASE WHEN status = 'BUILDING' THEN 'ERROR' ELSE 'SHUTOFF' END, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'BUILDING')`, [plan.serverId]);
+      if (job.backupId) await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
     });
   }
 }

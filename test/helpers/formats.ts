@@ -1,0 +1,114 @@
+import { execFileSync } from "node:child_process";
+import crypto from "node:crypto";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import type { ImageReader, RandomAccessSource, WriteSource } from "../../src/formats/types";
+import { BLOCK_SIZE } from "../../src/formats/types";
+import { requireProgram } from "./external";
+
+/** qemu-img, or null when STOWAGE_SKIP_EXTERNAL=1 (otherwise a missing one fails, naming qemu-utils). */
+export const qemuImg = () => requireProgram(["/usr/bin/qemu-img"], "qemu-utils");
+
+export function qemu(args: string[]): string {
+  return execFileSync("/usr/bin/qemu-img", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+}
+
+export function tmpDir(prefix = "stowage-fmt-"): { dir: string; cleanup(): void } {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  return { dir, cleanup: () => fs.rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** A file on disk as a RandomAccessSource, counting the bytes read. */
+export function fileSource(file: string): RandomAccessSource & { bytesRead: number; close(): void } {
+  const fd = fs.openSync(file, "r");
+  const size = fs.fstatSync(fd).size;
+  const src = {
+    size,
+    bytesRead: 0,
+    async read(offset: number, length: number) {
+      if (offset < 0 || offset + length > size) throw new Error(`read past the end: ${offset}+${length} > ${size}`);
+      const buf = Buffer.alloc(length);
+      fs.readSync(fd, buf, 0, length, offset);
+      src.bytesRead += length;
+      return buf;
+    },
+    close: () => fs.closeSync(fd),
+  };
+  return src;
+}
+
+export function bufferSource(buf: Buffer): RandomAccessSource {
+  return {
+    size: buf.length,
+    async read(offset, length) {
+      if (offset < 0 || offset + length > buf.length) throw new Error(`read past the end: ${offset}+${length} > ${buf.length}`);
+      return buf.subarray(offset, offset + length);
+    },
+  };
+}
+
+/** The whole virtual disk a reader describes (small disks only), checking the extent rules on the way. */
+export async function readAll(reader: ImageReader): Promise<Buffer> {
+  const out = Buffer.alloc(reader.virtualSize);
+  let last = 0;
+  for await (const e of reader.extents()) {
+    if (e.offset < last) throw new Error(`extent at ${e.offset} overlaps or goes backwards (previous ended at ${last})`);
+    if (e.offset + e.data.length > reader.virtualSize) throw new Error(`extent at ${e.offset} runs past the virtual size`);
+    e.data.copy(out, e.offset);
+    last = e.offset + e.data.length;
+  }
+  return out;
+}
+
+/** A WriteSource over an in-memory disk image (small disks only). */
+export function memorySource(disk: Buffer): WriteSource {
+  const zero = Buffer.alloc(BLOCK_SIZE);
+  const indexes: number[] = [];
+  for (let i = 0; i * BLOCK_SIZE < disk.length; i++) {
+    const block = disk.subarray(i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE);
+    if (!block.equals(zero.subarray(0, block.length))) indexes.push(i);
+  }
+  return {
+    virtualSize: disk.length,
+    async *allocated() {
+      yield* indexes;
+    },
+    async *blocks() {
+      for (const index of indexes) {
+        const data = Buffer.alloc(BLOCK_SIZE);
+        disk.copy(data, 0, index * BLOCK_SIZE, Math.min(disk.length, (index + 1) * BLOCK_SIZE));
+        yield { index, data };
+      }
+    },
+  };
+}
+
+export async function writeFile(file: string, chunks: AsyncIterable<Buffer>): Promise<number> {
+  const fd = fs.openSync(file, "w");
+  let size = 0;
+  try {
+    for await (const c of chunks) {
+      fs.writeSync(fd, c);
+      size += c.length;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  return size;
+}
+
+/** A test disk: a few MiB with random, text and zero regions, and data in odd places. */
+export function sampleDisk(size = 8 * 1024 * 1024, seed = 1): Buffer {
+  const disk = Buffer.alloc(size);
+  const key = crypto.createHash("sha256").update(`disk:${seed}`).digest();
+  const rnd = (n: number) => {
+    const c = crypto.createCipheriv("aes-256-ctr", key, crypto.randomBytes(16));
+    return c.update(Buffer.alloc(n));
+  };
+  rnd(1024 * 1024).copy(disk, 0);
+  Buffer.from("the quick brown fox jumps over the lazy dog\n".repeat(30000)).copy(disk, 2 * 1024 * 1024);
+  rnd(4096).copy(disk, 5 * 1024 * 1024 + 512);
+  rnd(700).copy(disk, size - 700);
+  return disk;
+}

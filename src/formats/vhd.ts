@@ -147,7 +147,6 @@ function utf16be(buf: Buffer): string {
   swapped.swap16();
   const s = swapped.toString("utf16le");
   const nul = s.indexOf("\0");
-  // eslint-disable-next-line no-control-regex
   return (nul < 0 ? s : s.slice(0, nul)).replace(/[\u0000-\u001f\u007f-\u009f]/g, "?").slice(0, 120);
 }
 

@@ -39,7 +39,7 @@ it("answers 413 past the upload limit and keeps nothing of it", async () => {
       c.close();
     },
   });
-  const chunked = await svc.http("/v1/uploads", { method: "POST", body: stream as unknown as BodyInit });
+  const chunked = await svc.http("/v1/uploads", { method: "POST", body: stream as unknown as RequestInit["body"] });
   expect(chunked.status).toBe(413);
   const [{ n }] = await svc.ds.query(`SELECT count(*)::int AS n FROM uploads`);
   expect(n).toBe(0);

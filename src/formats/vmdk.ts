@@ -281,8 +281,7 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
   let variant = markers ? "streamOptimized" : "monolithicSparse";
   if (h.descriptorSize > 0) {
     const bytes = h.descriptorSize * SECTOR;
-    const allowed = Math.min(MAX_DESCRIPTOR_BYTES, limits.maxMetadataBytes);
-    if (bytes > allowed) throw new FormatError(`the VMDK's embedded descriptor is ${bytes} bytes, more than the ${allowed} allowed`);
+    if (bytes > MAX_DESCRIPTOR_BYTES) throw new FormatError(`the VMDK's embedded descriptor is ${bytes} bytes, more than the ${MAX_DESCRIPTOR_BYTES} allowed`);
     if (h.descriptorOffset < 1) throw new FormatError("the VMDK's embedded descriptor overlaps its header");
     within(size, h.descriptorOffset * SECTOR, bytes, "the VMDK's embedded descriptor");
     metadata.add(h.descriptorOffset * SECTOR, h.descriptorOffset * SECTOR + bytes, "descriptor");
@@ -338,7 +337,7 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
       if (used > size) throw new FormatError(`the VMDK's grain tables refer to more grain data than the file holds (at grain ${grain}): entries share grains`);
     };
     const checkGrain = (grain: number, start: number, length: number) => {
-      within(size, start, length, `VMDK grain ${grain}`);
+      within(size, start, length, `the VMDK's grain ${grain}`);
       const hit = metadata.hit(start, start + length);
       if (hit) throw new FormatError(`the VMDK's grain table entry for grain ${grain} points inside its ${hit}`);
     };

@@ -110,4 +110,29 @@ describe("filesystem blob store crash safety", () => {
     expect(fs.readdirSync(path.join(dir, "uploads"))).toEqual([]);
     fs.rmSync(dir, { recursive: true, force: true });
   });
+
+  it("removes the temporary files of writes a dead process left, once older than the cutoff, and nothing else", async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-blobs-"));
+    const store = new FsBlobStore(dir);
+    await store.put("vault/p/packs/ab/abcd", Buffer.from("a finished pack"));
+    // What a process killed inside atomicWrite leaves: .tmp-<name>-<random> beside where the blob was going.
+    const abandoned = path.join(dir, "vault/p/packs/ab/.tmp-abef-0123456789ab");
+    const fresh = path.join(dir, "vault/p/packs/ab/.tmp-abff-0123456789ac");
+    const elsewhere = path.join(dir, "vault/q/packs/cd/.tmp-cdef-0123456789ad");
+    fs.mkdirSync(path.dirname(elsewhere), { recursive: true });
+    for (const f of [abandoned, fresh, elsewhere]) fs.writeFileSync(f, Buffer.alloc(100));
+    const old = new Date(Date.now() - 3600_000);
+    for (const f of [abandoned, elsewhere]) fs.utimesSync(f, old, old);
+
+    const keys: string[] = [];
+    for await (const b of store.list("vault/p/packs/")) keys.push(b.key);
+    expect(keys).toEqual(["vault/p/packs/ab/abcd"]);
+
+    expect(await store.removeIncomplete("vault/p/packs/", new Date(Date.now() - 60_000))).toEqual({ count: 1, bytes: 100 });
+    expect(fs.existsSync(abandoned)).toBe(false);
+    expect(fs.existsSync(fresh)).toBe(true); // maybe a write in progress
+    expect(fs.existsSync(elsewhere)).toBe(true); // another prefix
+    expect((await store.get("vault/p/packs/ab/abcd")).toString()).toBe("a finished pack");
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
 });

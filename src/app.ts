@@ -10,8 +10,10 @@ import { buildStowageSchema } from "./graphql/schema";
 import { startHttpServer, type HttpServer } from "./http/server";
 import type { Logger } from "./logger";
 import { createServices, type Services } from "./services";
+import { RequestContext } from "./services/context";
 import { collectAllGarbage, createJobRunner } from "./jobs";
 import { PgEventBus } from "./jobs/events";
+import { Scheduler } from "./jobs/scheduler";
 import type { JobRunner, RunnerOptions } from "./jobs/runner";
 import { createStorage, type Storage } from "./storage";
 import { DomainError, ErrorCode } from "./services/errors";
@@ -120,6 +122,7 @@ export interface RunningService {
   services: Services;
   storage: Storage;
   runner: JobRunner;
+  scheduler: Scheduler;
   stop(): Promise<void>;
 }
 
@@ -142,7 +145,7 @@ async function withoutNewSignalHandlers<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-/** API, jobs and garbage collection in one process; with `api: false`, a jobs-only worker. */
+/** API, jobs, the policy scheduler and garbage collection in one process; with `api: false`, a worker without the API. */
 export async function startService(
   config: Config,
   logger: Logger,
@@ -152,13 +155,19 @@ export async function startService(
   const events = new PgEventBus(db.url, (sql, params) => db.ds.query(sql, params), logger);
   const storage = createStorage(config, db.ds);
   const services = createServices(db.ds, events, storage.uploads);
-  const runner = createJobRunner(db.ds, storage, events, config, logger, opts.runner);
+  // Retention of a policy runs whenever one of its backups has become AVAILABLE.
+  const retainAfter = async (projectId: string, policyId: string) => {
+    await services.policyRuns.retainPolicy(new RequestContext(projectId, db.ds, config), policyId).catch((err) => logger.error("retention failed", { policy: policyId, error: err }));
+  };
+  const runner = createJobRunner(db.ds, storage, events, config, logger, opts.runner, retainAfter);
+  const scheduler = new Scheduler(db.ds, config, services.policyRuns, services.queue, logger);
   let gcTimer: NodeJS.Timeout | undefined;
   try {
     await events.start();
     const key = await ensureDefaultProject(services, config.dataDir);
     if (key) opts.onDefaultKey?.(key, path.join(config.dataDir, "default-api-key"));
     await runner.start();
+    if (config.schedulerIntervalSeconds > 0) scheduler.start(config.schedulerIntervalSeconds * 1000);
     const http = opts.api === false ? null : await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
     if (config.gcIntervalSeconds > 0) {
       gcTimer = setInterval(
@@ -175,10 +184,12 @@ export async function startService(
       services,
       storage,
       runner,
+      scheduler,
       stop() {
         stopping ??= (async () => {
           clearInterval(gcTimer);
           await http?.close();
+          await scheduler.stop();
           await runner.stop();
           await events.close();
           storage.close();
@@ -189,6 +200,7 @@ export async function startService(
     };
   } catch (err) {
     clearInterval(gcTimer);
+    await scheduler.stop().catch(() => undefined);
     await runner.stop().catch(() => undefined);
     await events.close().catch(() => undefined);
     storage.close();

@@ -14,14 +14,22 @@ import { ExportImageHandler, ImportImageHandler } from "./handlers/transfer.hand
 import { JobRunner, type RunnerOptions } from "./runner";
 
 /** The job runner with a handler for every job type; it refuses to start when one is missing or doubled. */
-export function createJobRunner(ds: DataSource, storage: Storage, events: EventBus, config: Config, logger: Logger, opts: RunnerOptions = {}): JobRunner {
+export function createJobRunner(
+  ds: DataSource,
+  storage: Storage,
+  events: EventBus,
+  config: Config,
+  logger: Logger,
+  opts: RunnerOptions = {},
+  onPolicyBackup?: (projectId: string, policyId: string) => Promise<void>,
+): JobRunner {
   const { volumes, vault } = storage;
   return new JobRunner(
     ds,
     events,
     logger,
     [
-      new BackupHandler(ds, volumes, vault),
+      new BackupHandler(ds, volumes, vault, onPolicyBackup),
       new RestoreHandler(JobType.RESTORE, ds, volumes, vault),
       new RestoreHandler(JobType.CREATE_DISK, ds, volumes, vault),
       new DeleteBackupHandler(ds, vault, () => config.gcGraceSeconds * 1000, logger),

@@ -98,6 +98,20 @@ export class BackupService {
 
   /** Takes a backup now: the disks' block maps are captured in this transaction; the job copies their data into the vault. */
   async create(ctx: RequestContext, input: CreateBackupInput, opts: { trigger?: BackupTrigger; policyId?: string | null } = {}): Promise<{ backup: Backup; job: Job }> {
+    const result = await ctx.ds.transaction((em) => this.createIn(em, ctx, input, opts)).catch((err) => {
+      throw translateDbError(err, BUSY_BACKUP);
+    });
+    await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  /**
+   * The same inside the caller's transaction (a policy run backs many resources up
+   * at once); the caller announces the job after committing. Every rule is checked
+   * before anything is written, so a refused resource leaves the transaction usable.
+   */
+  async createIn(em: EntityManager, ctx: RequestContext, input: CreateBackupInput, opts: { trigger?: BackupTrigger; policyId?: string | null } = {}): Promise<{ backup: Backup; job: Job }> {
     const target = fromGlobalId(input.resourceId);
     if (!target || (target.type !== "Server" && target.type !== "Disk")) throw badInput("resourceId", "not a Server or Disk ID");
     const name = input.name == null ? null : resourceName(input.name, "name");
@@ -105,81 +119,72 @@ export class BackupService {
     const trigger = opts.trigger ?? BackupTrigger.MANUAL;
     const prefix = trigger === BackupTrigger.POLICY ? "autobk" : "manualbk";
 
-    const result = await ctx.ds
-      .transaction(async (em) => {
-        let server: Server | null = null;
-        let disks: Disk[];
-        if (target.type === "Server") {
-          server = await em.findOne(Server, { where: { id: target.id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
-          if (!server) throw notFound("server", input.resourceId);
-          if (server.status === ServerStatus.RESTORING) throw conflict("the server is being restored; back it up when the restore has finished");
-          if (server.status === ServerStatus.BUILDING || server.status === ServerStatus.ERROR) throw failedPrecondition(`cannot back up a server that is ${server.status}`);
-          disks = await em.find(Disk, { where: { serverId: server.id, projectId: ctx.projectId }, order: { device: "ASC" }, lock: { mode: "pessimistic_write" } });
-        } else {
-          const disk = await em.findOne(Disk, { where: { id: target.id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
-          if (!disk) throw notFound("disk", input.resourceId);
-          disks = [disk];
-        }
-        for (const d of disks) {
-          if (d.status === DiskStatus.RESTORING) throw conflict(`disk ${d.name} is being restored; back it up when the restore has finished`);
-          if (d.status === DiskStatus.CREATING || d.status === DiskStatus.ERROR) throw failedPrecondition(`cannot back up disk ${d.name} while it is ${d.status}`);
-        }
-        const running = await em.find(Backup, { where: { resourceId: In([target.id, ...disks.map((d) => d.id)]), status: BackupStatus.CREATING } });
-        if (running.length) throw conflict("a backup of this resource is already running; one backup at a time");
+    let server: Server | null = null;
+    let disks: Disk[];
+    if (target.type === "Server") {
+      server = await em.findOne(Server, { where: { id: target.id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!server) throw notFound("server", input.resourceId);
+      if (server.status === ServerStatus.RESTORING) throw conflict("the server is being restored; back it up when the restore has finished");
+      if (server.status === ServerStatus.BUILDING || server.status === ServerStatus.ERROR) throw failedPrecondition(`cannot back up a server that is ${server.status}`);
+      disks = await em.find(Disk, { where: { serverId: server.id, projectId: ctx.projectId }, order: { device: "ASC" }, lock: { mode: "pessimistic_write" } });
+    } else {
+      const disk = await em.findOne(Disk, { where: { id: target.id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!disk) throw notFound("disk", input.resourceId);
+      disks = [disk];
+    }
+    for (const d of disks) {
+      if (d.status === DiskStatus.RESTORING) throw conflict(`disk ${d.name} is being restored; back it up when the restore has finished`);
+      if (d.status === DiskStatus.CREATING || d.status === DiskStatus.ERROR) throw failedPrecondition(`cannot back up disk ${d.name} while it is ${d.status}`);
+    }
+    const running = await em.find(Backup, { where: { resourceId: In([target.id, ...disks.map((d) => d.id)]), status: BackupStatus.CREATING } });
+    if (running.length) throw conflict("a backup of this resource is already running; one backup at a time");
 
-        const job = await this.queue.add(em, ctx.projectId, { type: JobType.BACKUP, serverId: server?.id ?? null, diskId: server ? null : disks[0].id, policyId: opts.policyId ?? null });
-        const base = {
-          projectId: ctx.projectId,
-          description: desc,
-          status: BackupStatus.CREATING,
-          trigger,
-          policyId: opts.policyId ?? null,
-          jobId: job.id,
-          completedAt: null,
-          expiresAt: null,
-          error: null,
-        };
-        let top: Backup;
-        if (server) {
-          top = em.create(Backup, { ...base, name: "", resourceType: BackupResourceType.SERVER, resourceId: server.id, resourceName: server.name, serverId: server.id, diskId: null, parentId: null });
-          top = await em.save(top);
-          top.name = name ?? `${prefix}_${shortId(top.id)}`;
-          let total = 0;
-          for (const d of disks) {
-            const child = await em.save(
-              em.create(Backup, {
-                ...base,
-                name: `${top.name}-${d.device?.replace("/dev/", "") ?? d.name}`,
-                resourceType: BackupResourceType.DISK,
-                resourceId: d.id,
-                resourceName: d.name,
-                serverId: server.id,
-                diskId: d.id,
-                parentId: top.id,
-              }),
-            );
-            total += await this.snapshot(em, child, d);
-          }
-          top.sizeBytes = total;
-          top.diskSizeBytes = disks.reduce((n, d) => n + d.sizeBytes, 0);
-          top = await em.save(top);
-        } else {
-          const d = disks[0];
-          top = await em.save(em.create(Backup, { ...base, name: "", resourceType: BackupResourceType.DISK, resourceId: d.id, resourceName: d.name, serverId: d.serverId, diskId: d.id, parentId: null }));
-          top.name = name ?? `${prefix}_${shortId(top.id)}`;
-          await this.snapshot(em, top, d);
-          top = await em.save(top);
-        }
-        job.backupId = top.id;
-        await em.update("jobs", { id: job.id }, { backupId: top.id });
-        return { backup: top, job };
-      })
-      .catch((err) => {
-        throw translateDbError(err, BUSY_BACKUP);
-      });
-    await this.queue.announce(result.job);
-    ctx.invalidate();
-    return result;
+    const job = await this.queue.add(em, ctx.projectId, { type: JobType.BACKUP, serverId: server?.id ?? null, diskId: server ? null : disks[0].id, policyId: opts.policyId ?? null });
+    const base = {
+      projectId: ctx.projectId,
+      description: desc,
+      status: BackupStatus.CREATING,
+      trigger,
+      policyId: opts.policyId ?? null,
+      jobId: job.id,
+      completedAt: null,
+      expiresAt: null,
+      error: null,
+    };
+    let top: Backup;
+    if (server) {
+      top = em.create(Backup, { ...base, name: "", resourceType: BackupResourceType.SERVER, resourceId: server.id, resourceName: server.name, serverId: server.id, diskId: null, parentId: null });
+      top = await em.save(top);
+      top.name = name ?? `${prefix}_${shortId(top.id)}`;
+      let total = 0;
+      for (const d of disks) {
+        const child = await em.save(
+          em.create(Backup, {
+            ...base,
+            name: `${top.name}-${d.device?.replace("/dev/", "") ?? d.name}`,
+            resourceType: BackupResourceType.DISK,
+            resourceId: d.id,
+            resourceName: d.name,
+            serverId: server.id,
+            diskId: d.id,
+            parentId: top.id,
+          }),
+        );
+        total += await this.snapshot(em, child, d);
+      }
+      top.sizeBytes = total;
+      top.diskSizeBytes = disks.reduce((n, d) => n + d.sizeBytes, 0);
+      top = await em.save(top);
+    } else {
+      const d = disks[0];
+      top = await em.save(em.create(Backup, { ...base, name: "", resourceType: BackupResourceType.DISK, resourceId: d.id, resourceName: d.name, serverId: d.serverId, diskId: d.id, parentId: null }));
+      top.name = name ?? `${prefix}_${shortId(top.id)}`;
+      await this.snapshot(em, top, d);
+      top = await em.save(top);
+    }
+    job.backupId = top.id;
+    await em.update("jobs", { id: job.id }, { backupId: top.id });
+    return { backup: top, job };
   }
 
   /**
@@ -329,7 +334,7 @@ export class BackupService {
     if (backup.status !== BackupStatus.AVAILABLE) throw failedPrecondition(`only AVAILABLE backups restore; this one is ${backup.status}`);
   }
 
-  async delete(ctx: RequestContext, globalId: string): Promise<{ backup: Backup; job: Job }> {
+  async delete(ctx: RequestContext, globalId: string, opts: { policyId?: string } = {}): Promise<{ backup: Backup; job: Job }> {
     const id = decodeId(globalId, "Backup", "id");
     const result = await ctx.ds.transaction(async (em) => {
       const backup = await em.findOne(Backup, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
@@ -343,7 +348,13 @@ export class BackupService {
         throw failedPrecondition(`the FULL_SERVER image ${image.name} depends on this backup; delete the image first`);
       }
       await em.update(Backup, [{ id: backup.id }, { parentId: backup.id }], { status: BackupStatus.DELETING });
-      const job = await this.queue.add(em, ctx.projectId, { type: JobType.DELETE_BACKUP, backupId: backup.id, serverId: backup.serverId, diskId: backup.resourceType === BackupResourceType.DISK ? backup.diskId : null });
+      const job = await this.queue.add(em, ctx.projectId, {
+        type: JobType.DELETE_BACKUP,
+        backupId: backup.id,
+        serverId: backup.serverId,
+        diskId: backup.resourceType === BackupResourceType.DISK ? backup.diskId : null,
+        policyId: opts.policyId ?? null,
+      });
       backup.status = BackupStatus.DELETING;
       return { backup, job };
     });

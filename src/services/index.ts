@@ -3,7 +3,7 @@ import { BackupService } from "./backup.service";
 import { DiskService } from "./disk.service";
 import { ImageService } from "./image.service";
 import { JobService } from "./job.service";
-import { PolicyService } from "./policy.service";
+import { PolicyRunner, PolicyService } from "./policy.service";
 import { ProjectService } from "./project.service";
 import { ServerService } from "./server.service";
 
@@ -24,8 +24,10 @@ export function createServices(ds: DataSource, events: EventBus = new MemoryEven
     backups,
     images,
     policies: new PolicyService(),
+    policyRuns: new PolicyRunner(backups, queue),
     jobs: new JobService(queue),
     progress: new ProgressService(events),
+    queue,
   };
 }
 

@@ -1,4 +1,4 @@
-import { Backup, Disk, Image, ImageExport, Job, Policy, Server } from "../entities";
+import { Backup, Disk, Image, ImageExport, Job, Policy, PolicyRun, Server } from "../entities";
 import type { ListSource } from "./pagination";
 
 /** Every list of the graph: where its rows live and what groups them by parent. */
@@ -28,7 +28,8 @@ export const lists = {
 
   policyServers: { entity: Server, table: "servers", key: "b.policy_id", join: "JOIN policy_bindings b ON b.server_id = t.id" },
   policyDisks: { entity: Disk, table: "disks", key: "b.policy_id", join: "JOIN policy_bindings b ON b.disk_id = t.id" },
-  policyBackups: { entity: Backup, table: "backups", key: "t.policy_id" },
+  policyBackups: { entity: Backup, table: "backups", key: "t.policy_id", where: "t.parent_id IS NULL" },
+  policyRuns: { entity: PolicyRun, table: "policy_runs", key: "t.policy_id" },
 } satisfies Record<string, ListSource<any>>;
 
 export type ListName = keyof typeof lists;

@@ -28,6 +28,8 @@ export interface ListSource<T extends ObjectLiteral> {
   table: string;
   key: string;
   join?: string;
+  /** A condition every row of the list meets. */
+  where?: string;
 }
 
 export interface Edge<T> {
@@ -95,7 +97,7 @@ function shift(cond: Condition, offset: number): string {
 
 function whereClause(source: ListSource<ObjectLiteral>, projectId: string, keys: unknown[], conditions: Condition[]) {
   const params: unknown[] = [keys, projectId];
-  const parts = [`${source.key} = ANY($1)`, `t.project_id = $2`];
+  const parts = [`${source.key} = ANY($1)`, `t.project_id = $2`, ...(source.where ? [source.where] : [])];
   for (const c of conditions) {
     parts.push(`(${shift(c, params.length)})`);
     params.push(...c.params);

@@ -1,9 +1,13 @@
-import { In } from "typeorm";
-import { Disk, Policy, PolicyBinding, Server } from "../entities";
+import { In, type EntityManager } from "typeorm";
+import { rows } from "../db/sql";
+import { Backup, BackupTrigger, Disk, Policy, PolicyBinding, PolicyRun, Server, type Job, type SkippedResource } from "../entities";
+import type { BackupService } from "./backup.service";
+import type { JobQueue } from "./job-queue";
+import { decideRetention, hasRules, type RetentionDecision } from "./retention";
 import { isValidTimezone, MAX_RULES, nextOccurrence, parseRule, ScheduleError } from "../jobs/schedule";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, notFound } from "./errors";
+import { badInput, conflict, DomainError, notFound } from "./errors";
 import { decodeId, fromGlobalId, toGlobalId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
@@ -242,5 +246,138 @@ export class PolicyService {
       else throw badInput(`resourceIds[${i}]`, "not a Server or Disk ID");
     });
     return { servers: [...servers], disks: [...disks] };
+  }
+}
+
+/** A backup of a bound resource as retention sees it. */
+interface CandidateRow {
+  id: string;
+  resource_id: string;
+  created_at: Date;
+  status: string;
+  trigger: "MANUAL" | "POLICY";
+  policy_id: string | null;
+  image_depends: boolean;
+}
+
+/**
+ * Running policies: backing up every bound resource (skipping, with the reason,
+ * those that are busy) and applying retention. The scheduler calls `runIn` inside
+ * the transaction that claims the occurrence, so a run happens exactly once.
+ */
+export class PolicyRunner {
+  constructor(
+    private readonly backups: BackupService,
+    private readonly queue: JobQueue,
+  ) {}
+
+  async runIn(em: EntityManager, ctx: RequestContext, policy: Policy, trigger: "SCHEDULE" | "MANUAL", scheduledFor: Date): Promise<{ run: PolicyRun; jobs: Job[] }> {
+    const targets = await rows<{ id: string; type: "SERVER" | "DISK"; name: string }>(
+      em,
+      `SELECT s.id, 'SERVER' AS type, s.name FROM policy_bindings b JOIN servers s ON s.id = b.server_id WHERE b.policy_id = $1
+       UNION ALL
+       SELECT d.id, 'DISK' AS type, d.name FROM policy_bindings b JOIN disks d ON d.id = b.disk_id WHERE b.policy_id = $1
+       ORDER BY 2, 3, 1`,
+      [policy.id],
+    );
+    const jobs: Job[] = [];
+    const skipped: SkippedResource[] = [];
+    for (const t of targets) {
+      try {
+        const { job } = await this.backups.createIn(
+          em,
+          ctx,
+          { resourceId: toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id) },
+          { trigger: BackupTrigger.POLICY, policyId: policy.id },
+        );
+        jobs.push(job);
+      } catch (err) {
+        if (!(err instanceof DomainError)) throw err;
+        skipped.push({ resourceType: t.type, resourceId: toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id), resourceName: t.name, reason: err.message });
+      }
+    }
+    const run = await em.save(
+      em.create(PolicyRun, { projectId: policy.projectId, policyId: policy.id, trigger, scheduledFor, startedAt: ctx.now(), backupCount: jobs.length, deletedCount: 0, skipped }),
+    );
+    return { run, jobs };
+  }
+
+  /** Runs a policy now (runPolicy): its backups, then retention. */
+  async runNow(ctx: RequestContext, globalId: string): Promise<PolicyRun> {
+    const id = decodeId(globalId, "Policy", "id");
+    const { run, jobs, policy } = await ctx.ds.transaction(async (em) => {
+      const p = await em.findOne(Policy, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!p) throw notFound("policy", globalId);
+      const r = await this.runIn(em, ctx, p, "MANUAL", ctx.now());
+      p.lastRunAt = ctx.now();
+      await em.save(p);
+      return { ...r, policy: p };
+    });
+    await this.queue.announce(...jobs);
+    run.deletedCount = await this.retain(ctx, policy, run);
+    ctx.invalidate();
+    return run;
+  }
+
+  private async candidates(ctx: RequestContext, policy: Policy): Promise<CandidateRow[]> {
+    return rows<CandidateRow>(
+      ctx.ds,
+      `SELECT b.id, b.resource_id, b.created_at, b.status, b.trigger, b.policy_id,
+              EXISTS (SELECT 1 FROM images i WHERE i.source_backup_id = b.id AND i.type = 'FULL_SERVER' AND i.status <> 'KILLED') AS image_depends
+         FROM backups b
+        WHERE b.parent_id IS NULL AND b.project_id = $2
+          AND b.resource_id IN (SELECT coalesce(server_id, disk_id) FROM policy_bindings WHERE policy_id = $1)
+        ORDER BY b.resource_id, b.created_at DESC`,
+      [policy.id, policy.projectId],
+    );
+  }
+
+  /** What the next retention pass would keep and delete, and why, over every bound resource. */
+  async preview(ctx: RequestContext, policy: Policy): Promise<(RetentionDecision & { backup: Backup | null })[]> {
+    const all = await this.candidates(ctx, policy);
+    const byResource = new Map<string, CandidateRow[]>();
+    for (const c of all) byResource.set(c.resource_id, [...(byResource.get(c.resource_id) ?? []), c]);
+    const decisions: RetentionDecision[] = [];
+    for (const list of byResource.values()) {
+      decisions.push(
+        ...decideRetention(
+          list.map((c) => ({ id: c.id, resourceId: c.resource_id, createdAt: c.created_at, status: c.status, trigger: c.trigger, policyId: c.policy_id, imageDepends: c.image_depends })),
+          policy.id,
+          policy,
+          policy.timezone,
+          ctx.now(),
+        ),
+      );
+    }
+    const backups = await ctx.loaders.backup.loadMany(decisions.map((d) => d.backupId));
+    return decisions.map((d, i) => ({ ...d, backup: backups[i] instanceof Error ? null : (backups[i] as Backup | null) }));
+  }
+
+  /** Retention of one policy, counted on its latest run. */
+  async retainPolicy(ctx: RequestContext, policyId: string): Promise<number> {
+    const policy = await ctx.ds.getRepository(Policy).findOneBy({ id: policyId, projectId: ctx.projectId });
+    if (!policy) return 0;
+    const latest = await ctx.ds.getRepository(PolicyRun).findOne({ where: { policyId }, order: { createdAt: "DESC" } });
+    const deleted = await this.retain(ctx, policy);
+    if (latest && deleted) await ctx.ds.query(`UPDATE policy_runs SET deleted_count = deleted_count + $2 WHERE id = $1`, [latest.id, deleted]);
+    return deleted;
+  }
+
+  /** Deletes what retention does not keep, through the same path as deleteBackup. Returns how many. */
+  async retain(ctx: RequestContext, policy: Policy, run?: PolicyRun): Promise<number> {
+    if (!hasRules(policy)) return 0;
+    let deleted = 0;
+    for (const d of await this.preview(ctx, policy)) {
+      if (d.keep || !d.backup) continue;
+      try {
+        await this.backups.delete(ctx, toGlobalId("Backup", d.backupId), { policyId: policy.id });
+        deleted++;
+      } catch (err) {
+        // Taken by something else meanwhile (restored, deleted): the next pass decides again.
+        if (!(err instanceof DomainError)) throw err;
+      }
+    }
+    if (run && deleted) await ctx.ds.query(`UPDATE policy_runs SET deleted_count = deleted_count + $2 WHERE id = $1`, [run.id, deleted]);
+    return deleted;
   }
 }

@@ -6,6 +6,7 @@ import type { DataSource } from "typeorm";
 import { startService, type RunningService } from "../../src/app";
 import { loadConfig, type Config } from "../../src/config";
 import type { JobRunner } from "../../src/jobs/runner";
+import type { Scheduler } from "../../src/jobs/scheduler";
 import { silentLogger } from "../../src/logger";
 import type { Services } from "../../src/services";
 import type { Storage } from "../../src/storage";
@@ -24,6 +25,7 @@ export interface TestService {
   services: Services;
   storage: Storage;
   runner: JobRunner;
+  scheduler: Scheduler;
   dataDir: string;
   /** API keys of two projects, alpha and beta. */
   keys: { alpha: string; beta: string };
@@ -44,7 +46,7 @@ export async function startTestService(env: Record<string, string> = {}): Promis
   let recording: string[] | null = null;
   const ds = await openTestDataSource(db.url, (sql) => recording?.push(sql));
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-data-"));
-  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, GC_INTERVAL_SECONDS: "0", ...env });
+  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, GC_INTERVAL_SECONDS: "0", SCHEDULER_INTERVAL_SECONDS: "0", ...env });
   let svc: RunningService;
   svc = await startService(config, silentLogger, { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200 } });
   const alpha = await svc.services.projects.create("alpha");
@@ -67,6 +69,7 @@ export async function startTestService(env: Record<string, string> = {}): Promis
     services: svc.services,
     storage: svc.storage,
     runner: svc.runner,
+    scheduler: svc.scheduler,
     dataDir,
     keys: { alpha: alpha.apiKey, beta: beta.apiKey },
     projectIds: { alpha: alpha.project.id, beta: beta.project.id },

@@ -141,7 +141,7 @@ it("walks Policy to servers, disks and backups, and Job to everything it acts on
     }`,
     { p: ids.policy, j: ids.job, e: ids.exportJob },
   );
-  expect(r.p).toEqual({ servers: { nodes: [{ id: ids.server }] }, disks: { totalCount: 0 }, backups: { totalCount: 3 } });
+  expect(r.p).toEqual({ servers: { nodes: [{ id: ids.server }] }, disks: { totalCount: 0 }, backups: { totalCount: 1 } }); // the server backup, not its parts
   expect(r.j).toEqual({ type: "BACKUP", status: "SUCCEEDED", progress: 1, bytesDone: 10, bytesTotal: 10, server: { id: ids.server }, backup: { id: ids.backup }, policy: { id: ids.policy }, error: null, etaSeconds: null });
   expect(r.e.image).toEqual({ id: ids.diskImage });
   expect(r.e.export).toEqual({ id: ids.export });

@@ -1,6 +1,7 @@
 import { Arg, Args, Ctx, FieldResolver, ID, Mutation, Query, Resolver, Root } from "type-graphql";
 import { BackupResourceType, type Backup } from "../../entities";
 import { toGlobalId } from "../../services/global-id";
+import { expiresAt } from "../../services/retention";
 import type { GraphQLContext } from "../context";
 import { BackupListArgs, CreateBackupInput, IdInput, ImageListArgs, RestoreBackupInput } from "../types/inputs.type";
 import { CreateBackupPayload, DeleteBackupPayload, RestoreBackupPayload, VerifyBackupPayload } from "../types/payloads.type";
@@ -47,6 +48,13 @@ export class BackupResolver {
   @FieldResolver(() => DiskType_, { nullable: true })
   disk(@Root() backup: Backup, @Ctx() { ctx }: GraphQLContext) {
     return backup.diskId ? ctx.loaders.disk.load(backup.diskId) : null;
+  }
+
+  @FieldResolver(() => Date, { nullable: true, description: "When the policy's retentionDays rule will delete this backup." })
+  async expiresAt(@Root() backup: Backup, @Ctx() { ctx }: GraphQLContext) {
+    if (backup.trigger !== "POLICY" || !backup.policyId || backup.parentId) return null;
+    const policy = await ctx.loaders.policy.load(backup.policyId);
+    return policy ? expiresAt(backup.createdAt, policy.retentionDays) : null;
   }
 
   @FieldResolver(() => PolicyType, { nullable: true })

@@ -4,7 +4,9 @@ import { toGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
 import { BackupListArgs, BindPolicyInput, CreatePolicyInput, DiskListArgs, IdInput, PolicyListArgs, ServerListArgs, UpdatePolicyInput } from "../types/inputs.type";
 import { DeletePolicyPayload, PolicyPayload } from "../types/payloads.type";
-import { BackupConnection, DiskConnection, PolicyConnection, PolicyType, RetentionType, ServerConnection } from "../types/resources.type";
+import { BackupConnection, DiskConnection, PolicyConnection, PolicyRunConnection, PolicyType, RetentionDecisionType, RetentionType, ServerConnection } from "../types/resources.type";
+import { PageArgs } from "../types/connection";
+import { RunPolicyPayload } from "../types/payloads.type";
 
 @Resolver(() => PolicyType)
 export class PolicyResolver {
@@ -39,6 +41,22 @@ export class PolicyResolver {
     return { policy: await services.policies.unbind(ctx, input) };
   }
 
+  @Mutation(() => RunPolicyPayload, { description: "Runs the policy now: backs its resources up, then applies retention." })
+  async runPolicy(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    const run = await services.policyRuns.runNow(ctx, input.id);
+    return { run, policy: await services.policies.get(ctx, input.id) };
+  }
+
+  @FieldResolver(() => [RetentionDecisionType], { description: "What the next retention pass would keep and delete, and why." })
+  retentionPreview(@Root() policy: Policy, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.policyRuns.preview(ctx, policy);
+  }
+
+  @FieldResolver(() => PolicyRunConnection, { description: "The policy's runs, with what each skipped." })
+  runs(@Root() policy: Policy, @Args() args: PageArgs, @Ctx() { ctx }: GraphQLContext) {
+    return ctx.loaders.connection("policyRuns", policy.id, args);
+  }
+
   @FieldResolver(() => RetentionType)
   retention(@Root() policy: Policy) {
     return policy;
@@ -54,7 +72,7 @@ export class PolicyResolver {
     return services.disks.list(ctx, "policyDisks", policy.id, args);
   }
 
-  @FieldResolver(() => BackupConnection, { description: "Backups this policy made." })
+  @FieldResolver(() => BackupConnection, { description: "Backups this policy made (server and disk backups, not their per-disk parts)." })
   backups(@Root() policy: Policy, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext) {
     return services.backups.list(ctx, "policyBackups", policy.id, args);
   }

@@ -1,5 +1,5 @@
 import { Field, ID, ObjectType } from "type-graphql";
-import { BackupType, DiskType_, ImageExportType, ImageType_, JobType_, PolicyType, ServerType } from "./resources.type";
+import { BackupType, DiskType_, ImageExportType, ImageType_, JobType_, PolicyRunType, PolicyType, ServerType } from "./resources.type";
 
 @ObjectType()
 export class CreateServerPayload {
@@ -93,4 +93,10 @@ export class ExportImagePayload {
 @ObjectType()
 export class DeleteImagePayload {
   @Field(() => ID) deletedImageId: string;
+}
+
+@ObjectType()
+export class RunPolicyPayload {
+  @Field(() => PolicyRunType) run: unknown;
+  @Field(() => PolicyType) policy: unknown;
 }

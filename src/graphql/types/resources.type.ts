@@ -39,7 +39,6 @@ export class BackupType extends Node {
   @Field(() => BackupTrigger) trigger: BackupTrigger;
   @Field(() => DateTime) createdAt: Date;
   @Field(() => DateTime, { nullable: true }) completedAt: Date | null;
-  @Field(() => DateTime, { nullable: true, description: "When the policy's retentionDays rule will delete it." }) expiresAt: Date | null;
   @Field(() => SafeInt, { description: "Data the backup represents: the written blocks of its disks." }) sizeBytes: number;
   @Field(() => SafeInt, { description: "Bytes this backup added to the vault after dedup and compression." }) storedBytes: number;
   @Field(() => Float, { description: "0 to 1." }) progress: number;
@@ -134,3 +133,30 @@ export const ImageConnection = connectionOf("Image", ImageType_);
 export const ImageExportConnection = connectionOf("ImageExport", ImageExportType);
 export const PolicyConnection = connectionOf("Policy", PolicyType);
 export const JobConnection = connectionOf("Job", JobType_);
+
+@ObjectType("SkippedResource", { description: "A bound resource a policy run did not back up, and why." })
+export class SkippedResourceType {
+  @Field(() => BackupResourceType) resourceType: BackupResourceType;
+  @Field() resourceId: string;
+  @Field() resourceName: string;
+  @Field() reason: string;
+}
+
+@ObjectType("PolicyRun", { description: "One run of a policy: on its schedule or asked for with runPolicy." })
+export class PolicyRunType {
+  @Field() trigger: string;
+  @Field(() => DateTime, { description: "The occurrence it served." }) scheduledFor: Date;
+  @Field(() => DateTime) startedAt: Date;
+  @Field(() => Int, { description: "Backups it started." }) backupCount: number;
+  @Field(() => Int, { description: "Backups its retention pass deleted." }) deletedCount: number;
+  @Field(() => [SkippedResourceType]) skipped: unknown[];
+}
+
+@ObjectType("RetentionDecision", { description: "What the next retention pass does with one backup, and why." })
+export class RetentionDecisionType {
+  @Field(() => BackupType) backup: unknown;
+  @Field() keep: boolean;
+  @Field(() => [String], { description: "Every rule that keeps it; empty when it would be deleted." }) reasons: string[];
+}
+
+export const PolicyRunConnection = connectionOf("PolicyRun", PolicyRunType);

@@ -20,6 +20,8 @@ export class BackupHandler implements JobHandler {
     private readonly ds: DataSource,
     private readonly volumes: VolumeStore,
     private readonly vault: Vault,
+    /** Called when a policy's backup has become AVAILABLE: its retention runs then. */
+    private readonly onPolicyBackup: (projectId: string, policyId: string) => Promise<void> = async () => undefined,
   ) {}
 
   private async parts(job: Job): Promise<Backup[]> {
@@ -58,6 +60,7 @@ export class BackupHandler implements JobHandler {
         await em.query(`UPDATE backups SET status = 'AVAILABLE', progress = 1, completed_at = now(), stored_bytes = $2, updated_at = now() WHERE id = $1`, [job.backupId, sum]);
       }
     });
+    if (job.policyId) await this.onPolicyBackup(job.projectId, job.policyId);
   }
 
   /** A backup that did not finish never becomes AVAILABLE: it is marked ERROR and its captured blocks are dropped. */

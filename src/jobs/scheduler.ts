@@ -1,0 +1,85 @@
+import type { DataSource } from "typeorm";
+import type { Config } from "../config";
+import { rows } from "../db/sql";
+import { Policy, type Job, type PolicyRun } from "../entities";
+import type { Logger } from "../logger";
+import { RequestContext } from "../services/context";
+import type { JobQueue } from "../services/job-queue";
+import { hydrate } from "../services/pagination";
+import type { PolicyRunner } from "../services/policy.service";
+import { nextOccurrence } from "./schedule";
+
+export type Clock = () => Date;
+
+/**
+ * Fires policies when their schedule says. A tick claims each due policy with
+ * FOR UPDATE SKIP LOCKED and, in the same transaction, starts its backups,
+ * records the run and moves nextRunAt past now, so each occurrence runs once
+ * however many processes tick, a crash leaves either the whole run or none, and
+ * occurrences missed while down produce a single catch-up run. Retention follows
+ * each run.
+ */
+export class Scheduler {
+  private timer: NodeJS.Timeout | null = null;
+  private ticking: Promise<unknown> | null = null;
+
+  constructor(
+    private readonly ds: DataSource,
+    private readonly config: Config,
+    private readonly runner: PolicyRunner,
+    private readonly queue: JobQueue,
+    private readonly logger: Logger,
+    private readonly clock: Clock = () => new Date(),
+  ) {}
+
+  start(intervalMs = 5000): void {
+    this.timer = setInterval(() => {
+      if (this.ticking) return;
+      this.ticking = this.tick()
+        .catch((err) => this.logger.error("scheduler tick failed", { error: err }))
+        .finally(() => (this.ticking = null));
+    }, intervalMs);
+    this.timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    await this.ticking;
+  }
+
+  /** Runs every policy due at `now`; returns the runs made. */
+  async tick(now: Date = this.clock()): Promise<PolicyRun[]> {
+    const runs: PolicyRun[] = [];
+    for (;;) {
+      const claimed = await this.ds.transaction(async (em) => {
+        const due = await rows(em, `SELECT * FROM policies WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED`, [now]);
+        if (!due.length) return null;
+        const [policy] = hydrate(this.ds, Policy, due);
+        const ctx = new RequestContext(policy.projectId, this.ds, this.config, () => now);
+        const occurrence = policy.nextRunAt!;
+        const { run, jobs } = await this.runner.runIn(em, ctx, policy, "SCHEDULE", occurrence);
+        // The next occurrence after now, not after the one served: downtime gives one catch-up run.
+        const next = nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt);
+        await em.query(`UPDATE policies SET last_run_at = $2, next_run_at = $3, updated_at = now() WHERE id = $1`, [policy.id, occurrence, next]);
+        policy.lastRunAt = occurrence;
+        policy.nextRunAt = next;
+        return { run, jobs, policy, ctx };
+      });
+      if (!claimed) break;
+      await this.announce(claimed.jobs);
+      runs.push(claimed.run);
+      const missed = claimed.run.scheduledFor.getTime() < now.getTime() - 60_000;
+      this.logger.info("policy ran", { policy: claimed.policy.id, backups: claimed.run.backupCount, skipped: claimed.run.skipped.length, catchUp: missed });
+      try {
+        claimed.run.deletedCount = await this.runner.retain(claimed.ctx, claimed.policy, claimed.run);
+      } catch (err) {
+        this.logger.error("retention failed", { policy: claimed.policy.id, error: err });
+      }
+    }
+    return runs;
+  }
+
+  private async announce(jobs: Job[]): Promise<void> {
+    await this.queue.announce(...jobs);
+  }
+}

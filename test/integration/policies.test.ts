@@ -192,3 +192,36 @@ it("a resource has one policy; deleting a policy keeps its backups", async () =>
   const left = (await svc.ok(`query ($r: ID!) { backups(filter: { resourceId: $r }) { nodes { status trigger policy { id } } } }`, { r: s.id })).backups.nodes;
   expect(left).toEqual([{ status: "AVAILABLE", trigger: "POLICY", policy: null }]);
 });
+
+it("follows daylight-saving changes both ways and months without day 31, tick by tick", async () => {
+  const walk = async (input: Record<string, unknown>, start: string, ticks: number) => {
+    const p = await policy(input, []);
+    await svc.ds.query(`UPDATE policies SET next_run_at = $2, created_at = '2026-01-01T00:00:00Z' WHERE id = $1`, [uuid(p.id), start]);
+    const fired: string[] = [];
+    let at = new Date(start);
+    for (let i = 0; i < ticks; i++) {
+      const runs = (await svc.scheduler.tick(at)).filter((r) => r.policyId === uuid(p.id));
+      expect(runs).toHaveLength(1); // each occurrence once
+      fired.push(runs[0].scheduledFor.toISOString());
+      at = new Date((await view(p.id)).nextRunAt);
+    }
+    return fired;
+  };
+  // Berlin skips 02:00-03:00 on March 29: 02:30 runs at 03:30 CEST that day.
+  expect(await walk({ name: "spring", schedule: ["FREQ=DAILY;BYHOUR=2;BYMINUTE=30"], timezone: "Europe/Berlin" }, "2026-03-28T01:30:00Z", 3)).toEqual([
+    "2026-03-28T01:30:00.000Z",
+    "2026-03-29T01:30:00.000Z",
+    "2026-03-30T00:30:00.000Z",
+  ]);
+  // Berlin repeats 02:00-03:00 on October 25: 02:30 runs once.
+  expect(await walk({ name: "autumn", schedule: ["FREQ=DAILY;BYHOUR=2;BYMINUTE=30"], timezone: "Europe/Berlin" }, "2026-10-24T00:30:00Z", 3)).toEqual([
+    "2026-10-24T00:30:00.000Z",
+    "2026-10-25T00:30:00.000Z",
+    "2026-10-26T01:30:00.000Z",
+  ]);
+  expect(await walk({ name: "month-end", schedule: ["FREQ=MONTHLY;BYMONTHDAY=31;BYHOUR=0;BYMINUTE=0"], timezone: "UTC" }, "2027-01-31T00:00:00Z", 3)).toEqual([
+    "2027-01-31T00:00:00.000Z",
+    "2027-03-31T00:00:00.000Z",
+    "2027-05-31T00:00:00.000Z",
+  ]);
+});

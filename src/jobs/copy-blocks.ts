@@ -40,6 +40,8 @@ export async function copyPendingBlocks(
   vault: Vault,
   p: PendingBlocks,
   afterBatch: (blocks: number) => Promise<void>,
+  /** Throws to stop; called between blocks so cancellation lands within one batch's reads. */
+  check: () => void = () => undefined,
 ): Promise<number> {
   const writer = vault.writer(p.projectId);
   let after = -1;
@@ -57,7 +59,10 @@ export async function copyPendingBlocks(
       .filter((b) => !have.has(b.hash.toString("hex")) && !writer.has(b.hash))
       .sort((a, b) => (a.src_segment === b.src_segment ? Number(a.src_offset) - Number(b.src_offset) : a.src_segment < b.src_segment ? -1 : 1));
     const data = await volumes.readRefs(p.diskId, missing.map((m) => ({ segmentId: m.src_segment, offset: Number(m.src_offset) })));
-    for (let i = 0; i < missing.length; i++) await writer.add(missing[i].hash, data[i]);
+    for (let i = 0; i < missing.length; i++) {
+      if (i % 32 === 0) check();
+      await writer.add(missing[i].hash, data[i]);
+    }
     await afterBatch(batch.length);
   }
   await writer.flush();

@@ -43,7 +43,7 @@ export class BackupHandler implements JobHandler {
       const added = await copyPendingBlocks(this.ds, this.volumes, this.vault, pending(part), async (n) => {
         done += n * BLOCK_SIZE;
         await ctx.progress(done, total);
-      });
+      }, ctx.checkCancelled);
       stored.set(part.id, added);
     }
     ctx.checkCancelled();

@@ -97,7 +97,7 @@ export class CreateImageHandler implements JobHandler {
     };
     await ctx.progress(0, total);
     for (const d of disks) {
-      if (payload.sourceDiskId) await copyPendingBlocks(this.ds, this.volumes, this.vault, pendingOf(d), step);
+      if (payload.sourceDiskId) await copyPendingBlocks(this.ds, this.volumes, this.vault, pendingOf(d), step, ctx.checkCancelled);
     }
     await this.ds.transaction(async (em) => {
       const missing = await sealPending(em, { table: "image_blocks", ownerColumn: "image_disk_id", ownerIds: disks.map((d) => d.id), projectId: job.projectId });

@@ -371,10 +371,3 @@ export async function openEmbeddedPostgres(dataDir: string, logger: Logger): Pro
     await sleep(200);
   }
 }
-
-/** The embedded cluster's default scratch location for a temporary cluster (tests, benchmarks). */
-export function scratchDir(prefix: string): string {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  fs.chmodSync(dir, 0o755);
-  return dir;
-}

@@ -30,6 +30,8 @@ export interface Config {
   /** Blobs written but never committed are deleted by garbage collection once this old. */
   gcGraceSeconds: number;
   gcIntervalSeconds: number;
+  /** Worker threads compressing vault chunks beside the main thread (0: the main thread alone). */
+  compressionThreads: number;
   /** How often the policy scheduler looks for due policies (0: never, in this process). */
   schedulerIntervalSeconds: number;
   /** Largest image file POST /v1/uploads takes. */
@@ -106,6 +108,7 @@ export function loadConfig(env: Env = process.env): Config {
     gcGraceSeconds: int(env, "GC_GRACE_SECONDS", 3600, 0, 30 * 86400),
     gcIntervalSeconds: int(env, "GC_INTERVAL_SECONDS", 3600, 0, 30 * 86400),
     schedulerIntervalSeconds: int(env, "SCHEDULER_INTERVAL_SECONDS", 5, 0, 3600),
+    compressionThreads: int(env, "COMPRESSION_THREADS", 0, 0, 64),
     uploadMaxBytes: int(env, "UPLOAD_MAX_BYTES", 64 * 2 ** 30, 512, Number.MAX_SAFE_INTEGER),
     uploadTtlSeconds: int(env, "UPLOAD_TTL_SECONDS", 86400, 60, 365 * 86400),
     exportTtlSeconds: int(env, "EXPORT_TTL_SECONDS", 86400, 1, 365 * 86400),

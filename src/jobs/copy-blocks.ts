@@ -59,9 +59,9 @@ export async function copyPendingBlocks(
       .filter((b) => !have.has(b.hash.toString("hex")) && !writer.has(b.hash))
       .sort((a, b) => (a.src_segment === b.src_segment ? Number(a.src_offset) - Number(b.src_offset) : a.src_segment < b.src_segment ? -1 : 1));
     const data = await volumes.readRefs(p.diskId, missing.map((m) => ({ segmentId: m.src_segment, offset: Number(m.src_offset) })));
-    for (let i = 0; i < missing.length; i++) {
-      if (i % 32 === 0) check();
-      await writer.add(missing[i].hash, data[i]);
+    for (let i = 0; i < missing.length; i += 64) {
+      check();
+      await writer.addMany(missing.slice(i, i + 64).map((m, k) => ({ hash: m.hash, raw: data[i + k] })));
     }
     await afterBatch(batch.length);
   }

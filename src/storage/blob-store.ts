@@ -14,8 +14,8 @@ export interface BlobInfo {
  */
 export interface BlobStore {
   readonly name: string;
-  /** Writes a small blob from memory, durably. */
-  put(key: string, data: Buffer): Promise<void>;
+  /** Writes a blob from memory (one buffer, or parts written back to back), durably. */
+  put(key: string, data: Buffer | Buffer[]): Promise<void>;
   /** Writes a blob from a stream, durably; returns its size. */
   putStream(key: string, body: Readable): Promise<number>;
   get(key: string): Promise<Buffer>;

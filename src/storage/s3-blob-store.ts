@@ -37,8 +37,9 @@ export class S3BlobStore implements BlobStore {
     return this.prefix + checkKey(key);
   }
 
-  async put(key: string, data: Buffer): Promise<void> {
-    await this.client.send(new PutObjectCommand({ Bucket: this.config.bucket, Key: this.key(key), Body: data, ContentLength: data.length }));
+  async put(key: string, data: Buffer | Buffer[]): Promise<void> {
+    const body = Array.isArray(data) ? Buffer.concat(data) : data;
+    await this.client.send(new PutObjectCommand({ Bucket: this.config.bucket, Key: this.key(key), Body: body, ContentLength: body.length }));
   }
 
   async putStream(key: string, body: Readable): Promise<number> {

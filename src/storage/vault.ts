@@ -1,6 +1,7 @@
 import crypto from "node:crypto";
 import type { DataSource } from "typeorm";
-import { Compressor, decompress } from "zstd-napi";
+import { decompress } from "zstd-napi";
+import { CompressionPool } from "./compression";
 import { rows } from "../db/sql";
 import { BlobNotFoundError, type BlobStore } from "./blob-store";
 
@@ -34,54 +35,86 @@ interface ChunkLocation {
 /**
  * Collects new chunks of one project into packs: each chunk is compressed with
  * zstd (kept raw when that does not help), appended to the pack in memory, and
- * the pack is written as one blob named by its SHA-256. Only after the blob is
- * durable does one transaction index its chunks, so an indexed chunk always has
- * its bytes.
+ * the pack is written as one blob. Only after the blob is durable does one
+ * transaction index its chunks, so an indexed chunk always has its bytes.
  */
 export class PackWriter {
   private parts: Buffer[] = [];
   private size = 0;
-  private entries: { hash: Buffer; offset: number; stored: number; raw: number; compressed: boolean }[] = [];
+  private entries: PackEntry[] = [];
   private pending = new Set<string>();
-  private readonly compressor = new Compressor();
   /** Bytes this writer added to the vault. */
   storedBytes = 0;
 
   constructor(
     private readonly vault: Vault,
     private readonly projectId: string,
-    level = 3,
-  ) {
-    this.compressor.setParameters({ compressionLevel: level });
-  }
+  ) {}
 
   has(hash: Buffer): boolean {
     return this.pending.has(hex(hash));
   }
 
   async add(hash: Buffer, raw: Buffer): Promise<void> {
-    const key = hex(hash);
-    if (this.pending.has(key)) return;
-    const packed = this.compressor.compress(raw);
-    const compressed = packed.length < raw.length;
-    const stored = compressed ? packed : Buffer.from(raw);
-    this.parts.push(stored);
-    this.entries.push({ hash, offset: this.size, stored: stored.length, raw: raw.length, compressed });
-    this.pending.add(key);
-    this.size += stored.length;
-    if (this.size >= PACK_BYTES) await this.flush();
+    await this.addMany([{ hash, raw }]);
+  }
+
+  /** Adds chunks, compressing them together on the vault's worker pool. */
+  async addMany(chunks: { hash: Buffer; raw: Buffer }[]): Promise<void> {
+    const fresh: { hash: Buffer; raw: Buffer }[] = [];
+    for (const c of chunks) {
+      const key = hex(c.hash);
+      if (this.pending.has(key)) continue;
+      this.pending.add(key);
+      fresh.push(c);
+    }
+    if (!fresh.length) return;
+    const packed = await this.vault.compression.compress(fresh.map((c) => c.raw));
+    for (let i = 0; i < fresh.length; i++) {
+      const { hash, raw } = fresh[i];
+      const compressed = packed[i].length < raw.length;
+      // A chunk cut from a larger read buffer is copied, so the pack does not pin that buffer.
+      const stored = compressed ? packed[i] : raw.byteLength === raw.buffer.byteLength ? raw : Buffer.from(raw);
+      this.parts.push(stored);
+      this.entries.push({ hash, offset: this.size, stored: stored.length, raw: raw.length, compressed });
+      this.size += stored.length;
+      if (this.size >= PACK_BYTES) await this.flush();
+    }
   }
 
   async flush(): Promise<void> {
     if (!this.entries.length) return;
-    const data = Buffer.concat(this.parts, this.size);
+    const parts = this.parts;
     const entries = this.entries;
     this.parts = [];
     this.entries = [];
     this.size = 0;
     this.pending.clear();
-    this.storedBytes += await this.vault.writePack(this.projectId, data, entries);
+    this.storedBytes += await this.vault.writePack(this.projectId, parts, entries);
   }
+}
+
+interface PackEntry {
+  hash: Buffer;
+  offset: number;
+  stored: number;
+  raw: number;
+  compressed: boolean;
+}
+
+/** A pack is named by the SHA-256 of its index (each chunk's hash, place and form), which names its content. */
+function packName(entries: PackEntry[]): string {
+  const h = crypto.createHash("sha256");
+  const meta = Buffer.alloc(17);
+  for (const e of entries) {
+    h.update(e.hash);
+    meta.writeBigUInt64BE(BigInt(e.offset), 0);
+    meta.writeUInt32BE(e.stored, 8);
+    meta.writeUInt32BE(e.raw, 12);
+    meta[16] = e.compressed ? 1 : 0;
+    h.update(meta);
+  }
+  return h.digest("hex");
 }
 
 /**
@@ -92,6 +125,7 @@ export class Vault {
   constructor(
     private readonly ds: DataSource,
     readonly blobs: BlobStore,
+    readonly compression: CompressionPool = new CompressionPool(1, 0),
   ) {}
 
   writer(projectId: string): PackWriter {
@@ -99,11 +133,12 @@ export class Vault {
   }
 
   /** Writes a pack and indexes its chunks; returns the bytes of chunks that were new. */
-  async writePack(projectId: string, data: Buffer, entries: { hash: Buffer; offset: number; stored: number; raw: number; compressed: boolean }[]): Promise<number> {
-    const packId = crypto.createHash("sha256").update(data).digest("hex");
-    await this.blobs.put(packKey(projectId, packId), data);
+  async writePack(projectId: string, parts: Buffer[], entries: PackEntry[]): Promise<number> {
+    const packId = packName(entries);
+    const size = parts.reduce((n, p) => n + p.length, 0);
+    await this.blobs.put(packKey(projectId, packId), parts);
     return this.ds.transaction(async (em) => {
-      await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, data.length]);
+      await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
       const inserted = await rows<{ stored_size: number }>(
         em,
         `INSERT INTO vault_chunks (project_id, hash, pack_id, pack_offset, stored_size, raw_size, compressed)
@@ -269,11 +304,10 @@ export class Vault {
     let size = 0;
     const write = async () => {
       if (!moved.length) return;
-      const data = Buffer.concat(parts, size);
-      const packId = crypto.createHash("sha256").update(data).digest("hex");
-      await this.blobs.put(packKey(projectId, packId), data);
+      const packId = packName(moved.map((m) => ({ hash: m.loc.hash, offset: m.offset, stored: m.loc.stored_size, raw: m.loc.raw_size, compressed: m.loc.compressed })));
+      await this.blobs.put(packKey(projectId, packId), parts);
       await this.ds.transaction(async (em) => {
-        await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, data.length]);
+        await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
         await em.query(
           `UPDATE vault_chunks c SET pack_id = $2, pack_offset = m.o FROM unnest($3::bytea[], $4::bigint[]) AS m(h, o) WHERE c.project_id = $1 AND c.hash = m.h`,
           [projectId, packId, moved.map((m) => m.loc.hash), moved.map((m) => m.offset)],

@@ -22,10 +22,11 @@ export interface BlockRef {
   hash: Buffer;
 }
 
-/** A block to store: its bytes, or null for a block that reads as zeros. */
+/** A block to store: its bytes, or null for a block that reads as zeros; its SHA-256 when already known. */
 export interface BlockWrite {
   index: number;
   data: Buffer | null;
+  hash?: Buffer;
 }
 
 export const segmentKey = (diskId: string, segmentId: string) => `volumes/${diskId}/${segmentId}`;
@@ -77,14 +78,14 @@ export class VolumeStore {
 
     try {
       for await (const block of blocks) {
-        if (block.data === null || isZero(block.data)) {
+        if (block.data === null || (!block.hash && isZero(block.data))) {
           zeros.push(block.index);
           if (zeros.length >= 4096) await flush();
           continue;
         }
         if (block.data.length !== BLOCK_SIZE) throw new Error("a block must be exactly BLOCK_SIZE bytes");
         segment ??= openSegment();
-        segment.rows.push({ index: block.index, segmentId: segment.id, offset: segment.size, hash: sha256(block.data) });
+        segment.rows.push({ index: block.index, segmentId: segment.id, offset: segment.size, hash: block.hash ?? sha256(block.data) });
         segment.size += BLOCK_SIZE;
         if (!segment.stream.write(block.data)) await once(segment.stream, "drain");
         if (segment.size >= SEGMENT_BYTES) await flush();

@@ -91,11 +91,16 @@ export class RestoreHandler implements JobHandler {
           ctx.checkCancelled();
           const d = await self.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
           for (const index of d.zero) yield { index, data: null };
+          // The next slice is read while this one is written; chunks come back checked against their hashes.
+          const read = (i: number) => self.vault.readChunks(job.projectId, d.write.slice(i, i + READ_BATCH).map((p) => p.hash));
+          let ahead = d.write.length ? read(0) : null;
           for (let i = 0; i < d.write.length; i += READ_BATCH) {
             ctx.checkCancelled();
             const part = d.write.slice(i, i + READ_BATCH);
-            const chunks = await self.vault.readChunks(job.projectId, part.map((p) => p.hash));
-            for (const p of part) yield { index: p.index, data: chunks.get(hex(p.hash))! };
+            const chunks = await ahead!;
+            ahead = i + READ_BATCH < d.write.length ? read(i + READ_BATCH) : null;
+            ahead?.catch(() => undefined);
+            for (const p of part) yield { index: p.index, data: chunks.get(hex(p.hash))!, hash: p.hash };
             done += part.length * BLOCK_SIZE;
             await ctx.progress(done, total);
           }

@@ -71,7 +71,10 @@ export class ImportImageHandler implements JobHandler {
     const writer = this.vault.writer(job.projectId);
     const checksum = new RawChecksum(virtualSize);
     let batch: { index: number; hash: Buffer }[] = [];
+    let chunks: { hash: Buffer; raw: Buffer }[] = [];
     const flushRows = async () => {
+      await writer.addMany(chunks);
+      chunks = [];
       if (!batch.length) return;
       // Rows only for chunks already indexed: flush the pack first.
       await writer.flush();
@@ -86,8 +89,12 @@ export class ImportImageHandler implements JobHandler {
         checksum.add(block.index, block.data);
         if (block.data.equals(ZERO)) continue;
         const hash = sha256(block.data);
-        await writer.add(hash, block.data);
+        chunks.push({ hash, raw: block.data });
         batch.push({ index: block.index, hash });
+        if (chunks.length >= 64) {
+          await writer.addMany(chunks);
+          chunks = [];
+        }
         if (batch.length >= ROWS_BATCH) await flushRows();
         await ctx.progress(read, size);
       }

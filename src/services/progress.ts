@@ -109,7 +109,7 @@ function closable<T>(
     returned = true;
     await stream?.return();
   };
-  const wrapped: AsyncGenerator<T, void, undefined> = {
+  const wrapped = {
     next: () => gen.next(),
     async return(value) {
       await close();
@@ -125,7 +125,7 @@ function closable<T>(
     async [Symbol.asyncDispose]() {
       await wrapped.return(undefined);
     },
-  };
+  } as AsyncGenerator<T, void, undefined>;
   return wrapped;
 }
 

@@ -136,7 +136,8 @@ export class BackupService {
       if (d.status === DiskStatus.RESTORING) throw conflict(`disk ${d.name} is being restored; back it up when the restore has finished`);
       if (d.status === DiskStatus.CREATING || d.status === DiskStatus.ERROR) throw failedPrecondition(`cannot back up disk ${d.name} while it is ${d.status}`);
     }
-    const running = await em.find(Backup, { where: { resourceId: In([target.id, ...disks.map((d) => d.id)]), status: BackupStatus.CREATING } });
+    // Distinct ids: a repeated one turns Postgres away from the partial index on running backups.
+    const running = await em.find(Backup, { where: { resourceId: In([...new Set([target.id, ...disks.map((d) => d.id)])]), status: BackupStatus.CREATING } });
     if (running.length) throw conflict("a backup of this resource is already running; one backup at a time");
 
     const job = await this.queue.add(em, ctx.projectId, { type: JobType.BACKUP, serverId: server?.id ?? null, diskId: server ? null : disks[0].id, policyId: opts.policyId ?? null });

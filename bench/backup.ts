@@ -1,0 +1,511 @@
+/**
+ * Backup benchmark: Stowage against restic and borg on the same bytes.
+ *
+ *   npm run bench:backup                      # 1 GiB image, Stowage + restic + borg
+ *   npm run bench:backup -- --size 4G         # 4 GiB (or BENCH_SIZE_GIB=4), to compare peak RSS with 1 GiB
+ *   npm run bench:backup -- --skip-peers      # Stowage only
+ *   npm run bench:backup -- --runs 3          # repeat everything 3 times; the table shows medians (RSS: the max)
+ *   npm run bench:backup -- --cpu-prof        # also profile the service and print where its CPU time goes per phase
+ *   options: --keep (keep the temp dir), --dir DIR (where the temp dir goes; default $TMPDIR), --seed N,
+ *   --service-node-args "ARGS" (extra node flags for the service, e.g. "--trace-gc"),
+ *   --dist[=DIR] (run the compiled build DIR/src/main.js, default dist/ from `npm run build`, instead of ts-node)
+ *
+ * Needs restic, borg (Debian packages restic, borgbackup) and /usr/bin/time (package time)
+ * unless --skip-peers. The image (about a third zeros never written, a third random
+ * bytes, a third English-like text) is generated deterministically in a temp dir;
+ * each tool backs it up, backs it up again after 1% of it changed in scattered
+ * 64 KiB writes, and restores it; every restore is checked by SHA-256 (not timed).
+ * Stowage runs as `node bin/stowage.js serve` on a fresh data dir with its embedded
+ * Postgres and local blobs; its times run from the mutation to the job's finishedAt
+ * (the instant it turned SUCCEEDED; jobs are polled every 250 ms, not to load the service).
+ * Times are wall-clock: run it on an otherwise idle machine (the report shows the load).
+ */
+import fs from "node:fs";
+import fsp from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { summarise, type Window } from "./lib/cpuprofile";
+import { applyChanges, BLOCK, changes, dirBytes, GiB, layout, MiB, sha256File, writeImage, type Region } from "./lib/image";
+import { cpuTree, hrSeconds, procStatusKiB, requireProgram, RssSampler, run, timed } from "./lib/proc";
+import { StowageProcess } from "./lib/stowage";
+
+interface Options {
+  size: number;
+  skipPeers: boolean;
+  keep: boolean;
+  cpuProf: boolean;
+  dir: string;
+  seed: number;
+  runs: number;
+  serviceNodeArgs: string[];
+  dist: string | null;
+}
+
+function parseSize(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$/i.exec(s.trim());
+  if (!m) throw new Error(`--size: cannot read "${s}" (examples: 1G, 4G, 512M)`);
+  const unit = { "": GiB, K: 1024, M: MiB, G: GiB, T: 1024 * GiB }[m[2].toUpperCase() as "" | "K" | "M" | "G" | "T"];
+  const bytes = Math.round(Number(m[1]) * unit);
+  if (bytes < 16 * MiB || bytes % BLOCK !== 0) throw new Error(`--size must be at least 16 MiB and a multiple of 64 KiB, got ${s}`);
+  return bytes;
+}
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = {
+    size: process.env.BENCH_SIZE_GIB ? parseSize(`${process.env.BENCH_SIZE_GIB}G`) : GiB,
+    skipPeers: false,
+    keep: false,
+    cpuProf: false,
+    dir: os.tmpdir(),
+    seed: 42,
+    runs: 1,
+    serviceNodeArgs: [],
+    dist: null,
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const value = () => {
+      const v = a.includes("=") ? a.slice(a.indexOf("=") + 1) : argv[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    if (a === "--size" || a.startsWith("--size=")) o.size = parseSize(value());
+    else if (a === "--skip-peers") o.skipPeers = true;
+    else if (a === "--keep") o.keep = true;
+    else if (a === "--cpu-prof") o.cpuProf = true;
+    else if (a === "--dir" || a.startsWith("--dir=")) o.dir = value();
+    else if (a === "--seed" || a.startsWith("--seed=")) o.seed = Number(value());
+    else if (a === "--runs" || a.startsWith("--runs=")) o.runs = Number(value());
+    else if (a === "--service-node-args" || a.startsWith("--service-node-args=")) o.serviceNodeArgs = value().split(/\s+/).filter(Boolean);
+    else if (a === "--dist") o.dist = path.join(__dirname, "..", "dist");
+    else if (a.startsWith("--dist=")) o.dist = path.resolve(a.slice("--dist=".length));
+    else if (a === "--help" || a === "-h") {
+      process.stdout.write(fs.readFileSync(__filename, "utf8").split("*/")[0] + "*/\n");
+      process.exit(0);
+    } else throw new Error(`unknown option ${a} (see --help)`);
+  }
+  if (!Number.isInteger(o.seed)) throw new Error("--seed must be an integer");
+  if (!Number.isInteger(o.runs) || o.runs < 1) throw new Error("--runs must be a positive integer");
+  return o;
+}
+
+const log = (msg: string) => process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+const mib = (b: number) => b / MiB;
+const f2 = (n: number | null | undefined) => (n === null || n === undefined || !Number.isFinite(n) ? "n/a" : n.toFixed(2));
+const ratio = (a: number | null | undefined, b: number | null | undefined) => (a == null || b == null || !b ? "n/a" : `${(a / b).toFixed(2)}×`);
+
+type Tool = "stowage" | "restic" | "borg";
+const TOOLS: Tool[] = ["stowage", "restic", "borg"];
+
+interface ToolResult {
+  first: number | null;
+  incremental: number | null;
+  /** Repository bytes added by the incremental. */
+  growth: number | null;
+  restore: number | null;
+  peakRssKiB: number | null;
+}
+
+const empty = (): ToolResult => ({ first: null, incremental: null, growth: null, restore: null, peakRssKiB: null });
+
+interface StowagePhase {
+  label: string;
+  seconds: number;
+  nodeCpu: number;
+  pgCpu: number;
+  mutationMs: number;
+  /** Job createdAt → startedAt: includes the mutation's own transaction. */
+  queuedMs: number;
+  runMs: number;
+  bytesTotal: number;
+  peakRssKiB: number;
+}
+
+interface RunResult {
+  results: Record<Tool, ToolResult>;
+  phases: StowagePhase[];
+  rssByPhase: Map<string, number>;
+  notes: string[];
+  repoAfterFirst: Record<Tool, number>;
+  changedBytes: number;
+  changeCount: number;
+  loads: [number, number];
+  windows: Window[];
+  profile: string | null;
+}
+
+/** Contiguous runs of non-zero regions, in order: what gets written to the Stowage disk. */
+function writtenExtents(regions: Region[]): { start: number; length: number }[] {
+  const out: { start: number; length: number }[] = [];
+  for (const r of regions) {
+    if (r.kind === "zero") continue;
+    const last = out[out.length - 1];
+    if (last && last.start + last.length === r.start) last.length += r.length;
+    else out.push({ start: r.start, length: r.length });
+  }
+  return out;
+}
+
+interface Programs {
+  time: string;
+  restic: string;
+  borg: string;
+}
+
+/** Holds what must be stopped if the benchmark is interrupted. */
+const live: { svc: StowageProcess | null } = { svc: null };
+
+/** One complete measurement: a fresh image, a fresh Stowage and fresh repositories. */
+async function measure(opts: Options, progs: Programs | null, dir: string, runNo: number): Promise<RunResult> {
+  const size = opts.size;
+  const loadStart = os.loadavg()[0];
+  if (loadStart > os.cpus().length / 2) log(`warning: load average ${loadStart.toFixed(2)} on ${os.cpus().length} CPUs: other work will skew the times`);
+  await fsp.mkdir(dir, { recursive: true, mode: 0o755 });
+  await fsp.chmod(dir, 0o755);
+  const imgDir = path.join(dir, "img");
+  await fsp.mkdir(imgDir, { recursive: true });
+  const image = path.join(imgDir, "disk.img");
+  const notes: string[] = [];
+  const results: Record<Tool, ToolResult> = { stowage: empty(), restic: empty(), borg: empty() };
+
+  // ---- the image (untimed) --------------------------------------------------------------
+  const regions = layout(size, opts.seed);
+  let t = hrSeconds();
+  const sha0 = await writeImage(image, size, regions, opts.seed);
+  log(`run ${runNo}: image written in ${(hrSeconds() - t).toFixed(1)} s`);
+
+  // ---- Stowage: start, fill the disk (untimed) -----------------------------------------
+  const stowageDir = path.join(dir, "stowage");
+  const profDir = path.join(dir, "prof");
+  const svc = await StowageProcess.start(stowageDir, {
+    nodeArgs: [...opts.serviceNodeArgs, ...(opts.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${profDir}`] : [])],
+    env: { GC_INTERVAL_SECONDS: "0" },
+    dist: opts.dist,
+  });
+  live.svc = svc;
+  const sampler = new RssSampler(svc.pid);
+  try {
+    log(`Stowage serving at ${svc.url} (pid ${svc.pid})`);
+    const vaultDir = path.join(stowageDir, "blobs", "vault");
+
+    sampler.setPhase("fill (PUT)");
+    const diskId = await svc.createDisk("bench", size);
+    t = hrSeconds();
+    for (const e of writtenExtents(regions)) {
+      await svc.put(diskId, e.start, e.length, fs.createReadStream(image, { start: e.start, end: e.start + e.length - 1, highWaterMark: MiB }));
+    }
+    log(`Stowage disk filled in ${(hrSeconds() - t).toFixed(1)} s (untimed)`);
+    sampler.setPhase("check fill (GET)");
+    const filled = await svc.sha256Disk(diskId);
+    if (filled.sha256 !== sha0 || filled.bytes !== size) throw new Error(`the Stowage disk does not read back the image after the PUTs (${filled.sha256} vs ${sha0})`);
+
+    // ---- peers: repositories (untimed) ----------------------------------------------
+    const resticRepo = path.join(dir, "restic-repo");
+    const borgRepo = path.join(dir, "borg-repo");
+    const resticEnv: NodeJS.ProcessEnv = { ...process.env, RESTIC_REPOSITORY: resticRepo, RESTIC_PASSWORD: "bench", RESTIC_CACHE_DIR: path.join(dir, "restic-cache") };
+    const borgEnv: NodeJS.ProcessEnv = {
+      ...process.env,
+      BORG_REPO: borgRepo,
+      BORG_BASE_DIR: path.join(dir, "borg-home"),
+      BORG_PASSPHRASE: "",
+      BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK: "yes",
+      BORG_RELOCATED_REPO_ACCESS_IS_OK: "yes",
+      BORG_DISPLAY_PASSPHRASE: "no",
+    };
+    const peer = async (tool: "restic" | "borg", args: string[], cwd?: string) => {
+      const r = await timed(progs!.time, progs![tool], args, { env: tool === "restic" ? resticEnv : borgEnv, cwd, tmp: dir });
+      results[tool].peakRssKiB = Math.max(results[tool].peakRssKiB ?? 0, r.maxRssKiB);
+      return r.seconds;
+    };
+    if (progs) {
+      for (const [cmd, args, env] of [
+        [progs.restic, ["init", "-q"], resticEnv],
+        [progs.borg, ["init", "--encryption=none"], borgEnv],
+      ] as const) {
+        const r = await run(cmd, [...args], { env });
+        if (r.code !== 0) throw new Error(`${cmd} ${args.join(" ")} failed:\n${r.stderr}`);
+      }
+      const cfg = await run(progs.restic, ["cat", "config"], { env: resticEnv });
+      const version = /"version":\s*(\d+)/.exec(cfg.stdout)?.[1];
+      notes.push(`restic ${version === "2" ? "repository version 2, compression auto" : `repository version ${version ?? "?"} (no compression)`}; borg --encryption=none, default compression lz4`);
+    }
+
+    // Each Stowage phase: wall time, CPU of node vs its Postgres, peak RSS.
+    const windows: Window[] = [];
+    const phases: StowagePhase[] = [];
+    const stowagePhase = async (label: string, mutation: () => Promise<{ jobId: string; result: string }>) => {
+      sampler.setPhase(label);
+      const cpu0 = cpuTree(svc.pid);
+      const startUs = Number(process.hrtime.bigint() / 1000n);
+      const t0 = hrSeconds();
+      const wall0 = Date.now();
+      const { jobId, result } = await mutation();
+      const mutationMs = (hrSeconds() - t0) * 1000;
+      // Polled slowly (frequent polls would load the service being measured); the time
+      // ends at the job's finishedAt, stamped by Postgres when it turned SUCCEEDED
+      // (same machine, same clock), so the poll interval does not count.
+      const job = await svc.waitJob(jobId, 250);
+      const observed = hrSeconds() - t0;
+      const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
+      windows.push({ label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) });
+      const cpu1 = cpuTree(svc.pid);
+      sampler.sample();
+      const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
+      phases.push({
+        label,
+        seconds,
+        nodeCpu: cpu1.self - cpu0.self,
+        pgCpu: cpu1.descendants - cpu0.descendants,
+        mutationMs,
+        queuedMs: ms(job.createdAt, job.startedAt),
+        runMs: ms(job.startedAt, job.finishedAt),
+        bytesTotal: job.bytesTotal,
+        peakRssKiB: sampler.peaks.get(label) ?? 0,
+      });
+      log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
+      return { seconds, result };
+    };
+    const backupMutation = async () => {
+      const r = await svc.gql(`mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { backup { id } job { id } } }`, { r: diskId });
+      return { jobId: r.createBackup.job.id as string, result: r.createBackup.backup.id as string };
+    };
+    const backupInfo = async (id: string) =>
+      (await svc.gql(`query ($id: ID!) { node(id: $id) { ... on Backup { sizeBytes storedBytes status } } }`, { id })).node as { sizeBytes: number; storedBytes: number };
+
+    // ---- first backups ---------------------------------------------------------------
+    const first = await stowagePhase("first backup", backupMutation);
+    results.stowage.first = first.seconds;
+    const b1 = await backupInfo(first.result);
+    notes.push(`Stowage first backup: sizeBytes ${mib(b1.sizeBytes).toFixed(1)} MiB, storedBytes ${mib(b1.storedBytes).toFixed(1)} MiB`);
+    if (progs) {
+      results.restic.first = await peer("restic", ["backup", "-q", "--host", "bench", image]);
+      log(`restic first backup: ${results.restic.first.toFixed(2)} s`);
+      results.borg.first = await peer("borg", ["create", "::first", "disk.img"], imgDir);
+      log(`borg first backup: ${results.borg.first.toFixed(2)} s`);
+    }
+    const before: Record<Tool, number> = { stowage: await dirBytes(vaultDir), restic: await dirBytes(resticRepo), borg: await dirBytes(borgRepo) };
+
+    // ---- 1% scattered changes (untimed) ----------------------------------------------
+    sampler.setPhase("apply changes (PUT)");
+    const changeList = changes(size, 0.01, opts.seed + 1);
+    const changedBytes = changeList.length * BLOCK;
+    for (const c of changeList) await svc.put(diskId, c.offset, c.data.length, c.data);
+    await applyChanges(image, changeList);
+    const sha1 = await sha256File(image);
+    log(`changed ${changeList.length} blocks of 64 KiB (${mib(changedBytes).toFixed(2)} MiB)`);
+
+    // ---- incremental backups --------------------------------------------------------
+    const second = await stowagePhase("incremental backup", backupMutation);
+    results.stowage.incremental = second.seconds;
+    const b2 = await backupInfo(second.result);
+    notes.push(`Stowage incremental: sizeBytes ${mib(b2.sizeBytes).toFixed(1)} MiB, storedBytes ${mib(b2.storedBytes).toFixed(2)} MiB`);
+    if (progs) {
+      results.restic.incremental = await peer("restic", ["backup", "-q", "--host", "bench", image]);
+      log(`restic incremental: ${results.restic.incremental.toFixed(2)} s`);
+      results.borg.incremental = await peer("borg", ["create", "::second", "disk.img"], imgDir);
+      log(`borg incremental: ${results.borg.incremental.toFixed(2)} s`);
+    }
+    const after: Record<Tool, number> = { stowage: await dirBytes(vaultDir), restic: await dirBytes(resticRepo), borg: await dirBytes(borgRepo) };
+    for (const tool of TOOLS) if (tool === "stowage" || progs) results[tool].growth = after[tool] - before[tool];
+
+    // ---- full restores, each checked (the check is not timed) ---------------------------
+    const restored = await stowagePhase("full restore", async () => {
+      const r = await svc.gql(`mutation ($b: ID!) { createDisk(input: { name: "restored", backupId: $b }) { disk { id } job { id } } }`, { b: second.result });
+      return { jobId: r.createDisk.job.id as string, result: r.createDisk.disk.id as string };
+    });
+    results.stowage.restore = restored.seconds;
+    sampler.setPhase("check restore (GET)");
+    const got = await svc.sha256Disk(restored.result);
+    if (got.sha256 !== sha1 || got.bytes !== size) throw new Error(`Stowage restore differs from the image: sha256 ${got.sha256} (${got.bytes} bytes) vs ${sha1}`);
+    log("Stowage restore verified");
+    if (progs) {
+      const rDir = path.join(dir, "restic-restore");
+      results.restic.restore = await peer("restic", ["restore", "latest", "-q", "--target", rDir]);
+      if ((await sha256File(path.join(rDir, image))) !== sha1) throw new Error("restic restore differs from the image");
+      await fsp.rm(rDir, { recursive: true, force: true });
+      log(`restic restore: ${results.restic.restore.toFixed(2)} s (verified)`);
+      const bDir = path.join(dir, "borg-restore");
+      await fsp.mkdir(bDir);
+      results.borg.restore = await peer("borg", ["extract", "::second"], bDir);
+      if ((await sha256File(path.join(bDir, "disk.img"))) !== sha1) throw new Error("borg extract differs from the image");
+      await fsp.rm(bDir, { recursive: true, force: true });
+      log(`borg restore: ${results.borg.restore.toFixed(2)} s (verified)`);
+    }
+
+    // Phase windows (CLOCK_MONOTONIC µs, the clock of node --cpu-prof) for later analysis with --keep.
+    await fsp.writeFile(path.join(dir, "phases.json"), JSON.stringify({ windows, phases }, null, 2));
+
+    // ---- peak RSS of the service process (VmHWM: the whole run, fill and checks included) ---
+    results.stowage.peakRssKiB = procStatusKiB(svc.pid, "VmHWM");
+    sampler.stop();
+    await svc.stop();
+    live.svc = null;
+
+    let profile: string | null = null;
+    if (opts.cpuProf) {
+      const prof = (await fsp.readdir(profDir).catch(() => [] as string[])).find((f) => f.endsWith(".cpuprofile"));
+      if (!prof) log("no .cpuprofile was written (did the service exit cleanly?)");
+      else {
+        profile = path.join(opts.dir, `stowage-bench-${Date.now()}-run${runNo}.cpuprofile`);
+        await fsp.copyFile(path.join(profDir, prof), profile);
+      }
+    }
+    return {
+      results,
+      phases,
+      rssByPhase: new Map(sampler.peaks),
+      notes,
+      repoAfterFirst: before,
+      changedBytes,
+      changeCount: changeList.length,
+      loads: [loadStart, os.loadavg()[0]],
+      windows,
+      profile,
+    };
+  } finally {
+    sampler.stop();
+    if (live.svc) await live.svc.stop().catch(() => undefined);
+    live.svc = null;
+  }
+}
+
+const median = (xs: (number | null)[]): number | null => {
+  const v = xs.filter((x): x is number => x !== null && Number.isFinite(x)).sort((a, b) => a - b);
+  if (!v.length) return null;
+  return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
+};
+const maxOf = (xs: (number | null)[]): number | null => {
+  const v = xs.filter((x): x is number => x !== null);
+  return v.length ? Math.max(...v) : null;
+};
+
+function report(opts: Options, runs: RunResult[]): string {
+  const size = opts.size;
+  const regions = layout(size, opts.seed);
+  const share = (k: Region["kind"]) => regions.filter((r) => r.kind === k).reduce((n, r) => n + r.length, 0);
+  const changed = runs[0].changedBytes;
+  const agg: Record<Tool, ToolResult> = { stowage: empty(), restic: empty(), borg: empty() };
+  for (const tool of TOOLS) {
+    const of = (k: keyof ToolResult) => runs.map((r) => r.results[tool][k]);
+    agg[tool] = { first: median(of("first")), incremental: median(of("incremental")), growth: median(of("growth")), restore: median(of("restore")), peakRssKiB: maxOf(of("peakRssKiB")) };
+  }
+  const s = agg.stowage;
+  const r = agg.restic;
+  const b = agg.borg;
+  const growthCell = (g: number | null) => (g === null ? "n/a" : `${mib(g).toFixed(2)} (${(g / changed).toFixed(2)}×)`);
+  const rssMiB = (k: number | null) => (k === null ? null : k / 1024);
+  const rows: [string, number | null, number | null, number | null, (v: number | null) => string][] = [
+    ["first backup (s)", s.first, r.first, b.first, f2],
+    ["incremental (s)", s.incremental, r.incremental, b.incremental, f2],
+    ["incremental vault growth (MiB, × changed bytes)", s.growth, r.growth, b.growth, growthCell],
+    ["full restore (s)", s.restore, r.restore, b.restore, f2],
+    ["peak RSS (MiB)", rssMiB(s.peakRssKiB), rssMiB(r.peakRssKiB), rssMiB(b.peakRssKiB), (v) => (v === null ? "n/a" : v.toFixed(0))],
+  ];
+  const lines: string[] = [""];
+  lines.push(
+    `Backup benchmark: ${mib(size)} MiB image (zeros ${mib(share("zero")).toFixed(0)} MiB, random ${mib(share("random")).toFixed(0)} MiB, text ${mib(share("text")).toFixed(0)} MiB), ` +
+      `${runs[0].changeCount}×64 KiB changed (${mib(changed).toFixed(2)} MiB); ${os.cpus().length} CPUs, node ${process.version}` +
+      (runs.length > 1 ? `; median of ${runs.length} runs (peak RSS: max)` : ""),
+  );
+  lines.push("");
+  lines.push("| | Stowage | restic | borg | Stowage/restic | Stowage/borg |");
+  lines.push("| --- | ---: | ---: | ---: | ---: | ---: |");
+  for (const [name, sv, rv, bv, fmt] of rows) lines.push(`| ${name} | ${fmt(sv)} | ${fmt(rv)} | ${fmt(bv)} | ${ratio(sv, rv)} | ${ratio(sv, bv)} |`);
+  lines.push("");
+  const verdict = (ok: boolean | null) => (ok === null ? "n/a " : ok ? "PASS" : "MISS");
+  const rel = (a: number | null, c: number | null) => (a === null || c === null ? null : a / c);
+  const x = (v: number | null, digits = 2) => (v === null ? "n/a" : `${v.toFixed(digits)}×`);
+  const firstRatio = rel(s.first, r.first);
+  const incrRatio = rel(s.incremental, r.incremental);
+  const growthRatio = s.growth === null ? null : s.growth / changed;
+  const restoreRatio = rel(s.restore, r.restore);
+  const rss = rssMiB(s.peakRssKiB);
+  lines.push(`- ${verdict(firstRatio === null ? null : firstRatio <= 0.5)} first backup ≤ 0.5× restic (${x(firstRatio)})`);
+  lines.push(`- ${verdict(incrRatio === null || growthRatio === null ? null : incrRatio <= 0.1 && growthRatio <= 2)} incremental ≤ 0.1× restic time (${x(incrRatio, 3)}) with growth ≤ 2× changed bytes (${x(growthRatio)})`);
+  lines.push(`- ${verdict(restoreRatio === null ? null : restoreRatio <= 0.5)} full restore ≤ 0.5× restic (${x(restoreRatio)})`);
+  lines.push(`- ${verdict(rss === null ? null : rss < 300)} Stowage peak RSS < 300 MiB (${rss === null ? "n/a" : rss.toFixed(0) + " MiB"})`);
+  lines.push("");
+  lines.push("Details:");
+  lines.push(`- every restore verified by SHA-256 against the image; verification not timed`);
+  lines.push(`- growth = bytes of the files under the vault dir (blobs/vault), the restic repo, the borg repo, after minus before the incremental; Stowage's chunk index lives in Postgres and is not counted`);
+  lines.push(`- peak RSS: Stowage = VmHWM of the node service process over the whole run (fill and checks included; Postgres runs in its own processes); restic/borg = /usr/bin/time %M, max over their runs`);
+  runs.forEach((run, i) => {
+    const tag = runs.length > 1 ? `run ${i + 1}: ` : "";
+    lines.push(`- ${tag}load average (1 min) ${run.loads[0].toFixed(2)} at the start, ${run.loads[1].toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`);
+    if (runs.length > 1) {
+      const cell = (t: Tool) => `${f2(run.results[t].first)} / ${f2(run.results[t].incremental)} / ${f2(run.results[t].restore)}`;
+      lines.push(`- ${tag}first / incremental / restore (s): Stowage ${cell("stowage")}; restic ${cell("restic")}; borg ${cell("borg")}`);
+    }
+    for (const p of run.phases) {
+      lines.push(
+        `- ${tag}Stowage ${p.label}: ${p.seconds.toFixed(2)} s = mutation ${p.mutationMs.toFixed(0)} ms, job created→started ${p.queuedMs.toFixed(0)} ms, ran ${p.runMs.toFixed(0)} ms ` +
+          `(${mib(p.bytesTotal).toFixed(1)} MiB of work); CPU: node ${p.nodeCpu.toFixed(2)} s, Postgres ${p.pgCpu.toFixed(2)} s; node peak RSS ${(p.peakRssKiB / 1024).toFixed(0)} MiB`,
+      );
+    }
+    lines.push(`- ${tag}Stowage node RSS peaks by phase (sampled): ${[...run.rssByPhase].map(([k, v]) => `${k} ${(v / 1024).toFixed(0)} MiB`).join(", ")}`);
+    for (const n of run.notes) lines.push(`- ${tag}${n}`);
+    const a = run.repoAfterFirst;
+    lines.push(`- ${tag}repository bytes after the first backup: Stowage vault ${mib(a.stowage).toFixed(1)} MiB` + (opts.skipPeers ? "" : `, restic ${mib(a.restic).toFixed(1)} MiB, borg ${mib(a.borg).toFixed(1)} MiB`));
+  });
+  return lines.join("\n") + "\n";
+}
+
+function profileReport(run: RunResult): string {
+  if (!run.profile) return "";
+  const out: string[] = ["", `CPU profile of the service (${run.profile}), by phase:`];
+  for (const w of summarise(run.profile, run.windows)) {
+    out.push("", `${w.label}: ${w.sampledMs.toFixed(0)} ms sampled`, "  self time:");
+    for (const [n, ms] of w.self) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
+    out.push("  inclusive, project functions (synchronous stacks only):");
+    for (const [n, ms] of w.inclusive) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
+  }
+  return out.join("\n") + "\n";
+}
+
+async function main(): Promise<number> {
+  const opts = parseArgs(process.argv.slice(2));
+  const progs: Programs | null = opts.skipPeers
+    ? null
+    : { time: requireProgram("/usr/bin/time", "time"), restic: requireProgram("restic", "restic"), borg: requireProgram("borg", "borgbackup") };
+
+  const tmp = await fsp.mkdtemp(path.join(opts.dir, "stowage-bench-"));
+  await fsp.chmod(tmp, 0o755);
+  let interrupted = false;
+  const onSignal = () => {
+    if (interrupted) process.exit(130);
+    interrupted = true;
+    log("interrupted: stopping the service and cleaning up");
+    void (async () => {
+      await live.svc?.stop().catch(() => undefined);
+      if (!opts.keep) await fsp.rm(tmp, { recursive: true, force: true });
+      process.exit(130);
+    })();
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+
+  try {
+    log(`working in ${tmp}; image ${mib(opts.size)} MiB, seed ${opts.seed}, ${opts.runs} run(s)`);
+    const runs: RunResult[] = [];
+    for (let i = 1; i <= opts.runs; i++) {
+      const dir = path.join(tmp, `run${i}`);
+      runs.push(await measure(opts, progs, dir, i));
+      if (!opts.keep) await fsp.rm(dir, { recursive: true, force: true });
+    }
+    process.stdout.write(report(opts, runs));
+    for (const run of runs) process.stdout.write(profileReport(run));
+    return 0;
+  } finally {
+    if (live.svc) await live.svc.stop().catch(() => undefined);
+    if (opts.keep) log(`kept ${tmp}`);
+    else await fsp.rm(tmp, { recursive: true, force: true });
+  }
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err) => {
+    process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exit(1);
+  },
+);

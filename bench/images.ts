@@ -1,0 +1,383 @@
+/**
+ * Image benchmark: Stowage's image export and import against `qemu-img convert` on the same disk.
+ *
+ *   npm run bench:images                      # 1 GiB disk
+ *   npm run bench:images -- --size 4G         # 4 GiB (or BENCH_SIZE_GIB=4)
+ *   npm run bench:images -- --runs 3          # repeat the timed steps 3 times; the table shows medians (RSS: the max)
+ *   npm run bench:images -- --cpu-prof        # also profile the service and print where its CPU time goes per timed job
+ *   options: --keep (keep the temp dir), --dir DIR (where the temp dir goes; default $TMPDIR), --seed N
+ *
+ * Needs qemu-img (Debian package qemu-utils) and /usr/bin/time (package time). The disk
+ * (about a third zeros, a third random bytes, a third English-like text; deterministic,
+ * the same generator as bench/backup.ts) is written streaming to a sparse disk.raw in a
+ * temp dir. Stowage runs as `node bin/stowage.js serve` on a fresh data dir with its
+ * embedded Postgres and local blobs.
+ *
+ *  (a) export to QCOW2. Untimed: disk.raw is uploaded and imported as a DATA_DISK image
+ *      (its checksum must be the SHA-256 of disk.raw). Timed: exportImage(format: QCOW2),
+ *      from the mutation to the job's finishedAt; peer: `qemu-img convert -f raw -O qcow2
+ *      disk.raw out.qcow2`. The downloaded export must be identical to disk.raw by
+ *      `qemu-img compare` (not timed).
+ *  (b) import of a QCOW2 file. Untimed: `qemu-img convert -f raw -O qcow2 disk.raw in.qcow2`.
+ *      Timed: POST /v1/uploads of in.qcow2 (its own row), then importImage(format: QCOW2)
+ *      from the mutation to the job's finishedAt; peer: `qemu-img convert -f qcow2 -O raw
+ *      in.qcow2 out.raw`. The image's checksum must be the SHA-256 of disk.raw, and out.raw
+ *      must be identical to disk.raw (not timed).
+ *  (c) peak RSS: VmHWM of the Stowage node process at the end (the whole run, untimed
+ *      steps included; Postgres runs in its own processes), and the largest /usr/bin/time %M
+ *      of the qemu-img conversions.
+ * Jobs are polled every 250 ms; the time ends at finishedAt (stamped when the job turned
+ * SUCCEEDED, same machine and clock), so the poll interval does not count.
+ * Times are wall-clock: run it on an otherwise idle machine (the report shows the load).
+ */
+import fs from "node:fs";
+import fsp from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { summarise, type Window } from "./lib/cpuprofile";
+import { BLOCK, GiB, layout, MiB, writeImage, type Region } from "./lib/image";
+import { cpuTree, hrSeconds, procStatusKiB, requireProgram, run, timed } from "./lib/proc";
+import { StowageProcess } from "./lib/stowage";
+import { downloadFile, uploadFile } from "./lib/transfer";
+
+interface Options {
+  size: number;
+  keep: boolean;
+  dir: string;
+  seed: number;
+  runs: number;
+  cpuProf: boolean;
+}
+
+function parseSize(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$/i.exec(s.trim());
+  if (!m) throw new Error(`--size: cannot read "${s}" (examples: 1G, 4G, 512M)`);
+  const unit = { "": GiB, K: 1024, M: MiB, G: GiB, T: 1024 * GiB }[m[2].toUpperCase() as "" | "K" | "M" | "G" | "T"];
+  const bytes = Math.round(Number(m[1]) * unit);
+  if (bytes < 16 * MiB || bytes % BLOCK !== 0) throw new Error(`--size must be at least 16 MiB and a multiple of 64 KiB, got ${s}`);
+  return bytes;
+}
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = {
+    size: process.env.BENCH_SIZE_GIB ? parseSize(`${process.env.BENCH_SIZE_GIB}G`) : GiB,
+    keep: false,
+    dir: os.tmpdir(),
+    seed: 42,
+    runs: 1,
+    cpuProf: false,
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const value = () => {
+      const v = a.includes("=") ? a.slice(a.indexOf("=") + 1) : argv[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    if (a === "--size" || a.startsWith("--size=")) o.size = parseSize(value());
+    else if (a === "--keep") o.keep = true;
+    else if (a === "--cpu-prof") o.cpuProf = true;
+    else if (a === "--dir" || a.startsWith("--dir=")) o.dir = value();
+    else if (a === "--seed" || a.startsWith("--seed=")) o.seed = Number(value());
+    else if (a === "--runs" || a.startsWith("--runs=")) o.runs = Number(value());
+    else if (a === "--help" || a === "-h") {
+      process.stdout.write(fs.readFileSync(__filename, "utf8").split("*/")[0] + "*/\n");
+      process.exit(0);
+    } else throw new Error(`unknown option ${a} (see --help)`);
+  }
+  if (!Number.isInteger(o.seed)) throw new Error("--seed must be an integer");
+  if (!Number.isInteger(o.runs) || o.runs < 1) throw new Error("--runs must be a positive integer");
+  return o;
+}
+
+const log = (msg: string) => process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+const mib = (b: number) => b / MiB;
+const f2 = (n: number | null | undefined) => (n === null || n === undefined || !Number.isFinite(n) ? "n/a" : n.toFixed(2));
+const ratioOf = (a: number | null, b: number | null) => (a === null || b === null || !b ? null : a / b);
+const x = (v: number | null, digits = 2) => (v === null ? "n/a" : `${v.toFixed(digits)}×`);
+
+const median = (xs: (number | null)[]): number | null => {
+  const v = xs.filter((n): n is number => n !== null && Number.isFinite(n)).sort((a, b) => a - b);
+  if (!v.length) return null;
+  return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
+};
+
+/** One Stowage job from its mutation to SUCCEEDED. */
+interface JobTiming {
+  seconds: number;
+  mutationMs: number;
+  /** Job createdAt → startedAt (includes the mutation's own transaction). */
+  queuedMs: number;
+  runMs: number;
+  nodeCpu: number;
+  pgCpu: number;
+  window: Window;
+}
+
+interface RunResult {
+  exportS: JobTiming;
+  exportPeer: number;
+  exportBytes: number;
+  exportPeerBytes: number;
+  uploadS: number;
+  importS: JobTiming;
+  importPeer: number;
+  peerRssKiB: number;
+}
+
+const live: { svc: StowageProcess | null } = { svc: null };
+
+const IMAGE_Q = `query ($id: ID!) { node(id: $id) { ... on Image { status checksum virtualSizeBytes sizeBytes error } } }`;
+const EXPORT_Q = `query ($id: ID!) { node(id: $id) { ... on ImageExport { status format sizeBytes sha256 downloadUrl } } }`;
+
+/** Runs `mutation` (which returns the job and what it made) and times the job to SUCCEEDED. */
+async function timeJob(svc: StowageProcess, label: string, mutation: () => Promise<{ jobId: string; result: string }>): Promise<{ timing: JobTiming; result: string }> {
+  const cpu0 = cpuTree(svc.pid);
+  const startUs = Number(process.hrtime.bigint() / 1000n);
+  const t0 = hrSeconds();
+  const wall0 = Date.now();
+  const { jobId, result } = await mutation();
+  const mutationMs = (hrSeconds() - t0) * 1000;
+  const job = await svc.waitJob(jobId, 250);
+  const observed = hrSeconds() - t0;
+  const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
+  const cpu1 = cpuTree(svc.pid);
+  const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
+  log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
+  return {
+    timing: { seconds, mutationMs, queuedMs: ms(job.createdAt, job.startedAt), runMs: ms(job.startedAt, job.finishedAt), nodeCpu: cpu1.self - cpu0.self, pgCpu: cpu1.descendants - cpu0.descendants,
+      window: { label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) } },
+    result,
+  };
+}
+
+async function qemuCompare(qemuImg: string, a: string, b: string, what: string): Promise<void> {
+  const r = await run(qemuImg, ["compare", a, b]);
+  if (r.code !== 0 || !/Images are identical/.test(r.stdout)) throw new Error(`${what}: qemu-img compare ${path.basename(a)} ${path.basename(b)} says: ${(r.stdout + r.stderr).trim()}`);
+}
+
+async function main(): Promise<number> {
+  const opts = parseArgs(process.argv.slice(2));
+  const qemuImg = requireProgram("/usr/bin/qemu-img", "qemu-utils");
+  const time = requireProgram("/usr/bin/time", "time");
+
+  const tmp = await fsp.mkdtemp(path.join(opts.dir, "stowage-bench-images-"));
+  await fsp.chmod(tmp, 0o755);
+  let interrupted = false;
+  const onSignal = () => {
+    if (interrupted) process.exit(130);
+    interrupted = true;
+    log("interrupted: stopping the service and cleaning up");
+    void (async () => {
+      await live.svc?.stop().catch(() => undefined);
+      if (!opts.keep) await fsp.rm(tmp, { recursive: true, force: true });
+      process.exit(130);
+    })();
+  };
+  process.on("SIGINT", onSignal);
+  process.on("SIGTERM", onSignal);
+
+  try {
+    const size = opts.size;
+    const loadStart = os.loadavg()[0];
+    if (loadStart > os.cpus().length / 2) log(`warning: load average ${loadStart.toFixed(2)} on ${os.cpus().length} CPUs: other work will skew the times`);
+    log(`working in ${tmp}; disk ${mib(size)} MiB, seed ${opts.seed}, ${opts.runs} run(s)`);
+
+    // ---- the disk and the QCOW2 to import (untimed) ------------------------------------
+    const files = path.join(tmp, "files");
+    await fsp.mkdir(files, { recursive: true, mode: 0o755 });
+    const raw = path.join(files, "disk.raw");
+    const regions = layout(size, opts.seed);
+    let t = hrSeconds();
+    const sha0 = await writeImage(raw, size, regions, opts.seed);
+    log(`disk.raw written in ${(hrSeconds() - t).toFixed(1)} s (sha256 ${sha0.slice(0, 16)}…)`);
+    const inQcow2 = path.join(files, "in.qcow2");
+    const made = await run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", raw, inQcow2]);
+    if (made.code !== 0) throw new Error(`qemu-img convert (making in.qcow2) failed:\n${made.stderr}`);
+    const inQcow2Bytes = (await fsp.stat(inQcow2)).size;
+    log(`in.qcow2 made by qemu-img: ${mib(inQcow2Bytes).toFixed(1)} MiB`);
+
+    // ---- Stowage: start, import disk.raw as the image to export (untimed) ---------------
+    const profDir = path.join(tmp, "prof");
+    const svc = await StowageProcess.start(path.join(tmp, "stowage", "data"), {
+      env: { GC_INTERVAL_SECONDS: "0" },
+      nodeArgs: opts.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${profDir}`] : [],
+    });
+    live.svc = svc;
+    log(`Stowage serving at ${svc.url} (pid ${svc.pid})`);
+    t = hrSeconds();
+    const rawUpload = await uploadFile(svc, raw);
+    if (rawUpload.sha256 !== sha0 || rawUpload.sizeBytes !== size) throw new Error(`the upload of disk.raw answered sha256 ${rawUpload.sha256} / ${rawUpload.sizeBytes} bytes`);
+    const imp0 = await svc.gql(`mutation ($u: String!) { importImage(input: { name: "bench-raw", uploadId: $u, type: DATA_DISK, format: RAW }) { image { id } job { id } } }`, { u: rawUpload.id });
+    await svc.waitJob(imp0.importImage.job.id, 250);
+    const rawImageId: string = imp0.importImage.image.id;
+    const rawImage = (await svc.gql(IMAGE_Q, { id: rawImageId })).node;
+    if (rawImage.status !== "ACTIVE" || rawImage.checksum !== sha0) throw new Error(`the image imported from disk.raw is ${rawImage.status} with checksum ${rawImage.checksum}, expected ACTIVE ${sha0}`);
+    log(`disk.raw uploaded and imported in ${(hrSeconds() - t).toFixed(1)} s (untimed; image ${rawImageId})`);
+
+    const runs: RunResult[] = [];
+    const notes: string[] = [];
+    for (let i = 1; i <= opts.runs; i++) {
+      const dir = path.join(tmp, `run${i}`);
+      await fsp.mkdir(dir, { recursive: true, mode: 0o755 });
+      let peerRssKiB = 0;
+
+      // ---- (a) export to QCOW2 -------------------------------------------------------
+      const exp = await timeJob(svc, "export QCOW2", async () => {
+        const r = await svc.gql(`mutation ($i: ID!) { exportImage(input: { imageId: $i, format: QCOW2 }) { export { id } job { id } } }`, { i: rawImageId });
+        return { jobId: r.exportImage.job.id as string, result: r.exportImage.export.id as string };
+      });
+      const expInfo = (await svc.gql(EXPORT_Q, { id: exp.result })).node;
+      if (expInfo.status !== "READY") throw new Error(`the export is ${expInfo.status} after its job succeeded, expected READY`);
+      const exported = path.join(dir, "stowage-export.qcow2");
+      const got = await downloadFile(svc, expInfo.downloadUrl, exported);
+      if (got.sha256 !== expInfo.sha256 || got.bytes !== expInfo.sizeBytes) {
+        throw new Error(`the downloaded export (${got.bytes} bytes, sha256 ${got.sha256}) differs from ImageExport sizeBytes ${expInfo.sizeBytes} / sha256 ${expInfo.sha256}`);
+      }
+      await qemuCompare(qemuImg, raw, exported, "Stowage QCOW2 export");
+      log(`Stowage export verified: qemu-img compare says identical (${mib(got.bytes).toFixed(1)} MiB file)`);
+      await run(qemuImg, ["check", exported]).then((r) => {
+        if (r.code !== 0) throw new Error(`qemu-img check of the Stowage export failed:\n${r.stdout}${r.stderr}`);
+      });
+
+      const peerOut = path.join(dir, "out.qcow2");
+      const pe = await timed(time, qemuImg, ["convert", "-f", "raw", "-O", "qcow2", raw, peerOut], { tmp: dir });
+      peerRssKiB = Math.max(peerRssKiB, pe.maxRssKiB);
+      const exportPeerBytes = (await fsp.stat(peerOut)).size;
+      log(`qemu-img convert raw→qcow2: ${pe.seconds.toFixed(2)} s (${mib(exportPeerBytes).toFixed(1)} MiB file, peak RSS ${(pe.maxRssKiB / 1024).toFixed(0)} MiB)`);
+      await fsp.rm(peerOut, { force: true });
+      await fsp.rm(exported, { force: true });
+
+      // ---- (b) import of a QCOW2 file ------------------------------------------------
+      let t0 = hrSeconds();
+      const up = await uploadFile(svc, inQcow2);
+      const uploadS = hrSeconds() - t0;
+      if (up.sizeBytes !== inQcow2Bytes) throw new Error(`the upload of in.qcow2 answered ${up.sizeBytes} bytes, the file has ${inQcow2Bytes}`);
+      log(`Stowage upload of in.qcow2: ${uploadS.toFixed(2)} s`);
+      const imp = await timeJob(svc, "import QCOW2", async () => {
+        const r = await svc.gql(`mutation ($u: String!, $n: String!) { importImage(input: { name: $n, uploadId: $u, type: DATA_DISK, format: QCOW2 }) { image { id } job { id } } }`, {
+          u: up.id,
+          n: `bench-qcow2-${i}`,
+        });
+        return { jobId: r.importImage.job.id as string, result: r.importImage.image.id as string };
+      });
+      const img = (await svc.gql(IMAGE_Q, { id: imp.result })).node;
+      if (img.status !== "ACTIVE" || img.checksum !== sha0 || img.virtualSizeBytes !== size) {
+        throw new Error(`the image imported from in.qcow2 is ${img.status}, checksum ${img.checksum}, virtual size ${img.virtualSizeBytes}; expected ACTIVE, ${sha0}, ${size}`);
+      }
+      log("Stowage QCOW2 import verified: image checksum = sha256 of disk.raw");
+      if (i === 1) notes.push(`image imported from in.qcow2: sizeBytes ${mib(img.sizeBytes).toFixed(1)} MiB (virtual ${mib(img.virtualSizeBytes).toFixed(0)} MiB)`);
+      // The image stays: deleting it now would load the service with garbage collection later.
+
+      const peerRaw = path.join(dir, "out.raw");
+      t0 = hrSeconds();
+      const pi = await timed(time, qemuImg, ["convert", "-f", "qcow2", "-O", "raw", inQcow2, peerRaw], { tmp: dir });
+      peerRssKiB = Math.max(peerRssKiB, pi.maxRssKiB);
+      log(`qemu-img convert qcow2→raw: ${pi.seconds.toFixed(2)} s (peak RSS ${(pi.maxRssKiB / 1024).toFixed(0)} MiB)`);
+      await qemuCompare(qemuImg, raw, peerRaw, "qemu-img's own raw output");
+      await fsp.rm(peerRaw, { force: true });
+
+      runs.push({
+        exportS: exp.timing,
+        exportPeer: pe.seconds,
+        exportBytes: got.bytes,
+        exportPeerBytes,
+        uploadS,
+        importS: imp.timing,
+        importPeer: pi.seconds,
+        peerRssKiB,
+      });
+      if (!opts.keep) await fsp.rm(dir, { recursive: true, force: true });
+    }
+
+    const stowageRssKiB = procStatusKiB(svc.pid, "VmHWM");
+    await svc.stop();
+    live.svc = null;
+    const loadEnd = os.loadavg()[0];
+    let profile: string | null = null;
+    if (opts.cpuProf) {
+      const prof = (await fsp.readdir(profDir).catch(() => [] as string[])).find((f) => f.endsWith(".cpuprofile"));
+      if (!prof) log("no .cpuprofile was written (did the service exit cleanly?)");
+      else {
+        profile = path.join(opts.dir, `stowage-bench-images-${Date.now()}.cpuprofile`);
+        await fsp.copyFile(path.join(profDir, prof), profile);
+      }
+    }
+
+    // ---- the report ------------------------------------------------------------------
+    const med = (f: (r: RunResult) => number) => median(runs.map(f));
+    const exportS = med((r) => r.exportS.seconds);
+    const exportPeer = med((r) => r.exportPeer);
+    const uploadS = med((r) => r.uploadS);
+    const importS = med((r) => r.importS.seconds);
+    const importPeer = med((r) => r.importPeer);
+    const upImp = med((r) => r.uploadS + r.importS.seconds);
+    const exportBytes = med((r) => r.exportBytes);
+    const exportPeerBytes = med((r) => r.exportPeerBytes);
+    const peerRss = Math.max(...runs.map((r) => r.peerRssKiB));
+    const share = (k: Region["kind"]) => regions.filter((r) => r.kind === k).reduce((n, r) => n + r.length, 0);
+    const rate = (s: number | null) => (s ? `${(mib(size) / s).toFixed(0)} MiB/s` : "n/a");
+
+    const lines: string[] = [""];
+    lines.push(
+      `Image benchmark: ${mib(size)} MiB disk (zeros ${mib(share("zero")).toFixed(0)} MiB, random ${mib(share("random")).toFixed(0)} MiB, text ${mib(share("text")).toFixed(0)} MiB), ` +
+        `in.qcow2 ${mib(inQcow2Bytes).toFixed(1)} MiB; ${os.cpus().length} CPUs, node ${process.version}, ${(await run(qemuImg, ["--version"])).stdout.split("\n")[0]}` +
+        (runs.length > 1 ? `; median of ${runs.length} runs (peak RSS: max)` : ""),
+    );
+    lines.push("");
+    lines.push("| | Stowage | qemu-img convert | Stowage/qemu-img |");
+    lines.push("| --- | ---: | ---: | ---: |");
+    const row = (name: string, s: string, q: string, r: string) => lines.push(`| ${name} | ${s} | ${q} | ${r} |`);
+    row("(a) export raw image → QCOW2 (s)", `${f2(exportS)} (${rate(exportS)})`, `${f2(exportPeer)} (${rate(exportPeer)})`, x(ratioOf(exportS, exportPeer)));
+    row("(a) QCOW2 file written (MiB)", f2(exportBytes === null ? null : mib(exportBytes)), f2(exportPeerBytes === null ? null : mib(exportPeerBytes)), x(ratioOf(exportBytes, exportPeerBytes)));
+    row("(b) upload of in.qcow2 (s)", `${f2(uploadS)} (${uploadS ? (mib(inQcow2Bytes) / uploadS).toFixed(0) : "n/a"} MiB/s)`, "—", "—");
+    row("(b) import QCOW2 job (s)", `${f2(importS)} (${rate(importS)})`, `${f2(importPeer)} (${rate(importPeer)})`, x(ratioOf(importS, importPeer)));
+    row("(b) upload + import (s)", f2(upImp), f2(importPeer), x(ratioOf(upImp, importPeer)));
+    row("(c) peak RSS (MiB)", stowageRssKiB === null ? "n/a" : (stowageRssKiB / 1024).toFixed(0), (peerRss / 1024).toFixed(0), x(ratioOf(stowageRssKiB, peerRss), 1));
+    lines.push("");
+    const verdict = (ok: boolean | null) => (ok === null ? "n/a " : ok ? "PASS" : "MISS");
+    const er = ratioOf(exportS, exportPeer);
+    const ir = ratioOf(importS, importPeer);
+    lines.push(`- ${verdict(er === null ? null : er <= 1.2)} export to QCOW2 ≤ 1.2× qemu-img (${x(er)})`);
+    lines.push(`- ${verdict(ir === null ? null : ir <= 1.5)} import of QCOW2 (the job) ≤ 1.5× qemu-img (${x(ir)}; with the upload ${x(ratioOf(upImp, importPeer))}, not a target)`);
+    lines.push("");
+    lines.push("Details:");
+    lines.push(`- verified (not timed): the downloaded export matches ImageExport sha256/sizeBytes, passes \`qemu-img check\` and \`qemu-img compare disk.raw\` says identical; the image imported from in.qcow2 has checksum = sha256 of disk.raw and the full virtual size; qemu-img's out.raw compares identical too`);
+    lines.push(`- Stowage times run from the mutation to the job's finishedAt; the image exported is a DATA_DISK image imported (untimed) from disk.raw; the upload is the POST /v1/uploads of in.qcow2 until its 201`);
+    lines.push(`- peak RSS: Stowage = VmHWM of the node service process over the whole run (uploads, untimed import of disk.raw and the downloads included; Postgres runs in its own processes); qemu-img = /usr/bin/time %M, max over its conversions`);
+    lines.push(`- load average (1 min) ${loadStart.toFixed(2)} at the start, ${loadEnd.toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`);
+    runs.forEach((r, i) => {
+      const tag = runs.length > 1 ? `run ${i + 1}: ` : "";
+      const job = (label: string, j: JobTiming) =>
+        `- ${tag}Stowage ${label}: ${j.seconds.toFixed(2)} s = mutation ${j.mutationMs.toFixed(0)} ms, job created→started ${j.queuedMs.toFixed(0)} ms, ran ${j.runMs.toFixed(0)} ms; CPU: node ${j.nodeCpu.toFixed(2)} s, Postgres ${j.pgCpu.toFixed(2)} s`;
+      lines.push(job("export QCOW2", r.exportS));
+      lines.push(job("import QCOW2", r.importS));
+      if (runs.length > 1) lines.push(`- ${tag}qemu-img raw→qcow2 ${r.exportPeer.toFixed(2)} s, qcow2→raw ${r.importPeer.toFixed(2)} s; upload ${r.uploadS.toFixed(2)} s`);
+    });
+    for (const n of notes) lines.push(`- ${n}`);
+    if (profile) {
+      const windows = runs.flatMap((r, i) => [r.exportS.window, r.importS.window].map((w) => ({ ...w, label: runs.length > 1 ? `run ${i + 1}: ${w.label}` : w.label })));
+      lines.push("", `CPU profile of the service (${profile}), by timed job:`);
+      for (const w of summarise(profile, windows)) {
+        lines.push("", `${w.label}: ${w.sampledMs.toFixed(0)} ms sampled (main thread)`, "  self time:");
+        for (const [n, ms] of w.self) lines.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
+        lines.push("  inclusive, project functions (synchronous stacks only):");
+        for (const [n, ms] of w.inclusive) lines.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
+      }
+    }
+    process.stdout.write(lines.join("\n") + "\n");
+    return 0;
+  } finally {
+    if (live.svc) await live.svc.stop().catch(() => undefined);
+    if (opts.keep) log(`kept ${tmp}`);
+    else await fsp.rm(tmp, { recursive: true, force: true });
+  }
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err) => {
+    process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,152 @@
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import fsp from "node:fs/promises";
+import path from "node:path";
+
+/** The path of `program` on PATH (or itself when absolute and executable), else null. */
+export function which(program: string): string | null {
+  const candidates = program.includes("/") ? [program] : (process.env.PATH ?? "/usr/local/bin:/usr/bin:/bin").split(":").map((d) => path.join(d, program));
+  for (const c of candidates) {
+    try {
+      fs.accessSync(c, fs.constants.X_OK);
+      if (fs.statSync(c).isFile()) return c;
+    } catch {
+      /* next */
+    }
+  }
+  return null;
+}
+
+/** Fails with a message naming the Debian package when a program is missing. */
+export function requireProgram(program: string, pkg: string): string {
+  const found = which(program);
+  if (!found) throw new Error(`${program} is not installed: install the Debian package "${pkg}" (apt-get install ${pkg})`);
+  return found;
+}
+
+export const hrSeconds = () => Number(process.hrtime.bigint()) / 1e9;
+
+export interface TimedRun {
+  seconds: number;
+  maxRssKiB: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a command under `/usr/bin/time -f %M` and returns its wall time and peak RSS. */
+export async function timed(time: string, cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; cwd?: string; tmp: string }): Promise<TimedRun> {
+  const out = path.join(opts.tmp, `time-${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2)}.txt`);
+  const start = hrSeconds();
+  const { code, stdout, stderr } = await run(time, ["-f", "%M", "-o", out, cmd, ...args], { env: opts.env, cwd: opts.cwd });
+  const seconds = hrSeconds() - start;
+  const report = await fsp.readFile(out, "utf8").catch(() => "");
+  await fsp.rm(out, { force: true });
+  if (code !== 0) throw new Error(`${path.basename(cmd)} ${args.join(" ")} exited with ${code}:\n${stderr.slice(-4000)}${stdout.slice(-2000)}`);
+  const lines = report.trim().split("\n");
+  const maxRssKiB = Number(lines[lines.length - 1]);
+  if (!Number.isFinite(maxRssKiB)) throw new Error(`could not read the peak RSS from /usr/bin/time: ${JSON.stringify(report)}`);
+  return { seconds, maxRssKiB, stdout, stderr };
+}
+
+export function run(cmd: string, args: string[], opts: { env?: NodeJS.ProcessEnv; cwd?: string } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { env: opts.env ?? process.env, cwd: opts.cwd, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d) => (stdout = (stdout + d).slice(-100_000)));
+    child.stderr.on("data", (d) => (stderr = (stderr + d).slice(-100_000)));
+    child.on("error", reject);
+    child.on("close", (code, signal) => resolve({ code: code ?? (signal ? 128 : 1), stdout, stderr }));
+  });
+}
+
+/** Field of /proc/<pid>/status in KiB (VmRSS, VmHWM), or null when the process is gone. */
+export function procStatusKiB(pid: number, field: string): number | null {
+  try {
+    const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status);
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+const CLK_TCK = 100;
+
+interface ProcStat {
+  pid: number;
+  ppid: number;
+  comm: string;
+  /** utime + stime, seconds. */
+  cpu: number;
+  /** cutime + cstime (reaped children), seconds. */
+  childCpu: number;
+}
+
+function readStat(pid: number): ProcStat | null {
+  try {
+    const s = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+    const close = s.lastIndexOf(")");
+    const comm = s.slice(s.indexOf("(") + 1, close);
+    const f = s.slice(close + 2).split(" ");
+    // f[0] = state (field 3); utime is field 14 -> f[11]
+    return { pid, ppid: Number(f[1]), comm, cpu: (Number(f[11]) + Number(f[12])) / CLK_TCK, childCpu: (Number(f[13]) + Number(f[14])) / CLK_TCK };
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * CPU seconds used so far by `pid` itself and by all its live descendants (with
+ * what their own exited children used): for the service, node vs Postgres.
+ */
+export function cpuTree(pid: number): { self: number; descendants: number } {
+  const all: ProcStat[] = [];
+  for (const name of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    const st = readStat(Number(name));
+    if (st) all.push(st);
+  }
+  const children = new Map<number, ProcStat[]>();
+  for (const p of all) children.set(p.ppid, [...(children.get(p.ppid) ?? []), p]);
+  const root = all.find((p) => p.pid === pid);
+  let descendants = 0;
+  const walk = (p: number) => {
+    for (const c of children.get(p) ?? []) {
+      descendants += c.cpu + c.childCpu;
+      walk(c.pid);
+    }
+  };
+  walk(pid);
+  return { self: root?.cpu ?? 0, descendants };
+}
+
+/** Samples a process's VmRSS every `ms`, keeping the peak per labelled phase. */
+export class RssSampler {
+  private timer: NodeJS.Timeout;
+  private phase = "start";
+  readonly peaks = new Map<string, number>();
+
+  constructor(
+    private readonly pid: number,
+    ms = 50,
+  ) {
+    this.timer = setInterval(() => this.sample(), ms);
+    this.timer.unref();
+  }
+
+  setPhase(phase: string): void {
+    this.sample();
+    this.phase = phase;
+    this.sample();
+  }
+
+  sample(): void {
+    const kib = procStatusKiB(this.pid, "VmRSS");
+    if (kib !== null) this.peaks.set(this.phase, Math.max(this.peaks.get(this.phase) ?? 0, kib));
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+  }
+}

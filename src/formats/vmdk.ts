@@ -21,7 +21,6 @@ const COWD_MAGIC = Buffer.from("COWD", "latin1");
 const GD_AT_END = 0xffffffffffffffffn;
 
 const FLAG_NL_DETECT = 1 << 0;
-const FLAG_RGD = 1 << 1;
 const FLAG_ZERO_GRAIN = 1 << 2;
 const FLAG_COMPRESSED = 1 << 16;
 const FLAG_MARKERS = 1 << 17;

@@ -1,13 +1,10 @@
-import { JobStatus, JobType, type Job } from "../entities";
-import type { RequestContext } from "./context";
-import { badInput, notFound } from "./errors";
-import { decodeId, fromGlobalId } from "./global-id";
-import type { Condition, PageArgs } from "./pagination";
-import type { JobQueue } from "./job-queue";
 import { rows } from "../db/sql";
-import { Job as JobEntity } from "../entities";
-import { hydrate } from "./pagination";
-import { conflict } from "./errors";
+import { Job as JobEntity, JobStatus, JobType, type Job } from "../entities";
+import type { RequestContext } from "./context";
+import { badInput, conflict, notFound } from "./errors";
+import { decodeId, fromGlobalId } from "./global-id";
+import type { JobQueue } from "./job-queue";
+import { hydrate, type Condition, type PageArgs } from "./pagination";
 
 export interface JobFilter {
   statuses?: JobStatus[] | null;

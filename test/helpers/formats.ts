@@ -112,3 +112,15 @@ export function sampleDisk(size = 8 * 1024 * 1024, seed = 1): Buffer {
   rnd(700).copy(disk, size - 700);
   return disk;
 }
+
+/** mulberry32: a small seeded PRNG returning floats in [0, 1), so every run mutates the same way. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

@@ -3,7 +3,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { openQcow2, writeQcow2 } from "../../../src/formats/qcow2";
 import { BLOCK_SIZE, DEFAULT_LIMITS, FormatError, type FormatLimits, type RandomAccessSource, type WriteSource } from "../../../src/formats/types";
-import { bufferSource, fileSource, memorySource, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
+import { bufferSource, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
 
 const MiB = 1024 * 1024;
 let tmp: { dir: string; cleanup(): void };
@@ -427,17 +427,6 @@ async function collect(chunks: AsyncIterable<Buffer>) {
 }
 
 describe("fuzzing", () => {
-  /** mulberry32: a small seeded PRNG, so every run mutates the same way. */
-  function prng(seed: number) {
-    let a = seed >>> 0;
-    return () => {
-      a = (a + 0x6d2b79f5) >>> 0;
-      let t = a;
-      t = Math.imul(t ^ (t >>> 15), t | 1);
-      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-    };
-  }
 
   test("mutated images are read or refused with a FormatError, within the limits", async () => {
     const small = sampleDisk(8 * MiB, 7);

@@ -2,7 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { FormatError, type FormatLimits, type RandomAccessSource, type WriteSource, BLOCK_SIZE, DEFAULT_LIMITS } from "../../../src/formats/types";
 import { openVhd, writeVhd } from "../../../src/formats/vhd";
-import { bufferSource, fileSource, memorySource, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
+import { bufferSource, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -99,17 +99,6 @@ function buildDynamic(opts: { size: number; blockSize: number; blocks: CraftBloc
   return Buffer.concat([f, header, bat, ...parts, f]);
 }
 
-/** A deterministic PRNG (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randomBytes(n: number, rnd: () => number): Buffer {
   const b = Buffer.alloc(n);

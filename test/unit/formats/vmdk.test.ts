@@ -4,7 +4,7 @@ import path from "node:path";
 import zlib from "node:zlib";
 import { BLOCK_SIZE, DEFAULT_LIMITS, FormatError, type FormatLimits, type ImageReader } from "../../../src/formats/types";
 import { openVmdk, writeVmdk } from "../../../src/formats/vmdk";
-import { bufferSource, fileSource, memorySource, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
+import { bufferSource, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
 
 const MiB = 1024 * 1024;
 const SECTOR = 512;
@@ -123,17 +123,6 @@ function sparseDisk(size: number, seed = 7): Buffer {
   return disk;
 }
 
-/** mulberry32: a small deterministic PRNG. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Where the structures of a valid sparse VMDK lie, for patching and fuzzing. */
 function layout(buf: Buffer) {

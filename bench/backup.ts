@@ -24,9 +24,9 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { summarise, type Window } from "./lib/cpuprofile";
+import { profileLines, type Window } from "./lib/cpuprofile";
 import { applyChanges, BLOCK, changes, dirBytes, GiB, layout, MiB, sha256File, writeImage, type Region } from "./lib/image";
-import { cpuTree, hrSeconds, procStatusKiB, requireProgram, RssSampler, run, timed } from "./lib/proc";
+import { cpuTree, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, timed } from "./lib/proc";
 import { StowageProcess } from "./lib/stowage";
 
 interface Options {
@@ -452,14 +452,7 @@ function report(opts: Options, runs: RunResult[]): string {
 
 function profileReport(run: RunResult): string {
   if (!run.profile) return "";
-  const out: string[] = ["", `CPU profile of the service (${run.profile}), by phase:`];
-  for (const w of summarise(run.profile, run.windows)) {
-    out.push("", `${w.label}: ${w.sampledMs.toFixed(0)} ms sampled`, "  self time:");
-    for (const [n, ms] of w.self) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
-    out.push("  inclusive, project functions (synchronous stacks only):");
-    for (const [n, ms] of w.inclusive) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
-  }
-  return out.join("\n") + "\n";
+  return profileLines(`CPU profile of the service (${run.profile}), by phase:`, run.profile, run.windows).join("\n") + "\n";
 }
 
 async function main(): Promise<number> {
@@ -470,19 +463,10 @@ async function main(): Promise<number> {
 
   const tmp = await fsp.mkdtemp(path.join(opts.dir, "stowage-bench-"));
   await fsp.chmod(tmp, 0o755);
-  let interrupted = false;
-  const onSignal = () => {
-    if (interrupted) process.exit(130);
-    interrupted = true;
-    log("interrupted: stopping the service and cleaning up");
-    void (async () => {
-      await live.svc?.stop().catch(() => undefined);
-      if (!opts.keep) await fsp.rm(tmp, { recursive: true, force: true });
-      process.exit(130);
-    })();
-  };
-  process.on("SIGINT", onSignal);
-  process.on("SIGTERM", onSignal);
+  onInterrupt(async () => {
+    await live.svc?.stop().catch(() => undefined);
+    if (!opts.keep) await fsp.rm(tmp, { recursive: true, force: true });
+  }, log);
 
   try {
     log(`working in ${tmp}; image ${mib(opts.size)} MiB, seed ${opts.seed}, ${opts.runs} run(s)`);

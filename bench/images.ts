@@ -34,9 +34,9 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { summarise, type Window } from "./lib/cpuprofile";
+import { profileLines, type Window } from "./lib/cpuprofile";
 import { BLOCK, GiB, layout, MiB, writeImage, type Region } from "./lib/image";
-import { cpuTree, hrSeconds, procStatusKiB, requireProgram, run, timed } from "./lib/proc";
+import { cpuTree, hrSeconds, onInterrupt, procStatusKiB, requireProgram, run, timed } from "./lib/proc";
 import { StowageProcess } from "./lib/stowage";
 import { downloadFile, uploadFile } from "./lib/transfer";
 
@@ -163,19 +163,10 @@ async function main(): Promise<number> {
 
   const tmp = await fsp.mkdtemp(path.join(opts.dir, "stowage-bench-images-"));
   await fsp.chmod(tmp, 0o755);
-  let interrupted = false;
-  const onSignal = () => {
-    if (interrupted) process.exit(130);
-    interrupted = true;
-    log("interrupted: stopping the service and cleaning up");
-    void (async () => {
-      await live.svc?.stop().catch(() => undefined);
-      if (!opts.keep) await fsp.rm(tmp, { recursive: true, force: true });
-      process.exit(130);
-    })();
-  };
-  process.on("SIGINT", onSignal);
-  process.on("SIGTERM", onSignal);
+  onInterrupt(async () => {
+    await live.svc?.stop().catch(() => undefined);
+    if (!opts.keep) await fsp.rm(tmp, { recursive: true, force: true });
+  }, log);
 
   try {
     const size = opts.size;
@@ -357,13 +348,7 @@ async function main(): Promise<number> {
     for (const n of notes) lines.push(`- ${n}`);
     if (profile) {
       const windows = runs.flatMap((r, i) => [r.exportS.window, r.importS.window].map((w) => ({ ...w, label: runs.length > 1 ? `run ${i + 1}: ${w.label}` : w.label })));
-      lines.push("", `CPU profile of the service (${profile}), by timed job:`);
-      for (const w of summarise(profile, windows)) {
-        lines.push("", `${w.label}: ${w.sampledMs.toFixed(0)} ms sampled (main thread)`, "  self time:");
-        for (const [n, ms] of w.self) lines.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
-        lines.push("  inclusive, project functions (synchronous stacks only):");
-        for (const [n, ms] of w.inclusive) lines.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
-      }
+      lines.push(...profileLines(`CPU profile of the service's main thread (${profile}), by timed job:`, profile, windows));
     }
     process.stdout.write(lines.join("\n") + "\n");
     return 0;

@@ -48,8 +48,8 @@ import { Scheduler } from "../src/jobs/scheduler";
 import { createLogger, silentLogger } from "../src/logger";
 import { createServices, type Services } from "../src/services";
 import { RequestContext } from "../src/services/context";
-import { summarise, type Window } from "./lib/cpuprofile";
-import { cpuTree, hrSeconds } from "./lib/proc";
+import { profileLines, type Window } from "./lib/cpuprofile";
+import { cpuTree, hrSeconds, onInterrupt } from "./lib/proc";
 
 interface Options {
   resources: number;
@@ -193,15 +193,7 @@ async function main(): Promise<number> {
     if (opts.keep) log(`kept ${tmp}${process.env.DATABASE_URL ? ` and database ${dbName}` : ""}`);
     else await fsp.rm(tmp, { recursive: true, force: true });
   };
-  let interrupted = false;
-  const onSignal = () => {
-    if (interrupted) process.exit(130);
-    interrupted = true;
-    log("interrupted: cleaning up");
-    void cleanup().finally(() => process.exit(130));
-  };
-  process.on("SIGINT", onSignal);
-  process.on("SIGTERM", onSignal);
+  onInterrupt(cleanup, log);
 
   try {
     const loadStart = os.loadavg()[0];
@@ -506,13 +498,7 @@ async function main(): Promise<number> {
     lines.push(`- load average (1 min) ${loadStart.toFixed(2)} at the start, ${loadEnd.toFixed(2)} at the end, on ${os.cpus().length} CPUs`);
     process.stdout.write(lines.join("\n") + "\n");
     if (profileFile) {
-      const out: string[] = ["", `CPU profile of this process (${profileFile}), by phase:`];
-      for (const w of summarise(profileFile, phases.map((p) => p.window))) {
-        out.push("", `${w.label}: ${w.sampledMs.toFixed(0)} ms sampled`, "  self time:");
-        for (const [n, ms] of w.self) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
-        out.push("  inclusive, project functions (synchronous stacks only):");
-        for (const [n, ms] of w.inclusive) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
-      }
+      const out = profileLines(`CPU profile of this process (${profileFile}), by phase:`, profileFile, phases.map((p) => p.window));
       process.stdout.write(out.join("\n") + "\n");
     }
     return 0;

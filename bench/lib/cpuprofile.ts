@@ -90,3 +90,15 @@ export function summarise(profileFile: string, windows: Window[], top = 12): Win
     return { label: w.label, sampledMs: total, self: sorted(self), inclusive: sorted(incl) };
   });
 }
+
+/** The profile report every benchmark prints: a heading, then each window's self and inclusive time. */
+export function profileLines(heading: string, profileFile: string, windows: Window[]): string[] {
+  const out: string[] = ["", heading];
+  for (const w of summarise(profileFile, windows)) {
+    out.push("", `${w.label}: ${w.sampledMs.toFixed(0)} ms sampled`, "  self time:");
+    for (const [n, ms] of w.self) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
+    out.push("  inclusive, project functions (synchronous stacks only):");
+    for (const [n, ms] of w.inclusive) out.push(`    ${ms.toFixed(0).padStart(7)} ms  ${n}`);
+  }
+  return out;
+}

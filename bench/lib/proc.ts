@@ -150,3 +150,16 @@ export class RssSampler {
     clearInterval(this.timer);
   }
 }
+
+/** On Ctrl-C or SIGTERM: clean up once and exit 130; a second signal exits at once. */
+export function onInterrupt(cleanup: () => Promise<void>, log: (msg: string) => void): void {
+  let interrupted = false;
+  const handler = () => {
+    if (interrupted) process.exit(130);
+    interrupted = true;
+    log("interrupted: cleaning up");
+    void cleanup().finally(() => process.exit(130));
+  };
+  process.on("SIGINT", handler);
+  process.on("SIGTERM", handler);
+}

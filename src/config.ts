@@ -1,3 +1,4 @@
+import os from "node:os";
 import path from "node:path";
 
 export interface S3Config {
@@ -31,7 +32,7 @@ export interface Config {
   gcGraceSeconds: number;
   gcIntervalSeconds: number;
   /** Worker threads compressing vault chunks beside the main thread (0: the main thread alone). */
-  compressionThreads: number;
+  codecThreads: number;
   /** How often the policy scheduler looks for due policies (0: never, in this process). */
   schedulerIntervalSeconds: number;
   /** Largest image file POST /v1/uploads takes. */
@@ -108,7 +109,7 @@ export function loadConfig(env: Env = process.env): Config {
     gcGraceSeconds: int(env, "GC_GRACE_SECONDS", 3600, 0, 30 * 86400),
     gcIntervalSeconds: int(env, "GC_INTERVAL_SECONDS", 3600, 0, 30 * 86400),
     schedulerIntervalSeconds: int(env, "SCHEDULER_INTERVAL_SECONDS", 5, 0, 3600),
-    compressionThreads: int(env, "COMPRESSION_THREADS", 0, 0, 64),
+    codecThreads: int(env, "CODEC_THREADS", os.availableParallelism(), 0, 64),
     uploadMaxBytes: int(env, "UPLOAD_MAX_BYTES", 64 * 2 ** 30, 512, Number.MAX_SAFE_INTEGER),
     uploadTtlSeconds: int(env, "UPLOAD_TTL_SECONDS", 86400, 60, 365 * 86400),
     exportTtlSeconds: int(env, "EXPORT_TTL_SECONDS", 86400, 1, 365 * 86400),

@@ -1,3 +1,4 @@
+import "./threadpool";
 import "reflect-metadata";
 import fs from "node:fs";
 import path from "node:path";

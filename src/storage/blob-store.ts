@@ -18,9 +18,19 @@ export interface BlobStore {
   put(key: string, data: Buffer | Buffer[]): Promise<void>;
   /** Writes a blob from a stream, durably; returns its size. */
   putStream(key: string, body: Readable): Promise<number>;
+  /**
+   * Opens a blob for writing piece by piece: each `write` has its bytes taken
+   * (the buffer may be reused once it resolves); `close` makes the blob durable
+   * and visible and returns its size; `abort` drops it. `bypassCache` asks for a
+   * blob nobody reads soon (a restored disk) to skip the operating system's
+   * cache, where the backend can.
+   */
+  openWriter(key: string, opts?: { bypassCache?: boolean }): Promise<BlobWriter>;
   get(key: string): Promise<Buffer>;
   /** Bytes [offset, offset + length) of a blob. */
   getRange(key: string, offset: number, length: number): Promise<Buffer>;
+  /** Fills `into` with the bytes of a blob from `offset` on. */
+  readInto(key: string, offset: number, into: Buffer): Promise<void>;
   /** A stream of the blob, or of [start, end] inclusive. */
   getStream(key: string, range?: { start: number; end: number }): Promise<Readable>;
   /** Size, or null when absent. */
@@ -35,6 +45,13 @@ export interface BlobStore {
    * lifecycle rule for incomplete multipart uploads) need not implement it.
    */
   removeIncomplete?(prefix: string, before: Date): Promise<{ count: number; bytes: number }>;
+}
+
+export interface BlobWriter {
+  /** Appends the buffers, back to back. */
+  write(data: Buffer | Buffer[]): Promise<void>;
+  close(): Promise<number>;
+  abort(): Promise<void>;
 }
 
 export class BlobNotFoundError extends Error {

@@ -4,7 +4,7 @@ import type { Config } from "../config";
 import type { BlobStore } from "./blob-store";
 import { FsBlobStore } from "./fs-blob-store";
 import { S3BlobStore } from "./s3-blob-store";
-import { CompressionPool } from "./compression";
+import { ChunkCodec } from "./codec";
 import { UploadStore } from "./uploads";
 import { Vault } from "./vault";
 import { VolumeStore } from "./volume-store";
@@ -25,15 +25,15 @@ export function createStorage(config: Config, ds: DataSource): Storage {
     made.push(store);
     return store;
   };
-  const compression = new CompressionPool(1, config.compressionThreads);
-  const vault = new Vault(ds, open(config.vaultBackend), compression);
+  const codec = new ChunkCodec(1, config.codecThreads);
+  const vault = new Vault(ds, open(config.vaultBackend), codec);
   return {
     volumes: new VolumeStore(ds, open(config.volumeBackend)),
     vault,
     uploads: new UploadStore(ds, vault.blobs),
     close() {
       for (const s of made) if (s instanceof S3BlobStore) s.destroy();
-      void compression.close();
+      void codec.close();
     },
   };
 }

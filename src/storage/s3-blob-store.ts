@@ -1,4 +1,5 @@
-import { Transform, type Readable } from "node:stream";
+import { once } from "node:events";
+import { PassThrough, Transform, type Readable } from "node:stream";
 import {
   DeleteObjectCommand,
   GetObjectCommand,
@@ -11,7 +12,7 @@ import {
 } from "@aws-sdk/client-s3";
 import { Upload } from "@aws-sdk/lib-storage";
 import type { S3Config } from "../config";
-import { BlobNotFoundError, checkKey, checkPrefix, type BlobInfo, type BlobStore } from "./blob-store";
+import { BlobNotFoundError, checkKey, checkPrefix, type BlobInfo, type BlobStore, type BlobWriter } from "./blob-store";
 
 /**
  * Blobs as objects in one S3 bucket (any S3-compatible store), under an optional
@@ -63,6 +64,26 @@ export class S3BlobStore implements BlobStore {
     return size;
   }
 
+  /** A multipart upload fed through a stream; each write is copied, so its buffer is free at once. */
+  async openWriter(key: string): Promise<BlobWriter> {
+    const body = new PassThrough({ highWaterMark: 8 * 1024 * 1024 });
+    const done = this.putStream(key, body);
+    done.catch(() => undefined); // awaited by close or abort
+    return {
+      async write(data) {
+        if (!body.write(Buffer.concat(Array.isArray(data) ? data : [data]))) await Promise.race([once(body, "drain"), done]);
+      },
+      async close() {
+        body.end();
+        return done;
+      },
+      async abort() {
+        body.destroy(new Error("aborted"));
+        await done.catch(() => undefined);
+      },
+    };
+  }
+
   async get(key: string): Promise<Buffer> {
     const out = await this.send(key, new GetObjectCommand({ Bucket: this.config.bucket, Key: this.key(key) }));
     return Buffer.from(await out.Body!.transformToByteArray());
@@ -74,6 +95,10 @@ export class S3BlobStore implements BlobStore {
     const buf = Buffer.from(await out.Body!.transformToByteArray());
     if (buf.length !== length) throw new Error(`blob ${key} is shorter than ${offset + length} bytes`);
     return buf;
+  }
+
+  async readInto(key: string, offset: number, into: Buffer): Promise<void> {
+    (await this.getRange(key, offset, into.length)).copy(into);
   }
 
   async getStream(key: string, range?: { start: number; end: number }): Promise<Readable> {

@@ -1,17 +1,29 @@
 import crypto from "node:crypto";
 import type { DataSource } from "typeorm";
-import { decompress } from "zstd-napi";
-import { CompressionPool } from "./compression";
+import { ChunkCodec, DecodeError } from "./codec";
+import { mapOrdered } from "./pipeline";
+import { BLOCK_SIZE } from "./volume-store";
 import { rows } from "../db/sql";
-import { BlobNotFoundError, type BlobStore } from "./blob-store";
+import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 
 /** Packs are written once they reach this size. */
 export const PACK_BYTES = 16 * 1024 * 1024;
+/** Range reads (and their decoding) in flight at once. */
+const READS_IN_FLIGHT = 4;
+/** Packs one writer writes at once. */
+const PACKS_IN_FLIGHT = 2;
+/** A range read of a pack takes at most this many chunks (4 MiB of raw bytes). */
+const RUN_CHUNKS = 64;
 /** A pack whose live chunks fill less than this share of it is rewritten by garbage collection. */
 const REPACK_BELOW = 0.5;
 
 export const packKey = (projectId: string, packId: string) => `vault/${projectId}/packs/${packId.slice(0, 2)}/${packId}`;
 export const hex = (hash: Buffer) => hash.toString("hex");
+
+export interface ReadOptions {
+  /** Check every chunk against its SHA-256, not only its checksum (verification does). */
+  sha256?: boolean;
+}
 
 export class ChunkError extends Error {
   constructor(
@@ -33,16 +45,19 @@ interface ChunkLocation {
 }
 
 /**
- * Collects new chunks of one project into packs: each chunk is compressed with
- * zstd (kept raw when that does not help), appended to the pack in memory, and
- * the pack is written as one blob. Only after the blob is durable does one
- * transaction index its chunks, so an indexed chunk always has its bytes.
+ * Collects new chunks of one project into packs: chunks are compressed with zstd
+ * on the codec's workers (kept raw when that does not help) and streamed into
+ * the pack's blob as they come, so no pack is held in memory. A full pack is
+ * made durable and indexed while the next one fills. Only after the blob is
+ * durable does one transaction index its chunks, so an indexed chunk always has
+ * its bytes.
  */
 export class PackWriter {
-  private parts: Buffer[] = [];
-  private size = 0;
-  private entries: PackEntry[] = [];
-  private pending = new Set<string>();
+  /** The pack being filled. */
+  private pack: { id: string; writer: BlobWriter; size: number; entries: PackEntry[]; chunks: Set<string> } | null = null;
+  /** Chunks of packs being closed, each set until its pack is indexed. */
+  private readonly closing = new Set<Set<string>>();
+  private inflight: Promise<void>[] = [];
   /** Bytes this writer added to the vault. */
   storedBytes = 0;
 
@@ -51,46 +66,116 @@ export class PackWriter {
     private readonly projectId: string,
   ) {}
 
+  /** Whether this writer already holds the chunk (written or being written). */
   has(hash: Buffer): boolean {
-    return this.pending.has(hex(hash));
+    const key = hex(hash);
+    if (this.pack?.chunks.has(key)) return true;
+    for (const c of this.closing) if (c.has(key)) return true;
+    return false;
   }
 
   async add(hash: Buffer, raw: Buffer): Promise<void> {
     await this.addMany([{ hash, raw }]);
   }
 
-  /** Adds chunks, compressing them together on the vault's worker pool. */
+  /** Adds chunks given one by one; they are copied into one batch for the codec. */
   async addMany(chunks: { hash: Buffer; raw: Buffer }[]): Promise<void> {
-    const fresh: { hash: Buffer; raw: Buffer }[] = [];
-    for (const c of chunks) {
-      const key = hex(c.hash);
-      if (this.pending.has(key)) continue;
-      this.pending.add(key);
-      fresh.push(c);
-    }
+    const fresh = chunks.filter((c) => !this.has(c.hash));
     if (!fresh.length) return;
-    const packed = await this.vault.compression.compress(fresh.map((c) => c.raw));
-    for (let i = 0; i < fresh.length; i++) {
-      const { hash, raw } = fresh[i];
-      const compressed = packed[i].length < raw.length;
-      // A chunk cut from a larger read buffer is copied, so the pack does not pin that buffer.
-      const stored = compressed ? packed[i] : raw.byteLength === raw.buffer.byteLength ? raw : Buffer.from(raw);
-      this.parts.push(stored);
-      this.entries.push({ hash, offset: this.size, stored: stored.length, raw: raw.length, compressed });
-      this.size += stored.length;
-      if (this.size >= PACK_BYTES) await this.flush();
+    if (fresh.every((c) => c.raw.length === BLOCK_SIZE)) {
+      await this.addBlocks(Buffer.concat(fresh.map((c) => c.raw)), fresh.map((c, slot) => ({ hash: c.hash, slot })));
+      return;
+    }
+    for (const c of fresh) {
+      const packed = await this.vault.codec.compress(Buffer.from(c.raw), c.raw.length);
+      await this.addStored([{ hash: c.hash, stored: packed.chunks[0], raw: c.raw.length, compressed: packed.compressed[0] }]);
     }
   }
 
+  /**
+   * Adds the blocks of `data` (each BLOCK_SIZE bytes) named by `blocks`: `slot` is
+   * a block's place in `data`, `hash` its SHA-256. Blocks this writer already
+   * holds are skipped. `data` moves to the codec.
+   */
+  async addBlocks(data: Buffer, blocks: { hash: Buffer; slot: number }[]): Promise<void> {
+    const fresh: { hash: Buffer; slot: number }[] = [];
+    const seen = new Set<string>();
+    for (const b of blocks) {
+      const key = hex(b.hash);
+      if (seen.has(key) || this.has(b.hash)) continue;
+      seen.add(key);
+      fresh.push(b);
+    }
+    if (!fresh.length) return;
+    const buffers = this.vault.codec.buffers;
+    const packed = await this.vault.codec.compress(data, BLOCK_SIZE, fresh.map((b) => b.slot), buffers.take(ChunkCodec.bound(fresh.length, BLOCK_SIZE)));
+    buffers.give(packed.data);
+    await this.addStored(fresh.map((b, k) => ({ hash: b.hash, stored: packed.chunks[k], raw: BLOCK_SIZE, compressed: packed.compressed[k] })));
+    buffers.give(packed.out);
+  }
+
+  /**
+   * Appends chunks already in their stored form (compressed when `compressed`) to
+   * the pack, skipping those this writer holds. Their buffers are free again once
+   * this resolves.
+   */
+  async addStored(chunks: { hash: Buffer; stored: Buffer; raw: number; compressed: boolean }[]): Promise<void> {
+    let parts: Buffer[] = [];
+    for (const c of chunks) {
+      if (this.has(c.hash)) continue;
+      const pack = this.pack ?? (await this.open());
+      pack.chunks.add(hex(c.hash));
+      pack.entries.push({ hash: c.hash, offset: pack.size, stored: c.stored.length, raw: c.raw, compressed: c.compressed });
+      pack.size += c.stored.length;
+      parts.push(c.stored);
+      if (pack.size >= PACK_BYTES) {
+        await pack.writer.write(parts);
+        parts = [];
+        await this.rotate();
+      }
+    }
+    if (parts.length) await this.pack!.writer.write(parts);
+  }
+
+  private async open() {
+    this.pack = { id: crypto.randomBytes(32).toString("hex"), writer: null as unknown as BlobWriter, size: 0, entries: [], chunks: new Set() };
+    this.pack.writer = await this.vault.blobs.openWriter(packKey(this.projectId, this.pack.id));
+    return this.pack;
+  }
+
+  /**
+   * Closes the filled pack: makes it durable, then indexes it, in the background.
+   * Up to PACKS_IN_FLIGHT packs close at once; beyond that it waits for the oldest.
+   */
+  private async rotate(): Promise<void> {
+    while (this.inflight.length >= PACKS_IN_FLIGHT) await this.inflight.shift(); // a failed close surfaces here
+    const pack = this.pack;
+    if (!pack) return;
+    this.pack = null;
+    this.closing.add(pack.chunks);
+    const close = (async () => {
+      const size = await pack.writer.close();
+      const added = await this.vault.indexPack(this.projectId, pack.id, size, pack.entries);
+      this.storedBytes += added; // not `+= await`: that would read the total before another close adds to it
+      this.closing.delete(pack.chunks);
+    })();
+    close.catch(() => undefined); // awaited by a later rotate or flush
+    this.inflight.push(close);
+  }
+
+  /** Writes what is left; once it returns, every chunk added so far is durable and indexed. */
   async flush(): Promise<void> {
-    if (!this.entries.length) return;
-    const parts = this.parts;
-    const entries = this.entries;
-    this.parts = [];
-    this.entries = [];
-    this.size = 0;
-    this.pending.clear();
-    this.storedBytes += await this.vault.writePack(this.projectId, parts, entries);
+    await this.rotate();
+    while (this.inflight.length) await this.inflight.shift();
+  }
+
+  /** Drops the pack being filled (a job that failed); packs already closed stay for garbage collection. */
+  async abort(): Promise<void> {
+    const pack = this.pack;
+    this.pack = null;
+    await pack?.writer.abort().catch(() => undefined);
+    await Promise.allSettled(this.inflight);
+    this.inflight = [];
   }
 }
 
@@ -102,7 +187,11 @@ interface PackEntry {
   compressed: boolean;
 }
 
-/** A pack is named by the SHA-256 of its index (each chunk's hash, place and form), which names its content. */
+/**
+ * A pack rewritten by garbage collection is named by the SHA-256 of its index
+ * (each chunk's hash, place and form), which names its content; a pack written
+ * as it fills gets 256 random bits.
+ */
 function packName(entries: PackEntry[]): string {
   const h = crypto.createHash("sha256");
   const meta = Buffer.alloc(17);
@@ -125,7 +214,7 @@ export class Vault {
   constructor(
     private readonly ds: DataSource,
     readonly blobs: BlobStore,
-    readonly compression: CompressionPool = new CompressionPool(1, 0),
+    readonly codec: ChunkCodec = new ChunkCodec(1, 0),
   ) {}
 
   writer(projectId: string): PackWriter {
@@ -135,8 +224,12 @@ export class Vault {
   /** Writes a pack and indexes its chunks; returns the bytes of chunks that were new. */
   async writePack(projectId: string, parts: Buffer[], entries: PackEntry[]): Promise<number> {
     const packId = packName(entries);
-    const size = parts.reduce((n, p) => n + p.length, 0);
     await this.blobs.put(packKey(projectId, packId), parts);
+    return this.indexPack(projectId, packId, parts.reduce((n, p) => n + p.length, 0), entries);
+  }
+
+  /** Indexes the chunks of a durable pack; returns the bytes of chunks that were new. */
+  async indexPack(projectId: string, packId: string, size: number, entries: PackEntry[]): Promise<number> {
     return this.ds.transaction(async (em) => {
       await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
       const inserted = await rows<{ stored_size: number }>(
@@ -167,57 +260,99 @@ export class Vault {
   }
 
   /**
-   * Reads and checks chunks: each is decompressed and its SHA-256 compared with its
-   * name. Adjacent chunks of a pack are read with one range read. A pack that
-   * garbage collection rewrote meanwhile is looked up again once.
+   * Reads and checks chunks on the codec's workers: each is decompressed and
+   * checked against its checksum (or its SHA-256, see ReadOptions). Returns each
+   * distinct chunk's bytes by hex hash.
    */
-  async readChunks(projectId: string, hashes: Buffer[]): Promise<Map<string, Buffer>> {
-    const unique = [...new Map(hashes.map((h) => [hex(h), h])).values()];
+  async readChunks(projectId: string, hashes: Buffer[], opts: ReadOptions = {}): Promise<Map<string, Buffer>> {
     const out = new Map<string, Buffer>();
-    for (let attempt = 0; ; attempt++) {
-      const wanted = unique.filter((h) => !out.has(hex(h)));
-      if (!wanted.length) return out;
-      const locations = await this.locate(projectId, wanted);
-      for (const h of wanted) if (!locations.has(hex(h))) throw new ChunkError(hex(h), "missing", "not in the vault index");
-      const sorted = [...locations.values()].sort((a, b) => (a.pack_id === b.pack_id ? Number(a.pack_offset) - Number(b.pack_offset) : a.pack_id < b.pack_id ? -1 : 1));
-      try {
-        let i = 0;
-        while (i < sorted.length) {
-          let j = i + 1;
-          const start = Number(sorted[i].pack_offset);
-          let end = start + sorted[i].stored_size;
-          while (j < sorted.length && sorted[j].pack_id === sorted[i].pack_id && Number(sorted[j].pack_offset) - end < 65536 && end - start < 8 * 1024 * 1024) {
-            end = Math.max(end, Number(sorted[j].pack_offset) + sorted[j].stored_size);
-            j++;
-          }
-          const buf = await this.blobs.getRange(packKey(projectId, sorted[i].pack_id), start, end - start);
-          for (let k = i; k < j; k++) {
-            const loc = sorted[k];
-            const off = Number(loc.pack_offset) - start;
-            out.set(hex(loc.hash), this.decode(loc, buf.subarray(off, off + loc.stored_size)));
-          }
-          i = j;
-        }
-      } catch (err) {
-        if (err instanceof BlobNotFoundError && attempt === 0) continue;
-        if (err instanceof BlobNotFoundError) throw new ChunkError(hex(sorted[0].hash), "missing", `its pack ${err.key.split("/").pop()?.slice(0, 12)}… is gone`);
-        if (err instanceof Error && /shorter than/.test(err.message)) throw new ChunkError(hex(sorted[0].hash), "corrupt", "its pack is truncated");
-        throw err;
+    for await (const run of this.readRuns(projectId, hashes, opts)) {
+      for (let k = 0; k < run.hashes.length; k++) out.set(hex(run.hashes[k]), run.data.subarray(k * BLOCK_SIZE, (k + 1) * BLOCK_SIZE));
+    }
+    return out;
+  }
+
+  /**
+   * Reads the distinct chunks of `hashes` in the order they sit in the packs:
+   * nearby chunks of a pack come with one range read, a few reads and decodes
+   * are in flight at once, and each run comes back as its chunks' raw bytes back
+   * to back (every chunk BLOCK_SIZE bytes). Each chunk is checked (see readChunks).
+   * A pack that garbage collection rewrote meanwhile is looked up again once.
+   * A run's `data` comes from the codec's buffer pool: give it back once done with it.
+   */
+  async *readRuns(projectId: string, hashes: Buffer[], opts: ReadOptions = {}): AsyncGenerator<{ hashes: Buffer[]; data: Buffer }> {
+    const unique = [...new Map(hashes.map((h) => [hex(h), h])).values()];
+    if (!unique.length) return;
+    yield* mapOrdered(this.groups(await this.locateAll(projectId, unique)), READS_IN_FLIGHT, (g) => this.fetch(projectId, g, true, opts));
+  }
+
+  private async locateAll(projectId: string, hashes: Buffer[]): Promise<ChunkLocation[]> {
+    const locations = await this.locate(projectId, hashes);
+    for (const h of hashes) if (!locations.has(hex(h))) throw new ChunkError(hex(h), "missing", "not in the vault index");
+    for (const l of locations.values()) if (l.raw_size !== BLOCK_SIZE) throw new ChunkError(hex(l.hash), "corrupt", `its index says ${l.raw_size} bytes, not ${BLOCK_SIZE}`);
+    return [...locations.values()].sort((a, b) => (a.pack_id === b.pack_id ? Number(a.pack_offset) - Number(b.pack_offset) : a.pack_id < b.pack_id ? -1 : 1));
+  }
+
+  /** Chunks of one pack close to each other, up to RUN_BYTES of them, make one range read. */
+  private groups(sorted: ChunkLocation[]): ChunkLocation[][] {
+    const out: ChunkLocation[][] = [];
+    let i = 0;
+    while (i < sorted.length) {
+      let j = i + 1;
+      const start = Number(sorted[i].pack_offset);
+      let end = start + sorted[i].stored_size;
+      while (j < sorted.length && sorted[j].pack_id === sorted[i].pack_id && Number(sorted[j].pack_offset) - end < 65536 && j - i < RUN_CHUNKS) {
+        end = Math.max(end, Number(sorted[j].pack_offset) + sorted[j].stored_size);
+        j++;
       }
+      out.push(sorted.slice(i, j));
+      i = j;
+    }
+    return out;
+  }
+
+  private async fetch(projectId: string, group: ChunkLocation[], retry: boolean, opts: ReadOptions): Promise<{ hashes: Buffer[]; data: Buffer }> {
+    const start = Number(group[0].pack_offset);
+    const end = Math.max(...group.map((l) => Number(l.pack_offset) + l.stored_size));
+    const buffers = this.codec.buffers;
+    const buf = buffers.take(end - start);
+    try {
+      await this.blobs.readInto(packKey(projectId, group[0].pack_id), start, buf);
+    } catch (err) {
+      buffers.give(buf);
+      if (err instanceof BlobNotFoundError && retry) return this.refetch(projectId, group, opts);
+      if (err instanceof BlobNotFoundError) throw new ChunkError(hex(group[0].hash), "missing", `its pack ${err.key.split("/").pop()?.slice(0, 12)}… is gone`);
+      if (err instanceof Error && /shorter than/.test(err.message)) throw new ChunkError(hex(group[0].hash), "corrupt", "its pack is truncated");
+      throw err;
+    }
+    try {
+      const { data, out } = await this.codec.decode(
+        buf,
+        group.map((l) => ({ offset: Number(l.pack_offset) - start, stored: l.stored_size, raw: l.raw_size, compressed: l.compressed, hash: l.hash })),
+        buffers.take(group.length * BLOCK_SIZE),
+        { sha256: opts.sha256 },
+      );
+      buffers.give(data);
+      return { hashes: group.map((l) => l.hash), data: out };
+    } catch (err) {
+      if (err instanceof DecodeError) {
+        const detail = {
+          truncated: "its pack is truncated",
+          undecompressable: "it does not decompress, or fails its checksum",
+          length: "it has the wrong length",
+          hash: "its SHA-256 does not match",
+        }[err.problem];
+        throw new ChunkError(hex(group[err.chunk].hash), "corrupt", detail);
+      }
+      throw err;
     }
   }
 
-  private decode(loc: ChunkLocation, stored: Buffer): Buffer {
-    let raw: Buffer;
-    try {
-      raw = loc.compressed ? decompress(stored) : Buffer.from(stored);
-    } catch {
-      throw new ChunkError(hex(loc.hash), "corrupt", "it does not decompress");
-    }
-    if (raw.length !== loc.raw_size || !crypto.createHash("sha256").update(raw).digest().equals(loc.hash)) {
-      throw new ChunkError(hex(loc.hash), "corrupt", "its SHA-256 does not match");
-    }
-    return raw;
+  /** The group's pack is gone (rewritten by garbage collection): find its chunks again and read them where they are now. */
+  private async refetch(projectId: string, group: ChunkLocation[], opts: ReadOptions): Promise<{ hashes: Buffer[]; data: Buffer }> {
+    const parts: { hashes: Buffer[]; data: Buffer }[] = [];
+    for (const g of this.groups(await this.locateAll(projectId, group.map((l) => l.hash)))) parts.push(await this.fetch(projectId, g, false, opts));
+    return { hashes: parts.flatMap((p) => p.hashes), data: Buffer.concat(parts.map((p) => p.data)) };
   }
 
   /**
@@ -319,7 +454,10 @@ export class Vault {
     };
     for (const loc of live) {
       const stored = await this.blobs.getRange(packKey(projectId, loc.pack_id), Number(loc.pack_offset), loc.stored_size);
-      this.decode(loc, stored); // never carry a damaged chunk into a new pack unnoticed
+      // Never carry a damaged chunk into a new pack unnoticed.
+      await this.codec.decode(Buffer.from(stored), [{ offset: 0, stored: loc.stored_size, raw: loc.raw_size, compressed: loc.compressed, hash: loc.hash }]).catch((err: unknown) => {
+        throw err instanceof DecodeError ? new ChunkError(hex(loc.hash), "corrupt", `found while rewriting its pack (${err.problem})`) : err;
+      });
       parts.push(stored);
       moved.push({ loc, offset: size });
       size += stored.length;

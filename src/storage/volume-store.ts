@@ -1,15 +1,17 @@
 import crypto from "node:crypto";
-import { once } from "node:events";
-import { PassThrough, Readable } from "node:stream";
+import { Readable } from "node:stream";
 import type { DataSource, EntityManager } from "typeorm";
 import { rows } from "../db/sql";
-import type { BlobStore } from "./blob-store";
+import type { BlobStore, BlobWriter } from "./blob-store";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
 export const BLOCK_SIZE = 64 * 1024;
+/** Segments of one write being made durable at once, while the next fills. */
+const CLOSING_SEGMENTS = 3;
 /** A segment blob holds up to this many bytes of one write. */
 export const SEGMENT_BYTES = 64 * 1024 * 1024;
-const READ_BATCH_BLOCKS = 256;
+/** Blocks read per step of a stream: 4 MiB, so a slow reader holds little. */
+const READ_BATCH_BLOCKS = 64;
 export const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
 
 export const sha256 = (data: Buffer) => crypto.createHash("sha256").update(data).digest();
@@ -20,6 +22,17 @@ export interface BlockRef {
   segmentId: string;
   offset: number;
   hash: Buffer;
+}
+
+/**
+ * Blocks to store from one buffer: `data` holds 64 KiB pieces, and each block
+ * names its piece (`slot`); blocks with equal bytes may share one. `release` is
+ * called once the bytes are taken and the buffer may be reused.
+ */
+export interface BlockBatch {
+  data: Buffer;
+  blocks: { index: number; slot: number; hash: Buffer }[];
+  release?(): void;
 }
 
 /** A block to store: its bytes, or null for a block that reads as zeros; its SHA-256 when already known. */
@@ -45,58 +58,92 @@ export class VolumeStore {
   ) {}
 
   /**
-   * Stores whole blocks from an async source, in segments of up to SEGMENT_BYTES,
-   * committing each segment's blocks as one write. Blocks of all zeros cost nothing:
-   * they only mark the block as reading zeros. Returns the number of blocks changed.
+   * Stores whole blocks from an async source, in segments of about SEGMENT_BYTES,
+   * committing each segment's blocks as one write; a segment is made durable and
+   * committed while the next one fills. Blocks of all zeros cost nothing: they
+   * only mark the block as reading zeros. Returns the number of blocks changed.
    */
-  async putBlocks(projectId: string, diskId: string, blocks: AsyncIterable<BlockWrite>, onCommit?: (blocks: number) => void | Promise<void>): Promise<number> {
+  async putBlocks(
+    projectId: string,
+    diskId: string,
+    blocks: AsyncIterable<BlockWrite | BlockBatch>,
+    opts: { onCommit?: (blocks: number) => void | Promise<void>; /** A bulk write nobody reads soon (a restore): skip the OS cache. */ bypassCache?: boolean } = {},
+  ): Promise<number> {
+    const { onCommit } = opts;
     let changed = 0;
-    let segment: { id: string; stream: PassThrough; done: Promise<number>; size: number; rows: BlockRef[] } | null = null;
+    let segment: { id: string; writer: BlobWriter; size: number; rows: BlockRef[] } | null = null;
+    /** Single blocks wait here to be written together. */
+    let parts: Buffer[] = [];
     let zeros: number[] = [];
+    /** Segments being made durable and committed, oldest first; their commits go in order. */
+    let closing: Promise<void>[] = [];
 
-    const openSegment = () => {
+    const open = async () => {
       const id = crypto.randomUUID();
-      const stream = new PassThrough({ highWaterMark: 4 * BLOCK_SIZE });
-      const done = this.blobs.putStream(segmentKey(diskId, id), stream);
-      done.catch(() => undefined); // awaited in closeSegment; avoid an unhandled rejection meanwhile
-      return { id, stream, done, size: 0, rows: [] as BlockRef[] };
+      segment = { id, writer: await this.blobs.openWriter(segmentKey(diskId, id), { bypassCache: opts.bypassCache }), size: 0, rows: [] };
+      return segment;
+    };
+    const writeParts = async () => {
+      if (segment && parts.length) await segment.writer.write(parts);
+      parts = [];
     };
     const flush = async () => {
-      const seg = segment;
+      await writeParts();
+      const seg = segment as typeof segment;
+      const z = zeros;
       segment = null;
-      if (seg) {
-        seg.stream.end();
-        await seg.done;
-      }
-      if (!seg?.rows.length && !zeros.length) return;
-      await this.commit(projectId, diskId, seg && seg.rows.length ? { id: seg.id, size: seg.size, rows: seg.rows } : null, zeros);
-      const n = (seg?.rows.length ?? 0) + zeros.length;
-      changed += n;
       zeros = [];
-      await onCommit?.(n);
+      if (!seg?.rows.length && !z.length) {
+        if (seg) await seg.writer.abort();
+        return;
+      }
+      while (closing.length >= CLOSING_SEGMENTS) await closing.shift();
+      const before = closing[closing.length - 1];
+      const durable = seg ? seg.writer.close() : Promise.resolve(0);
+      durable.catch(() => undefined); // awaited below
+      const finish = async () => {
+        await durable;
+        await before; // commits stay in order
+        await this.commit(projectId, diskId, seg && seg.rows.length ? { id: seg.id, size: seg.size, rows: seg.rows } : null, z);
+        const n = (seg?.rows.length ?? 0) + z.length;
+        changed += n;
+        await onCommit?.(n);
+      };
+      const done = finish();
+      done.catch(() => undefined); // awaited by a later flush or at the end
+      closing.push(done);
     };
 
     try {
-      for await (const block of blocks) {
-        if (block.data === null || (!block.hash && isZero(block.data))) {
-          zeros.push(block.index);
-          if (zeros.length >= 4096) await flush();
-          continue;
+      for await (const item of blocks) {
+        if ("blocks" in item) {
+          await writeParts();
+          const seg = segment ?? (await open());
+          for (const b of item.blocks) seg.rows.push({ index: b.index, segmentId: seg.id, offset: seg.size + b.slot * BLOCK_SIZE, hash: b.hash });
+          await seg.writer.write([item.data]);
+          seg.size += item.data.length;
+          item.release?.();
+        } else {
+          if (item.data === null || (!item.hash && isZero(item.data))) {
+            zeros.push(item.index);
+            if (zeros.length >= 4096) await flush();
+            continue;
+          }
+          if (item.data.length !== BLOCK_SIZE) throw new Error("a block must be exactly BLOCK_SIZE bytes");
+          const seg = segment ?? (await open());
+          seg.rows.push({ index: item.index, segmentId: seg.id, offset: seg.size, hash: item.hash ?? sha256(item.data) });
+          seg.size += BLOCK_SIZE;
+          parts.push(item.data);
+          if (parts.length >= 16) await writeParts();
         }
-        if (block.data.length !== BLOCK_SIZE) throw new Error("a block must be exactly BLOCK_SIZE bytes");
-        segment ??= openSegment();
-        segment.rows.push({ index: block.index, segmentId: segment.id, offset: segment.size, hash: block.hash ?? sha256(block.data) });
-        segment.size += BLOCK_SIZE;
-        if (!segment.stream.write(block.data)) await once(segment.stream, "drain");
-        if (segment.size >= SEGMENT_BYTES) await flush();
+        if ((segment as { size: number } | null) && segment!.size >= SEGMENT_BYTES) await flush();
       }
       await flush();
+      while (closing.length) await closing.shift();
     } catch (err) {
-      const seg = segment as { stream: PassThrough; done: Promise<number> } | null;
-      if (seg) {
-        seg.stream.destroy(err as Error);
-        await seg.done.catch(() => undefined);
-      }
+      const seg = segment as { writer: BlobWriter } | null;
+      if (seg) await seg.writer.abort();
+      await Promise.allSettled(closing);
       throw err;
     }
     return changed;
@@ -171,12 +218,17 @@ export class VolumeStore {
     let i = 0;
     while (i < refs.length) {
       let j = i + 1;
-      while (j < refs.length && refs[j].segmentId === refs[i].segmentId && refs[j].offset === refs[j - 1].offset + BLOCK_SIZE && j - i < 256) j++;
+      while (j < refs.length && refs[j].segmentId === refs[i].segmentId && refs[j].offset === refs[j - 1].offset + BLOCK_SIZE && j - i < 64) j++;
       const buf = await this.blobs.getRange(segmentKey(diskId, refs[i].segmentId), refs[i].offset, (j - i) * BLOCK_SIZE);
       for (let k = i; k < j; k++) out[k] = buf.subarray((k - i) * BLOCK_SIZE, (k - i + 1) * BLOCK_SIZE);
       i = j;
     }
     return out;
+  }
+
+  /** Fills `into` with adjacent blocks of one segment, from `offset` on, with one range read. */
+  readRunInto(diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void> {
+    return this.blobs.readInto(segmentKey(diskId, segmentId), offset, into);
   }
 
   async readBlock(diskId: string, index: number): Promise<Buffer> {

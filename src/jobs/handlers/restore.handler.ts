@@ -4,10 +4,8 @@ import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
 import type { RestorePlan } from "../../services/backup.service";
 import { MANIFEST_BATCH, resolveManifest } from "../../storage/manifest";
 import { hex, type Vault } from "../../storage/vault";
-import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
+import { BLOCK_SIZE, type BlockBatch, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
-
-const READ_BATCH = 128;
 
 /** Where a disk's bytes come from: a disk backup (through its chain) or a disk of an image. */
 interface Source {
@@ -84,29 +82,36 @@ export class RestoreHandler implements JobHandler {
     let done = 0;
     await ctx.progress(0, total);
 
+    const buffers = this.vault.codec.buffers;
     for (const t of targets) {
       const self = this;
-      const blocks = async function* (): AsyncIterable<BlockWrite> {
+      const blocks = async function* (): AsyncIterable<BlockWrite | BlockBatch> {
         for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) {
           ctx.checkCancelled();
           const d = await self.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
           for (const index of d.zero) yield { index, data: null };
-          // The next slice is read while this one is written; chunks come back checked against their hashes.
-          const read = (i: number) => self.vault.readChunks(job.projectId, d.write.slice(i, i + READ_BATCH).map((p) => p.hash));
-          let ahead = d.write.length ? read(0) : null;
-          for (let i = 0; i < d.write.length; i += READ_BATCH) {
+          // Blocks with the same bytes share one copy in the segment.
+          const byHash = new Map<string, number[]>();
+          for (const p of d.write) {
+            const key = hex(p.hash);
+            const list = byHash.get(key);
+            if (list) list.push(p.index);
+            else byHash.set(key, [p.index]);
+          }
+          // Runs of chunks come checked against their hashes, a few in flight while earlier ones are written.
+          for await (const run of self.vault.readRuns(job.projectId, d.write.map((p) => p.hash))) {
             ctx.checkCancelled();
-            const part = d.write.slice(i, i + READ_BATCH);
-            const chunks = await ahead!;
-            ahead = i + READ_BATCH < d.write.length ? read(i + READ_BATCH) : null;
-            ahead?.catch(() => undefined);
-            for (const p of part) yield { index: p.index, data: chunks.get(hex(p.hash))!, hash: p.hash };
-            done += part.length * BLOCK_SIZE;
+            const batch: BlockBatch = { data: run.data, blocks: [], release: () => buffers.give(run.data) };
+            run.hashes.forEach((hash, slot) => {
+              for (const index of byHash.get(hex(hash))!) batch.blocks.push({ index, slot, hash });
+            });
+            yield batch;
+            done += batch.blocks.length * BLOCK_SIZE;
             await ctx.progress(done, total);
           }
         }
       };
-      await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks()));
+      await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks(), { bypassCache: true }));
     }
     ctx.checkCancelled();
 

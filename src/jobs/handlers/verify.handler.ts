@@ -41,13 +41,13 @@ export class VerifyHandler implements JobHandler {
           ctx.checkCancelled();
           const slice = entries.slice(i, i + READ_BATCH);
           try {
-            await this.vault.readChunks(job.projectId, slice.map((e) => e.hash!));
+            await this.vault.readChunks(job.projectId, slice.map((e) => e.hash!), { sha256: true });
           } catch (err) {
             if (!(err instanceof ChunkError)) throw err;
             // Find every bad chunk of the batch, one by one.
             for (const e of slice) {
               try {
-                await this.vault.readChunks(job.projectId, [e.hash!]);
+                await this.vault.readChunks(job.projectId, [e.hash!], { sha256: true });
               } catch (one) {
                 if (!(one instanceof ChunkError)) throw one;
                 bad++;

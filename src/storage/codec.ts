@@ -1,0 +1,249 @@
+import os from "node:os";
+import path from "node:path";
+import { Worker } from "node:worker_threads";
+import { compressBound } from "zstd-napi/binding";
+import { BufferPool } from "./buffer-pool";
+
+// eslint-disable-next-line @typescript-eslint/no-require-imports
+const { makeOps } = require("./codec-ops.js") as { makeOps(level: number): Ops };
+
+type Ops = Record<"hash" | "compress" | "decode" | "digest", (args: Record<string, unknown>) => Record<string, unknown>>;
+type Op = keyof Ops;
+
+/** Loads the ops module in a worker thread and answers one request at a time, in order. */
+const WORKER_SOURCE = `
+const { parentPort, workerData } = require("node:worker_threads");
+const ops = require(workerData.ops).makeOps(workerData.level);
+parentPort.on("message", ({ id, op, args }) => {
+  try {
+    for (const [k, v] of Object.entries(args)) if (v instanceof Uint8Array && !Buffer.isBuffer(v)) args[k] = Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+    const result = ops[op](args);
+    const transfer = [];
+    // Results move back without a copy; a view into Node's small-buffer pool is copied instead.
+    for (const v of Object.values(result)) {
+      if (!ArrayBuffer.isView(v) || transfer.includes(v.buffer)) continue;
+      if (v.buffer.byteLength > Buffer.poolSize || (v.byteOffset === 0 && v.byteLength === v.buffer.byteLength)) transfer.push(v.buffer);
+    }
+    parentPort.postMessage({ id, result }, transfer);
+  } catch (err) {
+    parentPort.postMessage({ id, error: err && err.message ? err.message : String(err) });
+  }
+});
+`;
+
+/** A chunk to read back: where its stored bytes sit in the buffer handed over, and what they must become. */
+export interface StoredChunk {
+  offset: number;
+  stored: number;
+  raw: number;
+  compressed: boolean;
+  hash: Buffer;
+}
+
+export class DecodeError extends Error {
+  constructor(
+    /** The position of the bad chunk in the list given to decode. */
+    readonly chunk: number,
+    readonly problem: "truncated" | "undecompressable" | "length" | "hash",
+  ) {
+    super(`chunk ${chunk} of the batch is bad (${problem})`);
+  }
+}
+
+/**
+ * Buffers cross to a worker by transfer, with all of their memory: a view into
+ * Node's small-buffer pool is copied first.
+ */
+function own(buf: Buffer): Buffer {
+  if (buf.buffer instanceof ArrayBuffer && buf.buffer.byteLength > Buffer.poolSize) return buf;
+  return copyOf(buf);
+}
+
+/** A copy in memory of its own (never a slice of Node's shared pool), safe to transfer. */
+function copyOf(buf: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(buf.length);
+  buf.copy(copy);
+  return copy;
+}
+
+const asBuffer = (u: Uint8Array) => (Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength));
+
+interface Slot {
+  worker: Worker;
+  busy: number;
+}
+
+/**
+ * The data path's hashing, compression and checked decompression, spread over
+ * worker threads so the main thread keeps reading, writing and talking to
+ * Postgres meanwhile. Buffers handed to an operation are moved to the worker
+ * (the caller's copy becomes empty) and come back in the result. With no
+ * workers, the same code runs inline.
+ */
+export class ChunkCodec {
+  private readonly slots: Slot[] = [];
+  private readonly pending = new Map<number, { resolve(r: Record<string, unknown>): void; reject(e: Error): void }>();
+  private readonly inline: Ops | null;
+  private next = 0;
+  private streams = 0;
+  /** Buffers the data path reuses; those handed to operations come back in their results. */
+  readonly buffers = new BufferPool();
+
+  constructor(
+    readonly level = 1,
+    threads = os.availableParallelism(),
+  ) {
+    this.inline = threads === 0 ? makeOps(level) : null;
+    for (let i = 0; i < threads; i++) {
+      const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { level, ops: path.join(__dirname, "codec-ops.js") } });
+      worker.unref();
+      const slot = { worker, busy: 0 };
+      worker.on("message", ({ id, result, error }: { id: number; result?: Record<string, unknown>; error?: string }) => {
+        slot.busy--;
+        const p = this.pending.get(id);
+        this.pending.delete(id);
+        if (error !== undefined) p?.reject(new Error(error));
+        else p?.resolve(result!);
+      });
+      worker.on("error", (err) => {
+        for (const p of this.pending.values()) p.reject(err);
+        this.pending.clear();
+      });
+      this.slots.push(slot);
+    }
+  }
+
+  get threads(): number {
+    return this.slots.length;
+  }
+
+  /** The most bytes `compress` makes of `blocks` blocks of `size` bytes. */
+  static bound(blocks: number, size: number): number {
+    return blocks * compressBound(size);
+  }
+
+  private call(op: Op, args: Record<string, unknown>, transfer: Buffer[], slot?: Slot): Promise<Record<string, unknown>> {
+    if (this.inline) {
+      try {
+        return Promise.resolve(this.inline[op](args));
+      } catch (err) {
+        return Promise.reject(err as Error);
+      }
+    }
+    const target = slot ?? this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
+    const id = this.next++;
+    target.busy++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      target.worker.postMessage({ id, op, args }, transfer.map((b) => b.buffer as ArrayBuffer));
+    });
+  }
+
+  /**
+   * SHA-256 of each `size`-byte block of `data`, or null for a block of zeros.
+   * `data` moves to the worker; use the returned one.
+   */
+  async hash(data: Buffer, size: number): Promise<{ data: Buffer; hashes: (Buffer | null)[] }> {
+    const input = this.inline ? data : own(data);
+    const r = await this.call("hash", { data: input, size }, [input]);
+    const hashes = asBuffer(r.hashes as Uint8Array);
+    const zero = r.zero as Uint8Array;
+    return { data: asBuffer(r.data as Uint8Array), hashes: Array.from(zero, (z, i) => (z ? null : hashes.subarray(i * 32, i * 32 + 32))) };
+  }
+
+  /**
+   * Compresses the blocks `which` (all when absent) of `data`, each `size` bytes,
+   * into `target` (at least `bound` bytes, or a new buffer), each a zstd frame
+   * with a checksum. `data`
+   * and `target` move to the worker, with all of their memory; use the returned ones.
+   */
+  async compress(data: Buffer, size: number, which?: number[], target?: Buffer): Promise<{ data: Buffer; out: Buffer; chunks: Buffer[]; compressed: boolean[] }> {
+    const input = this.inline ? data : own(data);
+    const into = target && !this.inline ? own(target) : target;
+    const r = await this.call("compress", { data: input, size, which, out: into }, into ? [input, into] : [input]);
+    const out = asBuffer(r.out as Uint8Array);
+    const stored = r.stored as Uint32Array;
+    const chunks: Buffer[] = new Array(stored.length);
+    for (let k = 0, pos = 0; k < stored.length; pos += stored[k], k++) chunks[k] = out.subarray(pos, pos + stored[k]);
+    return { data: asBuffer(r.data as Uint8Array), out, chunks, compressed: Array.from(r.compressed as Uint8Array, (c) => c === 1) };
+  }
+
+  /**
+   * Decodes the chunks found in `data` into their raw bytes, back to back in
+   * `target` (or a new buffer), each checked against its length and its zstd
+   * checksum, or its SHA-256 where it has none or `sha256` is set; throws
+   * DecodeError naming the first bad one. `data` and `target` move to the worker,
+   * with all of their memory; the results hand them back.
+   */
+  async decode(data: Buffer, chunks: StoredChunk[], target?: Buffer, opts: { sha256?: boolean } = {}): Promise<{ data: Buffer; out: Buffer }> {
+    const input = this.inline ? data : own(data);
+    const into = target && !this.inline ? own(target) : target;
+    const hashes = Buffer.concat(chunks.map((c) => c.hash));
+    const r = await this.call(
+      "decode",
+      {
+        data: input,
+        offsets: Float64Array.from(chunks, (c) => c.offset),
+        stored: Uint32Array.from(chunks, (c) => c.stored),
+        raw: Uint32Array.from(chunks, (c) => c.raw),
+        compressed: Uint8Array.from(chunks, (c) => (c.compressed ? 1 : 0)),
+        hashes,
+        out: into,
+        sha256: opts.sha256 === true,
+      },
+      into ? [input, into] : [input],
+    );
+    if (r.bad !== undefined) throw new DecodeError(r.bad as number, r.problem as DecodeError["problem"]);
+    return { data: asBuffer(r.data as Uint8Array), out: asBuffer(r.out as Uint8Array) };
+  }
+
+  /** A SHA-256 over a stream of buffers, computed on one worker in the order they are given. */
+  digest(): StreamDigest {
+    return new StreamDigest(this, this.streams++);
+  }
+
+  /** @internal */
+  feed(stream: number, args: { data?: Buffer; zeros?: number; done?: boolean }): Promise<Record<string, unknown>> {
+    // The caller keeps its buffer: the worker gets a copy of its own.
+    const input = args.data && !this.inline ? copyOf(args.data) : args.data;
+    const slot = this.slots.length ? this.slots[stream % this.slots.length] : undefined;
+    return this.call("digest", { stream, ...args, data: input }, input && !this.inline ? [input] : [], slot);
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.slots.map((s) => s.worker.terminate()));
+  }
+}
+
+/** Data given to `update` is copied to the worker at once; at most a few MiB wait there. */
+export class StreamDigest {
+  private inflight: Promise<unknown>[] = [];
+  private bytes = 0;
+  private failed: Error | null = null;
+
+  constructor(
+    private readonly codec: ChunkCodec,
+    private readonly stream: number,
+  ) {}
+
+  /** Hashes `zeros` zero bytes, then `data`. */
+  async update(data: Buffer | null, zeros = 0): Promise<void> {
+    if (this.failed) throw this.failed;
+    const p = this.codec.feed(this.stream, { data: data ?? undefined, zeros });
+    p.catch((err: Error) => (this.failed ??= err));
+    this.inflight.push(p);
+    this.bytes += data?.length ?? 0;
+    if (this.inflight.length > 8 || this.bytes > 32 * 1024 * 1024) {
+      await Promise.all(this.inflight);
+      this.inflight = [];
+      this.bytes = 0;
+    }
+  }
+
+  async digest(): Promise<Buffer> {
+    await Promise.all(this.inflight);
+    if (this.failed) throw this.failed;
+    const r = await this.codec.feed(this.stream, { done: true });
+    return asBuffer(r.digest as Uint8Array);
+  }
+}

@@ -5,7 +5,8 @@
  *   npm run bench:images -- --size 4G         # 4 GiB (or BENCH_SIZE_GIB=4)
  *   npm run bench:images -- --runs 3          # repeat the timed steps 3 times; the table shows medians (RSS: the max)
  *   npm run bench:images -- --cpu-prof        # also profile the service and print where its CPU time goes per timed job
- *   options: --keep (keep the temp dir), --dir DIR (where the temp dir goes; default $TMPDIR), --seed N
+ *   options: --keep (keep the temp dir), --dir DIR (where the temp dir goes; default $TMPDIR), --seed N,
+ *   --dist[=DIR] (run the compiled build DIR/src/main.js, default dist/ from `npm run build`, instead of ts-node)
  *
  * Needs qemu-img (Debian package qemu-utils) and /usr/bin/time (package time). The disk
  * (about a third zeros, a third random bytes, a third English-like text; deterministic,
@@ -47,6 +48,7 @@ interface Options {
   seed: number;
   runs: number;
   cpuProf: boolean;
+  dist: string | null;
 }
 
 function parseSize(s: string): number {
@@ -66,6 +68,7 @@ function parseArgs(argv: string[]): Options {
     seed: 42,
     runs: 1,
     cpuProf: false,
+    dist: null,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -80,6 +83,8 @@ function parseArgs(argv: string[]): Options {
     else if (a === "--dir" || a.startsWith("--dir=")) o.dir = value();
     else if (a === "--seed" || a.startsWith("--seed=")) o.seed = Number(value());
     else if (a === "--runs" || a.startsWith("--runs=")) o.runs = Number(value());
+    else if (a === "--dist") o.dist = path.join(__dirname, "..", "dist");
+    else if (a.startsWith("--dist=")) o.dist = path.resolve(a.slice("--dist=".length));
     else if (a === "--help" || a === "-h") {
       process.stdout.write(fs.readFileSync(__filename, "utf8").split("*/")[0] + "*/\n");
       process.exit(0);
@@ -193,6 +198,7 @@ async function main(): Promise<number> {
     const svc = await StowageProcess.start(path.join(tmp, "stowage", "data"), {
       env: { GC_INTERVAL_SECONDS: "0" },
       nodeArgs: opts.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${profDir}`] : [],
+      dist: opts.dist,
     });
     live.svc = svc;
     log(`Stowage serving at ${svc.url} (pid ${svc.pid})`);

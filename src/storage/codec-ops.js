@@ -114,9 +114,9 @@ function makeOps(level) {
       if (!h) hashers.set(stream, (h = crypto.createHash("sha256")));
       for (let left = zeros ?? 0; left > 0; left -= ZERO_RUN.length) h.update(left >= ZERO_RUN.length ? ZERO_RUN : ZERO_RUN.subarray(0, left));
       if (data) h.update(data);
-      if (!done) return {};
+      if (!done) return { data };
       hashers.delete(stream);
-      return { digest: h.digest() };
+      return { data, digest: h.digest() };
     },
   };
 }

@@ -86,6 +86,7 @@ export class ChunkCodec {
   private readonly inline: Ops | null;
   private next = 0;
   private streams = 0;
+  private closed = false;
   /** Buffers the data path reuses; those handed to operations come back in their results. */
   readonly buffers = new BufferPool();
 
@@ -123,6 +124,7 @@ export class ChunkCodec {
   }
 
   private call(op: Op, args: Record<string, unknown>, transfer: Buffer[], slot?: Slot): Promise<Record<string, unknown>> {
+    if (this.closed && !this.inline) return Promise.reject(new Error("the codec's workers are stopped"));
     if (this.inline) {
       try {
         return Promise.resolve(this.inline[op](args));
@@ -203,15 +205,26 @@ export class ChunkCodec {
   }
 
   /** @internal */
-  feed(stream: number, args: { data?: Buffer; zeros?: number; done?: boolean }): Promise<Record<string, unknown>> {
-    // The caller keeps its buffer: the worker gets a copy of its own.
-    const input = args.data && !this.inline ? copyOf(args.data) : args.data;
+  async feed(stream: number, args: { data?: Buffer | Buffer[]; zeros?: number; done?: boolean }): Promise<Record<string, unknown>> {
+    // The caller keeps its buffers: the worker gets a copy of its own, in a pooled buffer that comes back.
+    const parts = args.data === undefined ? [] : Array.isArray(args.data) ? args.data : [args.data];
+    let input: Buffer | undefined;
+    if (parts.length) {
+      const total = parts.reduce((n, p) => n + p.length, 0);
+      input = this.inline && parts.length === 1 ? parts[0] : this.buffers.take(total);
+      if (input !== parts[0]) for (let i = 0, at = 0; i < parts.length; at += parts[i].length, i++) parts[i].copy(input, at);
+    }
     const slot = this.slots.length ? this.slots[stream % this.slots.length] : undefined;
-    return this.call("digest", { stream, ...args, data: input }, input && !this.inline ? [input] : [], slot);
+    const r = await this.call("digest", { stream, zeros: args.zeros, done: args.done, data: input }, input && !this.inline ? [input] : [], slot);
+    if (input && input !== parts[0]) this.buffers.give(asBuffer(r.data as Uint8Array));
+    return r;
   }
 
   async close(): Promise<void> {
     await Promise.all(this.slots.map((s) => s.worker.terminate()));
+    this.closed = true;
+    for (const p of this.pending.values()) p.reject(new Error("the codec's workers are stopped"));
+    this.pending.clear();
   }
 }
 
@@ -226,13 +239,13 @@ export class StreamDigest {
     private readonly stream: number,
   ) {}
 
-  /** Hashes `zeros` zero bytes, then `data`. */
-  async update(data: Buffer | null, zeros = 0): Promise<void> {
+  /** Hashes `zeros` zero bytes, then `data` (one buffer, or parts back to back). */
+  async update(data: Buffer | Buffer[] | null, zeros = 0): Promise<void> {
     if (this.failed) throw this.failed;
     const p = this.codec.feed(this.stream, { data: data ?? undefined, zeros });
     p.catch((err: Error) => (this.failed ??= err));
     this.inflight.push(p);
-    this.bytes += data?.length ?? 0;
+    this.bytes += Array.isArray(data) ? data.reduce((n, d) => n + d.length, 0) : (data?.length ?? 0);
     if (this.inflight.length > 8 || this.bytes > 32 * 1024 * 1024) {
       await Promise.all(this.inflight);
       this.inflight = [];

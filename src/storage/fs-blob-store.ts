@@ -122,12 +122,24 @@ class DirectWriter implements BlobWriter {
     this.wins = [next, win];
   }
 
+  /**
+   * Leaves direct I/O for the rest of the blob: once the window in flight is
+   * written, the bytes still held go through the ordinary descriptor at their
+   * place, and the windows are given back.
+   */
+  private async fallBack(): Promise<void> {
+    await this.pending;
+    this.buffered ??= await fsp.open(this.t.tmp, "r+");
+    if (this.wins && this.held > 0) await writeAll(this.buffered, [this.wins[0].subarray(0, this.held)], this.size - this.held);
+    this.held = 0;
+    this.done();
+  }
+
   async write(data: Buffer | Buffer[]): Promise<void> {
     const parts = Array.isArray(data) ? data : [data];
     if (!this.wins || this.buffered) {
-      await this.pending;
-      this.buffered ??= await fsp.open(this.t.tmp, "r+");
-      this.size += await writeAll(this.buffered, parts, this.size);
+      await this.fallBack();
+      this.size += await writeAll(this.buffered!, parts, this.size);
       return;
     }
     for (const part of parts) {
@@ -146,7 +158,8 @@ class DirectWriter implements BlobWriter {
 
   async close(): Promise<number> {
     try {
-      if (this.wins && this.held > 0) await this.flip(true);
+      if (this.buffered) await this.fallBack();
+      else if (this.wins && this.held > 0) await this.flip(true);
       await this.pending;
       await this.t.fh.truncate(this.size);
       if (this.buffered) {
@@ -254,7 +267,13 @@ export class FsBlobStore implements BlobStore {
   async openWriter(key: string, opts: { bypassCache?: boolean } = {}): Promise<BlobWriter> {
     const free = opts.bypassCache ? await (this.windows ??= directWindows(this.root).catch(() => null)) : null;
     const wins = free && free.length >= 2 ? ([free.pop()!, free.pop()!] as [Buffer, Buffer]) : null;
-    const t = await this.openTmp(key, wins !== null);
+    let t: Awaited<ReturnType<FsBlobStore["openTmp"]>>;
+    try {
+      t = await this.openTmp(key, wins !== null);
+    } catch (err) {
+      if (wins) free!.push(...wins);
+      throw err;
+    }
     if (t.direct) return new DirectWriter(t, wins, (w) => free!.push(...w));
     if (wins) free!.push(...wins);
     let size = 0;

@@ -186,6 +186,24 @@ describe("import and export", () => {
     expect((await svc.http(exp.downloadUrl, { key: svc.keys.beta })).status).toBe(404);
   });
 
+  it("round-trips an image larger than its read batches and write windows: the export's sha256 is its file's", async () => {
+    // 40 MiB: random, zeros and text, so reads span several batches, packs and staging windows.
+    const text = Buffer.from("the quick brown fox jumps over the lazy dog ".repeat(400_000)).subarray(0, 12 * MiB);
+    const disk = Buffer.concat([bytes(20 * MiB, 42), Buffer.alloc(8 * MiB), text]);
+    const up = await upload(disk);
+    const r = await importImage({ name: "big", uploadId: up.id, type: "DATA_DISK" });
+    expect(r.errors).toBeUndefined();
+    await succeed(svc, r.data.importImage.job.id);
+    const img = await image(r.data.importImage.image.id);
+    expect(img).toMatchObject({ status: "ACTIVE", checksum: sha(disk), virtualSizeBytes: 40 * MiB });
+    for (const format of ["RAW", "QCOW2"]) {
+      const { file, exp } = await exportImage(img.id, format);
+      expect(exp.sha256).toBe(sha(file));
+      expect(exp.sizeBytes).toBe(file.length);
+      if (format === "RAW") expect(file.equals(disk)).toBe(true);
+    }
+  });
+
   it("refuses a declared format that disagrees, unknown upload IDs, and uploads past the limit", async () => {
     const up = await upload(bytes(MiB, 41));
     const wrong = await importImage({ name: "x", uploadId: up.id, format: "QCOW2" });

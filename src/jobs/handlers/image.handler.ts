@@ -1,63 +1,104 @@
-import crypto from "node:crypto";
 import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
 import { Backup, ImageStatus, JobType, type Job } from "../../entities";
 import { addImageDisksFromBackup, type CreateImagePayload } from "../../services/image.service";
+import type { ChunkCodec, StreamDigest } from "../../storage/codec";
+import { mapOrdered } from "../../storage/pipeline";
 import { hex, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type VolumeStore } from "../../storage/volume-store";
 import { copyPendingBlocks, countPending, sealPending } from "../copy-blocks";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
 
-const READ_BATCH = 128;
-const ZERO = Buffer.alloc(BLOCK_SIZE);
+const READ_BATCH = 256;
 
 interface ImageDiskRow {
   id: string;
   size_bytes: string;
 }
 
-/** Reads an image disk's blocks from the vault in order (each checked against its hash). */
+/**
+ * Reads an image disk's blocks from the vault in order (each checked), the next
+ * batch read and decoded while this one is consumed. The blocks' buffers are
+ * reused: a block's bytes stay valid while the consumer takes READ_BATCH more
+ * blocks, so a consumer copies what it keeps longer.
+ */
 export async function* imageDiskBlocks(ds: DataSource, vault: Vault, projectId: string, imageDiskId: string): AsyncIterable<{ index: number; data: Buffer }> {
-  let after = -1;
-  for (;;) {
-    const batch = await rows<{ block_index: string; hash: Buffer }>(
-      ds,
-      `SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index > $2 ORDER BY block_index LIMIT ${READ_BATCH}`,
-      [imageDiskId, after],
-    );
-    if (!batch.length) return;
-    after = Number(batch[batch.length - 1].block_index);
-    const chunks = await vault.readChunks(projectId, batch.map((b) => b.hash));
+  async function* batches() {
+    let after = -1;
+    for (;;) {
+      const batch = await rows<{ block_index: string; hash: Buffer }>(
+        ds,
+        `SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index > $2 ORDER BY block_index LIMIT ${READ_BATCH}`,
+        [imageDiskId, after],
+      );
+      if (!batch.length) return;
+      after = Number(batch[batch.length - 1].block_index);
+      yield batch;
+    }
+  }
+  const read = async (batch: { block_index: string; hash: Buffer }[]) => {
+    const runs: Buffer[] = [];
+    const chunks = new Map<string, Buffer>();
+    for await (const run of vault.readRuns(projectId, batch.map((b) => b.hash))) {
+      runs.push(run.data);
+      run.hashes.forEach((h, k) => chunks.set(hex(h), run.data.subarray(k * BLOCK_SIZE, (k + 1) * BLOCK_SIZE)));
+    }
+    return { batch, chunks, runs };
+  };
+  const buffers = vault.codec.buffers;
+  let previous: Buffer[] = [];
+  let older: Buffer[] = [];
+  for await (const { batch, chunks, runs } of mapOrdered(batches(), 2, read)) {
+    // Every batch but the last holds READ_BATCH blocks, so the one before the
+    // previous has been out of hand for at least that many: its buffers go back.
+    for (const r of older) buffers.give(r);
+    older = previous;
+    previous = runs;
     for (const b of batch) yield { index: Number(b.block_index), data: chunks.get(hex(b.hash))! };
   }
 }
 
-/** SHA-256 of a disk's raw bytes from its blocks, zeros in the gaps; `sizeBytes` long. */
+/**
+ * SHA-256 of a disk's raw bytes from its blocks, given in order, zeros in the
+ * gaps; `sizeBytes` long. Hashed on a codec worker, which hashes the zeros
+ * without being sent them.
+ */
 export class RawChecksum {
-  private readonly hash = crypto.createHash("sha256");
+  private readonly digest: StreamDigest;
   private next = 0;
-  constructor(private readonly sizeBytes: number) {}
-  private zerosTo(index: number) {
-    while (this.next < index) {
-      this.hash.update(this.next === this.lastIndex ? ZERO.subarray(0, this.tail) : ZERO);
-      this.next++;
-    }
+  private readonly lastIndex: number;
+  private readonly tail: number;
+
+  constructor(
+    sizeBytes: number,
+    codec: ChunkCodec,
+  ) {
+    this.digest = codec.digest();
+    this.lastIndex = Math.ceil(sizeBytes / BLOCK_SIZE) - 1;
+    this.tail = sizeBytes - this.lastIndex * BLOCK_SIZE;
   }
-  private get lastIndex() {
-    return Math.ceil(this.sizeBytes / BLOCK_SIZE) - 1;
+
+  private zerosBefore(index: number): number {
+    if (index <= this.next) return 0;
+    const whole = Math.min(index, this.lastIndex) - this.next;
+    return whole * BLOCK_SIZE + (index > this.lastIndex ? this.tail : 0);
   }
-  private get tail() {
-    return this.sizeBytes - this.lastIndex * BLOCK_SIZE;
+
+  /** Adds block `index` (or `data.length / BLOCK_SIZE` consecutive blocks from it). */
+  async add(index: number, data: Buffer): Promise<void> {
+    const count = Math.ceil(data.length / BLOCK_SIZE);
+    const zeros = this.zerosBefore(index);
+    const end = index + count - 1;
+    const bytes = end === this.lastIndex ? data.subarray(0, (count - 1) * BLOCK_SIZE + this.tail) : data;
+    await this.digest.update(bytes, zeros);
+    this.next = index + count;
   }
-  add(index: number, data: Buffer) {
-    this.zerosTo(index);
-    this.hash.update(index === this.lastIndex ? data.subarray(0, this.tail) : data);
-    this.next = index + 1;
-  }
-  digest(): string {
-    this.zerosTo(this.lastIndex + 1);
-    return this.hash.digest("hex");
+
+  async hex(): Promise<string> {
+    await this.digest.update(null, this.zerosBefore(this.lastIndex + 1));
+    this.next = this.lastIndex + 1;
+    return (await this.digest.digest()).toString("hex");
   }
 }
 
@@ -105,13 +146,13 @@ export class CreateImageHandler implements JobHandler {
     });
     const checksums: string[] = [];
     for (const d of disks) {
-      const sum = new RawChecksum(Number(d.size_bytes));
+      const sum = new RawChecksum(Number(d.size_bytes), this.vault.codec);
       let n = 0;
       for await (const b of imageDiskBlocks(this.ds, this.vault, job.projectId, d.id)) {
-        sum.add(b.index, b.data);
+        await sum.add(b.index, b.data);
         if (++n % READ_BATCH === 0) await step(READ_BATCH);
       }
-      checksums.push(sum.digest());
+      checksums.push(await sum.hex());
       await this.ds.query(`UPDATE image_disks SET checksum = $2 WHERE id = $1`, [d.id, checksums[checksums.length - 1]]);
     }
     ctx.checkCancelled();

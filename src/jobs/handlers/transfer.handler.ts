@@ -1,15 +1,15 @@
-import crypto from "node:crypto";
-import { Readable, Transform } from "node:stream";
 import type { DataSource } from "typeorm";
 import type { Config } from "../../config";
 import { rows } from "../../db/sql";
 import { JobType, type Job } from "../../entities";
-import { extentsToBlocks } from "../../formats/blocks";
 import { FormatError, openImage, WRITERS, type FormatName, type RandomAccessSource, type WriteSource } from "../../formats";
+import type { Extent } from "../../formats/types";
+import type { BufferPool } from "../../storage/buffer-pool";
+import { mapOrdered } from "../../storage/pipeline";
 import type { BlobStore } from "../../storage/blob-store";
 import { uploadKey } from "../../storage/uploads";
-import type { Vault } from "../../storage/vault";
-import { BLOCK_SIZE, sha256 } from "../../storage/volume-store";
+import { hex, type Vault } from "../../storage/vault";
+import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
 import { finishImage, imageDiskBlocks, killImage, RawChecksum } from "./image.handler";
@@ -17,6 +17,8 @@ import { finishImage, imageDiskBlocks, killImage, RawChecksum } from "./image.ha
 export const exportKey = (projectId: string, exportId: string) => `exports/${projectId}/${exportId}`;
 
 const ROWS_BATCH = 512;
+/** Bytes of an export file written at a time. */
+const EXPORT_PIECE = 4 * 1024 * 1024;
 
 /** An upload in the blob store, read by ranges, counting what was read. */
 export function blobSource(blobs: BlobStore, key: string, size: number, onRead?: (bytes: number) => void): RandomAccessSource {
@@ -68,44 +70,57 @@ export class ImportImageHandler implements JobHandler {
       `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, 0, NULL, $2, $3) RETURNING id`,
       [job.imageId, type === "DATA_DISK" ? "DATA" : "SYSTEM", virtualSize],
     );
+    const { codec } = this.vault;
     const writer = this.vault.writer(job.projectId);
-    const checksum = new RawChecksum(virtualSize);
-    let batch: { index: number; hash: Buffer }[] = [];
-    let chunks: { hash: Buffer; raw: Buffer }[] = [];
-    const flushRows = async () => {
-      await writer.addMany(chunks);
-      chunks = [];
-      if (!batch.length) return;
-      // Rows only for chunks already indexed: flush the pack first.
-      await writer.flush();
+    const checksum = new RawChecksum(virtualSize, codec);
+    let pending: { index: number; hash: Buffer }[] = [];
+    const insertRows = async () => {
+      if (!pending.length) return;
+      // A row may name a chunk whose pack is still being written; the image turns ACTIVE only once all are indexed.
       await this.ds.query(
         `INSERT INTO image_blocks (image_disk_id, block_index, hash) SELECT $1, b.i, b.h FROM unnest($2::bigint[], $3::bytea[]) AS b(i, h)`,
-        [disk.id, batch.map((b) => b.index), batch.map((b) => b.hash)],
+        [disk.id, pending.map((b) => b.index), pending.map((b) => b.hash)],
       );
-      batch = [];
+      pending = [];
     };
+    // Blocks in groups of 64: hashed on the codec's workers a few groups ahead, then
+    // summed into the image's checksum, looked up in the vault, and the new ones packed.
+    const hashed = async (g: BlockGroup) => ({ g, ...(await codec.hash(g.data, BLOCK_SIZE)) });
     try {
-      for await (const block of extentsToBlocks(reader.extents(), virtualSize)) {
-        checksum.add(block.index, block.data);
-        if (block.data.equals(ZERO)) continue;
-        const hash = sha256(block.data);
-        chunks.push({ hash, raw: block.data });
-        batch.push({ index: block.index, hash });
-        if (chunks.length >= 64) {
-          await writer.addMany(chunks);
-          chunks = [];
+      for await (const { g, data, hashes } of mapOrdered(groupBlocks(reader.extents(), virtualSize, codec.buffers), 4, hashed)) {
+        ctx.checkCancelled();
+        // Consecutive blocks go to the checksum as one piece.
+        for (let i = 0; i < g.indexes.length; ) {
+          let j = i + 1;
+          while (j < g.indexes.length && g.indexes[j] === g.indexes[j - 1] + 1) j++;
+          await checksum.add(g.indexes[i], data.subarray(i * BLOCK_SIZE, j * BLOCK_SIZE));
+          i = j;
         }
-        if (batch.length >= ROWS_BATCH) await flushRows();
+        const slots = hashes.flatMap((hash, slot) => (hash ? [{ hash, slot }] : []));
+        const have = await this.vault.existing(job.projectId, slots.map((b) => b.hash));
+        for (const b of slots) pending.push({ index: g.indexes[b.slot], hash: b.hash });
+        const fresh = slots.filter((b) => !have.has(hex(b.hash)));
+        if (fresh.length) await writer.addBlocks(data, fresh);
+        else codec.buffers.give(data);
+        if (pending.length >= ROWS_BATCH) await insertRows();
         await ctx.progress(read, size);
       }
-      await flushRows();
+      await writer.flush();
+      await insertRows();
     } catch (err) {
+      await writer.abort();
       if (err instanceof FormatError) throw new JobFailure("BAD_IMAGE", `the ${format} file is damaged or unsafe: ${err.message}`);
       throw err;
     }
+    const [{ missing }] = await rows<{ missing: string }>(
+      this.ds,
+      `SELECT count(*) AS missing FROM image_blocks x WHERE x.image_disk_id = $1 AND NOT EXISTS (SELECT 1 FROM vault_chunks c WHERE c.project_id = $2 AND c.hash = x.hash)`,
+      [disk.id, job.projectId],
+    );
+    if (Number(missing) > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
     ctx.checkCancelled();
     const roundedUp = Math.ceil(virtualSize / 2 ** 20) * 2 ** 20;
-    await finishImage(this.ds, job, checksum.digest(), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) });
+    await finishImage(this.ds, job, await checksum.hex(), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) });
     // The file has served its purpose.
     await this.ds.query(`DELETE FROM uploads WHERE id = $1`, [uploadId]);
     await this.vault.blobs.delete(uploadKey(job.projectId, uploadId));
@@ -116,7 +131,50 @@ export class ImportImageHandler implements JobHandler {
   }
 }
 
-const ZERO = Buffer.alloc(BLOCK_SIZE);
+/** Blocks handed to the codec together while importing. */
+const GROUP_BLOCKS = 64;
+
+interface BlockGroup {
+  /** Block indexes, ascending; block k's bytes are at k * BLOCK_SIZE in `data`. */
+  indexes: number[];
+  data: Buffer;
+}
+
+/**
+ * Regroups a reader's extents (any size, ascending) into groups of whole 64 KiB
+ * blocks in pooled buffers. Blocks no extent touches are left out; a block an
+ * extent covers in part is zero elsewhere.
+ */
+async function* groupBlocks(extents: AsyncIterable<Extent>, virtualSize: number, buffers: BufferPool): AsyncIterable<BlockGroup> {
+  let group: BlockGroup | null = null;
+  let end = 0;
+  for await (const e of extents) {
+    if (e.offset < end) throw new FormatError(`the image's data at offset ${e.offset} overlaps earlier data`);
+    if (e.offset + e.data.length > virtualSize) throw new FormatError(`the image has data at offset ${e.offset}, past its ${virtualSize}-byte size`);
+    end = e.offset + e.data.length;
+    let pos = 0;
+    while (pos < e.data.length) {
+      const at = e.offset + pos;
+      const index = Math.floor(at / BLOCK_SIZE);
+      if (!group || group.indexes[group.indexes.length - 1] !== index) {
+        if (group && group.indexes.length === GROUP_BLOCKS) {
+          yield group;
+          group = null;
+        }
+        group ??= { indexes: [], data: buffers.take(GROUP_BLOCKS * BLOCK_SIZE) };
+        const slot = group.indexes.length;
+        group.indexes.push(index);
+        group.data.fill(0, slot * BLOCK_SIZE, (slot + 1) * BLOCK_SIZE);
+      }
+      const slot = group.indexes.length - 1;
+      const inBlock = at - index * BLOCK_SIZE;
+      const n = Math.min(BLOCK_SIZE - inBlock, e.data.length - pos);
+      e.data.copy(group.data, slot * BLOCK_SIZE + inBlock, pos, pos + n);
+      pos += n;
+    }
+  }
+  if (group) yield { indexes: group.indexes, data: group.data.subarray(0, group.indexes.length * BLOCK_SIZE) };
+}
 
 /**
  * Writes an image to a file of the asked format, streaming from the vault
@@ -161,20 +219,37 @@ export class ExportImageHandler implements JobHandler {
         }
       },
     };
-    const hash = crypto.createHash("sha256");
-    const hashing = new Transform({
-      transform(chunk: Buffer, _enc, cb) {
-        hash.update(chunk);
-        cb(null, chunk);
-      },
-    });
-    const file = Readable.from(WRITERS[format](source), { objectMode: false });
-    file.on("error", (err) => hashing.destroy(err));
-    const size = await vault.blobs.putStream(exportKey(job.projectId, job.exportId!), file.pipe(hashing));
+    // The file goes to its blob in pieces of a few MiB; its SHA-256 is computed on a
+    // codec worker meanwhile. An export is written once and downloaded once, so it
+    // skips the OS cache where the store can.
+    const digest = vault.codec.digest();
+    const out = await vault.blobs.openWriter(exportKey(job.projectId, job.exportId!), { bypassCache: true });
+    let size = 0;
+    try {
+      let held: Buffer[] = [];
+      let heldBytes = 0;
+      const put = async () => {
+        await digest.update(held);
+        await out.write(held);
+        held = [];
+        heldBytes = 0;
+      };
+      for await (const piece of WRITERS[format](source)) {
+        held.push(piece);
+        heldBytes += piece.length;
+        if (heldBytes >= EXPORT_PIECE) await put();
+      }
+      await put();
+      size = await out.close();
+    } catch (err) {
+      await out.abort();
+      throw err;
+    }
+    const sha256 = (await digest.digest()).toString("hex");
     ctx.checkCancelled();
     await this.ds.query(
       `UPDATE image_exports SET status = 'READY', size_bytes = $2, sha256 = $3, expires_at = now() + make_interval(secs => $4) WHERE id = $1`,
-      [job.exportId, size, hash.digest("hex"), this.config.exportTtlSeconds],
+      [job.exportId, size, sha256, this.config.exportTtlSeconds],
     );
   }
 

@@ -1,0 +1,258 @@
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { BlobNotFoundError, type BlobWriter } from "../../src/storage/blob-store";
+import { FsBlobStore } from "../../src/storage/fs-blob-store";
+import { bytes, sha } from "../helpers/data";
+
+const MiB = 1024 * 1024;
+/** The store keeps 8 aligned staging windows and gives each direct writer 2 of them. */
+const DIRECT_WRITERS = 4;
+
+/** Whether a file system takes O_DIRECT at all (when not, every writer falls back, and only the bytes are checked). */
+function directSupported(dir: string): boolean {
+  if (!fs.constants.O_DIRECT) return false;
+  const probe = path.join(dir, "direct-support-probe");
+  try {
+    fs.closeSync(fs.openSync(probe, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_DIRECT, 0o600));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    fs.rmSync(probe, { force: true });
+  }
+}
+
+/**
+ * The temporary files this process holds open under `dir`, and whether each was
+ * opened with O_DIRECT (from /proc/self/fdinfo; null where there is no /proc).
+ */
+function openTemporaries(dir: string): { file: string; direct: boolean }[] | null {
+  if (!fs.existsSync("/proc/self/fdinfo")) return null;
+  const out: { file: string; direct: boolean }[] = [];
+  for (const fd of fs.readdirSync("/proc/self/fd")) {
+    let file: string;
+    let info: string;
+    try {
+      file = fs.readlinkSync(`/proc/self/fd/${fd}`);
+      info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, "utf8");
+    } catch {
+      continue; // closed meanwhile
+    }
+    if (!file.startsWith(dir + path.sep) || !path.basename(file).startsWith(".tmp-")) continue;
+    const flags = parseInt(/^flags:\s*([0-7]+)/m.exec(info)![1], 8);
+    out.push({ file, direct: (flags & fs.constants.O_DIRECT) !== 0 });
+  }
+  return out;
+}
+
+/** All files under `dir`, relative. */
+function filesUnder(dir: string): string[] {
+  if (!fs.existsSync(dir)) return [];
+  return (fs.readdirSync(dir, { recursive: true, withFileTypes: true }) as fs.Dirent[])
+    .filter((e) => e.isFile())
+    .map((e) => path.relative(dir, path.join(e.parentPath, e.name)))
+    .sort();
+}
+
+/**
+ * Writes `content` in pieces of the given sizes (a number: one buffer; an array: a
+ * list of buffers in one call), from one scratch buffer overwritten once each
+ * write resolves: the writer must have taken the bytes by then.
+ */
+async function writePieces(w: BlobWriter, content: Buffer, pieces: (number | number[])[]): Promise<void> {
+  const scratch = Buffer.alloc(content.length);
+  let pos = 0;
+  for (const p of pieces) {
+    const sizes = Array.isArray(p) ? p : [p];
+    const parts: Buffer[] = [];
+    let at = 0;
+    for (const n of sizes) {
+      content.copy(scratch, at, pos, pos + n);
+      parts.push(scratch.subarray(at, at + n));
+      at += n;
+      pos += n;
+    }
+    await w.write(Array.isArray(p) ? parts : parts[0]);
+    scratch.fill(0xa5, 0, at);
+  }
+  expect(pos).toBe(content.length);
+}
+
+describe("filesystem blob store, writes that bypass the page cache", () => {
+  let dir: string;
+  let store: FsBlobStore;
+  let direct: boolean;
+  beforeAll(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-direct-"));
+    direct = directSupported(dir);
+    store = new FsBlobStore(dir);
+  });
+  afterAll(() => {
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Whether the open temporary file of the one writer open under `sub` uses O_DIRECT. */
+  const writesDirect = (sub: string) => {
+    const open = openTemporaries(path.join(dir, sub));
+    if (!open) return null;
+    expect(open).toHaveLength(1);
+    return open[0].direct;
+  };
+
+  it.each([0, 1, 4095, 4096, 4097, 4 * MiB - 1, 4 * MiB, 4 * MiB + 1])("writes a blob of %i bytes in one piece that reads back identical", async (size) => {
+    const content = bytes(size, size + 1);
+    const key = `sizes/b${size}`;
+    const w = await store.openWriter(key, { bypassCache: true });
+    if (direct) expect(writesDirect("sizes")).not.toBe(false);
+    if (size > 0) await w.write(content);
+    expect(await w.close()).toBe(size);
+    expect(await store.stat(key)).toMatchObject({ key, size });
+    expect((await store.get(key)).equals(content)).toBe(true);
+    expect(filesUnder(path.join(dir, "sizes")).filter((f) => f.startsWith(".tmp"))).toEqual([]);
+  });
+
+  it("writes 5 MiB + 123 bytes in mixed pieces, single buffers and lists, across the 4 MiB staging window", async () => {
+    const total = 5 * MiB + 123;
+    const content = bytes(total, 77);
+    const pieces: (number | number[])[] = [1, 4095, [7, 4096, 65536], 1000, MiB - 3, [2 * MiB, 0, 5], 1, MiB + 333];
+    const used = pieces.flat().reduce((a, b) => a + b, 0);
+    pieces.push([total - used - 1000, 1000]);
+    const w = await store.openWriter("mixed/five", { bypassCache: true });
+    if (direct) expect(writesDirect("mixed")).toBe(true);
+    await writePieces(w, content, pieces);
+    expect(await w.close()).toBe(total);
+    const back = await store.get("mixed/five");
+    expect(back.length).toBe(total);
+    expect(sha(back)).toBe(sha(content));
+  });
+
+  it("writes past several windows, reusing each, and pieces larger than a window", async () => {
+    const total = 13 * MiB + 4097;
+    const content = bytes(total, 78);
+    const pieces = [3 * MiB, 6 * MiB + 1, [MiB, 4095], 3 * MiB + 1];
+    const w = await store.openWriter("mixed/thirteen", { bypassCache: true });
+    await writePieces(w, content, pieces);
+    expect(await w.close()).toBe(total);
+    expect(sha(await store.get("mixed/thirteen"))).toBe(sha(content));
+  });
+
+  it("shows nothing of the blob before close: not listed, stat null, not readable", async () => {
+    const content = bytes(5 * MiB + 10, 79);
+    const w = await store.openWriter("hidden/blob", { bypassCache: true });
+    await w.write(content);
+    const listed: string[] = [];
+    for await (const b of store.list("hidden/")) listed.push(b.key);
+    expect(listed).toEqual([]);
+    expect(await store.stat("hidden/blob")).toBeNull();
+    await expect(store.get("hidden/blob")).rejects.toBeInstanceOf(BlobNotFoundError);
+    await expect(store.readInto("hidden/blob", 0, Buffer.alloc(10))).rejects.toBeInstanceOf(BlobNotFoundError);
+    expect(await w.close()).toBe(content.length);
+    for await (const b of store.list("hidden/")) listed.push(`${b.key}:${b.size}`);
+    expect(listed).toEqual([`hidden/blob:${content.length}`]);
+    expect(sha(await store.get("hidden/blob"))).toBe(sha(content));
+  });
+
+  it("abort leaves nothing behind: no blob, no temporary file, and the key can be written again", async () => {
+    for (const size of [0, 3000, 4 * MiB + 5, 9 * MiB]) {
+      const w = await store.openWriter("aborted/blob", { bypassCache: true });
+      if (size) await w.write(bytes(size, 80));
+      await w.abort();
+      expect(await store.stat("aborted/blob")).toBeNull();
+      expect(filesUnder(path.join(dir, "aborted"))).toEqual([]);
+      expect(openTemporaries(path.join(dir, "aborted")) ?? []).toEqual([]);
+    }
+    const w = await store.openWriter("aborted/blob", { bypassCache: true });
+    await w.write(Buffer.from("second try"));
+    expect(await w.close()).toBe(10);
+    expect((await store.get("aborted/blob")).toString()).toBe("second try");
+  });
+
+  it("runs more writers at once than it has windows for: the rest write through the page cache, and all blobs are right", async () => {
+    const n = DIRECT_WRITERS + 3;
+    const contents = Array.from({ length: n }, (_, i) => bytes(4 * MiB + 1000 * i + 1, 90 + i));
+    const writers: BlobWriter[] = [];
+    for (let i = 0; i < n; i++) writers.push(await store.openWriter(`many/w${i}`, { bypassCache: true }));
+    const open = openTemporaries(path.join(dir, "many"));
+    if (open) {
+      expect(open).toHaveLength(n);
+      expect(open.filter((o) => o.direct)).toHaveLength(direct ? DIRECT_WRITERS : 0);
+    }
+    // Interleave pieces of every writer.
+    const step = 700 * 1024 + 3;
+    for (let pos = 0; pos < contents[n - 1].length; pos += step) {
+      await Promise.all(writers.map((w, i) => (pos < contents[i].length ? w.write(contents[i].subarray(pos, pos + step)) : Promise.resolve())));
+    }
+    const sizes = await Promise.all(writers.map((w) => w.close()));
+    expect(sizes).toEqual(contents.map((c) => c.length));
+    for (let i = 0; i < n; i++) expect(sha(await store.get(`many/w${i}`))).toBe(sha(contents[i]));
+
+    // Closed writers give their windows back: as many direct writers as before can open.
+    const again: BlobWriter[] = [];
+    for (let i = 0; i < DIRECT_WRITERS; i++) again.push(await store.openWriter(`many/again${i}`, { bypassCache: true }));
+    const reopened = openTemporaries(path.join(dir, "many"));
+    if (reopened && direct) expect(reopened.filter((o) => o.direct)).toHaveLength(DIRECT_WRITERS);
+    for (const w of again) await w.abort();
+    // So do aborted ones.
+    const third: BlobWriter[] = [];
+    for (let i = 0; i < DIRECT_WRITERS; i++) third.push(await store.openWriter(`many/third${i}`, { bypassCache: true }));
+    const thirdOpen = openTemporaries(path.join(dir, "many"));
+    if (thirdOpen && direct) expect(thirdOpen.filter((o) => o.direct)).toHaveLength(DIRECT_WRITERS);
+    await Promise.all(third.map((w, i) => w.write(contents[i].subarray(0, 12345))));
+    expect(await Promise.all(third.map((w) => w.close()))).toEqual(third.map(() => 12345));
+    for (let i = 0; i < DIRECT_WRITERS; i++) expect((await store.get(`many/third${i}`)).equals(contents[i].subarray(0, 12345))).toBe(true);
+  });
+
+  it("writes without bypassCache through the page cache", async () => {
+    const w = await store.openWriter("cached/blob");
+    expect(writesDirect("cached")).not.toBe(true);
+    await writePieces(w, bytes(MiB + 7, 81), [1, [MiB, 6]]);
+    expect(await w.close()).toBe(MiB + 7);
+    expect((await store.get("cached/blob")).equals(bytes(MiB + 7, 81))).toBe(true);
+  });
+});
+
+describe("filesystem blob store readInto", () => {
+  let dir: string;
+  let store: FsBlobStore;
+  const content = bytes(300_000, 5);
+  beforeAll(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-readinto-"));
+    store = new FsBlobStore(dir);
+    await store.put("r/blob", content);
+  });
+  afterAll(() => {
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("fills the buffer with the bytes from the offset on", async () => {
+    for (const [offset, length] of [
+      [0, content.length],
+      [0, 1],
+      [12345, 100_000],
+      [content.length - 1, 1],
+      [content.length, 0],
+    ]) {
+      const buf = Buffer.alloc(length, 0xee);
+      await store.readInto("r/blob", offset, buf);
+      expect(buf.equals(content.subarray(offset, offset + length))).toBe(true);
+    }
+    // Into part of a larger buffer, leaving the rest alone.
+    const big = Buffer.alloc(1000, 0xee);
+    await store.readInto("r/blob", 500, big.subarray(100, 200));
+    expect(big.subarray(100, 200).equals(content.subarray(500, 600))).toBe(true);
+    expect(big.subarray(0, 100).equals(Buffer.alloc(100, 0xee))).toBe(true);
+    expect(big.subarray(200).equals(Buffer.alloc(800, 0xee))).toBe(true);
+  });
+
+  it("throws for a range past the end of the blob", async () => {
+    await expect(store.readInto("r/blob", content.length - 10, Buffer.alloc(11))).rejects.toThrow(/shorter than 300001 bytes/);
+    await expect(store.readInto("r/blob", content.length, Buffer.alloc(1))).rejects.toThrow(/shorter than/);
+    await expect(store.readInto("r/blob", content.length + 5000, Buffer.alloc(10))).rejects.toThrow(/shorter than/);
+    await expect(store.getRange("r/blob", 299_000, 2000)).rejects.toThrow(/shorter than/);
+  });
+
+  it("throws BlobNotFoundError for a missing blob", async () => {
+    await expect(store.readInto("r/missing", 0, Buffer.alloc(1))).rejects.toBeInstanceOf(BlobNotFoundError);
+  });
+});

@@ -1,0 +1,85 @@
+import { BufferPool } from "../../../src/storage/buffer-pool";
+
+const MiB = 1024 * 1024;
+
+describe("BufferPool", () => {
+  it("hands out buffers of exactly the size asked, in power-of-two capacities of at least 1 MiB", () => {
+    const pool = new BufferPool();
+    for (const [size, capacity] of [
+      [0, MiB],
+      [1, MiB],
+      [4097, MiB],
+      [MiB, MiB],
+      [MiB + 1, 2 * MiB],
+      [3 * MiB, 4 * MiB],
+      [4 * MiB, 4 * MiB],
+      [4 * MiB + 17, 8 * MiB],
+    ]) {
+      const b = pool.take(size);
+      expect(b.length).toBe(size);
+      expect(b.byteOffset).toBe(0);
+      expect(b.buffer.byteLength).toBe(capacity);
+    }
+  });
+
+  it("hands a given buffer out again for any size of the same capacity class", () => {
+    const pool = new BufferPool();
+    const a = pool.take(3 * MiB);
+    a.fill(7);
+    const memory = a.buffer;
+    pool.give(a);
+    const b = pool.take(2 * MiB + 1); // also the 4 MiB class
+    expect(b.buffer).toBe(memory);
+    expect(b.length).toBe(2 * MiB + 1);
+    // Usable at its new size: it writes and reads back.
+    b.fill(0x5a);
+    expect(b[b.length - 1]).toBe(0x5a);
+    // A different class does not get it.
+    pool.give(b);
+    expect(pool.take(MiB).buffer).not.toBe(memory);
+    expect(pool.take(8 * MiB).buffer).not.toBe(memory);
+    expect(pool.take(4 * MiB).buffer).toBe(memory);
+  });
+
+  it("takes back a subarray of a buffer it handed out", () => {
+    const pool = new BufferPool();
+    const a = pool.take(2 * MiB);
+    pool.give(a.subarray(1000, 5000));
+    expect(pool.take(2 * MiB).buffer).toBe(a.buffer);
+  });
+
+  it("hands out each given buffer once, even when given twice", () => {
+    const pool = new BufferPool();
+    const a = pool.take(MiB);
+    pool.give(a);
+    pool.give(a);
+    const x = pool.take(MiB);
+    const y = pool.take(MiB);
+    expect(x.buffer).toBe(a.buffer);
+    expect(y.buffer).not.toBe(a.buffer);
+  });
+
+  it("keeps at most `keep` idle buffers of a class", () => {
+    const pool = new BufferPool(2);
+    const taken = [pool.take(MiB), pool.take(MiB), pool.take(MiB)];
+    for (const b of taken) pool.give(b);
+    const again = [pool.take(MiB), pool.take(MiB), pool.take(MiB)].map((b) => b.buffer);
+    expect(again.filter((m) => taken.some((t) => t.buffer === m))).toHaveLength(2);
+  });
+
+  it("ignores small buffers, buffers of Node's shared pool, odd capacities, shared memory and nothing", () => {
+    const pool = new BufferPool();
+    const small = Buffer.allocUnsafeSlow(64 * 1024);
+    const shared = Buffer.from("in node's pool");
+    const odd = Buffer.allocUnsafeSlow(3 * MiB);
+    const sab = Buffer.from(new SharedArrayBuffer(2 * MiB));
+    const detached = Buffer.allocUnsafeSlow(2 * MiB);
+    structuredClone(detached.buffer, { transfer: [detached.buffer] });
+    for (const b of [small, shared, odd, sab, detached, null, undefined]) pool.give(b);
+    for (const size of [1, 64 * 1024, MiB, 2 * MiB, 3 * MiB, 4 * MiB]) {
+      const t = pool.take(size);
+      expect([small.buffer, shared.buffer, odd.buffer, sab.buffer]).not.toContain(t.buffer);
+      expect(t.length).toBe(size);
+    }
+  });
+});

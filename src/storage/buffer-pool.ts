@@ -11,7 +11,7 @@ export class BufferPool {
   private readonly free = new Map<number, ArrayBuffer[]>();
 
   /** At most `keep` idle buffers of each capacity are kept. */
-  constructor(private readonly keep = 4) {}
+  constructor(private readonly keep = 16) {}
 
   /** A buffer of `size` bytes (contents undefined), the only user of its memory. */
   take(size: number): Buffer {

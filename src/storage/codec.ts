@@ -246,7 +246,7 @@ export class StreamDigest {
     p.catch((err: Error) => (this.failed ??= err));
     this.inflight.push(p);
     this.bytes += Array.isArray(data) ? data.reduce((n, d) => n + d.length, 0) : (data?.length ?? 0);
-    if (this.inflight.length > 8 || this.bytes > 32 * 1024 * 1024) {
+    if (this.inflight.length > 16 || this.bytes > 16 * 1024 * 1024) {
       await Promise.all(this.inflight);
       this.inflight = [];
       this.bytes = 0;

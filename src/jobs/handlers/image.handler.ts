@@ -10,7 +10,7 @@ import { copyPendingBlocks, countPending, sealPending } from "../copy-blocks";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
 
-const READ_BATCH = 256;
+const READ_BATCH = 128;
 
 interface ImageDiskRow {
   id: string;

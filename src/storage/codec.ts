@@ -228,9 +228,13 @@ export class ChunkCodec {
   }
 }
 
-/** Data given to `update` is copied to the worker at once; at most a few MiB wait there. */
+/** Bytes a StreamDigest lets wait at its worker before `update` waits. */
+const DIGEST_AHEAD = 32 * 1024 * 1024;
+
+/** Data given to `update` is copied to the worker at once; at most DIGEST_AHEAD bytes wait there. */
 export class StreamDigest {
-  private inflight: Promise<unknown>[] = [];
+  /** Updates the worker has not finished, oldest first, with their sizes. */
+  private inflight: { done: Promise<unknown>; bytes: number }[] = [];
   private bytes = 0;
   private failed: Error | null = null;
 
@@ -239,22 +243,28 @@ export class StreamDigest {
     private readonly stream: number,
   ) {}
 
-  /** Hashes `zeros` zero bytes, then `data` (one buffer, or parts back to back). */
+  /**
+   * Hashes `zeros` zero bytes, then `data` (one buffer, or parts back to back).
+   * Returns once at most DIGEST_AHEAD bytes wait at the worker.
+   */
   async update(data: Buffer | Buffer[] | null, zeros = 0): Promise<void> {
     if (this.failed) throw this.failed;
-    const p = this.codec.feed(this.stream, { data: data ?? undefined, zeros });
-    p.catch((err: Error) => (this.failed ??= err));
-    this.inflight.push(p);
-    this.bytes += Array.isArray(data) ? data.reduce((n, d) => n + d.length, 0) : (data?.length ?? 0);
-    if (this.inflight.length > 16 || this.bytes > 16 * 1024 * 1024) {
-      await Promise.all(this.inflight);
-      this.inflight = [];
-      this.bytes = 0;
+    const done = this.codec.feed(this.stream, { data: data ?? undefined, zeros });
+    done.catch((err: Error) => (this.failed ??= err));
+    const bytes = Array.isArray(data) ? data.reduce((n, d) => n + d.length, 0) : (data?.length ?? 0);
+    this.inflight.push({ done, bytes });
+    this.bytes += bytes;
+    while (this.inflight.length > 16 || this.bytes > DIGEST_AHEAD) {
+      const oldest = this.inflight.shift()!;
+      await oldest.done;
+      this.bytes -= oldest.bytes;
     }
   }
 
   async digest(): Promise<Buffer> {
-    await Promise.all(this.inflight);
+    await Promise.all(this.inflight.map((u) => u.done));
+    this.inflight = [];
+    this.bytes = 0;
     if (this.failed) throw this.failed;
     const r = await this.codec.feed(this.stream, { done: true });
     return asBuffer(r.digest as Uint8Array);

@@ -83,6 +83,12 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   app.disable("x-powered-by");
   app.set("trust proxy", false);
   const server = http.createServer(app);
+  // With Node's default 5 s keep-alive timeout, back-to-back 64 MiB disk PUTs on a
+  // reused connection were reset mid-request on a machine whose cores were all
+  // busy; with a longer one they are not. Idle keep-alive connections live 65 s,
+  // longer than the usual 60 s of load balancers in front.
+  server.keepAliveTimeout = 65_000;
+  server.headersTimeout = 66_000;
   const metrics = createMetrics();
 
   // CORS: only the configured origins; the API key travels in a header, never a cookie.

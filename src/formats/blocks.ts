@@ -1,12 +1,22 @@
 import { BLOCK_SIZE, FormatError, type Extent } from "./types";
 
+/** Blocks per group. */
+const GROUP_BLOCKS = 64;
+
+export interface BlockGroup {
+  /** Block indexes, ascending; block k's bytes are at k * BLOCK_SIZE in `data`. */
+  indexes: number[];
+  data: Buffer;
+}
+
 /**
- * Regroups a reader's extents (any size, ascending) into the 64 KiB blocks disks
- * and the vault are made of. Blocks no extent touches are not yielded; a block an
- * extent covers in part is zero elsewhere.
+ * Regroups a reader's extents (any size, ascending) into groups of up to 64 whole
+ * 64 KiB blocks, each group in a buffer from `take` (the caller may reuse it once
+ * done). Blocks no extent touches are left out; a block an extent covers in part
+ * is zero elsewhere.
  */
-export async function* extentsToBlocks(extents: AsyncIterable<Extent>, virtualSize: number): AsyncIterable<{ index: number; data: Buffer }> {
-  let current: { index: number; data: Buffer } | null = null;
+export async function* groupBlocks(extents: AsyncIterable<Extent>, virtualSize: number, take: (bytes: number) => Buffer): AsyncIterable<BlockGroup> {
+  let group: BlockGroup | null = null;
   let end = 0;
   for await (const e of extents) {
     if (e.offset < end) throw new FormatError(`the image's data at offset ${e.offset} overlaps earlier data`);
@@ -16,16 +26,22 @@ export async function* extentsToBlocks(extents: AsyncIterable<Extent>, virtualSi
     while (pos < e.data.length) {
       const at = e.offset + pos;
       const index = Math.floor(at / BLOCK_SIZE);
-      if (current && current.index !== index) {
-        yield current;
-        current = null;
+      if (!group || group.indexes[group.indexes.length - 1] !== index) {
+        if (group && group.indexes.length === GROUP_BLOCKS) {
+          yield group;
+          group = null;
+        }
+        group ??= { indexes: [], data: take(GROUP_BLOCKS * BLOCK_SIZE) };
+        const slot = group.indexes.length;
+        group.indexes.push(index);
+        group.data.fill(0, slot * BLOCK_SIZE, (slot + 1) * BLOCK_SIZE);
       }
-      current ??= { index, data: Buffer.alloc(BLOCK_SIZE) };
+      const slot = group.indexes.length - 1;
       const inBlock = at - index * BLOCK_SIZE;
       const n = Math.min(BLOCK_SIZE - inBlock, e.data.length - pos);
-      e.data.copy(current.data, inBlock, pos, pos + n);
+      e.data.copy(group.data, slot * BLOCK_SIZE + inBlock, pos, pos + n);
       pos += n;
     }
   }
-  if (current) yield current;
+  if (group) yield { indexes: group.indexes, data: group.data.subarray(0, group.indexes.length * BLOCK_SIZE) };
 }

@@ -74,24 +74,6 @@ export class PackWriter {
     return false;
   }
 
-  async add(hash: Buffer, raw: Buffer): Promise<void> {
-    await this.addMany([{ hash, raw }]);
-  }
-
-  /** Adds chunks given one by one; they are copied into one batch for the codec. */
-  async addMany(chunks: { hash: Buffer; raw: Buffer }[]): Promise<void> {
-    const fresh = chunks.filter((c) => !this.has(c.hash));
-    if (!fresh.length) return;
-    if (fresh.every((c) => c.raw.length === BLOCK_SIZE)) {
-      await this.addBlocks(Buffer.concat(fresh.map((c) => c.raw)), fresh.map((c, slot) => ({ hash: c.hash, slot })));
-      return;
-    }
-    for (const c of fresh) {
-      const packed = await this.vault.codec.compress(Buffer.from(c.raw), c.raw.length);
-      await this.addStored([{ hash: c.hash, stored: packed.chunks[0], raw: c.raw.length, compressed: packed.compressed[0] }]);
-    }
-  }
-
   /**
    * Adds the blocks of `data` (each BLOCK_SIZE bytes) named by `blocks`: `slot` is
    * a block's place in `data`, `hash` its SHA-256. Blocks this writer already

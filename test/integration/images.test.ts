@@ -3,6 +3,8 @@ import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { backupNow, bytes, readDisk, sha, succeed, waitJob, writeDisk } from "../helpers/data";
+import { imageDiskBlocks } from "../../src/jobs/handlers/image.handler";
+import { fromGlobalId } from "../../src/services/global-id";
 import { qemuImg, tmpDir } from "../helpers/formats";
 import { MiB, startTestService, type TestService } from "../helpers/service";
 
@@ -187,21 +189,42 @@ describe("import and export", () => {
   });
 
   it("round-trips an image larger than its read batches and write windows: the export's sha256 is its file's", async () => {
-    // 40 MiB: random, zeros and text, so reads span several batches, packs and staging windows.
-    const text = Buffer.from("the quick brown fox jumps over the lazy dog ".repeat(400_000)).subarray(0, 12 * MiB);
+    // About 41 MiB: random, zeros and text, so reads span several batches (the last one
+    // short), packs and staging windows.
+    const text = Buffer.from("the quick brown fox jumps over the lazy dog ".repeat(450_000)).subarray(0, 12 * MiB + 17 * 64 * 1024);
     const disk = Buffer.concat([bytes(20 * MiB, 42), Buffer.alloc(8 * MiB), text]);
     const up = await upload(disk);
     const r = await importImage({ name: "big", uploadId: up.id, type: "DATA_DISK" });
     expect(r.errors).toBeUndefined();
     await succeed(svc, r.data.importImage.job.id);
     const img = await image(r.data.importImage.image.id);
-    expect(img).toMatchObject({ status: "ACTIVE", checksum: sha(disk), virtualSizeBytes: 40 * MiB });
+    expect(img).toMatchObject({ status: "ACTIVE", checksum: sha(disk), virtualSizeBytes: disk.length });
     for (const format of ["RAW", "QCOW2"]) {
       const { file, exp } = await exportImage(img.id, format);
       expect(exp.sha256).toBe(sha(file));
       expect(exp.sizeBytes).toBe(file.length);
       if (format === "RAW") expect(file.equals(disk)).toBe(true);
     }
+  });
+
+  it("keeps each block read from an image valid while the reader takes a further batch of blocks, also at the end", async () => {
+    // 128 blocks per batch: 300 data blocks make batches of 128, 128 and 44.
+    const disk = bytes(300 * 64 * 1024, 43);
+    const up = await upload(disk);
+    const r = await importImage({ name: "lifetimes", uploadId: up.id, type: "DATA_DISK" });
+    await succeed(svc, r.data.importImage.job.id);
+    const [row] = await svc.ds.query(`SELECT d.id FROM image_disks d WHERE d.image_id = $1`, [fromGlobalId(r.data.importImage.image.id)!.id]);
+    const kept: { index: number; data: Buffer }[] = [];
+    for await (const b of imageDiskBlocks(svc.ds, svc.storage.vault, svc.projectIds.alpha, row.id)) {
+      kept.push(b);
+      if (kept.length > 128) kept.shift();
+    }
+    // Whatever buffers the reader gave back are handed out and overwritten now.
+    const pool = svc.storage.vault.codec.buffers;
+    const taken = Array.from({ length: 32 }, () => pool.take(64 * 64 * 1024).fill(0xff));
+    for (const t of taken) pool.give(t);
+    expect(kept).toHaveLength(128);
+    for (const b of kept) expect(b.data.equals(disk.subarray(b.index * 64 * 1024, (b.index + 1) * 64 * 1024))).toBe(true);
   });
 
   it("refuses a declared format that disagrees, unknown upload IDs, and uploads past the limit", async () => {

@@ -3,8 +3,7 @@ import type { Config } from "../../config";
 import { rows } from "../../db/sql";
 import { JobType, type Job } from "../../entities";
 import { FormatError, openImage, WRITERS, type FormatName, type RandomAccessSource, type WriteSource } from "../../formats";
-import type { Extent } from "../../formats/types";
-import type { BufferPool } from "../../storage/buffer-pool";
+import { groupBlocks, type BlockGroup } from "../../formats/blocks";
 import { mapOrdered } from "../../storage/pipeline";
 import type { BlobStore } from "../../storage/blob-store";
 import { uploadKey } from "../../storage/uploads";
@@ -12,6 +11,7 @@ import { hex, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
+import { sealPending } from "../copy-blocks";
 import { finishImage, imageDiskBlocks, killImage, RawChecksum } from "./image.handler";
 
 export const exportKey = (projectId: string, exportId: string) => `exports/${projectId}/${exportId}`;
@@ -87,7 +87,7 @@ export class ImportImageHandler implements JobHandler {
     // summed into the image's checksum, looked up in the vault, and the new ones packed.
     const hashed = async (g: BlockGroup) => ({ g, ...(await codec.hash(g.data, BLOCK_SIZE)) });
     try {
-      for await (const { g, data, hashes } of mapOrdered(groupBlocks(reader.extents(), virtualSize, codec.buffers), 4, hashed)) {
+      for await (const { g, data, hashes } of mapOrdered(groupBlocks(reader.extents(), virtualSize, (n) => codec.buffers.take(n)), 4, hashed)) {
         ctx.checkCancelled();
         // Consecutive blocks go to the checksum as one piece.
         for (let i = 0; i < g.indexes.length; ) {
@@ -112,12 +112,8 @@ export class ImportImageHandler implements JobHandler {
       if (err instanceof FormatError) throw new JobFailure("BAD_IMAGE", `the ${format} file is damaged or unsafe: ${err.message}`);
       throw err;
     }
-    const [{ missing }] = await rows<{ missing: string }>(
-      this.ds,
-      `SELECT count(*) AS missing FROM image_blocks x WHERE x.image_disk_id = $1 AND NOT EXISTS (SELECT 1 FROM vault_chunks c WHERE c.project_id = $2 AND c.hash = x.hash)`,
-      [disk.id, job.projectId],
-    );
-    if (Number(missing) > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
+    const missing = await sealPending(this.ds, { table: "image_blocks", ownerColumn: "image_disk_id", ownerIds: [disk.id], projectId: job.projectId });
+    if (missing > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
     ctx.checkCancelled();
     const roundedUp = Math.ceil(virtualSize / 2 ** 20) * 2 ** 20;
     await finishImage(this.ds, job, await checksum.hex(), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) });
@@ -131,50 +127,6 @@ export class ImportImageHandler implements JobHandler {
   }
 }
 
-/** Blocks handed to the codec together while importing. */
-const GROUP_BLOCKS = 64;
-
-interface BlockGroup {
-  /** Block indexes, ascending; block k's bytes are at k * BLOCK_SIZE in `data`. */
-  indexes: number[];
-  data: Buffer;
-}
-
-/**
- * Regroups a reader's extents (any size, ascending) into groups of whole 64 KiB
- * blocks in pooled buffers. Blocks no extent touches are left out; a block an
- * extent covers in part is zero elsewhere.
- */
-async function* groupBlocks(extents: AsyncIterable<Extent>, virtualSize: number, buffers: BufferPool): AsyncIterable<BlockGroup> {
-  let group: BlockGroup | null = null;
-  let end = 0;
-  for await (const e of extents) {
-    if (e.offset < end) throw new FormatError(`the image's data at offset ${e.offset} overlaps earlier data`);
-    if (e.offset + e.data.length > virtualSize) throw new FormatError(`the image has data at offset ${e.offset}, past its ${virtualSize}-byte size`);
-    end = e.offset + e.data.length;
-    let pos = 0;
-    while (pos < e.data.length) {
-      const at = e.offset + pos;
-      const index = Math.floor(at / BLOCK_SIZE);
-      if (!group || group.indexes[group.indexes.length - 1] !== index) {
-        if (group && group.indexes.length === GROUP_BLOCKS) {
-          yield group;
-          group = null;
-        }
-        group ??= { indexes: [], data: buffers.take(GROUP_BLOCKS * BLOCK_SIZE) };
-        const slot = group.indexes.length;
-        group.indexes.push(index);
-        group.data.fill(0, slot * BLOCK_SIZE, (slot + 1) * BLOCK_SIZE);
-      }
-      const slot = group.indexes.length - 1;
-      const inBlock = at - index * BLOCK_SIZE;
-      const n = Math.min(BLOCK_SIZE - inBlock, e.data.length - pos);
-      e.data.copy(group.data, slot * BLOCK_SIZE + inBlock, pos, pos + n);
-      pos += n;
-    }
-  }
-  if (group) yield { indexes: group.indexes, data: group.data.subarray(0, group.indexes.length * BLOCK_SIZE) };
-}
 
 /**
  * Writes an image to a file of the asked format, streaming from the vault

@@ -37,7 +37,7 @@ const INFLIGHT = 4;
 interface Work {
   /** Adjacent blocks of one segment, or none for a progress mark. */
   blocks: Pending[];
-  /** Blocks of the batch this mark closes, counted for progress. */
+  /** Blocks this item accounts for in progress: a run's own, or a batch's already in the vault. */
   counted: number;
 }
 
@@ -78,10 +78,11 @@ export async function copyPendingBlocks(
       while (i < missing.length) {
         let j = i + 1;
         while (j < missing.length && j - i < RUN && missing[j].src_segment === missing[i].src_segment && Number(missing[j].src_offset) === Number(missing[j - 1].src_offset) + BLOCK_SIZE) j++;
-        yield { blocks: missing.slice(i, j), counted: 0 };
+        yield { blocks: missing.slice(i, j), counted: j - i };
         i = j;
       }
-      yield { blocks: [], counted: batch.length };
+      // The blocks the vault already held count once the batch's runs are through.
+      if (batch.length > missing.length) yield { blocks: [], counted: batch.length - missing.length };
     }
   }
   const buffers = vault.codec.buffers;

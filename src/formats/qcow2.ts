@@ -16,7 +16,7 @@
  */
 import zlib from "node:zlib";
 import * as zstd from "zstd-napi/binding";
-import { BLOCK_SIZE, FormatError, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource, within } from "./types";
+import { BLOCK_SIZE, FormatError, LentReads, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource, within } from "./types";
 
 const MAGIC = 0x514649fb; // "QFI\xfb"
 const V2_HEADER_LENGTH = 72;
@@ -263,12 +263,13 @@ async function* readExtents(
   const subSize = C / 32;
   const decompress = h.compressionType === COMPRESSION_ZSTD ? zstdCluster(C) : zlibCluster(C);
   let pending: Run | null = null;
+  const reads = new LentReads(src, maxRun);
 
   const flush = async () => {
     const run = pending;
     pending = null;
     if (!run) return null;
-    return { offset: run.guest, data: await src.read(run.host, run.length) };
+    return { offset: run.guest, data: await reads.read(run.host, run.length) };
   };
   /** Adds a run; returns the extent it pushed out, if any. */
   const add = async (run: Run) => {

@@ -1,4 +1,4 @@
-import { BLOCK_SIZE, FormatError, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, FormatError, LentReads, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 const READ = 1024 * 1024;
 
@@ -11,8 +11,9 @@ export function openRaw(src: RandomAccessSource, limits: FormatLimits): ImageRea
     variant: "raw",
     virtualSize: src.size,
     async *extents() {
+      const reads = new LentReads(src, READ);
       for (let off = 0; off < src.size; off += READ) {
-        const buf = await src.read(off, Math.min(READ, src.size - off));
+        const buf = await reads.read(off, Math.min(READ, src.size - off));
         for (let b = 0; b < buf.length; b += BLOCK_SIZE) {
           const block = buf.subarray(b, Math.min(buf.length, b + BLOCK_SIZE));
           if (!isZero(block)) yield { offset: off + b, data: block };

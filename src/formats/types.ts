@@ -13,6 +13,8 @@ export interface RandomAccessSource {
   readonly size: number;
   /** Exactly `length` bytes at `offset`; never asked past `size`. */
   read(offset: number, length: number): Promise<Buffer>;
+  /** Fills `into` with the bytes at `offset`, as `read` would return them; readers fall back to `read` without it. */
+  readInto?(offset: number, into: Buffer): Promise<void>;
 }
 
 export interface FormatLimits {
@@ -35,7 +37,11 @@ export interface ImageReader {
   /** Subformat or version, for messages: "v3", "streamOptimized", "dynamic"… */
   readonly variant: string;
   readonly virtualSize: number;
-  /** Allocated extents in ascending offset order, never overlapping, each within virtualSize. */
+  /**
+   * Allocated extents in ascending offset order, never overlapping, each within
+   * virtualSize. An extent's bytes are lent: the reader may reuse their memory once
+   * the next extent is asked for, so a consumer copies what it keeps.
+   */
   extents(): AsyncIterable<Extent>;
 }
 
@@ -63,6 +69,28 @@ export const BLOCK_SIZE = 64 * 1024;
 
 /** A writer yields the whole file, in order. */
 export type ImageWriter = (source: WriteSource) => AsyncIterable<Buffer>;
+
+/**
+ * Reads a reader's data into one buffer it reuses, for extents (which are lent):
+ * a large disk's data then costs no allocation per read, and no garbage to collect.
+ * Reads longer than `max`, and sources that cannot fill a buffer, get fresh memory.
+ */
+export class LentReads {
+  private buf: Buffer | null = null;
+
+  constructor(
+    private readonly src: RandomAccessSource,
+    private readonly max: number,
+  ) {}
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    if (!this.src.readInto || length > this.max) return this.src.read(offset, length);
+    this.buf ??= Buffer.allocUnsafe(this.max);
+    const out = this.buf.subarray(0, length);
+    await this.src.readInto(offset, out);
+    return out;
+  }
+}
 
 /** Checks that [offset, offset + length) lies inside a file of `size` bytes; `what` names it for the message. */
 export function within(size: number, offset: number, length: number, what: string): void {

@@ -1,5 +1,5 @@
 import crypto from "node:crypto";
-import { BLOCK_SIZE, FormatError, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, FormatError, LentReads, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 /*
  * VHD, after Microsoft's "Virtual Hard Disk Image Format Specification" (v1.0).
@@ -187,7 +187,7 @@ export async function openVhd(src: RandomAccessSource, limits: FormatLimits): Pr
       format: "VHD",
       variant: "fixed",
       virtualSize,
-      extents: () => dataExtents(src, 0, 0, virtualSize),
+      extents: () => dataExtents(new LentReads(src, READ), 0, 0, virtualSize),
     };
   }
   return openDynamic(src, limits, footer, atEnd, virtualSize);
@@ -272,6 +272,7 @@ async function openDynamic(src: RandomAccessSource, limits: FormatLimits, footer
     variant: "dynamic",
     virtualSize,
     async *extents(): AsyncGenerator<Extent> {
+      const reads = new LentReads(src, READ);
       for (let i = 0; i < entries; i++) {
         if (bat[i] === UNALLOCATED) continue;
         const blockStart = i * blockSize;
@@ -284,7 +285,7 @@ async function openDynamic(src: RandomAccessSource, limits: FormatLimits, footer
           while (s < sectors && !present(bitmap, s)) s++;
           const first = s;
           while (s < sectors && present(bitmap, s)) s++;
-          if (s > first) yield* dataExtents(src, fileAt + bitmapSize + first * SECTOR, blockStart + first * SECTOR, (s - first) * SECTOR);
+          if (s > first) yield* dataExtents(reads, fileAt + bitmapSize + first * SECTOR, blockStart + first * SECTOR, (s - first) * SECTOR);
         }
       }
     },
@@ -298,7 +299,7 @@ const ZERO = Buffer.alloc(BLOCK_SIZE);
  * read a megabyte at a time, leaving out the 64 KiB (guest-aligned) pieces that
  * are all zeros.
  */
-async function* dataExtents(src: RandomAccessSource, fileAt: number, guestAt: number, length: number): AsyncGenerator<Extent> {
+async function* dataExtents(src: LentReads, fileAt: number, guestAt: number, length: number): AsyncGenerator<Extent> {
   let done = 0;
   while (done < length) {
     const g = guestAt + done;

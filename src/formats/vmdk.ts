@@ -13,7 +13,7 @@
 import crypto from "node:crypto";
 import { promisify } from "node:util";
 import zlib from "node:zlib";
-import { BLOCK_SIZE, FormatError, within, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, FormatError, LentReads, within, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 const SECTOR = 512;
 const MAGIC = Buffer.from("KDMV", "latin1");
@@ -330,6 +330,7 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
   const grainData = async function* (): AsyncGenerator<{ offset: number; data: Buffer }> {
     const meta = new Window(src, READ_WINDOW);
     const data = new Window(src, READ_WINDOW);
+    const runs = new LentReads(src, MAX_RUN);
     let used = 0; // bytes of the file the grains take, to refuse grains shared between entries
     const use = (bytes: number, grain: number) => {
       used += bytes;
@@ -347,7 +348,7 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
       if (!run) return null;
       const r = run;
       run = null;
-      return { offset: r.offset, data: await data.read(r.fileOffset, r.length) };
+      return { offset: r.offset, data: await runs.read(r.fileOffset, r.length) };
     };
 
     for (let t = 0; t < gdEntries; t++) {

@@ -77,7 +77,8 @@ export class PackWriter {
   /**
    * Adds the blocks of `data` (each BLOCK_SIZE bytes) named by `blocks`: `slot` is
    * a block's place in `data`, `hash` its SHA-256. Blocks this writer already
-   * holds are skipped. `data` moves to the codec.
+   * holds are skipped. `data` moves to the codec (or back to its pool when every
+   * block is skipped).
    */
   async addBlocks(data: Buffer, blocks: { hash: Buffer; slot: number }[]): Promise<void> {
     const fresh: { hash: Buffer; slot: number }[] = [];
@@ -88,8 +89,11 @@ export class PackWriter {
       seen.add(key);
       fresh.push(b);
     }
-    if (!fresh.length) return;
     const buffers = this.vault.codec.buffers;
+    if (!fresh.length) {
+      buffers.give(data);
+      return;
+    }
     const packed = await this.vault.codec.compress(data, BLOCK_SIZE, fresh.map((b) => b.slot), buffers.take(ChunkCodec.bound(fresh.length, BLOCK_SIZE)));
     buffers.give(packed.data);
     await this.addStored(fresh.map((b, k) => ({ hash: b.hash, stored: packed.chunks[k], raw: BLOCK_SIZE, compressed: packed.compressed[k] })));

@@ -33,6 +33,11 @@ export function fileSource(file: string): RandomAccessSource & { bytesRead: numb
       src.bytesRead += length;
       return buf;
     },
+    async readInto(offset: number, into: Buffer) {
+      if (offset < 0 || offset + into.length > size) throw new Error(`read past the end: ${offset}+${into.length} > ${size}`);
+      fs.readSync(fd, into, 0, into.length, offset);
+      src.bytesRead += into.length;
+    },
     close: () => fs.closeSync(fd),
   };
   return src;

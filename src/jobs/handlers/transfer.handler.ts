@@ -29,6 +29,10 @@ export function blobSource(blobs: BlobStore, key: string, size: number, onRead?:
       onRead?.(length);
       return buf;
     },
+    async readInto(offset, into) {
+      await blobs.readInto(key, offset, into);
+      onRead?.(into.length);
+    },
   };
 }
 
@@ -100,8 +104,7 @@ export class ImportImageHandler implements JobHandler {
         const have = await this.vault.existing(job.projectId, slots.map((b) => b.hash));
         for (const b of slots) pending.push({ index: g.indexes[b.slot], hash: b.hash });
         const fresh = slots.filter((b) => !have.has(hex(b.hash)));
-        if (fresh.length) await writer.addBlocks(data, fresh);
-        else codec.buffers.give(data);
+        await writer.addBlocks(data, fresh);
         if (pending.length >= ROWS_BATCH) await insertRows();
         await ctx.progress(read, size);
       }

@@ -148,6 +148,24 @@ describe("writeQcow2", () => {
     expect(data.equals(disk)).toBe(true);
   });
 
+  test("lends its extents: the data of every read lands in one reused buffer", async () => {
+    const out = await exportDisk("lent.qcow2", memorySource(disk));
+    const src = fileSource(out);
+    try {
+      const reader = await openQcow2(src, DEFAULT_LIMITS);
+      const memory = new Set<ArrayBufferLike>();
+      let extents = 0;
+      for await (const e of reader.extents()) {
+        memory.add(e.data.buffer);
+        extents++;
+      }
+      expect(extents).toBeGreaterThan(2);
+      expect(memory.size).toBe(1);
+    } finally {
+      src.close();
+    }
+  });
+
   const shapes: Array<[string, () => Buffer]> = [
     ["the sample disk", () => disk],
     ["an empty (all-zero) disk", () => Buffer.alloc(4 * MiB)],
@@ -204,7 +222,7 @@ describe("writeQcow2", () => {
     const src = fileSource(out);
     const reader = await openQcow2(src, DEFAULT_LIMITS);
     for await (const e of reader.extents()) {
-      for (let o = 0; o < e.data.length; o += BLOCK_SIZE) got.set((e.offset + o) / BLOCK_SIZE, e.data.subarray(o, o + BLOCK_SIZE));
+      for (let o = 0; o < e.data.length; o += BLOCK_SIZE) got.set((e.offset + o) / BLOCK_SIZE, Buffer.from(e.data.subarray(o, o + BLOCK_SIZE))); // extents are lent: keep a copy
     }
     src.close();
     expect([...got.keys()]).toEqual(indexes);

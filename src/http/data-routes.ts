@@ -35,6 +35,19 @@ function parseContentRange(header: string): { start: number; end: number } | nul
   return { start, end };
 }
 
+/** Writes `piece` to the response: resolves once it is written (its memory may be reused), rejects if the client goes away first. */
+function sent(res: Response, piece: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const gone = () => reject(new Error("aborted"));
+    res.once("close", gone);
+    res.write(piece, (err) => {
+      res.off("close", gone);
+      if (err) reject(err);
+      else resolve();
+    });
+  });
+}
+
 /** A single `bytes=` range of a GET, resolved against the disk size; "unsatisfiable" when outside it. */
 function parseRange(header: string, size: number): { start: number; end: number } | "unsatisfiable" | null {
   const m = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
@@ -145,7 +158,8 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
       }
       res.setHeader("Content-Type", "application/octet-stream");
       res.setHeader("Content-Length", String(end - start + 1));
-      await pipeline(deps.volumes.read(disk.id, start, end), res);
+      await deps.volumes.readTo(disk.id, start, end, (piece) => sent(res, piece));
+      res.end();
     } catch (err) {
       if (res.headersSent) {
         res.destroy(err as Error);

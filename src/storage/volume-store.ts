@@ -1,8 +1,8 @@
 import crypto from "node:crypto";
-import { Readable } from "node:stream";
 import type { DataSource, EntityManager } from "typeorm";
 import { rows } from "../db/sql";
 import type { BlobStore, BlobWriter } from "./blob-store";
+import { BufferPool } from "./buffer-pool";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
 export const BLOCK_SIZE = 64 * 1024;
@@ -52,6 +52,9 @@ export const segmentKey = (diskId: string, segmentId: string) => `volumes/${disk
  * the bytes of its instant while writes go on.
  */
 export class VolumeStore {
+  /** Buffers of reads (two per read in progress). */
+  private readonly buffers = new BufferPool(4);
+
   constructor(
     private readonly ds: DataSource,
     readonly blobs: BlobStore,
@@ -236,28 +239,52 @@ export class VolumeStore {
     return ref ? Buffer.from((await this.readRefs(diskId, [ref]))[0]) : Buffer.alloc(BLOCK_SIZE);
   }
 
-  /** The bytes [start, end] of a disk as a stream; unwritten blocks read as zeros. */
-  read(diskId: string, start: number, end: number): Readable {
-    const store = this;
-    return Readable.from(
-      (async function* () {
-        const firstBlock = Math.floor(start / BLOCK_SIZE);
-        const lastBlock = Math.floor(end / BLOCK_SIZE);
-        for (let batch = firstBlock; batch <= lastBlock; batch += READ_BATCH_BLOCKS) {
-          const batchEnd = Math.min(lastBlock, batch + READ_BATCH_BLOCKS - 1);
-          const refs = await store.blockRefs(store.ds, diskId, batch, batchEnd);
-          const data = await store.readRefs(diskId, refs);
-          const byIndex = new Map(refs.map((r, k) => [r.index, data[k]]));
-          for (let b = batch; b <= batchEnd; b++) {
-            const block = byIndex.get(b) ?? ZERO_BLOCK;
-            const from = b === firstBlock ? start - b * BLOCK_SIZE : 0;
-            const to = b === lastBlock ? end - b * BLOCK_SIZE + 1 : BLOCK_SIZE;
-            yield block.subarray(from, to);
-          }
-        }
-      })(),
-      { objectMode: false },
-    );
+  /**
+   * Hands the bytes [start, end] of a disk to `send` in order, unwritten blocks as
+   * zeros, 4 MiB at a time from two reused buffers: the next piece is read while
+   * the last is sent, and a buffer is filled again only once `send` has resolved
+   * for it (a slow reader holds two pieces, and a large read makes no garbage).
+   */
+  async readTo(diskId: string, start: number, end: number, send: (piece: Buffer) => Promise<void>): Promise<void> {
+    const firstBlock = Math.floor(start / BLOCK_SIZE);
+    const lastBlock = Math.floor(end / BLOCK_SIZE);
+    let sending: { done: Promise<void>; buf: Buffer } | null = null;
+    for (let batch = firstBlock; batch <= lastBlock; batch += READ_BATCH_BLOCKS) {
+      const batchEnd = Math.min(lastBlock, batch + READ_BATCH_BLOCKS - 1);
+      const buf = this.buffers.take((batchEnd - batch + 1) * BLOCK_SIZE);
+      await this.fillBlocks(diskId, batch, batchEnd, buf);
+      if (sending) {
+        await sending.done;
+        this.buffers.give(sending.buf);
+      }
+      const from = batch === firstBlock ? start - batch * BLOCK_SIZE : 0;
+      const to = batchEnd === lastBlock ? end - batch * BLOCK_SIZE + 1 : buf.length;
+      const done = send(buf.subarray(from, to));
+      done.catch(() => undefined); // awaited with the next piece or below
+      sending = { done, buf };
+    }
+    // A buffer still being sent when something fails is left to the garbage collector.
+    if (sending) {
+      await sending.done;
+      this.buffers.give(sending.buf);
+    }
+  }
+
+  /** Fills `into` with blocks [first, last]: one range read per run of adjacent blocks in a segment, zeros elsewhere. */
+  private async fillBlocks(diskId: string, first: number, last: number, into: Buffer): Promise<void> {
+    const refs = await this.blockRefs(this.ds, diskId, first, last);
+    let at = first; // blocks before `at` are filled
+    let i = 0;
+    while (i < refs.length) {
+      let j = i + 1;
+      while (j < refs.length && refs[j].index === refs[j - 1].index + 1 && refs[j].segmentId === refs[i].segmentId && refs[j].offset === refs[j - 1].offset + BLOCK_SIZE) j++;
+      const from = refs[i].index;
+      into.fill(0, (at - first) * BLOCK_SIZE, (from - first) * BLOCK_SIZE);
+      await this.blobs.readInto(segmentKey(diskId, refs[i].segmentId), refs[i].offset, into.subarray((from - first) * BLOCK_SIZE, (refs[j - 1].index + 1 - first) * BLOCK_SIZE));
+      at = refs[j - 1].index + 1;
+      i = j;
+    }
+    into.fill(0, (at - first) * BLOCK_SIZE, (last + 1 - first) * BLOCK_SIZE);
   }
 
   /**

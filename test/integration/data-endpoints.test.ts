@@ -110,3 +110,52 @@ it("stores a sparse disk at the cost of what was written", async () => {
   expect(Number(total)).toBe(10 * MiB);
   expect((await readDisk(svc, disk, [512 * 1024 * MiB - 5, 512 * 1024 * MiB + 4])).equals(Buffer.concat([Buffer.alloc(5), bytes(5, 11)]))).toBe(true);
 });
+
+describe("reading a disk (readTo)", () => {
+  const uuidOf = (id: string) => Buffer.from(id, "base64url").toString().split(":")[1];
+
+  it("hands over every byte in order from two reused buffers, each refilled only once its piece is sent", async () => {
+    const size = 40 * MiB;
+    const disk = await createDisk(svc, "read-to", size);
+    const expected = Buffer.alloc(size);
+    // Data, holes, a block written twice (so two segments interleave) and an unaligned tail.
+    for (const [off, len, seed] of [[0, 5 * MiB, 21], [9 * MiB + 4096, 7 * MiB, 22], [30 * MiB, 10 * MiB, 23], [12 * MiB, BLOCK, 24]]) {
+      const data = bytes(len, seed);
+      await writeDisk(svc, disk, data, off);
+      data.copy(expected, off);
+    }
+    const start = 1_000_001;
+    const end = size - 77;
+    const got: Buffer[] = [];
+    const memory = new Set<ArrayBufferLike>();
+    let at = start;
+    await svc.storage.volumes.readTo(uuidOf(disk), start, end, async (piece) => {
+      memory.add(piece.buffer);
+      const copy = Buffer.from(piece);
+      // A slow client: the piece must stay as it was while it is being sent.
+      await new Promise((r) => setTimeout(r, 5));
+      expect(piece.equals(copy)).toBe(true);
+      expect(copy.equals(expected.subarray(at, at + copy.length))).toBe(true);
+      at += copy.length;
+      got.push(copy);
+    });
+    expect(at).toBe(end + 1);
+    expect(Buffer.concat(got).equals(expected.subarray(start, end + 1))).toBe(true);
+    expect(got.length).toBeGreaterThan(5);
+    expect(memory.size).toBeLessThanOrEqual(2);
+  });
+
+  it("stops when the piece cannot be sent, and the disk reads again afterwards", async () => {
+    const disk = await createDisk(svc, "read-to-fail", 16 * MiB);
+    const data = bytes(16 * MiB, 25);
+    await writeDisk(svc, disk, data);
+    let pieces = 0;
+    await expect(
+      svc.storage.volumes.readTo(uuidOf(disk), 0, 16 * MiB - 1, async () => {
+        if (++pieces === 2) throw new Error("the client went away");
+      }),
+    ).rejects.toThrow("the client went away");
+    expect(pieces).toBe(2);
+    expect((await readDisk(svc, disk)).equals(data)).toBe(true);
+  });
+});

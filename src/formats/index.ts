@@ -17,7 +17,7 @@ const REFUSED: [string, (head: Buffer) => boolean][] = [
 
 /**
  * The format of a file from its own bytes: the qcow2 magic, the VMDK sparse
- * magic, the VHD footer cookie; a known but refused format by name; raw when
+ * magic, the VHD footer cookie (of a 512- or 511-byte footer); a known but refused format by name; raw when
  * nothing matches.
  */
 export async function detectFormat(src: RandomAccessSource): Promise<FormatName> {
@@ -27,7 +27,9 @@ export async function detectFormat(src: RandomAccessSource): Promise<FormatName>
   if (head.length >= 4 && head.subarray(0, 4).toString("latin1") === "KDMV") return "VMDK";
   if (src.size >= 512) {
     const tail = await src.read(src.size - 512, 512);
-    if (tail.subarray(0, 8).toString("latin1") === "conectix" || head.subarray(0, 8).toString("latin1") === "conectix") return "VHD";
+    // The footer's cookie ends the file 512 bytes before its end, or 511 (Virtual PC before 2004); a dynamic disk also starts with it.
+    const cookie = (buf: Buffer, at: number) => buf.toString("latin1", at, at + 8) === "conectix";
+    if (cookie(tail, 0) || cookie(tail, 1) || cookie(head, 0)) return "VHD";
   }
   for (const [name, matches] of REFUSED) {
     if (head.length >= 0x44 && matches(head)) throw new FormatError(`the file is ${name}, which cannot be imported; convert it to raw, qcow2, vmdk or vhd`);

@@ -1,6 +1,7 @@
 import fs from "node:fs";
 import path from "node:path";
 import { FormatError, type FormatLimits, type RandomAccessSource, type WriteSource, BLOCK_SIZE, DEFAULT_LIMITS } from "../../../src/formats/types";
+import { detectFormat } from "../../../src/formats";
 import { openVhd, writeVhd } from "../../../src/formats/vhd";
 import { bufferSource, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
 
@@ -368,6 +369,8 @@ describe("VHD reader details", () => {
   it("reads the 511-byte footer of Virtual PC before 2004", async () => {
     const disk = randomBytes(64 * 1024, prng(14));
     const file = buildFixed(disk).subarray(0, disk.length + 511);
+    // Told apart from a raw disk by its bytes alone, as when an upload names no format.
+    expect(await detectFormat(bufferSource(file))).toBe("VHD");
     const reader = await openVhd(bufferSource(file), DEFAULT_LIMITS);
     expect(reader.variant).toBe("fixed");
     expect((await readAll(reader)).equals(disk)).toBe(true);

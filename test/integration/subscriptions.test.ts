@@ -153,7 +153,8 @@ function expectWellFormed(rec: Recording<ProgressEvent>, jobId: string, terminal
 
 describe("jobProgress", () => {
   it("streams a backup's progress: current state first, growing bytesDone, RUNNING events in between, SUCCEEDED with progress 1, then completes", async () => {
-    const size = 128 * MiB;
+    // Large enough that the backup runs well over half a second (about 300 MiB/s of random data here).
+    const size = 384 * MiB;
     const disk = await createDisk(svc, "progress-disk", size);
     await fillDisk(svc, disk, size, 1);
 

@@ -11,3 +11,34 @@ export async function rows<T = Record<string, unknown>>(q: Queryable, sql: strin
   if (Array.isArray(r) && r.length === 2 && Array.isArray(r[0]) && typeof r[1] === "number") return r[0] as T[];
   return r as T[];
 }
+
+/** SHA-256 hashes, the names of blocks and chunks, are 32 bytes. */
+const HASH_BYTES = 32;
+
+/**
+ * Hashes as one bytea parameter, back to back, sent in binary; the statement takes
+ * them apart with hashAt() or hashArray(). A bytea[] parameter travels as text (two hex
+ * digits a byte, quoted), and building those strings for thousands of hashes per
+ * statement was the largest garbage of the data path.
+ */
+export function packedHashes(hashes: Buffer[]): Buffer {
+  for (const h of hashes) if (h.length !== HASH_BYTES) throw new Error(`a hash is ${HASH_BYTES} bytes, not ${h.length}`);
+  return Buffer.concat(hashes);
+}
+
+/** SQL: hash number `n` (from 1) of the packedHashes parameter `param`. */
+export const hashAt = (param: string, n: string) => `substring(${param}::bytea FROM (${n}::int - 1) * ${HASH_BYTES} + 1 FOR ${HASH_BYTES})`;
+
+/** SQL: the hashes of the packedHashes parameter `param` as a bytea[], built once per statement (for `= ANY(…)`). */
+export const hashArray = (param: string) => `ARRAY(SELECT ${hashAt(param, "g.n")} FROM generate_series(1, length(${param}::bytea) / ${HASH_BYTES}) AS g(n))`;
+
+/**
+ * Numbers (or booleans) as one text parameter, "1,2,3", read in the statement with
+ * listOf(). pg writes an array parameter as an array literal built up element by
+ * element, and V8 keeps those strings in its old generation: on the data path they
+ * piled up there until the next full collection.
+ */
+export const list = (values: readonly (number | boolean)[]): string => values.join(",");
+
+/** SQL: the list() parameter `param` as an array of `type`. */
+export const listOf = (param: string, type: "bigint" | "int" | "bool") => `string_to_array(${param}::text, ',')::${type}[]`;

@@ -3,7 +3,7 @@ import type { DataSource } from "typeorm";
 import { ChunkCodec, DecodeError } from "./codec";
 import { mapOrdered } from "./pipeline";
 import { BLOCK_SIZE } from "./volume-store";
-import { rows } from "../db/sql";
+import { hashArray, hashAt, list, listOf, packedHashes, rows } from "../db/sql";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 
 /** Packs are written once they reach this size. */
@@ -221,9 +221,9 @@ export class Vault {
       const inserted = await rows<{ stored_size: number }>(
         em,
         `INSERT INTO vault_chunks (project_id, hash, pack_id, pack_offset, stored_size, raw_size, compressed)
-         SELECT $1, c.h, $2, c.o, c.s, c.r, c.z FROM unnest($3::bytea[], $4::bigint[], $5::int[], $6::int[], $7::bool[]) AS c(h, o, s, r, z)
+         SELECT $1, ${hashAt("$3", "c.n")}, $2, c.o, c.s, c.r, c.z FROM unnest(${listOf("$4", "bigint")}, ${listOf("$5", "int")}, ${listOf("$6", "int")}, ${listOf("$7", "bool")}) WITH ORDINALITY AS c(o, s, r, z, n)
          ON CONFLICT (project_id, hash) DO NOTHING RETURNING stored_size`,
-        [projectId, packId, entries.map((e) => e.hash), entries.map((e) => e.offset), entries.map((e) => e.stored), entries.map((e) => e.raw), entries.map((e) => e.compressed)],
+        [projectId, packId, packedHashes(entries.map((e) => e.hash)), list(entries.map((e) => e.offset)), list(entries.map((e) => e.stored)), list(entries.map((e) => e.raw)), list(entries.map((e) => e.compressed))],
       );
       return inserted.reduce((n, r) => n + r.stored_size, 0);
     });
@@ -232,15 +232,15 @@ export class Vault {
   /** Which of `hashes` the project's vault already holds. */
   async existing(projectId: string, hashes: Buffer[]): Promise<Set<string>> {
     if (!hashes.length) return new Set();
-    const found = await rows<{ hash: Buffer }>(this.ds, `SELECT hash FROM vault_chunks WHERE project_id = $1 AND hash = ANY($2::bytea[])`, [projectId, hashes]);
+    const found = await rows<{ hash: Buffer }>(this.ds, `SELECT hash FROM vault_chunks WHERE project_id = $1 AND hash = ANY(${hashArray("$2")})`, [projectId, packedHashes(hashes)]);
     return new Set(found.map((r) => hex(r.hash)));
   }
 
   private async locate(projectId: string, hashes: Buffer[]): Promise<Map<string, ChunkLocation>> {
     const found = await rows<ChunkLocation>(
       this.ds,
-      `SELECT hash, pack_id, pack_offset, stored_size, raw_size, compressed FROM vault_chunks WHERE project_id = $1 AND hash = ANY($2::bytea[])`,
-      [projectId, hashes],
+      `SELECT hash, pack_id, pack_offset, stored_size, raw_size, compressed FROM vault_chunks WHERE project_id = $1 AND hash = ANY(${hashArray("$2")})`,
+      [projectId, packedHashes(hashes)],
     );
     return new Map(found.map((r) => [hex(r.hash), r]));
   }
@@ -430,8 +430,10 @@ export class Vault {
       await this.ds.transaction(async (em) => {
         await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
         await em.query(
-          `UPDATE vault_chunks c SET pack_id = $2, pack_offset = m.o FROM unnest($3::bytea[], $4::bigint[]) AS m(h, o) WHERE c.project_id = $1 AND c.hash = m.h`,
-          [projectId, packId, moved.map((m) => m.loc.hash), moved.map((m) => m.offset)],
+          `UPDATE vault_chunks c SET pack_id = $2, pack_offset = m.o
+             FROM (SELECT ${hashAt("$3", "u.n")} AS h, u.o FROM unnest(${listOf("$4", "bigint")}) WITH ORDINALITY AS u(o, n)) AS m
+            WHERE c.project_id = $1 AND c.hash = m.h`,
+          [projectId, packId, packedHashes(moved.map((m) => m.loc.hash)), list(moved.map((m) => m.offset))],
         );
       });
       parts = [];

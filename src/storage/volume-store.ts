@@ -1,6 +1,6 @@
 import crypto from "node:crypto";
 import type { DataSource, EntityManager } from "typeorm";
-import { rows } from "../db/sql";
+import { hashAt, list, listOf, packedHashes, rows } from "../db/sql";
 import type { BlobStore, BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
 
@@ -160,16 +160,16 @@ export class VolumeStore {
       }
       const indexes = [...(segment?.rows.map((r) => r.index) ?? []), ...zeros];
       const before: { written: string }[] = await em.query(
-        `SELECT count(*) FILTER (WHERE hash IS NOT NULL) AS written FROM disk_blocks WHERE disk_id = $1 AND block_index = ANY($2::bigint[])`,
-        [diskId, indexes],
+        `SELECT count(*) FILTER (WHERE hash IS NOT NULL) AS written FROM disk_blocks WHERE disk_id = $1 AND block_index = ANY(${listOf("$2", "bigint")})`,
+        [diskId, list(indexes)],
       );
       if (segment) {
         await em.query(
           `INSERT INTO disk_blocks (disk_id, block_index, segment_id, segment_offset, hash, version)
-           SELECT $1, b.i, $2, b.o, b.h, $3 FROM unnest($4::bigint[], $5::bigint[], $6::bytea[]) AS b(i, o, h)
+           SELECT $1, b.i, $2, b.o, ${hashAt("$6", "b.n")}, $3 FROM unnest(${listOf("$4", "bigint")}, ${listOf("$5", "bigint")}) WITH ORDINALITY AS b(i, o, n)
            ON CONFLICT (disk_id, block_index) DO UPDATE
              SET segment_id = EXCLUDED.segment_id, segment_offset = EXCLUDED.segment_offset, hash = EXCLUDED.hash, version = EXCLUDED.version`,
-          [diskId, segment.id, version, segment.rows.map((r) => r.index), segment.rows.map((r) => r.offset), segment.rows.map((r) => r.hash)],
+          [diskId, segment.id, version, list(segment.rows.map((r) => r.index)), list(segment.rows.map((r) => r.offset)), packedHashes(segment.rows.map((r) => r.hash))],
         );
       }
       if (zeros.length) {
@@ -177,8 +177,8 @@ export class VolumeStore {
         // so the next incremental backup sees the change.
         await em.query(
           `UPDATE disk_blocks SET segment_id = NULL, segment_offset = NULL, hash = NULL, version = $3
-            WHERE disk_id = $1 AND block_index = ANY($2::bigint[]) AND hash IS NOT NULL`,
-          [diskId, zeros, version],
+            WHERE disk_id = $1 AND block_index = ANY(${listOf("$2", "bigint")}) AND hash IS NOT NULL`,
+          [diskId, list(zeros), version],
         );
       }
       const delta = (segment?.rows.length ?? 0) - Number(before[0].written);

@@ -1,6 +1,6 @@
 import type { DataSource } from "typeorm";
 import type { Config } from "../../config";
-import { rows } from "../../db/sql";
+import { hashAt, list, listOf, packedHashes, rows } from "../../db/sql";
 import { JobType, type Job } from "../../entities";
 import { FormatError, openImage, WRITERS, type FormatName, type RandomAccessSource, type WriteSource } from "../../formats";
 import { groupBlocks, type BlockGroup } from "../../formats/blocks";
@@ -82,8 +82,8 @@ export class ImportImageHandler implements JobHandler {
       if (!pending.length) return;
       // A row may name a chunk whose pack is still being written; the image turns ACTIVE only once all are indexed.
       await this.ds.query(
-        `INSERT INTO image_blocks (image_disk_id, block_index, hash) SELECT $1, b.i, b.h FROM unnest($2::bigint[], $3::bytea[]) AS b(i, h)`,
-        [disk.id, pending.map((b) => b.index), pending.map((b) => b.hash)],
+        `INSERT INTO image_blocks (image_disk_id, block_index, hash) SELECT $1, b.i, ${hashAt("$3", "b.n")} FROM unnest(${listOf("$2", "bigint")}) WITH ORDINALITY AS b(i, n)`,
+        [disk.id, list(pending.map((b) => b.index)), packedHashes(pending.map((b) => b.hash))],
       );
       pending = [];
     };

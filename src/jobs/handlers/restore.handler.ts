@@ -2,7 +2,7 @@ import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
 import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
 import type { RestorePlan } from "../../services/backup.service";
-import { MANIFEST_BATCH, resolveManifest } from "../../storage/manifest";
+import { MANIFEST_BATCH, PACKED_BLOCKS, packedBlocks, resolvePackedManifest } from "../../storage/manifest";
 import { hex, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type BlockBatch, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
@@ -11,15 +11,6 @@ import type { JobContext, JobHandler, JobOutcome } from "../runner";
 interface Source {
   backupId?: string;
   imageDiskId?: string;
-}
-
-async function imageManifest(ds: DataSource, imageDiskId: string, first: number, last: number) {
-  const r = await rows<{ block_index: string; hash: Buffer }>(
-    ds,
-    `SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3 ORDER BY block_index`,
-    [imageDiskId, first, last],
-  );
-  return r.map((x) => ({ index: Number(x.block_index), hash: x.hash as Buffer | null }));
 }
 
 interface Diff {
@@ -46,21 +37,26 @@ export class RestoreHandler implements JobHandler {
   }
 
   private async diff(source: Source, diskId: string, first: number, last: number): Promise<Diff> {
-    const manifest = source.imageDiskId
-      ? await imageManifest(this.ds, source.imageDiskId, first, last)
-      : await resolveManifest(this.ds, source.backupId!, first, last);
-    const current = await rows<{ block_index: string; hash: Buffer }>(
-      this.ds,
-      `SELECT block_index, hash FROM disk_blocks WHERE disk_id = $1 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL`,
-      [diskId, first, last],
-    );
-    const now = new Map(current.map((r) => [Number(r.block_index), r.hash]));
-    const want = new Map<number, Buffer>();
-    for (const m of manifest) if (m.hash) want.set(m.index, m.hash);
-    return {
-      write: [...want].filter(([i, h]) => !now.get(i)?.equals(h)).map(([index, hash]) => ({ index, hash })),
-      zero: [...now.keys()].filter((i) => !want.has(i)),
-    };
+    const want = source.imageDiskId
+      ? await packedBlocks(this.ds, `SELECT ${PACKED_BLOCKS} FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL`, [source.imageDiskId, first, last])
+      : await resolvePackedManifest(this.ds, source.backupId!, first, last);
+    const now = await packedBlocks(this.ds, `SELECT ${PACKED_BLOCKS} FROM disk_blocks WHERE disk_id = $1 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL`, [diskId, first, last]);
+    // Both lists are in block order: walk them side by side.
+    const write: Diff["write"] = [];
+    const zero: number[] = [];
+    let j = 0;
+    for (let k = 0; k < want.indexes.length; k++) {
+      const index = want.indexes[k];
+      while (j < now.indexes.length && now.indexes[j] < index) zero.push(now.indexes[j++]);
+      let same = false;
+      if (j < now.indexes.length && now.indexes[j] === index) {
+        same = want.hashes.compare(now.hashes, j * 32, j * 32 + 32, k * 32, k * 32 + 32) === 0;
+        j++;
+      }
+      if (!same) write.push({ index, hash: want.hashes.subarray(k * 32, k * 32 + 32) });
+    }
+    while (j < now.indexes.length) zero.push(now.indexes[j++]);
+    return { write, zero };
   }
 
   async run(ctx: JobContext): Promise<void> {

@@ -103,10 +103,12 @@ interface ToolResult {
   /** Repository bytes added by the incremental. */
   growth: number | null;
   restore: number | null;
+  /** The restore until its file is on disk: Stowage's restore is; a peer's is followed by `sync FILE` (fsync). */
+  restoreDurable: number | null;
   peakRssKiB: number | null;
 }
 
-const empty = (): ToolResult => ({ first: null, incremental: null, growth: null, restore: null, peakRssKiB: null });
+const empty = (): ToolResult => ({ first: null, incremental: null, growth: null, restore: null, restoreDurable: null, peakRssKiB: null });
 
 interface StowagePhase {
   label: string;
@@ -217,6 +219,8 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
       results[tool].peakRssKiB = Math.max(results[tool].peakRssKiB ?? 0, r.maxRssKiB);
       return r.seconds;
     };
+    /** Seconds for `sync FILE` (fsync) to make a peer's restored file durable. */
+    const synced = async (file: string) => (await timed(progs!.time, "sync", [file], { tmp: dir })).seconds;
     if (progs) {
       for (const [cmd, args, env] of [
         [progs.restic, ["init", "-q"], resticEnv],
@@ -314,6 +318,7 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
       return { jobId: r.createDisk.job.id as string, result: r.createDisk.disk.id as string };
     });
     results.stowage.restore = restored.seconds;
+    results.stowage.restoreDurable = restored.seconds; // a restore ends once every segment is fsynced
     sampler.setPhase("check restore (GET)");
     const got = await svc.sha256Disk(restored.result);
     if (got.sha256 !== sha1 || got.bytes !== size) throw new Error(`Stowage restore differs from the image: sha256 ${got.sha256} (${got.bytes} bytes) vs ${sha1}`);
@@ -321,12 +326,14 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
     if (progs) {
       const rDir = path.join(dir, "restic-restore");
       results.restic.restore = await peer("restic", ["restore", "latest", "-q", "--target", rDir]);
+      results.restic.restoreDurable = results.restic.restore + (await synced(path.join(rDir, image)));
       if ((await sha256File(path.join(rDir, image))) !== sha1) throw new Error("restic restore differs from the image");
       await fsp.rm(rDir, { recursive: true, force: true });
       log(`restic restore: ${results.restic.restore.toFixed(2)} s (verified)`);
       const bDir = path.join(dir, "borg-restore");
       await fsp.mkdir(bDir);
       results.borg.restore = await peer("borg", ["extract", "::second"], bDir);
+      results.borg.restoreDurable = results.borg.restore + (await synced(path.join(bDir, "disk.img")));
       if ((await sha256File(path.join(bDir, "disk.img"))) !== sha1) throw new Error("borg extract differs from the image");
       await fsp.rm(bDir, { recursive: true, force: true });
       log(`borg restore: ${results.borg.restore.toFixed(2)} s (verified)`);
@@ -387,7 +394,7 @@ function report(opts: Options, runs: RunResult[]): string {
   const agg: Record<Tool, ToolResult> = { stowage: empty(), restic: empty(), borg: empty() };
   for (const tool of TOOLS) {
     const of = (k: keyof ToolResult) => runs.map((r) => r.results[tool][k]);
-    agg[tool] = { first: median(of("first")), incremental: median(of("incremental")), growth: median(of("growth")), restore: median(of("restore")), peakRssKiB: maxOf(of("peakRssKiB")) };
+    agg[tool] = { first: median(of("first")), incremental: median(of("incremental")), growth: median(of("growth")), restore: median(of("restore")), restoreDurable: median(of("restoreDurable")), peakRssKiB: maxOf(of("peakRssKiB")) };
   }
   const s = agg.stowage;
   const r = agg.restic;
@@ -399,6 +406,7 @@ function report(opts: Options, runs: RunResult[]): string {
     ["incremental (s)", s.incremental, r.incremental, b.incremental, f2],
     ["incremental vault growth (MiB, × changed bytes)", s.growth, r.growth, b.growth, growthCell],
     ["full restore (s)", s.restore, r.restore, b.restore, f2],
+    ["full restore until durable: peers then `sync FILE` (s)", s.restoreDurable, r.restoreDurable, b.restoreDurable, f2],
     ["peak RSS (MiB)", rssMiB(s.peakRssKiB), rssMiB(r.peakRssKiB), rssMiB(b.peakRssKiB), (v) => (v === null ? "n/a" : v.toFixed(0))],
   ];
   const lines: string[] = [""];
@@ -423,6 +431,7 @@ function report(opts: Options, runs: RunResult[]): string {
   lines.push(`- ${verdict(firstRatio === null ? null : firstRatio <= 0.5)} first backup ≤ 0.5× restic (${x(firstRatio)})`);
   lines.push(`- ${verdict(incrRatio === null || growthRatio === null ? null : incrRatio <= 0.1 && growthRatio <= 2)} incremental ≤ 0.1× restic time (${x(incrRatio, 3)}) with growth ≤ 2× changed bytes (${x(growthRatio)})`);
   lines.push(`- ${verdict(restoreRatio === null ? null : restoreRatio <= 0.5)} full restore ≤ 0.5× restic (${x(restoreRatio)})`);
+  lines.push(`- info full restore until durable: ${x(rel(s.restoreDurable, r.restoreDurable))} restic's restore followed by \`sync\` of its file (not a target)`);
   lines.push(`- ${verdict(rss === null ? null : rss < 300)} Stowage peak RSS < 300 MiB (${rss === null ? "n/a" : rss.toFixed(0) + " MiB"})`);
   lines.push("");
   lines.push("Details:");

@@ -122,6 +122,8 @@ interface JobTiming {
 interface RunResult {
   exportS: JobTiming;
   exportPeer: number;
+  /** qemu-img's export followed by `sync FILE` (fsync): Stowage's export is durable when its job ends. */
+  exportPeerDurable: number;
   exportBytes: number;
   exportPeerBytes: number;
   uploadS: number;
@@ -241,6 +243,7 @@ async function main(): Promise<number> {
       const pe = await timed(time, qemuImg, ["convert", "-f", "raw", "-O", "qcow2", raw, peerOut], { tmp: dir });
       peerRssKiB = Math.max(peerRssKiB, pe.maxRssKiB);
       const exportPeerBytes = (await fsp.stat(peerOut)).size;
+      const exportPeerDurable = pe.seconds + (await timed(time, "sync", [peerOut], { tmp: dir })).seconds;
       log(`qemu-img convert raw→qcow2: ${pe.seconds.toFixed(2)} s (${mib(exportPeerBytes).toFixed(1)} MiB file, peak RSS ${(pe.maxRssKiB / 1024).toFixed(0)} MiB)`);
       await fsp.rm(peerOut, { force: true });
       await fsp.rm(exported, { force: true });
@@ -277,6 +280,7 @@ async function main(): Promise<number> {
       runs.push({
         exportS: exp.timing,
         exportPeer: pe.seconds,
+        exportPeerDurable,
         exportBytes: got.bytes,
         exportPeerBytes,
         uploadS,
@@ -305,6 +309,7 @@ async function main(): Promise<number> {
     const med = (f: (r: RunResult) => number) => median(runs.map(f));
     const exportS = med((r) => r.exportS.seconds);
     const exportPeer = med((r) => r.exportPeer);
+    const exportPeerDurable = med((r) => r.exportPeerDurable);
     const uploadS = med((r) => r.uploadS);
     const importS = med((r) => r.importS.seconds);
     const importPeer = med((r) => r.importPeer);
@@ -326,6 +331,7 @@ async function main(): Promise<number> {
     lines.push("| --- | ---: | ---: | ---: |");
     const row = (name: string, s: string, q: string, r: string) => lines.push(`| ${name} | ${s} | ${q} | ${r} |`);
     row("(a) export raw image → QCOW2 (s)", `${f2(exportS)} (${rate(exportS)})`, `${f2(exportPeer)} (${rate(exportPeer)})`, x(ratioOf(exportS, exportPeer)));
+    row("(a) export until durable: qemu-img then `sync FILE` (s)", f2(exportS), f2(exportPeerDurable), x(ratioOf(exportS, exportPeerDurable)));
     row("(a) QCOW2 file written (MiB)", f2(exportBytes === null ? null : mib(exportBytes)), f2(exportPeerBytes === null ? null : mib(exportPeerBytes)), x(ratioOf(exportBytes, exportPeerBytes)));
     row("(b) upload of in.qcow2 (s)", `${f2(uploadS)} (${uploadS ? (mib(inQcow2Bytes) / uploadS).toFixed(0) : "n/a"} MiB/s)`, "—", "—");
     row("(b) import QCOW2 job (s)", `${f2(importS)} (${rate(importS)})`, `${f2(importPeer)} (${rate(importPeer)})`, x(ratioOf(importS, importPeer)));
@@ -336,6 +342,7 @@ async function main(): Promise<number> {
     const er = ratioOf(exportS, exportPeer);
     const ir = ratioOf(importS, importPeer);
     lines.push(`- ${verdict(er === null ? null : er <= 1.2)} export to QCOW2 ≤ 1.2× qemu-img (${x(er)})`);
+    lines.push(`- info export until durable: ${x(ratioOf(exportS, exportPeerDurable))} qemu-img's export followed by \`sync\` of its file (not a target)`);
     lines.push(`- ${verdict(ir === null ? null : ir <= 1.5)} import of QCOW2 (the job) ≤ 1.5× qemu-img (${x(ir)}; with the upload ${x(ratioOf(upImp, importPeer))}, not a target)`);
     lines.push("");
     lines.push("Details:");
@@ -349,7 +356,7 @@ async function main(): Promise<number> {
         `- ${tag}Stowage ${label}: ${j.seconds.toFixed(2)} s = mutation ${j.mutationMs.toFixed(0)} ms, job created→started ${j.queuedMs.toFixed(0)} ms, ran ${j.runMs.toFixed(0)} ms; CPU: node ${j.nodeCpu.toFixed(2)} s, Postgres ${j.pgCpu.toFixed(2)} s`;
       lines.push(job("export QCOW2", r.exportS));
       lines.push(job("import QCOW2", r.importS));
-      if (runs.length > 1) lines.push(`- ${tag}qemu-img raw→qcow2 ${r.exportPeer.toFixed(2)} s, qcow2→raw ${r.importPeer.toFixed(2)} s; upload ${r.uploadS.toFixed(2)} s`);
+      if (runs.length > 1) lines.push(`- ${tag}qemu-img raw→qcow2 ${r.exportPeer.toFixed(2)} s (then durable ${r.exportPeerDurable.toFixed(2)} s), qcow2→raw ${r.importPeer.toFixed(2)} s; upload ${r.uploadS.toFixed(2)} s`);
     });
     for (const n of notes) lines.push(`- ${n}`);
     if (profile) {

@@ -272,6 +272,22 @@ export class Vault {
     yield* mapOrdered(this.groups(await this.locateAll(projectId, unique)), READS_IN_FLIGHT, (g) => this.fetch(projectId, g, true, opts));
   }
 
+  /**
+   * readRuns over a stream of batches, with reads in flight across their borders:
+   * each batch comes first as itself (`data` null), then the runs of its hashes.
+   */
+  async *readBatches<T extends { hashes: Buffer[] }>(projectId: string, batches: AsyncIterable<T>, opts: ReadOptions = {}): AsyncGenerator<{ batch: T; hashes: Buffer[]; data: Buffer | null }> {
+    const self = this;
+    const steps = async function* () {
+      for await (const batch of batches) {
+        yield { batch, group: null as ChunkLocation[] | null };
+        const unique = [...new Map(batch.hashes.map((h) => [hex(h), h])).values()];
+        if (unique.length) for (const group of self.groups(await self.locateAll(projectId, unique))) yield { batch, group };
+      }
+    };
+    yield* mapOrdered(steps(), READS_IN_FLIGHT + 1, async ({ batch, group }) => (group ? { batch, ...(await this.fetch(projectId, group, true, opts)) } : { batch, hashes: [], data: null }));
+  }
+
   private async locateAll(projectId: string, hashes: Buffer[]): Promise<ChunkLocation[]> {
     const locations = await this.locate(projectId, hashes);
     for (const h of hashes) if (!locations.has(hex(h))) throw new ChunkError(hex(h), "missing", "not in the vault index");

@@ -145,6 +145,25 @@ describe("disk backups", () => {
     expect(await vaultBytes()).toBeLessThan(before - 7 * MiB);
   });
 
+  it("restores a disk whose blocks span several planning batches, writing and zeroing in each", async () => {
+    // A restore plans 4,096 blocks (256 MiB) at a time and reads on across the borders.
+    const size = 640 * MiB;
+    const source = await createDisk(svc, "batches", size);
+    const pieces: [number, Buffer][] = [
+      [0, bytes(MiB, 61)],
+      [256 * MiB - 2 * BLOCK, bytes(4 * BLOCK, 62)], // across the first border
+      [300 * MiB, bytes(3 * MiB, 63)],
+      [size - MiB, bytes(MiB, 64)],
+    ];
+    for (const [off, data] of pieces) await writeDisk(svc, source, data, off);
+    const b = await backupNow(svc, source);
+    // The target holds other data, some where the backup has none (to be zeroed) in every batch.
+    const target = await createDisk(svc, "batches-target", size);
+    for (const off of [5 * MiB, 260 * MiB, 520 * MiB, 300 * MiB + BLOCK]) await writeDisk(svc, target, bytes(2 * BLOCK, off), off);
+    await restoreNow(svc, { backupId: b, targetDiskId: target });
+    expect(sha(await readDisk(svc, target))).toBe(sha(await readDisk(svc, source)));
+  });
+
   it("refuses a second backup while one runs, and a restore while backing up", async () => {
     const disk = await createDisk(svc, "busy", 64 * MiB);
     await writeDisk(svc, disk, bytes(64 * MiB, 6));

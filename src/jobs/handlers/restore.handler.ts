@@ -79,13 +79,17 @@ export class RestoreHandler implements JobHandler {
     await ctx.progress(0, total);
 
     const buffers = this.vault.codec.buffers;
+    const self = this;
     for (const t of targets) {
-      const self = this;
-      const blocks = async function* (): AsyncIterable<BlockWrite | BlockBatch> {
-        for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) {
-          ctx.checkCancelled();
-          const d = await self.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
-          for (const index of d.zero) yield { index, data: null };
+      // Each batch is planned while the one before it is written (their blocks differ, so
+      // nothing it compares can change meanwhile); reads run on across the border.
+      const batches = async function* () {
+        const planOf = (first: number) => self.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
+        let next: Promise<Diff> | null = t.blocks > 0 ? planOf(0) : null;
+        for (let first = 0; next; first += MANIFEST_BATCH) {
+          const d = await next;
+          next = first + MANIFEST_BATCH < t.blocks ? planOf(first + MANIFEST_BATCH) : null;
+          next?.catch(() => undefined); // awaited on the next turn
           // Blocks with the same bytes share one copy in the segment.
           const byHash = new Map<string, number[]>();
           for (const p of d.write) {
@@ -94,17 +98,25 @@ export class RestoreHandler implements JobHandler {
             if (list) list.push(p.index);
             else byHash.set(key, [p.index]);
           }
-          // Runs of chunks come checked against their hashes, a few in flight while earlier ones are written.
-          for await (const run of self.vault.readRuns(job.projectId, d.write.map((p) => p.hash))) {
-            ctx.checkCancelled();
-            const batch: BlockBatch = { data: run.data, blocks: [], release: () => buffers.give(run.data) };
-            run.hashes.forEach((hash, slot) => {
-              for (const index of byHash.get(hex(hash))!) batch.blocks.push({ index, slot, hash });
-            });
-            yield batch;
-            done += batch.blocks.length * BLOCK_SIZE;
-            await ctx.progress(done, total);
+          yield { zero: d.zero, byHash, hashes: d.write.map((p) => p.hash) };
+        }
+      };
+      const blocks = async function* (): AsyncIterable<BlockWrite | BlockBatch> {
+        // Runs of chunks come checked against their hashes, a few in flight while earlier ones are written.
+        for await (const run of self.vault.readBatches(job.projectId, batches())) {
+          ctx.checkCancelled();
+          if (!run.data) {
+            for (const index of run.batch.zero) yield { index, data: null };
+            continue;
           }
+          const data = run.data;
+          const batch: BlockBatch = { data, blocks: [], release: () => buffers.give(data) };
+          run.hashes.forEach((hash, slot) => {
+            for (const index of run.batch.byHash.get(hex(hash))!) batch.blocks.push({ index, slot, hash });
+          });
+          yield batch;
+          done += batch.blocks.length * BLOCK_SIZE;
+          await ctx.progress(done, total);
         }
       };
       await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks(), { bypassCache: true }));

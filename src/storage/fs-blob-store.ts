@@ -213,7 +213,7 @@ export class FsBlobStore implements BlobStore {
     return file;
   }
 
-  /** A temporary file beside the blob's place; `commit` makes it the blob, durably. */
+  /** A temporary file beside the blob's place; `commit` makes it the blob, durably, or removes it when that fails. */
   private async openTmp(key: string, direct = false): Promise<{ fh: fsp.FileHandle; tmp: string; direct: boolean; commit(): Promise<void>; abort(): Promise<void> }> {
     const file = this.file(key);
     const dir = path.dirname(file);
@@ -224,25 +224,31 @@ export class FsBlobStore implements BlobStore {
     if (direct && O_DIRECT) fh = await fsp.open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_DIRECT, 0o600).catch(() => null); // not every file system has it
     direct = fh !== null;
     fh ??= await fsp.open(tmp, "wx", 0o600);
+    const abort = async () => {
+      await fh.close().catch(() => undefined);
+      await fsp.rm(tmp, { force: true });
+    };
     return {
       fh,
       tmp,
       direct,
       async commit() {
-        await fh.sync();
-        await fh.close();
-        await fsp.rename(tmp, file);
-        const dh = await fsp.open(dir, "r");
         try {
-          await dh.sync();
-        } finally {
-          await dh.close();
+          await fh.sync();
+          await fh.close();
+          await fsp.rename(tmp, file);
+          const dh = await fsp.open(dir, "r");
+          try {
+            await dh.sync();
+          } finally {
+            await dh.close();
+          }
+        } catch (err) {
+          await abort();
+          throw err;
         }
       },
-      async abort() {
-        await fh.close().catch(() => undefined);
-        await fsp.rm(tmp, { force: true });
-      },
+      abort,
     };
   }
 
@@ -255,12 +261,7 @@ export class FsBlobStore implements BlobStore {
       await t.abort();
       throw err;
     }
-    try {
-      await t.commit();
-    } catch (err) {
-      await t.abort();
-      throw err;
-    }
+    await t.commit();
     return size;
   }
 
@@ -282,12 +283,7 @@ export class FsBlobStore implements BlobStore {
         size += await writeAll(t.fh, Array.isArray(data) ? data : [data], size);
       },
       async close() {
-        try {
-          await t.commit();
-        } catch (err) {
-          await t.abort();
-          throw err;
-        }
+        await t.commit();
         return size;
       },
       abort: () => t.abort(),

@@ -11,24 +11,27 @@ export interface ManifestEntry {
 }
 
 /**
+ * SQL: the manifest of backup $1 over blocks [$2, $3] as the table `m` (block_index,
+ * hash): each block from the nearest backup in its chain of bases that recorded it.
+ */
+const MANIFEST = `WITH RECURSIVE chain AS (
+    SELECT id, base_id, 0 AS depth FROM backups WHERE id = $1
+    UNION ALL
+    SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
+  ), m AS (
+    SELECT DISTINCT ON (bb.block_index) bb.block_index, bb.hash
+      FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
+     WHERE bb.block_index BETWEEN $2 AND $3
+     ORDER BY bb.block_index, c.depth
+  )`;
+
+/**
  * The blocks of a disk backup in [first, last], resolved through its chain of
  * bases: each block comes from the nearest backup in the chain that recorded it.
  * Blocks no backup recorded read as zeros and are not returned.
  */
 export async function resolveManifest(q: Queryable, backupId: string, first: number, last: number): Promise<ManifestEntry[]> {
-  const found = await rows<{ block_index: string; hash: Buffer | null }>(
-    q,
-    `WITH RECURSIVE chain AS (
-       SELECT id, base_id, 0 AS depth FROM backups WHERE id = $1
-       UNION ALL
-       SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
-     )
-     SELECT DISTINCT ON (bb.block_index) bb.block_index, bb.hash
-       FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
-      WHERE bb.block_index BETWEEN $2 AND $3
-      ORDER BY bb.block_index, c.depth`,
-    [backupId, first, last],
-  );
+  const found = await rows<{ block_index: string; hash: Buffer | null }>(q, `${MANIFEST} SELECT block_index, hash FROM m ORDER BY block_index`, [backupId, first, last]);
   return found.map((r) => ({ index: Number(r.block_index), hash: r.hash }));
 }
 
@@ -59,21 +62,7 @@ export async function packedBlocks(q: Queryable, sql: string, params: unknown[])
 
 /** The blocks with data (a hash) of a disk backup in [first, last], as resolveManifest finds them, packed. */
 export function resolvePackedManifest(q: Queryable, backupId: string, first: number, last: number): Promise<PackedBlocks> {
-  return packedBlocks(
-    q,
-    `WITH RECURSIVE chain AS (
-       SELECT id, base_id, 0 AS depth FROM backups WHERE id = $1
-       UNION ALL
-       SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
-     ), m AS (
-       SELECT DISTINCT ON (bb.block_index) bb.block_index, bb.hash
-         FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
-        WHERE bb.block_index BETWEEN $2 AND $3
-        ORDER BY bb.block_index, c.depth
-     )
-     SELECT ${PACKED_BLOCKS} FROM m WHERE hash IS NOT NULL`,
-    [backupId, first, last],
-  );
+  return packedBlocks(q, `${MANIFEST} SELECT ${PACKED_BLOCKS} FROM m WHERE hash IS NOT NULL`, [backupId, first, last]);
 }
 
 /** Walks a whole disk backup's manifest in batches, memory bounded by the batch. */

@@ -267,16 +267,14 @@ export class Vault {
    * A run's `data` comes from the codec's buffer pool: give it back once done with it.
    */
   async *readRuns(projectId: string, hashes: Buffer[], opts: ReadOptions = {}): AsyncGenerator<{ hashes: Buffer[]; data: Buffer }> {
-    const unique = [...new Map(hashes.map((h) => [hex(h), h])).values()];
-    if (!unique.length) return;
-    yield* mapOrdered(this.groups(await this.locateAll(projectId, unique)), READS_IN_FLIGHT, (g) => this.fetch(projectId, g, true, opts));
+    for await (const run of this.readBatches(projectId, [{ hashes }], opts)) if (run.data) yield { hashes: run.hashes, data: run.data };
   }
 
   /**
    * readRuns over a stream of batches, with reads in flight across their borders:
    * each batch comes first as itself (`data` null), then the runs of its hashes.
    */
-  async *readBatches<T extends { hashes: Buffer[] }>(projectId: string, batches: AsyncIterable<T>, opts: ReadOptions = {}): AsyncGenerator<{ batch: T; hashes: Buffer[]; data: Buffer | null }> {
+  async *readBatches<T extends { hashes: Buffer[] }>(projectId: string, batches: AsyncIterable<T> | Iterable<T>, opts: ReadOptions = {}): AsyncGenerator<{ batch: T; hashes: Buffer[]; data: Buffer | null }> {
     const self = this;
     const steps = async function* () {
       for await (const batch of batches) {

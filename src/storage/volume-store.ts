@@ -215,20 +215,6 @@ export class VolumeStore {
     return rows.map((r) => ({ index: Number(r.i), segmentId: r.s, offset: Number(r.o), hash: r.h }));
   }
 
-  /** Reads the bytes of block refs, one range read per run of adjacent blocks in a segment. */
-  async readRefs(diskId: string, refs: { segmentId: string; offset: number }[]): Promise<Buffer[]> {
-    const out: Buffer[] = new Array(refs.length);
-    let i = 0;
-    while (i < refs.length) {
-      let j = i + 1;
-      while (j < refs.length && refs[j].segmentId === refs[i].segmentId && refs[j].offset === refs[j - 1].offset + BLOCK_SIZE && j - i < 64) j++;
-      const buf = await this.blobs.getRange(segmentKey(diskId, refs[i].segmentId), refs[i].offset, (j - i) * BLOCK_SIZE);
-      for (let k = i; k < j; k++) out[k] = buf.subarray((k - i) * BLOCK_SIZE, (k - i + 1) * BLOCK_SIZE);
-      i = j;
-    }
-    return out;
-  }
-
   /** Fills `into` with adjacent blocks of one segment, from `offset` on, with one range read. */
   readRunInto(diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void> {
     return this.blobs.readInto(segmentKey(diskId, segmentId), offset, into);
@@ -236,7 +222,9 @@ export class VolumeStore {
 
   async readBlock(diskId: string, index: number): Promise<Buffer> {
     const [ref] = await this.blockRefs(this.ds, diskId, index, index);
-    return ref ? Buffer.from((await this.readRefs(diskId, [ref]))[0]) : Buffer.alloc(BLOCK_SIZE);
+    const block = Buffer.alloc(BLOCK_SIZE);
+    if (ref) await this.readRunInto(diskId, ref.segmentId, ref.offset, block);
+    return block;
   }
 
   /**

@@ -40,6 +40,23 @@ export interface StoredChunk {
   hash: Buffer;
 }
 
+/** Chunks to read back as parallel arrays (no object per chunk); `hashes` holds their SHA-256s back to back. */
+export interface StoredChunks {
+  offsets: Float64Array;
+  stored: Uint32Array;
+  raw: Uint32Array;
+  compressed: Uint8Array;
+  hashes: Uint8Array;
+}
+
+const packedChunks = (chunks: StoredChunk[]): StoredChunks => ({
+  offsets: Float64Array.from(chunks, (c) => c.offset),
+  stored: Uint32Array.from(chunks, (c) => c.stored),
+  raw: Uint32Array.from(chunks, (c) => c.raw),
+  compressed: Uint8Array.from(chunks, (c) => (c.compressed ? 1 : 0)),
+  hashes: Buffer.concat(chunks.map((c) => c.hash)),
+});
+
 export class DecodeError extends Error {
   constructor(
     /** The position of the bad chunk in the list given to decode. */
@@ -177,22 +194,13 @@ export class ChunkCodec {
    * DecodeError naming the first bad one. `data` and `target` move to the worker,
    * with all of their memory; the results hand them back.
    */
-  async decode(data: Buffer, chunks: StoredChunk[], target?: Buffer, opts: { sha256?: boolean } = {}): Promise<{ data: Buffer; out: Buffer }> {
+  async decode(data: Buffer, chunks: StoredChunk[] | StoredChunks, target?: Buffer, opts: { sha256?: boolean } = {}): Promise<{ data: Buffer; out: Buffer }> {
     const input = this.inline ? data : own(data);
     const into = target && !this.inline ? own(target) : target;
-    const hashes = Buffer.concat(chunks.map((c) => c.hash));
+    const list = Array.isArray(chunks) ? packedChunks(chunks) : chunks;
     const r = await this.call(
       "decode",
-      {
-        data: input,
-        offsets: Float64Array.from(chunks, (c) => c.offset),
-        stored: Uint32Array.from(chunks, (c) => c.stored),
-        raw: Uint32Array.from(chunks, (c) => c.raw),
-        compressed: Uint8Array.from(chunks, (c) => (c.compressed ? 1 : 0)),
-        hashes,
-        out: into,
-        sha256: opts.sha256 === true,
-      },
+      { data: input, offsets: list.offsets, stored: list.stored, raw: list.raw, compressed: list.compressed, hashes: list.hashes, out: into, sha256: opts.sha256 === true },
       into ? [input, into] : [input],
     );
     if (r.bad !== undefined) throw new DecodeError(r.bad as number, r.problem as DecodeError["problem"]);

@@ -14,7 +14,7 @@ export interface ManifestEntry {
  * SQL: the manifest of backup $1 over blocks [$2, $3] as the table `m` (block_index,
  * hash): each block from the nearest backup in its chain of bases that recorded it.
  */
-const MANIFEST = `WITH RECURSIVE chain AS (
+export const MANIFEST = `WITH RECURSIVE chain AS (
     SELECT id, base_id, 0 AS depth FROM backups WHERE id = $1
     UNION ALL
     SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
@@ -33,36 +33,6 @@ const MANIFEST = `WITH RECURSIVE chain AS (
 export async function resolveManifest(q: Queryable, backupId: string, first: number, last: number): Promise<ManifestEntry[]> {
   const found = await rows<{ block_index: string; hash: Buffer | null }>(q, `${MANIFEST} SELECT block_index, hash FROM m ORDER BY block_index`, [backupId, first, last]);
   return found.map((r) => ({ index: Number(r.block_index), hash: r.hash }));
-}
-
-/**
- * Blocks with data, packed: their indexes in ascending order, and their hashes back
- * to back in the same order (32 bytes each).
- */
-export interface PackedBlocks {
-  indexes: number[];
-  hashes: Buffer;
-}
-
-/**
- * SQL: the select list that packs rows of (block_index, hash) into one row of two
- * bytea (i, h). Read with packedBlocks(). One row instead of one per block spares the
- * data path a few objects per 64 KiB, which otherwise outlive V8's young generation.
- */
-export const PACKED_BLOCKS = `string_agg(int8send(block_index), ''::bytea ORDER BY block_index) AS i, string_agg(hash, ''::bytea ORDER BY block_index) AS h`;
-
-/** The blocks of a PACKED_BLOCKS row (none when the aggregate found no rows). */
-export async function packedBlocks(q: Queryable, sql: string, params: unknown[]): Promise<PackedBlocks> {
-  const [r] = await rows<{ i: Buffer | null; h: Buffer | null }>(q, sql, params);
-  if (!r?.i || !r.h) return { indexes: [], hashes: Buffer.alloc(0) };
-  const indexes = new Array<number>(r.i.length / 8);
-  for (let k = 0; k < indexes.length; k++) indexes[k] = r.i.readUInt32BE(k * 8) * 2 ** 32 + r.i.readUInt32BE(k * 8 + 4);
-  return { indexes, hashes: r.h };
-}
-
-/** The blocks with data (a hash) of a disk backup in [first, last], as resolveManifest finds them, packed. */
-export function resolvePackedManifest(q: Queryable, backupId: string, first: number, last: number): Promise<PackedBlocks> {
-  return packedBlocks(q, `${MANIFEST} SELECT ${PACKED_BLOCKS} FROM m WHERE hash IS NOT NULL`, [backupId, first, last]);
 }
 
 /** Walks a whole disk backup's manifest in batches, memory bounded by the batch. */

@@ -45,6 +45,71 @@ interface ChunkLocation {
 }
 
 /**
+ * Chunks of one pack in pack order, as parallel arrays rather than an object per
+ * chunk (the data path handles tens of thousands of them a minute): where each
+ * sits in the pack, its stored and raw sizes, whether it is compressed, and the
+ * SHA-256s back to back in `hashes`.
+ */
+export interface PackChunks {
+  packId: string;
+  offsets: Float64Array;
+  stored: Uint32Array;
+  raw: Uint32Array;
+  compressed: Uint8Array;
+  hashes: Buffer;
+}
+
+/** SQL: the chunk `hash` of project `project` in vault_chunks, as a LATERAL subquery (LIMIT 1 keeps it one index probe per hash). */
+export const CHUNK_AT = (project: string, hash: string) =>
+  `SELECT pack_id, pack_offset, stored_size, raw_size, compressed FROM vault_chunks WHERE project_id = ${project} AND hash = ${hash} LIMIT 1`;
+
+/**
+ * SQL: the select list packing the chunks of one pack into one row (read with
+ * packChunks), over rows of a wanted hash `hash` LEFT JOINed to CHUNK_AT as `c`,
+ * grouped by c.pack_id. The hashes the vault lacks come as one row with no pack.
+ */
+export const PACKED_CHUNKS = (hash: string) =>
+  [
+    `c.pack_id AS pack`,
+    `string_agg(${hash}, ''::bytea ORDER BY c.pack_offset) AS h`,
+    `string_agg(int8send(c.pack_offset), ''::bytea ORDER BY c.pack_offset) AS o`,
+    `string_agg(int4send(c.stored_size), ''::bytea ORDER BY c.pack_offset) AS s`,
+    `string_agg(int4send(c.raw_size), ''::bytea ORDER BY c.pack_offset) AS r`,
+    `string_agg(CASE WHEN c.compressed THEN '\\x01'::bytea ELSE '\\x00'::bytea END, ''::bytea ORDER BY c.pack_offset) AS z`,
+  ].join(", ");
+
+export interface PackedChunksRow {
+  pack: string | null;
+  h: Buffer;
+  o: Buffer | null;
+  s: Buffer | null;
+  r: Buffer | null;
+  z: Buffer | null;
+}
+
+/** The chunks of a PACKED_CHUNKS row; ChunkError when they are not in the vault or not whole blocks. */
+export function packChunks(row: PackedChunksRow): PackChunks {
+  if (row.pack === null || !row.o || !row.s || !row.r || !row.z) throw new ChunkError(hex(row.h.subarray(0, 32)), "missing", "not in the vault index");
+  const n = row.h.length / 32;
+  const chunks: PackChunks = { packId: row.pack, offsets: new Float64Array(n), stored: new Uint32Array(n), raw: new Uint32Array(n), compressed: new Uint8Array(n), hashes: row.h };
+  for (let k = 0; k < n; k++) {
+    chunks.offsets[k] = row.o.readUInt32BE(k * 8) * 2 ** 32 + row.o.readUInt32BE(k * 8 + 4);
+    chunks.stored[k] = row.s.readUInt32BE(k * 4);
+    chunks.raw[k] = row.r.readUInt32BE(k * 4);
+    chunks.compressed[k] = row.z[k];
+    if (chunks.raw[k] !== BLOCK_SIZE) throw new ChunkError(hex(row.h.subarray(k * 32, k * 32 + 32)), "corrupt", `its index says ${chunks.raw[k]} bytes, not ${BLOCK_SIZE}`);
+  }
+  return chunks;
+}
+
+/** packChunks over every row, in their order; the chunks the vault lacks fail first, before anything is read. */
+export function readPackedChunks(found: PackedChunksRow[]): PackChunks[] {
+  const missing = found.find((r) => r.pack === null);
+  if (missing) packChunks(missing);
+  return found.map(packChunks);
+}
+
+/**
  * Collects new chunks of one project into packs: chunks are compressed with zstd
  * on the codec's workers (kept raw when that does not help) and streamed into
  * the pack's blob as they come, so no pack is held in memory. A full pack is
@@ -236,13 +301,23 @@ export class Vault {
     return new Set(found.map((r) => hex(r.hash)));
   }
 
-  private async locate(projectId: string, hashes: Buffer[]): Promise<Map<string, ChunkLocation>> {
-    const found = await rows<ChunkLocation>(
-      this.ds,
-      `SELECT hash, pack_id, pack_offset, stored_size, raw_size, compressed FROM vault_chunks WHERE project_id = $1 AND hash = ANY(${hashArray("$2")})`,
-      [projectId, packedHashes(hashes)],
+  /**
+   * Where the distinct chunks of `hashes` (SHA-256s back to back) sit: one entry
+   * per pack, in pack order. Throws ChunkError for a chunk the index does not
+   * hold or holds with the wrong size.
+   */
+  async locate(projectId: string, hashes: Buffer): Promise<PackChunks[]> {
+    if (!hashes.length) return [];
+    return readPackedChunks(
+      await rows<PackedChunksRow>(
+        this.ds,
+        `SELECT ${PACKED_CHUNKS("w.hash")}
+           FROM (SELECT DISTINCT ${hashAt("$2", "g.n")} AS hash FROM generate_series(1, length($2::bytea) / 32) AS g(n)) AS w
+           LEFT JOIN LATERAL (${CHUNK_AT("$1", "w.hash")}) AS c ON true
+          GROUP BY c.pack_id`,
+        [projectId, hashes],
+      ),
     );
-    return new Map(found.map((r) => [hex(r.hash), r]));
   }
 
   /**
@@ -267,73 +342,81 @@ export class Vault {
    * A run's `data` comes from the codec's buffer pool: give it back once done with it.
    */
   async *readRuns(projectId: string, hashes: Buffer[], opts: ReadOptions = {}): AsyncGenerator<{ hashes: Buffer[]; data: Buffer }> {
-    for await (const run of this.readBatches(projectId, [{ hashes }], opts)) if (run.data) yield { hashes: run.hashes, data: run.data };
+    if (!hashes.length) return;
+    const packs = await this.locate(projectId, packedHashes(hashes));
+    for await (const run of this.readPacks(projectId, [{ packs }], opts)) {
+      if (!run.data) continue;
+      const ids: Buffer[] = [];
+      for (let k = run.from; k < run.to; k++) ids.push(run.pack.hashes.subarray(k * 32, k * 32 + 32));
+      yield { hashes: ids, data: run.data };
+    }
   }
 
   /**
-   * readRuns over a stream of batches, with reads in flight across their borders:
-   * each batch comes first as itself (`data` null), then the runs of its hashes.
+   * Reads the chunks of a stream of batches, each a list of located packs (see
+   * locate), with reads in flight across the batches' borders: each batch comes
+   * first as itself (`data` null), then its runs: chunks [from, to) of one of its
+   * packs, their raw bytes back to back in `data` (see readRuns).
    */
-  async *readBatches<T extends { hashes: Buffer[] }>(projectId: string, batches: AsyncIterable<T> | Iterable<T>, opts: ReadOptions = {}): AsyncGenerator<{ batch: T; hashes: Buffer[]; data: Buffer | null }> {
+  async *readPacks<B extends { packs: PackChunks[] }>(
+    projectId: string,
+    batches: AsyncIterable<B> | Iterable<B>,
+    opts: ReadOptions = {},
+  ): AsyncGenerator<{ batch: B; pack: B["packs"][number]; from: number; to: number; data: Buffer } | { batch: B; pack: null; data: null }> {
     const self = this;
     const steps = async function* () {
       for await (const batch of batches) {
-        yield { batch, group: null as ChunkLocation[] | null };
-        const unique = [...new Map(batch.hashes.map((h) => [hex(h), h])).values()];
-        if (unique.length) for (const group of self.groups(await self.locateAll(projectId, unique))) yield { batch, group };
+        yield { batch, pack: null, from: 0, to: 0 };
+        for (const pack of batch.packs) for (const [from, to] of self.runs(pack)) yield { batch, pack, from, to };
       }
     };
-    yield* mapOrdered(steps(), READS_IN_FLIGHT + 1, async ({ batch, group }) => (group ? { batch, ...(await this.fetch(projectId, group, true, opts)) } : { batch, hashes: [], data: null }));
+    yield* mapOrdered(steps(), READS_IN_FLIGHT + 1, async ({ batch, pack, from, to }) =>
+      pack ? { batch, pack, from, to, data: await this.fetch(projectId, pack, from, to, true, opts) } : { batch, pack: null, data: null },
+    );
   }
 
-  private async locateAll(projectId: string, hashes: Buffer[]): Promise<ChunkLocation[]> {
-    const locations = await this.locate(projectId, hashes);
-    for (const h of hashes) if (!locations.has(hex(h))) throw new ChunkError(hex(h), "missing", "not in the vault index");
-    for (const l of locations.values()) if (l.raw_size !== BLOCK_SIZE) throw new ChunkError(hex(l.hash), "corrupt", `its index says ${l.raw_size} bytes, not ${BLOCK_SIZE}`);
-    return [...locations.values()].sort((a, b) => (a.pack_id === b.pack_id ? Number(a.pack_offset) - Number(b.pack_offset) : a.pack_id < b.pack_id ? -1 : 1));
-  }
-
-  /** Chunks of one pack close to each other, up to RUN_BYTES of them, make one range read. */
-  private groups(sorted: ChunkLocation[]): ChunkLocation[][] {
-    const out: ChunkLocation[][] = [];
+  /** Chunks of a pack close to each other, up to RUN_CHUNKS of them, make one range read: [from, to) of the pack's list. */
+  private runs(pack: PackChunks): [number, number][] {
+    const out: [number, number][] = [];
+    const n = pack.raw.length;
     let i = 0;
-    while (i < sorted.length) {
+    while (i < n) {
       let j = i + 1;
-      const start = Number(sorted[i].pack_offset);
-      let end = start + sorted[i].stored_size;
-      while (j < sorted.length && sorted[j].pack_id === sorted[i].pack_id && Number(sorted[j].pack_offset) - end < 65536 && j - i < RUN_CHUNKS) {
-        end = Math.max(end, Number(sorted[j].pack_offset) + sorted[j].stored_size);
+      let end = pack.offsets[i] + pack.stored[i];
+      while (j < n && pack.offsets[j] - end < 65536 && j - i < RUN_CHUNKS) {
+        end = Math.max(end, pack.offsets[j] + pack.stored[j]);
         j++;
       }
-      out.push(sorted.slice(i, j));
+      out.push([i, j]);
       i = j;
     }
     return out;
   }
 
-  private async fetch(projectId: string, group: ChunkLocation[], retry: boolean, opts: ReadOptions): Promise<{ hashes: Buffer[]; data: Buffer }> {
-    const start = Number(group[0].pack_offset);
-    const end = Math.max(...group.map((l) => Number(l.pack_offset) + l.stored_size));
+  /** Reads and decodes chunks [from, to) of a pack into one pooled buffer. */
+  private async fetch(projectId: string, pack: PackChunks, from: number, to: number, retry: boolean, opts: ReadOptions): Promise<Buffer> {
+    const start = pack.offsets[from];
+    let end = start;
+    for (let k = from; k < to; k++) end = Math.max(end, pack.offsets[k] + pack.stored[k]);
+    const hashAtRun = (k: number) => hex(pack.hashes.subarray((from + k) * 32, (from + k + 1) * 32));
     const buffers = this.codec.buffers;
     const buf = buffers.take(end - start);
     try {
-      await this.blobs.readInto(packKey(projectId, group[0].pack_id), start, buf);
+      await this.blobs.readInto(packKey(projectId, pack.packId), start, buf);
     } catch (err) {
       buffers.give(buf);
-      if (err instanceof BlobNotFoundError && retry) return this.refetch(projectId, group, opts);
-      if (err instanceof BlobNotFoundError) throw new ChunkError(hex(group[0].hash), "missing", `its pack ${err.key.split("/").pop()?.slice(0, 12)}… is gone`);
-      if (err instanceof Error && /shorter than/.test(err.message)) throw new ChunkError(hex(group[0].hash), "corrupt", "its pack is truncated");
+      if (err instanceof BlobNotFoundError && retry) return this.refetch(projectId, pack, from, to, opts);
+      if (err instanceof BlobNotFoundError) throw new ChunkError(hashAtRun(0), "missing", `its pack ${pack.packId.slice(0, 12)}… is gone`);
+      if (err instanceof Error && /shorter than/.test(err.message)) throw new ChunkError(hashAtRun(0), "corrupt", "its pack is truncated");
       throw err;
     }
+    const offsets = pack.offsets.slice(from, to);
+    for (let k = 0; k < offsets.length; k++) offsets[k] -= start;
+    const chunks = { offsets, stored: pack.stored.slice(from, to), raw: pack.raw.slice(from, to), compressed: pack.compressed.slice(from, to), hashes: pack.hashes.slice(from * 32, to * 32) };
     try {
-      const { data, out } = await this.codec.decode(
-        buf,
-        group.map((l) => ({ offset: Number(l.pack_offset) - start, stored: l.stored_size, raw: l.raw_size, compressed: l.compressed, hash: l.hash })),
-        buffers.take(group.length * BLOCK_SIZE),
-        { sha256: opts.sha256 },
-      );
+      const { data, out } = await this.codec.decode(buf, chunks, buffers.take((to - from) * BLOCK_SIZE), { sha256: opts.sha256 });
       buffers.give(data);
-      return { hashes: group.map((l) => l.hash), data: out };
+      return out;
     } catch (err) {
       if (err instanceof DecodeError) {
         const detail = {
@@ -342,17 +425,25 @@ export class Vault {
           length: "it has the wrong length",
           hash: "its SHA-256 does not match",
         }[err.problem];
-        throw new ChunkError(hex(group[err.chunk].hash), "corrupt", detail);
+        throw new ChunkError(hashAtRun(err.chunk), "corrupt", detail);
       }
       throw err;
     }
   }
 
-  /** The group's pack is gone (rewritten by garbage collection): find its chunks again and read them where they are now. */
-  private async refetch(projectId: string, group: ChunkLocation[], opts: ReadOptions): Promise<{ hashes: Buffer[]; data: Buffer }> {
-    const parts: { hashes: Buffer[]; data: Buffer }[] = [];
-    for (const g of this.groups(await this.locateAll(projectId, group.map((l) => l.hash)))) parts.push(await this.fetch(projectId, g, false, opts));
-    return { hashes: parts.flatMap((p) => p.hashes), data: Buffer.concat(parts.map((p) => p.data)) };
+  /** The pack is gone (rewritten by garbage collection): find chunks [from, to) again and read them where they are now, in the same order. */
+  private async refetch(projectId: string, pack: PackChunks, from: number, to: number, opts: ReadOptions): Promise<Buffer> {
+    const place = new Map<string, number>();
+    for (let k = from; k < to; k++) place.set(hex(pack.hashes.subarray(k * 32, k * 32 + 32)), k - from);
+    const out = this.codec.buffers.take((to - from) * BLOCK_SIZE);
+    for (const moved of await this.locate(projectId, pack.hashes.subarray(from * 32, to * 32))) {
+      for (const [f, t] of this.runs(moved)) {
+        const data = await this.fetch(projectId, moved, f, t, false, opts);
+        for (let k = f; k < t; k++) data.copy(out, place.get(hex(moved.hashes.subarray(k * 32, k * 32 + 32)))! * BLOCK_SIZE, (k - f) * BLOCK_SIZE, (k - f + 1) * BLOCK_SIZE);
+        this.codec.buffers.give(data);
+      }
+    }
+    return out;
   }
 
   /**

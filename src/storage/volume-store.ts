@@ -1,8 +1,9 @@
 import crypto from "node:crypto";
 import type { DataSource, EntityManager } from "typeorm";
-import { hashAt, list, listOf, packedHashes, rows } from "../db/sql";
+import { hashAt, list, listOf, rows } from "../db/sql";
 import type { BlobStore, BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
+import { HASH_BYTES, HashList } from "./hash-list";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
 export const BLOCK_SIZE = 64 * 1024;
@@ -25,14 +26,24 @@ export interface BlockRef {
 }
 
 /**
- * Blocks to store from one buffer: `data` holds 64 KiB pieces, and each block
- * names its piece (`slot`); blocks with equal bytes may share one. `release` is
- * called once the bytes are taken and the buffer may be reused.
+ * Blocks to store from one buffer: `data` holds 64 KiB pieces, `hashes` the
+ * SHA-256 of each piece back to back; block `indexes[k]` takes piece `slots[k]`,
+ * and blocks with equal bytes may share one. `release` is called once the bytes
+ * are taken and the buffer may be reused.
  */
 export interface BlockBatch {
   data: Buffer;
-  blocks: { index: number; slot: number; hash: Buffer }[];
+  hashes: Uint8Array;
+  indexes: ArrayLike<number>;
+  slots: ArrayLike<number>;
   release?(): void;
+}
+
+/** The blocks of one segment, as parallel lists (no object per block). */
+interface SegmentBlocks {
+  indexes: number[];
+  offsets: number[];
+  hashes: HashList;
 }
 
 /** A block to store: its bytes, or null for a block that reads as zeros; its SHA-256 when already known. */
@@ -74,7 +85,7 @@ export class VolumeStore {
   ): Promise<number> {
     const { onCommit } = opts;
     let changed = 0;
-    let segment: { id: string; writer: BlobWriter; size: number; rows: BlockRef[] } | null = null;
+    let segment: { id: string; writer: BlobWriter; size: number; blocks: SegmentBlocks } | null = null;
     /** Single blocks wait here to be written together. */
     let parts: Buffer[] = [];
     let zeros: number[] = [];
@@ -83,7 +94,7 @@ export class VolumeStore {
 
     const open = async () => {
       const id = crypto.randomUUID();
-      segment = { id, writer: await this.blobs.openWriter(segmentKey(diskId, id), { bypassCache: opts.bypassCache }), size: 0, rows: [] };
+      segment = { id, writer: await this.blobs.openWriter(segmentKey(diskId, id), { bypassCache: opts.bypassCache }), size: 0, blocks: { indexes: [], offsets: [], hashes: new HashList(SEGMENT_BYTES / BLOCK_SIZE) } };
       return segment;
     };
     const writeParts = async () => {
@@ -96,7 +107,7 @@ export class VolumeStore {
       const z = zeros;
       segment = null;
       zeros = [];
-      if (!seg?.rows.length && !z.length) {
+      if (!seg?.blocks.indexes.length && !z.length) {
         if (seg) await seg.writer.abort();
         return;
       }
@@ -107,8 +118,8 @@ export class VolumeStore {
       const finish = async () => {
         await durable;
         await before; // commits stay in order
-        await this.commit(projectId, diskId, seg && seg.rows.length ? { id: seg.id, size: seg.size, rows: seg.rows } : null, z);
-        const n = (seg?.rows.length ?? 0) + z.length;
+        await this.commit(projectId, diskId, seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null, z);
+        const n = (seg?.blocks.indexes.length ?? 0) + z.length;
         changed += n;
         await onCommit?.(n);
       };
@@ -119,10 +130,14 @@ export class VolumeStore {
 
     try {
       for await (const item of blocks) {
-        if ("blocks" in item) {
+        if ("slots" in item) {
           await writeParts();
           const seg = segment ?? (await open());
-          for (const b of item.blocks) seg.rows.push({ index: b.index, segmentId: seg.id, offset: seg.size + b.slot * BLOCK_SIZE, hash: b.hash });
+          for (let k = 0; k < item.indexes.length; k++) {
+            seg.blocks.indexes.push(item.indexes[k]);
+            seg.blocks.offsets.push(seg.size + item.slots[k] * BLOCK_SIZE);
+            seg.blocks.hashes.push(item.hashes, item.slots[k] * HASH_BYTES);
+          }
           await seg.writer.write([item.data]);
           seg.size += item.data.length;
           item.release?.();
@@ -134,7 +149,9 @@ export class VolumeStore {
           }
           if (item.data.length !== BLOCK_SIZE) throw new Error("a block must be exactly BLOCK_SIZE bytes");
           const seg = segment ?? (await open());
-          seg.rows.push({ index: item.index, segmentId: seg.id, offset: seg.size, hash: item.hash ?? sha256(item.data) });
+          seg.blocks.indexes.push(item.index);
+          seg.blocks.offsets.push(seg.size);
+          seg.blocks.hashes.push(item.hash ?? sha256(item.data));
           seg.size += BLOCK_SIZE;
           parts.push(item.data);
           if (parts.length >= 16) await writeParts();
@@ -152,13 +169,13 @@ export class VolumeStore {
     return changed;
   }
 
-  private async commit(projectId: string, diskId: string, segment: { id: string; size: number; rows: BlockRef[] } | null, zeros: number[]): Promise<void> {
+  private async commit(projectId: string, diskId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, zeros: number[]): Promise<void> {
     await this.ds.transaction(async (em) => {
       const [{ write_version: version }] = await rows<{ write_version: string }>(em, `UPDATE disks SET write_version = write_version + 1 WHERE id = $1 RETURNING write_version`, [diskId]);
       if (segment) {
         await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
       }
-      const indexes = [...(segment?.rows.map((r) => r.index) ?? []), ...zeros];
+      const indexes = [...(segment?.blocks.indexes ?? []), ...zeros];
       const before: { written: string }[] = await em.query(
         `SELECT count(*) FILTER (WHERE hash IS NOT NULL) AS written FROM disk_blocks WHERE disk_id = $1 AND block_index = ANY(${listOf("$2", "bigint")})`,
         [diskId, list(indexes)],
@@ -169,7 +186,7 @@ export class VolumeStore {
            SELECT $1, b.i, $2, b.o, ${hashAt("$6", "b.n")}, $3 FROM unnest(${listOf("$4", "bigint")}, ${listOf("$5", "bigint")}) WITH ORDINALITY AS b(i, o, n)
            ON CONFLICT (disk_id, block_index) DO UPDATE
              SET segment_id = EXCLUDED.segment_id, segment_offset = EXCLUDED.segment_offset, hash = EXCLUDED.hash, version = EXCLUDED.version`,
-          [diskId, segment.id, version, list(segment.rows.map((r) => r.index)), list(segment.rows.map((r) => r.offset)), packedHashes(segment.rows.map((r) => r.hash))],
+          [diskId, segment.id, version, list(segment.blocks.indexes), list(segment.blocks.offsets), segment.blocks.hashes.bytes],
         );
       }
       if (zeros.length) {
@@ -181,7 +198,7 @@ export class VolumeStore {
           [diskId, list(zeros), version],
         );
       }
-      const delta = (segment?.rows.length ?? 0) - Number(before[0].written);
+      const delta = (segment?.blocks.indexes.length ?? 0) - Number(before[0].written);
       await em.query(`UPDATE disks SET used_bytes = used_bytes + $2 WHERE id = $1`, [diskId, delta * BLOCK_SIZE]);
     });
   }

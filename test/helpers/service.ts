@@ -7,7 +7,7 @@ import { startService, type RunningService } from "../../src/app";
 import { loadConfig, type Config } from "../../src/config";
 import type { JobRunner } from "../../src/jobs/runner";
 import type { Scheduler } from "../../src/jobs/scheduler";
-import { silentLogger } from "../../src/logger";
+import { createLogger, silentLogger } from "../../src/logger";
 import type { Services } from "../../src/services";
 import type { Storage } from "../../src/storage";
 import { createTestDatabase, openTestDataSource, type TestDatabase } from "./db";
@@ -48,7 +48,7 @@ export async function startTestService(env: Record<string, string> = {}): Promis
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-data-"));
   const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, GC_INTERVAL_SECONDS: "0", SCHEDULER_INTERVAL_SECONDS: "0", ...env });
   let svc: RunningService;
-  svc = await startService(config, silentLogger, { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200 } });
+  svc = await startService(config, process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger, { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200 } });
   const alpha = await svc.services.projects.create("alpha");
   const beta = await svc.services.projects.create("beta");
 

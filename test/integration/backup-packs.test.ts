@@ -1,8 +1,10 @@
+import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
 import { BLOCK, backupNow, bytes, createDisk, readDisk, restoreNow, sha, succeed, writeDisk } from "../helpers/data";
 import { MiB, startTestService, type TestService } from "../helpers/service";
-import { PACK_BYTES } from "../../src/storage/vault";
+import { packedHashes } from "../../src/db/sql";
+import { ChunkError, PACK_BYTES, packKey } from "../../src/storage/vault";
 
 let svc: TestService;
 beforeAll(async () => {
@@ -114,5 +116,47 @@ describe("a backup spanning several vault packs", () => {
     const again = await backupNow(svc, disk);
     expect((await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Backup { storedBytes } } }`, { id: again })).node.storedBytes).toBe(0);
     expect(vaultFiles(project).packs).toEqual(filesAfter.packs);
+  });
+
+  it("reads on from a pack that garbage collection rewrote meanwhile, each chunk where the reader expects it", async () => {
+    const project = svc.projectIds.beta;
+    const vault = svc.storage.vault;
+    const blocks = Array.from({ length: 6 }, (_, k) => bytes(BLOCK, 900 + k));
+    const hashes = blocks.map((b) => crypto.createHash("sha256").update(b).digest());
+    const writer = vault.writer(project);
+    await writer.addBlocks(Buffer.concat(blocks), hashes.map((hash, slot) => ({ hash, slot })));
+    await writer.flush();
+    // A reader locates the chunks, then the pack is rewritten with its chunks in the reverse order.
+    const [stale] = await vault.locate(project, packedHashes(hashes));
+    expect(stale.raw.length).toBe(blocks.length);
+    const stored = await Promise.all(hashes.map(async (_, k) => Buffer.from(await vault.blobs.getRange(packKey(project, stale.packId), stale.offsets[k], stale.stored[k]))));
+    const moved = "f".repeat(64);
+    const parts = stored.slice().reverse();
+    await vault.blobs.put(packKey(project, moved), parts);
+    await svc.ds.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3)`, [moved, project, parts.reduce((n, p) => n + p.length, 0)]);
+    for (let k = 0, at = 0; k < parts.length; at += parts[k].length, k++) {
+      const chunk = stale.hashes.subarray((parts.length - 1 - k) * 32, (parts.length - k) * 32);
+      await svc.ds.query(`UPDATE vault_chunks SET pack_id = $3, pack_offset = $4 WHERE project_id = $1 AND hash = $2`, [project, chunk, moved, at]);
+    }
+    await svc.ds.query(`DELETE FROM vault_packs WHERE id = $1`, [stale.packId]);
+    await vault.blobs.delete(packKey(project, stale.packId));
+
+    const read: Buffer[] = [];
+    for await (const run of vault.readPacks(project, [{ packs: [stale] }])) {
+      if (!run.pack) continue;
+      for (let k = run.from; k < run.to; k++) read[k] = Buffer.from(run.data.subarray((k - run.from) * BLOCK, (k - run.from + 1) * BLOCK));
+      vault.codec.buffers.give(run.data);
+    }
+    expect(read).toHaveLength(blocks.length);
+    for (let k = 0; k < blocks.length; k++) {
+      const expected = blocks[hashes.findIndex((h) => h.equals(stale.hashes.subarray(k * 32, k * 32 + 32)))];
+      expect(read[k].equals(expected)).toBe(true);
+    }
+
+    // A chunk the index does not hold is named, before anything is read.
+    const unknown = crypto.createHash("sha256").update("not in the vault").digest();
+    const err = await vault.locate(project, packedHashes([hashes[0], unknown])).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(ChunkError);
+    expect(err).toMatchObject({ problem: "missing", hash: unknown.toString("hex") });
   });
 });

@@ -2,8 +2,8 @@ import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
 import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
 import type { RestorePlan } from "../../services/backup.service";
-import { MANIFEST_BATCH, PACKED_BLOCKS, packedBlocks, resolvePackedManifest } from "../../storage/manifest";
-import { hex, type Vault } from "../../storage/vault";
+import { MANIFEST, MANIFEST_BATCH } from "../../storage/manifest";
+import { CHUNK_AT, PACKED_CHUNKS, readPackedChunks, type PackChunks, type PackedChunksRow, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type BlockBatch, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 
@@ -13,9 +13,55 @@ interface Source {
   imageDiskId?: string;
 }
 
-interface Diff {
-  write: { index: number; hash: Buffer }[];
-  zero: number[];
+/**
+ * Chunks of one pack to write, with the blocks that take each: chunk k's blocks
+ * are `blocks[starts[k]]` up to `blocks[starts[k + 1]]`.
+ */
+interface PackToWrite extends PackChunks {
+  blocks: Float64Array;
+  starts: Uint32Array;
+}
+
+/** One planning batch: the packs to read, and the blocks that become zeros. */
+interface Plan {
+  packs: PackToWrite[];
+  zero: Float64Array;
+}
+
+/**
+ * SQL: CTEs over the blocks [$2, $3] of disk $4 and what they must read as, `m`
+ * (block_index, hash; a null hash reads as zeros): `now`, the disk's blocks
+ * holding data, and `w`, the blocks to write, whose hash differs.
+ */
+function diffOf(source: Source): string {
+  const m = source.imageDiskId ? `WITH m AS (SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3)` : MANIFEST;
+  return `${m},
+    now AS (SELECT block_index, hash FROM disk_blocks WHERE disk_id = $4 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL),
+    w AS (SELECT m.block_index, m.hash FROM m LEFT JOIN now USING (block_index) WHERE m.hash IS NOT NULL AND m.hash IS DISTINCT FROM now.hash)`;
+}
+
+/**
+ * SQL: the plan of one batch as a few rows: per pack, its chunks to read
+ * (PACKED_CHUNKS) with, for each, the blocks that take it (`b`, 8 bytes each)
+ * and how many (`bn`); then one row of the blocks to zero (`zero`). Blocks with
+ * the same bytes share one chunk, read once. Nothing per block reaches
+ * JavaScript as an object of its own.
+ */
+const planSql = (source: Source) => `${diffOf(source)},
+    need AS (SELECT hash, string_agg(int8send(block_index), ''::bytea ORDER BY block_index) AS blocks, count(*)::int AS n FROM w GROUP BY hash)
+  SELECT ${PACKED_CHUNKS("need.hash")},
+         string_agg(need.blocks, ''::bytea ORDER BY c.pack_offset) AS b, string_agg(int4send(need.n), ''::bytea ORDER BY c.pack_offset) AS bn, NULL::bytea AS zero
+    FROM need LEFT JOIN LATERAL (${CHUNK_AT("$5", "need.hash")}) AS c ON true
+   GROUP BY c.pack_id
+  UNION ALL
+  SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, string_agg(int8send(block_index), ''::bytea ORDER BY block_index)
+    FROM now WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.block_index = now.block_index AND m.hash IS NOT NULL)`;
+
+/** Unsigned 64-bit big-endian numbers back to back (as int8send writes them). */
+function int8s(buf: Buffer | null): Float64Array {
+  const out = new Float64Array(buf ? buf.length / 8 : 0);
+  for (let k = 0; k < out.length; k++) out[k] = buf!.readUInt32BE(k * 8) * 2 ** 32 + buf!.readUInt32BE(k * 8 + 4);
+  return out;
 }
 
 /**
@@ -36,27 +82,30 @@ export class RestoreHandler implements JobHandler {
     return (job.payload as { plan: RestorePlan }).plan;
   }
 
-  private async diff(source: Source, diskId: string, first: number, last: number): Promise<Diff> {
-    const want = source.imageDiskId
-      ? await packedBlocks(this.ds, `SELECT ${PACKED_BLOCKS} FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL`, [source.imageDiskId, first, last])
-      : await resolvePackedManifest(this.ds, source.backupId!, first, last);
-    const now = await packedBlocks(this.ds, `SELECT ${PACKED_BLOCKS} FROM disk_blocks WHERE disk_id = $1 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL`, [diskId, first, last]);
-    // Both lists are in block order: walk them side by side.
-    const write: Diff["write"] = [];
-    const zero: number[] = [];
-    let j = 0;
-    for (let k = 0; k < want.indexes.length; k++) {
-      const index = want.indexes[k];
-      while (j < now.indexes.length && now.indexes[j] < index) zero.push(now.indexes[j++]);
-      let same = false;
-      if (j < now.indexes.length && now.indexes[j] === index) {
-        same = want.hashes.compare(now.hashes, j * 32, j * 32 + 32, k * 32, k * 32 + 32) === 0;
-        j++;
-      }
-      if (!same) write.push({ index, hash: want.hashes.subarray(k * 32, k * 32 + 32) });
-    }
-    while (j < now.indexes.length) zero.push(now.indexes[j++]);
-    return { write, zero };
+  /** $1 the source, [$2, $3] the blocks, $4 the disk, $5 the project. */
+  private params(source: Source, projectId: string, diskId: string, first: number, last: number): unknown[] {
+    return [source.imageDiskId ?? source.backupId, first, last, diskId, projectId];
+  }
+
+  /** Blocks of [first, last] to write. */
+  private async count(source: Source, projectId: string, diskId: string, first: number, last: number): Promise<number> {
+    const [{ n }] = await rows<{ n: number }>(this.ds, `${diffOf(source)} SELECT count(*)::int AS n FROM w`, this.params(source, projectId, diskId, first, last).slice(0, 4));
+    return n;
+  }
+
+  private async planBatch(source: Source, projectId: string, diskId: string, first: number, last: number): Promise<Plan> {
+    const found = await rows<PackedChunksRow & { b: Buffer | null; bn: Buffer | null; zero: Buffer | null }>(this.ds, planSql(source), this.params(source, projectId, diskId, first, last));
+    // The row of blocks to zero is the one without hashes (a row of chunks the vault lacks has them).
+    const zeroRow = found.findIndex((r) => r.pack === null && r.h === null);
+    const zero = int8s(found[zeroRow]?.zero ?? null);
+    if (zeroRow >= 0) found.splice(zeroRow, 1);
+    const packs = readPackedChunks(found).map((chunks, k): PackToWrite => {
+      const r = found[k];
+      const starts = new Uint32Array(chunks.raw.length + 1);
+      for (let j = 0; j < chunks.raw.length; j++) starts[j + 1] = starts[j] + r.bn!.readInt32BE(j * 4);
+      return { ...chunks, blocks: int8s(r.b), starts };
+    });
+    return { packs, zero };
   }
 
   async run(ctx: JobContext): Promise<void> {
@@ -70,10 +119,7 @@ export class RestoreHandler implements JobHandler {
     // First the size of the work, from the block maps alone.
     let total = 0;
     for (const t of targets) {
-      for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) {
-        const d = await this.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
-        total += d.write.length * BLOCK_SIZE;
-      }
+      for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) total += (await this.count(t, job.projectId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1)) * BLOCK_SIZE;
     }
     let done = 0;
     await ctx.progress(0, total);
@@ -84,38 +130,29 @@ export class RestoreHandler implements JobHandler {
       // Each batch is planned while the one before it is written (their blocks differ, so
       // nothing it compares can change meanwhile); reads run on across the border.
       const batches = async function* () {
-        const planOf = (first: number) => self.diff(t, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
-        let next: Promise<Diff> | null = t.blocks > 0 ? planOf(0) : null;
+        const planOf = (first: number) => self.planBatch(t, job.projectId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
+        let next: Promise<Plan> | null = t.blocks > 0 ? planOf(0) : null;
         for (let first = 0; next; first += MANIFEST_BATCH) {
-          const d = await next;
+          const plan = await next;
           next = first + MANIFEST_BATCH < t.blocks ? planOf(first + MANIFEST_BATCH) : null;
           next?.catch(() => undefined); // awaited on the next turn
-          // Blocks with the same bytes share one copy in the segment.
-          const byHash = new Map<string, number[]>();
-          for (const p of d.write) {
-            const key = hex(p.hash);
-            const list = byHash.get(key);
-            if (list) list.push(p.index);
-            else byHash.set(key, [p.index]);
-          }
-          yield { zero: d.zero, byHash, hashes: d.write.map((p) => p.hash) };
+          yield plan;
         }
       };
       const blocks = async function* (): AsyncIterable<BlockWrite | BlockBatch> {
         // Runs of chunks come checked against their hashes, a few in flight while earlier ones are written.
-        for await (const run of self.vault.readBatches(job.projectId, batches())) {
+        for await (const run of self.vault.readPacks(job.projectId, batches())) {
           ctx.checkCancelled();
-          if (!run.data) {
+          if (!run.pack) {
             for (const index of run.batch.zero) yield { index, data: null };
             continue;
           }
-          const data = run.data;
-          const batch: BlockBatch = { data, blocks: [], release: () => buffers.give(data) };
-          run.hashes.forEach((hash, slot) => {
-            for (const index of run.batch.byHash.get(hex(hash))!) batch.blocks.push({ index, slot, hash });
-          });
-          yield batch;
-          done += batch.blocks.length * BLOCK_SIZE;
+          const { pack, from, to, data } = run;
+          const first = pack.starts[from];
+          const slots = new Uint32Array(pack.starts[to] - first);
+          for (let k = from; k < to; k++) slots.fill(k - from, pack.starts[k] - first, pack.starts[k + 1] - first);
+          yield { data, hashes: pack.hashes.subarray(from * 32, to * 32), indexes: pack.blocks.subarray(first, pack.starts[to]), slots, release: () => buffers.give(data) };
+          done += slots.length * BLOCK_SIZE;
           await ctx.progress(done, total);
         }
       };

@@ -17,13 +17,6 @@ export interface PendingBlocks {
   projectId: string;
 }
 
-interface Pending {
-  block_index: string;
-  hash: Buffer;
-  src_segment: string;
-  src_offset: string;
-}
-
 export async function countPending(ds: DataSource, p: PendingBlocks): Promise<number> {
   const [{ n }] = await rows<{ n: string }>(ds, `SELECT count(*) AS n FROM ${p.table} WHERE ${p.ownerColumn} = $1 AND src_segment IS NOT NULL`, [p.ownerId]);
   return Number(n);
@@ -35,11 +28,44 @@ const RUN = 64;
 const INFLIGHT = 4;
 
 interface Work {
-  /** Adjacent blocks of one segment, or none for a progress mark. */
-  blocks: Pending[];
-  /** Blocks this item accounts for in progress: a run's own, or a batch's already in the vault. */
+  /** A run of adjacent blocks of one segment from `offset` on, their hashes back to back; none for a progress mark. */
+  segment: string | null;
+  offset: number;
+  hashes: Buffer;
+  /** Blocks this item accounts for in progress: a run's own, or a batch's not read. */
   counted: number;
 }
+
+/** One batch of captured blocks, packed: the last block, how many, and per segment the blocks the vault lacks. */
+interface BatchRow {
+  last: string | null;
+  n: number;
+  segment: string | null;
+  /** Offsets in the segment (8 bytes each, ascending), and the blocks' hashes in the same order. */
+  o: Buffer | null;
+  h: Buffer | null;
+}
+
+/**
+ * SQL: the next BATCH captured blocks after block $2 of owner $1, as rows per
+ * segment of the distinct chunks the vault of project $3 lacks, in segment order.
+ * Every row repeats the batch's last block and size; a batch with nothing to
+ * read is one row without a segment.
+ */
+const batchSql = (p: PendingBlocks) => `WITH batch AS (
+    SELECT block_index, hash, src_segment, src_offset FROM ${p.table}
+     WHERE ${p.ownerColumn} = $1 AND src_segment IS NOT NULL AND block_index > $2 ORDER BY block_index LIMIT ${BATCH}
+  ), missing AS (
+    SELECT DISTINCT ON (hash) hash, src_segment, src_offset FROM batch b
+     WHERE NOT EXISTS (SELECT 1 FROM vault_chunks c WHERE c.project_id = $3 AND c.hash = b.hash)
+     ORDER BY hash, block_index
+  )
+  SELECT t.last, t.n, g.segment, g.o, g.h
+    FROM (SELECT max(block_index) AS last, count(*)::int AS n FROM batch) AS t
+    LEFT JOIN LATERAL (
+      SELECT src_segment AS segment, string_agg(int8send(src_offset), ''::bytea ORDER BY src_offset) AS o, string_agg(hash, ''::bytea ORDER BY src_offset) AS h
+        FROM missing GROUP BY src_segment
+    ) AS g ON true`;
 
 /**
  * Copies captured blocks into the vault. Blocks whose chunk the vault already
@@ -47,7 +73,8 @@ interface Work {
  * range read per run of adjacent blocks), compressed on the codec's workers and
  * packed, with a few runs in flight at once. Returns the bytes added to the
  * vault. The rows keep their source until the caller marks them done in the same
- * transaction that makes the result visible.
+ * transaction that makes the result visible. Nothing per block lives as an
+ * object of its own beyond a run.
  */
 export async function copyPendingBlocks(
   ds: DataSource,
@@ -59,46 +86,50 @@ export async function copyPendingBlocks(
   check: () => void = () => undefined,
 ): Promise<number> {
   const writer = vault.writer(p.projectId);
+  const sql = batchSql(p);
   async function* work(): AsyncGenerator<Work> {
     let after = -1;
     for (;;) {
-      const batch = await rows<Pending>(
-        ds,
-        `SELECT block_index, hash, src_segment, src_offset FROM ${p.table}
-          WHERE ${p.ownerColumn} = $1 AND src_segment IS NOT NULL AND block_index > $2 ORDER BY block_index LIMIT ${BATCH}`,
-        [p.ownerId, after],
-      );
-      if (!batch.length) return;
-      after = Number(batch[batch.length - 1].block_index);
-      const have = await vault.existing(p.projectId, batch.map((b) => b.hash));
-      const missing = batch
-        .filter((b) => !have.has(b.hash.toString("hex")) && !writer.has(b.hash))
-        .sort((a, b) => (a.src_segment === b.src_segment ? Number(a.src_offset) - Number(b.src_offset) : a.src_segment < b.src_segment ? -1 : 1));
-      let i = 0;
-      while (i < missing.length) {
-        let j = i + 1;
-        while (j < missing.length && j - i < RUN && missing[j].src_segment === missing[i].src_segment && Number(missing[j].src_offset) === Number(missing[j - 1].src_offset) + BLOCK_SIZE) j++;
-        yield { blocks: missing.slice(i, j), counted: j - i };
-        i = j;
+      const found = await rows<BatchRow>(ds, sql, [p.ownerId, after, p.projectId]);
+      if (!found[0].n) return;
+      after = Number(found[0].last);
+      let read = 0;
+      for (const { segment, o, h } of found) {
+        if (!segment || !o || !h) continue;
+        const n = o.length / 8;
+        const offset = (k: number) => o.readUInt32BE(k * 8) * 2 ** 32 + o.readUInt32BE(k * 8 + 4);
+        let i = 0;
+        while (i < n) {
+          // A chunk this job is writing already (from an earlier batch) is not read again.
+          if (writer.has(h, i * 32)) {
+            i++;
+            continue;
+          }
+          let j = i + 1;
+          while (j < n && j - i < RUN && offset(j) === offset(j - 1) + BLOCK_SIZE && !writer.has(h, j * 32)) j++;
+          yield { segment, offset: offset(i), hashes: h.subarray(i * 32, j * 32), counted: j - i };
+          read += j - i;
+          i = j;
+        }
       }
-      // The blocks the vault already held count once the batch's runs are through.
-      if (batch.length > missing.length) yield { blocks: [], counted: batch.length - missing.length };
+      // The blocks not read count once the batch's runs are through.
+      if (found[0].n > read) yield { segment: null, offset: 0, hashes: Buffer.alloc(0), counted: found[0].n - read };
     }
   }
   const buffers = vault.codec.buffers;
   const compressRun = async (w: Work) => {
-    if (!w.blocks.length) return { w, packed: null };
-    const first = w.blocks[0];
-    const data = buffers.take(w.blocks.length * BLOCK_SIZE);
-    await volumes.readRunInto(p.diskId, first.src_segment, Number(first.src_offset), data);
-    return { w, packed: await vault.codec.compress(data, BLOCK_SIZE, undefined, buffers.take(ChunkCodec.bound(w.blocks.length, BLOCK_SIZE))) };
+    if (!w.segment) return { w, packed: null };
+    const blocks = w.hashes.length / 32;
+    const data = buffers.take(blocks * BLOCK_SIZE);
+    await volumes.readRunInto(p.diskId, w.segment, w.offset, data);
+    return { w, packed: await vault.codec.compress(data, BLOCK_SIZE, undefined, buffers.take(ChunkCodec.bound(blocks, BLOCK_SIZE))) };
   };
   try {
     for await (const { w, packed } of mapOrdered(work(), INFLIGHT, compressRun)) {
       check();
       if (packed) {
         buffers.give(packed.data);
-        await writer.addStored(w.blocks.map((b, k) => ({ hash: b.hash, stored: packed.chunks[k], raw: BLOCK_SIZE, compressed: packed.compressed[k] })));
+        await writer.addStored(packed.chunks.map((stored, k) => ({ hash: w.hashes.subarray(k * 32, k * 32 + 32), stored, raw: BLOCK_SIZE, compressed: packed.compressed[k] })));
         buffers.give(packed.out);
       }
       if (w.counted) await afterBatch(w.counted);

@@ -5,6 +5,7 @@ import { mapOrdered } from "./pipeline";
 import { BLOCK_SIZE } from "./volume-store";
 import { hashArray, hashAt, list, listOf, packedHashes, rows } from "../db/sql";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
+import { HashSet } from "./hash-list";
 
 /** Packs are written once they reach this size. */
 export const PACK_BYTES = 16 * 1024 * 1024;
@@ -119,9 +120,9 @@ export function readPackedChunks(found: PackedChunksRow[]): PackChunks[] {
  */
 export class PackWriter {
   /** The pack being filled. */
-  private pack: { id: string; writer: BlobWriter; size: number; entries: PackEntry[]; chunks: Set<string> } | null = null;
+  private pack: { id: string; writer: BlobWriter; size: number; index: PackIndex } | null = null;
   /** Chunks of packs being closed, each set until its pack is indexed. */
-  private readonly closing = new Set<Set<string>>();
+  private readonly closing = new Set<HashSet>();
   private inflight: Promise<void>[] = [];
   /** Bytes this writer added to the vault. */
   storedBytes = 0;
@@ -131,11 +132,10 @@ export class PackWriter {
     private readonly projectId: string,
   ) {}
 
-  /** Whether this writer already holds the chunk (written or being written). */
-  has(hash: Buffer): boolean {
-    const key = hex(hash);
-    if (this.pack?.chunks.has(key)) return true;
-    for (const c of this.closing) if (c.has(key)) return true;
+  /** Whether this writer already holds the chunk at byte `at` of `hash` (written or being written). */
+  has(hash: Uint8Array, at = 0): boolean {
+    if (this.pack?.index.chunks.has(hash, at)) return true;
+    for (const c of this.closing) if (c.has(hash, at)) return true;
     return false;
   }
 
@@ -147,13 +147,8 @@ export class PackWriter {
    */
   async addBlocks(data: Buffer, blocks: { hash: Buffer; slot: number }[]): Promise<void> {
     const fresh: { hash: Buffer; slot: number }[] = [];
-    const seen = new Set<string>();
-    for (const b of blocks) {
-      const key = hex(b.hash);
-      if (seen.has(key) || this.has(b.hash)) continue;
-      seen.add(key);
-      fresh.push(b);
-    }
+    const seen = new HashSet(blocks.length);
+    for (const b of blocks) if (!this.has(b.hash) && seen.add(b.hash)) fresh.push(b);
     const buffers = this.vault.codec.buffers;
     if (!fresh.length) {
       buffers.give(data);
@@ -175,8 +170,11 @@ export class PackWriter {
     for (const c of chunks) {
       if (this.has(c.hash)) continue;
       const pack = this.pack ?? (await this.open());
-      pack.chunks.add(hex(c.hash));
-      pack.entries.push({ hash: c.hash, offset: pack.size, stored: c.stored.length, raw: c.raw, compressed: c.compressed });
+      pack.index.chunks.add(c.hash);
+      pack.index.offsets.push(pack.size);
+      pack.index.stored.push(c.stored.length);
+      pack.index.raw.push(c.raw);
+      pack.index.compressed.push(c.compressed);
       pack.size += c.stored.length;
       parts.push(c.stored);
       if (pack.size >= PACK_BYTES) {
@@ -189,7 +187,7 @@ export class PackWriter {
   }
 
   private async open() {
-    this.pack = { id: crypto.randomBytes(32).toString("hex"), writer: null as unknown as BlobWriter, size: 0, entries: [], chunks: new Set() };
+    this.pack = { id: crypto.randomBytes(32).toString("hex"), writer: null as unknown as BlobWriter, size: 0, index: newPackIndex() };
     this.pack.writer = await this.vault.blobs.openWriter(packKey(this.projectId, this.pack.id));
     return this.pack;
   }
@@ -203,12 +201,12 @@ export class PackWriter {
     const pack = this.pack;
     if (!pack) return;
     this.pack = null;
-    this.closing.add(pack.chunks);
+    this.closing.add(pack.index.chunks);
     const close = (async () => {
       const size = await pack.writer.close();
-      const added = await this.vault.indexPack(this.projectId, pack.id, size, pack.entries);
+      const added = await this.vault.indexPack(this.projectId, pack.id, size, pack.index);
       this.storedBytes += added; // not `+= await`: that would read the total before another close adds to it
-      this.closing.delete(pack.chunks);
+      this.closing.delete(pack.index.chunks);
     })();
     close.catch(() => undefined); // awaited by a later rotate or flush
     this.inflight.push(close);
@@ -230,28 +228,31 @@ export class PackWriter {
   }
 }
 
-interface PackEntry {
-  hash: Buffer;
-  offset: number;
-  stored: number;
-  raw: number;
-  compressed: boolean;
+/** The chunks written to a pack, in the order they sit in it: their hashes and parallel lists of their places and forms. */
+interface PackIndex {
+  chunks: HashSet;
+  offsets: number[];
+  stored: number[];
+  raw: number[];
+  compressed: boolean[];
 }
+
+const newPackIndex = (): PackIndex => ({ chunks: new HashSet(), offsets: [], stored: [], raw: [], compressed: [] });
 
 /**
  * A pack rewritten by garbage collection is named by the SHA-256 of its index
  * (each chunk's hash, place and form), which names its content; a pack written
  * as it fills gets 256 random bits.
  */
-function packName(entries: PackEntry[]): string {
+function packName(index: PackIndex): string {
   const h = crypto.createHash("sha256");
   const meta = Buffer.alloc(17);
-  for (const e of entries) {
-    h.update(e.hash);
-    meta.writeBigUInt64BE(BigInt(e.offset), 0);
-    meta.writeUInt32BE(e.stored, 8);
-    meta.writeUInt32BE(e.raw, 12);
-    meta[16] = e.compressed ? 1 : 0;
+  for (let k = 0; k < index.chunks.size; k++) {
+    h.update(index.chunks.list.at(k));
+    meta.writeBigUInt64BE(BigInt(index.offsets[k]), 0);
+    meta.writeUInt32BE(index.stored[k], 8);
+    meta.writeUInt32BE(index.raw[k], 12);
+    meta[16] = index.compressed[k] ? 1 : 0;
     h.update(meta);
   }
   return h.digest("hex");
@@ -272,15 +273,8 @@ export class Vault {
     return new PackWriter(this, projectId);
   }
 
-  /** Writes a pack and indexes its chunks; returns the bytes of chunks that were new. */
-  async writePack(projectId: string, parts: Buffer[], entries: PackEntry[]): Promise<number> {
-    const packId = packName(entries);
-    await this.blobs.put(packKey(projectId, packId), parts);
-    return this.indexPack(projectId, packId, parts.reduce((n, p) => n + p.length, 0), entries);
-  }
-
   /** Indexes the chunks of a durable pack; returns the bytes of chunks that were new. */
-  async indexPack(projectId: string, packId: string, size: number, entries: PackEntry[]): Promise<number> {
+  async indexPack(projectId: string, packId: string, size: number, index: PackIndex): Promise<number> {
     return this.ds.transaction(async (em) => {
       await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
       const inserted = await rows<{ stored_size: number }>(
@@ -288,7 +282,7 @@ export class Vault {
         `INSERT INTO vault_chunks (project_id, hash, pack_id, pack_offset, stored_size, raw_size, compressed)
          SELECT $1, ${hashAt("$3", "c.n")}, $2, c.o, c.s, c.r, c.z FROM unnest(${listOf("$4", "bigint")}, ${listOf("$5", "int")}, ${listOf("$6", "int")}, ${listOf("$7", "bool")}) WITH ORDINALITY AS c(o, s, r, z, n)
          ON CONFLICT (project_id, hash) DO NOTHING RETURNING stored_size`,
-        [projectId, packId, packedHashes(entries.map((e) => e.hash)), list(entries.map((e) => e.offset)), list(entries.map((e) => e.stored)), list(entries.map((e) => e.raw)), list(entries.map((e) => e.compressed))],
+        [projectId, packId, index.chunks.list.bytes, list(index.offsets), list(index.stored), list(index.raw), list(index.compressed)],
       );
       return inserted.reduce((n, r) => n + r.stored_size, 0);
     });
@@ -526,11 +520,11 @@ export class Vault {
       [projectId, packIds],
     );
     let parts: Buffer[] = [];
-    let moved: { loc: ChunkLocation; offset: number }[] = [];
+    let moved = newPackIndex();
     let size = 0;
     const write = async () => {
-      if (!moved.length) return;
-      const packId = packName(moved.map((m) => ({ hash: m.loc.hash, offset: m.offset, stored: m.loc.stored_size, raw: m.loc.raw_size, compressed: m.loc.compressed })));
+      if (!moved.chunks.size) return;
+      const packId = packName(moved);
       await this.blobs.put(packKey(projectId, packId), parts);
       await this.ds.transaction(async (em) => {
         await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
@@ -538,11 +532,11 @@ export class Vault {
           `UPDATE vault_chunks c SET pack_id = $2, pack_offset = m.o
              FROM (SELECT ${hashAt("$3", "u.n")} AS h, u.o FROM unnest(${listOf("$4", "bigint")}) WITH ORDINALITY AS u(o, n)) AS m
             WHERE c.project_id = $1 AND c.hash = m.h`,
-          [projectId, packId, packedHashes(moved.map((m) => m.loc.hash)), list(moved.map((m) => m.offset))],
+          [projectId, packId, moved.chunks.list.bytes, list(moved.offsets)],
         );
       });
       parts = [];
-      moved = [];
+      moved = newPackIndex();
       size = 0;
     };
     for (const loc of live) {
@@ -552,7 +546,11 @@ export class Vault {
         throw err instanceof DecodeError ? new ChunkError(hex(loc.hash), "corrupt", `found while rewriting its pack (${err.problem})`) : err;
       });
       parts.push(stored);
-      moved.push({ loc, offset: size });
+      moved.chunks.add(loc.hash);
+      moved.offsets.push(size);
+      moved.stored.push(loc.stored_size);
+      moved.raw.push(loc.raw_size);
+      moved.compressed.push(loc.compressed);
       size += stored.length;
       if (size >= PACK_BYTES) await write();
     }

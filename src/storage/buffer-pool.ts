@@ -8,22 +8,30 @@ const MIN_CLASS = 1024 * 1024;
  * towards resident memory, so a roomy capacity costs nothing.
  */
 export class BufferPool {
-  private readonly free = new Map<number, ArrayBuffer[]>();
+  private readonly free = new Map<number, ArrayBufferLike[]>();
 
-  /** At most `keep` idle buffers of each capacity are kept. */
-  constructor(private readonly keep = 16) {}
+  /**
+   * At most `keep` idle buffers of each capacity are kept. `shared` buffers are
+   * SharedArrayBuffer memory, which worker threads use in place: a call to a worker
+   * then moves no buffer, and the main thread gets no new ArrayBuffer back, which V8
+   * would count as fresh external memory (see ChunkCodec).
+   */
+  constructor(
+    private readonly keep = 16,
+    private readonly shared = false,
+  ) {}
 
   /** A buffer of `size` bytes (contents undefined), the only user of its memory. */
   take(size: number): Buffer {
     const capacity = Math.max(MIN_CLASS, 2 ** Math.ceil(Math.log2(Math.max(1, size))));
-    const ab = this.free.get(capacity)?.pop() ?? (Buffer.allocUnsafeSlow(capacity).buffer as ArrayBuffer);
+    const ab = this.free.get(capacity)?.pop() ?? (this.shared ? new SharedArrayBuffer(capacity) : Buffer.allocUnsafeSlow(capacity).buffer);
     return Buffer.from(ab, 0, size);
   }
 
   /** Returns a buffer from `take` (or its subarray); nothing may use its memory afterwards. */
   give(buf: Buffer | null | undefined): void {
     const ab = buf?.buffer;
-    if (!(ab instanceof ArrayBuffer) || ab.byteLength < MIN_CLASS || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
+    if (!ab || !(this.shared ? ab instanceof SharedArrayBuffer : ab instanceof ArrayBuffer) || ab.byteLength < MIN_CLASS || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
     let list = this.free.get(ab.byteLength);
     if (!list) this.free.set(ab.byteLength, (list = []));
     if (list.length < this.keep && !list.includes(ab)) list.push(ab);

@@ -10,7 +10,12 @@ const { makeOps } = require("./codec-ops.js") as { makeOps(level: number): Ops }
 type Ops = Record<"hash" | "compress" | "decode" | "digest", (args: Record<string, unknown>) => Record<string, unknown>>;
 type Op = keyof Ops;
 
-/** Loads the ops module in a worker thread and answers one request at a time, in order. */
+/**
+ * Loads the ops module in a worker thread and answers one request at a time, in
+ * order. Buffers in SharedArrayBuffer memory are used in place: a result that is
+ * a view into one of them goes back as where it sits in that argument, not as a
+ * buffer; other result buffers are transferred.
+ */
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require("node:worker_threads");
 const ops = require(workerData.ops).makeOps(workerData.level);
@@ -19,9 +24,16 @@ parentPort.on("message", ({ id, op, args }) => {
     for (const [k, v] of Object.entries(args)) if (v instanceof Uint8Array && !Buffer.isBuffer(v)) args[k] = Buffer.from(v.buffer, v.byteOffset, v.byteLength);
     const result = ops[op](args);
     const transfer = [];
-    // Results move back without a copy; a view into Node's small-buffer pool is copied instead.
-    for (const v of Object.values(result)) {
-      if (!ArrayBuffer.isView(v) || transfer.includes(v.buffer)) continue;
+    for (const [name, v] of Object.entries(result)) {
+      if (!ArrayBuffer.isView(v)) continue;
+      if (v.buffer instanceof SharedArrayBuffer) {
+        const arg = Object.keys(args).find((k) => ArrayBuffer.isView(args[k]) && args[k].buffer === v.buffer && v.byteOffset >= args[k].byteOffset && v.byteOffset + v.byteLength <= args[k].byteOffset + args[k].byteLength);
+        if (arg === undefined) throw new Error("a result in shared memory outside its arguments");
+        result[name] = { arg, offset: v.byteOffset - args[arg].byteOffset, length: v.byteLength };
+        continue;
+      }
+      if (transfer.includes(v.buffer)) continue;
+      // Results move back without a copy; a view into Node's small-buffer pool is copied instead.
       if (v.buffer.byteLength > Buffer.poolSize || (v.byteOffset === 0 && v.byteLength === v.buffer.byteLength)) transfer.push(v.buffer);
     }
     parentPort.postMessage({ id, result }, transfer);
@@ -67,12 +79,14 @@ export class DecodeError extends Error {
   }
 }
 
+const isShared = (buf: Uint8Array) => buf.buffer instanceof SharedArrayBuffer;
+
 /**
  * Buffers cross to a worker by transfer, with all of their memory: a view into
- * Node's small-buffer pool is copied first.
+ * Node's small-buffer pool is copied first. Shared memory crosses as it is.
  */
 function own(buf: Buffer): Buffer {
-  if (buf.buffer instanceof ArrayBuffer && buf.buffer.byteLength > Buffer.poolSize) return buf;
+  if (isShared(buf) || (buf.buffer instanceof ArrayBuffer && buf.buffer.byteLength > Buffer.poolSize)) return buf;
   return copyOf(buf);
 }
 
@@ -93,7 +107,8 @@ interface Slot {
 /**
  * The data path's hashing, compression and checked decompression, spread over
  * worker threads so the main thread keeps reading, writing and talking to
- * Postgres meanwhile. Buffers handed to an operation are moved to the worker
+ * Postgres meanwhile. Buffers of the pool (shared memory) are used in place;
+ * other buffers handed to an operation are moved to the worker
  * (the caller's copy becomes empty) and come back in the result. With no
  * workers, the same code runs inline.
  */
@@ -104,8 +119,13 @@ export class ChunkCodec {
   private next = 0;
   private streams = 0;
   private closed = false;
-  /** Buffers the data path reuses; those handed to operations come back in their results. */
-  readonly buffers = new BufferPool();
+  /**
+   * Buffers the data path reuses, in shared memory: the workers work in them in
+   * place. Moving a buffer to a worker and back instead gave the main thread a
+   * new ArrayBuffer per call, which V8 counts as fresh external memory; past a
+   * few dozen MiB of it, a full garbage collection runs (dozens a second).
+   */
+  readonly buffers = new BufferPool(16, true);
 
   constructor(
     readonly level = 1,
@@ -152,9 +172,16 @@ export class ChunkCodec {
     const target = slot ?? this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
     const id = this.next++;
     target.busy++;
-    return new Promise((resolve, reject) => {
+    return new Promise<Record<string, unknown>>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      target.worker.postMessage({ id, op, args }, transfer.map((b) => b.buffer as ArrayBuffer));
+      target.worker.postMessage({ id, op, args }, transfer.filter((b) => !isShared(b)).map((b) => b.buffer as ArrayBuffer));
+    }).then((result) => {
+      // A view into a shared argument comes back as its place there.
+      for (const [name, v] of Object.entries(result)) {
+        const at = v as { arg?: string; offset: number; length: number } | null;
+        if (at && typeof at === "object" && typeof at.arg === "string" && !ArrayBuffer.isView(at)) result[name] = (args[at.arg] as Buffer).subarray(at.offset, at.offset + at.length);
+      }
+      return result;
     });
   }
 

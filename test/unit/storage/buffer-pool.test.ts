@@ -22,6 +22,22 @@ describe("BufferPool", () => {
     }
   });
 
+  it("hands out shared memory when asked, and takes back only its own kind", () => {
+    const shared = new BufferPool(16, true);
+    const a = shared.take(3 * MiB);
+    expect(a.buffer).toBeInstanceOf(SharedArrayBuffer);
+    const memory = a.buffer;
+    shared.give(a);
+    expect(shared.take(4 * MiB).buffer).toBe(memory);
+    // A plain buffer of the right capacity is not taken into a shared pool, nor the reverse.
+    const plain = new BufferPool().take(4 * MiB);
+    shared.give(plain);
+    expect(shared.take(4 * MiB).buffer).toBeInstanceOf(SharedArrayBuffer);
+    const other = new BufferPool();
+    other.give(shared.take(MiB));
+    expect(other.take(MiB).buffer).toBeInstanceOf(ArrayBuffer);
+  });
+
   it("hands a given buffer out again for any size of the same capacity class", () => {
     const pool = new BufferPool();
     const a = pool.take(3 * MiB);

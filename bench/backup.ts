@@ -2,7 +2,9 @@
  * Backup benchmark: Stowage against restic and borg on the same bytes.
  *
  *   npm run bench:backup                      # 1 GiB image, Stowage + restic + borg
- *   npm run bench:backup -- --size 4G         # 4 GiB (or BENCH_SIZE_GIB=4), to compare peak RSS with 1 GiB
+ *   npm run bench:backup -- --size 4G         # 4 GiB (or BENCH_SIZE_GIB=4)
+ *   npm run bench:backup -- --memory          # Stowage only, at 1 GiB and at 4 GiB (--memory=8G: another size):
+ *                                             # peak RSS of the backup and the restore, side by side
  *   npm run bench:backup -- --skip-peers      # Stowage only
  *   npm run bench:backup -- --runs 3          # repeat everything 3 times; the table shows medians (RSS: the max)
  *   npm run bench:backup -- --cpu-prof        # also profile the service and print where its CPU time goes per phase
@@ -18,7 +20,9 @@
  * Stowage runs as `node bin/stowage.js serve` on a fresh data dir with its embedded
  * Postgres and local blobs; its times run from the mutation to the job's finishedAt
  * (the instant it turned SUCCEEDED; jobs are polled every 250 ms, not to load the service).
- * Times are wall-clock: run it on an otherwise idle machine (the report shows the load).
+ * Every timed phase, of every tool, starts after a `sync` (untimed), so none pays for the
+ * writeback of the one before it. Times are wall-clock: run it on an otherwise idle
+ * machine (the report shows the load).
  */
 import fs from "node:fs";
 import fsp from "node:fs/promises";
@@ -39,6 +43,8 @@ interface Options {
   runs: number;
   serviceNodeArgs: string[];
   dist: string | null;
+  /** Compare peak RSS at 1 GiB and at this size (Stowage only), instead of the peers table. */
+  memory: number | null;
 }
 
 function parseSize(s: string): number {
@@ -61,6 +67,7 @@ function parseArgs(argv: string[]): Options {
     runs: 1,
     serviceNodeArgs: [],
     dist: null,
+    memory: null,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -77,6 +84,8 @@ function parseArgs(argv: string[]): Options {
     else if (a === "--seed" || a.startsWith("--seed=")) o.seed = Number(value());
     else if (a === "--runs" || a.startsWith("--runs=")) o.runs = Number(value());
     else if (a === "--service-node-args" || a.startsWith("--service-node-args=")) o.serviceNodeArgs = value().split(/\s+/).filter(Boolean);
+    else if (a === "--memory") o.memory = 4 * GiB;
+    else if (a.startsWith("--memory=")) o.memory = parseSize(a.slice("--memory=".length));
     else if (a === "--dist") o.dist = path.join(__dirname, "..", "dist");
     else if (a.startsWith("--dist=")) o.dist = path.resolve(a.slice("--dist=".length));
     else if (a === "--help" || a === "-h") {
@@ -214,7 +223,16 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
       BORG_RELOCATED_REPO_ACCESS_IS_OK: "yes",
       BORG_DISPLAY_PASSPHRASE: "no",
     };
+    /**
+     * Before every timed phase, of any tool: the writeback of what the phases before
+     * it wrote finishes first (untimed), so no tool pays for the one before it.
+     */
+    const settle = async () => {
+      const r = await run("sync", []);
+      if (r.code !== 0) throw new Error(`sync failed: ${r.stderr}`);
+    };
     const peer = async (tool: "restic" | "borg", args: string[], cwd?: string) => {
+      await settle();
       const r = await timed(progs!.time, progs![tool], args, { env: tool === "restic" ? resticEnv : borgEnv, cwd, tmp: dir });
       results[tool].peakRssKiB = Math.max(results[tool].peakRssKiB ?? 0, r.maxRssKiB);
       return r.seconds;
@@ -238,6 +256,7 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
     const windows: Window[] = [];
     const phases: StowagePhase[] = [];
     const stowagePhase = async (label: string, mutation: () => Promise<{ jobId: string; result: string }>) => {
+      await settle();
       sampler.setPhase(label);
       const cpu0 = cpuTree(svc.pid);
       const startUs = Number(process.hrtime.bigint() / 1000n);
@@ -459,6 +478,29 @@ function report(opts: Options, runs: RunResult[]): string {
   return lines.join("\n") + "\n";
 }
 
+/** Headroom for sampling: peak RSS of one build at one size moves by a few MiB from run to run. */
+const MEMORY_SLACK = 1.05;
+
+/** Peak RSS of the backup and the restore at 1 GiB and at a larger size (the highest of the runs). */
+function memoryReport(sizes: number[], bySize: RunResult[][]): string {
+  const peak = (runs: RunResult[], label: string) => Math.max(...runs.map((r) => r.phases.find((p) => p.label === label)!.peakRssKiB)) / 1024;
+  const [small, large] = sizes.map((s) => `${mib(s) / 1024} GiB`);
+  const lines = ["", `Peak RSS of the Stowage process by disk size (highest of ${bySize[0].length} run(s) each), node ${process.version}`, ""];
+  lines.push(`| phase | ${small} (MiB) | ${large} (MiB) | ${large} / ${small} |`);
+  lines.push("| --- | ---: | ---: | ---: |");
+  const verdicts: string[] = [];
+  for (const label of ["first backup", "full restore"]) {
+    const [a, b] = bySize.map((runs) => peak(runs, label));
+    lines.push(`| ${label} | ${a.toFixed(0)} | ${b.toFixed(0)} | ${(b / a).toFixed(2)}× |`);
+    verdicts.push(`- ${b <= a * MEMORY_SLACK ? "PASS" : "MISS"} ${label}: ${large} peaks no higher than ${small} (${b.toFixed(0)} vs ${a.toFixed(0)} MiB; within ${Math.round((MEMORY_SLACK - 1) * 100)}% for sampling)`);
+  }
+  lines.push("", ...verdicts, "");
+  bySize.forEach((runs, i) =>
+    runs.forEach((run, k) => lines.push(`- ${mib(sizes[i]) / 1024} GiB, run ${k + 1}: RSS peaks by phase ${[...run.rssByPhase].map(([p, v]) => `${p} ${(v / 1024).toFixed(0)}`).join(", ")} MiB`)),
+  );
+  return lines.join("\n") + "\n";
+}
+
 function profileReport(run: RunResult): string {
   if (!run.profile) return "";
   return profileLines(`CPU profile of the service (${run.profile}), by phase:`, run.profile, run.windows).join("\n") + "\n";
@@ -466,7 +508,7 @@ function profileReport(run: RunResult): string {
 
 async function main(): Promise<number> {
   const opts = parseArgs(process.argv.slice(2));
-  const progs: Programs | null = opts.skipPeers
+  const progs: Programs | null = opts.skipPeers || opts.memory
     ? null
     : { time: requireProgram("/usr/bin/time", "time"), restic: requireProgram("restic", "restic"), borg: requireProgram("borg", "borgbackup") };
 
@@ -478,6 +520,22 @@ async function main(): Promise<number> {
   }, log);
 
   try {
+    if (opts.memory) {
+      const sizes = [GiB, opts.memory];
+      const bySize: RunResult[][] = [];
+      for (const size of sizes) {
+        log(`memory: image ${mib(size)} MiB, ${opts.runs} run(s)`);
+        const runs: RunResult[] = [];
+        for (let i = 1; i <= opts.runs; i++) {
+          const dir = path.join(tmp, `${mib(size)}M-run${i}`);
+          runs.push(await measure({ ...opts, size, skipPeers: true }, null, dir, i));
+          if (!opts.keep) await fsp.rm(dir, { recursive: true, force: true });
+        }
+        bySize.push(runs);
+      }
+      process.stdout.write(memoryReport(sizes, bySize));
+      return 0;
+    }
     log(`working in ${tmp}; image ${mib(opts.size)} MiB, seed ${opts.seed}, ${opts.runs} run(s)`);
     const runs: RunResult[] = [];
     for (let i = 1; i <= opts.runs; i++) {

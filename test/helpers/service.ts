@@ -5,7 +5,7 @@ import path from "node:path";
 import type { DataSource } from "typeorm";
 import { startService, type RunningService } from "../../src/app";
 import { loadConfig, type Config } from "../../src/config";
-import type { JobRunner } from "../../src/jobs/runner";
+import type { JobRunner, RunnerOptions } from "../../src/jobs/runner";
 import type { Scheduler } from "../../src/jobs/scheduler";
 import { createLogger, silentLogger } from "../../src/logger";
 import type { Services } from "../../src/services";
@@ -40,15 +40,15 @@ export interface TestService {
   stop(): Promise<void>;
 }
 
-/** The whole service (API, jobs, storage) on a fresh database and data directory. */
-export async function startTestService(env: Record<string, string> = {}): Promise<TestService> {
+/** The whole service (API, jobs, storage) on a fresh database and data directory; `runner` adjusts its job runner. */
+export async function startTestService(env: Record<string, string> = {}, runner: RunnerOptions = {}): Promise<TestService> {
   const db: TestDatabase = await createTestDatabase();
   let recording: string[] | null = null;
   const ds = await openTestDataSource(db.url, (sql) => recording?.push(sql));
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-data-"));
   const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, GC_INTERVAL_SECONDS: "0", SCHEDULER_INTERVAL_SECONDS: "0", ...env });
   let svc: RunningService;
-  svc = await startService(config, process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger, { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200 } });
+  svc = await startService(config, process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger, { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200, ...runner } });
   const alpha = await svc.services.projects.create("alpha");
   const beta = await svc.services.projects.create("beta");
 

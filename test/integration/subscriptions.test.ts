@@ -130,7 +130,8 @@ const alpha = () => wsClient(`Bearer ${svc.keys.alpha}`);
 const beta = () => wsClient(`Bearer ${svc.keys.beta}`);
 
 beforeAll(async () => {
-  svc = await startTestService();
+  // Progress is written every 20 ms (200 by default), so even a short job shows several steps.
+  svc = await startTestService({}, { progressIntervalMs: 20 });
 });
 
 afterAll(async () => {
@@ -208,8 +209,17 @@ describe("backupProgress", () => {
     const size = 96 * MiB;
     const disk = await createDisk(svc, "backup-progress-disk", size);
     await fillDisk(svc, disk, size, 3);
+    // The job waits until the subscription listens: a backup this size can finish
+    // before a subscription made after the mutation is set up.
+    await svc.runner.stop();
+    const bus = (svc.services.progress as any).bus.local.emitter;
+    const before = bus.listenerCount(svc.projectIds.alpha);
     const { backupId, jobId } = await backup(svc, disk);
     const rec = record<ProgressEvent>(alpha(), BACKUP_PROGRESS, { id: backupId }, "backupProgress");
+    for (const t0 = Date.now(); bus.listenerCount(svc.projectIds.alpha) === before; await sleep(10)) {
+      if (Date.now() - t0 > 5_000) throw new Error("backupProgress never subscribed to the bus");
+    }
+    await svc.runner.start();
     await within(rec.ended, 60_000, "backupProgress never completed");
     expectWellFormed(rec, jobId, "SUCCEEDED");
     const last = rec.events[rec.events.length - 1];

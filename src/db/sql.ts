@@ -13,7 +13,13 @@ export async function rows<T = Record<string, unknown>>(q: Queryable, sql: strin
 }
 
 /** SHA-256 hashes, the names of blocks and chunks, are 32 bytes. */
-const HASH_BYTES = 32;
+export const HASH_BYTES = 32;
+
+/** Hash `k` of hashes back to back (a view, not a copy). */
+export const hashOf = (hashes: Buffer, k: number): Buffer => hashes.subarray(k * HASH_BYTES, (k + 1) * HASH_BYTES);
+
+/** Number `k` of a bytea of int8send() values back to back (big-endian, 8 bytes each; not negative). */
+export const int8At = (buf: Buffer, k: number): number => buf.readUInt32BE(k * 8) * 2 ** 32 + buf.readUInt32BE(k * 8 + 4);
 
 /**
  * Hashes as one bytea parameter, back to back, sent in binary; the statement takes

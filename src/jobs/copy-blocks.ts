@@ -1,5 +1,5 @@
 import type { DataSource } from "typeorm";
-import { rows } from "../db/sql";
+import { HASH_BYTES, hashOf, int8At, rows } from "../db/sql";
 import type { Vault } from "../storage/vault";
 import { ChunkCodec } from "../storage/codec";
 import { mapOrdered } from "../storage/pipeline";
@@ -97,17 +97,17 @@ export async function copyPendingBlocks(
       for (const { segment, o, h } of found) {
         if (!segment || !o || !h) continue;
         const n = o.length / 8;
-        const offset = (k: number) => o.readUInt32BE(k * 8) * 2 ** 32 + o.readUInt32BE(k * 8 + 4);
+        const offset = (k: number) => int8At(o, k);
         let i = 0;
         while (i < n) {
           // A chunk this job is writing already (from an earlier batch) is not read again.
-          if (writer.has(h, i * 32)) {
+          if (writer.has(h, i * HASH_BYTES)) {
             i++;
             continue;
           }
           let j = i + 1;
-          while (j < n && j - i < RUN && offset(j) === offset(j - 1) + BLOCK_SIZE && !writer.has(h, j * 32)) j++;
-          yield { segment, offset: offset(i), hashes: h.subarray(i * 32, j * 32), counted: j - i };
+          while (j < n && j - i < RUN && offset(j) === offset(j - 1) + BLOCK_SIZE && !writer.has(h, j * HASH_BYTES)) j++;
+          yield { segment, offset: offset(i), hashes: h.subarray(i * HASH_BYTES, j * HASH_BYTES), counted: j - i };
           read += j - i;
           i = j;
         }
@@ -119,7 +119,7 @@ export async function copyPendingBlocks(
   const buffers = vault.codec.buffers;
   const compressRun = async (w: Work) => {
     if (!w.segment) return { w, packed: null };
-    const blocks = w.hashes.length / 32;
+    const blocks = w.hashes.length / HASH_BYTES;
     const data = buffers.take(blocks * BLOCK_SIZE);
     await volumes.readRunInto(p.diskId, w.segment, w.offset, data);
     return { w, packed: await vault.codec.compress(data, BLOCK_SIZE, undefined, buffers.take(ChunkCodec.bound(blocks, BLOCK_SIZE))) };
@@ -129,7 +129,7 @@ export async function copyPendingBlocks(
       check();
       if (packed) {
         buffers.give(packed.data);
-        await writer.addStored(packed.chunks.map((stored, k) => ({ hash: w.hashes.subarray(k * 32, k * 32 + 32), stored, raw: BLOCK_SIZE, compressed: packed.compressed[k] })));
+        await writer.addStored(packed.chunks.map((stored, k) => ({ hash: hashOf(w.hashes, k), stored, raw: BLOCK_SIZE, compressed: packed.compressed[k] })));
         buffers.give(packed.out);
       }
       if (w.counted) await afterBatch(w.counted);

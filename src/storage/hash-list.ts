@@ -1,5 +1,4 @@
-/** SHA-256 hashes are 32 bytes. */
-export const HASH_BYTES = 32;
+import { HASH_BYTES } from "../db/sql";
 
 /**
  * SHA-256 hashes back to back in one growing buffer: a list of thousands of

@@ -3,7 +3,7 @@ import type { DataSource } from "typeorm";
 import { ChunkCodec, DecodeError } from "./codec";
 import { mapOrdered } from "./pipeline";
 import { BLOCK_SIZE } from "./volume-store";
-import { hashArray, hashAt, list, listOf, packedHashes, rows } from "../db/sql";
+import { HASH_BYTES, hashArray, hashAt, hashOf, int8At, list, listOf, packedHashes, rows } from "../db/sql";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { HashSet } from "./hash-list";
 
@@ -90,15 +90,15 @@ export interface PackedChunksRow {
 
 /** The chunks of a PACKED_CHUNKS row; ChunkError when they are not in the vault or not whole blocks. */
 export function packChunks(row: PackedChunksRow): PackChunks {
-  if (row.pack === null || !row.o || !row.s || !row.r || !row.z) throw new ChunkError(hex(row.h.subarray(0, 32)), "missing", "not in the vault index");
-  const n = row.h.length / 32;
+  if (row.pack === null || !row.o || !row.s || !row.r || !row.z) throw new ChunkError(hex(hashOf(row.h, 0)), "missing", "not in the vault index");
+  const n = row.h.length / HASH_BYTES;
   const chunks: PackChunks = { packId: row.pack, offsets: new Float64Array(n), stored: new Uint32Array(n), raw: new Uint32Array(n), compressed: new Uint8Array(n), hashes: row.h };
   for (let k = 0; k < n; k++) {
-    chunks.offsets[k] = row.o.readUInt32BE(k * 8) * 2 ** 32 + row.o.readUInt32BE(k * 8 + 4);
+    chunks.offsets[k] = int8At(row.o, k);
     chunks.stored[k] = row.s.readUInt32BE(k * 4);
     chunks.raw[k] = row.r.readUInt32BE(k * 4);
     chunks.compressed[k] = row.z[k];
-    if (chunks.raw[k] !== BLOCK_SIZE) throw new ChunkError(hex(row.h.subarray(k * 32, k * 32 + 32)), "corrupt", `its index says ${chunks.raw[k]} bytes, not ${BLOCK_SIZE}`);
+    if (chunks.raw[k] !== BLOCK_SIZE) throw new ChunkError(hex(hashOf(row.h, k)), "corrupt", `its index says ${chunks.raw[k]} bytes, not ${BLOCK_SIZE}`);
   }
   return chunks;
 }
@@ -306,7 +306,7 @@ export class Vault {
       await rows<PackedChunksRow>(
         this.ds,
         `SELECT ${PACKED_CHUNKS("w.hash")}
-           FROM (SELECT DISTINCT ${hashAt("$2", "g.n")} AS hash FROM generate_series(1, length($2::bytea) / 32) AS g(n)) AS w
+           FROM (SELECT DISTINCT ${hashAt("$2", "g.n")} AS hash FROM generate_series(1, length($2::bytea) / ${HASH_BYTES}) AS g(n)) AS w
            LEFT JOIN LATERAL (${CHUNK_AT("$1", "w.hash")}) AS c ON true
           GROUP BY c.pack_id`,
         [projectId, hashes],
@@ -341,7 +341,7 @@ export class Vault {
     for await (const run of this.readPacks(projectId, [{ packs }], opts)) {
       if (!run.data) continue;
       const ids: Buffer[] = [];
-      for (let k = run.from; k < run.to; k++) ids.push(run.pack.hashes.subarray(k * 32, k * 32 + 32));
+      for (let k = run.from; k < run.to; k++) ids.push(hashOf(run.pack.hashes, k));
       yield { hashes: ids, data: run.data };
     }
   }
@@ -392,7 +392,7 @@ export class Vault {
     const start = pack.offsets[from];
     let end = start;
     for (let k = from; k < to; k++) end = Math.max(end, pack.offsets[k] + pack.stored[k]);
-    const hashAtRun = (k: number) => hex(pack.hashes.subarray((from + k) * 32, (from + k + 1) * 32));
+    const hashAtRun = (k: number) => hex(hashOf(pack.hashes, from + k));
     const buffers = this.codec.buffers;
     const buf = buffers.take(end - start);
     try {
@@ -406,7 +406,7 @@ export class Vault {
     }
     const offsets = pack.offsets.slice(from, to);
     for (let k = 0; k < offsets.length; k++) offsets[k] -= start;
-    const chunks = { offsets, stored: pack.stored.slice(from, to), raw: pack.raw.slice(from, to), compressed: pack.compressed.slice(from, to), hashes: pack.hashes.slice(from * 32, to * 32) };
+    const chunks = { offsets, stored: pack.stored.slice(from, to), raw: pack.raw.slice(from, to), compressed: pack.compressed.slice(from, to), hashes: pack.hashes.subarray(from * HASH_BYTES, to * HASH_BYTES) };
     try {
       const { data, out } = await this.codec.decode(buf, chunks, buffers.take((to - from) * BLOCK_SIZE), { sha256: opts.sha256 });
       buffers.give(data);
@@ -428,12 +428,12 @@ export class Vault {
   /** The pack is gone (rewritten by garbage collection): find chunks [from, to) again and read them where they are now, in the same order. */
   private async refetch(projectId: string, pack: PackChunks, from: number, to: number, opts: ReadOptions): Promise<Buffer> {
     const place = new Map<string, number>();
-    for (let k = from; k < to; k++) place.set(hex(pack.hashes.subarray(k * 32, k * 32 + 32)), k - from);
+    for (let k = from; k < to; k++) place.set(hex(hashOf(pack.hashes, k)), k - from);
     const out = this.codec.buffers.take((to - from) * BLOCK_SIZE);
-    for (const moved of await this.locate(projectId, pack.hashes.subarray(from * 32, to * 32))) {
+    for (const moved of await this.locate(projectId, pack.hashes.subarray(from * HASH_BYTES, to * HASH_BYTES))) {
       for (const [f, t] of this.runs(moved)) {
         const data = await this.fetch(projectId, moved, f, t, false, opts);
-        for (let k = f; k < t; k++) data.copy(out, place.get(hex(moved.hashes.subarray(k * 32, k * 32 + 32)))! * BLOCK_SIZE, (k - f) * BLOCK_SIZE, (k - f + 1) * BLOCK_SIZE);
+        for (let k = f; k < t; k++) data.copy(out, place.get(hex(hashOf(moved.hashes, k)))! * BLOCK_SIZE, (k - f) * BLOCK_SIZE, (k - f + 1) * BLOCK_SIZE);
         this.codec.buffers.give(data);
       }
     }

@@ -1,9 +1,9 @@
 import crypto from "node:crypto";
 import type { DataSource, EntityManager } from "typeorm";
-import { hashAt, list, listOf, rows } from "../db/sql";
+import { HASH_BYTES, hashAt, list, listOf, rows } from "../db/sql";
 import type { BlobStore, BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
-import { HASH_BYTES, HashList } from "./hash-list";
+import { HashList } from "./hash-list";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
 export const BLOCK_SIZE = 64 * 1024;

@@ -204,6 +204,18 @@ describe("jobProgress", () => {
   });
 });
 
+/** How many listeners the service's event bus holds for a project (internals: nothing else shows a subscription is listening, or a leaked one). */
+const listeners = (projectId: string): number => (svc.services.progress as any).bus.local.emitter.listenerCount(projectId);
+
+async function waitFor(pred: () => boolean, ms: number, what: string): Promise<number> {
+  const t0 = Date.now();
+  while (!pred()) {
+    if (Date.now() - t0 > ms) throw new Error(`${what}: not within ${ms} ms`);
+    await sleep(10);
+  }
+  return Date.now() - t0;
+}
+
 describe("backupProgress", () => {
   it("follows the backup job to SUCCEEDED, completes, and the backup is AVAILABLE by then", async () => {
     const size = 96 * MiB;
@@ -212,13 +224,10 @@ describe("backupProgress", () => {
     // The job waits until the subscription listens: a backup this size can finish
     // before a subscription made after the mutation is set up.
     await svc.runner.stop();
-    const bus = (svc.services.progress as any).bus.local.emitter;
-    const before = bus.listenerCount(svc.projectIds.alpha);
+    const before = listeners(svc.projectIds.alpha);
     const { backupId, jobId } = await backup(svc, disk);
     const rec = record<ProgressEvent>(alpha(), BACKUP_PROGRESS, { id: backupId }, "backupProgress");
-    for (const t0 = Date.now(); bus.listenerCount(svc.projectIds.alpha) === before; await sleep(10)) {
-      if (Date.now() - t0 > 5_000) throw new Error("backupProgress never subscribed to the bus");
-    }
+    await waitFor(() => listeners(svc.projectIds.alpha) > before, 5_000, "backupProgress never subscribed to the bus");
     await svc.runner.start();
     await within(rec.ended, 60_000, "backupProgress never completed");
     expectWellFormed(rec, jobId, "SUCCEEDED");
@@ -367,18 +376,6 @@ describe("cancelJob", () => {
 });
 
 describe("ending a subscription", () => {
-  /** How many listeners the service's event bus holds for a project (internals: nothing else shows a leaked subscription). */
-  const listeners = (projectId: string): number => (svc.services.progress as any).bus.local.emitter.listenerCount(projectId);
-
-  async function waitFor(pred: () => boolean, ms: number, what: string): Promise<number> {
-    const t0 = Date.now();
-    while (!pred()) {
-      if (Date.now() - t0 > ms) throw new Error(`${what}: not within ${ms} ms`);
-      await sleep(10);
-    }
-    return Date.now() - t0;
-  }
-
   it("frees the server side at once when the client unsubscribes or disconnects, even when no event comes", async () => {
     const project = svc.projectIds.alpha;
     const base = listeners(project);

@@ -1,5 +1,5 @@
 import type { DataSource } from "typeorm";
-import { rows } from "../../db/sql";
+import { HASH_BYTES, int8At, rows } from "../../db/sql";
 import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
 import type { RestorePlan } from "../../services/backup.service";
 import { MANIFEST, MANIFEST_BATCH } from "../../storage/manifest";
@@ -57,10 +57,10 @@ const planSql = (source: Source) => `${diffOf(source)},
   SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, string_agg(int8send(block_index), ''::bytea ORDER BY block_index)
     FROM now WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.block_index = now.block_index AND m.hash IS NOT NULL)`;
 
-/** Unsigned 64-bit big-endian numbers back to back (as int8send writes them). */
+/** The numbers of a bytea of int8send() values (none for null). */
 function int8s(buf: Buffer | null): Float64Array {
   const out = new Float64Array(buf ? buf.length / 8 : 0);
-  for (let k = 0; k < out.length; k++) out[k] = buf!.readUInt32BE(k * 8) * 2 ** 32 + buf!.readUInt32BE(k * 8 + 4);
+  for (let k = 0; k < out.length; k++) out[k] = int8At(buf!, k);
   return out;
 }
 
@@ -151,7 +151,7 @@ export class RestoreHandler implements JobHandler {
           const first = pack.starts[from];
           const slots = new Uint32Array(pack.starts[to] - first);
           for (let k = from; k < to; k++) slots.fill(k - from, pack.starts[k] - first, pack.starts[k + 1] - first);
-          yield { data, hashes: pack.hashes.subarray(from * 32, to * 32), indexes: pack.blocks.subarray(first, pack.starts[to]), slots, release: () => buffers.give(data) };
+          yield { data, hashes: pack.hashes.subarray(from * HASH_BYTES, to * HASH_BYTES), indexes: pack.blocks.subarray(first, pack.starts[to]), slots, release: () => buffers.give(data) };
           done += slots.length * BLOCK_SIZE;
           await ctx.progress(done, total);
         }

@@ -45,6 +45,12 @@ export interface BlobStore {
    * lifecycle rule for incomplete multipart uploads) need not implement it.
    */
   removeIncomplete?(prefix: string, before: Date): Promise<{ count: number; bytes: number }>;
+  /**
+   * Readies what the first write with `bypassCache` needs, so that write does not
+   * wait for it; a service calls it once at start. Optional, and never required
+   * for correctness.
+   */
+  prepare?(): Promise<void>;
 }
 
 export interface BlobWriter {

@@ -25,7 +25,9 @@ async function writeAll(fh: fsp.FileHandle, parts: Buffer[], position: number): 
 /** Direct I/O wants file offsets and lengths in whole blocks, and memory aligned to a page to be fast. */
 const ALIGN = 4096;
 const WINDOW_BYTES = 4 * 1024 * 1024;
-const WINDOWS = 8;
+const WINDOWS = 9;
+/** Windows one writer takes when it can (at least two): all but one may be being written at once. */
+const WRITER_WINDOWS = 3;
 /** A direct write from misaligned memory takes tens of times longer; this much shows it clearly. */
 const PROBE_BYTES = 1024 * 1024;
 
@@ -67,23 +69,25 @@ async function directWindows(dir: string): Promise<Buffer[] | null> {
 }
 
 /**
- * Writes a blob with O_DIRECT, past the page cache: bytes are copied into one of
- * two aligned staging windows and written in whole blocks, the device writing one
- * window while the next fills. The last partial block is written padded and the
+ * Writes a blob with O_DIRECT, past the page cache: bytes are copied into
+ * aligned staging windows and written in whole blocks, the device writing up to
+ * all but one window while the next fills, so it never waits for the writer to
+ * notice that a write ended. The last partial block is written padded and the
  * file truncated to its size. When the file system refuses a direct write, the
  * rest goes through an ordinary descriptor of the same file.
  */
 class DirectWriter implements BlobWriter {
   private size = 0;
-  /** Bytes in the filling window not yet written. */
+  /** Bytes in the filling window (`free[0]`) not yet written. */
   private held = 0;
-  private buffered: fsp.FileHandle | null = null;
-  /** The write of the other window, in flight. */
-  private pending: Promise<void> | null = null;
+  private buffered: Promise<fsp.FileHandle> | null = null;
+  /** Writes in flight, oldest first, with their windows. */
+  private writing: { win: Buffer; done: Promise<void> }[] = [];
 
   constructor(
     private readonly t: { fh: fsp.FileHandle; tmp: string; commit(): Promise<void>; abort(): Promise<void> },
-    private wins: [Buffer, Buffer] | null,
+    /** Windows not being written; the first one fills. At least two in all. */
+    private free: Buffer[] | null,
     private readonly release: (wins: Buffer[]) => void,
   ) {}
 
@@ -96,56 +100,73 @@ class DirectWriter implements BlobWriter {
         return;
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== "EINVAL") throw err;
-        this.buffered ??= await fsp.open(this.t.tmp, "r+");
+        this.buffered ??= fsp.open(this.t.tmp, "r+");
       }
     }
-    await writeAll(this.buffered, [win.subarray(0, real)], position);
+    await writeAll(await this.buffered, [win.subarray(0, real)], position);
+  }
+
+  /** Waits for the oldest write in flight and takes its window back. */
+  private async reclaim(): Promise<void> {
+    const w = this.writing.shift()!;
+    try {
+      await w.done;
+    } finally {
+      this.free!.push(w.win);
+    }
+  }
+
+  /** Waits for every write in flight. */
+  private async drain(): Promise<void> {
+    while (this.writing.length) await this.reclaim();
   }
 
   /**
    * Starts writing the filling window's whole blocks (all of it, padded, when
-   * `final`) once the other window's write is done, and moves what is left over
-   * to the other window, which fills next.
+   * `final`), and moves what is left over to the next free window, which fills
+   * next; when none is free, waits for the oldest write first.
    */
   private async flip(final: boolean): Promise<void> {
-    const [win, next] = this.wins!;
+    const win = this.free![0];
     const whole = final ? Math.ceil(this.held / ALIGN) * ALIGN : Math.floor(this.held / ALIGN) * ALIGN;
     if (whole === 0) return;
     const taken = Math.min(whole, this.held);
-    await this.pending; // `next` is free once its write is done
+    while (this.free!.length < 2) await this.reclaim();
+    const next = this.free![1];
     const rest = this.held - taken;
     if (rest > 0) win.copy(next, 0, taken, taken + rest);
-    const write = this.put(win, whole, this.size - this.held, taken);
-    write.catch(() => undefined); // awaited at the next flip or at close
-    this.pending = write;
+    const done = this.put(win, whole, this.size - this.held, taken);
+    done.catch(() => undefined); // awaited when its window is needed again, or at close
+    this.free!.shift();
+    this.writing.push({ win, done });
     this.held = rest;
-    this.wins = [next, win];
   }
 
   /**
-   * Leaves direct I/O for the rest of the blob: once the window in flight is
-   * written, the bytes still held go through the ordinary descriptor at their
+   * Leaves direct I/O for the rest of the blob: once the writes in flight are
+   * done, the bytes still held go through the ordinary descriptor at their
    * place, and the windows are given back.
    */
-  private async fallBack(): Promise<void> {
-    await this.pending;
-    this.buffered ??= await fsp.open(this.t.tmp, "r+");
-    if (this.wins && this.held > 0) await writeAll(this.buffered, [this.wins[0].subarray(0, this.held)], this.size - this.held);
+  private async fallBack(): Promise<fsp.FileHandle> {
+    await this.drain();
+    const fh = await (this.buffered ??= fsp.open(this.t.tmp, "r+"));
+    if (this.free && this.held > 0) await writeAll(fh, [this.free[0].subarray(0, this.held)], this.size - this.held);
     this.held = 0;
     this.done();
+    return fh;
   }
 
   async write(data: Buffer | Buffer[]): Promise<void> {
     const parts = Array.isArray(data) ? data : [data];
-    if (!this.wins || this.buffered) {
-      await this.fallBack();
-      this.size += await writeAll(this.buffered!, parts, this.size);
+    if (!this.free || this.buffered) {
+      const fh = await this.fallBack();
+      this.size += await writeAll(fh, parts, this.size);
       return;
     }
     for (const part of parts) {
       let pos = 0;
       while (pos < part.length) {
-        const win = this.wins[0];
+        const win = this.free[0];
         const n = Math.min(part.length - pos, win.length - this.held);
         part.copy(win, this.held, pos, pos + n);
         this.held += n;
@@ -159,34 +180,38 @@ class DirectWriter implements BlobWriter {
   async close(): Promise<number> {
     try {
       if (this.buffered) await this.fallBack();
-      else if (this.wins && this.held > 0) await this.flip(true);
-      await this.pending;
+      else if (this.free && this.held > 0) await this.flip(true);
+      await this.drain();
+      // The windows are free for other writers while this one is made durable.
+      this.done();
       await this.t.fh.truncate(this.size);
       if (this.buffered) {
-        await this.buffered.sync();
-        await this.buffered.close();
+        const fh = await this.buffered;
         this.buffered = null;
+        await fh.sync();
+        await fh.close();
       }
       await this.t.commit();
     } catch (err) {
       await this.abort();
       throw err;
     }
-    this.done();
     return this.size;
   }
 
   async abort(): Promise<void> {
-    await this.pending?.catch(() => undefined);
-    await this.buffered?.close().catch(() => undefined);
+    await Promise.allSettled(this.writing.map((w) => w.done));
+    await this.buffered?.then((fh) => fh.close()).catch(() => undefined);
     this.buffered = null;
     this.done();
     await this.t.abort();
   }
 
+  /** Gives the windows back (once no write uses them). */
   private done() {
-    if (this.wins) this.release(this.wins);
-    this.wins = null;
+    if (this.free) this.release([...this.free, ...this.writing.map((w) => w.win)]);
+    this.free = null;
+    this.writing = [];
   }
 }
 
@@ -265,9 +290,18 @@ export class FsBlobStore implements BlobStore {
     return size;
   }
 
+  /** Finds the aligned windows of direct writes ahead of the first one. */
+  async prepare(): Promise<void> {
+    await this.directWindows();
+  }
+
+  private directWindows(): Promise<Buffer[] | null> {
+    return (this.windows ??= directWindows(this.root).catch(() => null));
+  }
+
   async openWriter(key: string, opts: { bypassCache?: boolean } = {}): Promise<BlobWriter> {
-    const free = opts.bypassCache ? await (this.windows ??= directWindows(this.root).catch(() => null)) : null;
-    const wins = free && free.length >= 2 ? ([free.pop()!, free.pop()!] as [Buffer, Buffer]) : null;
+    const free = opts.bypassCache ? await this.directWindows() : null;
+    const wins = free && free.length >= 2 ? free.splice(-Math.min(free.length, WRITER_WINDOWS)) : null;
     let t: Awaited<ReturnType<FsBlobStore["openTmp"]>>;
     try {
       t = await this.openTmp(key, wins !== null);

@@ -1,4 +1,5 @@
 import fs from "node:fs";
+import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { BlobNotFoundError, type BlobWriter } from "../../src/storage/blob-store";
@@ -6,8 +7,8 @@ import { FsBlobStore } from "../../src/storage/fs-blob-store";
 import { bytes, sha } from "../helpers/data";
 
 const MiB = 1024 * 1024;
-/** The store keeps 8 aligned staging windows and gives each direct writer 2 of them. */
-const DIRECT_WRITERS = 4;
+/** The store keeps 9 aligned staging windows and gives each direct writer 3 of them. */
+const DIRECT_WRITERS = 3;
 
 /** Whether a file system takes O_DIRECT at all (when not, every writer falls back, and only the bytes are checked). */
 function directSupported(dir: string): boolean {
@@ -201,6 +202,37 @@ describe("filesystem blob store, writes that bypass the page cache", () => {
     await Promise.all(third.map((w, i) => w.write(contents[i].subarray(0, 12345))));
     expect(await Promise.all(third.map((w) => w.close()))).toEqual(third.map(() => 12345));
     for (let i = 0; i < DIRECT_WRITERS; i++) expect((await store.get(`many/third${i}`)).equals(contents[i].subarray(0, 12345))).toBe(true);
+  });
+
+  it("writes a blob larger than all its windows with every window's write in flight, taking each back in order", async () => {
+    // 3 windows of 4 MiB: the fourth window's worth of bytes waits for the first write, and so on.
+    const total = 29 * MiB + 11;
+    const content = bytes(total, 82);
+    const w = await store.openWriter("ring/blob", { bypassCache: true });
+    await writePieces(w, content, [4 * MiB, 4 * MiB, 4 * MiB, 4 * MiB, 3 * MiB, [5 * MiB, MiB], 4 * MiB + 11]);
+    expect(await w.close()).toBe(total);
+    expect(sha(await store.get("ring/blob"))).toBe(sha(content));
+  });
+
+  it("prepare finds the aligned windows ahead: the first direct writer then probes nothing", async () => {
+    const probes = async (prepare: boolean) => {
+      const sub = fs.mkdtempSync(path.join(dir, "prepare-"));
+      const fresh = new FsBlobStore(sub);
+      if (prepare) await fresh.prepare();
+      const open = jest.spyOn(fsp, "open");
+      try {
+        const w = await fresh.openWriter("p/blob", { bypassCache: true });
+        if (direct) expect(openTemporaries(path.join(sub, "p"))).toEqual([expect.objectContaining({ direct: true })]);
+        await w.write(bytes(5000, 83));
+        expect(await w.close()).toBe(5000);
+        return open.mock.calls.filter(([file]) => String(file).includes(".tmp-direct-probe")).length;
+      } finally {
+        open.mockRestore();
+      }
+    };
+    // Without prepare, the first direct writer looks for the windows itself.
+    expect(await probes(false)).toBe(direct ? 1 : 0);
+    expect(await probes(true)).toBe(0);
   });
 
   it("writes without bypassCache through the page cache", async () => {

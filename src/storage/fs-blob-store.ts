@@ -30,6 +30,7 @@ const WINDOWS = 9;
 const WRITER_WINDOWS = 3;
 /** A direct write from misaligned memory takes tens of times longer; this much shows it clearly. */
 const PROBE_BYTES = 1024 * 1024;
+const PROBE_PREFIX = ".tmp-direct-probe-";
 
 /**
  * Page-aligned staging windows for writes that bypass the page cache, carved
@@ -39,7 +40,9 @@ const PROBE_BYTES = 1024 * 1024;
  */
 async function directWindows(dir: string): Promise<Buffer[] | null> {
   if (!fs.constants.O_DIRECT) return null;
-  const probe = path.join(dir, `.tmp-direct-probe-${crypto.randomBytes(6).toString("hex")}`);
+  // Probes a killed process left behind go (one another process is running keeps its open file).
+  for (const name of await fsp.readdir(dir).catch(() => [] as string[])) if (name.startsWith(PROBE_PREFIX)) await fsp.rm(path.join(dir, name), { force: true });
+  const probe = path.join(dir, `${PROBE_PREFIX}${crypto.randomBytes(6).toString("hex")}`);
   const fh = await fsp.open(probe, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_DIRECT, 0o600).catch(() => null);
   if (!fh) return null;
   try {

@@ -146,12 +146,13 @@ describe("disk backups", () => {
   });
 
   it("restores a disk whose blocks span several planning batches, writing and zeroing in each", async () => {
-    // A restore plans 4,096 blocks (256 MiB) at a time and reads on across the borders.
+    // A restore plans 512 blocks (32 MiB) first, then 4,096 blocks (256 MiB) at a time, and reads on across the borders.
     const size = 640 * MiB;
     const source = await createDisk(svc, "batches", size);
     const pieces: [number, Buffer][] = [
       [0, bytes(MiB, 61)],
-      [256 * MiB - 2 * BLOCK, bytes(4 * BLOCK, 62)], // across the first border
+      [32 * MiB - 2 * BLOCK, bytes(4 * BLOCK, 62)], // across the first border
+      [288 * MiB - BLOCK, bytes(2 * BLOCK, 65)], // across the second
       [300 * MiB, bytes(3 * MiB, 63)],
       [size - MiB, bytes(MiB, 64)],
     ];
@@ -159,9 +160,12 @@ describe("disk backups", () => {
     const b = await backupNow(svc, source);
     // The target holds other data, some where the backup has none (to be zeroed) in every batch.
     const target = await createDisk(svc, "batches-target", size);
-    for (const off of [5 * MiB, 260 * MiB, 520 * MiB, 300 * MiB + BLOCK]) await writeDisk(svc, target, bytes(2 * BLOCK, off), off);
-    await restoreNow(svc, { backupId: b, targetDiskId: target });
+    for (const off of [5 * MiB, 40 * MiB, 290 * MiB, 560 * MiB, 300 * MiB + BLOCK]) await writeDisk(svc, target, bytes(2 * BLOCK, off), off);
+    const job = await restoreNow(svc, { backupId: b, targetDiskId: target });
     expect(sha(await readDisk(svc, target))).toBe(sha(await readDisk(svc, source)));
+    // Every block of the backup differs from the target's, in every batch; the zeroed ones are not counted.
+    const written = pieces.reduce((n, [, data]) => n + data.length, 0);
+    expect(job).toMatchObject({ bytesTotal: written, bytesDone: written });
   });
 
   it("refuses a second backup while one runs, and a restore while backing up", async () => {

@@ -57,6 +57,18 @@ const planSql = (source: Source) => `${diffOf(source)},
   SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, string_agg(int8send(block_index), ''::bytea ORDER BY block_index)
     FROM now WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.block_index = now.block_index AND m.hash IS NOT NULL)`;
 
+/** Blocks planned in the first batch: few, so the first reads and writes start soon. */
+const FIRST_BATCH = 512;
+
+/** The batches [first, last] of a disk of `blocks` blocks: a small one, then MANIFEST_BATCH each. */
+function batches(blocks: number): [number, number][] {
+  const out: [number, number][] = [];
+  for (let first = 0; first < blocks; first += first === 0 ? FIRST_BATCH : MANIFEST_BATCH) {
+    out.push([first, Math.min(blocks, first + (first === 0 ? FIRST_BATCH : MANIFEST_BATCH)) - 1]);
+  }
+  return out;
+}
+
 /** The numbers of a bytea of int8send() values (none for null). */
 function int8s(buf: Buffer | null): Float64Array {
   const out = new Float64Array(buf ? buf.length / 8 : 0);
@@ -116,32 +128,40 @@ export class RestoreHandler implements JobHandler {
       const [disk] = await rows<{ size_bytes: string }>(this.ds, `SELECT size_bytes FROM disks WHERE id = $1`, [t.diskId]);
       targets.push({ ...t, blocks: Math.ceil(Number(disk.size_bytes) / BLOCK_SIZE) });
     }
-    // First the size of the work, from the block maps alone.
-    let total = 0;
-    for (const t of targets) {
-      for (let first = 0; first < t.blocks; first += MANIFEST_BATCH) total += (await this.count(t, job.projectId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1)) * BLOCK_SIZE;
-    }
+    // The size of the work, from the block maps alone, is counted while the first batch is
+    // planned and read; nothing is written before it is counted, so the count sees no block restored.
+    const counting = (async () => {
+      let total = 0;
+      for (const t of targets) for (const [first, last] of batches(t.blocks)) total += (await this.count(t, job.projectId, t.diskId, first, last)) * BLOCK_SIZE;
+      await ctx.progress(0, total);
+      return total;
+    })();
+    counting.catch(() => undefined); // awaited below
+    let total: number | null = null;
     let done = 0;
-    await ctx.progress(0, total);
 
     const buffers = this.vault.codec.buffers;
     const self = this;
     for (const t of targets) {
       // Each batch is planned while the one before it is written (their blocks differ, so
       // nothing it compares can change meanwhile); reads run on across the border.
-      const batches = async function* () {
-        const planOf = (first: number) => self.planBatch(t, job.projectId, t.diskId, first, Math.min(t.blocks, first + MANIFEST_BATCH) - 1);
-        let next: Promise<Plan> | null = t.blocks > 0 ? planOf(0) : null;
-        for (let first = 0; next; first += MANIFEST_BATCH) {
+      const plans = async function* () {
+        const planOf = ([first, last]: [number, number]) => self.planBatch(t, job.projectId, t.diskId, first, last);
+        const ranges = batches(t.blocks)[Symbol.iterator]();
+        let range = ranges.next();
+        let next: Promise<Plan> | null = range.done ? null : planOf(range.value);
+        while (next) {
           const plan = await next;
-          next = first + MANIFEST_BATCH < t.blocks ? planOf(first + MANIFEST_BATCH) : null;
+          range = ranges.next();
+          next = range.done ? null : planOf(range.value);
           next?.catch(() => undefined); // awaited on the next turn
           yield plan;
         }
       };
       const blocks = async function* (): AsyncIterable<BlockWrite | BlockBatch> {
         // Runs of chunks come checked against their hashes, a few in flight while earlier ones are written.
-        for await (const run of self.vault.readPacks(job.projectId, batches())) {
+        for await (const run of self.vault.readPacks(job.projectId, plans())) {
+          total ??= await counting;
           ctx.checkCancelled();
           if (!run.pack) {
             for (const index of run.batch.zero) yield { index, data: null };
@@ -158,6 +178,7 @@ export class RestoreHandler implements JobHandler {
       };
       await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks(), { bypassCache: true }));
     }
+    await counting;
     ctx.checkCancelled();
 
     await this.ds.transaction(async (em) => {

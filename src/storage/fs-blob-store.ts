@@ -24,10 +24,10 @@ async function writeAll(fh: fsp.FileHandle, parts: Buffer[], position: number): 
 
 /** Direct I/O wants file offsets and lengths in whole blocks, and memory aligned to a page to be fast. */
 const ALIGN = 4096;
-const WINDOW_BYTES = 4 * 1024 * 1024;
-const WINDOWS = 9;
+const WINDOW_BYTES = 2 * 1024 * 1024;
+const WINDOWS = 12;
 /** Windows one writer takes when it can (at least two): all but one may be being written at once. */
-const WRITER_WINDOWS = 3;
+const WRITER_WINDOWS = 4;
 /** A direct write from misaligned memory takes tens of times longer; this much shows it clearly. */
 const PROBE_BYTES = 1024 * 1024;
 const PROBE_PREFIX = ".tmp-direct-probe-";

@@ -7,7 +7,7 @@ import { FsBlobStore } from "../../src/storage/fs-blob-store";
 import { bytes, sha } from "../helpers/data";
 
 const MiB = 1024 * 1024;
-/** The store keeps 9 aligned staging windows and gives each direct writer 3 of them. */
+/** The store keeps 12 aligned staging windows of 2 MiB and gives each direct writer 4 of them. */
 const DIRECT_WRITERS = 3;
 
 /** Whether a file system takes O_DIRECT at all (when not, every writer falls back, and only the bytes are checked). */
@@ -113,7 +113,7 @@ describe("filesystem blob store, writes that bypass the page cache", () => {
     expect(filesUnder(path.join(dir, "sizes")).filter((f) => f.startsWith(".tmp"))).toEqual([]);
   });
 
-  it("writes 5 MiB + 123 bytes in mixed pieces, single buffers and lists, across the 4 MiB staging window", async () => {
+  it("writes 5 MiB + 123 bytes in mixed pieces, single buffers and lists, across the 2 MiB staging windows", async () => {
     const total = 5 * MiB + 123;
     const content = bytes(total, 77);
     const pieces: (number | number[])[] = [1, 4095, [7, 4096, 65536], 1000, MiB - 3, [2 * MiB, 0, 5], 1, MiB + 333];
@@ -205,7 +205,7 @@ describe("filesystem blob store, writes that bypass the page cache", () => {
   });
 
   it("writes a blob larger than all its windows with every window's write in flight, taking each back in order", async () => {
-    // 3 windows of 4 MiB: the fourth window's worth of bytes waits for the first write, and so on.
+    // 4 windows of 2 MiB: the fifth window's worth of bytes waits for the first write, and so on.
     const total = 29 * MiB + 11;
     const content = bytes(total, 82);
     const w = await store.openWriter("ring/blob", { bypassCache: true });

@@ -30,7 +30,7 @@ import os from "node:os";
 import path from "node:path";
 import { profileLines, type Window } from "./lib/cpuprofile";
 import { applyChanges, BLOCK, changes, dirBytes, GiB, layout, MiB, sha256File, writeImage, type Region } from "./lib/image";
-import { cpuTree, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, timed } from "./lib/proc";
+import { cpuTree, deviceBytesWritten, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, timed } from "./lib/proc";
 import { StowageProcess } from "./lib/stowage";
 
 interface Options {
@@ -130,7 +130,16 @@ interface StowagePhase {
   runMs: number;
   bytesTotal: number;
   peakRssKiB: number;
+  /** Bytes the device under the data directory wrote during the phase (null where unknown). */
+  deviceWrote: number | null;
 }
+
+/**
+ * A phase whose device writes ran slower than this (MiB/s, over at least
+ * 256 MiB) was slowed by the host, not by the tool: unthrottled, the machines
+ * this was written on take direct writes at 800+ MB/s.
+ */
+const THROTTLED_MIBS = 100;
 
 interface RunResult {
   results: Record<Tool, ToolResult>;
@@ -259,6 +268,7 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
       await settle();
       sampler.setPhase(label);
       const cpu0 = cpuTree(svc.pid);
+      const wrote0 = deviceBytesWritten(dir);
       const startUs = Number(process.hrtime.bigint() / 1000n);
       const t0 = hrSeconds();
       const wall0 = Date.now();
@@ -272,6 +282,7 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
       const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
       windows.push({ label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) });
       const cpu1 = cpuTree(svc.pid);
+      const wrote1 = deviceBytesWritten(dir);
       sampler.sample();
       const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
       phases.push({
@@ -284,6 +295,7 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
         runMs: ms(job.startedAt, job.finishedAt),
         bytesTotal: job.bytesTotal,
         peakRssKiB: sampler.peaks.get(label) ?? 0,
+        deviceWrote: wrote0 === null || wrote1 === null ? null : wrote1 - wrote0,
       });
       log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
       return { seconds, result };
@@ -467,8 +479,12 @@ function report(opts: Options, runs: RunResult[]): string {
     for (const p of run.phases) {
       lines.push(
         `- ${tag}Stowage ${p.label}: ${p.seconds.toFixed(2)} s = mutation ${p.mutationMs.toFixed(0)} ms, job created→started ${p.queuedMs.toFixed(0)} ms, ran ${p.runMs.toFixed(0)} ms ` +
-          `(${mib(p.bytesTotal).toFixed(1)} MiB of work); CPU: node ${p.nodeCpu.toFixed(2)} s, Postgres ${p.pgCpu.toFixed(2)} s; node peak RSS ${(p.peakRssKiB / 1024).toFixed(0)} MiB`,
+          `(${mib(p.bytesTotal).toFixed(1)} MiB of work); CPU: node ${p.nodeCpu.toFixed(2)} s, Postgres ${p.pgCpu.toFixed(2)} s; node peak RSS ${(p.peakRssKiB / 1024).toFixed(0)} MiB` +
+          (p.deviceWrote === null ? "" : `; the device wrote ${mib(p.deviceWrote).toFixed(0)} MiB (${(mib(p.deviceWrote) / p.seconds).toFixed(0)} MiB/s)`),
       );
+      if (p.deviceWrote !== null && mib(p.deviceWrote) >= 256 && mib(p.deviceWrote) / p.seconds < THROTTLED_MIBS) {
+        lines.push(`- ${tag}**warning**: during Stowage ${p.label} the device took writes at only ${(mib(p.deviceWrote) / p.seconds).toFixed(0)} MiB/s: the host was throttling this machine's writes, so that time says more about the host than about Stowage (a tool whose timed phase writes into the page cache does not feel it)`);
+      }
     }
     lines.push(`- ${tag}Stowage node RSS peaks by phase (sampled): ${[...run.rssByPhase].map(([k, v]) => `${k} ${(v / 1024).toFixed(0)} MiB`).join(", ")}`);
     for (const n of run.notes) lines.push(`- ${tag}${n}`);

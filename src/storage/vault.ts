@@ -170,11 +170,7 @@ export class PackWriter {
     for (const c of chunks) {
       if (this.has(c.hash)) continue;
       const pack = this.pack ?? (await this.open());
-      pack.index.chunks.add(c.hash);
-      pack.index.offsets.push(pack.size);
-      pack.index.stored.push(c.stored.length);
-      pack.index.raw.push(c.raw);
-      pack.index.compressed.push(c.compressed);
+      indexChunk(pack.index, c.hash, pack.size, c.stored.length, c.raw, c.compressed);
       pack.size += c.stored.length;
       parts.push(c.stored);
       if (pack.size >= PACK_BYTES) {
@@ -238,6 +234,15 @@ interface PackIndex {
 }
 
 const newPackIndex = (): PackIndex => ({ chunks: new HashSet(), offsets: [], stored: [], raw: [], compressed: [] });
+
+/** Appends a chunk, new to the pack, at `offset` of it. */
+function indexChunk(index: PackIndex, hash: Buffer, offset: number, stored: number, raw: number, compressed: boolean): void {
+  index.chunks.add(hash);
+  index.offsets.push(offset);
+  index.stored.push(stored);
+  index.raw.push(raw);
+  index.compressed.push(compressed);
+}
 
 /**
  * A pack rewritten by garbage collection is named by the SHA-256 of its index
@@ -546,11 +551,7 @@ export class Vault {
         throw err instanceof DecodeError ? new ChunkError(hex(loc.hash), "corrupt", `found while rewriting its pack (${err.problem})`) : err;
       });
       parts.push(stored);
-      moved.chunks.add(loc.hash);
-      moved.offsets.push(size);
-      moved.stored.push(loc.stored_size);
-      moved.raw.push(loc.raw_size);
-      moved.compressed.push(loc.compressed);
+      indexChunk(moved, loc.hash, size, loc.stored_size, loc.raw_size, loc.compressed);
       size += stored.length;
       if (size >= PACK_BYTES) await write();
     }

@@ -63,9 +63,7 @@ const FIRST_BATCH = 512;
 /** The batches [first, last] of a disk of `blocks` blocks: a small one, then MANIFEST_BATCH each. */
 function batches(blocks: number): [number, number][] {
   const out: [number, number][] = [];
-  for (let first = 0; first < blocks; first += first === 0 ? FIRST_BATCH : MANIFEST_BATCH) {
-    out.push([first, Math.min(blocks, first + (first === 0 ? FIRST_BATCH : MANIFEST_BATCH)) - 1]);
-  }
+  for (let first = 0, size = FIRST_BATCH; first < blocks; first += size, size = MANIFEST_BATCH) out.push([first, Math.min(blocks, first + size) - 1]);
   return out;
 }
 
@@ -146,14 +144,12 @@ export class RestoreHandler implements JobHandler {
       // Each batch is planned while the one before it is written (their blocks differ, so
       // nothing it compares can change meanwhile); reads run on across the border.
       const plans = async function* () {
-        const planOf = ([first, last]: [number, number]) => self.planBatch(t, job.projectId, t.diskId, first, last);
-        const ranges = batches(t.blocks)[Symbol.iterator]();
-        let range = ranges.next();
-        let next: Promise<Plan> | null = range.done ? null : planOf(range.value);
-        while (next) {
+        const ranges = batches(t.blocks);
+        const planOf = (k: number) => (k < ranges.length ? self.planBatch(t, job.projectId, t.diskId, ...ranges[k]) : null);
+        let next = planOf(0);
+        for (let k = 1; next; k++) {
           const plan = await next;
-          range = ranges.next();
-          next = range.done ? null : planOf(range.value);
+          next = planOf(k);
           next?.catch(() => undefined); // awaited on the next turn
           yield plan;
         }

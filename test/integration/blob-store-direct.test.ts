@@ -214,7 +214,40 @@ describe("filesystem blob store, writes that bypass the page cache", () => {
     expect(sha(await store.get("ring/blob"))).toBe(sha(content));
   });
 
-  it("prepare finds the aligned windows ahead: the first direct writer then probes nothing", async () => {
+  it("writes direct from page-aligned memory: every write starts on a page of one WebAssembly memory", async () => {
+    if (!direct) return expect(direct).toBe(false); // nothing goes direct here; the bytes are checked by the other tests
+    const sub = fs.mkdtempSync(path.join(dir, "aligned-"));
+    const fresh = new FsBlobStore(sub);
+    const w = await fresh.openWriter("a/blob", { bypassCache: true });
+    const [tmp] = openTemporaries(path.join(sub, "a"))!;
+    expect(tmp.direct).toBe(true);
+    const fd = Number(fs.readdirSync("/proc/self/fd").find((n) => fs.readlinkSync(`/proc/self/fd/${n}`, { encoding: "utf8" }) === tmp.file));
+    const handle = await fsp.open(path.join(sub, "unused"), "w");
+    await handle.close();
+    const proto = Object.getPrototypeOf(handle) as fsp.FileHandle;
+    const write = proto.write;
+    /** The buffers of writes to the blob's file (`fd` is gone once the writer closes it). */
+    const mine: Buffer[] = [];
+    const spy = jest.spyOn(proto, "write").mockImplementation(function (this: fsp.FileHandle, ...args: unknown[]) {
+      if (this.fd === fd) mine.push(args[0] as Buffer);
+      return (write as (...a: unknown[]) => ReturnType<fsp.FileHandle["write"]>).apply(this, args);
+    } as fsp.FileHandle["write"]);
+    try {
+      const content = bytes(5 * MiB + 3 * 4096 + 17, 86);
+      await writePieces(w, content, [4096 + 5, [MiB, 3 * MiB], 2 * 4096, MiB + 12]);
+      expect(await w.close()).toBe(content.length);
+      expect((await fresh.get("a/blob")).equals(content)).toBe(true);
+      expect(mine.length).toBeGreaterThanOrEqual(3);
+      for (const buf of mine) expect(buf.byteOffset % 4096).toBe(0);
+      // Windows are carved from one memory that starts on a page: a WebAssembly memory (whole 64 KiB pages).
+      expect(new Set(mine.map((buf) => buf.buffer)).size).toBe(1);
+      expect(mine[0].buffer.byteLength % 65536).toBe(0);
+    } finally {
+      spy.mockRestore();
+    }
+  });
+
+  it("prepare sets up the direct windows ahead: the first direct writer then probes nothing", async () => {
     const probes = async (prepare: boolean) => {
       const sub = fs.mkdtempSync(path.join(dir, "prepare-"));
       const fresh = new FsBlobStore(sub);

@@ -166,7 +166,7 @@ export async function startService(
     await events.start();
     const key = await ensureDefaultProject(services, config.dataDir);
     if (key) opts.onDefaultKey?.(key, path.join(config.dataDir, "default-api-key"));
-    // A restore's first direct write then need not wait for the search for aligned memory.
+    // A restore's first direct write then need not wait to learn whether the file system takes direct I/O.
     void storage.volumes.blobs.prepare?.().catch((err) => logger.warn("preparing the volume store failed", { error: err }));
     await runner.start();
     if (config.schedulerIntervalSeconds > 0) scheduler.start(config.schedulerIntervalSeconds * 1000);

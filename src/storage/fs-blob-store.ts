@@ -297,7 +297,7 @@ export class FsBlobStore implements BlobStore {
     return size;
   }
 
-  /** Finds the aligned windows of direct writes ahead of the first one. */
+  /** Sets up the windows of direct writes, and learns whether the file system takes them, ahead of the first one. */
   async prepare(): Promise<void> {
     await this.directWindows();
   }

@@ -25,12 +25,12 @@ function directSupported(dir: string): boolean {
 }
 
 /**
- * The temporary files this process holds open under `dir`, and whether each was
- * opened with O_DIRECT (from /proc/self/fdinfo; null where there is no /proc).
+ * The temporary files this process holds open under `dir`, their descriptors, and
+ * whether each was opened with O_DIRECT (from /proc/self/fdinfo; null where there is no /proc).
  */
-function openTemporaries(dir: string): { file: string; direct: boolean }[] | null {
+function openTemporaries(dir: string): { file: string; fd: number; direct: boolean }[] | null {
   if (!fs.existsSync("/proc/self/fdinfo")) return null;
-  const out: { file: string; direct: boolean }[] = [];
+  const out: { file: string; fd: number; direct: boolean }[] = [];
   for (const fd of fs.readdirSync("/proc/self/fd")) {
     let file: string;
     let info: string;
@@ -42,7 +42,7 @@ function openTemporaries(dir: string): { file: string; direct: boolean }[] | nul
     }
     if (!file.startsWith(dir + path.sep) || !path.basename(file).startsWith(".tmp-")) continue;
     const flags = parseInt(/^flags:\s*([0-7]+)/m.exec(info)![1], 8);
-    out.push({ file, direct: (flags & fs.constants.O_DIRECT) !== 0 });
+    out.push({ file, fd: Number(fd), direct: (flags & fs.constants.O_DIRECT) !== 0 });
   }
   return out;
 }
@@ -219,9 +219,8 @@ describe("filesystem blob store, writes that bypass the page cache", () => {
     const sub = fs.mkdtempSync(path.join(dir, "aligned-"));
     const fresh = new FsBlobStore(sub);
     const w = await fresh.openWriter("a/blob", { bypassCache: true });
-    const [tmp] = openTemporaries(path.join(sub, "a"))!;
-    expect(tmp.direct).toBe(true);
-    const fd = Number(fs.readdirSync("/proc/self/fd").find((n) => fs.readlinkSync(`/proc/self/fd/${n}`, { encoding: "utf8" }) === tmp.file));
+    const [{ fd, direct: tmpDirect }] = openTemporaries(path.join(sub, "a"))!;
+    expect(tmpDirect).toBe(true);
     const handle = await fsp.open(path.join(sub, "unused"), "w");
     await handle.close();
     const proto = Object.getPrototypeOf(handle) as fsp.FileHandle;

@@ -56,6 +56,11 @@ export interface BlobStore {
 export interface BlobWriter {
   /** Appends the buffers, back to back. */
   write(data: Buffer | Buffer[]): Promise<void>;
+  /**
+   * Appends `bytes` zeros. A backend that can leaves a hole (a sparse file),
+   * which costs no disk and no writing; others write the zeros.
+   */
+  skip(bytes: number): Promise<void>;
   close(): Promise<number>;
   abort(): Promise<void>;
 }

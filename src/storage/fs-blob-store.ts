@@ -184,6 +184,14 @@ class DirectWriter implements BlobWriter {
     }
   }
 
+  async skip(bytes: number): Promise<void> {
+    if (bytes <= 0) return;
+    // Direct writes go in whole aligned blocks: a hole that leaves a block half written takes zeros instead.
+    if (this.free && !this.buffered && (this.held % ALIGN !== 0 || bytes % ALIGN !== 0)) return this.write(Buffer.alloc(bytes));
+    if (this.free && !this.buffered) await this.flip(false);
+    this.size += bytes;
+  }
+
   async close(): Promise<number> {
     try {
       if (this.buffered) await this.fallBack();
@@ -323,7 +331,12 @@ export class FsBlobStore implements BlobStore {
       async write(data) {
         size += await writeAll(t.fh, Array.isArray(data) ? data : [data], size);
       },
+      async skip(bytes) {
+        size += Math.max(0, bytes);
+      },
       async close() {
+        // A file that ends in a hole gets its length from here.
+        await t.fh.truncate(size);
         await t.commit();
         return size;
       },

@@ -18,6 +18,8 @@ import { BlobNotFoundError, checkKey, checkPrefix, type BlobInfo, type BlobStore
  * Blobs as objects in one S3 bucket (any S3-compatible store), under an optional
  * key prefix. An object appears whole when its PUT or multipart upload completes.
  */
+const ZEROS = Buffer.alloc(1024 * 1024);
+
 export class S3BlobStore implements BlobStore {
   readonly name = "s3";
   private readonly client: S3Client;
@@ -69,9 +71,14 @@ export class S3BlobStore implements BlobStore {
     const body = new PassThrough({ highWaterMark: 8 * 1024 * 1024 });
     const done = this.putStream(key, body);
     done.catch(() => undefined); // awaited by close or abort
+    const write = async (data: Buffer | Buffer[]) => {
+      if (!body.write(Buffer.concat(Array.isArray(data) ? data : [data]))) await Promise.race([once(body, "drain"), done]);
+    };
     return {
-      async write(data) {
-        if (!body.write(Buffer.concat(Array.isArray(data) ? data : [data]))) await Promise.race([once(body, "drain"), done]);
+      write,
+      async skip(bytes) {
+        // An object has no holes: the zeros are sent, a MiB at a time.
+        for (let left = bytes; left > 0; left -= ZEROS.length) await write(left >= ZEROS.length ? ZEROS : ZEROS.subarray(0, left));
       },
       async close() {
         body.end();

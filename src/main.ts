@@ -22,6 +22,7 @@ Commands:
   project create NAME     create a project and print its API key (last line)
   demo                    fill project "default" with servers, disks and policies
   schema [--write]        print the GraphQL SDL (or write schema/schema.graphql)
+  checksum FILE...        print each image file's content checksum, as Image.checksum shows it
 
 Configuration is read from the environment; see README.md.`;
 
@@ -31,6 +32,7 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(USAGE + "\n");
     return command ? 0 : 1;
   }
+  if (command === "checksum") return checksumFiles(rest);
   const config = loadConfig();
   const logger = createLogger(config.logLevel);
 
@@ -174,4 +176,39 @@ function untilSignalled(svc: { stop(): Promise<void> }, logger: import("./logger
     process.on("SIGINT", onSignal);
     process.on("SIGHUP", onSignal);
   });
+}
+
+/** `stowage checksum FILE...`: the content checksum of raw, qcow2, vmdk or vhd files, to check a download against its image. */
+async function checksumFiles(files: string[]): Promise<number> {
+  if (!files.length) {
+    process.stderr.write("usage: stowage checksum FILE...\n");
+    return 1;
+  }
+  const formats = require("./formats") as typeof import("./formats");
+  const { checksumOf } = require("./formats/checksum") as typeof import("./formats/checksum");
+  let failed = 0;
+  for (const file of files) {
+    let fd: fs.promises.FileHandle | undefined;
+    try {
+      fd = await fs.promises.open(file, "r");
+      const handle = fd;
+      const size = (await handle.stat()).size;
+      const src = {
+        size,
+        async read(offset: number, length: number) {
+          const buf = Buffer.alloc(length);
+          await handle.read(buf, 0, length, offset);
+          return buf;
+        },
+      };
+      const reader = await formats.openImage(await formats.detectFormat(src), src, { ...formats.DEFAULT_LIMITS, maxVirtualSize: Number.MAX_SAFE_INTEGER });
+      process.stdout.write(`${await checksumOf(reader)}  ${file}\n`);
+    } catch (err) {
+      failed++;
+      process.stderr.write(`stowage checksum: ${file}: ${err instanceof Error ? err.message : String(err)}\n`);
+    } finally {
+      await fd?.close();
+    }
+  }
+  return failed ? 1 : 0;
 }

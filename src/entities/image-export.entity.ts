@@ -12,6 +12,8 @@ export class ImageExport {
   @Column("bigint", { transformer: bigintNumber, nullable: true }) sizeBytes: number | null;
   @Column("text", { nullable: true }) sha256: string | null;
   @Column("uuid", { nullable: true }) jobId: string | null;
+  @Column("text", { nullable: true }) errorCode: string | null;
+  @Column("text", { nullable: true }) errorMessage: string | null;
   @Column("timestamptz", { nullable: true }) expiresAt: Date | null;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
 }

@@ -19,7 +19,8 @@ export class Image {
   @Column("bigint", { transformer: bigintNumber, default: 0 }) virtualSizeBytes: number;
   @Column("bigint", { transformer: bigintNumber, default: 0 }) sizeBytes: number;
   @Column("text", { nullable: true }) checksum: string | null;
-  @Column("text", { nullable: true }) error: string | null;
+  @Column("text", { nullable: true }) errorCode: string | null;
+  @Column("text", { nullable: true }) errorMessage: string | null;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
   @UpdateDateColumn({ type: "timestamptz" }) updatedAt: Date;
 }

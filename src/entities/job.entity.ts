@@ -12,6 +12,8 @@ export class Job {
   @Column("bigint", { transformer: bigintNumber, default: 0 }) bytesDone: number;
   @Column("bigint", { transformer: bigintNumber, default: 0 }) bytesTotal: number;
   @Column("int", { default: 0 }) attempts: number;
+  /** Blocks the job read, wrote, hashed or enumerated: its work, which grows with the data, not with a disk's size. */
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) blocksVisited: number;
   @Column("boolean", { default: false }) cancelRequested: boolean;
   @Column("jsonb", { default: {} }) payload: Record<string, unknown>;
   @Column("text", { nullable: true }) errorCode: string | null;

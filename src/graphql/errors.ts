@@ -53,3 +53,8 @@ export function createErrorFormatter(logger: Logger) {
     return { message: "Internal server error", locations: formatted.locations, path: formatted.path, extensions: { code: "INTERNAL_SERVER_ERROR" } };
   };
 }
+
+/** The `{ code message }` a failed job, image or export shows; null while nothing failed. */
+export function failureOf(row: { errorCode: string | null; errorMessage: string | null }): { code: string; message: string } | null {
+  return row.errorCode ? { code: row.errorCode, message: row.errorMessage ?? "" } : null;
+}

@@ -24,16 +24,47 @@ export class JobInterrupted extends Error {
 export interface JobContext {
   readonly job: Job;
   readonly signal: AbortSignal;
-  /** Records progress (throttled); throws JobCancelled once cancellation was asked for. */
+  /**
+   * Records progress; throws JobCancelled once cancellation was asked for. The
+   * runner writes and publishes it several times a second, whatever the handler
+   * is doing meanwhile.
+   */
   progress(bytesDone: number, bytesTotal: number): Promise<void>;
   /** Throws JobCancelled or JobInterrupted when the job must stop. */
   checkCancelled(): void;
+  /** Counts blocks the job read, wrote, hashed or enumerated: its work, which must grow with the data it moves. */
+  visit(blocks: number): void;
 }
+
+/**
+ * Why a job failed, as the API shows it (`Job.error`, `Image.error`,
+ * `ImageExport.error`). INTERNAL is for bugs only.
+ */
+export type FailureCode =
+  | "NO_SPACE"
+  | "BAD_IMAGE"
+  | "TOO_LARGE"
+  | "CORRUPT_CHUNK"
+  | "UPLOAD_GONE"
+  | "IMAGE_GONE"
+  | "BACKUP_GONE"
+  | "BACKUP_FAILED"
+  | "VERIFY_FAILED"
+  | "INCOMPLETE"
+  | "INTERRUPTED"
+  | "CANCELLED"
+  | "INTERNAL";
 
 export interface JobOutcome {
   status: JobStatus.FAILED | JobStatus.CANCELLED;
-  code: string;
+  code: FailureCode | string;
   message: string;
+}
+
+/** A file system (or Postgres' disk) that is full: the job fails NO_SPACE, and the service goes on once space is free. */
+export function isNoSpace(err: unknown): boolean {
+  const e = err as { code?: string; driverError?: { code?: string } } | null;
+  return e?.code === "ENOSPC" || e?.code === "EDQUOT" || e?.code === "53100" || e?.driverError?.code === "53100";
 }
 
 export interface JobHandler {
@@ -153,7 +184,10 @@ export class JobRunner {
     const ctrl = new AbortController();
     this.running.set(job.id, ctrl);
     let cancelRequested = job.cancelRequested;
-    let lastWrite = 0;
+    // What the handler reported; written and published by a timer, so events keep coming while a phase reports nothing.
+    const seen = { done: 0, total: 0, visited: 0 };
+    const written = { done: -1, total: -1, visited: -1 };
+    let flushing: Promise<void> | null = null;
     const heartbeat = setInterval(() => {
       void rows<{ cancel_requested: boolean }>(this.ds, `UPDATE jobs SET heartbeat_at = now() WHERE id = $1 RETURNING cancel_requested`, [job.id])
         .then((r) => {
@@ -169,38 +203,58 @@ export class JobRunner {
       if (cancelRequested) throw new JobCancelled();
       if (ctrl.signal.aborted) throw ctrl.signal.reason instanceof Error ? ctrl.signal.reason : new JobInterrupted("interrupted");
     };
+    const flush = async () => {
+      if (seen.done === written.done && seen.total === written.total && seen.visited === written.visited) return;
+      const { done, total, visited } = seen;
+      Object.assign(written, seen);
+      const progress = total > 0 ? Math.min(1, done / total) : 0;
+      const r = await rows<{ cancel_requested: boolean }>(
+        this.ds,
+        `UPDATE jobs SET progress = $2, bytes_done = $3, bytes_total = $4, blocks_visited = $5, heartbeat_at = now(), updated_at = now()
+          WHERE id = $1 AND status = 'RUNNING' RETURNING cancel_requested`,
+        [job.id, progress, done, total, visited],
+      );
+      if (!r.length) return;
+      if (job.backupId) await this.ds.query(`UPDATE backups SET progress = $2 WHERE id = $1 AND status IN ('CREATING', 'RESTORING')`, [job.backupId, progress]);
+      Object.assign(job, { progress, bytesDone: done, bytesTotal: total, blocksVisited: visited });
+      await this.publish(job);
+      if (r[0].cancel_requested && !cancelRequested) {
+        cancelRequested = true;
+        ctrl.abort(new JobCancelled());
+      }
+    };
+    const ticker = setInterval(() => {
+      flushing ??= flush()
+        .catch((err) => this.logger.warn("recording a job's progress failed", { job: job.id, error: err }))
+        .finally(() => (flushing = null));
+    }, this.opts.progressIntervalMs);
     const ctx: JobContext = {
       job,
       signal: ctrl.signal,
       checkCancelled: check,
+      visit: (blocks) => {
+        seen.visited += blocks;
+      },
       progress: async (bytesDone, bytesTotal) => {
         check();
-        const now = Date.now();
-        if (now - lastWrite < this.opts.progressIntervalMs) return;
-        lastWrite = now;
-        const total = Math.max(0, bytesTotal);
-        const done = Math.min(Math.max(0, bytesDone), total);
-        const progress = total > 0 ? Math.min(1, done / total) : 0;
-        const r = await rows<{ cancel_requested: boolean }>(
-          this.ds,
-          `UPDATE jobs SET progress = $2, bytes_done = $3, bytes_total = $4, heartbeat_at = now(), updated_at = now() WHERE id = $1 RETURNING cancel_requested`,
-          [job.id, progress, done, total],
-        );
-        if (job.backupId) await this.ds.query(`UPDATE backups SET progress = $2 WHERE id = $1 AND status IN ('CREATING', 'RESTORING')`, [job.backupId, progress]);
-        Object.assign(job, { progress, bytesDone: done, bytesTotal: total });
-        await this.publish(job);
-        if (r[0]?.cancel_requested) {
-          cancelRequested = true;
-          throw new JobCancelled();
-        }
+        seen.total = Math.max(0, bytesTotal);
+        seen.done = Math.min(Math.max(0, bytesDone), seen.total);
       },
     };
 
+    // The numbers of the job's end go with its terminal status, written once every flush is through.
+    const settle = async () => {
+      clearInterval(ticker);
+      await flushing;
+      job.blocksVisited = seen.visited;
+    };
     try {
       check();
       await handler.run(ctx);
+      await settle();
       await this.finish(job, { status: JobStatus.SUCCEEDED });
     } catch (err) {
+      await settle();
       const outcome = this.outcomeOf(err, job);
       try {
         await handler.cleanup(job, outcome);
@@ -209,6 +263,7 @@ export class JobRunner {
       }
       await this.finish(job, outcome).catch((e) => this.logger.error("recording a job's end failed", { job: job.id, error: e }));
     } finally {
+      clearInterval(ticker);
       clearInterval(heartbeat);
       this.running.delete(job.id);
       this.wake();
@@ -220,6 +275,10 @@ export class JobRunner {
     if (err instanceof JobInterrupted) return { status: JobStatus.FAILED, code: "INTERRUPTED", message: err.message };
     if (err instanceof DomainError) return { status: JobStatus.FAILED, code: err.code, message: err.message };
     if (err instanceof JobFailure) return { status: JobStatus.FAILED, code: err.code, message: err.message };
+    if (isNoSpace(err)) {
+      this.logger.warn("a job ran out of space", { job: job.id, type: job.type, error: err });
+      return { status: JobStatus.FAILED, code: "NO_SPACE", message: "the storage ran out of space; what the job had written was removed, and it can run again once space is free" };
+    }
     this.logger.error("job failed", { job: job.id, type: job.type, error: err });
     return { status: JobStatus.FAILED, code: "INTERNAL", message: "the job failed unexpectedly; the service log has the details" };
   }
@@ -228,10 +287,10 @@ export class JobRunner {
     const succeeded = outcome.status === JobStatus.SUCCEEDED;
     const [row] = await rows(
       this.ds,
-      `UPDATE jobs SET status = $2, finished_at = now(), updated_at = now(), error_code = $3, error_message = $4,
+      `UPDATE jobs SET status = $2, finished_at = now(), updated_at = now(), error_code = $3, error_message = $4, blocks_visited = $6,
               progress = CASE WHEN $5 THEN 1 ELSE progress END, bytes_done = CASE WHEN $5 THEN bytes_total ELSE bytes_done END
         WHERE id = $1 RETURNING *`,
-      [job.id, outcome.status, outcome.code ?? null, outcome.message ?? null, succeeded],
+      [job.id, outcome.status, outcome.code ?? null, outcome.message ?? null, succeeded, job.blocksVisited ?? 0],
     );
     if (row) Object.assign(job, hydrate(this.ds, Job, [row])[0]);
     await this.publish(job);
@@ -287,7 +346,7 @@ export class JobRunner {
 /** A failure a handler reports with a code and a message for the user. */
 export class JobFailure extends Error {
   constructor(
-    readonly code: string,
+    readonly code: FailureCode,
     message: string,
   ) {
     super(message);

@@ -169,7 +169,8 @@ export class ImageService {
           virtualSizeBytes: disk.sizeBytes,
           sizeBytes: 0,
           checksum: null,
-          error: null,
+          errorCode: null,
+          errorMessage: null,
         }),
       );
       // The disk at this instant: its written blocks, still pointing at their volume segments.
@@ -221,7 +222,8 @@ export class ImageService {
             virtualSizeBytes: system?.diskSizeBytes ?? 0,
             sizeBytes: 0,
             checksum: null,
-            error: null,
+            errorCode: null,
+          errorMessage: null,
           }),
         );
         const payload: CreateImagePayload = takenNow ? { awaitBackupId: backup.id } : {};
@@ -244,7 +246,7 @@ export class ImageService {
     const type = input.type ?? ImageType.SYSTEM_DISK;
     if (type === ImageType.FULL_SERVER) throw badInput("type", "FULL_SERVER images are made from server backups, not imported");
     if (!/^[0-9a-f-]{36}$/.test(input.uploadId)) throw badInput("uploadId", "not an upload ID from POST /v1/uploads");
-    const [upload] = await rows<{ id: string; size_bytes: string }>(ctx.ds, `SELECT id, size_bytes FROM uploads WHERE id = $1 AND project_id = $2 AND expires_at > now()`, [
+    const [upload] = await rows<{ id: string; size_bytes: string; data_bytes: string | null }>(ctx.ds, `SELECT id, size_bytes, data_bytes FROM uploads WHERE id = $1 AND project_id = $2 AND expires_at > now()`, [
       input.uploadId,
       ctx.projectId,
     ]);
@@ -276,10 +278,11 @@ export class ImageService {
           virtualSizeBytes: 0,
           sizeBytes: 0,
           checksum: null,
-          error: null,
+          errorCode: null,
+          errorMessage: null,
         }),
       );
-      const job = await this.queue.add(em, ctx.projectId, { type: JobType.IMPORT_IMAGE, imageId: image.id, bytesTotal: Number(upload.size_bytes), payload: { uploadId: upload.id, format } });
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.IMPORT_IMAGE, imageId: image.id, bytesTotal: Number(upload.data_bytes ?? upload.size_bytes), payload: { uploadId: upload.id, format } });
       return { image, job };
     });
     await this.queue.announce(result.job);
@@ -295,7 +298,7 @@ export class ImageService {
       if (!image) throw notFound("image", input.imageId);
       if (image.type === ImageType.FULL_SERVER) throw failedPrecondition("FULL_SERVER images cannot be exported; export an image of one disk");
       if (image.status !== ImageStatus.ACTIVE) throw failedPrecondition(`only ACTIVE images can be exported; this one is ${image.status}`);
-      const exp = await em.save(em.create(ImageExport, { projectId: ctx.projectId, imageId, format: input.format, status: ExportStatus.QUEUED, sizeBytes: null, sha256: null, jobId: null, expiresAt: null }));
+      const exp = await em.save(em.create(ImageExport, { projectId: ctx.projectId, imageId, format: input.format, status: ExportStatus.QUEUED, sizeBytes: null, sha256: null, jobId: null, errorCode: null, errorMessage: null, expiresAt: null }));
       const job = await this.queue.add(em, ctx.projectId, { type: JobType.EXPORT_IMAGE, imageId, exportId: exp.id, payload: { format: input.format } });
       exp.jobId = job.id;
       await em.save(exp);

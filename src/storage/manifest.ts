@@ -35,9 +35,43 @@ export async function resolveManifest(q: Queryable, backupId: string, first: num
   return found.map((r) => ({ index: Number(r.block_index), hash: r.hash }));
 }
 
-/** Walks a whole disk backup's manifest in batches, memory bounded by the batch. */
-export async function* walkManifest(q: Queryable, backupId: string, blockCount: number): AsyncIterable<ManifestEntry[]> {
-  for (let first = 0; first < blockCount; first += MANIFEST_BATCH) {
-    yield await resolveManifest(q, backupId, first, Math.min(blockCount, first + MANIFEST_BATCH) - 1);
-  }
+/** Where a disk's bytes come from: a disk backup (through its chain) or a disk of an image. */
+export interface BlockSource {
+  backupId?: string;
+  imageDiskId?: string;
+}
+
+/**
+ * The ranges [first, last] of block indexes that together hold every block the
+ * source records (and every block disk `diskId` holds data in, when given), each
+ * holding at most `size` of them (`firstSize` for the first one); ranges where
+ * nothing is recorded are left out. A walk over these ranges costs what the data
+ * costs, never what the disk's size does: a 1 TiB disk holding 8 MiB is two
+ * ranges, not 4,096.
+ */
+export async function dataRanges(q: Queryable, source: BlockSource, opts: { diskId?: string; size?: number; firstSize?: number } = {}): Promise<[number, number][]> {
+  const size = opts.size ?? MANIFEST_BATCH;
+  const firstSize = opts.firstSize ?? size;
+  const recorded = source.imageDiskId
+    ? `SELECT block_index FROM image_blocks WHERE image_disk_id = $1`
+    : `SELECT bb.block_index FROM backup_blocks bb WHERE bb.backup_id IN (SELECT id FROM chain)`;
+  const chain = source.imageDiskId
+    ? ""
+    : `WITH RECURSIVE chain AS (
+         SELECT id, base_id FROM backups WHERE id = $1
+         UNION ALL
+         SELECT b.id, b.base_id FROM backups b JOIN chain c ON b.id = c.base_id
+       )`;
+  const own = opts.diskId ? `UNION SELECT block_index FROM disk_blocks WHERE disk_id = $4 AND hash IS NOT NULL` : "";
+  const found = await rows<{ first: string; last: string }>(
+    q,
+    `${chain}
+     SELECT min(block_index) AS first, max(block_index) AS last FROM (
+       SELECT block_index, row_number() OVER (ORDER BY block_index) - 1 AS rn FROM (${recorded} ${own}) AS idx
+     ) AS t
+     GROUP BY CASE WHEN rn < $2 THEN -1 ELSE (rn - $2) / $3 END
+     ORDER BY 1`,
+    [source.imageDiskId ?? source.backupId, firstSize, size, ...(opts.diskId ? [opts.diskId] : [])],
+  );
+  return found.map((r) => [Number(r.first), Number(r.last)]);
 }

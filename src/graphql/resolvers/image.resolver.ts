@@ -3,9 +3,10 @@ import type { Image, ImageExport } from "../../entities";
 import { toGlobalId } from "../../services/global-id";
 import { isExportable } from "../../services/image.service";
 import type { GraphQLContext } from "../context";
+import { failureOf } from "../errors";
 import { CreateImageInput, DiskListArgs, ExportImageInput, IdInput, ImageExportListArgs, ImageListArgs, ImportImageInput, ServerListArgs } from "../types/inputs.type";
 import { CreateImagePayload, DeleteImagePayload, ExportImagePayload, ImportImagePayload } from "../types/payloads.type";
-import { BackupType, DiskConnection, DiskType_, ImageConnection, ImageExportConnection, ImageExportType, ImageType_, JobType_, ServerConnection, ServerType } from "../types/resources.type";
+import { BackupType, DiskConnection, DiskType_, ImageConnection, ImageExportConnection, ImageExportType, ImageType_, JobErrorType, JobType_, ServerConnection, ServerType } from "../types/resources.type";
 
 @Resolver(() => ImageType_)
 export class ImageResolver {
@@ -33,6 +34,11 @@ export class ImageResolver {
   async deleteImage(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
     const image = await services.images.delete(ctx, input.id);
     return { deletedImageId: toGlobalId("Image", image.id) };
+  }
+
+  @FieldResolver(() => JobErrorType, { nullable: true, description: "Why the image was KILLED." })
+  error(@Root() image: Image) {
+    return failureOf(image);
   }
 
   @FieldResolver(() => Boolean, { description: "FULL_SERVER images cannot be exported to a file." })
@@ -86,5 +92,10 @@ export class ImageExportResolver {
   @FieldResolver(() => JobType_, { nullable: true })
   job(@Root() exp: ImageExport, @Ctx() { ctx }: GraphQLContext) {
     return exp.jobId ? ctx.loaders.job.load(exp.jobId) : null;
+  }
+
+  @FieldResolver(() => JobErrorType, { nullable: true, description: "Why the export FAILED." })
+  error(@Root() exp: ImageExport) {
+    return failureOf(exp);
   }
 }

@@ -2,6 +2,7 @@ import { Arg, Args, Ctx, FieldResolver, Int, Mutation, Query, Resolver, Root } f
 import type { Job } from "../../entities";
 import { etaSeconds } from "../../services/progress";
 import type { GraphQLContext } from "../context";
+import { failureOf } from "../errors";
 import { IdInput, JobListArgs } from "../types/inputs.type";
 import { CancelJobPayload } from "../types/payloads.type";
 import { BackupType, DiskType_, ImageExportType, ImageType_, JobConnection, JobErrorType, JobType_, PolicyType, ServerType } from "../types/resources.type";
@@ -25,7 +26,7 @@ export class JobResolver {
 
   @FieldResolver(() => JobErrorType, { nullable: true })
   error(@Root() job: Job) {
-    return job.errorCode ? { code: job.errorCode, message: job.errorMessage ?? "" } : null;
+    return failureOf(job);
   }
 
   @FieldResolver(() => ServerType, { nullable: true })

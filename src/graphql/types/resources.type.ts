@@ -56,8 +56,11 @@ export class ImageType_ extends Node {
   @Field(() => SafeInt) minDiskBytes: number;
   @Field(() => SafeInt) virtualSizeBytes: number;
   @Field(() => SafeInt, { description: "Stored (compressed) size." }) sizeBytes: number;
-  @Field(() => String, { nullable: true, description: "SHA-256 of the raw disk bytes." }) checksum: string | null;
-  @Field(() => String, { nullable: true }) error: string | null;
+  @Field(() => String, {
+    nullable: true,
+    description: "The image's content checksum: SHA-256 over the index and SHA-256 of every 64 KiB block that is not all zeros, then the virtual size (`stowage checksum FILE` computes it from any image file).",
+  })
+  checksum: string | null;
   @Field(() => DateTime) createdAt: Date;
 }
 
@@ -66,7 +69,7 @@ export class ImageExportType extends Node {
   @Field(() => DiskFormat) format: DiskFormat;
   @Field(() => ExportStatus) status: ExportStatus;
   @Field(() => SafeInt, { nullable: true }) sizeBytes: number | null;
-  @Field(() => String, { nullable: true }) sha256: string | null;
+  @Field(() => String, { nullable: true, description: "SHA-256 of the file; null for RAW exports, which are sparse (verify them with the image's checksum)." }) sha256: string | null;
   @Field(() => DateTime, { nullable: true }) expiresAt: Date | null;
   @Field(() => DateTime) createdAt: Date;
 }
@@ -92,7 +95,7 @@ export class PolicyType extends Node {
   @Field(() => DateTime) createdAt: Date;
 }
 
-@ObjectType("JobError")
+@ObjectType("JobError", { description: "Why a job failed, and with it the image or export it made: a stable code and a message for people." })
 export class JobErrorType {
   @Field() code: string;
   @Field() message: string;

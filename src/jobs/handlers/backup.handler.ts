@@ -42,6 +42,7 @@ export class BackupHandler implements JobHandler {
     for (const part of parts) {
       const added = await copyPendingBlocks(this.ds, this.volumes, this.vault, pending(part), async (n) => {
         done += n * BLOCK_SIZE;
+        ctx.visit(n);
         await ctx.progress(done, total);
       }, ctx.checkCancelled);
       stored.set(part.id, added);

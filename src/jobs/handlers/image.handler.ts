@@ -2,7 +2,7 @@ import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
 import { Backup, ImageStatus, JobType, type Job } from "../../entities";
 import { addImageDisksFromBackup, type CreateImagePayload } from "../../services/image.service";
-import type { ChunkCodec, StreamDigest } from "../../storage/codec";
+import { ContentChecksum } from "../../formats/checksum";
 import { mapOrdered } from "../../storage/pipeline";
 import { hex, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type VolumeStore } from "../../storage/volume-store";
@@ -59,47 +59,28 @@ export async function* imageDiskBlocks(ds: DataSource, vault: Vault, projectId: 
   }
 }
 
+/** Rows of an image disk's block list read per statement. */
+const CHECKSUM_BATCH = 16384;
+
 /**
- * SHA-256 of a disk's raw bytes from its blocks, given in order, zeros in the
- * gaps; `sizeBytes` long. Hashed on a codec worker, which hashes the zeros
- * without being sent them.
+ * The content checksum of an image disk from its block list alone (the chunks'
+ * hashes), reading no data; `visit` counts the blocks.
  */
-export class RawChecksum {
-  private readonly digest: StreamDigest;
-  private next = 0;
-  private readonly lastIndex: number;
-  private readonly tail: number;
-
-  constructor(
-    sizeBytes: number,
-    codec: ChunkCodec,
-  ) {
-    this.digest = codec.digest();
-    this.lastIndex = Math.ceil(sizeBytes / BLOCK_SIZE) - 1;
-    this.tail = sizeBytes - this.lastIndex * BLOCK_SIZE;
+export async function imageDiskChecksum(ds: DataSource, imageDiskId: string, sizeBytes: number, ctx: Pick<JobContext, "visit" | "checkCancelled">): Promise<string> {
+  const sum = new ContentChecksum();
+  for (let after = -1; ; ) {
+    ctx.checkCancelled();
+    const batch = await rows<{ block_index: string; hash: Buffer }>(
+      ds,
+      `SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index > $2 ORDER BY block_index LIMIT ${CHECKSUM_BATCH}`,
+      [imageDiskId, after],
+    );
+    if (!batch.length) break;
+    for (const b of batch) sum.add(Number(b.block_index), b.hash);
+    ctx.visit(batch.length);
+    after = Number(batch[batch.length - 1].block_index);
   }
-
-  private zerosBefore(index: number): number {
-    if (index <= this.next) return 0;
-    const whole = Math.min(index, this.lastIndex) - this.next;
-    return whole * BLOCK_SIZE + (index > this.lastIndex ? this.tail : 0);
-  }
-
-  /** Adds block `index` (or `data.length / BLOCK_SIZE` consecutive blocks from it). */
-  async add(index: number, data: Buffer): Promise<void> {
-    const count = Math.ceil(data.length / BLOCK_SIZE);
-    const zeros = this.zerosBefore(index);
-    const end = index + count - 1;
-    const bytes = end === this.lastIndex ? data.subarray(0, (count - 1) * BLOCK_SIZE + this.tail) : data;
-    await this.digest.update(bytes, zeros);
-    this.next = index + count;
-  }
-
-  async hex(): Promise<string> {
-    await this.digest.update(null, this.zerosBefore(this.lastIndex + 1));
-    this.next = this.lastIndex + 1;
-    return (await this.digest.digest()).toString("hex");
-  }
+  return sum.hex(sizeBytes);
 }
 
 /**
@@ -125,15 +106,13 @@ export class CreateImageHandler implements JobHandler {
     const disks = await rows<ImageDiskRow>(this.ds, `SELECT id, size_bytes FROM image_disks WHERE image_id = $1 ORDER BY disk_index`, [job.imageId]);
 
     const pendingOf = (d: ImageDiskRow) => ({ table: "image_blocks" as const, ownerColumn: "image_disk_id" as const, ownerId: d.id, diskId: payload.sourceDiskId ?? "", projectId: job.projectId });
+    // The work is the blocks captured from the disk that the vault lacks; an image of a backup moves no data.
     let total = 0;
-    for (const d of disks) {
-      if (payload.sourceDiskId) total += (await countPending(this.ds, pendingOf(d))) * BLOCK_SIZE;
-      const [{ n }] = await rows<{ n: string }>(this.ds, `SELECT count(*) AS n FROM image_blocks WHERE image_disk_id = $1`, [d.id]);
-      total += Number(n) * BLOCK_SIZE;
-    }
+    for (const d of disks) if (payload.sourceDiskId) total += (await countPending(this.ds, pendingOf(d))) * BLOCK_SIZE;
     let done = 0;
     const step = async (blocks: number) => {
       done += blocks * BLOCK_SIZE;
+      ctx.visit(blocks);
       await ctx.progress(done, total);
     };
     await ctx.progress(0, total);
@@ -146,13 +125,7 @@ export class CreateImageHandler implements JobHandler {
     });
     const checksums: string[] = [];
     for (const d of disks) {
-      const sum = new RawChecksum(Number(d.size_bytes), this.vault.codec);
-      let n = 0;
-      for await (const b of imageDiskBlocks(this.ds, this.vault, job.projectId, d.id)) {
-        await sum.add(b.index, b.data);
-        if (++n % READ_BATCH === 0) await step(READ_BATCH);
-      }
-      checksums.push(await sum.hex());
+      checksums.push(await imageDiskChecksum(this.ds, d.id, Number(d.size_bytes), ctx));
       await this.ds.query(`UPDATE image_disks SET checksum = $2 WHERE id = $1`, [d.id, checksums[checksums.length - 1]]);
     }
     ctx.checkCancelled();
@@ -181,9 +154,10 @@ export class CreateImageHandler implements JobHandler {
 
 /** ACTIVE, with the stored size of the distinct chunks it references. */
 export async function finishImage(ds: DataSource, job: Job, checksum: string | null, extra: { virtualSizeBytes?: number; minDiskBytes?: number } = {}): Promise<void> {
+  // Byte counts pass 2^31: every parameter is typed bigint, or Postgres infers int from the literal beside it.
   await ds.query(
-    `UPDATE images i SET status = 'ACTIVE', checksum = $2, updated_at = now(), error = NULL,
-            virtual_size_bytes = coalesce($3, i.virtual_size_bytes), min_disk_bytes = greatest(i.min_disk_bytes, coalesce($4, 0)),
+    `UPDATE images i SET status = 'ACTIVE', checksum = $2, updated_at = now(), error_code = NULL, error_message = NULL,
+            virtual_size_bytes = coalesce($3::bigint, i.virtual_size_bytes), min_disk_bytes = greatest(i.min_disk_bytes, coalesce($4::bigint, 0)),
             size_bytes = (SELECT coalesce(sum(c.stored_size), 0) FROM vault_chunks c WHERE c.project_id = i.project_id
                            AND c.hash IN (SELECT ib.hash FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id WHERE d.image_id = i.id))
       WHERE id = $1`,
@@ -196,6 +170,6 @@ export async function killImage(ds: DataSource, job: Job, outcome: JobOutcome): 
   if (!job.imageId) return;
   await ds.transaction(async (em) => {
     await em.query(`DELETE FROM image_blocks WHERE image_disk_id IN (SELECT id FROM image_disks WHERE image_id = $1)`, [job.imageId]);
-    await em.query(`UPDATE images SET status = $2, error = $3, updated_at = now() WHERE id = $1`, [job.imageId, ImageStatus.KILLED, outcome.message]);
+    await em.query(`UPDATE images SET status = $2, error_code = $3, error_message = $4, updated_at = now() WHERE id = $1`, [job.imageId, ImageStatus.KILLED, outcome.code, outcome.message]);
   });
 }

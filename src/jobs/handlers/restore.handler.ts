@@ -2,16 +2,12 @@ import type { DataSource } from "typeorm";
 import { HASH_BYTES, int8At, rows } from "../../db/sql";
 import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
 import type { RestorePlan } from "../../services/backup.service";
-import { MANIFEST, MANIFEST_BATCH } from "../../storage/manifest";
+import { dataRanges, MANIFEST, type BlockSource } from "../../storage/manifest";
 import { CHUNK_AT, PACKED_CHUNKS, readPackedChunks, type PackChunks, type PackedChunksRow, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type BlockBatch, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 
-/** Where a disk's bytes come from: a disk backup (through its chain) or a disk of an image. */
-interface Source {
-  backupId?: string;
-  imageDiskId?: string;
-}
+type Source = BlockSource;
 
 /**
  * Chunks of one pack to write, with the blocks that take each: chunk k's blocks
@@ -60,12 +56,6 @@ const planSql = (source: Source) => `${diffOf(source)},
 /** Blocks planned in the first batch: few, so the first reads and writes start soon. */
 const FIRST_BATCH = 512;
 
-/** The batches [first, last] of a disk of `blocks` blocks: a small one, then MANIFEST_BATCH each. */
-function batches(blocks: number): [number, number][] {
-  const out: [number, number][] = [];
-  for (let first = 0, size = FIRST_BATCH; first < blocks; first += size, size = MANIFEST_BATCH) out.push([first, Math.min(blocks, first + size) - 1]);
-  return out;
-}
 
 /** The numbers of a bytea of int8send() values (none for null). */
 function int8s(buf: Buffer | null): Float64Array {
@@ -121,16 +111,14 @@ export class RestoreHandler implements JobHandler {
   async run(ctx: JobContext): Promise<void> {
     const { job } = ctx;
     const plan = this.plan(job);
-    const targets: (Source & { diskId: string; blocks: number })[] = [];
-    for (const t of plan.targets) {
-      const [disk] = await rows<{ size_bytes: string }>(this.ds, `SELECT size_bytes FROM disks WHERE id = $1`, [t.diskId]);
-      targets.push({ ...t, blocks: Math.ceil(Number(disk.size_bytes) / BLOCK_SIZE) });
-    }
+    // The batches cover the blocks the source records or the disk holds, whatever the disk's size.
+    const targets: (Source & { diskId: string; ranges: [number, number][] })[] = [];
+    for (const t of plan.targets) targets.push({ ...t, ranges: await dataRanges(this.ds, t, { diskId: t.diskId, firstSize: FIRST_BATCH }) });
     // The size of the work, from the block maps alone, is counted while the first batch is
     // planned and read; nothing is written before it is counted, so the count sees no block restored.
     const counting = (async () => {
       let total = 0;
-      for (const t of targets) for (const [first, last] of batches(t.blocks)) total += (await this.count(t, job.projectId, t.diskId, first, last)) * BLOCK_SIZE;
+      for (const t of targets) for (const [first, last] of t.ranges) total += (await this.count(t, job.projectId, t.diskId, first, last)) * BLOCK_SIZE;
       await ctx.progress(0, total);
       return total;
     })();
@@ -144,7 +132,7 @@ export class RestoreHandler implements JobHandler {
       // Each batch is planned while the one before it is written (their blocks differ, so
       // nothing it compares can change meanwhile); reads run on across the border.
       const plans = async function* () {
-        const ranges = batches(t.blocks);
+        const ranges = t.ranges;
         const planOf = (k: number) => (k < ranges.length ? self.planBatch(t, job.projectId, t.diskId, ...ranges[k]) : null);
         let next = planOf(0);
         for (let k = 1; next; k++) {
@@ -160,6 +148,7 @@ export class RestoreHandler implements JobHandler {
           total ??= await counting;
           ctx.checkCancelled();
           if (!run.pack) {
+            ctx.visit(run.batch.zero.length);
             for (const index of run.batch.zero) yield { index, data: null };
             continue;
           }
@@ -167,6 +156,7 @@ export class RestoreHandler implements JobHandler {
           const first = pack.starts[from];
           const slots = new Uint32Array(pack.starts[to] - first);
           for (let k = from; k < to; k++) slots.fill(k - from, pack.starts[k] - first, pack.starts[k + 1] - first);
+          ctx.visit(slots.length);
           yield { data, hashes: pack.hashes.subarray(from * HASH_BYTES, to * HASH_BYTES), indexes: pack.blocks.subarray(first, pack.starts[to]), slots, release: () => buffers.give(data) };
           done += slots.length * BLOCK_SIZE;
           await ctx.progress(done, total);

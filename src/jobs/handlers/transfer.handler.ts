@@ -2,17 +2,18 @@ import type { DataSource } from "typeorm";
 import type { Config } from "../../config";
 import { hashAt, list, listOf, packedHashes, rows } from "../../db/sql";
 import { JobType, type Job } from "../../entities";
-import { FormatError, openImage, WRITERS, type FormatName, type RandomAccessSource, type WriteSource } from "../../formats";
+import { FormatError, isHole, openImage, WRITERS, type FormatName, type RandomAccessSource, type WriteSource } from "../../formats";
 import { groupBlocks, type BlockGroup } from "../../formats/blocks";
 import { mapOrdered } from "../../storage/pipeline";
 import type { BlobStore } from "../../storage/blob-store";
-import { uploadKey } from "../../storage/uploads";
+import { mappedRanges, uploadKey } from "../../storage/uploads";
 import { hex, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
 import { sealPending } from "../copy-blocks";
-import { finishImage, imageDiskBlocks, killImage, RawChecksum } from "./image.handler";
+import { finishImage, imageDiskBlocks, killImage } from "./image.handler";
+import { ContentChecksum } from "../../formats/checksum";
 
 export const exportKey = (projectId: string, exportId: string) => `exports/${projectId}/${exportId}`;
 
@@ -20,10 +21,15 @@ const ROWS_BATCH = 512;
 /** Bytes of an export file written at a time. */
 const EXPORT_PIECE = 4 * 1024 * 1024;
 
-/** An upload in the blob store, read by ranges, counting what was read. */
-export function blobSource(blobs: BlobStore, key: string, size: number, onRead?: (bytes: number) => void): RandomAccessSource {
+/** An upload in the blob store, read by ranges, counting what was read; its data map, when known, tells where its holes are. */
+export function blobSource(blobs: BlobStore, key: string, size: number, onRead?: (bytes: number) => void, dataMap?: Buffer | null): RandomAccessSource {
   return {
     size,
+    ...(dataMap && {
+      async *dataRanges(offset: number, length: number) {
+        yield* mappedRanges(dataMap, size, offset, length);
+      },
+    }),
     async read(offset, length) {
       const buf = await blobs.getRange(key, offset, length);
       onRead?.(length);
@@ -54,12 +60,15 @@ export class ImportImageHandler implements JobHandler {
   async run(ctx: JobContext): Promise<void> {
     const { job } = ctx;
     const { uploadId, format } = job.payload as { uploadId: string; format: FormatName };
-    const [upload] = await rows<{ size_bytes: string }>(this.ds, `SELECT size_bytes FROM uploads WHERE id = $1`, [uploadId]);
+    const [upload] = await rows<{ size_bytes: string; data_map: Buffer | null; data_bytes: string | null }>(this.ds, `SELECT size_bytes, data_map, data_bytes FROM uploads WHERE id = $1`, [uploadId]);
     if (!upload) throw new JobFailure("UPLOAD_GONE", "the upload expired or was deleted before the import ran");
     const size = Number(upload.size_bytes);
+    // The work is the file's data: its runs of zeros are holes, never read.
+    const dataBytes = upload.data_bytes === null ? size : Number(upload.data_bytes);
     await this.ds.query(`UPDATE images SET status = 'SAVING', updated_at = now() WHERE id = $1`, [job.imageId]);
     let read = 0;
-    const src = blobSource(this.vault.blobs, uploadKey(job.projectId, uploadId), size, (n) => (read += n));
+    const src = blobSource(this.vault.blobs, uploadKey(job.projectId, uploadId), size, (n) => (read += n), upload.data_map);
+    await ctx.progress(0, dataBytes);
     let reader;
     try {
       reader = await openImage(format, src, { maxVirtualSize: this.config.maxImageVirtualBytes, maxMetadataBytes: 64 * 2 ** 20 });
@@ -76,7 +85,7 @@ export class ImportImageHandler implements JobHandler {
     );
     const { codec } = this.vault;
     const writer = this.vault.writer(job.projectId);
-    const checksum = new RawChecksum(virtualSize, codec);
+    const checksum = new ContentChecksum();
     let pending: { index: number; hash: Buffer }[] = [];
     const insertRows = async () => {
       if (!pending.length) return;
@@ -88,25 +97,20 @@ export class ImportImageHandler implements JobHandler {
       pending = [];
     };
     // Blocks in groups of 64: hashed on the codec's workers a few groups ahead, then
-    // summed into the image's checksum, looked up in the vault, and the new ones packed.
+    // added to the image's checksum, looked up in the vault, and the new ones packed.
     const hashed = async (g: BlockGroup) => ({ g, ...(await codec.hash(g.data, BLOCK_SIZE)) });
     try {
       for await (const { g, data, hashes } of mapOrdered(groupBlocks(reader.extents(), virtualSize, (n) => codec.buffers.take(n)), 4, hashed)) {
         ctx.checkCancelled();
-        // Consecutive blocks go to the checksum as one piece.
-        for (let i = 0; i < g.indexes.length; ) {
-          let j = i + 1;
-          while (j < g.indexes.length && g.indexes[j] === g.indexes[j - 1] + 1) j++;
-          await checksum.add(g.indexes[i], data.subarray(i * BLOCK_SIZE, j * BLOCK_SIZE));
-          i = j;
-        }
+        ctx.visit(g.indexes.length);
+        checksum.addMany(g.indexes, hashes);
         const slots = hashes.flatMap((hash, slot) => (hash ? [{ hash, slot }] : []));
         const have = await this.vault.existing(job.projectId, slots.map((b) => b.hash));
         for (const b of slots) pending.push({ index: g.indexes[b.slot], hash: b.hash });
         const fresh = slots.filter((b) => !have.has(hex(b.hash)));
         await writer.addBlocks(data, fresh);
         if (pending.length >= ROWS_BATCH) await insertRows();
-        await ctx.progress(read, size);
+        await ctx.progress(read, dataBytes);
       }
       await writer.flush();
       await insertRows();
@@ -119,7 +123,7 @@ export class ImportImageHandler implements JobHandler {
     if (missing > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
     ctx.checkCancelled();
     const roundedUp = Math.ceil(virtualSize / 2 ** 20) * 2 ** 20;
-    await finishImage(this.ds, job, await checksum.hex(), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) });
+    await finishImage(this.ds, job, checksum.hex(virtualSize), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) });
     // The file has served its purpose.
     await this.ds.query(`DELETE FROM uploads WHERE id = $1`, [uploadId]);
     await this.vault.blobs.delete(uploadKey(job.projectId, uploadId));
@@ -162,6 +166,7 @@ export class ExportImageHandler implements JobHandler {
         for (;;) {
           const r = await rows<{ block_index: string }>(ds, `SELECT block_index FROM image_blocks WHERE image_disk_id = $1 AND block_index > $2 ORDER BY block_index LIMIT 4096`, [disk.id, after]);
           if (!r.length) return;
+          ctx.visit(r.length);
           for (const x of r) yield Number(x.block_index);
           after = Number(r[r.length - 1].block_index);
         }
@@ -169,28 +174,40 @@ export class ExportImageHandler implements JobHandler {
       async *blocks() {
         for await (const b of imageDiskBlocks(ds, vault, job.projectId, disk.id)) {
           done += BLOCK_SIZE;
+          ctx.visit(1);
           await ctx.progress(done, total);
           yield b;
         }
       },
     };
-    // The file goes to its blob in pieces of a few MiB; its SHA-256 is computed on a
-    // codec worker meanwhile. An export is written once and downloaded once, so it
-    // skips the OS cache where the store can.
-    const digest = vault.codec.digest();
+    // The file goes to its blob in pieces of a few MiB, and its holes as holes: a RAW
+    // export of a 1 TiB disk holding 8 MiB is a sparse file that costs 8 MiB. The
+    // SHA-256 of the other formats' files is computed on a codec worker meanwhile; a
+    // RAW file's would cost hashing every zero of the disk, so it is left null (the
+    // image's checksum verifies it). An export is written once and downloaded once,
+    // so it skips the OS cache where the store can.
+    const digest = format === "RAW" ? null : vault.codec.digest();
     const out = await vault.blobs.openWriter(exportKey(job.projectId, job.exportId!), { bypassCache: true });
     let size = 0;
     try {
       let held: Buffer[] = [];
       let heldBytes = 0;
       const put = async () => {
-        await digest.update(held);
+        if (!held.length) return;
+        await digest?.update(held);
         await out.write(held);
         held = [];
         heldBytes = 0;
       };
       for await (const piece of WRITERS[format](source)) {
-        held.push(piece);
+        if (isHole(piece)) {
+          await put();
+          await digest?.update(null, piece.hole);
+          await out.skip(piece.hole);
+          continue;
+        }
+        // Pieces are lent: held ones are copied once they add up.
+        held.push(Buffer.from(piece));
         heldBytes += piece.length;
         if (heldBytes >= EXPORT_PIECE) await put();
       }
@@ -200,7 +217,7 @@ export class ExportImageHandler implements JobHandler {
       await out.abort();
       throw err;
     }
-    const sha256 = (await digest.digest()).toString("hex");
+    const sha256 = digest ? (await digest.digest()).toString("hex") : null;
     ctx.checkCancelled();
     await this.ds.query(
       `UPDATE image_exports SET status = 'READY', size_bytes = $2, sha256 = $3, expires_at = now() + make_interval(secs => $4) WHERE id = $1`,
@@ -208,8 +225,8 @@ export class ExportImageHandler implements JobHandler {
     );
   }
 
-  async cleanup(job: Job, _outcome: JobOutcome): Promise<void> {
-    await this.ds.query(`UPDATE image_exports SET status = 'FAILED' WHERE id = $1`, [job.exportId]);
+  async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
+    await this.ds.query(`UPDATE image_exports SET status = 'FAILED', error_code = $2, error_message = $3 WHERE id = $1`, [job.exportId, outcome.code, outcome.message]);
     if (job.exportId) await this.vault.blobs.delete(exportKey(job.projectId, job.exportId)).catch(() => undefined);
   }
 }

@@ -1,12 +1,24 @@
 import type { DataSource } from "typeorm";
+import { rows } from "../../db/sql";
 import { Backup, JobType, type Job } from "../../entities";
-import { MANIFEST_BATCH, resolveManifest } from "../../storage/manifest";
+import { dataRanges, resolveManifest } from "../../storage/manifest";
 import { ChunkError, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
 
 const READ_BATCH = 128;
+
+/** SQL: the blocks of each disk backup in $1 (an array), resolved through its chain, as `m` (backup, block_index, hash). */
+const MANIFEST_COUNT = `WITH RECURSIVE chain AS (
+    SELECT id AS top, id, base_id, 0 AS depth FROM backups WHERE id = ANY($1)
+    UNION ALL
+    SELECT c.top, b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
+  ), m AS (
+    SELECT DISTINCT ON (c.top, bb.block_index) c.top, bb.block_index, bb.hash
+      FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
+     ORDER BY c.top, bb.block_index, c.depth
+  )`;
 const REPORT = 5;
 
 /**
@@ -28,15 +40,24 @@ export class VerifyHandler implements JobHandler {
     const top = await repo.findOneByOrFail({ id: job.backupId! });
     const children = await repo.find({ where: { parentId: top.id }, order: { device: "ASC" } });
     const parts = children.length ? children : [top];
-    const total = parts.reduce((n, p) => n + Math.ceil((p.diskSizeBytes ?? 0) / BLOCK_SIZE) * BLOCK_SIZE, 0);
+    // The work is the blocks the backups record, in ranges that skip what they do not.
+    const ranges = new Map<string, [number, number][]>();
+    for (const part of parts) ranges.set(part.id, await dataRanges(this.ds, { backupId: part.id }));
+    const [{ n }] = await rows<{ n: string }>(
+      this.ds,
+      `${MANIFEST_COUNT} SELECT count(*) AS n FROM m WHERE hash IS NOT NULL`,
+      [parts.map((p) => p.id)],
+    );
+    const total = Number(n) * BLOCK_SIZE;
+    await ctx.progress(0, total);
     let done = 0;
     let checked = 0;
     const problems: string[] = [];
     let bad = 0;
     for (const part of parts) {
-      const blocks = Math.ceil((part.diskSizeBytes ?? 0) / BLOCK_SIZE);
-      for (let first = 0; first < blocks; first += MANIFEST_BATCH) {
-        const entries = (await resolveManifest(this.ds, part.id, first, Math.min(blocks, first + MANIFEST_BATCH) - 1)).filter((e) => e.hash);
+      for (const [first, last] of ranges.get(part.id)!) {
+        ctx.checkCancelled();
+        const entries = (await resolveManifest(this.ds, part.id, first, last)).filter((e) => e.hash);
         for (let i = 0; i < entries.length; i += READ_BATCH) {
           ctx.checkCancelled();
           const slice = entries.slice(i, i + READ_BATCH);
@@ -56,9 +77,10 @@ export class VerifyHandler implements JobHandler {
             }
           }
           checked += slice.length;
+          ctx.visit(slice.length);
+          done += slice.length * BLOCK_SIZE;
+          await ctx.progress(done, total);
         }
-        done += Math.min(MANIFEST_BATCH, blocks - first) * BLOCK_SIZE;
-        await ctx.progress(done, total);
       }
     }
     if (bad) {

@@ -26,24 +26,25 @@ export function openRaw(src: RandomAccessSource, limits: FormatLimits): ImageRea
 const ZERO = Buffer.alloc(BLOCK_SIZE);
 const isZero = (b: Buffer) => b.equals(ZERO.subarray(0, b.length));
 
-/** The disk's bytes, holes written as zeros. */
+/**
+ * The disk's bytes. Blocks the disk does not have, and blocks of zeros, are holes,
+ * so a sparse-capable sink writes a 20 GiB disk holding 8 MiB as a file of 8 MiB.
+ */
 export const writeRaw: ImageWriter = async function* (source) {
-  let next = 0;
-  const blocks = Math.ceil(source.virtualSize / BLOCK_SIZE);
-  const zerosUpTo = function* (index: number) {
-    while (next < index) {
-      const n = Math.min(index - next, 16);
-      const bytes = Math.min(n * BLOCK_SIZE, source.virtualSize - next * BLOCK_SIZE);
-      yield bytes === ZERO.length * 16 ? ZERO16 : Buffer.alloc(bytes);
-      next += n;
-    }
-  };
+  const size = source.virtualSize;
+  if (!Number.isSafeInteger(size) || size < 0) throw new Error(`invalid virtual size ${size}`);
+  let at = 0; // where the pieces yielded so far end
+  let prev = -1;
   for await (const { index, data } of source.blocks()) {
-    yield* zerosUpTo(index);
-    yield index === blocks - 1 ? data.subarray(0, source.virtualSize - index * BLOCK_SIZE) : data;
-    next = index + 1;
+    const start = index * BLOCK_SIZE;
+    if (!Number.isSafeInteger(index) || index <= prev || start >= size) throw new Error(`writeRaw: block index ${index} is out of order or past the ${size}-byte disk`);
+    prev = index;
+    // A short block's missing bytes, like those past the disk's end, are zeros.
+    const bytes = data.subarray(0, Math.min(BLOCK_SIZE, size - start, data.length));
+    if (isZero(bytes)) continue;
+    if (start > at) yield { hole: start - at };
+    yield bytes;
+    at = start + bytes.length;
   }
-  yield* zerosUpTo(blocks);
+  if (size > at) yield { hole: size - at };
 };
-
-const ZERO16 = Buffer.alloc(16 * BLOCK_SIZE);

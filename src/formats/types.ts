@@ -67,8 +67,48 @@ export interface WriteSource {
 
 export const BLOCK_SIZE = 64 * 1024;
 
-/** A writer yields the whole file, in order. */
-export type ImageWriter = (source: WriteSource) => AsyncIterable<Buffer>;
+/**
+ * A run of `hole` zero bytes in a writer's output (a positive safe integer). A sink
+ * that can keep files sparse seeks past it instead of writing it, and when the file
+ * ends in a hole it sets the file's length (ftruncate) so the zeros are still part of
+ * the file; a sink that cannot writes the zeros (see `materialize`). The zeros are
+ * part of the file's bytes: its size and any checksum of it count them.
+ */
+export interface Hole {
+  readonly hole: number;
+}
+
+/** A piece of a writer's output: bytes, or a hole of zeros. */
+export type WriterPiece = Buffer | Hole;
+
+export const isHole = (p: WriterPiece): p is Hole => !Buffer.isBuffer(p);
+
+/**
+ * A writer yields the whole file, in order, as bytes and holes. Holes may follow
+ * each other; a piece's bytes are lent (the writer may reuse its memory once the
+ * next piece is asked for), so a sink copies what it keeps.
+ */
+export type ImageWriter = (source: WriteSource) => AsyncIterable<WriterPiece>;
+
+/** Bytes a piece stands for. */
+export const pieceLength = (p: WriterPiece): number => (isHole(p) ? p.hole : p.length);
+
+const ZEROS = Buffer.alloc(1024 * 1024);
+
+/**
+ * A writer's output as bytes only, holes written out as zeros, for sinks that
+ * cannot leave holes. The zeros are views of one shared buffer: read them, never
+ * write into them.
+ */
+export async function* materialize(pieces: AsyncIterable<WriterPiece>): AsyncIterable<Buffer> {
+  for await (const p of pieces) {
+    if (!isHole(p)) {
+      yield p;
+      continue;
+    }
+    for (let left = p.hole; left > 0; left -= ZEROS.length) yield ZEROS.subarray(0, Math.min(left, ZEROS.length));
+  }
+}
 
 /**
  * Reads a reader's data into one buffer it reuses, for extents (which are lent):

@@ -3,8 +3,8 @@ import crypto from "node:crypto";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import type { ImageReader, RandomAccessSource, WriteSource } from "../../src/formats/types";
-import { BLOCK_SIZE } from "../../src/formats/types";
+import type { ImageReader, RandomAccessSource, WriteSource, WriterPiece } from "../../src/formats/types";
+import { BLOCK_SIZE, isHole, materialize } from "../../src/formats/types";
 import { requireProgram } from "./external";
 
 /** qemu-img, or null when STOWAGE_SKIP_EXTERNAL=1 (otherwise a missing one fails, naming qemu-utils). */
@@ -89,18 +89,40 @@ export function memorySource(disk: Buffer): WriteSource {
   };
 }
 
-export async function writeFile(file: string, chunks: AsyncIterable<Buffer>): Promise<number> {
+/**
+ * Writes a writer's output to `file` as a sparse-capable sink does: bytes at their
+ * offsets, holes skipped with a seek, the length set at the end (a file may end in
+ * a hole). Returns the file's size. With `maxBytes`, fails as soon as the writer
+ * yields more bytes than that (holes not counted), before a disk fills up.
+ */
+export async function writeFile(file: string, pieces: AsyncIterable<WriterPiece>, opts: { maxBytes?: number } = {}): Promise<number> {
   const fd = fs.openSync(file, "w");
-  let size = 0;
+  let at = 0;
+  let written = 0;
   try {
-    for await (const c of chunks) {
-      fs.writeSync(fd, c);
-      size += c.length;
+    for await (const p of pieces) {
+      if (isHole(p)) {
+        if (!Number.isSafeInteger(p.hole) || p.hole <= 0) throw new Error(`a hole of ${p.hole} bytes`);
+        at += p.hole;
+        continue;
+      }
+      written += p.length;
+      if (opts.maxBytes !== undefined && written > opts.maxBytes) throw new Error(`the writer yielded more than ${opts.maxBytes} bytes besides holes`);
+      for (let done = 0; done < p.length; ) done += fs.writeSync(fd, p, done, p.length - done, at + done);
+      at += p.length;
     }
+    fs.ftruncateSync(fd, at);
   } finally {
     fs.closeSync(fd);
   }
-  return size;
+  return at;
+}
+
+/** A writer's whole output in one buffer, holes as zeros (small files only). */
+export async function bytesOf(pieces: AsyncIterable<WriterPiece>): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const b of materialize(pieces)) parts.push(Buffer.from(b));
+  return Buffer.concat(parts);
 }
 
 /** A test disk: a few MiB with random, text and zero regions, and data in odd places. */

@@ -2,7 +2,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { openQcow2, writeQcow2 } from "../../../src/formats/qcow2";
-import { BLOCK_SIZE, DEFAULT_LIMITS, FormatError, type FormatLimits, type RandomAccessSource, type WriteSource } from "../../../src/formats/types";
+import { BLOCK_SIZE, DEFAULT_LIMITS, FormatError, materialize, type FormatLimits, type RandomAccessSource, type WriteSource, type WriterPiece } from "../../../src/formats/types";
 import { bufferSource, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
 
 const MiB = 1024 * 1024;
@@ -250,14 +250,10 @@ describe("writeQcow2", () => {
     const source = sparseSource(8 * 1024 * MiB, () => Array.from({ length: count }, (_, k) => k * 2), (i) => (i % 1000 === 0 ? marked(i) : zero));
     // Written sparsely: zero clusters are skipped, so the 2 GiB file costs little.
     const out = file("big.qcow2");
-    const fd = fs.openSync(out, "w");
-    let pos = 0;
-    for await (const chunk of writeQcow2(source)) {
-      if (chunk !== zero) fs.writeSync(fd, chunk, 0, chunk.length, pos);
-      pos += chunk.length;
-    }
-    fs.ftruncateSync(fd, pos);
-    fs.closeSync(fd);
+    const sparse = async function* () {
+      for await (const p of writeQcow2(source)) yield p === zero ? { hole: zero.length } : p;
+    };
+    const pos = await writeFile(out, sparse());
     expect(pos).toBeGreaterThan(32768 * BLOCK_SIZE);
     const result = expectCleanCheck(out);
     expect(result["allocated-clusters"]).toBe(count);
@@ -447,9 +443,9 @@ describe("openQcow2 refuses", () => {
   });
 });
 
-async function collect(chunks: AsyncIterable<Buffer>) {
+async function collect(pieces: AsyncIterable<WriterPiece>) {
   const out: Buffer[] = [];
-  for await (const c of chunks) out.push(Buffer.from(c));
+  for await (const c of materialize(pieces)) out.push(Buffer.from(c));
   return out;
 }
 

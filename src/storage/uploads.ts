@@ -1,5 +1,6 @@
 import crypto from "node:crypto";
-import type { Readable } from "node:stream";
+import { Writable, type Readable } from "node:stream";
+import { finished } from "node:stream/promises";
 import type { DataSource } from "typeorm";
 import { rows } from "../db/sql";
 import { BLOCK_SIZE, detectFormat, type FormatName } from "../formats";
@@ -111,20 +112,28 @@ export class UploadStore {
       staging.copy(staging, 0, whole, held);
       held -= whole;
     };
-    try {
-      for await (const chunk of body as AsyncIterable<Buffer>) {
-        if (size + chunk.length > maxBytes) throw new UploadTooLarge(maxBytes);
-        hash.update(chunk);
-        for (let pos = 0; pos < chunk.length; ) {
-          const n = Math.min(chunk.length - pos, STAGING - held);
-          chunk.copy(staging, held, pos, pos + n);
-          held += n;
-          size += n;
-          pos += n;
-          if (held === STAGING) await drain(false);
-        }
+    const take = async (chunk: Buffer) => {
+      if (size + chunk.length > maxBytes) throw new UploadTooLarge(maxBytes);
+      hash.update(chunk);
+      for (let pos = 0; pos < chunk.length; ) {
+        const n = Math.min(chunk.length - pos, STAGING - held);
+        chunk.copy(staging, held, pos, pos + n);
+        held += n;
+        size += n;
+        pos += n;
+        if (held === STAGING) await drain(false);
       }
-      await drain(true);
+    };
+    // Piped rather than iterated: a refused body is left unread, not destroyed, so the
+    // answer (413) still reaches the client on its connection.
+    const sink = new Writable({
+      write: (chunk: Buffer, _enc, cb) => void take(chunk).then(() => cb(), cb),
+      final: (cb) => void drain(true).then(() => cb(), cb),
+    });
+    body.on("error", (err) => sink.destroy(err));
+    try {
+      body.pipe(sink);
+      await finished(sink);
       await writer.close();
     } catch (err) {
       await writer.abort();

@@ -71,12 +71,16 @@ export class ImportImageHandler implements JobHandler {
     await ctx.progress(0, dataBytes);
     let reader;
     try {
-      reader = await openImage(format, src, { maxVirtualSize: this.config.maxImageVirtualBytes, maxMetadataBytes: 64 * 2 ** 20 });
+      // Readers check sizes against what a 64-bit offset can hold; this service's own limit is a limit, not damage.
+      reader = await openImage(format, src, { maxVirtualSize: Math.max(this.config.maxImageVirtualBytes, 2 ** 50), maxMetadataBytes: 64 * 2 ** 20 });
     } catch (err) {
       if (err instanceof FormatError) throw new JobFailure("BAD_IMAGE", `the ${format} file cannot be imported: ${err.message}`);
       throw err;
     }
     const virtualSize = reader.virtualSize;
+    if (virtualSize > this.config.maxImageVirtualBytes) {
+      throw new JobFailure("TOO_LARGE", `the file describes a ${virtualSize}-byte disk, larger than this service takes (MAX_IMAGE_VIRTUAL_BYTES, ${this.config.maxImageVirtualBytes} bytes)`);
+    }
     const [{ min_disk_bytes: minDisk, type }] = await rows<{ min_disk_bytes: string; type: string }>(this.ds, `SELECT min_disk_bytes, type FROM images WHERE id = $1`, [job.imageId]);
     const [disk] = await rows<{ id: string }>(
       this.ds,

@@ -188,3 +188,36 @@ describe("job lines", () => {
     expect(lines.some((l) => l.msg === "job started" && l.job === jobId)).toBe(false);
   });
 });
+
+describe("request errors", () => {
+  it("an unexpected GraphQL error is logged with the caller's project, the operation and the stack", async () => {
+    await svc.ds.query(`ALTER TABLE servers RENAME TO servers_hidden`);
+    let r;
+    try {
+      r = await svc.gql(`query ListServers { servers(first: 5) { nodes { id } } }`);
+    } finally {
+      await svc.ds.query(`ALTER TABLE servers_hidden RENAME TO servers`);
+    }
+    expect(r.errors?.[0]).toMatchObject({ message: "Internal server error", extensions: { code: "INTERNAL_SERVER_ERROR" } });
+    const logged = lines.filter((l) => l.msg === "unexpected error in request");
+    expect(logged).toHaveLength(1);
+    expect(logged[0]).toMatchObject({ level: "error", project: projectId, operation: "ListServers", path: ["servers"] });
+    expect(logged[0].error.stack).toMatch(/relation "servers" does not exist/);
+  });
+
+  it("an unexpected error on the data plane is logged with the caller's project and the path it asked for", async () => {
+    const disk = await createDisk(svc, "unreadable", MiB);
+    await svc.ds.query(`ALTER TABLE disks RENAME TO disks_hidden`);
+    let status;
+    try {
+      status = (await svc.http(`/v1/disks/${disk}/data`)).status;
+    } finally {
+      await svc.ds.query(`ALTER TABLE disks_hidden RENAME TO disks`);
+    }
+    expect(status).toBe(500);
+    const logged = lines.filter((l) => l.msg === "unexpected error in HTTP request");
+    expect(logged).toHaveLength(1);
+    expect(logged[0]).toMatchObject({ level: "error", project: projectId, method: "GET", path: `/v1/disks/${disk}/data` });
+    expect(logged[0].error.stack).toMatch(/relation "disks" does not exist/);
+  });
+});

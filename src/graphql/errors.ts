@@ -26,14 +26,41 @@ export function toGraphQLError(err: DomainError): GraphQLError {
   });
 }
 
+/** An error nothing explains (a bug): neither a domain error nor graphql-js or Apollo speaking about the request. */
+function unexpected(error: unknown): boolean {
+  const original = error instanceof GraphQLError ? error.originalError : error;
+  if (original instanceof DomainError) return false;
+  return !(error instanceof GraphQLError && (original === undefined || original instanceof GraphQLError));
+}
+
 /**
  * The one place errors become responses: domain errors keep their code and message;
  * errors graphql-js or Apollo raised about the request itself (parse, validation,
  * coercion, limits) keep theirs; anything else is logged and answered as an internal
  * error with no message, stack, SQL or path.
+ *
+ * A request's errors pass through `report` before they are formatted, so the line
+ * names the caller's project and operation; the formatter logs the errors nothing
+ * reported (those raised before the request had a context).
  */
 export function createErrorFormatter(logger: Logger) {
-  return (formatted: GraphQLFormattedError, error: unknown): GraphQLFormattedError => {
+  // The GraphQLErrors already logged; graphql-js makes one per failed field, so none hides another.
+  const reported = new WeakSet<object>();
+  const log = (error: unknown, original: unknown, fields: Record<string, unknown>) => {
+    if (typeof error === "object" && error !== null) {
+      if (reported.has(error)) return;
+      reported.add(error);
+    }
+    logger.error("unexpected error in request", { error: original instanceof Error ? original : String(original), ...fields });
+  };
+
+  const report = (errors: readonly GraphQLError[], request: { project?: string; operation?: string | null }) => {
+    for (const e of errors) {
+      if (unexpected(e)) log(e, e.originalError, { path: e.path, project: request.project, operation: request.operation ?? undefined });
+    }
+  };
+
+  const formatError = (formatted: GraphQLFormattedError, error: unknown): GraphQLFormattedError => {
     const original = error instanceof GraphQLError ? error.originalError : error;
     if (original instanceof DomainError) {
       return {
@@ -43,15 +70,17 @@ export function createErrorFormatter(logger: Logger) {
         extensions: { code: original.code, ...(original.field ? { field: original.field } : {}) },
       };
     }
-    if (error instanceof GraphQLError && (original === undefined || original instanceof GraphQLError)) {
+    if (!unexpected(error)) {
       const { stacktrace: _stack, http: _http, ...extensions } = formatted.extensions ?? {};
       // Apollo re-codes validation errors as GRAPHQL_VALIDATION_FAILED; a rule's own code (QUERY_TOO_COMPLEX) wins.
       const ownCode = original instanceof GraphQLError ? original.extensions.code : undefined;
       return { ...formatted, extensions: { ...extensions, code: ownCode ?? extensions.code ?? "BAD_USER_INPUT" } };
     }
-    logger.error("unexpected error in request", { error: original instanceof Error ? original : String(original), path: formatted.path });
+    log(error, original, { path: formatted.path });
     return { message: "Internal server error", locations: formatted.locations, path: formatted.path, extensions: { code: "INTERNAL_SERVER_ERROR" } };
   };
+
+  return { formatError, report };
 }
 
 /** The `{ code message }` a failed job, image or export shows; null while nothing failed. */

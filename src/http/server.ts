@@ -182,8 +182,11 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
     services,
   });
 
-  const formatError = createErrorFormatter(logger);
-  const formatErrors = (errors: readonly GraphQLError[]) => errors.map((e) => formatError(e.toJSON(), e));
+  const { formatError, report } = createErrorFormatter(logger);
+  const formatErrors = (errors: readonly GraphQLError[], project: Project | undefined, operation: string | null | undefined) => {
+    report(errors, { project: project?.id, operation });
+    return errors.map((e) => formatError(e.toJSON(), e));
+  };
   // Errors about the request itself carry the codes Apollo gives them over HTTP.
   const withCode = (errors: readonly GraphQLError[], code: string) =>
     errors.map((e) => new GraphQLError(e.message, { nodes: e.nodes, source: e.source, positions: e.positions, originalError: e.originalError, extensions: { code, ...e.extensions } }));
@@ -226,8 +229,8 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
         if (cost > config.maxQueryCost) return [costError(cost, config.maxQueryCost)];
         return { schema, document, operationName: payload.operationName, variableValues: payload.variables };
       },
-      onNext: (_ctx, _id, _payload, _args, result) => (result.errors ? { ...result, errors: formatErrors(result.errors) } : undefined),
-      onError: (_ctx, _id, _payload, errors) => formatErrors(errors),
+      onNext: (ctx, _id, payload, _args, result) => (result.errors ? { ...result, errors: formatErrors(result.errors, ctx.extra.project, payload.operationName) } : undefined),
+      onError: (ctx, _id, payload, errors) => formatErrors(errors, ctx.extra.project, payload.operationName),
     },
     wss,
   );
@@ -251,6 +254,15 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
         },
       },
       metrics.apolloPlugin,
+      {
+        async requestDidStart() {
+          return {
+            async didEncounterErrors(rc) {
+              report(rc.errors, { project: rc.contextValue.project?.id, operation: rc.operationName ?? rc.request.operationName });
+            },
+          };
+        },
+      },
       {
         async requestDidStart() {
           return {
@@ -286,7 +298,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
       else res.status(status).json({ error: { code: "BAD_USER_INPUT", message } });
       return;
     }
-    logger.error("unexpected error in HTTP request", { error: err instanceof Error ? err : String(err) });
+    logger.error("unexpected error in HTTP request", { error: err instanceof Error ? err : String(err), method: req.method, path: req.originalUrl.split("?")[0], project: req.project?.id });
     res.status(500).json({ error: { code: "INTERNAL_SERVER_ERROR", message: "Internal server error" } });
   });
 

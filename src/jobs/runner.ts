@@ -3,7 +3,7 @@ import os from "node:os";
 import type { DataSource } from "typeorm";
 import { rows } from "../db/sql";
 import { Job, JobStatus, JobType as JobTypes, type JobType } from "../entities";
-import type { Logger } from "../logger";
+import type { Logger, LogLevel } from "../logger";
 import { hydrate } from "../services/pagination";
 import { DomainError } from "../services/errors";
 import type { EventBus } from "./events";
@@ -85,6 +85,31 @@ export interface RunnerOptions {
 }
 
 const TERMINAL = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED];
+
+/** What a job's start and end lines say; the logger writes the resource keys as global IDs. */
+function jobLine(job: Job): Record<string, unknown> {
+  return {
+    job: job.id,
+    type: job.type,
+    status: job.status,
+    project: job.projectId,
+    server: job.serverId ?? undefined,
+    disk: job.diskId ?? undefined,
+    backup: job.backupId ?? undefined,
+    image: job.imageId ?? undefined,
+    policy: job.policyId ?? undefined,
+    export: job.exportId ?? undefined,
+    bytesDone: job.bytesDone,
+    bytesTotal: job.bytesTotal,
+    durationMs: job.startedAt && job.finishedAt ? job.finishedAt.getTime() - job.startedAt.getTime() : undefined,
+    attempt: job.attempts,
+    worker: job.workerId,
+    error: job.errorCode ? { code: job.errorCode, message: job.errorMessage } : undefined,
+  };
+}
+
+/** Failures ask for attention (a bug, INTERNAL, most); a cancelled job is someone's choice. */
+const endLevel = (job: Job): LogLevel => (job.status !== JobStatus.FAILED ? "info" : job.errorCode === "INTERNAL" ? "error" : "warn");
 
 /**
  * Runs queued jobs: claims them from Postgres with FOR UPDATE SKIP LOCKED, so any
@@ -175,6 +200,7 @@ export class JobRunner {
     );
     if (!claimed.length) return null;
     const [job] = hydrate(this.ds, Job, claimed);
+    this.logger.info("job started", jobLine(job));
     await this.publish(job);
     return job;
   }
@@ -293,6 +319,7 @@ export class JobRunner {
       [job.id, outcome.status, outcome.code ?? null, outcome.message ?? null, succeeded, job.blocksVisited ?? 0],
     );
     if (row) Object.assign(job, hydrate(this.ds, Job, [row])[0]);
+    this.logger[endLevel(job)]("job ended", jobLine(job));
     await this.publish(job);
   }
 
@@ -326,7 +353,7 @@ export class JobRunner {
       } catch (err) {
         this.logger.error("cleanup of an interrupted job failed", { job: job.id, error: err });
       }
-      this.logger.warn("failed a job interrupted by a stopped process", { job: job.id, type: job.type });
+      this.logger[endLevel(job)]("job ended", { ...jobLine(job), recoveredBy: this.workerId });
       await this.publish(job);
     }
     return dead.length;

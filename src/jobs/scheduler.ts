@@ -69,11 +69,11 @@ export class Scheduler {
       await this.announce(claimed.jobs);
       runs.push(claimed.run);
       const missed = claimed.run.scheduledFor.getTime() < now.getTime() - 60_000;
-      this.logger.info("policy ran", { policy: claimed.policy.id, backups: claimed.run.backupCount, skipped: claimed.run.skipped.length, catchUp: missed });
+      this.logger.info("policy ran", { policy: claimed.policy.id, project: claimed.policy.projectId, backups: claimed.run.backupCount, skipped: claimed.run.skipped.length, catchUp: missed });
       try {
         claimed.run.deletedCount = await this.runner.retain(claimed.ctx, claimed.policy, claimed.run);
       } catch (err) {
-        this.logger.error("retention failed", { policy: claimed.policy.id, error: err });
+        this.logger.error("retention failed", { policy: claimed.policy.id, project: claimed.policy.projectId, error: err });
       }
     }
     return runs;

@@ -4,6 +4,7 @@ export const NODE_TYPES = ["Server", "Disk", "Backup", "Image", "ImageExport", "
 export type NodeType = (typeof NODE_TYPES)[number];
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+export const isUuid = (s: string) => UUID.test(s);
 
 /** Opaque global IDs: base64url of "Type:uuid". */
 export function toGlobalId(type: NodeType, id: string): string {

@@ -7,7 +7,7 @@ import { startService, type RunningService } from "../../src/app";
 import { loadConfig, type Config } from "../../src/config";
 import type { JobRunner, RunnerOptions } from "../../src/jobs/runner";
 import type { Scheduler } from "../../src/jobs/scheduler";
-import { createLogger, silentLogger } from "../../src/logger";
+import { createLogger, silentLogger, type Logger } from "../../src/logger";
 import type { Services } from "../../src/services";
 import type { Storage } from "../../src/storage";
 import { createTestDatabase, openTestDataSource, type TestDatabase } from "./db";
@@ -40,15 +40,15 @@ export interface TestService {
   stop(): Promise<void>;
 }
 
-/** The whole service (API, jobs, storage) on a fresh database and data directory; `runner` adjusts its job runner. */
-export async function startTestService(env: Record<string, string> = {}, runner: RunnerOptions = {}): Promise<TestService> {
+/** The whole service (API, jobs, storage) on a fresh database and data directory; `runner` adjusts its job runner, `logger` receives its log. */
+export async function startTestService(env: Record<string, string> = {}, runner: RunnerOptions = {}, logger?: Logger): Promise<TestService> {
   const db: TestDatabase = await createTestDatabase();
   let recording: string[] | null = null;
   const ds = await openTestDataSource(db.url, (sql) => recording?.push(sql));
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-data-"));
   const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, GC_INTERVAL_SECONDS: "0", SCHEDULER_INTERVAL_SECONDS: "0", ...env });
   let svc: RunningService;
-  svc = await startService(config, process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger, { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200, ...runner } });
+  svc = await startService(config, logger ?? (process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger), { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200, ...runner } });
   const alpha = await svc.services.projects.create("alpha");
   const beta = await svc.services.projects.create("beta");
 

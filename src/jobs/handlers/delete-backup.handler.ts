@@ -44,7 +44,7 @@ export class DeleteBackupHandler implements JobHandler {
     });
     await ctx.progress(1, 2);
     const gc = await this.vault.collectGarbage(job.projectId, this.graceMs());
-    this.logger.info("backup deleted", { job: job.id, reclaimed: gc });
+    this.logger.info("backup deleted", { job: job.id, backup: job.backupId, project: job.projectId, reclaimed: gc });
   }
 
   async cleanup(job: Job, _outcome: JobOutcome): Promise<void> {

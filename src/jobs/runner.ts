@@ -273,6 +273,8 @@ export class JobRunner {
     const settle = async () => {
       clearInterval(ticker);
       await flushing;
+      // A job shorter than a tick still shows what it moved.
+      await flush().catch((err) => this.logger.warn("recording a job's progress failed", { job: job.id, error: err }));
       job.blocksVisited = seen.visited;
     };
     try {

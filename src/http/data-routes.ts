@@ -4,7 +4,7 @@ import type { DataSource } from "typeorm";
 import { Disk, DiskStatus } from "../entities";
 import { fromGlobalId } from "../services/global-id";
 import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../storage/volume-store";
-import { UploadTooLarge, type UploadStore } from "../storage/uploads";
+import { exportKey, UploadTooLarge, type UploadStore } from "../storage/uploads";
 import { ImageExport, Image } from "../entities";
 import { EXTENSIONS, type FormatName } from "../formats";
 import { BlobNotFoundError } from "../storage/blob-store";
@@ -208,7 +208,7 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
         }
       }
       res.setHeader("Content-Length", String(range ? range.end - range.start + 1 : size));
-      const stream = await deps.uploads.blobs.getStream(`exports/${exp.projectId}/${exp.id}`, range);
+      const stream = await deps.uploads.blobs.getStream(exportKey(exp.projectId, exp.id), range);
       await pipeline(stream, res);
     } catch (err) {
       if (err instanceof BlobNotFoundError && !res.headersSent) return fail(res, 404, "NOT_FOUND", "the export's file is gone (expired)");

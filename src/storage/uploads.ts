@@ -6,6 +6,8 @@ import { detectFormat, type FormatName } from "../formats";
 import type { BlobStore } from "./blob-store";
 
 export const uploadKey = (projectId: string, uploadId: string) => `uploads/${projectId}/${uploadId}`;
+/** An exported image file; exports live beside the uploads. */
+export const exportKey = (projectId: string, exportId: string) => `exports/${projectId}/${exportId}`;
 
 export class UploadTooLarge extends Error {
   constructor(readonly limit: number) {

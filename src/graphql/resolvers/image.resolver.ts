@@ -4,7 +4,7 @@ import { toGlobalId } from "../../services/global-id";
 import { isExportable } from "../../services/image.service";
 import type { GraphQLContext } from "../context";
 import { CreateImageInput, DiskListArgs, ExportImageInput, IdInput, ImageExportListArgs, ImageListArgs, ImportImageInput, ServerListArgs } from "../types/inputs.type";
-import { CreateImagePayload, DeleteImagePayload, ExportImagePayload, ImportImagePayload } from "../types/payloads.type";
+import { CreateImagePayload, DeleteImageExportPayload, DeleteImagePayload, ExportImagePayload, ImportImagePayload } from "../types/payloads.type";
 import { BackupType, DiskConnection, DiskType_, ImageConnection, ImageExportConnection, ImageExportType, ImageType_, JobType_, ServerConnection, ServerType } from "../types/resources.type";
 
 @Resolver(() => ImageType_)
@@ -29,10 +29,16 @@ export class ImageResolver {
     return services.images.export(ctx, input);
   }
 
-  @Mutation(() => DeleteImagePayload, { description: "Deletes the image; servers and disks made from it stay." })
+  @Mutation(() => DeleteImagePayload, { description: "Deletes the image and its exported files; servers and disks made from it stay." })
   async deleteImage(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
     const image = await services.images.delete(ctx, input.id);
     return { deletedImageId: toGlobalId("Image", image.id) };
+  }
+
+  @Mutation(() => DeleteImageExportPayload, { description: "Deletes an export and its file now, before it expires; one still being written is CONFLICT (cancel its job first)." })
+  async deleteImageExport(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    const exp = await services.images.deleteExport(ctx, input.id);
+    return { deletedImageExportId: toGlobalId("ImageExport", exp.id) };
   }
 
   @FieldResolver(() => Boolean, { description: "FULL_SERVER images cannot be exported to a file." })

@@ -6,15 +6,13 @@ import { FormatError, openImage, WRITERS, type FormatName, type RandomAccessSour
 import { groupBlocks, type BlockGroup } from "../../formats/blocks";
 import { mapOrdered } from "../../storage/pipeline";
 import type { BlobStore } from "../../storage/blob-store";
-import { uploadKey } from "../../storage/uploads";
+import { exportKey, uploadKey } from "../../storage/uploads";
 import { hex, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
 import { sealPending } from "../copy-blocks";
 import { finishImage, imageDiskBlocks, killImage, RawChecksum } from "./image.handler";
-
-export const exportKey = (projectId: string, exportId: string) => `exports/${projectId}/${exportId}`;
 
 const ROWS_BATCH = 512;
 /** Bytes of an export file written at a time. */

@@ -154,7 +154,7 @@ export async function startService(
   const db = opts.db ?? (await openDatabase(config, logger));
   const events = new PgEventBus(db.url, (sql, params) => db.ds.query(sql, params), logger);
   const storage = createStorage(config, db.ds);
-  const services = createServices(db.ds, events, storage.uploads);
+  const services = createServices(db.ds, events, storage);
   // Retention of a policy runs whenever one of its backups has become AVAILABLE.
   const retainAfter = async (projectId: string, policyId: string) => {
     await services.policyRuns.retainPolicy(new RequestContext(projectId, db.ds, config), policyId).catch((err) => logger.error("retention failed", { policy: policyId, project: projectId, error: err }));

@@ -41,6 +41,8 @@ export interface Config {
   exportTtlSeconds: number;
   /** Largest virtual disk an imported image may describe. */
   maxImageVirtualBytes: number;
+  /** Below this much free space where local blobs live, writes and the jobs that write are refused (0: never). */
+  minFreeBytes: number;
   logLevel: "debug" | "info" | "warn" | "error";
 }
 
@@ -114,6 +116,7 @@ export function loadConfig(env: Env = process.env): Config {
     uploadTtlSeconds: int(env, "UPLOAD_TTL_SECONDS", 86400, 60, 365 * 86400),
     exportTtlSeconds: int(env, "EXPORT_TTL_SECONDS", 86400, 1, 365 * 86400),
     maxImageVirtualBytes: int(env, "MAX_IMAGE_VIRTUAL_BYTES", int(env, "MAX_DISK_BYTES", 64 * 2 ** 40, 2 ** 20, Number.MAX_SAFE_INTEGER), 2 ** 20, Number.MAX_SAFE_INTEGER),
+    minFreeBytes: int(env, "MIN_FREE_BYTES", 2 ** 30, 0, Number.MAX_SAFE_INTEGER),
     logLevel,
   };
 }

@@ -2,7 +2,7 @@ import { GraphQLError, type GraphQLFormattedError } from "graphql";
 import { DomainError, ErrorCode } from "../services/errors";
 import type { Logger } from "../logger";
 
-/** HTTP status for errors that end a request before execution (authentication). */
+/** HTTP status of a domain error answered outside GraphQL (authentication, the data endpoints). */
 export function httpStatusOf(code: ErrorCode): number {
   switch (code) {
     case ErrorCode.UNAUTHENTICATED:
@@ -17,6 +17,8 @@ export function httpStatusOf(code: ErrorCode): number {
       return 409;
     case ErrorCode.FAILED_PRECONDITION:
       return 412;
+    case ErrorCode.NO_SPACE:
+      return 507;
   }
 }
 

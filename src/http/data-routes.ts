@@ -2,9 +2,12 @@ import { pipeline } from "node:stream/promises";
 import express, { type NextFunction, type Request, type RequestHandler, type Response } from "express";
 import type { DataSource } from "typeorm";
 import { Disk, DiskStatus } from "../entities";
+import { httpStatusOf } from "../graphql/errors";
+import { DomainError } from "../services/errors";
 import { fromGlobalId } from "../services/global-id";
+import type { FreeSpace } from "../storage/free-space";
 import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../storage/volume-store";
-import { UploadTooLarge, type UploadStore } from "../storage/uploads";
+import { exportKey, UploadTooLarge, type UploadStore } from "../storage/uploads";
 import { ImageExport, Image } from "../entities";
 import { EXTENSIONS, type FormatName } from "../formats";
 import { BlobNotFoundError } from "../storage/blob-store";
@@ -15,14 +18,27 @@ export interface DataRouteDeps {
   uploads: UploadStore;
   uploadMaxBytes: number;
   uploadTtlSeconds: number;
+  space: FreeSpace;
   authenticate: RequestHandler;
 }
 
 function fail(res: Response, status: number, code: string, message: string, headers: Record<string, string> = {}) {
   for (const [k, v] of Object.entries(headers)) res.setHeader(k, v);
-  // The body of a refused upload is not read; close the connection rather than drain it.
-  if (status >= 400 && res.req.method === "PUT" && !res.req.complete) res.setHeader("Connection", "close");
+  // The body of a refused write or upload is not read; close the connection rather than drain it.
+  if (status >= 400 && (res.req.method === "PUT" || res.req.method === "POST") && !res.req.complete) res.setHeader("Connection", "close");
   res.status(status).json({ error: { code, message } });
+}
+
+/** False, having answered 507 NO_SPACE, when the storage is below its free-space floor. */
+async function roomToWrite(space: FreeSpace, res: Response): Promise<boolean> {
+  try {
+    await space.check();
+    return true;
+  } catch (err) {
+    if (!(err instanceof DomainError)) throw err;
+    fail(res, httpStatusOf(err.code), err.code, err.message);
+    return false;
+  }
 }
 
 /** `bytes S-E/*` or `bytes S-E/N` of a PUT. */
@@ -125,6 +141,7 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
         return fail(res, 416, "BAD_USER_INPUT", `the write ends at byte ${start + length}, past the end of the ${disk.sizeBytes}-byte disk`, { "Content-Range": `bytes */${disk.sizeBytes}` });
       }
       if (disk.status === DiskStatus.RESTORING || disk.status === DiskStatus.CREATING) return fail(res, 409, "CONFLICT", `the disk is ${disk.status}`);
+      if (!(await roomToWrite(deps.space, res))) return;
       if (length === 0) return void res.status(200).json({ bytesWritten: 0 });
 
       await deps.volumes.withDiskLock(disk.id, async () => {
@@ -175,6 +192,7 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
       if (declared !== undefined && Number(declared) > deps.uploadMaxBytes) {
         return fail(res, 413, "BAD_USER_INPUT", `the file is larger than the ${deps.uploadMaxBytes}-byte upload limit`);
       }
+      if (!(await roomToWrite(deps.space, res))) return;
       const upload = await deps.uploads.put(req.project!.id, req, deps.uploadMaxBytes, deps.uploadTtlSeconds);
       if (upload.sizeBytes === 0) return fail(res, 400, "BAD_USER_INPUT", "the file is empty");
       res.status(201).json(upload);
@@ -208,7 +226,7 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
         }
       }
       res.setHeader("Content-Length", String(range ? range.end - range.start + 1 : size));
-      const stream = await deps.uploads.blobs.getStream(`exports/${exp.projectId}/${exp.id}`, range);
+      const stream = await deps.uploads.blobs.getStream(exportKey(exp.projectId, exp.id), range);
       await pipeline(stream, res);
     } catch (err) {
       if (err instanceof BlobNotFoundError && !res.headersSent) return fail(res, 404, "NOT_FOUND", "the export's file is gone (expired)");

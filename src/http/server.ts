@@ -173,6 +173,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
       uploads: deps.storage.uploads,
       uploadMaxBytes: config.uploadMaxBytes,
       uploadTtlSeconds: config.uploadTtlSeconds,
+      space: deps.storage.space,
       authenticate,
     }),
   );

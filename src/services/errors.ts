@@ -5,6 +5,8 @@ export enum ErrorCode {
   BAD_USER_INPUT = "BAD_USER_INPUT",
   CONFLICT = "CONFLICT",
   FAILED_PRECONDITION = "FAILED_PRECONDITION",
+  /** The file system the blobs live on is below its free-space floor: writes and the jobs that write wait until space is freed. */
+  NO_SPACE = "NO_SPACE",
 }
 
 /** An error whose message is safe to show to the caller. */
@@ -25,5 +27,6 @@ export const notFound = (what: string, id?: string) =>
 export const badInput = (field: string, message: string) => new DomainError(ErrorCode.BAD_USER_INPUT, `${field}: ${message}`, field);
 export const conflict = (message: string) => new DomainError(ErrorCode.CONFLICT, message);
 export const failedPrecondition = (message: string) => new DomainError(ErrorCode.FAILED_PRECONDITION, message);
+export const noSpace = (message: string) => new DomainError(ErrorCode.NO_SPACE, message);
 export const unauthenticated = (message = "a valid API key is required: send Authorization: Bearer <key>") =>
   new DomainError(ErrorCode.UNAUTHENTICATED, message);

@@ -1,4 +1,4 @@
-import { In, type EntityManager } from "typeorm";
+import type { EntityManager } from "typeorm";
 import { rows } from "../db/sql";
 import {
   Backup,
@@ -19,7 +19,7 @@ import {
   Server,
   type Job,
 } from "../entities";
-import type { UploadStore } from "../storage/uploads";
+import { exportKey, type UploadStore } from "../storage/uploads";
 import type { BackupService } from "./backup.service";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
@@ -309,22 +309,48 @@ export class ImageService {
     return result;
   }
 
-  /** Deletes an image; servers and disks made from it stay, and so do backups it was made from. */
+  /** Deletes an image and its export files; servers and disks made from it stay, and so do backups it was made from. */
   async delete(ctx: RequestContext, globalId: string): Promise<Image> {
     const id = decodeId(globalId, "Image", "id");
-    const image = await ctx.ds.transaction(async (em) => {
+    const { image, exports } = await ctx.ds.transaction(async (em) => {
       const img = await em.findOne(Image, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
       if (!img) throw notFound("image", globalId);
       if (img.status === ImageStatus.QUEUED || img.status === ImageStatus.SAVING) throw conflict("the image is being created; cancel its job first");
       const building = await em.count(Disk, { where: { sourceImageId: id, status: DiskStatus.CREATING } });
       if (building) throw conflict("disks are being created from this image; delete it when they are ready");
-      const exporting = await em.count(ImageExport, { where: { imageId: id, status: In([ExportStatus.QUEUED, ExportStatus.RUNNING]) } });
-      if (exporting) throw conflict("the image is being exported; cancel the export job first");
-      await em.delete(Image, { id });
-      return img;
+      const exports = await em.find(ImageExport, { where: { imageId: id }, lock: { mode: "pessimistic_write" } });
+      if (exports.some((e) => e.status === ExportStatus.QUEUED || e.status === ExportStatus.RUNNING)) throw conflict("the image is being exported; cancel the export job first");
+      await em.delete(Image, { id }); // its exports' rows go with it (ON DELETE CASCADE)
+      return { image: img, exports };
     });
+    for (const e of exports) await this.deleteExportFile(e);
     ctx.invalidate();
     return image;
+  }
+
+  /** deleteImageExport: the export's row and its file, now. One being written is CONFLICT: its job must be cancelled first. */
+  async deleteExport(ctx: RequestContext, globalId: string): Promise<ImageExport> {
+    const id = decodeId(globalId, "ImageExport", "id");
+    const exp = await ctx.ds.transaction(async (em) => {
+      const e = await em.findOne(ImageExport, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!e) throw notFound("image export", globalId);
+      if (e.status === ExportStatus.QUEUED || e.status === ExportStatus.RUNNING) throw conflict(`the export is ${e.status}; cancel its job first`);
+      await em.delete(ImageExport, { id });
+      return e;
+    });
+    await this.deleteExportFile(exp);
+    ctx.invalidate();
+    return exp;
+  }
+
+  /**
+   * Removes an export's file once its row is gone (in that order: a crash in
+   * between leaves a file without a row, which garbage collection removes, never
+   * a READY export without its file). An expired export's file is gone already.
+   */
+  private async deleteExportFile(exp: ImageExport): Promise<void> {
+    if (exp.status === ExportStatus.EXPIRED) return;
+    await this.uploads?.blobs.delete(exportKey(exp.projectId, exp.id));
   }
 
   /** The image disks a new server or disk is built from, checked against what the caller asks. */

@@ -10,11 +10,19 @@ import { ServerService } from "./server.service";
 import type { EventBus } from "../jobs/events";
 import { MemoryEventBus } from "../jobs/events";
 import { JobQueue } from "./job-queue";
+import type { FreeSpace } from "../storage/free-space";
 import type { UploadStore } from "../storage/uploads";
 import { ProgressService } from "./progress";
 
-export function createServices(ds: DataSource, events: EventBus = new MemoryEventBus(), uploads?: UploadStore) {
-  const queue = new JobQueue(events);
+/** What of the storage the services use: uploads and export files, and the free-space floor. Absent in commands that only touch the database. */
+export interface ServiceStorage {
+  uploads: UploadStore;
+  space: FreeSpace;
+}
+
+export function createServices(ds: DataSource, events: EventBus = new MemoryEventBus(), storage?: ServiceStorage) {
+  const uploads = storage?.uploads;
+  const queue = new JobQueue(events, storage?.space);
   const backups = new BackupService(queue);
   const images = new ImageService(queue, backups, uploads);
   return {

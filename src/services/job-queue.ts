@@ -1,6 +1,19 @@
 import type { EntityManager } from "typeorm";
-import { Job, JobStatus, type JobType } from "../entities";
+import { Job, JobStatus, JobType } from "../entities";
 import type { EventBus } from "../jobs/events";
+import type { FreeSpace } from "../storage/free-space";
+
+/** Jobs that write data, refused when space is short; those that only read or delete free space stay allowed. */
+const WRITES_DATA: Record<JobType, boolean> = {
+  [JobType.BACKUP]: true,
+  [JobType.RESTORE]: true,
+  [JobType.CREATE_IMAGE]: true,
+  [JobType.IMPORT_IMAGE]: true,
+  [JobType.EXPORT_IMAGE]: true,
+  [JobType.CREATE_DISK]: true,
+  [JobType.DELETE_BACKUP]: false,
+  [JobType.VERIFY_BACKUP]: false,
+};
 
 export interface NewJob {
   type: JobType;
@@ -14,11 +27,24 @@ export interface NewJob {
   payload?: Record<string, unknown>;
 }
 
-/** Adds jobs inside the caller's transaction, and announces them once it has committed. */
+/**
+ * Adds jobs inside the caller's transaction, and announces them once it has
+ * committed. A job that writes data is refused (NO_SPACE) while the blob stores are
+ * short of space, before anything is written, so the caller's transaction stays usable.
+ */
 export class JobQueue {
-  constructor(private readonly events: EventBus) {}
+  constructor(
+    private readonly events: EventBus,
+    private readonly space?: FreeSpace,
+  ) {}
+
+  /** Throws NO_SPACE when a job of this type may not start for lack of space. */
+  async checkSpaceFor(type: JobType): Promise<void> {
+    if (WRITES_DATA[type]) await this.space?.check();
+  }
 
   async add(em: EntityManager, projectId: string, spec: NewJob): Promise<Job> {
+    await this.checkSpaceFor(spec.type);
     return em.save(
       em.create(Job, {
         projectId,

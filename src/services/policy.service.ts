@@ -1,6 +1,6 @@
 import { In, type EntityManager } from "typeorm";
 import { rows } from "../db/sql";
-import { Backup, BackupTrigger, Disk, Policy, PolicyBinding, PolicyRun, Server, type Job, type SkippedResource } from "../entities";
+import { Backup, BackupTrigger, Disk, JobType, Policy, PolicyBinding, PolicyRun, Server, type Job, type SkippedResource } from "../entities";
 import type { BackupService } from "./backup.service";
 import type { JobQueue } from "./job-queue";
 import { decideRetention, hasRules, type RetentionDecision } from "./retention";
@@ -308,6 +308,8 @@ export class PolicyRunner {
     const { run, jobs, policy } = await ctx.ds.transaction(async (em) => {
       const p = await em.findOne(Policy, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
       if (!p) throw notFound("policy", globalId);
+      // Asked for now, it is refused as a whole; a scheduled run records each resource as skipped instead.
+      await this.queue.checkSpaceFor(JobType.BACKUP);
       const r = await this.runIn(em, ctx, p, "MANUAL", ctx.now());
       p.lastRunAt = ctx.now();
       await em.save(p);

@@ -1,6 +1,7 @@
 import crypto from "node:crypto";
 import type { DataSource } from "typeorm";
 import { ApiKey, Project } from "../entities";
+import { BLOCK_SIZE } from "../storage/volume-store";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput } from "./errors";
@@ -16,6 +17,9 @@ export interface StorageUsage {
   logicalBytes: number;
   storedBytes: number;
   dedupRatio: number;
+  vaultBytes: number;
+  exportBytes: number;
+  uploadBytes: number;
 }
 
 /** Projects (tenants) and their API keys. These calls come before any request context exists. */
@@ -66,9 +70,11 @@ export class ProjectService {
   }
 
   /**
-   * Storage used by the project: logical bytes are what its backups (by their
-   * per-disk parts) and images represent; stored bytes are what the vault holds
-   * for them after dedup and compression.
+   * Storage used by the project. Logical bytes are the written data its backups
+   * (their per-disk parts) and its images represent, each counted in full; stored
+   * bytes are the distinct compressed chunks its vault holds, whatever refers to
+   * them. Backups and images share chunks, so an image of a backed-up disk adds
+   * logical bytes and next to nothing stored.
    */
   async usage(ctx: RequestContext): Promise<StorageUsage> {
     const [row] = await this.ds.query(
@@ -76,13 +82,17 @@ export class ProjectService {
          (SELECT coalesce(sum(used_bytes), 0) FROM disks WHERE project_id = $1) AS disk_bytes,
          (SELECT count(*) FROM backups WHERE project_id = $1 AND parent_id IS NULL) AS backup_count,
          (SELECT count(*) FROM images WHERE project_id = $1) AS image_count,
-         (SELECT coalesce(sum(size_bytes), 0) FROM backups WHERE project_id = $1 AND resource_type = 'DISK') AS backup_logical,
-         (SELECT coalesce(sum(virtual_size_bytes), 0) FROM images WHERE project_id = $1 AND status = 'ACTIVE') AS image_logical,
-         (SELECT coalesce(sum(size_bytes), 0) FROM vault_packs WHERE project_id = $1) AS vault_bytes`,
-      [ctx.projectId],
+         (SELECT coalesce(sum(size_bytes), 0) FROM backups WHERE project_id = $1 AND resource_type = 'DISK' AND status IN ('AVAILABLE', 'RESTORING')) AS backup_logical,
+         (SELECT count(*) * $2 FROM images i JOIN image_disks d ON d.image_id = i.id JOIN image_blocks b ON b.image_disk_id = d.id
+           WHERE i.project_id = $1 AND i.status = 'ACTIVE') AS image_logical,
+         (SELECT coalesce(sum(stored_size), 0) FROM vault_chunks WHERE project_id = $1) AS stored_bytes,
+         (SELECT coalesce(sum(size_bytes), 0) FROM vault_packs WHERE project_id = $1) AS vault_bytes,
+         (SELECT coalesce(sum(size_bytes), 0) FROM image_exports WHERE project_id = $1 AND status = 'READY') AS export_bytes,
+         (SELECT coalesce(sum(size_bytes), 0) FROM uploads WHERE project_id = $1 AND expires_at > now()) AS upload_bytes`,
+      [ctx.projectId, BLOCK_SIZE],
     );
     const logicalBytes = Number(row.backup_logical) + Number(row.image_logical);
-    const storedBytes = Number(row.vault_bytes);
+    const storedBytes = Number(row.stored_bytes);
     return {
       diskBytes: Number(row.disk_bytes),
       backupCount: Number(row.backup_count),
@@ -90,6 +100,10 @@ export class ProjectService {
       logicalBytes,
       storedBytes,
       dedupRatio: storedBytes > 0 ? logicalBytes / storedBytes : 1,
+      vaultBytes: Number(row.vault_bytes),
+      exportBytes: Number(row.export_bytes),
+      uploadBytes: Number(row.upload_bytes),
     };
   }
+
 }

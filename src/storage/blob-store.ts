@@ -46,6 +46,11 @@ export interface BlobStore {
    */
   removeIncomplete?(prefix: string, before: Date): Promise<{ count: number; bytes: number }>;
   /**
+   * Bytes the backend can still take, where it can tell (a local file system:
+   * what its volume has free); an object store cannot and leaves it out.
+   */
+  freeBytes?(): Promise<number>;
+  /**
    * Readies what the first write with `bypassCache` needs, so that write does not
    * wait for it; a service calls it once at start. Optional, and never required
    * for correctness.

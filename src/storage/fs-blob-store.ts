@@ -425,6 +425,12 @@ export class FsBlobStore implements BlobStore {
     await fsp.rm(this.file(key), { force: true });
   }
 
+  async freeBytes(): Promise<number> {
+    // bavail, not bfree: the blocks reserved for root are not ours to fill.
+    const st = await fsp.statfs(this.root);
+    return st.bavail * st.bsize;
+  }
+
   async *list(prefix: string): AsyncIterable<BlobInfo> {
     for await (const f of this.walk(prefix)) {
       if (!f.temporary) yield { key: f.key, size: f.size, modifiedAt: f.modifiedAt };

@@ -5,6 +5,7 @@ import type { BlobStore } from "./blob-store";
 import { FsBlobStore } from "./fs-blob-store";
 import { S3BlobStore } from "./s3-blob-store";
 import { ChunkCodec } from "./codec";
+import { FreeSpace } from "./free-space";
 import { UploadStore } from "./uploads";
 import { Vault } from "./vault";
 import { VolumeStore } from "./volume-store";
@@ -14,6 +15,8 @@ export interface Storage {
   vault: Vault;
   /** Uploads and exports live beside the vault. */
   uploads: UploadStore;
+  /** The free-space floor under the local stores (MIN_FREE_BYTES). */
+  space: FreeSpace;
   close(): void;
 }
 
@@ -27,10 +30,12 @@ export function createStorage(config: Config, ds: DataSource): Storage {
   };
   const codec = new ChunkCodec(1, config.codecThreads);
   const vault = new Vault(ds, open(config.vaultBackend), codec);
+  const volumes = new VolumeStore(ds, open(config.volumeBackend));
   return {
-    volumes: new VolumeStore(ds, open(config.volumeBackend)),
+    volumes,
     vault,
     uploads: new UploadStore(ds, vault.blobs),
+    space: new FreeSpace([volumes.blobs, vault.blobs], config.minFreeBytes),
     close() {
       for (const s of made) if (s instanceof S3BlobStore) s.destroy();
       void codec.close();

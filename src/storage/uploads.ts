@@ -7,6 +7,8 @@ import { BLOCK_SIZE, detectFormat, type FormatName } from "../formats";
 import type { BlobStore } from "./blob-store";
 
 export const uploadKey = (projectId: string, uploadId: string) => `uploads/${projectId}/${uploadId}`;
+/** An exported image file; exports live beside the uploads. */
+export const exportKey = (projectId: string, exportId: string) => `exports/${projectId}/${exportId}`;
 
 /** Bytes gathered before their blocks are checked for zeros and written. */
 const STAGING = 16 * BLOCK_SIZE;

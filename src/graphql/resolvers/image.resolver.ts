@@ -5,7 +5,7 @@ import { isExportable } from "../../services/image.service";
 import type { GraphQLContext } from "../context";
 import { failureOf } from "../errors";
 import { CreateImageInput, DiskListArgs, ExportImageInput, IdInput, ImageExportListArgs, ImageListArgs, ImportImageInput, ServerListArgs } from "../types/inputs.type";
-import { CreateImagePayload, DeleteImagePayload, ExportImagePayload, ImportImagePayload } from "../types/payloads.type";
+import { CreateImagePayload, DeleteImageExportPayload, DeleteImagePayload, ExportImagePayload, ImportImagePayload } from "../types/payloads.type";
 import { BackupType, DiskConnection, DiskType_, ImageConnection, ImageExportConnection, ImageExportType, ImageType_, JobErrorType, JobType_, ServerConnection, ServerType } from "../types/resources.type";
 
 @Resolver(() => ImageType_)
@@ -30,10 +30,16 @@ export class ImageResolver {
     return services.images.export(ctx, input);
   }
 
-  @Mutation(() => DeleteImagePayload, { description: "Deletes the image; servers and disks made from it stay." })
+  @Mutation(() => DeleteImagePayload, { description: "Deletes the image and its exported files; servers and disks made from it stay." })
   async deleteImage(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
     const image = await services.images.delete(ctx, input.id);
     return { deletedImageId: toGlobalId("Image", image.id) };
+  }
+
+  @Mutation(() => DeleteImageExportPayload, { description: "Deletes an export and its file now, before it expires; one still being written is CONFLICT (cancel its job first)." })
+  async deleteImageExport(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    const exp = await services.images.deleteExport(ctx, input.id);
+    return { deletedImageExportId: toGlobalId("ImageExport", exp.id) };
   }
 
   @FieldResolver(() => JobErrorType, { nullable: true, description: "Why the image was KILLED." })

@@ -96,6 +96,11 @@ export class DeleteImagePayload {
 }
 
 @ObjectType()
+export class DeleteImageExportPayload {
+  @Field(() => ID) deletedImageExportId: string;
+}
+
+@ObjectType()
 export class RunPolicyPayload {
   @Field(() => PolicyRunType) run: unknown;
   @Field(() => PolicyType) policy: unknown;

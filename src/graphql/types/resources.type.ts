@@ -118,9 +118,12 @@ export class StorageUsageType {
   @Field(() => SafeInt, { description: "Written bytes of all disks." }) diskBytes: number;
   @Field(() => Int) backupCount: number;
   @Field(() => Int) imageCount: number;
-  @Field(() => SafeInt, { description: "Data held by backups and images before dedup and compression." }) logicalBytes: number;
-  @Field(() => SafeInt, { description: "Bytes the vault stores for them." }) storedBytes: number;
-  @Field(() => Float, { description: "logicalBytes / storedBytes." }) dedupRatio: number;
+  @Field(() => SafeInt, { description: "Written data the AVAILABLE backups and ACTIVE images represent, each counted in full: before dedup and compression." }) logicalBytes: number;
+  @Field(() => SafeInt, { description: "What the vault stores: its distinct chunks, compressed, whatever refers to them (backups, images, or nothing until garbage collection)." }) storedBytes: number;
+  @Field(() => Float, { description: "logicalBytes / storedBytes (1 while the vault is empty)." }) dedupRatio: number;
+  @Field(() => SafeInt, { description: "Bytes of the vault's pack files: storedBytes, plus chunks garbage collection has dropped from packs it has not rewritten yet." }) vaultBytes: number;
+  @Field(() => SafeInt, { description: "Files of READY image exports, until they expire or are deleted." }) exportBytes: number;
+  @Field(() => SafeInt, { description: "Uploaded files waiting to be imported, until they expire." }) uploadBytes: number;
 }
 
 @ObjectType("Project", { implements: Node, description: "A tenant: every resource belongs to one." })

@@ -6,7 +6,7 @@ import { FormatError, isHole, openImage, WRITERS, type FormatName, type RandomAc
 import { groupBlocks, type BlockGroup } from "../../formats/blocks";
 import { mapOrdered } from "../../storage/pipeline";
 import type { BlobStore } from "../../storage/blob-store";
-import { mappedRanges, uploadKey } from "../../storage/uploads";
+import { exportKey, mappedRanges, uploadKey } from "../../storage/uploads";
 import { hex, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
@@ -14,8 +14,6 @@ import { JobFailure } from "../runner";
 import { sealPending } from "../copy-blocks";
 import { finishImage, imageDiskBlocks, killImage } from "./image.handler";
 import { ContentChecksum } from "../../formats/checksum";
-
-export const exportKey = (projectId: string, exportId: string) => `exports/${projectId}/${exportId}`;
 
 const ROWS_BATCH = 512;
 /** Bytes of an export file written at a time. */

@@ -1,6 +1,7 @@
 import { pipeline } from "node:stream/promises";
 import express, { type NextFunction, type Request, type RequestHandler, type Response } from "express";
 import type { DataSource } from "typeorm";
+import { rows } from "../db/sql";
 import { Disk, DiskStatus } from "../entities";
 import { httpStatusOf } from "../graphql/errors";
 import { DomainError } from "../services/errors";
@@ -216,6 +217,8 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
       res.setHeader("Content-Type", "application/octet-stream");
       res.setHeader("Content-Disposition", `attachment; filename="${filename}"`);
       if (exp.sha256) res.setHeader("ETag", `"${exp.sha256}"`);
+      // A RAW file is mostly holes: its map says where the data is, so a client fetches only that.
+      if (exp.format === "RAW") res.setHeader("Link", `</v1/exports/${String(req.params.id)}/map>; rel="describedby"; type="application/json"`);
       let range: { start: number; end: number } | undefined;
       if (req.headers.range) {
         const r = parseRange(req.headers.range, size);
@@ -234,6 +237,48 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
         res.destroy(err as Error);
         return;
       }
+      next(err);
+    }
+  });
+
+  /**
+   * Where a RAW export's data lies, as qemu-img map --output=json says it: extents
+   * covering the file, each `data` or a hole of zeros. Computed from the image's
+   * block list, so it costs what the data costs. Other formats are one data extent.
+   */
+  router.get("/v1/exports/:id/map", deps.authenticate, async (req: Request, res: Response, next: NextFunction) => {
+    try {
+      const parsed = fromGlobalId(String(req.params.id));
+      const exp = parsed?.type === "ImageExport" ? await deps.ds.getRepository(ImageExport).findOneBy({ id: parsed.id, projectId: req.project!.id }) : null;
+      if (!exp) return fail(res, 404, "NOT_FOUND", "no such export");
+      if (exp.status !== "READY") return fail(res, 409, "FAILED_PRECONDITION", `the export is ${exp.status}`);
+      const size = exp.sizeBytes ?? 0;
+      const extents: { start: number; length: number; data: boolean; zero: boolean }[] = [];
+      const add = (start: number, end: number, data: boolean) => {
+        if (end > start) extents.push({ start, length: end - start, data, zero: !data });
+      };
+      if (exp.format !== "RAW") add(0, size, true);
+      else {
+        const runs = await rows<{ first: string; last: string }>(
+          deps.ds,
+          `SELECT min(block_index) AS first, max(block_index) AS last FROM (
+             SELECT ib.block_index, ib.block_index - row_number() OVER (ORDER BY ib.block_index) AS run
+               FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id WHERE d.image_id = $1 AND d.disk_index = 0
+           ) AS t GROUP BY run ORDER BY 1`,
+          [exp.imageId],
+        );
+        let at = 0;
+        for (const r of runs) {
+          const start = Math.min(size, Number(r.first) * BLOCK_SIZE);
+          const end = Math.min(size, (Number(r.last) + 1) * BLOCK_SIZE);
+          add(at, start, false);
+          add(start, end, true);
+          at = end;
+        }
+        add(at, size, false);
+      }
+      res.json(extents);
+    } catch (err) {
       next(err);
     }
   });

@@ -204,12 +204,19 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
     }
   });
 
+  /** The caller's READY export named in the path, or null having answered why not. */
+  const readyExport = async (req: Request, res: Response): Promise<ImageExport | null> => {
+    const parsed = fromGlobalId(String(req.params.id));
+    const exp = parsed?.type === "ImageExport" ? await deps.ds.getRepository(ImageExport).findOneBy({ id: parsed.id, projectId: req.project!.id }) : null;
+    if (!exp) fail(res, 404, "NOT_FOUND", "no such export");
+    else if (exp.status !== "READY") fail(res, 409, "FAILED_PRECONDITION", `the export is ${exp.status}`);
+    return exp?.status === "READY" ? exp : null;
+  };
+
   router.get("/v1/exports/:id/file", deps.authenticate, async (req: Request, res: Response, next: NextFunction) => {
     try {
-      const parsed = fromGlobalId(String(req.params.id));
-      const exp = parsed?.type === "ImageExport" ? await deps.ds.getRepository(ImageExport).findOneBy({ id: parsed.id, projectId: req.project!.id }) : null;
-      if (!exp) return fail(res, 404, "NOT_FOUND", "no such export");
-      if (exp.status !== "READY") return fail(res, 409, "FAILED_PRECONDITION", `the export is ${exp.status}`);
+      const exp = await readyExport(req, res);
+      if (!exp) return;
       const size = exp.sizeBytes ?? 0;
       const image = await deps.ds.getRepository(Image).findOneBy({ id: exp.imageId });
       const filename = `${(image?.name ?? "image").replace(/[^A-Za-z0-9._-]/g, "_")}.${EXTENSIONS[exp.format as FormatName]}`;
@@ -248,10 +255,8 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
    */
   router.get("/v1/exports/:id/map", deps.authenticate, async (req: Request, res: Response, next: NextFunction) => {
     try {
-      const parsed = fromGlobalId(String(req.params.id));
-      const exp = parsed?.type === "ImageExport" ? await deps.ds.getRepository(ImageExport).findOneBy({ id: parsed.id, projectId: req.project!.id }) : null;
-      if (!exp) return fail(res, 404, "NOT_FOUND", "no such export");
-      if (exp.status !== "READY") return fail(res, 409, "FAILED_PRECONDITION", `the export is ${exp.status}`);
+      const exp = await readyExport(req, res);
+      if (!exp) return;
       const size = exp.sizeBytes ?? 0;
       const extents: { start: number; length: number; data: boolean; zero: boolean }[] = [];
       const add = (start: number, end: number, data: boolean) => {

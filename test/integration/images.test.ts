@@ -1,8 +1,8 @@
-import { contentChecksum } from "../helpers/checksum";
 import { execFileSync } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
+import { contentChecksum } from "../helpers/checksum";
 import { backupNow, bytes, readDisk, sha, succeed, waitJob, writeDisk } from "../helpers/data";
 import { imageDiskBlocks } from "../../src/jobs/handlers/image.handler";
 import { fromGlobalId } from "../../src/services/global-id";

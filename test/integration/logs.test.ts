@@ -104,6 +104,8 @@ describe("job lines", () => {
       ...described(job),
       bytesDone: job.bytesDone,
       bytesTotal: job.bytesTotal,
+      // The 2 MiB written, in 64 KiB blocks: the job's work.
+      blocksVisited: 32,
       durationMs: Date.parse(job.finishedAt) - Date.parse(job.startedAt),
     });
   });

@@ -1,9 +1,9 @@
 import { execFile, execFileSync } from "node:child_process";
-import { promisify } from "node:util";
-import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
+import { promisify } from "node:util";
 import { fromGlobalId } from "../../src/services/global-id";
+import { checksumOfPieces } from "../helpers/checksum";
 import { bytes, readDisk, succeed, waitJob, writeDisk } from "../helpers/data";
 import { requireProgram } from "../helpers/external";
 import { qemuImg, tmpDir } from "../helpers/formats";
@@ -48,31 +48,6 @@ function sparseRaw(file: string, size: number, pieces: Piece[]): void {
   } finally {
     fs.closeSync(fd);
   }
-}
-
-/** The content checksum of a sparse disk, from its pieces (64 KiB aligned), by its definition. */
-function checksumOfPieces(size: number, pieces: Piece[]): string {
-  const blocks = new Map<number, Buffer>();
-  for (const p of pieces) {
-    for (let pos = 0; pos < p.data.length; pos += BLOCK) {
-      const at = p.offset + pos;
-      if (at % BLOCK) throw new Error("pieces must be 64 KiB aligned");
-      const block = Buffer.alloc(BLOCK);
-      p.data.copy(block, 0, pos, Math.min(p.data.length, pos + BLOCK));
-      blocks.set(at / BLOCK, block);
-    }
-  }
-  const h = crypto.createHash("sha256");
-  for (const i of [...blocks.keys()].sort((a, b) => a - b)) {
-    const block = blocks.get(i)!;
-    if (block.every((b) => b === 0)) continue;
-    const index = Buffer.alloc(8);
-    index.writeBigUInt64BE(BigInt(i));
-    h.update(index).update(crypto.createHash("sha256").update(block).digest());
-  }
-  const tail = Buffer.alloc(8);
-  tail.writeBigUInt64BE(BigInt(size));
-  return h.update(tail).digest("hex");
 }
 
 const rawId = (globalId: string) => fromGlobalId(globalId)!.id;

@@ -219,7 +219,14 @@ export class PolicyService {
 
   /** The next time the schedule fires, or null when disabled; a schedule that never occurs again is refused, enabled or not. */
   private nextRun(policy: Policy, now: Date): Date | null {
-    const next = nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt);
+    let next: Date | null;
+    try {
+      next = nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt);
+    } catch (err) {
+      // A schedule stored before its rules were checked as they are now.
+      if (err instanceof ScheduleError) throw badInput(`schedule[${err.index}]`, `${err.message}; update the schedule`);
+      throw err;
+    }
     if (!next) throw badInput("schedule", "never occurs again (check UNTIL and the BY… parts)");
     return policy.enabled ? next : null;
   }

@@ -461,7 +461,6 @@ export function nextOccurrence(rules: string[], tz: string, after: Date, anchor:
   const anchorFloating = plusYears(floating(anchorDay), shift);
   rules.forEach((text, i) => {
     const rule = parseRule(text, i);
-    if (!reachesGrid(rule, anchorDay.weekday - 1)) return;
     const options = toOptions(rule);
     const dtstart = dtstartNear(options, anchorFloating, start);
     const until = rule.until && plusYears(rule.until, shift);

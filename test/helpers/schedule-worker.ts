@@ -9,32 +9,41 @@ import { isMainThread, parentPort, Worker, workerData } from "node:worker_thread
 
 export interface ScheduleJob {
   schedule: string[];
-  /** "parse": parseRule on the first rule; "full": checkSchedule, then nextOccurrence after `at`. */
-  mode: "parse" | "full";
+  /**
+   * "parse": parseRule on the first rule; "full": checkSchedule, then nextOccurrence
+   * after `at`; "occurrences": occurrencesBetween `at` and `to`.
+   */
+  mode: "parse" | "full" | "occurrences";
   tz: string;
   at: string;
+  to?: string;
+  /** The policy's creation, where INTERVAL counts from; `at` when not given. */
+  anchor?: string;
 }
 
 export type ScheduleResult = { ms: number } & (
-  | { ok: true; rule?: unknown; stored?: string[]; next?: string | null }
+  | { ok: true; rule?: unknown; stored?: string[]; next?: string | null; occurrences?: string[] }
   | { ok: false; index: number; message: string }
   | { crash: string }
 );
 
 function runJobs(jobs: ScheduleJob[], progress: Int32Array): ScheduleResult[] {
   // Loaded here, inside the worker, through ts-node.
-  const { checkSchedule, nextOccurrence, parseRule, ScheduleError } = require("../../src/jobs/schedule") as typeof import("../../src/jobs/schedule");
+  const { checkSchedule, nextOccurrence, occurrencesBetween, parseRule, ScheduleError } = require("../../src/jobs/schedule") as typeof import("../../src/jobs/schedule");
   return jobs.map((job, i) => {
     Atomics.store(progress, 0, i);
     const started = performance.now();
     let result: ScheduleResult;
     try {
+      const at = new Date(job.at);
+      const anchor = new Date(job.anchor ?? job.at);
       if (job.mode === "parse") {
         result = { ok: true, rule: parseRule(job.schedule[0], 0), ms: 0 };
+      } else if (job.mode === "occurrences") {
+        result = { ok: true, occurrences: occurrencesBetween(job.schedule, job.tz, at, new Date(job.to!), anchor).map((d) => d.toISOString()), ms: 0 };
       } else {
-        const at = new Date(job.at);
         const stored = checkSchedule(job.schedule);
-        result = { ok: true, stored, next: nextOccurrence(stored, job.tz, at, at)?.toISOString() ?? null, ms: 0 };
+        result = { ok: true, stored, next: nextOccurrence(stored, job.tz, at, anchor)?.toISOString() ?? null, ms: 0 };
       }
     } catch (err) {
       result = err instanceof ScheduleError ? { ok: false, index: err.index, message: err.message, ms: 0 } : { crash: err instanceof Error ? (err.stack ?? err.message) : String(err), ms: 0 };

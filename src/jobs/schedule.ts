@@ -279,7 +279,7 @@ const duration = (minutes: number) =>
 function checkSteps(rule: Rule, freqName: string, values: Map<string, string>, fail: (message: string) => never): void {
   const step = stepMinutes(rule);
   const stepText = `FREQ=${freqName}${rule.interval > 1 ? `;INTERVAL=${rule.interval}` : ""}`;
-  // rrule keeps such steps only within the hour: they would drift from their count at each skipped hour.
+  // rrule restarts such a step at each hour BYHOUR skips, so its times would drift from the count.
   if (rule.freq === Frequency.MINUTELY && rule.byhour && 60 % rule.interval !== 0 && rule.interval % 60 !== 0) {
     fail(`INTERVAL=${rule.interval} does not go with BYHOUR under FREQ=MINUTELY; use an INTERVAL that divides 60 or is a multiple of 60`);
   }
@@ -443,8 +443,8 @@ const END_OF_TIME = new Date(Date.UTC(RRULE_LAST_YEAR + 1, 0, 1));
 /**
  * The first occurrence strictly after `after` of any of `rules`, as a real instant,
  * or null when none occurs again. `anchor` (the policy's creation) fixes where
- * INTERVAL counts from. A rule that does not fire within about a century counts as
- * never firing again.
+ * INTERVAL counts from. A rule that does not fire within the next 110 years (up to
+ * 510, depending on the year) counts as never firing again.
  */
 export function nextOccurrence(rules: string[], tz: string, after: Date, anchor: Date): Date | null {
   let best: Date | null = null;

@@ -1,5 +1,5 @@
 import { DateTime, IANAZone } from "luxon";
-import { Frequency, RRule, type Options } from "rrule";
+import { Frequency, RRule, Weekday, type Options } from "rrule";
 
 /**
  * Policy schedules: iCalendar RRULEs read in an IANA time zone.
@@ -8,6 +8,10 @@ import { Frequency, RRule, type Options } from "rrule";
  * occurrence is then placed in the policy's zone by luxon, which moves a time that
  * a DST change skips to the next valid instant; a repeated time gets its first
  * instant, so every wall-clock occurrence fires once.
+ *
+ * Rules are read and range-checked here, part by part, before rrule sees them: rrule
+ * wraps out-of-range numbers silently, throws TypeErrors on bad weekdays, and loops
+ * forever on some steps that never reach their BYHOUR or BYMINUTE.
  */
 
 export class ScheduleError extends Error {
@@ -17,38 +21,363 @@ export class ScheduleError extends Error {
 }
 
 export const MAX_RULES = 24;
+const MAX_LENGTH = 500;
+const MAX_VALUES = 60;
+
+const FREQUENCIES = new Map([
+  ["YEARLY", Frequency.YEARLY],
+  ["MONTHLY", Frequency.MONTHLY],
+  ["WEEKLY", Frequency.WEEKLY],
+  ["DAILY", Frequency.DAILY],
+  ["HOURLY", Frequency.HOURLY],
+  ["MINUTELY", Frequency.MINUTELY],
+]);
+const FREQ_NAMES = ["YEARLY", "MONTHLY", "WEEKLY", "DAILY", "HOURLY", "MINUTELY"];
+/** In rrule's numbering: 0 is Monday. */
+const WEEKDAYS = ["MO", "TU", "WE", "TH", "FR", "SA", "SU"];
+
+/** Number-list parts: range, and the digits RFC 5545 allows; signed ones count back from the end with a minus. */
+const NUMBER_LISTS = {
+  BYSECOND: { min: 0, max: 59, digits: 2, signed: false },
+  BYMINUTE: { min: 0, max: 59, digits: 2, signed: false },
+  BYHOUR: { min: 0, max: 23, digits: 2, signed: false },
+  BYMONTHDAY: { min: 1, max: 31, digits: 2, signed: true },
+  BYYEARDAY: { min: 1, max: 366, digits: 3, signed: true },
+  BYWEEKNO: { min: 1, max: 53, digits: 2, signed: true },
+  BYMONTH: { min: 1, max: 12, digits: 2, signed: false },
+  BYSETPOS: { min: 1, max: 366, digits: 3, signed: true },
+} as const;
+type NumberList = keyof typeof NUMBER_LISTS;
+interface NumberSpec {
+  min: number;
+  max: number;
+  digits: number;
+  signed: boolean;
+}
+
+const PARTS = new Set(["FREQ", "INTERVAL", "UNTIL", "BYDAY", "WKST", ...Object.keys(NUMBER_LISTS)]);
+
+/** A rule as read: absent parts are null; `until` is wall-clock time in floating UTC. */
+export interface Rule {
+  freq: Frequency;
+  interval: number;
+  until: Date | null;
+  bysecond: number[] | null;
+  byminute: number[] | null;
+  byhour: number[] | null;
+  byday: { weekday: number; n: number }[] | null;
+  bymonthday: number[] | null;
+  byyearday: number[] | null;
+  byweekno: number[] | null;
+  bymonth: number[] | null;
+  bysetpos: number[] | null;
+  wkst: number | null;
+}
 
 export function isValidTimezone(tz: string): boolean {
   return typeof tz === "string" && tz.length > 0 && IANAZone.isValidZone(tz) && tz !== "" && !/^[+-]/.test(tz);
 }
 
-const ALLOWED = new Set(["FREQ", "INTERVAL", "UNTIL", "BYSECOND", "BYMINUTE", "BYHOUR", "BYDAY", "BYMONTHDAY", "BYYEARDAY", "BYWEEKNO", "BYMONTH", "BYSETPOS", "WKST"]);
+const gcd = (a: number, b: number): number => (b ? gcd(b, a % b) : a);
 
-/** Parses one rule; throws ScheduleError naming what is wrong. */
-export function parseRule(text: string, index: number): Partial<Options> {
-  const body = text.trim().replace(/^RRULE:/i, "");
-  if (!body) throw new ScheduleError(index, "is empty");
-  if (body.length > 500) throw new ScheduleError(index, "is longer than 500 characters");
-  const keys = body.split(";").map((part) => part.split("=")[0].trim().toUpperCase());
-  for (const key of keys) {
-    if (key === "COUNT") throw new ScheduleError(index, "COUNT is not supported in a schedule; use UNTIL");
-    if (key === "DTSTART" || key === "TZID") throw new ScheduleError(index, `${key} is not part of a rule; the policy's timezone applies`);
-    if (!ALLOWED.has(key)) throw new ScheduleError(index, `unknown rule part "${key}"`);
+/** A value as it may appear in a message: printable by now, but cut when long. */
+const clip = (value: string) => (value.length > 40 ? `${value.slice(0, 40)}…` : value);
+
+function describeChar(text: string, i: number): string {
+  const code = text.codePointAt(i)!;
+  if (code === 0x20) return "a space";
+  if (code > 0x20 && code < 0x7f) return `"${text[i]}"`;
+  const hex = `U+${code.toString(16).toUpperCase().padStart(4, "0")}`;
+  if (code < 0x20 || code === 0x7f) return `the control character ${hex}`;
+  if (code >= 0xd800 && code <= 0xdfff) return `the lone surrogate ${hex}`;
+  return `the character ${hex}`;
+}
+
+const isEdgeSpace = (c: string) => c === " " || c === "\t" || c === "\r" || c === "\n";
+
+/** The rule without surrounding spaces or an RRULE: prefix, as it is stored; `start` is where it begins in `text`. */
+function ruleBody(text: string): { body: string; start: number } {
+  let start = 0;
+  let end = text.length;
+  while (start < end && isEdgeSpace(text[start])) start++;
+  while (end > start && isEdgeSpace(text[end - 1])) end--;
+  if (/^RRULE:/i.test(text.slice(start, start + 6))) start += 6;
+  return { body: text.slice(start, end), start };
+}
+
+/** Reads one rule; throws ScheduleError naming the part and value at fault. */
+export function parseRule(text: string, index: number): Rule {
+  const fail = (message: string): never => {
+    throw new ScheduleError(index, message);
+  };
+  if (typeof text !== "string") fail("is not a string");
+  const { body, start } = ruleBody(text);
+  if (!body) fail("is empty");
+  if (body.length > MAX_LENGTH) fail(`is longer than ${MAX_LENGTH} characters`);
+  const stray = /[^A-Za-z0-9=;,+-]/.exec(body);
+  if (stray) fail(`has ${describeChar(body, stray.index)} at position ${start + stray.index + 1}; a rule is PART=VALUE pairs joined by ";", e.g. FREQ=DAILY;BYHOUR=2;BYMINUTE=0`);
+
+  const values = new Map<string, string>();
+  for (const part of body.split(";")) {
+    if (!part) fail('has an empty part; join PART=VALUE pairs with a single ";"');
+    const eq = part.indexOf("=");
+    const key = (eq < 0 ? part : part.slice(0, eq)).toUpperCase();
+    if (key === "COUNT") fail("COUNT is not supported in a schedule; use UNTIL");
+    if (key === "DTSTART" || key === "TZID") fail(`${key} is not part of a rule; the policy's timezone applies`);
+    if (!PARTS.has(key)) fail(`unknown rule part "${clip(key)}"`);
+    if (eq < 0) fail(`${key} has no value; write ${key}=…`);
+    if (values.has(key)) fail(`${key} appears twice`);
+    const value = part.slice(eq + 1);
+    if (!value) fail(`${key} has an empty value`);
+    values.set(key, value);
   }
-  let options: Partial<Options>;
-  try {
-    options = RRule.parseString(body);
-  } catch (err) {
-    throw new ScheduleError(index, `is not an RFC 5545 RRULE (${err instanceof Error ? err.message : "parse error"})`);
+
+  const readInt = (key: string, item: string, spec: NumberSpec): number => {
+    const m = /^([+-]?)(\d+)$/.exec(item);
+    if (!m) return fail(item ? `${key}=${clip(item)} is not an integer` : `${key}=${clip(values.get(key)!)} has an empty value`);
+    const range = spec.signed ? `${spec.min} to ${spec.max} or -${spec.max} to -${spec.min}` : `${spec.min}-${spec.max}`;
+    const magnitude = Number(m[2]);
+    if (m[1] === "+" && !spec.signed) fail(`${key}=${item} takes no sign`);
+    if ((m[1] === "-" && !spec.signed) || magnitude < spec.min || magnitude > spec.max) fail(`${key}=${clip(item)} is out of range (${range})`);
+    if (m[2].length > spec.digits) fail(`${key}=${clip(item)} has more than ${spec.digits} digits`);
+    return m[1] === "-" ? -magnitude : magnitude;
+  };
+  const readList = (key: NumberList): number[] | null => {
+    const value = values.get(key);
+    if (value === undefined) return null;
+    const items = value.split(",");
+    if (items.length > MAX_VALUES) fail(`${key} lists ${items.length} values; at most ${MAX_VALUES}`);
+    const out: number[] = [];
+    for (const item of items) {
+      const n = readInt(key, item, NUMBER_LISTS[key]);
+      if (out.includes(n)) fail(`${key} lists ${n} twice`);
+      out.push(n);
+    }
+    return out;
+  };
+
+  const freqText = values.get("FREQ");
+  if (freqText === undefined) return fail("needs FREQ");
+  if (freqText.toUpperCase() === "SECONDLY") fail("FREQ=SECONDLY is too frequent; the finest is MINUTELY");
+  const freq = FREQUENCIES.get(freqText.toUpperCase());
+  if (freq === undefined) return fail(`FREQ=${clip(freqText)} is not a frequency: FREQ must be YEARLY, MONTHLY, WEEKLY, DAILY, HOURLY or MINUTELY`);
+  const freqName = FREQ_NAMES[freq];
+
+  // Up to a century a step: a rule that fires less often than that is not a backup schedule.
+  const maxInterval = freq === Frequency.YEARLY ? 100 : 1000;
+  const intervalText = values.get("INTERVAL");
+  const interval = intervalText === undefined ? 1 : readInt("INTERVAL", intervalText, { min: 1, max: maxInterval, digits: 4, signed: false });
+
+  const rule: Rule = {
+    freq,
+    interval,
+    until: null,
+    bysecond: readList("BYSECOND"),
+    byminute: readList("BYMINUTE"),
+    byhour: readList("BYHOUR"),
+    byday: null,
+    bymonthday: readList("BYMONTHDAY"),
+    byyearday: readList("BYYEARDAY"),
+    byweekno: readList("BYWEEKNO"),
+    bymonth: readList("BYMONTH"),
+    bysetpos: readList("BYSETPOS"),
+    wkst: null,
+  };
+
+  const untilText = values.get("UNTIL");
+  if (untilText !== undefined) {
+    const m = /^(\d{4})(\d{2})(\d{2})(?:T(\d{2})(\d{2})(\d{2})Z?)?$/.exec(untilText.toUpperCase());
+    if (!m) fail(`UNTIL=${clip(untilText)} is not a date (YYYYMMDD) or date-time (YYYYMMDDTHHMMSS, optionally with Z)`);
+    const [y, mo, d, h, mi, s] = m!.slice(1).map((x) => Number(x ?? 0));
+    const daysInMonth = new Date(Date.UTC(y, mo, 0)).getUTCDate();
+    if (y < 1970 || mo < 1 || mo > 12 || d < 1 || d > daysInMonth || h > 23 || mi > 59 || s > 59) fail(`UNTIL=${untilText} is not a valid date-time (years 1970-9999)`);
+    rule.until = new Date(Date.UTC(y, mo - 1, d, h, mi, s));
   }
-  if (options.freq === undefined || options.freq === null) {
-    throw new ScheduleError(index, keys.includes("FREQ") ? "FREQ must be YEARLY, MONTHLY, WEEKLY, DAILY, HOURLY or MINUTELY" : "needs FREQ");
+
+  const wkstText = values.get("WKST");
+  if (wkstText !== undefined) {
+    rule.wkst = WEEKDAYS.indexOf(wkstText.toUpperCase());
+    if (rule.wkst < 0) fail(`WKST=${clip(wkstText)} is not a weekday (MO, TU, WE, TH, FR, SA or SU)`);
   }
-  if (options.freq === Frequency.SECONDLY) throw new ScheduleError(index, "FREQ=SECONDLY is too frequent; the finest is MINUTELY");
-  if (options.interval !== undefined && (!Number.isInteger(options.interval) || options.interval < 1 || options.interval > 1000)) {
-    throw new ScheduleError(index, "INTERVAL must be between 1 and 1000");
+
+  const bydayText = values.get("BYDAY");
+  if (bydayText !== undefined) {
+    const items = bydayText.split(",");
+    if (items.length > MAX_VALUES) fail(`BYDAY lists ${items.length} values; at most ${MAX_VALUES}`);
+    // Within a month (MONTHLY, or YEARLY with BYMONTH) there are at most five of a weekday.
+    const maxOrdinal = freq === Frequency.MONTHLY || rule.bymonth ? 5 : 53;
+    const days: { weekday: number; n: number }[] = [];
+    for (const item of items) {
+      if (!item) fail(`BYDAY=${clip(bydayText)} has an empty value`);
+      const m = /^([+-]?)(\d*)([A-Z]*)$/.exec(item.toUpperCase());
+      const weekday = m ? WEEKDAYS.indexOf(m[3]) : -1;
+      if (!m || weekday < 0 || (m[1] && !m[2])) return fail(`BYDAY=${clip(item)} is not a weekday (MO, TU, WE, TH, FR, SA or SU, after an ordinal such as 1MO or -1FR if any)`);
+      let n = 0;
+      if (m[2]) {
+        if (freq !== Frequency.MONTHLY && freq !== Frequency.YEARLY) fail(`BYDAY=${item} has an ordinal, which only FREQ=MONTHLY or FREQ=YEARLY allows`);
+        if (rule.byweekno) fail(`BYDAY=${item} has an ordinal, which BYWEEKNO does not allow`);
+        n = Number(m[2]);
+        if (n < 1 || n > maxOrdinal || m[2].length > 2) fail(`BYDAY=${clip(item)} is out of range (ordinals 1 to ${maxOrdinal} or -${maxOrdinal} to -1${maxOrdinal === 5 ? " within a month" : ""})`);
+        if (m[1] === "-") n = -n;
+      }
+      if (days.some((x) => x.weekday === weekday && x.n === n)) fail(`BYDAY lists ${item} twice`);
+      days.push({ weekday, n });
+    }
+    rule.byday = days;
+  }
+
+  // The limits RFC 5545 puts on which parts go with which FREQ.
+  if (rule.byweekno && freq !== Frequency.YEARLY) fail(`BYWEEKNO only goes with FREQ=YEARLY, not FREQ=${freqName}`);
+  if (rule.byyearday && (freq === Frequency.DAILY || freq === Frequency.WEEKLY || freq === Frequency.MONTHLY)) fail(`BYYEARDAY does not go with FREQ=${freqName}`);
+  if (rule.bymonthday && freq === Frequency.WEEKLY) fail("BYMONTHDAY does not go with FREQ=WEEKLY");
+  if (rule.bysetpos && ![...values.keys()].some((k) => k.startsWith("BY") && k !== "BYSETPOS")) fail("BYSETPOS needs another BY… part to pick from");
+
+  // A schedule fires at most once a minute (FREQ=MINUTELY), so one second.
+  if (rule.bysecond && rule.bysecond.length > 1) fail(`BYSECOND=${clip(values.get("BYSECOND")!)} fires more than once a minute; give one second (0-59)`);
+
+  checkSteps(rule, freqName, values, fail);
+  return rule;
+}
+
+const DAY_MINUTES = 1440;
+const WEEK_MINUTES = 7 * DAY_MINUTES;
+
+/** The step of a DAILY, HOURLY or MINUTELY rule in minutes; 0 for the calendar frequencies. */
+function stepMinutes(rule: Rule): number {
+  const unit = rule.freq === Frequency.DAILY ? DAY_MINUTES : rule.freq === Frequency.HOURLY ? 60 : rule.freq === Frequency.MINUTELY ? 1 : 0;
+  return unit * rule.interval;
+}
+
+/**
+ * Whether a DAILY, HOURLY or MINUTELY rule's steps ever land on its BYHOUR and BYMINUTE
+ * and, given the weekday (0 is Monday) of the day it counts from, on its BYDAY. Every
+ * rule counts from midnight of the day the policy was created, so its steps reach the
+ * times of the week that are multiples of gcd(step, a week) from there; rrule loops
+ * forever on a BYHOUR or BYMINUTE that no step reaches.
+ */
+function reachesGrid(rule: Rule, startWeekday: number | null): boolean {
+  const step = stepMinutes(rule);
+  if (!step) return true;
+  const byday = startWeekday === null ? null : rule.byday;
+  const span = byday ? WEEK_MINUTES : DAY_MINUTES;
+  const g = gcd(step, span);
+  for (let t = 0; t < span; t += g) {
+    const minuteOfDay = t % DAY_MINUTES;
+    if (byday && !byday.some((d) => d.weekday === (startWeekday! + Math.floor(t / DAY_MINUTES)) % 7)) continue;
+    if (rule.freq === Frequency.DAILY) return true;
+    if (rule.byhour && !rule.byhour.includes(Math.floor(minuteOfDay / 60))) continue;
+    if (rule.freq === Frequency.MINUTELY && rule.byminute && !rule.byminute.includes(minuteOfDay % 60)) continue;
+    return true;
+  }
+  return false;
+}
+
+const duration = (minutes: number) =>
+  minutes % 60 ? (minutes > 60 ? `${Math.floor(minutes / 60)} h ${minutes % 60} min` : `${minutes} min`) : `${minutes / 60} h`;
+
+/** Refuses steps that can never fire, or fire only for some creation days, and BYSETPOS positions no set has. */
+function checkSteps(rule: Rule, freqName: string, values: Map<string, string>, fail: (message: string) => never): void {
+  const step = stepMinutes(rule);
+  const stepText = `FREQ=${freqName}${rule.interval > 1 ? `;INTERVAL=${rule.interval}` : ""}`;
+  // rrule restarts such a step at each hour BYHOUR skips, so its times would drift from the count.
+  if (rule.freq === Frequency.MINUTELY && rule.byhour && 60 % rule.interval !== 0 && rule.interval % 60 !== 0) {
+    fail(`INTERVAL=${rule.interval} does not go with BYHOUR under FREQ=MINUTELY; use an INTERVAL that divides 60 or is a multiple of 60`);
+  }
+  if (!reachesGrid(rule, null)) {
+    const g = gcd(step, DAY_MINUTES);
+    const limits = ["BYHOUR", "BYMINUTE"].filter((k) => values.has(k) && (k === "BYHOUR" || rule.freq === Frequency.MINUTELY)).map((k) => `${k}=${clip(values.get(k)!)}`);
+    fail(`never fires: counted from midnight, ${stepText} reaches only times of day a multiple of ${duration(g)} apart (00:00, ${String(Math.floor(g / 60)).padStart(2, "0")}:${String(g % 60).padStart(2, "0")}, …), and ${limits.join(";")} allows none of them`);
+  }
+  for (let weekday = 0; weekday < 7; weekday++) {
+    if (!reachesGrid(rule, weekday)) {
+      fail(`${stepText} counts from the day the policy is created and meets BYDAY=${clip(values.get("BYDAY")!)} only when that is certain weekdays; use an INTERVAL that is not a multiple of 7${rule.freq === Frequency.DAILY ? ", or FREQ=WEEKLY" : ""}`);
+    }
+  }
+  if (rule.bysetpos) {
+    // The sets BYSETPOS picks from have a fixed size below MONTHLY; a MONTHLY or YEARLY one is tried on the calendar.
+    const count = (list: unknown[] | null) => list?.length ?? 1;
+    const times = count(rule.byhour) * count(rule.byminute) * count(rule.bysecond);
+    const sizes: Partial<Record<Frequency, [number, string]>> = {
+      [Frequency.MINUTELY]: [count(rule.bysecond), "minute"],
+      [Frequency.HOURLY]: [count(rule.byminute) * count(rule.bysecond), "hour"],
+      [Frequency.DAILY]: [times, "day"],
+      [Frequency.WEEKLY]: [count(rule.byday) * times, "week"],
+    };
+    const size = sizes[rule.freq];
+    if (size && rule.bysetpos.every((n) => Math.abs(n) > size[0])) {
+      fail(`BYSETPOS=${clip(values.get("BYSETPOS")!)} picks nothing: each ${size[1]} has ${size[0]} time${size[0] === 1 ? "" : "s"} to pick from`);
+    }
+  }
+}
+
+const ALL_MINUTES = Array.from({ length: 60 }, (_, i) => i);
+
+/** rrule's options for a rule read by parseRule. */
+function toOptions(rule: Rule): Partial<Options> {
+  const options: Partial<Options> = {
+    freq: rule.freq,
+    interval: rule.interval,
+    until: rule.until,
+    wkst: rule.wkst,
+    bysecond: rule.bysecond,
+    byminute: rule.byminute,
+    byhour: rule.byhour,
+    byweekday: rule.byday && rule.byday.map((d) => (d.n ? new Weekday(d.weekday, d.n) : d.weekday)),
+    bymonthday: rule.bymonthday,
+    byyearday: rule.byyearday,
+    byweekno: rule.byweekno,
+    bymonth: rule.bymonth,
+    bysetpos: rule.bysetpos,
+  };
+  if (rule.freq === Frequency.MINUTELY) {
+    // rrule's MINUTELY leaves its step, or loops forever, when BYHOUR meets a day it skips
+    // over; HOURLY with the minutes of the step gives the same times, counted from midnight.
+    const step = rule.interval;
+    if (60 % step === 0) Object.assign(options, { freq: Frequency.HOURLY, interval: 1, byminute: (rule.byminute ?? ALL_MINUTES).filter((m) => m % step === 0) });
+    else if (step % 60 === 0) Object.assign(options, { freq: Frequency.HOURLY, interval: step / 60, byminute: [0] });
+    // A minute has one time, and BYSETPOS (1 or -1 by now) picks it.
+    options.bysetpos = null;
   }
   return options;
+}
+
+/** The last whole 400-year cycle before rrule stops at year 9999: dates, weekdays and week numbers repeat with it. */
+const PROBE_FROM = new Date(Date.UTC(9599, 0, 1));
+
+/**
+ * Whether the rule's day parts match any date at all, tried over one whole calendar
+ * cycle: as a YEARLY rule, or as itself when ordinals or BYSETPOS count within its
+ * months or years.
+ */
+function matchesADay(rule: Rule): boolean {
+  if (!rule.byday && !rule.bymonthday && !rule.byyearday && !rule.byweekno) return true;
+  const counts = (rule.freq === Frequency.MONTHLY || rule.freq === Frequency.YEARLY) && (rule.bysetpos || rule.byday?.some((d) => d.n));
+  const options: Partial<Options> = counts
+    ? { ...toOptions(rule), interval: 1, until: null }
+    : { freq: Frequency.YEARLY, bymonth: rule.bymonth, bymonthday: rule.bymonthday, byyearday: rule.byyearday, byweekno: rule.byweekno, wkst: rule.wkst, byweekday: rule.byday && rule.byday.map((d) => d.weekday) };
+  return new RRule({ ...options, dtstart: PROBE_FROM, tzid: null }, true).after(PROBE_FROM, true) !== null;
+}
+
+/**
+ * Checks a policy's schedule: each rule as parseRule does, that its days occur on the
+ * calendar, and that together the rules fire at most once a minute (on one second).
+ * Returns the rules as stored; throws ScheduleError naming the rule.
+ */
+export function checkSchedule(rules: string[]): string[] {
+  let second: number | null = null;
+  return rules.map((text, i) => {
+    const rule = parseRule(text, i);
+    if (!matchesADay(rule)) {
+      const parts = (["BYMONTH", "BYWEEKNO", "BYYEARDAY", "BYMONTHDAY", "BYDAY", "BYSETPOS"] as const).filter((k) => rule[k.toLowerCase() as keyof Rule] !== null);
+      throw new ScheduleError(i, `never fires: no date matches ${parts.join(", ")} together`);
+    }
+    const own = rule.bysecond?.[0] ?? 0;
+    if (second !== null && own !== second) {
+      throw new ScheduleError(i, `fires at second ${own} of a minute, the rules before it at second ${second}; a schedule fires at most once a minute, so its rules share one second`);
+    }
+    second = own;
+    return ruleBody(text).body;
+  });
 }
 
 const FIXED_PERIOD_MS: Partial<Record<Frequency, number>> = {
@@ -77,14 +406,15 @@ function fromFloating(d: Date, tz: string): DateTime {
 /**
  * The start of the rule's recurrence: midnight of the anchor's day, moved forward by
  * whole intervals to just before `from`, so iteration stays short however old the
- * policy is while INTERVAL keeps counting from the anchor.
+ * policy is while INTERVAL keeps counting from the anchor. Steps of a day or more keep
+ * two days in hand, so BYSETPOS sees whole sets.
  */
 function dtstartNear(options: Partial<Options>, anchor: Date, from: Date): Date {
   const interval = options.interval ?? 1;
   const fixed = FIXED_PERIOD_MS[options.freq!];
-  const lead = 2 * 86_400_000;
   if (fixed) {
     const period = fixed * interval;
+    const lead = fixed < 86_400_000 ? 0 : 2 * 86_400_000;
     const steps = Math.floor((from.getTime() - lead - anchor.getTime()) / period);
     return steps > 0 ? new Date(anchor.getTime() + steps * period) : anchor;
   }
@@ -98,32 +428,51 @@ function dtstartNear(options: Partial<Options>, anchor: Date, from: Date): Date 
   return years > 0 ? a.plus({ years }).toJSDate() : anchor;
 }
 
+/** Moves a floating time by whole years; by multiples of 400 the calendar is the same. */
+function plusYears(d: Date, years: number): Date {
+  if (!years) return d;
+  const out = new Date(d.getTime());
+  out.setUTCFullYear(out.getUTCFullYear() + years);
+  return out;
+}
+
+const SEARCH_YEARS = 110;
+const RRULE_LAST_YEAR = 9999;
+const END_OF_TIME = new Date(Date.UTC(RRULE_LAST_YEAR + 1, 0, 1));
+
 /**
  * The first occurrence strictly after `after` of any of `rules`, as a real instant,
  * or null when none occurs again. `anchor` (the policy's creation) fixes where
- * INTERVAL counts from.
+ * INTERVAL counts from. A rule that does not fire within the next 110 years (up to
+ * 510, depending on the year) counts as never firing again.
  */
 export function nextOccurrence(rules: string[], tz: string, after: Date, anchor: Date): Date | null {
   let best: Date | null = null;
-  const anchorFloating = floating(DateTime.fromJSDate(anchor, { zone: tz }).startOf("day"));
+  const anchorDay = DateTime.fromJSDate(anchor, { zone: tz }).startOf("day");
   const afterFloating = floating(DateTime.fromJSDate(after, { zone: tz }));
-  // Around a DST fall-back the wall clock repeats an hour, so start a little earlier in
-  // floating time and skip occurrences whose real instant is not after `after`.
-  const from = new Date(afterFloating.getTime() - 3 * 3_600_000);
+  // Around a DST change the wall clock repeats or skips an hour, so start a little earlier
+  // in floating time and skip occurrences whose real instant is not after `after`.
+  const steady = DateTime.fromJSDate(new Date(after.getTime() - 3 * 3_600_000), { zone: tz }).offset === DateTime.fromJSDate(after, { zone: tz }).offset;
+  const from = steady ? afterFloating : new Date(afterFloating.getTime() - 3 * 3_600_000);
+  // rrule gives up on a rule that matches no date only at year 9999. Searching the same
+  // calendar 400·k years later, close to that, bounds the work for any rule.
+  const shift = 400 * Math.max(0, Math.floor((RRULE_LAST_YEAR - SEARCH_YEARS - from.getUTCFullYear()) / 400));
+  const start = plusYears(from, shift);
+  const anchorFloating = plusYears(floating(anchorDay), shift);
   rules.forEach((text, i) => {
-    const options = parseRule(text, i);
-    const rule = new RRule({ ...options, dtstart: dtstartNear(options, anchorFloating, from), tzid: null });
-    let cursor = from;
-    for (let guard = 0; guard < 2000; guard++) {
-      const occ = rule.after(cursor, false);
-      if (!occ) return;
-      const real = fromFloating(occ, tz).toJSDate();
+    const rule = parseRule(text, i);
+    const options = toOptions(rule);
+    const dtstart = dtstartNear(options, anchorFloating, start);
+    const until = rule.until && plusYears(rule.until, shift);
+    let seen = 0;
+    new RRule({ ...options, until, dtstart, tzid: null }, true).between(start, END_OF_TIME, false, (occ) => {
+      const real = fromFloating(plusYears(occ, -shift), tz).toJSDate();
       if (real.getTime() > after.getTime()) {
         if (!best || real < best) best = real;
-        return;
+        return false;
       }
-      cursor = occ;
-    }
+      return ++seen < 2000;
+    });
   });
   return best;
 }

@@ -4,7 +4,7 @@ import { Backup, BackupTrigger, Disk, JobType, Policy, PolicyBinding, PolicyRun,
 import type { BackupService } from "./backup.service";
 import type { JobQueue } from "./job-queue";
 import { decideRetention, hasRules, type RetentionDecision } from "./retention";
-import { isValidTimezone, MAX_RULES, nextOccurrence, parseRule, ScheduleError } from "../jobs/schedule";
+import { checkSchedule, isValidTimezone, MAX_RULES, nextOccurrence, ScheduleError } from "../jobs/schedule";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput, conflict, DomainError, notFound } from "./errors";
@@ -51,15 +51,12 @@ export function policyConditions(filter: PolicyFilter | null | undefined): Condi
 function validateSchedule(rules: string[], field = "schedule"): string[] {
   if (!Array.isArray(rules) || rules.length === 0) throw badInput(field, "needs at least one RRULE");
   if (rules.length > MAX_RULES) throw badInput(field, `at most ${MAX_RULES} rules`);
-  return rules.map((rule, i) => {
-    try {
-      parseRule(rule, i);
-    } catch (err) {
-      if (err instanceof ScheduleError) throw badInput(`${field}[${i}]`, err.message);
-      throw err;
-    }
-    return rule.trim().replace(/^RRULE:/i, "");
-  });
+  try {
+    return checkSchedule(rules);
+  } catch (err) {
+    if (err instanceof ScheduleError) throw badInput(`${field}[${err.index}]`, err.message);
+    throw err;
+  }
 }
 
 function validateTimezone(tz: string, field = "timezone"): string {
@@ -118,7 +115,6 @@ export class PolicyService {
       lastRunAt: null,
       createdAt: now,
     });
-    this.checkOccurs(policy, now);
     policy.nextRunAt = this.nextRun(policy, now);
     const saved = await repo.save(policy);
     ctx.invalidate();
@@ -143,7 +139,6 @@ export class PolicyService {
         Object.assign(policy, validateRetention(merged));
       }
       const now = ctx.now();
-      this.checkOccurs(policy, now);
       policy.nextRunAt = this.nextRun(policy, now);
       return em.save(policy);
     });
@@ -222,16 +217,18 @@ export class PolicyService {
     return policy;
   }
 
-  /** The next time the schedule fires, or null when disabled or exhausted. */
-  nextRun(policy: Policy, after: Date): Date | null {
-    if (!policy.enabled) return null;
-    return nextOccurrence(policy.schedule, policy.timezone, after, policy.createdAt);
-  }
-
-  private checkOccurs(policy: Policy, now: Date) {
-    if (!nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt)) {
-      throw badInput("schedule", "never occurs again (check UNTIL and the BY… parts)");
+  /** The next time the schedule fires, or null when disabled; a schedule that never occurs again is refused, enabled or not. */
+  private nextRun(policy: Policy, now: Date): Date | null {
+    let next: Date | null;
+    try {
+      next = nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt);
+    } catch (err) {
+      // A schedule stored before its rules were checked as they are now.
+      if (err instanceof ScheduleError) throw badInput(`schedule[${err.index}]`, `${err.message}; update the schedule`);
+      throw err;
     }
+    if (!next) throw badInput("schedule", "never occurs again (check UNTIL and the BY… parts)");
+    return policy.enabled ? next : null;
   }
 
   private splitResources(resourceIds: string[]): { servers: string[]; disks: string[] } {

@@ -225,3 +225,49 @@ it("follows daylight-saving changes both ways and months without day 31, tick by
     "2027-05-31T00:00:00.000Z",
   ]);
 });
+
+it("refuses RRULE parts out of range or malformed as BAD_USER_INPUT naming the rule, the part and the value", async () => {
+  const CREATE = `mutation ($i: CreatePolicyInput!) { createPolicy(input: $i) { policy { id } } }`;
+  const everySecond = Array.from({ length: 60 }, (_, i) => i).join(",");
+  const cases: [string[], string, string | RegExp][] = [
+    [["FREQ=DAILY;BYDAY=XX"], "schedule[0]", /^schedule\[0\]: BYDAY=XX is not a weekday/],
+    [["FREQ=DAILY;BYHOUR=25"], "schedule[0]", "schedule[0]: BYHOUR=25 is out of range (0-23)"],
+    [["FREQ=HOURLY;BYMINUTE=75"], "schedule[0]", "schedule[0]: BYMINUTE=75 is out of range (0-59)"],
+    [["FREQ=MINUTELY;BYSECOND=99"], "schedule[0]", "schedule[0]: BYSECOND=99 is out of range (0-59)"],
+    [["FREQ=MONTHLY;BYDAY=MO;BYSETPOS=-400"], "schedule[0]", "schedule[0]: BYSETPOS=-400 is out of range (1 to 366 or -366 to -1)"],
+    [[`FREQ=MINUTELY;BYSECOND=${everySecond}`], "schedule[0]", /^schedule\[0\]: BYSECOND=0,1,2,.* fires more than once a minute/],
+    [["FREQ=DAILY", "FREQ=HOURLY;INTERVAL=2;BYHOUR=1"], "schedule[1]", /^schedule\[1\]: never fires: /],
+    [["FREQ=DAILY;BYMONTH=2;BYMONTHDAY=30"], "schedule[0]", "schedule[0]: never fires: no date matches BYMONTH, BYMONTHDAY together"],
+    [["FREQ=DAILY;BYHOUR=2\u0000"], "schedule[0]", /^schedule\[0\]: has the control character U\+0000 at position 20/],
+    [["FREQ=DAILY;BYHOUR=\ud800"], "schedule[0]", /^schedule\[0\]: has the lone surrogate U\+D800 at position 19/],
+  ];
+  for (const [schedule, field, message] of cases) {
+    const r = await svc.gql(CREATE, { i: { name: "bad", schedule } });
+    expect({ schedule, status: r.status, code: code(r), field: r.errors?.[0]?.extensions?.field }).toEqual({ schedule, status: 200, code: "BAD_USER_INPUT", field });
+    if (typeof message === "string") expect(r.errors![0].message).toBe(message);
+    else expect(r.errors![0].message).toMatch(message);
+  }
+  // Nothing was created, and the same holds for updatePolicy.
+  expect((await svc.ok(`{ policies(filter: { name: "bad" }) { totalCount } }`)).policies.totalCount).toBe(0);
+  const p = await policy({ name: "to-update", schedule: ["FREQ=DAILY"] }, []);
+  const r = await svc.gql(`mutation ($i: UpdatePolicyInput!) { updatePolicy(input: $i) { policy { id } } }`, { i: { id: p.id, schedule: ["FREQ=DAILY", "FREQ=DAILY;BYHOUR=25"] } });
+  expect([code(r), r.errors?.[0]?.message]).toEqual(["BAD_USER_INPUT", "schedule[1]: BYHOUR=25 is out of range (0-23)"]);
+});
+
+it("stops a policy whose stored schedule is now refused, and keeps firing the others", async () => {
+  const good = await policy({ name: "still-good", schedule: ["FREQ=HOURLY;BYMINUTE=0"] }, []);
+  const stale = await policy({ name: "stale", schedule: ["FREQ=HOURLY;BYMINUTE=0"] }, []);
+  // Stored before rules were range-checked.
+  await svc.ds.query(`UPDATE policies SET schedule = '{"FREQ=HOURLY;BYMINUTE=75"}' WHERE id = $1`, [uuid(stale.id)]);
+  const at = new Date(new Date(good.nextRunAt).getTime() + 1000);
+  const fired = (await svc.scheduler.tick(at)).map((r) => r.policyId);
+  expect(fired).toEqual(expect.arrayContaining([uuid(good.id), uuid(stale.id)]));
+  expect((await view(stale.id)).nextRunAt).toBeNull();
+  expect(new Date((await view(good.id)).nextRunAt).getTime()).toBeGreaterThan(at.getTime());
+  // Updating it names the rule to fix; a new schedule brings it back.
+  const rename = await svc.gql(`mutation ($i: UpdatePolicyInput!) { updatePolicy(input: $i) { policy { id } } }`, { i: { id: stale.id, name: "stale-2" } });
+  expect([code(rename), rename.errors?.[0]?.extensions?.field]).toEqual(["BAD_USER_INPUT", "schedule[0]"]);
+  const fixed = await svc.ok(`mutation ($i: UpdatePolicyInput!) { updatePolicy(input: $i) { policy { nextRunAt } } }`, { i: { id: stale.id, schedule: ["FREQ=HOURLY;BYMINUTE=15"] } });
+  expect(fixed.updatePolicy.policy.nextRunAt).not.toBeNull();
+  await settle();
+});

@@ -15,14 +15,14 @@
  * embedded Postgres and local blobs.
  *
  *  (a) export to QCOW2. Untimed: disk.raw is uploaded and imported as a DATA_DISK image
- *      (its checksum must be the SHA-256 of disk.raw). Timed: exportImage(format: QCOW2),
+ *      (its checksum must be the content checksum of disk.raw). Timed: exportImage(format: QCOW2),
  *      from the mutation to the job's finishedAt; peer: `qemu-img convert -f raw -O qcow2
  *      disk.raw out.qcow2`. The downloaded export must be identical to disk.raw by
  *      `qemu-img compare` (not timed).
  *  (b) import of a QCOW2 file. Untimed: `qemu-img convert -f raw -O qcow2 disk.raw in.qcow2`.
  *      Timed: POST /v1/uploads of in.qcow2 (its own row), then importImage(format: QCOW2)
  *      from the mutation to the job's finishedAt; peer: `qemu-img convert -f qcow2 -O raw
- *      in.qcow2 out.raw`. The image's checksum must be the SHA-256 of disk.raw, and out.raw
+ *      in.qcow2 out.raw`. The image's checksum must be the content checksum of disk.raw, and out.raw
  *      must be identical to disk.raw (not timed).
  *  (c) peak RSS: VmHWM of the Stowage node process at the end (the whole run, untimed
  *      steps included; Postgres runs in its own processes), and the largest /usr/bin/time %M
@@ -40,6 +40,8 @@ import { BLOCK, GiB, layout, MiB, writeImage, type Region } from "./lib/image";
 import { cpuTree, hrSeconds, onInterrupt, procStatusKiB, requireProgram, run, timed } from "./lib/proc";
 import { StowageProcess } from "./lib/stowage";
 import { downloadFile, uploadFile } from "./lib/transfer";
+import { DEFAULT_LIMITS, openImage } from "../src/formats";
+import { checksumOf } from "../src/formats/checksum";
 
 interface Options {
   size: number;
@@ -134,7 +136,7 @@ interface RunResult {
 
 const live: { svc: StowageProcess | null } = { svc: null };
 
-const IMAGE_Q = `query ($id: ID!) { node(id: $id) { ... on Image { status checksum virtualSizeBytes sizeBytes error } } }`;
+const IMAGE_Q = `query ($id: ID!) { node(id: $id) { ... on Image { status checksum virtualSizeBytes sizeBytes error { code message } } } }`;
 const EXPORT_Q = `query ($id: ID!) { node(id: $id) { ... on ImageExport { status format sizeBytes sha256 downloadUrl } } }`;
 
 /** Runs `mutation` (which returns the job and what it made) and times the job to SUCCEEDED. */
@@ -188,7 +190,9 @@ async function main(): Promise<number> {
     const regions = layout(size, opts.seed);
     let t = hrSeconds();
     const sha0 = await writeImage(raw, size, regions, opts.seed);
-    log(`disk.raw written in ${(hrSeconds() - t).toFixed(1)} s (sha256 ${sha0.slice(0, 16)}…)`);
+    // The image's checksum is its content checksum (over its non-zero blocks), the same from any file of it.
+    const content = await contentChecksumOf(raw);
+    log(`disk.raw written in ${(hrSeconds() - t).toFixed(1)} s (sha256 ${sha0.slice(0, 16)}…, content checksum ${content.slice(0, 16)}…)`);
     const inQcow2 = path.join(files, "in.qcow2");
     const made = await run(qemuImg, ["convert", "-f", "raw", "-O", "qcow2", raw, inQcow2]);
     if (made.code !== 0) throw new Error(`qemu-img convert (making in.qcow2) failed:\n${made.stderr}`);
@@ -211,7 +215,7 @@ async function main(): Promise<number> {
     await svc.waitJob(imp0.importImage.job.id, 250);
     const rawImageId: string = imp0.importImage.image.id;
     const rawImage = (await svc.gql(IMAGE_Q, { id: rawImageId })).node;
-    if (rawImage.status !== "ACTIVE" || rawImage.checksum !== sha0) throw new Error(`the image imported from disk.raw is ${rawImage.status} with checksum ${rawImage.checksum}, expected ACTIVE ${sha0}`);
+    if (rawImage.status !== "ACTIVE" || rawImage.checksum !== content) throw new Error(`the image imported from disk.raw is ${rawImage.status} with checksum ${rawImage.checksum}, expected ACTIVE ${content}`);
     log(`disk.raw uploaded and imported in ${(hrSeconds() - t).toFixed(1)} s (untimed; image ${rawImageId})`);
 
     const runs: RunResult[] = [];
@@ -262,10 +266,10 @@ async function main(): Promise<number> {
         return { jobId: r.importImage.job.id as string, result: r.importImage.image.id as string };
       });
       const img = (await svc.gql(IMAGE_Q, { id: imp.result })).node;
-      if (img.status !== "ACTIVE" || img.checksum !== sha0 || img.virtualSizeBytes !== size) {
-        throw new Error(`the image imported from in.qcow2 is ${img.status}, checksum ${img.checksum}, virtual size ${img.virtualSizeBytes}; expected ACTIVE, ${sha0}, ${size}`);
+      if (img.status !== "ACTIVE" || img.checksum !== content || img.virtualSizeBytes !== size) {
+        throw new Error(`the image imported from in.qcow2 is ${img.status}, checksum ${img.checksum}, virtual size ${img.virtualSizeBytes}; expected ACTIVE, ${content}, ${size}`);
       }
-      log("Stowage QCOW2 import verified: image checksum = sha256 of disk.raw");
+      log("Stowage QCOW2 import verified: image checksum = content checksum of disk.raw");
       if (i === 1) notes.push(`image imported from in.qcow2: sizeBytes ${mib(img.sizeBytes).toFixed(1)} MiB (virtual ${mib(img.virtualSizeBytes).toFixed(0)} MiB)`);
       // The image stays: deleting it now would load the service with garbage collection later.
 
@@ -346,7 +350,7 @@ async function main(): Promise<number> {
     lines.push(`- ${verdict(ir === null ? null : ir <= 1.5)} import of QCOW2 (the job) ≤ 1.5× qemu-img (${x(ir)}; with the upload ${x(ratioOf(upImp, importPeer))}, not a target)`);
     lines.push("");
     lines.push("Details:");
-    lines.push(`- verified (not timed): the downloaded export matches ImageExport sha256/sizeBytes, passes \`qemu-img check\` and \`qemu-img compare disk.raw\` says identical; the image imported from in.qcow2 has checksum = sha256 of disk.raw and the full virtual size; qemu-img's out.raw compares identical too`);
+    lines.push(`- verified (not timed): the downloaded export matches ImageExport sha256/sizeBytes, passes \`qemu-img check\` and \`qemu-img compare disk.raw\` says identical; the image imported from in.qcow2 has the content checksum of disk.raw and the full virtual size; qemu-img's out.raw compares identical too`);
     lines.push(`- Stowage times run from the mutation to the job's finishedAt; the image exported is a DATA_DISK image imported (untimed) from disk.raw; the upload is the POST /v1/uploads of in.qcow2 until its 201`);
     lines.push(`- peak RSS: Stowage = VmHWM of the node service process over the whole run (uploads, untimed import of disk.raw and the downloads included; Postgres runs in its own processes); qemu-img = /usr/bin/time %M, max over its conversions`);
     lines.push(`- load average (1 min) ${loadStart.toFixed(2)} at the start, ${loadEnd.toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`);
@@ -379,3 +383,15 @@ main().then(
     process.exit(1);
   },
 );
+
+/** The content checksum of a raw file, as `stowage checksum` computes it. */
+async function contentChecksumOf(file: string): Promise<string> {
+  const fd = await fs.promises.open(file, "r");
+  try {
+    const size = (await fd.stat()).size;
+    const src = { size, read: async (offset: number, length: number) => (await fd.read(Buffer.alloc(length), 0, length, offset)).buffer };
+    return await checksumOf(await openImage("RAW", src, { ...DEFAULT_LIMITS, maxVirtualSize: size }));
+  } finally {
+    await fd.close();
+  }
+}

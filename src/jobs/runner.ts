@@ -230,7 +230,7 @@ export class JobRunner {
       if (cancelRequested) throw new JobCancelled();
       if (ctrl.signal.aborted) throw ctrl.signal.reason instanceof Error ? ctrl.signal.reason : new JobInterrupted("interrupted");
     };
-    const flush = async () => {
+    const flush = async (announce = true) => {
       if (seen.done === written.done && seen.total === written.total && seen.visited === written.visited) return;
       const { done, total, visited } = seen;
       Object.assign(written, seen);
@@ -244,7 +244,7 @@ export class JobRunner {
       if (!r.length) return;
       if (job.backupId) await this.ds.query(`UPDATE backups SET progress = $2 WHERE id = $1 AND status IN ('CREATING', 'RESTORING')`, [job.backupId, progress]);
       Object.assign(job, { progress, bytesDone: done, bytesTotal: total, blocksVisited: visited });
-      await this.publish(job);
+      if (announce) await this.publish(job);
       if (r[0].cancel_requested && !cancelRequested) {
         cancelRequested = true;
         ctrl.abort(new JobCancelled());
@@ -273,8 +273,8 @@ export class JobRunner {
     const settle = async () => {
       clearInterval(ticker);
       await flushing;
-      // A job shorter than a tick still shows what it moved.
-      await flush().catch((err) => this.logger.warn("recording a job's progress failed", { job: job.id, error: err }));
+      // A job shorter than a tick still shows what it moved; its end, published next, announces it.
+      await flush(false).catch((err) => this.logger.warn("recording a job's progress failed", { job: job.id, error: err }));
       job.blocksVisited = seen.visited;
     };
     try {

@@ -1,12 +1,16 @@
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
 import { bytes } from "../helpers/data";
+import { qemuImg, tmpDir } from "../helpers/formats";
 import { MiB, startTestService, type TestService } from "../helpers/service";
 import { collectAllGarbage } from "../../src/jobs";
 import { silentLogger } from "../../src/logger";
-import { succeed } from "../helpers/data";
+import { succeed, waitJob } from "../helpers/data";
 
 let svc: TestService;
 beforeAll(async () => {
-  svc = await startTestService({ UPLOAD_MAX_BYTES: String(2 * MiB), EXPORT_TTL_SECONDS: "1" });
+  svc = await startTestService({ UPLOAD_MAX_BYTES: String(2 * MiB), EXPORT_TTL_SECONDS: "1", MAX_IMAGE_VIRTUAL_BYTES: String(64 * MiB) });
 });
 afterAll(async () => {
   await svc?.stop();
@@ -47,3 +51,25 @@ it("answers 413 past the upload limit and keeps nothing of it", async () => {
   expect(ok.status).toBe(201);
 });
 
+
+it("fails the import of a file describing a disk past MAX_IMAGE_VIRTUAL_BYTES TOO_LARGE, with the limit in the message", async () => {
+  const q = qemuImg();
+  if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+  // A small file describing a 128 MiB disk, past the 64 MiB limit.
+  const t = tmpDir();
+  let file: Buffer;
+  try {
+    execFileSync(q, ["create", "-q", "-f", "qcow2", path.join(t.dir, "big.qcow2"), "128M"]);
+    file = fs.readFileSync(path.join(t.dir, "big.qcow2"));
+  } finally {
+    t.cleanup();
+  }
+  const res = await svc.http("/v1/uploads", { method: "POST", body: new Uint8Array(file) });
+  expect(res.status).toBe(201);
+  const upload = (await res.json()) as { id: string };
+  const r = await svc.ok(`mutation ($u: String!) { importImage(input: { name: "huge", uploadId: $u, type: DATA_DISK }) { image { id } job { id } } }`, { u: upload.id });
+  const job = await waitJob(svc, r.importImage.job.id);
+  expect(job).toMatchObject({ status: "FAILED", error: { code: "TOO_LARGE", message: expect.stringMatching(/MAX_IMAGE_VIRTUAL_BYTES, 67108864 bytes/) } });
+  const image = (await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Image { status error { code } } } }`, { id: r.importImage.image.id })).node;
+  expect(image).toEqual({ status: "KILLED", error: { code: "TOO_LARGE" } });
+});

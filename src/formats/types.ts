@@ -8,6 +8,12 @@
 
 export type FormatName = "RAW" | "QCOW2" | "VMDK" | "VHD";
 
+/** Bytes [offset, offset + length) of a file. */
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
 /** A file readable at any offset (an upload in the blob store, a file on disk). */
 export interface RandomAccessSource {
   readonly size: number;
@@ -15,6 +21,15 @@ export interface RandomAccessSource {
   read(offset: number, length: number): Promise<Buffer>;
   /** Fills `into` with the bytes at `offset`, as `read` would return them; readers fall back to `read` without it. */
   readInto?(offset: number, into: Buffer): Promise<void>;
+  /**
+   * The parts of [offset, offset + length) that may hold bytes other than zeros:
+   * ascending, apart, inside the range asked for. Every byte outside them reads as
+   * zero, so readers skip them unread (a sparse raw disk, a fixed VHD, grain tables a
+   * VMDK preallocated). A source that knows its holes offers it: a file through
+   * SEEK_DATA/SEEK_HOLE, an upload from the all-zero blocks it noted as it came in.
+   * A range may hold zeros too; it only may not leave data out.
+   */
+  dataRanges?(offset: number, length: number): AsyncIterable<ByteRange>;
 }
 
 export interface FormatLimits {
@@ -130,6 +145,48 @@ export class LentReads {
     await this.src.readInto(offset, out);
     return out;
   }
+}
+
+/**
+ * The source's data ranges in [offset, offset + length), widened to boundaries at
+ * `origin` + k × `align` (clipped to the range) and merged where they then touch;
+ * the whole range when the source does not know its holes. (A reader aligns them
+ * to the disk's 64 KiB blocks: `origin` is where the disk's offset 0 would lie in
+ * the file.) A source breaking its contract is a bug, not a bad file: an Error.
+ */
+export async function* dataRangesOf(src: RandomAccessSource, offset: number, length: number, align = 1, origin = 0): AsyncIterable<ByteRange> {
+  if (length <= 0) return;
+  if (!src.dataRanges) {
+    yield { offset, length };
+    return;
+  }
+  const end = offset + length;
+  let start = -1;
+  let stop = -1;
+  let last = offset;
+  for await (const r of src.dataRanges(offset, length)) {
+    if (!Number.isSafeInteger(r.offset) || !Number.isSafeInteger(r.length) || r.length < 0 || r.offset < last || r.offset + r.length > end) {
+      throw new Error(`the source's data range ${r.offset}+${r.length} is out of order or outside ${offset}+${length}`);
+    }
+    last = r.offset + r.length;
+    if (r.length === 0) continue;
+    const s = Math.max(offset, Math.floor((r.offset - origin) / align) * align + origin);
+    const e = Math.min(end, Math.ceil((last - origin) / align) * align + origin);
+    if (start >= 0 && s <= stop) {
+      stop = Math.max(stop, e);
+      continue;
+    }
+    if (start >= 0) yield { offset: start, length: stop - start };
+    start = s;
+    stop = e;
+  }
+  if (start >= 0) yield { offset: start, length: stop - start };
+}
+
+/** Whether [offset, offset + length) of the source may hold anything but zeros. */
+export async function mayHoldData(src: RandomAccessSource, offset: number, length: number): Promise<boolean> {
+  for await (const r of dataRangesOf(src, offset, length)) if (r.length > 0) return true;
+  return false;
 }
 
 /** Checks that [offset, offset + length) lies inside a file of `size` bytes; `what` names it for the message. */

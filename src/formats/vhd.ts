@@ -1,5 +1,6 @@
 import crypto from "node:crypto";
-import { BLOCK_SIZE, FormatError, LentReads, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { nonZeroExtents, plainExtents } from "./raw";
+import { BLOCK_SIZE, dataRangesOf, FormatError, LentReads, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 /*
  * VHD, after Microsoft's "Virtual Hard Disk Image Format Specification" (v1.0).
@@ -187,7 +188,7 @@ export async function openVhd(src: RandomAccessSource, limits: FormatLimits): Pr
       format: "VHD",
       variant: "fixed",
       virtualSize,
-      extents: () => dataExtents(new LentReads(src, READ), 0, 0, virtualSize),
+      extents: () => plainExtents(src, virtualSize),
     };
   }
   return openDynamic(src, limits, footer, atEnd, virtualSize);
@@ -278,47 +279,24 @@ async function openDynamic(src: RandomAccessSource, limits: FormatLimits, footer
         const blockStart = i * blockSize;
         const sectors = Math.min(blockSize, virtualSize - blockStart) / SECTOR;
         const fileAt = bat[i] * SECTOR;
-        const bitmap = await src.read(fileAt, Math.min(bitmapSize, Math.ceil(sectors / 32) * 4));
-        let s = 0;
-        while (s < sectors) {
-          // Skip absent sectors, then take the run of present ones.
-          while (s < sectors && !present(bitmap, s)) s++;
-          const first = s;
-          while (s < sectors && present(bitmap, s)) s++;
-          if (s > first) yield* dataExtents(reads, fileAt + bitmapSize + first * SECTOR, blockStart + first * SECTOR, (s - first) * SECTOR);
+        const dataAt = fileAt + bitmapSize;
+        let bitmap: Buffer | null = null;
+        // Only the block's data the source does not know to be zeros (QEMU allocates whole blocks for a sector).
+        for await (const r of dataRangesOf(src, dataAt, sectors * SECTOR, BLOCK_SIZE, dataAt - blockStart)) {
+          bitmap ??= await src.read(fileAt, Math.min(bitmapSize, Math.ceil(sectors / 32) * 4));
+          let s = (r.offset - dataAt) / SECTOR;
+          const end = s + r.length / SECTOR;
+          while (s < end) {
+            // Skip absent sectors, then take the run of present ones.
+            while (s < end && !present(bitmap, s)) s++;
+            const first = s;
+            while (s < end && present(bitmap, s)) s++;
+            if (s > first) yield* nonZeroExtents(reads, dataAt + first * SECTOR, blockStart + first * SECTOR, (s - first) * SECTOR);
+          }
         }
       }
     },
   };
-}
-
-const ZERO = Buffer.alloc(BLOCK_SIZE);
-
-/**
- * The bytes at [fileAt, fileAt + length) of the file as extents at `guestAt`,
- * read a megabyte at a time, leaving out the 64 KiB (guest-aligned) pieces that
- * are all zeros.
- */
-async function* dataExtents(src: LentReads, fileAt: number, guestAt: number, length: number): AsyncGenerator<Extent> {
-  let done = 0;
-  while (done < length) {
-    const g = guestAt + done;
-    const n = Math.min(length - done, READ - (g % READ));
-    const buf = await src.read(fileAt + done, n);
-    let run = -1;
-    for (let p = 0; p < n; ) {
-      const q = Math.min(n, p + BLOCK_SIZE - ((g + p) % BLOCK_SIZE));
-      const zero = buf.subarray(p, q).equals(ZERO.subarray(0, q - p));
-      if (!zero && run < 0) run = p;
-      if (zero && run >= 0) {
-        yield { offset: g + run, data: buf.subarray(run, p) };
-        run = -1;
-      }
-      p = q;
-    }
-    if (run >= 0) yield { offset: g + run, data: buf.subarray(run, n) };
-    done += n;
-  }
 }
 
 // ---------------------------------------------------------------------------

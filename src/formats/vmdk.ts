@@ -13,7 +13,7 @@
 import crypto from "node:crypto";
 import { promisify } from "node:util";
 import zlib from "node:zlib";
-import { BLOCK_SIZE, FormatError, LentReads, within, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, FormatError, LentReads, mayHoldData, within, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 const SECTOR = 512;
 const MAGIC = Buffer.from("KDMV", "latin1");
@@ -320,10 +320,16 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
   let metadataBytes = gdBytes;
   for (let i = 0; i < gdEntries; i++) {
     if (gd[i] === 0) continue;
-    metadataBytes += gtBytes;
-    if (metadataBytes > limits.maxMetadataBytes) throw new FormatError(`the VMDK's grain directory and tables need more than the ${limits.maxMetadataBytes} bytes of metadata allowed`);
     within(size, gd[i] * SECTOR, gtBytes, `the VMDK's grain table ${i}`);
     metadata.add(gd[i] * SECTOR, gd[i] * SECTOR + gtBytes, `grain table ${i}`);
+    // VMware and qemu lay out every grain table up front (64 MiB of them for 1 TiB):
+    // one in a hole of the file is all zeros, a table of no grains, neither read nor counted.
+    if (src.dataRanges && !(await mayHoldData(src, gd[i] * SECTOR, gtBytes))) {
+      gd[i] = 0;
+      continue;
+    }
+    metadataBytes += gtBytes;
+    if (metadataBytes > limits.maxMetadataBytes) throw new FormatError(`the VMDK's grain directory and tables need more than the ${limits.maxMetadataBytes} bytes of metadata allowed`);
   }
   metadata.seal();
 

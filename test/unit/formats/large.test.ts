@@ -1,0 +1,300 @@
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import { openImage } from "../../../src/formats";
+import { DEFAULT_LIMITS, type FormatName, type ImageReader } from "../../../src/formats/types";
+import { extentsToRaw, fileDataRanges, fileSource, fixedVhdFile, pattern, pwrite, qemu, qemuImg, tmpDir, vhdFile, vmdkFile, withDataRanges } from "../../helpers/formats";
+
+/*
+ * Disk images at real sizes: files above 2^31 and 2^32 bytes with data placed
+ * beyond those offsets in the file and on the disk, and disks of 1 TiB. Every
+ * fixture is sparse: its holes cost no disk space, so each is made in well under a
+ * second. What the readers yield is checked against qemu-img reading the same file.
+ */
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const GiB = 1024 * MiB;
+const TWO31 = 2 ** 31;
+const TWO32 = 2 ** 32;
+
+let tmp: ReturnType<typeof tmpDir>;
+beforeAll(() => {
+  tmp = tmpDir("stowage-large-");
+});
+afterAll(() => tmp.cleanup());
+const file = (name: string) => path.join(tmp.dir, name);
+
+const qemuIo = (args: string[]) => execFileSync("/usr/bin/qemu-io", args, { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+
+/** A 6 GiB disk's data: at its start, across 2^31, across 2^32, and beyond 2^32. */
+const SIZE = 6 * GiB;
+const PIECES = [
+  { offset: 0, data: pattern(64 * KiB, 1) },
+  { offset: TWO31 - 64 * KiB, data: pattern(128 * KiB, 2) },
+  { offset: TWO32 - 64 * KiB, data: pattern(128 * KiB, 3) },
+  { offset: 5 * GiB + MiB, data: pattern(64 * KiB, 4) },
+];
+
+/**
+ * Checks that qemu-img reads `image` as the disk `reader` yields: same virtual size,
+ * and `qemu-img compare` finds it identical to a sparse raw file of the extents. With
+ * `data`, also that the disk holds exactly those bytes; with `viaMap`, qemu's map of
+ * the image stands in for the compare (which takes qemu half a minute on a 1 TiB
+ * VMDK whose grain tables are all laid out).
+ */
+async function expectSameAsQemu(image: string, qemuFormat: string, reader: ImageReader, opts: { data?: Array<{ offset: number; data: Buffer }>; viaMap?: boolean } = {}) {
+  const raw = `${image}.extents.raw`;
+  const got = await extentsToRaw(reader, raw);
+  try {
+    const info = JSON.parse(qemu(["info", "--output=json", "-f", qemuFormat, image])) as Record<string, unknown>;
+    expect(info["virtual-size"]).toBe(reader.virtualSize);
+    if (opts.viaMap) {
+      const map = JSON.parse(qemu(["map", "--output=json", "-f", qemuFormat, image])) as Array<{ start: number; length: number; data: boolean; zero: boolean }>;
+      expect(map.filter((m) => m.data && !m.zero).map((m) => [m.start, m.length])).toEqual(got.extents);
+    } else {
+      expect(qemu(["compare", "-f", qemuFormat, "-F", "raw", image, raw])).toMatch(/Images are identical/);
+    }
+    if (opts.data) {
+      const fd = fs.openSync(raw, "r");
+      try {
+        for (const d of opts.data) {
+          const buf = Buffer.alloc(d.data.length);
+          fs.readSync(fd, buf, 0, buf.length, d.offset);
+          expect(buf.equals(d.data)).toBe(true);
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+      expect(got.extents).toEqual(opts.data.map((d) => [d.offset, d.data.length]));
+    }
+  } finally {
+    fs.rmSync(raw);
+  }
+  return got;
+}
+
+/** qemu-img check finds no errors, leaks or corruptions. */
+function expectCleanCheck(image: string, qemuFormat: string) {
+  const out = JSON.parse(qemu(["check", "--output=json", "-f", qemuFormat, image])) as Record<string, unknown>;
+  expect(out["check-errors"] ?? 0).toBe(0);
+  expect(out["corruptions"] ?? 0).toBe(0);
+  expect(out["leaks"] ?? 0).toBe(0);
+}
+
+/** Opens `image` from a file, reads it through qemu's eyes and ours; returns the extents and the bytes read. */
+async function readBig(image: string, format: FormatName, qemuFormat: string, opts: { dataRanges?: boolean; data?: Array<{ offset: number; data: Buffer }>; viaMap?: boolean } = {}) {
+  const plain = fileSource(image);
+  const src = opts.dataRanges ? withDataRanges(plain, fileDataRanges(image)) : plain;
+  try {
+    const reader = await openImage(format, src, DEFAULT_LIMITS);
+    const got = await expectSameAsQemu(image, qemuFormat, reader, opts);
+    return { reader, ...got, bytesRead: plain.bytesRead };
+  } finally {
+    plain.close();
+  }
+}
+
+/** Some of the file offsets lie between 2^31 and 2^32, some beyond 2^32. */
+const beyond = (offsets: number[]) => {
+  expect(offsets.some((o) => o > TWO31 && o < TWO32)).toBe(true);
+  expect(offsets.some((o) => o > TWO32)).toBe(true);
+};
+
+describe("files above 2^31 and 2^32 bytes, data beyond both", () => {
+  test("QCOW2: clusters preallocated through the file, data written far into it", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = file("far.qcow2");
+    // Every cluster allocated in order (so the disk's offsets are about the file's), all zero-flagged but those written.
+    qemu(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, String(SIZE)]);
+    const writes = PIECES.flatMap((p, k) => {
+      fs.writeFileSync(file(`piece${k}`), p.data);
+      return ["-c", `write -q -s ${file(`piece${k}`)} ${p.offset} ${p.data.length}`];
+    });
+    qemuIo(["-f", "qcow2", "-c", `write -q -z -n 0 ${SIZE}`, ...writes, image]);
+    expect(fs.statSync(image).size).toBeGreaterThan(SIZE);
+    expectCleanCheck(image, "qcow2");
+    const map = JSON.parse(qemu(["map", "--output=json", "-f", "qcow2", image])) as Array<{ start: number; data: boolean; offset?: number }>;
+    beyond(map.filter((m) => m.data).map((m) => m.offset!));
+
+    const { reader, bytesRead } = await readBig(image, "QCOW2", "qcow2", { data: PIECES });
+    expect(reader.virtualSize).toBe(SIZE);
+    expect(bytesRead).toBeLessThan(4 * MiB);
+  });
+
+  test("QCOW2: clusters preallocated but never written are skipped unread when the source knows its holes", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = file("prealloc.qcow2");
+    // Without zero flags: every cluster of the disk is allocated, the file's holes are all that tell they hold zeros.
+    qemu(["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, String(SIZE)]);
+    const writes = PIECES.flatMap((p, k) => {
+      fs.writeFileSync(file(`piece${k}`), p.data);
+      return ["-c", `write -q -s ${file(`piece${k}`)} ${p.offset} ${p.data.length}`];
+    });
+    qemuIo(["-f", "qcow2", ...writes, image]);
+    expectCleanCheck(image, "qcow2");
+    const { bytesRead } = await readBig(image, "QCOW2", "qcow2", { dataRanges: true, data: PIECES });
+    expect(bytesRead).toBeLessThan(4 * MiB);
+  });
+
+  test.each([
+    ["monolithicSparse", false],
+    ["streamOptimized", true],
+  ])("VMDK %s: grains placed across 2^31 and 2^32 in the file", async (variant, stream) => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = file(`far-${variant}.vmdk`);
+    // Grains of 64 KiB; each piece's grains consecutive in the file, the first
+    // straddling the boundary, the last piece's grain at 5 GiB and a few sectors.
+    const at = [MiB, TWO31 - 32 * KiB, TWO32 - 32 * KiB, 5 * GiB + 7 * 512];
+    const grains = PIECES.flatMap((p, k) => {
+      const out = [];
+      // A streamOptimized grain takes what it deflates to: random data a little more than a grain.
+      for (let o = 0; o < p.data.length; o += 64 * KiB) out.push({ offset: p.offset + o, data: p.data.subarray(o, o + 64 * KiB), at: at[k] + (o / (64 * KiB)) * (stream ? 66 * KiB : 64 * KiB) });
+      return out;
+    });
+    vmdkFile(image, { size: SIZE, stream, grains });
+    expect(fs.statSync(image).size).toBeGreaterThan(5 * GiB);
+    expectCleanCheck(image, "vmdk");
+
+    const { reader, bytesRead } = await readBig(image, "VMDK", "vmdk", { data: PIECES });
+    expect(reader.variant).toBe(variant);
+    expect(reader.virtualSize).toBe(SIZE);
+    expect(bytesRead).toBeLessThan(8 * MiB);
+  });
+
+  test("VHD dynamic: blocks placed across 2^31 and 2^32 in the file", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = file("far-dynamic.vhd");
+    // Two-MiB blocks (plus their 512-byte bitmaps); a piece across a disk boundary spans two blocks.
+    const blockAt = [MiB, TWO31 - MiB, TWO32 - MiB, 5 * GiB + 3 * 512];
+    const blocks = PIECES.flatMap((p, k) => {
+      const out = [];
+      for (let o = 0; o < p.data.length; o += 64 * KiB) {
+        const offset = p.offset + o;
+        const block = Math.floor(offset / (2 * MiB)) - Math.floor(p.offset / (2 * MiB));
+        out.push({ offset, data: p.data.subarray(o, o + 64 * KiB), at: blockAt[k] + block * (2 * MiB + 512) });
+      }
+      return out;
+    });
+    vhdFile(image, { size: SIZE, blocks });
+    expect(fs.statSync(image).size).toBeGreaterThan(5 * GiB);
+
+    const { reader, bytesRead } = await readBig(image, "VHD", "vpc", { data: PIECES });
+    expect(reader.variant).toBe("dynamic");
+    expect(reader.virtualSize).toBe(SIZE);
+    // Every allocated block is read whole (six of 2 MiB)...
+    expect(bytesRead).toBeGreaterThan(12 * MiB);
+    expect(bytesRead).toBeLessThan(13 * MiB);
+    // ...unless the source knows which parts of them are holes.
+    const sparse = await readBig(image, "VHD", "vpc", { dataRanges: true, data: PIECES });
+    expect(sparse.bytesRead).toBeLessThan(2 * MiB);
+  });
+
+  test("VHD fixed: a disk of 6 GiB with data across both boundaries, read only where it has data", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = file("far-fixed.vhd");
+    fixedVhdFile(image, SIZE, PIECES);
+    expect(fs.statSync(image).size).toBe(SIZE + 512);
+
+    const { reader, bytesRead } = await readBig(image, "VHD", "vpc", { dataRanges: true, data: PIECES });
+    expect(reader.variant).toBe("fixed");
+    expect(reader.virtualSize).toBe(SIZE);
+    expect(bytesRead).toBeLessThan(2 * MiB);
+  });
+
+  test("RAW: a 6 GiB sparse file with data across both boundaries, read only where it has data", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = file("far.raw");
+    const fd = fs.openSync(image, "w");
+    for (const p of PIECES) pwrite(fd, p.data, p.offset);
+    fs.ftruncateSync(fd, SIZE);
+    fs.closeSync(fd);
+
+    const { reader, bytesRead } = await readBig(image, "RAW", "raw", { dataRanges: true, data: PIECES });
+    expect(reader.virtualSize).toBe(SIZE);
+    expect(bytesRead).toBeLessThan(2 * MiB);
+  });
+});
+
+describe("sparse disks of 1 TiB are read in time and reads proportional to their data", () => {
+  const TiB = 2 ** 40;
+  const DATA = [
+    { offset: 0, data: pattern(64 * KiB, 11) },
+    { offset: TWO32 - 64 * KiB, data: pattern(128 * KiB, 12) },
+    { offset: 2 ** 39 + 3 * MiB, data: pattern(64 * KiB, 13) },
+    { offset: TiB - 64 * KiB, data: pattern(64 * KiB, 14) },
+  ];
+
+  /** A 1 TiB image qemu-img creates, holding DATA written by qemu-io. */
+  function qemuImage(name: string, format: string, options: string[] = []) {
+    const image = file(name);
+    qemu(["create", "-q", "-f", format, ...options, image, String(TiB)]);
+    const writes = DATA.flatMap((p, k) => {
+      fs.writeFileSync(file(`data${k}`), p.data);
+      return ["-c", `write -q -s ${file(`data${k}`)} ${p.offset} ${p.data.length}`];
+    });
+    qemuIo(["-f", format, ...writes, image]);
+    return image;
+  }
+
+  test("QCOW2", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = qemuImage("1t.qcow2", "qcow2");
+    const { reader, bytesRead } = await readBig(image, "QCOW2", "qcow2", { data: DATA });
+    expect(reader.virtualSize).toBe(TiB);
+    // The header, a 16 KiB L1 table, four L2 tables and 320 KiB of data.
+    expect(bytesRead).toBeLessThan(MiB);
+  });
+
+  test("VMDK monolithicSparse: the grain tables laid out up front (64 MiB) are skipped where the file has holes", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = qemuImage("1t.vmdk", "vmdk");
+    const { reader, bytesRead } = await readBig(image, "VMDK", "vmdk", { dataRanges: true, data: DATA, viaMap: true });
+    expect(reader.virtualSize).toBe(TiB);
+    expect(bytesRead).toBeLessThan(8 * MiB);
+
+    // A source that does not know its holes has every table read: more metadata than the default limits allow.
+    const src = fileSource(image);
+    try {
+      await expect(openImage("VMDK", src, DEFAULT_LIMITS)).rejects.toThrow(/grain directory and tables need more than the 67108864 bytes of metadata allowed/);
+      const reader = await openImage("VMDK", src, { ...DEFAULT_LIMITS, maxMetadataBytes: 128 * MiB });
+      const { extents } = await extentsToRaw(reader, file("1t-again.raw"));
+      fs.rmSync(file("1t-again.raw"));
+      expect(extents).toEqual(DATA.map((p) => [p.offset, p.data.length]));
+      expect(src.bytesRead).toBeGreaterThan(64 * MiB);
+    } finally {
+      src.close();
+    }
+  });
+
+  test("VHD dynamic", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = qemuImage("1t.vhd", "vpc", ["-o", "force_size=on"]);
+    const { reader, bytesRead } = await readBig(image, "VHD", "vpc", { dataRanges: true, data: DATA });
+    expect(reader.virtualSize).toBe(TiB);
+    // The 2 MiB block allocation table, and the data.
+    expect(bytesRead).toBeLessThan(3 * MiB);
+  });
+
+  test("RAW", async () => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const image = file("1t.raw");
+    const fd = fs.openSync(image, "w");
+    for (const p of DATA) pwrite(fd, p.data, p.offset);
+    fs.ftruncateSync(fd, TiB);
+    fs.closeSync(fd);
+    const { reader, bytesRead } = await readBig(image, "RAW", "raw", { dataRanges: true, data: DATA });
+    expect(reader.virtualSize).toBe(TiB);
+    expect(bytesRead).toBeLessThan(MiB);
+  });
+});

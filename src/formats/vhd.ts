@@ -178,6 +178,10 @@ export async function openVhd(src: RandomAccessSource, limits: FormatLimits): Pr
     throw new FormatError(`the VHD describes a ${footer.currentSize}-byte disk, more than the largest allowed disk (${limits.maxVirtualSize} bytes)`);
   }
   const virtualSize = Math.floor(Number(footer.currentSize) / SECTOR) * SECTOR;
+  // Hyper-V and QEMU open no VHD beyond 2040 GiB (QEMU: "File too large"), fixed or dynamic.
+  if (virtualSize > MAX_VHD_SIZE) {
+    throw new FormatError(`the VHD describes a ${virtualSize}-byte disk, more than a VHD can hold (2040 GiB, the limit of Hyper-V and QEMU)`);
+  }
 
   if (footer.diskType === TYPE_FIXED) {
     const dataEnd = footer.offset;
@@ -378,7 +382,7 @@ function makeHeader(tableOffset: number, entries: number): Buffer {
  */
 export const writeVhd: ImageWriter = async function* (source) {
   const size = Math.ceil(source.virtualSize / SECTOR) * SECTOR;
-  if (size > MAX_VHD_SIZE) throw new FormatError(`the disk is ${source.virtualSize} bytes, more than a VHD can hold (2040 GiB)`);
+  if (size > MAX_VHD_SIZE) throw new FormatError(`the disk is ${source.virtualSize} bytes, more than a VHD can hold (2040 GiB); export it as QCOW2 or RAW`);
   const entries = Math.ceil(size / WRITE_BLOCK);
   const perBlock = WRITE_BLOCK / BLOCK_SIZE;
   const sourceBlocks = Math.ceil(source.virtualSize / BLOCK_SIZE);

@@ -1,9 +1,9 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { openImage } from "../../../src/formats";
-import { DEFAULT_LIMITS, type FormatName, type ImageReader } from "../../../src/formats/types";
-import { extentsToRaw, fileDataRanges, fileSource, fixedVhdFile, pattern, pwrite, qemu, qemuImg, tmpDir, vhdFile, vmdkFile, withDataRanges } from "../../helpers/formats";
+import { openImage, WRITERS } from "../../../src/formats";
+import { DEFAULT_LIMITS, FormatError, type FormatName, type ImageReader, type WriteSource } from "../../../src/formats/types";
+import { allocatedBytes, extentsToRaw, fileDataRanges, fileSource, fixedVhdFile, pattern, pwrite, qemu, qemuImg, tmpDir, vhdFile, vmdkFile, withDataRanges, writeFile } from "../../helpers/formats";
 
 /*
  * Disk images at real sizes: files above 2^31 and 2^32 bytes with data placed
@@ -72,6 +72,13 @@ async function expectSameAsQemu(image: string, qemuFormat: string, reader: Image
     fs.rmSync(raw);
   }
   return got;
+}
+
+/** qemu-img compare of bytes [offset, offset + length) of `image` and of the raw file `raw`: "Images are identical". */
+function compareWindow(image: string, qemuFormat: string, raw: string, offset: number, length: number) {
+  const window = `driver=raw,offset=${offset},size=${length}`;
+  const opts = [`${window},file.driver=${qemuFormat},file.file.driver=file,file.file.filename=${image}`, `${window},file.driver=file,file.filename=${raw}`];
+  expect(qemu(["compare", "--image-opts", ...opts])).toMatch(/Images are identical/);
 }
 
 /** qemu-img check finds no errors, leaks or corruptions. */
@@ -296,5 +303,92 @@ describe("sparse disks of 1 TiB are read in time and reads proportional to their
     const { reader, bytesRead } = await readBig(image, "RAW", "raw", { dataRanges: true, data: DATA });
     expect(reader.virtualSize).toBe(TiB);
     expect(bytesRead).toBeLessThan(MiB);
+  });
+});
+
+/** A disk of `size` bytes holding `blocks` (64 KiB block index → bytes). */
+function blocksSource(size: number, blocks: Map<number, Buffer>): WriteSource {
+  return {
+    virtualSize: size,
+    async *allocated() {
+      yield* blocks.keys();
+    },
+    async *blocks() {
+      for (const [index, data] of blocks) yield { index, data };
+    },
+  };
+}
+
+describe("the largest disks VHD and VMDK hold", () => {
+  const B = 64 * KiB;
+
+  test("VHD: 2040 GiB is written and read; a larger disk is refused with a FormatError both ways", async () => {
+    const max = 2040 * GiB;
+    const out = file("max.vhd");
+    const last = pattern(B, 31);
+    await writeFile(out, WRITERS.VHD(blocksSource(max, new Map([[max / B - 1, last]]))), { maxBytes: 8 * MiB });
+    const src = fileSource(out);
+    try {
+      const reader = await openImage("VHD", src, DEFAULT_LIMITS);
+      expect(reader.virtualSize).toBe(max);
+      const extents: Array<[number, boolean]> = [];
+      for await (const e of reader.extents()) extents.push([e.offset, e.data.equals(last)]);
+      expect(extents).toEqual([[max - B, true]]);
+    } finally {
+      src.close();
+    }
+    await expect(writeFile(file("over.vhd"), WRITERS.VHD(blocksSource(max + 512, new Map())))).rejects.toThrow(/more than a VHD can hold \(2040 GiB\)/);
+
+    // A fixed and a dynamic VHD of 2040 GiB + 512 bytes, which QEMU refuses too.
+    fixedVhdFile(file("over-fixed.vhd"), max + 512, []);
+    vhdFile(file("over-dynamic.vhd"), { size: max + 512, blocks: [] });
+    for (const name of ["over-fixed.vhd", "over-dynamic.vhd"]) {
+      const over = fileSource(file(name));
+      try {
+        await expect(openImage("VHD", over, DEFAULT_LIMITS)).rejects.toThrow(new FormatError(`the VHD describes a ${max + 512}-byte disk, more than a VHD can hold (2040 GiB, the limit of Hyper-V and QEMU)`));
+      } finally {
+        over.close();
+      }
+      if (qemuImg()) expect(() => qemu(["info", "-f", "vpc", file(name)])).toThrow(/File too large/);
+    }
+    if (qemuImg()) expect(JSON.parse(qemu(["info", "--output=json", "-f", "vpc", out]))["virtual-size"]).toBe(max);
+  });
+
+  test("VMDK: 2 TiB is written and read; a larger disk is refused with a FormatError both ways", async () => {
+    const max = 2 * 1024 * GiB;
+    const out = file("max.vmdk");
+    const last = pattern(B, 32);
+    await writeFile(out, WRITERS.VMDK(blocksSource(max, new Map([[max / B - 1, last]]))), { maxBytes: 2 * MiB });
+    const src = fileSource(out);
+    try {
+      const reader = await openImage("VMDK", src, DEFAULT_LIMITS);
+      expect(reader.virtualSize).toBe(max);
+      const extents: Array<[number, boolean]> = [];
+      for await (const e of reader.extents()) extents.push([e.offset, e.data.equals(last)]);
+      expect(extents).toEqual([[max - B, true]]);
+    } finally {
+      src.close();
+    }
+    if (qemuImg()) {
+      expectCleanCheck(out, "vmdk");
+      expect(JSON.parse(qemu(["info", "--output=json", "-f", "vmdk", out]))["virtual-size"]).toBe(max);
+    }
+    await expect(writeFile(file("over.vmdk"), WRITERS.VMDK(blocksSource(max + 512, new Map())))).rejects.toThrow(/more than a sparse VMDK can hold \(2 TiB\)/);
+
+    // One sector more: built by hand, and (when qemu-img is here) a 3 TiB VMDK qemu-img makes.
+    vmdkFile(file("over.vmdk"), { size: max + 512, grains: [] });
+    const over = [file("over.vmdk")];
+    if (qemuImg()) {
+      qemu(["create", "-q", "-f", "vmdk", file("3t.vmdk"), "3T"]);
+      over.push(file("3t.vmdk"));
+    }
+    for (const name of over) {
+      const o = fileSource(name);
+      try {
+        await expect(openImage("VMDK", o, DEFAULT_LIMITS)).rejects.toThrow(/more than a sparse VMDK holds \(2 TiB\); convert it to qcow2 or raw first/);
+      } finally {
+        o.close();
+      }
+    }
   });
 });

@@ -13,12 +13,13 @@
  *
  * Writing: a qcow2 v3 file with 64 KiB clusters and 16-bit refcounts, laid out
  * up front (header, L1 table, refcount table, refcount blocks, L2 tables, data
- * clusters) so that it streams in order with exact refcounts. A disk size that
- * is not a multiple of 512 is rounded up to one, as qemu-img does.
+ * clusters) so that it streams in order with exact refcounts; a data cluster of
+ * zeros is a hole. A disk size that is not a multiple of 512 is rounded up to
+ * one, as qemu-img does.
  */
 import zlib from "node:zlib";
 import * as zstd from "zstd-napi/binding";
-import { BLOCK_SIZE, dataRangesOf, FormatError, LentReads, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource, within } from "./types";
+import { BLOCK_SIZE, dataRangesOf, FormatError, isZeros, LentReads, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource, within } from "./types";
 
 const MAGIC = 0x514649fb; // "QFI\xfb"
 const V2_HEADER_LENGTH = 72;
@@ -569,11 +570,12 @@ export const writeQcow2: ImageWriter = async function* (source) {
   if (table) yield table;
   if (rank !== dataClusters || t !== tables.length - 1 || sum2 !== sum) throw changed();
 
-  // Data.
+  // Data; a cluster of zeros (allocated, as pass 1 could not know) is a hole.
   const tail = diskSize % W_CLUSTER;
   let n = 0;
   let sum3 = 0x811c9dc5;
   let prev3 = -1;
+  let hole = 0;
   for await (const { index, data } of source.blocks()) {
     if (!Number.isSafeInteger(index) || index <= prev3 || index >= blockCount || n >= dataClusters) throw changed();
     prev3 = index;
@@ -584,9 +586,16 @@ export const writeQcow2: ImageWriter = async function* (source) {
       out = Buffer.alloc(W_CLUSTER);
       data.copy(out, 0, 0, index === blockCount - 1 && tail !== 0 ? Math.min(tail, data.length) : data.length);
     }
-    yield out;
     n++;
     sum3 = fold(sum3, index);
+    if (isZeros(out)) {
+      hole += W_CLUSTER;
+      continue;
+    }
+    if (hole > 0) yield { hole };
+    hole = 0;
+    yield out;
   }
   if (n !== dataClusters || sum3 !== sum) throw changed();
+  if (hole > 0) yield { hole };
 };

@@ -1,4 +1,4 @@
-import { BLOCK_SIZE, dataRangesOf, FormatError, LentReads, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, dataRangesOf, FormatError, isZeros, LentReads, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 /** Bytes read at a time. */
 const READ = 1024 * 1024;
@@ -24,9 +24,6 @@ export async function* plainExtents(src: RandomAccessSource, size: number): Asyn
   for await (const r of dataRangesOf(src, 0, size, BLOCK_SIZE)) yield* nonZeroExtents(reads, r.offset, r.offset, r.length);
 }
 
-const ZERO = Buffer.alloc(BLOCK_SIZE);
-const isZero = (b: Buffer) => b.equals(ZERO.subarray(0, b.length));
-
 /**
  * The bytes at [fileAt, fileAt + length) of the file as extents at `guestAt`,
  * read a megabyte at a time, leaving out the 64 KiB (guest-aligned) pieces that
@@ -41,7 +38,7 @@ export async function* nonZeroExtents(src: LentReads, fileAt: number, guestAt: n
     let run = -1;
     for (let p = 0; p < n; ) {
       const q = Math.min(n, p + BLOCK_SIZE - ((g + p) % BLOCK_SIZE));
-      const zero = isZero(buf.subarray(p, q));
+      const zero = isZeros(buf.subarray(p, q));
       if (!zero && run < 0) run = p;
       if (zero && run >= 0) {
         yield { offset: g + run, data: buf.subarray(run, p) };
@@ -69,7 +66,7 @@ export const writeRaw: ImageWriter = async function* (source) {
     prev = index;
     // A short block's missing bytes, like those past the disk's end, are zeros.
     const bytes = data.subarray(0, Math.min(BLOCK_SIZE, size - start, data.length));
-    if (isZero(bytes)) continue;
+    if (isZeros(bytes)) continue;
     if (start > at) yield { hole: start - at };
     yield bytes;
     at = start + bytes.length;

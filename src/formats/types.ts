@@ -105,6 +105,17 @@ export const isHole = (p: WriterPiece): p is Hole => !Buffer.isBuffer(p);
  */
 export type ImageWriter = (source: WriteSource) => AsyncIterable<WriterPiece>;
 
+const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+
+/** Whether all of `b` is zeros. */
+export function isZeros(b: Buffer): boolean {
+  for (let p = 0; p < b.length; p += BLOCK_SIZE) {
+    const n = Math.min(BLOCK_SIZE, b.length - p);
+    if (!b.subarray(p, p + n).equals(ZERO_BLOCK.subarray(0, n))) return false;
+  }
+  return true;
+}
+
 /** Bytes a piece stands for. */
 export const pieceLength = (p: WriterPiece): number => (isHole(p) ? p.hole : p.length);
 

@@ -1,6 +1,6 @@
 import crypto from "node:crypto";
 import { nonZeroExtents, plainExtents } from "./raw";
-import { BLOCK_SIZE, dataRangesOf, FormatError, LentReads, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, dataRangesOf, FormatError, isZeros, LentReads, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 /*
  * VHD, after Microsoft's "Virtual Hard Disk Image Format Specification" (v1.0).
@@ -376,8 +376,8 @@ function makeHeader(tableOffset: number, entries: number): Buffer {
 
 /**
  * A dynamic VHD with 2 MiB blocks: footer copy, dynamic disk header, BAT, then
- * each allocated block (a full sector bitmap and its 2 MiB, the 64 KiB blocks the
- * source does not have left zero), then the footer. The size is the disk's,
+ * each allocated block (a full sector bitmap and its 2 MiB, holes where the source
+ * has no 64 KiB block or one of zeros), then the footer. The size is the disk's,
  * rounded up to whole sectors.
  */
 export const writeVhd: ImageWriter = async function* (source) {
@@ -410,26 +410,39 @@ export const writeVhd: ImageWriter = async function* (source) {
   yield makeHeader(tableAt, entries);
   yield bat;
 
-  // Data pass, one 2 MiB block in memory at a time.
+  // Data pass: each block's bitmap, then its 64 KiB pieces in place, with holes
+  // where the source has none or only zeros; nothing is held.
   const bitmap = Buffer.alloc(bitmapSize, 0xff);
-  let at = 0; // position in `order` of the block being filled
-  let data: Buffer | null = null;
+  let hole = 0; // zeros owed before the next bytes
+  let at = -1; // position in `order` of the block being written
+  let slot = 0; // its next 64 KiB slot
+  const bytes = function* (b: Buffer) {
+    if (hole > 0) yield { hole };
+    hole = 0;
+    yield b;
+  };
+  const nextBlock = function* () {
+    if (at >= 0) hole += (perBlock - slot) * BLOCK_SIZE;
+    at++;
+    slot = 0;
+    yield* bytes(bitmap);
+  };
   for await (const { index, data: chunk } of source.blocks()) {
     const block = Math.floor(index / perBlock);
-    while (at < order.length && order[at] < block) {
-      yield bitmap;
-      yield data ?? Buffer.alloc(WRITE_BLOCK);
-      data = null;
-      at++;
+    while (at < order.length - 1 && (at < 0 || order[at] < block)) yield* nextBlock();
+    const s = index % perBlock;
+    if (at < 0 || order[at] !== block || s < slot) throw new Error(`block ${index} was not listed as allocated, or came out of order`);
+    hole += (s - slot) * BLOCK_SIZE;
+    slot = s + 1;
+    const piece = chunk.subarray(0, Math.min(chunk.length, BLOCK_SIZE));
+    if (isZeros(piece)) {
+      hole += BLOCK_SIZE;
+      continue;
     }
-    if (at >= order.length || order[at] !== block) throw new Error(`block ${index} was not listed as allocated`);
-    data ??= Buffer.alloc(WRITE_BLOCK);
-    chunk.copy(data, (index % perBlock) * BLOCK_SIZE, 0, Math.min(chunk.length, BLOCK_SIZE));
+    yield* bytes(piece);
+    hole += BLOCK_SIZE - piece.length;
   }
-  for (; at < order.length; at++) {
-    yield bitmap;
-    yield data ?? Buffer.alloc(WRITE_BLOCK);
-    data = null;
-  }
-  yield footer;
+  while (at < order.length - 1) yield* nextBlock();
+  if (at >= 0) hole += (perBlock - slot) * BLOCK_SIZE;
+  yield* bytes(footer);
 };

@@ -503,7 +503,9 @@ export const writeVmdk: ImageWriter = async function* (source) {
   };
   yield out(header(GD_AT_END));
   yield out(descriptor);
-  yield out(Buffer.alloc((OVERHEAD_SECTORS - 1 - DESCRIPTOR_SECTORS) * SECTOR));
+  const gap = OVERHEAD_SECTORS - 1 - DESCRIPTOR_SECTORS;
+  sector += gap;
+  yield { hole: gap * SECTOR };
 
   let table = -1; // the grain table being filled
   let gt = Buffer.alloc(MAX_GTES_PER_GT * 4);

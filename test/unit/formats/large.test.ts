@@ -319,6 +319,84 @@ function blocksSource(size: number, blocks: Map<number, Buffer>): WriteSource {
   };
 }
 
+describe("writers given a sparse 1 TiB disk write its data, not its size", () => {
+  const TiB = 2 ** 40;
+  const B = 64 * KiB;
+  const at = [0, TWO31 / B - 1, TWO31 / B, TWO32 / B - 1, TWO32 / B, 2 ** 39 / B + 7, TiB / B - 1];
+  const blocks = new Map(at.map((index, k) => [index, pattern(B, 20 + k)]));
+  const source = blocksSource(TiB, blocks);
+  const DATA = [...blocks].map(([index, data]) => ({ offset: index * B, data }));
+  /** [offset, length] pairs, those that touch joined. */
+  const merged = (list: number[][]) => {
+    const out: number[][] = [];
+    for (const [o, l] of list) {
+      const last = out[out.length - 1];
+      if (last && last[0] + last[1] === o) last[1] += l;
+      else out.push([o, l]);
+    }
+    return out;
+  };
+  let reference: string;
+  beforeAll(async () => {
+    reference = file("reference-1t.raw");
+    await writeFile(reference, WRITERS.RAW(source), { maxBytes: at.length * B });
+  });
+
+  test.each([
+    ["QCOW2", "qcow2", 4 * MiB],
+    ["VMDK", "vmdk", 2 * MiB],
+    ["VHD", "vpc", 24 * MiB], // a 2 MiB table, and a 2 MiB block (mostly holes) for each piece of data
+  ] as const)("%s", async (format, qemuFormat, bound) => {
+    const q = qemuImg();
+    if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
+    const out = file(`written-1t.${qemuFormat}`);
+    const size = await writeFile(out, WRITERS[format](source), { maxBytes: bound });
+    expect(size).toBeLessThan(bound);
+    expect(allocatedBytes(out)).toBeLessThan(4 * MiB);
+    if (qemuFormat !== "vpc") expectCleanCheck(out, qemuFormat);
+    const info = JSON.parse(qemu(["info", "--output=json", "-f", qemuFormat, out])) as Record<string, unknown>;
+    expect(info["virtual-size"]).toBe(TiB);
+    if (format === "VMDK") {
+      // qemu-img compares a 1 TiB VMDK in about a minute: its map, and each piece of data, say the same in a second.
+      const map = JSON.parse(qemu(["map", "--output=json", "-f", qemuFormat, out])) as Array<{ start: number; length: number; data: boolean }>;
+      const mapped = map.filter((m) => m.data).map((m) => [m.start, m.length]);
+      expect(mapped).toEqual(merged(DATA.map((d) => [d.offset, d.data.length])));
+      for (const [offset, length] of mapped) compareWindow(out, qemuFormat, reference, offset, length);
+    } else {
+      expect(qemu(["compare", "-f", qemuFormat, "-F", "raw", out, reference])).toMatch(/Images are identical/);
+    }
+
+    // And it reads back, reading little.
+    const src = fileSource(out);
+    try {
+      const reader = await openImage(format, src, DEFAULT_LIMITS);
+      const raw = file(`written-1t.${qemuFormat}.raw`);
+      const { extents } = await extentsToRaw(reader, raw);
+      fs.rmSync(raw);
+      expect(extents).toEqual(merged(DATA.map((d) => [d.offset, d.data.length])));
+      expect(src.bytesRead).toBeLessThan(bound);
+    } finally {
+      src.close();
+    }
+    fs.rmSync(out);
+  });
+
+  test("RAW: a file of 1 TiB that stores only its blocks", async () => {
+    expect(fs.statSync(reference).size).toBe(TiB);
+    expect(allocatedBytes(reference)).toBeLessThan(2 * MiB);
+    const src = withDataRanges(fileSource(reference), DATA.map((d) => ({ offset: d.offset, length: d.data.length })));
+    try {
+      const reader = await openImage("RAW", src, DEFAULT_LIMITS);
+      for await (const e of reader.extents()) {
+        const d = DATA.find((x) => x.offset === e.offset)!;
+        expect(e.data.equals(d.data)).toBe(true);
+      }
+    } finally {
+      src.close();
+    }
+  });
+});
+
 describe("the largest disks VHD and VMDK hold", () => {
   const B = 64 * KiB;
 

@@ -1,6 +1,6 @@
 import fs from "node:fs";
 import path from "node:path";
-import { FormatError, type FormatLimits, type RandomAccessSource, type WriteSource, BLOCK_SIZE, DEFAULT_LIMITS, pieceLength } from "../../../src/formats/types";
+import { FormatError, type FormatLimits, type RandomAccessSource, type WriteSource, BLOCK_SIZE, DEFAULT_LIMITS, isHole, pieceLength } from "../../../src/formats/types";
 import { detectFormat } from "../../../src/formats";
 import { openVhd, writeVhd } from "../../../src/formats/vhd";
 import { bufferSource, bytesOf, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
@@ -316,11 +316,21 @@ describe("VHD export", () => {
     await expect(bytesOf(writeVhd(source))).rejects.toThrow(FormatError);
   });
 
-  it("streams: every allocated 2 MiB block is written once, in order", async () => {
-    const disk = sampleDisk();
-    const chunks: number[] = [];
-    for await (const c of writeVhd(memorySource(disk))) chunks.push(pieceLength(c));
-    expect(chunks).toEqual([512, 1024, 512, ...Array(4).fill([512, 2 * MiB]).flat(), 512]);
+  it("streams: each allocated 2 MiB block once, in order, as its bitmap and 64 KiB pieces with holes where the disk has no data", async () => {
+    const disk = Buffer.alloc(8 * MiB);
+    disk.fill(0x11, 0, 3 * BLOCK_SIZE); // block 0: three pieces, then 29 of nothing
+    disk.fill(0x22, 4 * MiB + 5 * BLOCK_SIZE, 4 * MiB + 6 * BLOCK_SIZE); // block 2: one piece between holes
+    disk.fill(0x33, 8 * MiB - 100); // block 3: its last piece
+    const pieces: Array<number | { hole: number }> = [];
+    for await (const c of writeVhd(memorySource(disk))) pieces.push(isHole(c) ? { hole: c.hole } : pieceLength(c));
+    const K64 = BLOCK_SIZE;
+    expect(pieces).toEqual([
+      512, 1024, 512, // footer copy, header, table
+      512, K64, K64, K64, { hole: 2 * MiB - 3 * K64 },
+      512, { hole: 5 * K64 }, K64, { hole: 2 * MiB - 6 * K64 },
+      512, { hole: 2 * MiB - K64 }, K64,
+      512, // footer
+    ]);
   });
 });
 

@@ -273,7 +273,7 @@ async function* readExtents(
     const run = pending;
     pending = null;
     if (!run) return;
-    for await (const r of dataRangesOf(src, run.host, run.length, BLOCK_SIZE, run.host - run.guest)) {
+    for await (const r of dataRangesOf(src, run.host, run.length)) {
       yield { offset: run.guest + (r.offset - run.host), data: await reads.read(r.offset, r.length) };
     }
   };

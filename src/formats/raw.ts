@@ -21,7 +21,7 @@ export function openRaw(src: RandomAccessSource, limits: FormatLimits): ImageRea
 /** The extents of a disk stored as is in the first `size` bytes of the file (raw, fixed VHD), skipping the holes the source knows of. */
 export async function* plainExtents(src: RandomAccessSource, size: number): AsyncGenerator<Extent> {
   const reads = new LentReads(src, READ);
-  for await (const r of dataRangesOf(src, 0, size, BLOCK_SIZE)) yield* nonZeroExtents(reads, r.offset, r.offset, r.length);
+  for await (const r of dataRangesOf(src, 0, size)) yield* nonZeroExtents(reads, r.offset, r.offset, r.length);
 }
 
 /**

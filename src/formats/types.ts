@@ -159,13 +159,12 @@ export class LentReads {
 }
 
 /**
- * The source's data ranges in [offset, offset + length), widened to boundaries at
- * `origin` + k × `align` (clipped to the range) and merged where they then touch;
- * the whole range when the source does not know its holes. (A reader aligns them
- * to the disk's 64 KiB blocks: `origin` is where the disk's offset 0 would lie in
- * the file.) A source breaking its contract is a bug, not a bad file: an Error.
+ * The source's data ranges in [offset, offset + length), widened to multiples of
+ * `align` (clipped to the range) and merged where they then touch; the whole range
+ * when the source does not know its holes. A source breaking its contract is a
+ * bug, not a bad file: an Error.
  */
-export async function* dataRangesOf(src: RandomAccessSource, offset: number, length: number, align = 1, origin = 0): AsyncIterable<ByteRange> {
+export async function* dataRangesOf(src: RandomAccessSource, offset: number, length: number, align = 1): AsyncIterable<ByteRange> {
   if (length <= 0) return;
   if (!src.dataRanges) {
     yield { offset, length };
@@ -181,8 +180,8 @@ export async function* dataRangesOf(src: RandomAccessSource, offset: number, len
     }
     last = r.offset + r.length;
     if (r.length === 0) continue;
-    const s = Math.max(offset, Math.floor((r.offset - origin) / align) * align + origin);
-    const e = Math.min(end, Math.ceil((last - origin) / align) * align + origin);
+    const s = Math.max(offset, Math.floor(r.offset / align) * align);
+    const e = Math.min(end, Math.ceil(last / align) * align);
     if (start >= 0 && s <= stop) {
       stop = Math.max(stop, e);
       continue;

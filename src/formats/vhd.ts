@@ -286,7 +286,7 @@ async function openDynamic(src: RandomAccessSource, limits: FormatLimits, footer
         const dataAt = fileAt + bitmapSize;
         let bitmap: Buffer | null = null;
         // Only the block's data the source does not know to be zeros (QEMU allocates whole blocks for a sector).
-        for await (const r of dataRangesOf(src, dataAt, sectors * SECTOR, BLOCK_SIZE, dataAt - blockStart)) {
+        for await (const r of dataRangesOf(src, dataAt, sectors * SECTOR, SECTOR)) {
           bitmap ??= await src.read(fileAt, Math.min(bitmapSize, Math.ceil(sectors / 32) * 4));
           let s = (r.offset - dataAt) / SECTOR;
           const end = s + r.length / SECTOR;

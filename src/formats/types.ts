@@ -24,10 +24,12 @@ export interface RandomAccessSource {
   /**
    * The parts of [offset, offset + length) that may hold bytes other than zeros:
    * ascending, apart, inside the range asked for. Every byte outside them reads as
-   * zero, so readers skip them unread (a sparse raw disk, a fixed VHD, grain tables a
-   * VMDK preallocated). A source that knows its holes offers it: a file through
+   * zero, so readers skip them unread: most of a sparse raw disk or fixed VHD, the
+   * grain tables a VMDK lays out up front, qcow2 clusters and VHD blocks allocated
+   * but never written. A source that knows its holes offers it: a file through
    * SEEK_DATA/SEEK_HOLE, an upload from the all-zero blocks it noted as it came in.
-   * A range may hold zeros too; it only may not leave data out.
+   * A range may hold zeros too (readers read what they are given, so the finer the
+   * better); it only may not leave data out.
    */
   dataRanges?(offset: number, length: number): AsyncIterable<ByteRange>;
 }
@@ -99,9 +101,9 @@ export type WriterPiece = Buffer | Hole;
 export const isHole = (p: WriterPiece): p is Hole => !Buffer.isBuffer(p);
 
 /**
- * A writer yields the whole file, in order, as bytes and holes. Holes may follow
- * each other; a piece's bytes are lent (the writer may reuse its memory once the
- * next piece is asked for), so a sink copies what it keeps.
+ * A writer yields the whole file, in order, as bytes and holes; no piece is empty,
+ * and holes may follow each other. A piece's bytes are lent (the writer may reuse
+ * their memory once the next piece is asked for), so a sink copies what it keeps.
  */
 export type ImageWriter = (source: WriteSource) => AsyncIterable<WriterPiece>;
 

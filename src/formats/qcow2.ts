@@ -7,16 +7,19 @@
  * ignored. Refused: backing files, encryption, external data files, images
  * marked corrupt, unknown incompatible features, and anything malformed.
  * The L1 table is held in memory; L2 tables are read one at a time, and the
- * total of both is bounded by FormatLimits.maxMetadataBytes.
+ * total of both is bounded by FormatLimits.maxMetadataBytes. Data clusters in
+ * holes of a source that knows its holes (preallocated, never written) are
+ * skipped unread.
  *
  * Writing: a qcow2 v3 file with 64 KiB clusters and 16-bit refcounts, laid out
  * up front (header, L1 table, refcount table, refcount blocks, L2 tables, data
- * clusters) so that it streams in order with exact refcounts. A disk size that
- * is not a multiple of 512 is rounded up to one, as qemu-img does.
+ * clusters) so that it streams in order with exact refcounts; a data cluster of
+ * zeros is a hole. A disk size that is not a multiple of 512 is rounded up to
+ * one, as qemu-img does.
  */
 import zlib from "node:zlib";
 import * as zstd from "zstd-napi/binding";
-import { BLOCK_SIZE, FormatError, LentReads, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource, within } from "./types";
+import { BLOCK_SIZE, dataRangesOf, FormatError, isZeros, LentReads, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource, within } from "./types";
 
 const MAGIC = 0x514649fb; // "QFI\xfb"
 const V2_HEADER_LENGTH = 72;
@@ -265,23 +268,25 @@ async function* readExtents(
   let pending: Run | null = null;
   const reads = new LentReads(src, maxRun);
 
-  const flush = async () => {
+  /** The pending run's extents: its bytes, less the holes the source knows of (clusters preallocated but never written). */
+  const flush = async function* () {
     const run = pending;
     pending = null;
-    if (!run) return null;
-    return { offset: run.guest, data: await reads.read(run.host, run.length) };
+    if (!run) return;
+    for await (const r of dataRangesOf(src, run.host, run.length)) {
+      yield { offset: run.guest + (r.offset - run.host), data: await reads.read(r.offset, r.length) };
+    }
   };
-  /** Adds a run; returns the extent it pushed out, if any. */
-  const add = async (run: Run) => {
+  /** Adds a run, yielding the extents it pushes out. */
+  const add = async function* (run: Run) {
     within(src.size, run.host, run.length, `the qcow2 data for guest offset ${run.guest}`);
     const p = pending;
     if (p && p.guest + p.length === run.guest && p.host + p.length === run.host && p.length + run.length <= maxRun) {
       p.length += run.length;
-      return null;
+      return;
     }
-    const out = await flush();
+    yield* flush();
     pending = { ...run };
-    return out;
   };
 
   for (let i = 0; i < l1Needed; i++) {
@@ -320,8 +325,7 @@ async function* readExtents(
         const length = Math.min(sectors * SECTOR - (host % SECTOR), src.size - host);
         const over = metaOverlapCompressed(host, length);
         if (over) throw new FormatError(`${where}: compressed data at offset ${host} overlaps ${over}`);
-        const out = await flush();
-        if (out) yield out;
+        yield* flush();
         const data = decompress(await src.read(host, length), guest);
         yield { offset: guest, data: guestLen < C ? data.subarray(0, guestLen) : data };
         continue;
@@ -345,8 +349,7 @@ async function* readExtents(
       if (over) throw new FormatError(`${where}: data cluster at offset ${host} overlaps ${over}`);
 
       if (!h.extendedL2) {
-        const out = await add({ guest, host, length: guestLen });
-        if (out) yield out;
+        yield* add({ guest, host, length: guestLen });
         continue;
       }
       if ((bitmapLo & bitmapHi) !== 0) throw new FormatError(`${where} marks subclusters both allocated and zero`);
@@ -360,15 +363,13 @@ async function* readExtents(
         while (e < 32 && (bitmapLo >>> e) & 1) e++;
         const start = s * subSize;
         if (start < guestLen) {
-          const out = await add({ guest: guest + start, host: host + start, length: Math.min(e * subSize, guestLen) - start });
-          if (out) yield out;
+          yield* add({ guest: guest + start, host: host + start, length: Math.min(e * subSize, guestLen) - start });
         }
         s = e;
       }
     }
   }
-  const out = await flush();
-  if (out) yield out;
+  yield* flush();
 
   function metaOverlapCompressed(host: number, length: number): string | undefined {
     for (let c = Math.floor(host / C) * C; c < host + length; c += C) if (l2Tables.has(c)) return "an L2 table";
@@ -569,11 +570,12 @@ export const writeQcow2: ImageWriter = async function* (source) {
   if (table) yield table;
   if (rank !== dataClusters || t !== tables.length - 1 || sum2 !== sum) throw changed();
 
-  // Data.
+  // Data; a cluster of zeros (allocated, as pass 1 could not know) is a hole.
   const tail = diskSize % W_CLUSTER;
   let n = 0;
   let sum3 = 0x811c9dc5;
   let prev3 = -1;
+  let hole = 0;
   for await (const { index, data } of source.blocks()) {
     if (!Number.isSafeInteger(index) || index <= prev3 || index >= blockCount || n >= dataClusters) throw changed();
     prev3 = index;
@@ -584,9 +586,16 @@ export const writeQcow2: ImageWriter = async function* (source) {
       out = Buffer.alloc(W_CLUSTER);
       data.copy(out, 0, 0, index === blockCount - 1 && tail !== 0 ? Math.min(tail, data.length) : data.length);
     }
-    yield out;
     n++;
     sum3 = fold(sum3, index);
+    if (isZeros(out)) {
+      hole += W_CLUSTER;
+      continue;
+    }
+    if (hole > 0) yield { hole };
+    hole = 0;
+    yield out;
   }
   if (n !== dataClusters || sum3 !== sum) throw changed();
+  if (hole > 0) yield { hole };
 };

@@ -1,8 +1,12 @@
-import { BLOCK_SIZE, FormatError, LentReads, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, dataRangesOf, FormatError, isZeros, LentReads, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
+/** Bytes read at a time. */
 const READ = 1024 * 1024;
 
-/** A raw file is the disk itself; runs of zeros are not extents. */
+/**
+ * A raw file is the disk itself; runs of zeros are not extents. A source that knows
+ * its holes is read only where it has data, so a sparse 1 TiB file costs its data.
+ */
 export function openRaw(src: RandomAccessSource, limits: FormatLimits): ImageReader {
   if (src.size > limits.maxVirtualSize) throw new FormatError(`the raw image is ${src.size} bytes, more than the largest allowed disk (${limits.maxVirtualSize} bytes)`);
   if (src.size === 0) throw new FormatError("the file is empty");
@@ -10,21 +14,42 @@ export function openRaw(src: RandomAccessSource, limits: FormatLimits): ImageRea
     format: "RAW",
     variant: "raw",
     virtualSize: src.size,
-    async *extents() {
-      const reads = new LentReads(src, READ);
-      for (let off = 0; off < src.size; off += READ) {
-        const buf = await reads.read(off, Math.min(READ, src.size - off));
-        for (let b = 0; b < buf.length; b += BLOCK_SIZE) {
-          const block = buf.subarray(b, Math.min(buf.length, b + BLOCK_SIZE));
-          if (!isZero(block)) yield { offset: off + b, data: block };
-        }
-      }
-    },
+    extents: () => plainExtents(src, src.size),
   };
 }
 
-const ZERO = Buffer.alloc(BLOCK_SIZE);
-const isZero = (b: Buffer) => b.equals(ZERO.subarray(0, b.length));
+/** The extents of a disk stored as is in the first `size` bytes of the file (raw, fixed VHD), skipping the holes the source knows of. */
+export async function* plainExtents(src: RandomAccessSource, size: number): AsyncGenerator<Extent> {
+  const reads = new LentReads(src, READ);
+  for await (const r of dataRangesOf(src, 0, size)) yield* nonZeroExtents(reads, r.offset, r.offset, r.length);
+}
+
+/**
+ * The bytes at [fileAt, fileAt + length) of the file as extents at `guestAt`,
+ * read a megabyte at a time, leaving out the 64 KiB (guest-aligned) pieces that
+ * are all zeros.
+ */
+export async function* nonZeroExtents(src: LentReads, fileAt: number, guestAt: number, length: number): AsyncGenerator<Extent> {
+  let done = 0;
+  while (done < length) {
+    const g = guestAt + done;
+    const n = Math.min(length - done, READ - (g % READ));
+    const buf = await src.read(fileAt + done, n);
+    let run = -1;
+    for (let p = 0; p < n; ) {
+      const q = Math.min(n, p + BLOCK_SIZE - ((g + p) % BLOCK_SIZE));
+      const zero = isZeros(buf.subarray(p, q));
+      if (!zero && run < 0) run = p;
+      if (zero && run >= 0) {
+        yield { offset: g + run, data: buf.subarray(run, p) };
+        run = -1;
+      }
+      p = q;
+    }
+    if (run >= 0) yield { offset: g + run, data: buf.subarray(run, n) };
+    done += n;
+  }
+}
 
 /**
  * The disk's bytes. Blocks the disk does not have, and blocks of zeros, are holes,
@@ -41,7 +66,7 @@ export const writeRaw: ImageWriter = async function* (source) {
     prev = index;
     // A short block's missing bytes, like those past the disk's end, are zeros.
     const bytes = data.subarray(0, Math.min(BLOCK_SIZE, size - start, data.length));
-    if (isZero(bytes)) continue;
+    if (isZeros(bytes)) continue;
     if (start > at) yield { hole: start - at };
     yield bytes;
     at = start + bytes.length;

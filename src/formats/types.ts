@@ -8,6 +8,12 @@
 
 export type FormatName = "RAW" | "QCOW2" | "VMDK" | "VHD";
 
+/** Bytes [offset, offset + length) of a file. */
+export interface ByteRange {
+  offset: number;
+  length: number;
+}
+
 /** A file readable at any offset (an upload in the blob store, a file on disk). */
 export interface RandomAccessSource {
   readonly size: number;
@@ -15,6 +21,17 @@ export interface RandomAccessSource {
   read(offset: number, length: number): Promise<Buffer>;
   /** Fills `into` with the bytes at `offset`, as `read` would return them; readers fall back to `read` without it. */
   readInto?(offset: number, into: Buffer): Promise<void>;
+  /**
+   * The parts of [offset, offset + length) that may hold bytes other than zeros:
+   * ascending, apart, inside the range asked for. Every byte outside them reads as
+   * zero, so readers skip them unread: most of a sparse raw disk or fixed VHD, the
+   * grain tables a VMDK lays out up front, qcow2 clusters and VHD blocks allocated
+   * but never written. A source that knows its holes offers it: a file through
+   * SEEK_DATA/SEEK_HOLE, an upload from the all-zero blocks it noted as it came in.
+   * A range may hold zeros too (readers read what they are given, so the finer the
+   * better); it only may not leave data out.
+   */
+  dataRanges?(offset: number, length: number): AsyncIterable<ByteRange>;
 }
 
 export interface FormatLimits {
@@ -84,11 +101,22 @@ export type WriterPiece = Buffer | Hole;
 export const isHole = (p: WriterPiece): p is Hole => !Buffer.isBuffer(p);
 
 /**
- * A writer yields the whole file, in order, as bytes and holes. Holes may follow
- * each other; a piece's bytes are lent (the writer may reuse its memory once the
- * next piece is asked for), so a sink copies what it keeps.
+ * A writer yields the whole file, in order, as bytes and holes; no piece is empty,
+ * and holes may follow each other. A piece's bytes are lent (the writer may reuse
+ * their memory once the next piece is asked for), so a sink copies what it keeps.
  */
 export type ImageWriter = (source: WriteSource) => AsyncIterable<WriterPiece>;
+
+const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+
+/** Whether all of `b` is zeros. */
+export function isZeros(b: Buffer): boolean {
+  for (let p = 0; p < b.length; p += BLOCK_SIZE) {
+    const n = Math.min(BLOCK_SIZE, b.length - p);
+    if (!b.subarray(p, p + n).equals(ZERO_BLOCK.subarray(0, n))) return false;
+  }
+  return true;
+}
 
 /** Bytes a piece stands for. */
 export const pieceLength = (p: WriterPiece): number => (isHole(p) ? p.hole : p.length);
@@ -130,6 +158,47 @@ export class LentReads {
     await this.src.readInto(offset, out);
     return out;
   }
+}
+
+/**
+ * The source's data ranges in [offset, offset + length), widened to multiples of
+ * `align` (clipped to the range) and merged where they then touch; the whole range
+ * when the source does not know its holes. A source breaking its contract is a
+ * bug, not a bad file: an Error.
+ */
+export async function* dataRangesOf(src: RandomAccessSource, offset: number, length: number, align = 1): AsyncIterable<ByteRange> {
+  if (length <= 0) return;
+  if (!src.dataRanges) {
+    yield { offset, length };
+    return;
+  }
+  const end = offset + length;
+  let start = -1;
+  let stop = -1;
+  let last = offset;
+  for await (const r of src.dataRanges(offset, length)) {
+    if (!Number.isSafeInteger(r.offset) || !Number.isSafeInteger(r.length) || r.length < 0 || r.offset < last || r.offset + r.length > end) {
+      throw new Error(`the source's data range ${r.offset}+${r.length} is out of order or outside ${offset}+${length}`);
+    }
+    last = r.offset + r.length;
+    if (r.length === 0) continue;
+    const s = Math.max(offset, Math.floor(r.offset / align) * align);
+    const e = Math.min(end, Math.ceil(last / align) * align);
+    if (start >= 0 && s <= stop) {
+      stop = Math.max(stop, e);
+      continue;
+    }
+    if (start >= 0) yield { offset: start, length: stop - start };
+    start = s;
+    stop = e;
+  }
+  if (start >= 0) yield { offset: start, length: stop - start };
+}
+
+/** Whether [offset, offset + length) of the source may hold anything but zeros. */
+export async function mayHoldData(src: RandomAccessSource, offset: number, length: number): Promise<boolean> {
+  for await (const r of dataRangesOf(src, offset, length)) if (r.length > 0) return true;
+  return false;
 }
 
 /** Checks that [offset, offset + length) lies inside a file of `size` bytes; `what` names it for the message. */

@@ -1,5 +1,6 @@
 import crypto from "node:crypto";
-import { BLOCK_SIZE, FormatError, LentReads, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { nonZeroExtents, plainExtents } from "./raw";
+import { BLOCK_SIZE, dataRangesOf, FormatError, isZeros, LentReads, within, type Extent, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 /*
  * VHD, after Microsoft's "Virtual Hard Disk Image Format Specification" (v1.0).
@@ -177,6 +178,10 @@ export async function openVhd(src: RandomAccessSource, limits: FormatLimits): Pr
     throw new FormatError(`the VHD describes a ${footer.currentSize}-byte disk, more than the largest allowed disk (${limits.maxVirtualSize} bytes)`);
   }
   const virtualSize = Math.floor(Number(footer.currentSize) / SECTOR) * SECTOR;
+  // Hyper-V and QEMU open no VHD beyond 2040 GiB (QEMU: "File too large"), fixed or dynamic.
+  if (virtualSize > MAX_VHD_SIZE) {
+    throw new FormatError(`the VHD describes a ${virtualSize}-byte disk, more than a VHD can hold (2040 GiB, the limit of Hyper-V and QEMU)`);
+  }
 
   if (footer.diskType === TYPE_FIXED) {
     const dataEnd = footer.offset;
@@ -187,7 +192,7 @@ export async function openVhd(src: RandomAccessSource, limits: FormatLimits): Pr
       format: "VHD",
       variant: "fixed",
       virtualSize,
-      extents: () => dataExtents(new LentReads(src, READ), 0, 0, virtualSize),
+      extents: () => plainExtents(src, virtualSize),
     };
   }
   return openDynamic(src, limits, footer, atEnd, virtualSize);
@@ -278,47 +283,24 @@ async function openDynamic(src: RandomAccessSource, limits: FormatLimits, footer
         const blockStart = i * blockSize;
         const sectors = Math.min(blockSize, virtualSize - blockStart) / SECTOR;
         const fileAt = bat[i] * SECTOR;
-        const bitmap = await src.read(fileAt, Math.min(bitmapSize, Math.ceil(sectors / 32) * 4));
-        let s = 0;
-        while (s < sectors) {
-          // Skip absent sectors, then take the run of present ones.
-          while (s < sectors && !present(bitmap, s)) s++;
-          const first = s;
-          while (s < sectors && present(bitmap, s)) s++;
-          if (s > first) yield* dataExtents(reads, fileAt + bitmapSize + first * SECTOR, blockStart + first * SECTOR, (s - first) * SECTOR);
+        const dataAt = fileAt + bitmapSize;
+        let bitmap: Buffer | null = null;
+        // Only the block's data the source does not know to be zeros (QEMU allocates whole blocks for a sector).
+        for await (const r of dataRangesOf(src, dataAt, sectors * SECTOR, SECTOR)) {
+          bitmap ??= await src.read(fileAt, Math.min(bitmapSize, Math.ceil(sectors / 32) * 4));
+          let s = (r.offset - dataAt) / SECTOR;
+          const end = s + r.length / SECTOR;
+          while (s < end) {
+            // Skip absent sectors, then take the run of present ones.
+            while (s < end && !present(bitmap, s)) s++;
+            const first = s;
+            while (s < end && present(bitmap, s)) s++;
+            if (s > first) yield* nonZeroExtents(reads, dataAt + first * SECTOR, blockStart + first * SECTOR, (s - first) * SECTOR);
+          }
         }
       }
     },
   };
-}
-
-const ZERO = Buffer.alloc(BLOCK_SIZE);
-
-/**
- * The bytes at [fileAt, fileAt + length) of the file as extents at `guestAt`,
- * read a megabyte at a time, leaving out the 64 KiB (guest-aligned) pieces that
- * are all zeros.
- */
-async function* dataExtents(src: LentReads, fileAt: number, guestAt: number, length: number): AsyncGenerator<Extent> {
-  let done = 0;
-  while (done < length) {
-    const g = guestAt + done;
-    const n = Math.min(length - done, READ - (g % READ));
-    const buf = await src.read(fileAt + done, n);
-    let run = -1;
-    for (let p = 0; p < n; ) {
-      const q = Math.min(n, p + BLOCK_SIZE - ((g + p) % BLOCK_SIZE));
-      const zero = buf.subarray(p, q).equals(ZERO.subarray(0, q - p));
-      if (!zero && run < 0) run = p;
-      if (zero && run >= 0) {
-        yield { offset: g + run, data: buf.subarray(run, p) };
-        run = -1;
-      }
-      p = q;
-    }
-    if (run >= 0) yield { offset: g + run, data: buf.subarray(run, n) };
-    done += n;
-  }
 }
 
 // ---------------------------------------------------------------------------
@@ -394,13 +376,13 @@ function makeHeader(tableOffset: number, entries: number): Buffer {
 
 /**
  * A dynamic VHD with 2 MiB blocks: footer copy, dynamic disk header, BAT, then
- * each allocated block (a full sector bitmap and its 2 MiB, the 64 KiB blocks the
- * source does not have left zero), then the footer. The size is the disk's,
+ * each allocated block (a full sector bitmap and its 2 MiB, holes where the source
+ * has no 64 KiB block or one of zeros), then the footer. The size is the disk's,
  * rounded up to whole sectors.
  */
 export const writeVhd: ImageWriter = async function* (source) {
   const size = Math.ceil(source.virtualSize / SECTOR) * SECTOR;
-  if (size > MAX_VHD_SIZE) throw new FormatError(`the disk is ${source.virtualSize} bytes, more than a VHD can hold (2040 GiB)`);
+  if (size > MAX_VHD_SIZE) throw new FormatError(`the disk is ${source.virtualSize} bytes, more than a VHD can hold (2040 GiB); export it as QCOW2 or RAW`);
   const entries = Math.ceil(size / WRITE_BLOCK);
   const perBlock = WRITE_BLOCK / BLOCK_SIZE;
   const sourceBlocks = Math.ceil(source.virtualSize / BLOCK_SIZE);
@@ -428,26 +410,39 @@ export const writeVhd: ImageWriter = async function* (source) {
   yield makeHeader(tableAt, entries);
   yield bat;
 
-  // Data pass, one 2 MiB block in memory at a time.
+  // Data pass: each block's bitmap, then its 64 KiB pieces in place, with holes
+  // where the source has none or only zeros; nothing is held.
   const bitmap = Buffer.alloc(bitmapSize, 0xff);
-  let at = 0; // position in `order` of the block being filled
-  let data: Buffer | null = null;
+  let hole = 0; // zeros owed before the next bytes
+  let at = -1; // position in `order` of the block being written
+  let slot = 0; // its next 64 KiB slot
+  const bytes = function* (b: Buffer) {
+    if (hole > 0) yield { hole };
+    hole = 0;
+    yield b;
+  };
+  const nextBlock = function* () {
+    if (at >= 0) hole += (perBlock - slot) * BLOCK_SIZE;
+    at++;
+    slot = 0;
+    yield* bytes(bitmap);
+  };
   for await (const { index, data: chunk } of source.blocks()) {
     const block = Math.floor(index / perBlock);
-    while (at < order.length && order[at] < block) {
-      yield bitmap;
-      yield data ?? Buffer.alloc(WRITE_BLOCK);
-      data = null;
-      at++;
+    while (at < order.length - 1 && (at < 0 || order[at] < block)) yield* nextBlock();
+    const s = index % perBlock;
+    if (at < 0 || order[at] !== block || s < slot) throw new Error(`block ${index} was not listed as allocated, or came out of order`);
+    hole += (s - slot) * BLOCK_SIZE;
+    slot = s + 1;
+    const piece = chunk.subarray(0, Math.min(chunk.length, BLOCK_SIZE));
+    if (isZeros(piece)) {
+      hole += BLOCK_SIZE;
+      continue;
     }
-    if (at >= order.length || order[at] !== block) throw new Error(`block ${index} was not listed as allocated`);
-    data ??= Buffer.alloc(WRITE_BLOCK);
-    chunk.copy(data, (index % perBlock) * BLOCK_SIZE, 0, Math.min(chunk.length, BLOCK_SIZE));
+    yield* bytes(piece);
+    hole += BLOCK_SIZE - piece.length;
   }
-  for (; at < order.length; at++) {
-    yield bitmap;
-    yield data ?? Buffer.alloc(WRITE_BLOCK);
-    data = null;
-  }
-  yield footer;
+  while (at < order.length - 1) yield* nextBlock();
+  if (at >= 0) hole += (perBlock - slot) * BLOCK_SIZE;
+  yield* bytes(footer);
 };

@@ -13,7 +13,7 @@
 import crypto from "node:crypto";
 import { promisify } from "node:util";
 import zlib from "node:zlib";
-import { BLOCK_SIZE, FormatError, LentReads, within, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, FormatError, LentReads, mayHoldData, within, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 const SECTOR = 512;
 const MAGIC = Buffer.from("KDMV", "latin1");
@@ -33,6 +33,12 @@ const MARKER_GT = 1;
 const MARKER_GD = 2;
 const MARKER_FOOTER = 3;
 
+/**
+ * Largest disk, in sectors, of a hosted sparse extent (VMware's limit: 2 TiB). Grain
+ * tables and the directory address the file by 32-bit sector numbers, so past it a
+ * file could not even hold the disk's data.
+ */
+const MAX_CAPACITY = 2 ** 32;
 /** Grain sizes qemu accepts: powers of two from one sector to 1 MiB. */
 const MAX_GRAIN_SECTORS = 2048;
 const MAX_GTES_PER_GT = 512;
@@ -274,6 +280,9 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
   if (!Number.isSafeInteger(virtualSize) || virtualSize > limits.maxVirtualSize) {
     throw new FormatError(`the VMDK describes a ${h.capacity}-sector disk (${virtualSize} bytes), more than the largest allowed disk (${limits.maxVirtualSize} bytes)`);
   }
+  if (h.capacity > MAX_CAPACITY) {
+    throw new FormatError(`the VMDK describes a ${virtualSize}-byte disk, more than a sparse VMDK holds (2 TiB); convert it to qcow2 or raw first (qemu-img convert -O qcow2 in.vmdk out.qcow2)`);
+  }
   const zeroGrains = h.version >= 2 || (h.flags & FLAG_ZERO_GRAIN) !== 0;
 
   // The embedded descriptor: the subformat, and refusals (parent, other extents).
@@ -320,10 +329,16 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
   let metadataBytes = gdBytes;
   for (let i = 0; i < gdEntries; i++) {
     if (gd[i] === 0) continue;
-    metadataBytes += gtBytes;
-    if (metadataBytes > limits.maxMetadataBytes) throw new FormatError(`the VMDK's grain directory and tables need more than the ${limits.maxMetadataBytes} bytes of metadata allowed`);
     within(size, gd[i] * SECTOR, gtBytes, `the VMDK's grain table ${i}`);
     metadata.add(gd[i] * SECTOR, gd[i] * SECTOR + gtBytes, `grain table ${i}`);
+    // VMware and qemu lay out every grain table up front (64 MiB of them for 1 TiB):
+    // one in a hole of the file is all zeros, a table of no grains, neither read nor counted.
+    if (src.dataRanges && !(await mayHoldData(src, gd[i] * SECTOR, gtBytes))) {
+      gd[i] = 0;
+      continue;
+    }
+    metadataBytes += gtBytes;
+    if (metadataBytes > limits.maxMetadataBytes) throw new FormatError(`the VMDK's grain directory and tables need more than the ${limits.maxMetadataBytes} bytes of metadata allowed`);
   }
   metadata.seal();
 
@@ -466,6 +481,7 @@ const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
  */
 export const writeVmdk: ImageWriter = async function* (source) {
   const capacity = Math.ceil(source.virtualSize / SECTOR);
+  if (capacity > MAX_CAPACITY) throw new FormatError(`the disk is ${source.virtualSize} bytes, more than a sparse VMDK can hold (2 TiB); export it as QCOW2 or RAW`);
   const grainSectors = BLOCK_SIZE / SECTOR;
   const blocks = Math.ceil(source.virtualSize / BLOCK_SIZE);
   const gdEntries = Math.ceil(blocks / MAX_GTES_PER_GT);
@@ -480,16 +496,23 @@ export const writeVmdk: ImageWriter = async function* (source) {
     sector += b.length / SECTOR;
     return b;
   };
+  /** The next piece's sector, for a table entry: those are 32-bit, so a file of data that does not compress can outgrow them. */
+  const here = () => {
+    if (sector > 0xffffffff) throw new FormatError("the VMDK would grow past 2 TiB, beyond what its tables can address: the disk's data does not compress enough; export it as QCOW2 or RAW");
+    return sector;
+  };
   yield out(header(GD_AT_END));
   yield out(descriptor);
-  yield out(Buffer.alloc((OVERHEAD_SECTORS - 1 - DESCRIPTOR_SECTORS) * SECTOR));
+  const gap = OVERHEAD_SECTORS - 1 - DESCRIPTOR_SECTORS;
+  sector += gap;
+  yield { hole: gap * SECTOR };
 
   let table = -1; // the grain table being filled
   let gt = Buffer.alloc(MAX_GTES_PER_GT * 4);
   const closeTable = function* () {
     if (table < 0) return;
     yield out(metadataMarker(gt.length / SECTOR, MARKER_GT));
-    gd.writeUInt32LE(sector, table * 4);
+    gd.writeUInt32LE(here(), table * 4);
     yield out(gt);
     gt = Buffer.alloc(MAX_GTES_PER_GT * 4);
     table = -1;
@@ -500,7 +523,7 @@ export const writeVmdk: ImageWriter = async function* (source) {
       yield* closeTable();
       table = t;
     }
-    gt.writeUInt32LE(sector, (index % MAX_GTES_PER_GT) * 4);
+    gt.writeUInt32LE(here(), (index % MAX_GTES_PER_GT) * 4);
     const marker = Buffer.alloc(GRAIN_MARKER_HEADER);
     marker.writeBigUInt64LE(BigInt(index) * BigInt(grainSectors), 0);
     marker.writeUInt32LE(packed.length, 8);

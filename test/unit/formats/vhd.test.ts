@@ -1,9 +1,9 @@
 import fs from "node:fs";
 import path from "node:path";
-import { FormatError, type FormatLimits, type RandomAccessSource, type WriteSource, BLOCK_SIZE, DEFAULT_LIMITS, pieceLength } from "../../../src/formats/types";
+import { FormatError, type FormatLimits, type RandomAccessSource, type WriteSource, BLOCK_SIZE, DEFAULT_LIMITS, isHole, pieceLength } from "../../../src/formats/types";
 import { detectFormat } from "../../../src/formats";
 import { openVhd, writeVhd } from "../../../src/formats/vhd";
-import { bufferSource, bytesOf, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
+import { bufferSource, bytesOf, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, vhdChecksum, vhdFooter, writeFile } from "../../helpers/formats";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -12,22 +12,16 @@ const GiB = 1024 * MiB;
 // Crafting VHDs by hand (for what qemu-img cannot make: damaged, hostile or
 // unusual files).
 
-function checksum(buf: Buffer, at: number): number {
-  let sum = 0;
-  for (let i = 0; i < buf.length; i++) if (i < at || i >= at + 4) sum += buf[i];
-  return ~sum >>> 0;
-}
-
 /** Recomputes the checksum of the footer at `off` (512 bytes) in `file`. */
 function fixFooter(file: Buffer, off: number): void {
   const f = file.subarray(off, off + 512);
-  f.writeUInt32BE(checksum(f, 64), 64);
+  f.writeUInt32BE(vhdChecksum(f, 64), 64);
 }
 
 /** Recomputes the checksum of the dynamic disk header at `off` (1024 bytes) in `file`. */
 function fixHeader(file: Buffer, off = 512): void {
   const h = file.subarray(off, off + 1024);
-  h.writeUInt32BE(checksum(h, 36), 36);
+  h.writeUInt32BE(vhdChecksum(h, 36), 36);
 }
 
 /** Sets a footer field in both footers of a dynamic VHD (or the only one of a fixed VHD) and fixes their checksums. */
@@ -40,27 +34,8 @@ function editFooters(file: Buffer, edit: (footer: Buffer) => void): void {
   }
 }
 
-function footer(opts: { size: number; type: number; dataOffset: bigint; creator?: string; creatorVersion?: number }): Buffer {
-  const f = Buffer.alloc(512);
-  f.write("conectix", 0, "latin1");
-  f.writeUInt32BE(2, 8);
-  f.writeUInt32BE(0x00010000, 12);
-  f.writeBigUInt64BE(opts.dataOffset, 16);
-  f.write(opts.creator ?? "test", 28, "latin1");
-  f.writeUInt32BE(opts.creatorVersion ?? 0x00010000, 32);
-  f.write("Wi2k", 36, "latin1");
-  f.writeBigUInt64BE(BigInt(opts.size), 40);
-  f.writeBigUInt64BE(BigInt(opts.size), 48);
-  f.writeUInt16BE(65535, 56);
-  f.writeUInt8(16, 58);
-  f.writeUInt8(255, 59);
-  f.writeUInt32BE(opts.type, 60);
-  f.writeUInt32BE(checksum(f, 64), 64);
-  return f;
-}
-
 function buildFixed(disk: Buffer): Buffer {
-  return Buffer.concat([disk, footer({ size: disk.length, type: 2, dataOffset: 0xffffffffffffffffn })]);
+  return Buffer.concat([disk, vhdFooter({ size: disk.length, type: 2, dataOffset: 0xffffffffffffffffn })]);
 }
 
 interface CraftBlock {
@@ -75,7 +50,7 @@ function buildDynamic(opts: { size: number; blockSize: number; blocks: CraftBloc
   const entries = opts.maxEntries ?? Math.ceil(opts.size / opts.blockSize);
   const batBytes = Math.max(512, Math.ceil((entries * 4) / 512) * 512);
   const bitmapSize = Math.ceil(opts.blockSize / 512 / 8 / 512) * 512;
-  const f = footer({ size: opts.size, type: 3, dataOffset: 512n, creator: opts.creator, creatorVersion: opts.creatorVersion });
+  const f = vhdFooter({ size: opts.size, type: 3, dataOffset: 512n, creator: opts.creator, creatorVersion: opts.creatorVersion });
   const header = Buffer.alloc(1024);
   header.write("cxsparse", 0, "latin1");
   header.writeBigUInt64BE(0xffffffffffffffffn, 8);
@@ -83,7 +58,7 @@ function buildDynamic(opts: { size: number; blockSize: number; blocks: CraftBloc
   header.writeUInt32BE(0x00010000, 24);
   header.writeUInt32BE(entries, 28);
   header.writeUInt32BE(opts.blockSize, 32);
-  header.writeUInt32BE(checksum(header, 36), 36);
+  header.writeUInt32BE(vhdChecksum(header, 36), 36);
   const bat = Buffer.alloc(batBytes, 0xff);
   const parts: Buffer[] = [];
   let next = 1536 + batBytes;
@@ -316,11 +291,21 @@ describe("VHD export", () => {
     await expect(bytesOf(writeVhd(source))).rejects.toThrow(FormatError);
   });
 
-  it("streams: every allocated 2 MiB block is written once, in order", async () => {
-    const disk = sampleDisk();
-    const chunks: number[] = [];
-    for await (const c of writeVhd(memorySource(disk))) chunks.push(pieceLength(c));
-    expect(chunks).toEqual([512, 1024, 512, ...Array(4).fill([512, 2 * MiB]).flat(), 512]);
+  it("streams: each allocated 2 MiB block once, in order, as its bitmap and 64 KiB pieces with holes where the disk has no data", async () => {
+    const disk = Buffer.alloc(8 * MiB);
+    disk.fill(0x11, 0, 3 * BLOCK_SIZE); // block 0: three pieces, then 29 of nothing
+    disk.fill(0x22, 4 * MiB + 5 * BLOCK_SIZE, 4 * MiB + 6 * BLOCK_SIZE); // block 2: one piece between holes
+    disk.fill(0x33, 8 * MiB - 100); // block 3: its last piece
+    const pieces: Array<number | { hole: number }> = [];
+    for await (const c of writeVhd(memorySource(disk))) pieces.push(isHole(c) ? { hole: c.hole } : pieceLength(c));
+    const K64 = BLOCK_SIZE;
+    expect(pieces).toEqual([
+      512, 1024, 512, // footer copy, header, table
+      512, K64, K64, K64, { hole: 2 * MiB - 3 * K64 },
+      512, { hole: 5 * K64 }, K64, { hole: 2 * MiB - 6 * K64 },
+      512, { hole: 2 * MiB - K64 }, K64,
+      512, // footer
+    ]);
   });
 });
 

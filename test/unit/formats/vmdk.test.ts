@@ -2,7 +2,7 @@ import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import zlib from "node:zlib";
-import { BLOCK_SIZE, DEFAULT_LIMITS, FormatError, type FormatLimits, type ImageReader } from "../../../src/formats/types";
+import { BLOCK_SIZE, DEFAULT_LIMITS, FormatError, isHole, type FormatLimits, type ImageReader } from "../../../src/formats/types";
 import { openVmdk, writeVmdk } from "../../../src/formats/vmdk";
 import { bufferSource, fileSource, memorySource, prng, qemu, qemuImg, readAll, sampleDisk, tmpDir, writeFile } from "../../helpers/formats";
 
@@ -362,6 +362,11 @@ describe("writeVmdk", () => {
     expect(first.readBigUInt64LE(0)).toBe(0n);
     const inflated = zlib.inflateSync(first.subarray(12, 12 + first.readUInt32LE(8)));
     expect(inflated.equals(disk.subarray(0, BLOCK_SIZE))).toBe(true);
+    // Between the descriptor and the first grain: a hole, not zeros written out.
+    const pieces: Array<number | { hole: number }> = [];
+    for await (const p of writeVmdk(memorySource(disk))) pieces.push(isHole(p) ? { hole: p.hole } : p.length);
+    expect(pieces.slice(0, 3)).toEqual([512, 20 * 512, { hole: (128 - 21) * 512 }]);
+    expect(pieces.slice(3).every((p) => typeof p === "number")).toBe(true);
   });
 
   it("gives each export a new CID", async () => {

@@ -167,6 +167,17 @@ export function pwrite(fd: number, buf: Buffer, offset: number): void {
   for (let done = 0; done < buf.length; ) done += fs.writeSync(fd, buf, done, buf.length - done, offset + done);
 }
 
+/** A sparse raw file of `size` bytes holding `pieces`, zeros (holes) elsewhere. */
+export function sparseFile(file: string, size: number, pieces: { offset: number; data: Buffer }[]): void {
+  const fd = fs.openSync(file, "w");
+  try {
+    for (const p of pieces) pwrite(fd, p.data, p.offset);
+    fs.ftruncateSync(fd, size);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** Bytes of a file that take disk space (its holes take none). */
 export const allocatedBytes = (file: string) => fs.statSync(file).blocks * 512;
 

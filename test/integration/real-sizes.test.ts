@@ -6,7 +6,7 @@ import { fromGlobalId } from "../../src/services/global-id";
 import { checksumOfPieces } from "../helpers/checksum";
 import { bytes, readDisk, succeed, waitJob, writeDisk } from "../helpers/data";
 import { requireProgram } from "../helpers/external";
-import { qemuImg, tmpDir } from "../helpers/formats";
+import { qemuImg, sparseFile, tmpDir } from "../helpers/formats";
 import { GiB, MiB, startTestService, type TestService } from "../helpers/service";
 
 /**
@@ -40,17 +40,6 @@ afterAll(async () => {
 
 /** Pieces of a sparse disk: what a raw file holds at each offset, zeros elsewhere. */
 type Piece = { offset: number; data: Buffer };
-
-/** A sparse raw file of `size` bytes holding `pieces`. */
-function sparseRaw(file: string, size: number, pieces: Piece[]): void {
-  const fd = fs.openSync(file, "w");
-  try {
-    fs.ftruncateSync(fd, size);
-    for (const p of pieces) fs.writeSync(fd, p.data, 0, p.data.length, p.offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 const rawId = (globalId: string) => fromGlobalId(globalId)!.id;
 
@@ -122,7 +111,7 @@ describe("a sparse 10 GiB QCOW2 cloud image, end to end", () => {
   it("imports the file: the image has its size and the checksum of its bytes", async () => {
     if (!q || !curl) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
     reference = path.join(work.dir, "cloud.raw");
-    sparseRaw(reference, size, pieces);
+    sparseFile(reference, size, pieces);
     const qcow2 = path.join(work.dir, "cloud.qcow2");
     execFileSync(q, ["convert", "-f", "raw", "-O", "qcow2", reference, qcow2]);
     const { image, jobId } = await importFile(qcow2);
@@ -259,7 +248,7 @@ describe("a 1 TiB disk costs what it holds", () => {
 
     // The system disk as an image, exported in every format and imported back from each file.
     const reference = path.join(work.dir, "huge.raw");
-    sparseRaw(reference, TiB, sysPieces);
+    sparseFile(reference, TiB, sysPieces);
     const { image } = await imageOf({ name: "huge-sys", diskId: sys.id });
     expect(image.checksum).toBe(checksumOfPieces(TiB, sysPieces));
     for (const format of ["RAW", "QCOW2", "VMDK", "VHD"]) {
@@ -294,7 +283,7 @@ describe("files and offsets past 2^31 and 2^32 bytes", () => {
   it("imports RAW, QCOW2 and fixed VHD files larger than 4 GiB with data past 2^32 in the file", async () => {
     if (!q || !curl) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
     const reference = path.join(work.dir, "big.raw");
-    sparseRaw(reference, size, pieces);
+    sparseFile(reference, size, pieces);
     const checksum = checksumOfPieces(size, pieces);
     const qcow2 = path.join(work.dir, "big.qcow2");
     // Metadata preallocation lays every cluster out in the file: data past 2^32 of the disk sits past 2^32 of the file.
@@ -324,7 +313,7 @@ describe("progress and cancellation", () => {
     const size = 64 * GiB;
     const pieces = Array.from({ length: 10 }, (_, k) => ({ offset: k * 6 * GiB, data: bytes(32 * MiB, 30 + k) }));
     const reference = path.join(work.dir, "spread.raw");
-    sparseRaw(reference, size, pieces);
+    sparseFile(reference, size, pieces);
     const qcow2 = path.join(work.dir, "spread.qcow2");
     execFileSync(q, ["convert", "-f", "raw", "-O", "qcow2", reference, qcow2]);
     fs.rmSync(reference);

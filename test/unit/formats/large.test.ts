@@ -3,7 +3,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { openImage, WRITERS } from "../../../src/formats";
 import { DEFAULT_LIMITS, FormatError, type FormatName, type ImageReader, type WriteSource } from "../../../src/formats/types";
-import { allocatedBytes, extentsToRaw, fileDataRanges, fileSource, fixedVhdFile, pattern, pwrite, qemu, qemuImg, tmpDir, vhdFile, vmdkFile, withDataRanges, writeFile } from "../../helpers/formats";
+import { allocatedBytes, extentsToRaw, fileDataRanges, fileSource, fixedVhdFile, pattern, qemu, qemuImg, sparseFile, tmpDir, vhdFile, vmdkFile, withDataRanges, writeFile } from "../../helpers/formats";
 
 /*
  * Disk images at real sizes: files above 2^31 and 2^32 bytes with data placed
@@ -221,10 +221,7 @@ describe("files above 2^31 and 2^32 bytes, data beyond both", () => {
     const q = qemuImg();
     if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
     const image = file("far.raw");
-    const fd = fs.openSync(image, "w");
-    for (const p of PIECES) pwrite(fd, p.data, p.offset);
-    fs.ftruncateSync(fd, SIZE);
-    fs.closeSync(fd);
+    sparseFile(image, SIZE, PIECES);
 
     const { reader, bytesRead } = await readBig(image, "RAW", "raw", { dataRanges: true, data: PIECES });
     expect(reader.virtualSize).toBe(SIZE);
@@ -299,10 +296,7 @@ describe("sparse disks of 1 TiB are read in time and reads proportional to their
     const q = qemuImg();
     if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
     const image = file("1t.raw");
-    const fd = fs.openSync(image, "w");
-    for (const p of DATA) pwrite(fd, p.data, p.offset);
-    fs.ftruncateSync(fd, TiB);
-    fs.closeSync(fd);
+    sparseFile(image, TiB, DATA);
     const { reader, bytesRead } = await readBig(image, "RAW", "raw", { dataRanges: true, data: DATA });
     expect(reader.virtualSize).toBe(TiB);
     expect(bytesRead).toBeLessThan(MiB);

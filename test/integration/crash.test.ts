@@ -350,3 +350,44 @@ it("a backup killed mid-way ends ERROR, its job FAILED (INTERRUPTED), the earlie
       `timings ms ${JSON.stringify(timings)}`,
   );
 });
+
+it("SIGTERM while jobs run ends the service within 10 s: the jobs end INTERRUPTED, nothing is left half made, and the next start runs them again", async () => {
+  // What the test before left running stops first.
+  for (const child of [...children]) {
+    child.kill("SIGTERM");
+    await within(new Promise((r) => child.once("exit", r)), 20_000, () => `child ${child.pid} did not exit on SIGTERM`);
+  }
+  const svc = await serve({ GC_INTERVAL_SECONDS: "0", JOB_CONCURRENCY: "2" });
+  const key = fs.readFileSync(path.join(dataDir, "default-api-key"), "utf8").trim();
+  const size = 768 * MiB;
+  const diskId = (await gql(svc, key, `mutation ($s: SafeInt!) { createDisk(input: { name: "sigterm-disk", sizeBytes: $s }) { disk { id } } }`, { s: size })).createDisk.disk.id;
+  for (let off = 0; off < size; off += PIECE) await writeDisk(svc, key, diskId, randomBytes(PIECE, `term:${off}`), off);
+
+  const b = (await gql(svc, key, `mutation ($r: ID!) { createBackup(input: { resourceId: $r, name: "terminated" }) { backup { id } job { id } } }`, { r: diskId })).createBackup;
+  const img = (await gql(svc, key, `mutation ($d: ID!) { createImage(input: { name: "terminated", diskId: $d }) { image { id } job { id } } }`, { d: diskId })).createImage;
+  // Both have moved bytes: the signal lands in the middle of their copy loops.
+  for (;;) {
+    const jobs = await Promise.all([b.job.id, img.job.id].map(async (id) => (await gql(svc, key, JOB, { id })).node));
+    if (jobs.every((j) => j.status === "RUNNING" && j.bytesDone > 0)) break;
+    if (jobs.some((j) => !["QUEUED", "RUNNING"].includes(j.status))) throw new Error(`a job ended before the signal: ${JSON.stringify(jobs)}`);
+    await sleep(20);
+  }
+  const sent = Date.now();
+  svc.child.kill("SIGTERM");
+  const exit = await within(svc.exit, 10_000, () => `no exit within 10 s of SIGTERM:\n${svc.output()}`);
+  expect({ code: exit.code, ms: Date.now() - sent < 10_000 }).toEqual({ code: 0, ms: true });
+
+  const rows = async (sql: string) => (await pg.query(sql)).rows;
+  const terminated = `backup_id IN (SELECT id FROM backups WHERE name = 'terminated') OR image_id IN (SELECT id FROM images WHERE name = 'terminated')`;
+  expect(await rows(`SELECT type, status, error_code FROM jobs WHERE ${terminated} ORDER BY type`)).toEqual([
+    { type: "BACKUP", status: "FAILED", error_code: "INTERRUPTED" },
+    { type: "CREATE_IMAGE", status: "FAILED", error_code: "INTERRUPTED" },
+  ]);
+  expect(await rows(`SELECT status FROM backups WHERE name = 'terminated'`)).toEqual([{ status: "ERROR" }]);
+  expect(await rows(`SELECT status, error_code FROM images WHERE name = 'terminated'`)).toEqual([{ status: "KILLED", error_code: "INTERRUPTED" }]);
+
+  // The next start takes the same work and finishes it.
+  const again = await serve({ GC_INTERVAL_SECONDS: "0" });
+  const b2 = (await gql(again, key, `mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { job { id } } }`, { r: diskId })).createBackup;
+  expect(await waitJob(again, key, b2.job.id)).toMatchObject({ status: "SUCCEEDED", bytesTotal: size });
+});

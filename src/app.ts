@@ -62,7 +62,7 @@ export async function openDatabase(config: Config, logger: Logger, opts: { migra
       throw err;
     }
   }
-  const ds = createDataSource({ url, logger, onQuery: opts.onQuery });
+  const ds = createDataSource({ url, logger, onQuery: opts.onQuery, statementTimeoutMs: config.dbStatementTimeoutSeconds * 1000, acquireTimeoutMs: config.dbAcquireTimeoutSeconds * 1000 });
   try {
     await ds.initialize();
     if (opts.migrate !== false) await migrate(ds);

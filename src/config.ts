@@ -16,6 +16,10 @@ export interface Config {
   dataDir: string;
   /** Set when an external Postgres is used; embedded Postgres otherwise. */
   databaseUrl?: string;
+  /** A statement that runs longer is cancelled, by Postgres and, should Postgres not answer at all, by the client. */
+  dbStatementTimeoutSeconds: number;
+  /** Longest wait for a database connection, from the pool or a new one. */
+  dbAcquireTimeoutSeconds: number;
   corsOrigins: string[];
   maxQueryDepth: number;
   maxQueryCost: number;
@@ -95,6 +99,8 @@ export function loadConfig(env: Env = process.env): Config {
     port: int(env, "PORT", 4000, 0, 65535),
     dataDir: path.resolve(env.STOWAGE_DATA_DIR || ".data"),
     databaseUrl: env.DATABASE_URL || undefined,
+    dbStatementTimeoutSeconds: int(env, "DB_STATEMENT_TIMEOUT_SECONDS", 300, 1, 86400),
+    dbAcquireTimeoutSeconds: int(env, "DB_ACQUIRE_TIMEOUT_SECONDS", 10, 1, 3600),
     corsOrigins: (env.CORS_ORIGINS || "")
       .split(",")
       .map((s) => s.trim())

@@ -10,6 +10,10 @@ export interface DataSourceOptions {
   poolSize?: number;
   /** Called with every SQL statement sent; the statement-count tests listen here. */
   onQuery?: (sql: string) => void;
+  /** Statements running longer are cancelled (by Postgres, and 5 s later by the client, for a server that does not answer). */
+  statementTimeoutMs?: number;
+  /** Longest wait for a connection from the pool, or for a new one. */
+  acquireTimeoutMs?: number;
 }
 
 class QueryLogger implements TypeOrmLogger {
@@ -45,7 +49,12 @@ export function createDataSource(opts: DataSourceOptions): DataSource {
     logging: ["query", "error", "warn", "migration"],
     logger: new QueryLogger(opts.logger, opts.onQuery),
     maxQueryExecutionTime: 2000,
-    extra: { max: opts.poolSize ?? 20, application_name: "stowage" },
+    extra: {
+      max: opts.poolSize ?? 20,
+      application_name: "stowage",
+      ...(opts.statementTimeoutMs && { statement_timeout: opts.statementTimeoutMs, query_timeout: opts.statementTimeoutMs + 5000 }),
+      ...(opts.acquireTimeoutMs && { connectionTimeoutMillis: opts.acquireTimeoutMs }),
+    },
   });
 }
 

@@ -33,6 +33,9 @@ import type { Storage } from "../storage";
 import { dataRoutes } from "./data-routes";
 import { createMetrics } from "./metrics";
 
+/** How long /readyz waits for the database before it answers 503. */
+const READY_WITHIN_MS = 2000;
+
 export interface HttpDeps {
   config: Config;
   logger: Logger;
@@ -116,15 +119,23 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
     res.json({ status: "ok" });
   });
   app.get("/readyz", metrics.httpMiddleware("/readyz"), async (_req, res) => {
+    // A database that is gone answers at once; one that is frozen never does: give it 2 s.
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<"late">((resolve) => (timer = setTimeout(() => resolve("late"), READY_WITHIN_MS)));
     try {
-      await ds.query("SELECT 1");
-      if (!(await migrationsApplied(ds))) {
-        res.status(503).json({ status: "unavailable", reason: "migrations pending" });
-        return;
-      }
-      res.json({ status: "ready" });
+      const check = (async () => {
+        await ds.query("SELECT 1");
+        return migrationsApplied(ds);
+      })();
+      check.catch(() => undefined); // a late failure is already answered
+      const outcome = await Promise.race([check, late]);
+      if (outcome === "late") res.status(503).json({ status: "unavailable", reason: "the database does not answer" });
+      else if (!outcome) res.status(503).json({ status: "unavailable", reason: "migrations pending" });
+      else res.json({ status: "ready" });
     } catch {
       res.status(503).json({ status: "unavailable", reason: "database unreachable" });
+    } finally {
+      clearTimeout(timer);
     }
   });
   app.get("/metrics", async (_req, res) => {

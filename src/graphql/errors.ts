@@ -1,6 +1,7 @@
 import { GraphQLError, type GraphQLFormattedError } from "graphql";
 import { DomainError, ErrorCode } from "../services/errors";
 import type { Logger } from "../logger";
+import { isDatabaseUnavailable } from "../services/db-errors";
 
 /** HTTP status of a domain error answered outside GraphQL (authentication, the data endpoints). */
 export function httpStatusOf(code: ErrorCode): number {
@@ -58,7 +59,7 @@ export function createErrorFormatter(logger: Logger) {
 
   const report = (errors: readonly GraphQLError[], request: { project?: string; operation?: string | null }) => {
     for (const e of errors) {
-      if (unexpected(e)) log(e, e.originalError, { path: e.path, project: request.project, operation: request.operation ?? undefined });
+      if (unexpected(e) && !isDatabaseUnavailable(e.originalError)) log(e, e.originalError, { path: e.path, project: request.project, operation: request.operation ?? undefined });
     }
   };
 
@@ -77,6 +78,10 @@ export function createErrorFormatter(logger: Logger) {
       // Apollo re-codes validation errors as GRAPHQL_VALIDATION_FAILED; a rule's own code (QUERY_TOO_COMPLEX) wins.
       const ownCode = original instanceof GraphQLError ? original.extensions.code : undefined;
       return { ...formatted, extensions: { ...extensions, code: ownCode ?? extensions.code ?? "BAD_USER_INPUT" } };
+    }
+    if (isDatabaseUnavailable(original)) {
+      logger.warn("the database did not answer a request", { error: original instanceof Error ? original.message : String(original), path: formatted.path });
+      return { message: "the database is not answering; try again shortly", locations: formatted.locations, path: formatted.path, extensions: { code: "UNAVAILABLE" } };
     }
     log(error, original, { path: formatted.path });
     return { message: "Internal server error", locations: formatted.locations, path: formatted.path, extensions: { code: "INTERNAL_SERVER_ERROR" } };

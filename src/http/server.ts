@@ -1,5 +1,6 @@
 import fs from "node:fs";
 import { isNoSpace } from "../jobs/runner";
+import { isDatabaseUnavailable } from "../services/db-errors";
 import http from "node:http";
 import path from "node:path";
 import { ApolloServer } from "@apollo/server";
@@ -309,6 +310,15 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
       const message = (err as Error).message;
       if (req.originalUrl.split("?")[0] === "/graphql") res.status(status).json({ errors: [{ message, extensions: { code: "BAD_REQUEST" } }] });
       else res.status(status).json({ error: { code: "BAD_USER_INPUT", message } });
+      return;
+    }
+    if (isDatabaseUnavailable(err)) {
+      logger.warn("the database did not answer a request", { error: err instanceof Error ? err.message : String(err), method: req.method, path: req.originalUrl.split("?")[0] });
+      if (res.headersSent) return;
+      const message = "the database is not answering; try again shortly";
+      res.status(503).setHeader("Retry-After", "5");
+      if (req.originalUrl.split("?")[0] === "/graphql") res.json({ errors: [{ message, extensions: { code: "UNAVAILABLE" } }] });
+      else res.json({ error: { code: "UNAVAILABLE", message } });
       return;
     }
     if (isNoSpace(err)) {

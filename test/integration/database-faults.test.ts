@@ -165,6 +165,8 @@ it("answers /readyz 503 within 2 s while the database is frozen or gone, ends re
   expect(stuck.status).not.toBe("no answer");
   expect(stuck.ms).toBeLessThan(15_000);
   expect(stuck.body).not.toMatch(/SELECT|postgres|at .*\.ts/);
+  // Not a bug of the service: the caller is told to try again.
+  expect(JSON.parse(stuck.body).errors[0].extensions.code).toBe("UNAVAILABLE");
   expect((await timed(`${base}/healthz`)).status).toBe(200);
 
   proxy.thaw();

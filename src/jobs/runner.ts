@@ -1,6 +1,6 @@
 import crypto from "node:crypto";
 import os from "node:os";
-import type { DataSource } from "typeorm";
+import type { DataSource, EntityManager } from "typeorm";
 import { rows } from "../db/sql";
 import { Job, JobStatus, JobType as JobTypes, type JobType } from "../entities";
 import type { Logger, LogLevel } from "../logger";
@@ -34,6 +34,20 @@ export interface JobContext {
   checkCancelled(): void;
   /** Counts blocks the job read, wrote, hashed or enumerated: its work, which must grow with the data it moves. */
   visit(blocks: number): void;
+  /**
+   * Runs `fn` in a transaction that first makes sure this process still holds the
+   * job (it is RUNNING here, with this attempt), locking its row: a process that lost
+   * its claim while it was frozen or cut off commits nothing (JobLost) and stops.
+   * Every commit that makes a job's result visible goes through here.
+   */
+  commit<T>(fn: (em: EntityManager) => Promise<T>): Promise<T>;
+}
+
+/** This process no longer holds the job: another one ended it meanwhile. Nothing is committed or cleaned up. */
+export class JobLost extends Error {
+  constructor() {
+    super("the job was ended by another process while this one held it");
+  }
 }
 
 /**
@@ -238,10 +252,14 @@ export class JobRunner {
       const r = await rows<{ cancel_requested: boolean }>(
         this.ds,
         `UPDATE jobs SET progress = $2, bytes_done = $3, bytes_total = $4, blocks_visited = $5, heartbeat_at = now(), updated_at = now()
-          WHERE id = $1 AND status = 'RUNNING' RETURNING cancel_requested`,
-        [job.id, progress, done, total, visited],
+          WHERE id = $1 AND status = 'RUNNING' AND worker_id = $6 AND attempts = $7 RETURNING cancel_requested`,
+        [job.id, progress, done, total, visited, this.workerId, job.attempts],
       );
-      if (!r.length) return;
+      if (!r.length) {
+        // Ended elsewhere (failed by another process while this one was frozen): stop at the next check.
+        ctrl.abort(new JobLost());
+        return;
+      }
       if (job.backupId) await this.ds.query(`UPDATE backups SET progress = $2 WHERE id = $1 AND status IN ('CREATING', 'RESTORING')`, [job.backupId, progress]);
       Object.assign(job, { progress, bytesDone: done, bytesTotal: total, blocksVisited: visited });
       if (announce) await this.publish(job);
@@ -262,6 +280,16 @@ export class JobRunner {
       visit: (blocks) => {
         seen.visited += blocks;
       },
+      commit: (fn) =>
+        this.ds.transaction(async (em) => {
+          const held = await rows(em, `UPDATE jobs SET heartbeat_at = now() WHERE id = $1 AND status = 'RUNNING' AND worker_id = $2 AND attempts = $3 RETURNING id`, [
+            job.id,
+            this.workerId,
+            job.attempts,
+          ]);
+          if (!held.length) throw new JobLost();
+          return fn(em);
+        }),
       progress: async (bytesDone, bytesTotal) => {
         check();
         seen.total = Math.max(0, bytesTotal);
@@ -284,6 +312,11 @@ export class JobRunner {
       await this.finish(job, { status: JobStatus.SUCCEEDED });
     } catch (err) {
       await settle();
+      if (err instanceof JobLost || ctrl.signal.reason instanceof JobLost) {
+        // The job's end belongs to the process that ended it; this one touches nothing more.
+        this.logger.warn("a job lost its claim and stopped without committing", { job: job.id, type: job.type, worker: this.workerId });
+        return;
+      }
       const outcome = this.outcomeOf(err, job);
       try {
         await handler.cleanup(job, outcome);
@@ -318,10 +351,15 @@ export class JobRunner {
       this.ds,
       `UPDATE jobs SET status = $2, finished_at = now(), updated_at = now(), error_code = $3, error_message = $4, blocks_visited = $6,
               progress = CASE WHEN $5 THEN 1 ELSE progress END, bytes_done = CASE WHEN $5 THEN bytes_total ELSE bytes_done END
-        WHERE id = $1 RETURNING *`,
-      [job.id, outcome.status, outcome.code ?? null, outcome.message ?? null, succeeded, job.blocksVisited ?? 0],
+        WHERE id = $1 AND status = 'RUNNING' AND worker_id = $7 AND attempts = $8 RETURNING *`,
+      [job.id, outcome.status, outcome.code ?? null, outcome.message ?? null, succeeded, job.blocksVisited ?? 0, this.workerId, job.attempts],
     );
-    if (row) Object.assign(job, hydrate(this.ds, Job, [row])[0]);
+    // A terminal status never changes: a job another process ended meanwhile keeps its end.
+    if (!row) {
+      this.logger.warn("a job lost its claim before it could end here", { job: job.id, type: job.type, worker: this.workerId });
+      return;
+    }
+    Object.assign(job, hydrate(this.ds, Job, [row])[0]);
     this.logger[endLevel(job)]("job ended", jobLine(job));
     await this.publish(job);
   }

@@ -391,3 +391,49 @@ it("SIGTERM while jobs run ends the service within 10 s: the jobs end INTERRUPTE
   const b2 = (await gql(again, key, `mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { job { id } } }`, { r: diskId })).createBackup;
   expect(await waitJob(again, key, b2.job.id)).toMatchObject({ status: "SUCCEEDED", bytesTotal: size });
 });
+
+it("a worker frozen while another fails its job commits nothing when it wakes: the job stays FAILED and the backup ERROR", async () => {
+  for (const child of [...children]) {
+    child.kill("SIGTERM");
+    await within(new Promise((r) => child.once("exit", r)), 20_000, () => `child ${child.pid} did not exit on SIGTERM`);
+  }
+  const frozen = await serve({ GC_INTERVAL_SECONDS: "0", JOB_CONCURRENCY: "1" });
+  const key = fs.readFileSync(path.join(dataDir, "default-api-key"), "utf8").trim();
+  const size = 512 * MiB;
+  const diskId = (await gql(frozen, key, `mutation ($s: SafeInt!) { createDisk(input: { name: "fenced-disk", sizeBytes: $s }) { disk { id } } }`, { s: size })).createDisk.disk.id;
+  for (let off = 0; off < size; off += PIECE) await writeDisk(frozen, key, diskId, randomBytes(PIECE, `fence:${off}`), off);
+  const b = (await gql(frozen, key, `mutation ($r: ID!) { createBackup(input: { resourceId: $r, name: "fenced" }) { backup { id } job { id } } }`, { r: diskId })).createBackup;
+  for (;;) {
+    const j = (await gql(frozen, key, JOB, { id: b.job.id })).node;
+    if (j.status === "RUNNING" && j.bytesDone > 0) break;
+    if (!["QUEUED", "RUNNING"].includes(j.status)) throw new Error(`the backup ended before the freeze: ${JSON.stringify(j)}`);
+    await sleep(20);
+  }
+  frozen.child.kill("SIGSTOP");
+
+  // Another process finds the job silent and fails it, with its cleanup: the backup is ERROR.
+  const env: NodeJS.ProcessEnv = { ...process.env, DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, JOB_STALE_SECONDS: "2", GC_INTERVAL_SECONDS: "0", SCHEDULER_INTERVAL_SECONDS: "0" };
+  for (const name of ["NODE_ENV", "STOWAGE_TEST_ADMIN_URL", "STOWAGE_DIST", "LOG_LEVEL"]) delete env[name];
+  const other = spawn(process.execPath, [BIN, "worker"], { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] });
+  children.add(other);
+  other.once("exit", () => children.delete(other));
+  const state = async () =>
+    (await pg.query(`SELECT j.status AS job, j.error_code AS code, b.status AS backup FROM jobs j JOIN backups b ON b.id = j.backup_id WHERE b.name = 'fenced'`)).rows[0];
+  for (const deadline = Date.now() + 60_000; (await state()).job === "RUNNING"; await sleep(200)) {
+    if (Date.now() > deadline) throw new Error("the other process never failed the silent job");
+  }
+  expect(await state()).toEqual({ job: "FAILED", code: "INTERRUPTED", backup: "ERROR" });
+
+  // The frozen process wakes up in the middle of its copy and goes on: it must commit nothing.
+  frozen.child.kill("SIGCONT");
+  await within(
+    (async () => {
+      while (!/lost its claim/.test(frozen.output())) await sleep(100);
+    })(),
+    60_000,
+    () => `the woken process never noticed it lost the job:\n${frozen.output()}`,
+  );
+  await sleep(1000);
+  expect(await state()).toEqual({ job: "FAILED", code: "INTERRUPTED", backup: "ERROR" });
+  expect((await pg.query(`SELECT count(*)::int AS n FROM backup_blocks WHERE backup_id = (SELECT id FROM backups WHERE name = 'fenced')`)).rows[0].n).toBe(0);
+});

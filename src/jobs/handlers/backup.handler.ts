@@ -49,7 +49,7 @@ export class BackupHandler implements JobHandler {
     }
     ctx.checkCancelled();
 
-    await this.ds.transaction(async (em) => {
+    await ctx.commit(async (em) => {
       const ids = parts.map((p) => p.id);
       const missing = await sealPending(em, { table: "backup_blocks", ownerColumn: "backup_id", ownerIds: ids, projectId: job.projectId });
       if (missing > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
@@ -68,7 +68,8 @@ export class BackupHandler implements JobHandler {
   async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
     if (!job.backupId) return;
     await this.ds.transaction(async (em) => {
-      const ids = (await rows<{ id: string }>(em, `SELECT id FROM backups WHERE id = $1 OR parent_id = $1`, [job.backupId])).map((r) => r.id);
+      // Only what is still being made: a backup that became AVAILABLE keeps its blocks, whoever ends the job.
+      const ids = (await rows<{ id: string }>(em, `SELECT id FROM backups WHERE (id = $1 OR parent_id = $1) AND status = 'CREATING' FOR UPDATE`, [job.backupId])).map((r) => r.id);
       await em.query(`DELETE FROM backup_blocks WHERE backup_id = ANY($1)`, [ids]);
       await em.query(`UPDATE backups SET status = $2, error = $3, updated_at = now() WHERE id = ANY($1) AND status = 'CREATING'`, [ids, BackupStatus.ERROR, outcome.message]);
     });

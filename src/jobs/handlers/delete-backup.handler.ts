@@ -24,7 +24,7 @@ export class DeleteBackupHandler implements JobHandler {
   async run(ctx: JobContext): Promise<void> {
     const { job } = ctx;
     await ctx.progress(0, 1);
-    await this.ds.transaction(async (em) => {
+    await ctx.commit(async (em) => {
       const parts = await rows<{ id: string; base_id: string | null }>(em, `SELECT id, base_id FROM backups WHERE id = $1 OR parent_id = $1 FOR UPDATE`, [job.backupId]);
       for (const part of parts) {
         const successors = await rows<{ id: string }>(em, `SELECT id FROM backups WHERE base_id = $1 AND id <> $1 FOR UPDATE`, [part.id]);

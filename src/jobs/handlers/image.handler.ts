@@ -1,5 +1,5 @@
 import type { DataSource } from "typeorm";
-import { rows } from "../../db/sql";
+import { rows, type Queryable } from "../../db/sql";
 import { Backup, ImageStatus, JobType, type Job } from "../../entities";
 import { addImageDisksFromBackup, type CreateImagePayload } from "../../services/image.service";
 import { ContentChecksum } from "../../formats/checksum";
@@ -129,7 +129,7 @@ export class CreateImageHandler implements JobHandler {
       await this.ds.query(`UPDATE image_disks SET checksum = $2 WHERE id = $1`, [d.id, checksums[checksums.length - 1]]);
     }
     ctx.checkCancelled();
-    await finishImage(this.ds, job, checksums[0] ?? null);
+    await ctx.commit((em) => finishImage(em, job, checksums[0] ?? null));
   }
 
   private async awaitBackup(ctx: JobContext, backupId: string): Promise<void> {
@@ -153,7 +153,7 @@ export class CreateImageHandler implements JobHandler {
 }
 
 /** ACTIVE, with the stored size of the distinct chunks it references. */
-export async function finishImage(ds: DataSource, job: Job, checksum: string | null, extra: { virtualSizeBytes?: number; minDiskBytes?: number } = {}): Promise<void> {
+export async function finishImage(ds: Queryable, job: Job, checksum: string | null, extra: { virtualSizeBytes?: number; minDiskBytes?: number } = {}): Promise<void> {
   // Byte counts pass 2^31: every parameter is typed bigint, or Postgres infers int from the literal beside it.
   await ds.query(
     `UPDATE images i SET status = 'ACTIVE', checksum = $2, updated_at = now(), error_code = NULL, error_message = NULL,

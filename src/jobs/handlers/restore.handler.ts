@@ -167,7 +167,7 @@ export class RestoreHandler implements JobHandler {
     await counting;
     ctx.checkCancelled();
 
-    await this.ds.transaction(async (em) => {
+    await ctx.commit(async (em) => {
       for (const [diskId, status] of Object.entries(plan.diskStatus)) {
         await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1`, [diskId, status]);
       }

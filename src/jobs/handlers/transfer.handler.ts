@@ -125,7 +125,7 @@ export class ImportImageHandler implements JobHandler {
     if (missing > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
     ctx.checkCancelled();
     const roundedUp = Math.ceil(virtualSize / 2 ** 20) * 2 ** 20;
-    await finishImage(this.ds, job, checksum.hex(virtualSize), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) });
+    await ctx.commit((em) => finishImage(em, job, checksum.hex(virtualSize), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) }));
     // The file has served its purpose.
     await this.ds.query(`DELETE FROM uploads WHERE id = $1`, [uploadId]);
     await this.vault.blobs.delete(uploadKey(job.projectId, uploadId));
@@ -221,9 +221,13 @@ export class ExportImageHandler implements JobHandler {
     }
     const sha256 = digest ? (await digest.digest()).toString("hex") : null;
     ctx.checkCancelled();
-    await this.ds.query(
-      `UPDATE image_exports SET status = 'READY', size_bytes = $2, sha256 = $3, expires_at = now() + make_interval(secs => $4) WHERE id = $1`,
-      [job.exportId, size, sha256, this.config.exportTtlSeconds],
+    await ctx.commit((em) =>
+      em.query(`UPDATE image_exports SET status = 'READY', size_bytes = $2, sha256 = $3, expires_at = now() + make_interval(secs => $4) WHERE id = $1`, [
+        job.exportId,
+        size,
+        sha256,
+        this.config.exportTtlSeconds,
+      ]),
     );
   }
 

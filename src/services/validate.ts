@@ -14,7 +14,7 @@ export function storableText(value: string, field: string): string {
   const found = UNSTORABLE.exec(value);
   if (found) {
     const what = found[0] === "\u0000" ? "a NUL character (U+0000)" : `an unpaired UTF-16 surrogate (U+${found[0].charCodeAt(0).toString(16).toUpperCase()})`;
-    throw badInput(field, `contains ${what} at position ${found.index}; text must be valid Unicode without NUL`);
+    throw badInput(field, `contains ${what} at position ${found.index + 1}; text must be valid Unicode without NUL`);
   }
   return value;
 }
@@ -31,7 +31,7 @@ export function resourceName(value: string | null | undefined, field: string): s
   const refused = NAME_REFUSED.exec(name);
   if (refused) {
     const code = `U+${refused[0].charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}`;
-    throw badInput(field, `must not contain control or bidirectional-override characters (${code} at position ${refused.index})`);
+    throw badInput(field, `must not contain control or bidirectional-override characters (${code} at position ${refused.index + 1})`);
   }
   return name;
 }

@@ -9,13 +9,14 @@ import { NodeResolver } from "./resolvers/node.resolver";
 import { PolicyResolver } from "./resolvers/policy.resolver";
 import { ServerResolver } from "./resolvers/server.resolver";
 import { SubscriptionResolver } from "./resolvers/subscription.resolver";
+import { guardTextArguments } from "./text-arguments";
 import { NodeIdResolver } from "./types/node";
 import { DateTime } from "./types/scalars";
 
 export const resolvers = [NodeIdResolver, NodeResolver, ServerResolver, DiskResolver, BackupResolver, ImageResolver, ImageExportResolver, PolicyResolver, JobResolver, SubscriptionResolver] as const;
 
 export function buildStowageSchema(): GraphQLSchema {
-  return buildSchemaSync({
+  const schema = buildSchemaSync({
     resolvers: [...resolvers],
     scalarsMap: [{ type: Date, scalar: DateTime }],
     validate: false,
@@ -30,6 +31,7 @@ export function buildStowageSchema(): GraphQLSchema {
       },
     },
   });
+  return guardTextArguments(schema);
 }
 
 /** The SDL checked in at schema/schema.graphql. */

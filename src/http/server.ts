@@ -26,6 +26,7 @@ import { migrationsApplied } from "../db/data-source";
 import type { Project } from "../entities";
 import type { GraphQLContext } from "../graphql/context";
 import { createErrorFormatter } from "../graphql/errors";
+import { refuseHttpSubscriptions } from "../graphql/http-subscriptions";
 import { costError, depthLimit, operationCost } from "../graphql/limits";
 import type { Logger } from "../logger";
 import { RequestContext } from "../services/context";
@@ -288,6 +289,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
           };
         },
       },
+      refuseHttpSubscriptions,
     ],
   });
   await apollo.start();

@@ -23,7 +23,7 @@ import { decodeId, fromGlobalId, shortId, toGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
-import { description as validDescription, resourceName } from "./validate";
+import { derivedName, description as validDescription, resourceName } from "./validate";
 
 export interface BackupFilter {
   statuses?: BackupStatus[] | null;
@@ -162,7 +162,7 @@ export class BackupService {
         const child = await em.save(
           em.create(Backup, {
             ...base,
-            name: `${top.name}-${d.device?.replace("/dev/", "") ?? d.name}`,
+            name: derivedName(top.name, `-${d.device?.replace("/dev/", "") ?? shortId(d.id)}`),
             resourceType: BackupResourceType.DISK,
             resourceId: d.id,
             resourceName: d.name,

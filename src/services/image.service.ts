@@ -28,7 +28,7 @@ import { decodeId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
-import { description as validDescription, MiB, resourceName } from "./validate";
+import { derivedName, description as validDescription, MiB, resourceName } from "./validate";
 
 export interface ImageFilter {
   statuses?: ImageStatus[] | null;
@@ -130,7 +130,7 @@ export class ImageService {
 
     // A FULL_SERVER image of a server: back the server up first, then make the image of that backup.
     if (input.serverId && input.type === ImageType.FULL_SERVER) {
-      const { backup } = await this.backups.create(ctx, { resourceId: input.serverId, name: `${name}-backup`, description: `taken for image ${name}` });
+      const { backup } = await this.backups.create(ctx, { resourceId: input.serverId, name: derivedName(name, "-backup"), description: `taken for image ${name}` });
       return this.fromBackup(ctx, { ...input, name, description: desc, backupId: null }, backup.id, true);
     }
     if (input.backupId) return this.fromBackup(ctx, { ...input, name, description: desc }, decodeId(input.backupId, "Backup", "backupId"), false);

@@ -1,5 +1,6 @@
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
 import { badInput } from "./errors";
+import { storableText } from "./validate";
 
 export type SortField = "CREATED_AT" | "NAME";
 export type SortDirection = "ASC" | "DESC";
@@ -69,6 +70,26 @@ function decodeCursor(cursor: string, field: string): { sort: string; id: string
   throw badInput(field, "not a cursor from this list");
 }
 
+// created_at as Postgres writes it in text (the cursor's sort value when ordering by creation time).
+const TIMESTAMP = /^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,6})?[+-]\d{2}(:\d{2}){0,2}$/;
+
+/**
+ * A cursor decodes to values the SQL casts; one forged, or taken from a list in another
+ * order, must be refused here, not fail the cast in Postgres.
+ */
+function checkCursorSort(sort: string, sortField: SortField, field: string): void {
+  if (sortField === "NAME") {
+    storableText(sort, field);
+    return;
+  }
+  const m = TIMESTAMP.exec(sort);
+  const [y, mo, d, h, mi, s] = (m ?? []).slice(1, 7).map(Number);
+  const date = new Date(Date.UTC(y, mo - 1, d, h, mi, s));
+  if (!m || y < 1 || date.getUTCMonth() !== mo - 1 || date.getUTCDate() !== d || h > 23 || mi > 59 || s > 59) {
+    throw badInput(field, "not a cursor from this list in this order");
+  }
+}
+
 /** Checks the Relay arguments once and turns them into what the SQL needs. */
 export function resolvePage(args: PageArgs, maxPageSize: number, defaultPageSize = 20): ResolvedPage {
   const { first, last, after, before } = args;
@@ -81,11 +102,15 @@ export function resolvePage(args: PageArgs, maxPageSize: number, defaultPageSize
   const backward = last != null || (first == null && before != null && after == null);
   if (backward && after != null) throw badInput("after", "after goes with first; use before with last");
   if (!backward && before != null) throw badInput("before", "before goes with last; use after with first");
+  const field = args.orderBy?.field ?? "CREATED_AT";
+  const [cursorField, cursorArg] = backward ? (["before", before] as const) : (["after", after] as const);
+  const cursor = cursorArg ? decodeCursor(cursorArg, cursorField) : null;
+  if (cursor) checkCursorSort(cursor.sort, field, cursorField);
   return {
     limit: (backward ? last : first) ?? defaultPageSize,
     backward,
-    cursor: backward ? (before ? decodeCursor(before, "before") : null) : after ? decodeCursor(after, "after") : null,
-    field: args.orderBy?.field ?? "CREATED_AT",
+    cursor,
+    field,
     direction: args.orderBy?.direction ?? "ASC",
   };
 }

@@ -167,13 +167,7 @@ export class PolicyService {
       .transaction(async (em) => {
         const p = await em.findOne(Policy, { where: { id: policyId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
         if (!p) throw notFound("policy", input.policyId);
-        const foundServers = servers.length ? await em.findBy(Server, { id: In(servers), projectId: ctx.projectId }) : [];
-        const foundDisks = disks.length ? await em.findBy(Disk, { id: In(disks), projectId: ctx.projectId }) : [];
-        const missing = [
-          ...servers.filter((id) => !foundServers.some((s) => s.id === id)).map((id) => toGlobalId("Server", id)),
-          ...disks.filter((id) => !foundDisks.some((d) => d.id === id)).map((id) => toGlobalId("Disk", id)),
-        ];
-        if (missing.length) throw notFound("resource", missing[0]);
+        await this.requireResources(em, ctx, servers, disks);
         const existing = await em.find(PolicyBinding, {
           where: [
             ...(servers.length ? [{ serverId: In(servers), projectId: ctx.projectId }] : []),
@@ -209,6 +203,8 @@ export class PolicyService {
     const policy = await ctx.ds.transaction(async (em) => {
       const p = await em.findOne(Policy, { where: { id: policyId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
       if (!p) throw notFound("policy", input.policyId);
+      // A resource that exists but is not bound to this policy is left as it is; one that does not exist is an error, as for bindPolicy.
+      await this.requireResources(em, ctx, servers, disks);
       if (servers.length) await em.delete(PolicyBinding, { policyId, serverId: In(servers) });
       if (disks.length) await em.delete(PolicyBinding, { policyId, diskId: In(disks) });
       return p;
@@ -229,6 +225,17 @@ export class PolicyService {
     }
     if (!next) throw badInput("schedule", "never occurs again (check UNTIL and the BY… parts)");
     return policy.enabled ? next : null;
+  }
+
+  /** Servers and disks of the caller's project; the first one missing (or another project's) is NOT_FOUND, named by its global ID. */
+  private async requireResources(em: EntityManager, ctx: RequestContext, servers: string[], disks: string[]): Promise<void> {
+    const foundServers = servers.length ? await em.findBy(Server, { id: In(servers), projectId: ctx.projectId }) : [];
+    const foundDisks = disks.length ? await em.findBy(Disk, { id: In(disks), projectId: ctx.projectId }) : [];
+    const missing = [
+      ...servers.filter((id) => !foundServers.some((s) => s.id === id)).map((id) => toGlobalId("Server", id)),
+      ...disks.filter((id) => !foundDisks.some((d) => d.id === id)).map((id) => toGlobalId("Disk", id)),
+    ];
+    if (missing.length) throw notFound("resource", missing[0]);
   }
 
   private splitResources(resourceIds: string[]): { servers: string[]; disks: string[] } {

@@ -9,7 +9,7 @@ import { badInput, failedPrecondition, notFound } from "./errors";
 import { decodeId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
-import { diskSize, intInRange, MiB, resourceName } from "./validate";
+import { derivedName, diskSize, intInRange, MiB, resourceName } from "./validate";
 
 export interface ServerFilter {
   statuses?: ServerStatus[] | null;
@@ -90,11 +90,11 @@ export class ServerService {
             size = diskSize(input.systemDiskSizeBytes, "systemDiskSizeBytes", max);
             if (size < minimum) throw badInput("systemDiskSizeBytes", `must be at least the image's ${minimum} bytes`);
           }
-          specs.push({ name: i === 0 ? `${name}-system` : `${name}-data-${i}`, type: i === 0 ? DiskType.SYSTEM : DiskType.DATA, sizeBytes: size, imageId: image.id, imageDiskId: d.id });
+          specs.push({ name: derivedName(name, i === 0 ? "-system" : `-data-${i}`), type: i === 0 ? DiskType.SYSTEM : DiskType.DATA, sizeBytes: size, imageId: image.id, imageDiskId: d.id });
         });
       } else {
         if (input.systemDiskSizeBytes == null) throw badInput("systemDiskSizeBytes", "is required when no imageId is given");
-        specs.push({ name: `${name}-system`, type: DiskType.SYSTEM, sizeBytes: diskSize(input.systemDiskSizeBytes, "systemDiskSizeBytes", max), imageId: null, imageDiskId: null });
+        specs.push({ name: derivedName(name, "-system"), type: DiskType.SYSTEM, sizeBytes: diskSize(input.systemDiskSizeBytes, "systemDiskSizeBytes", max), imageId: null, imageDiskId: null });
       }
       const first = specs.length;
       for (const [i, d] of dataDisks.entries()) {
@@ -110,7 +110,7 @@ export class ServerService {
         const size = d.sizeBytes == null ? minimum : diskSize(d.sizeBytes, `${field}.sizeBytes`, max);
         if (size < minimum || size === 0) throw badInput(`${field}.sizeBytes`, minimum ? `must be at least the image's ${minimum} bytes` : "is required for a blank disk");
         specs.push({
-          name: d.name == null ? `${name}-data-${first + i}` : resourceName(d.name, `${field}.name`),
+          name: d.name == null ? derivedName(name, `-data-${first + i}`) : resourceName(d.name, `${field}.name`),
           type: DiskType.DATA,
           sizeBytes: size,
           imageId: d.imageId ? decodeId(d.imageId, "Image", `${field}.imageId`) : null,

@@ -238,8 +238,8 @@ it("refuses RRULE parts out of range or malformed as BAD_USER_INPUT naming the r
     [[`FREQ=MINUTELY;BYSECOND=${everySecond}`], "schedule[0]", /^schedule\[0\]: BYSECOND=0,1,2,.* fires more than once a minute/],
     [["FREQ=DAILY", "FREQ=HOURLY;INTERVAL=2;BYHOUR=1"], "schedule[1]", /^schedule\[1\]: never fires: /],
     [["FREQ=DAILY;BYMONTH=2;BYMONTHDAY=30"], "schedule[0]", "schedule[0]: never fires: no date matches BYMONTH, BYMONTHDAY together"],
-    [["FREQ=DAILY;BYHOUR=2\u0000"], "schedule[0]", /^schedule\[0\]: has the control character U\+0000 at position 20/],
-    [["FREQ=DAILY;BYHOUR=\ud800"], "schedule[0]", /^schedule\[0\]: has the lone surrogate U\+D800 at position 19/],
+    [["FREQ=DAILY;BYHOUR=2\u0000"], "schedule[0]", /^schedule\[0\]: contains a NUL character \(U\+0000\) at position 20/],
+    [["FREQ=DAILY;BYHOUR=\ud800"], "schedule[0]", /^schedule\[0\]: contains an unpaired UTF-16 surrogate \(U\+D800\) at position 19/],
   ];
   for (const [schedule, field, message] of cases) {
     const r = await svc.gql(CREATE, { i: { name: "bad", schedule } });

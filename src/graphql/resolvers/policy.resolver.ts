@@ -36,7 +36,7 @@ export class PolicyResolver {
     return { policy: await services.policies.bind(ctx, input) };
   }
 
-  @Mutation(() => PolicyPayload)
+  @Mutation(() => PolicyPayload, { description: "Unbinds servers and disks; each must exist in your project (NOT_FOUND otherwise); one not bound to the policy stays as it is." })
   async unbindPolicy(@Arg("input") input: BindPolicyInput, @Ctx() { ctx, services }: GraphQLContext) {
     return { policy: await services.policies.unbind(ctx, input) };
   }

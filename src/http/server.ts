@@ -200,7 +200,8 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   const wss = new WebSocketServer({ noServer: true, maxPayload: config.wsMaxPayloadBytes });
   const socketsPerAddress = new Map<string, number>();
   server.on("upgrade", (req: http.IncomingMessage, socket: import("node:stream").Duplex, head: Buffer) => {
-    if (new URL(req.url ?? "/", "http://x").pathname !== "/graphql") {
+    if ((req.url ?? "").split("?")[0] !== "/graphql") {
+      socket.on("error", () => socket.destroy()); // the client may be gone already
       socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
       return;
     }

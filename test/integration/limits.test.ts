@@ -246,3 +246,27 @@ describe("mutation rate limit (MUTATIONS_PER_MINUTE=60, MUTATION_BURST=3)", () =
     expect((await svc.ok("{ disks { totalCount } }")).disks.totalCount).toBe(4);
   });
 });
+
+describe("WebSocket upgrades elsewhere", () => {
+  let svc: TestService;
+  beforeAll(async () => {
+    svc = await startTestService();
+  });
+  afterAll(async () => {
+    await svc?.stop();
+  });
+
+  it("refuses an upgrade on another path, or with a URL no parser takes, with 400 and keeps serving", async () => {
+    const port = Number(new URL(svc.url).port);
+    for (const target of ["/other", "//x:99999/graphql", "/graphql/"]) {
+      const sock = net.connect(port, "127.0.0.1");
+      const received: Buffer[] = [];
+      sock.on("data", (d) => received.push(d));
+      const ended = new Promise<void>((r) => sock.on("close", () => r()));
+      sock.write(`GET ${target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+      await ended;
+      expect([target, Buffer.concat(received).toString("latin1").split("\r\n")[0]]).toEqual([target, "HTTP/1.1 400 Bad Request"]);
+    }
+    expect(await svc.ok("{ viewer { name } }")).toEqual({ viewer: { name: "alpha" } });
+  });
+});

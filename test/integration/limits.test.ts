@@ -5,6 +5,7 @@
  */
 import net from "node:net";
 import WebSocket from "ws";
+import { ConfigError, loadConfig } from "../../src/config";
 import { startTestService, type TestService } from "../helpers/service";
 
 const wsUrl = (svc: TestService) => svc.url.replace(/^http/, "ws") + "/graphql";
@@ -268,5 +269,14 @@ describe("WebSocket upgrades elsewhere", () => {
       expect([target, Buffer.concat(received).toString("latin1").split("\r\n")[0]]).toEqual([target, "HTTP/1.1 400 Bad Request"]);
     }
     expect(await svc.ok("{ viewer { name } }")).toEqual({ viewer: { name: "alpha" } });
+  });
+});
+
+describe("limit configuration", () => {
+  it("refuses a mutation burst smaller than the mutations one request may run, which could then never run", () => {
+    expect(() => loadConfig({ MAX_MUTATIONS_PER_REQUEST: "20", MUTATION_BURST: "10" })).toThrow(new ConfigError("MUTATION_BURST (10) must be at least MAX_MUTATIONS_PER_REQUEST (20)"));
+    expect(loadConfig({ MAX_MUTATIONS_PER_REQUEST: "20", MUTATION_BURST: "10", MUTATIONS_PER_MINUTE: "0" }).mutationsPerMinute).toBe(0);
+    expect(loadConfig({ MAX_MUTATIONS_PER_REQUEST: "200" }).mutationBurst).toBe(200);
+    expect(() => loadConfig({ WS_MAX_PAYLOAD_BYTES: "10" })).toThrow(/WS_MAX_PAYLOAD_BYTES must be an integer between 1024 and/);
   });
 });

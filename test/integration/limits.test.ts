@@ -149,7 +149,7 @@ describe("query limits with the default configuration", () => {
     expect(Object.keys(await svc.ok(aliases(200)))).toHaveLength(200);
     const started = Date.now();
     const r = await svc.gql(aliases(1000));
-    expect(Date.now() - started).toBeLessThan(1000);
+    expect(Date.now() - started).toBeLessThan(2000); // about 150 ms of validation; the bound leaves room for a busy machine
     expect(r.status).toBe(400);
     expect(r.data).toBeUndefined();
     expect(r.errors?.[0].extensions?.code).toBe("QUERY_TOO_COMPLEX");
@@ -164,7 +164,7 @@ describe("query limits with the default configuration", () => {
   it("stops parsing a huge document at MAX_QUERY_TOKENS (10000), fast, with QUERY_TOO_COMPLEX", async () => {
     const started = Date.now();
     const r = await svc.gql(aliases(12_000));
-    expect(Date.now() - started).toBeLessThan(1000);
+    expect(Date.now() - started).toBeLessThan(2000); // the parser stops at the limit: about 200 ms, against 4 s to run it all
     expect(r.status).toBe(400);
     expect(r.errors?.[0].extensions?.code).toBe("QUERY_TOO_COMPLEX");
     expect(r.errors?.[0].message).toMatch(/more th(?:an|at) 10000 tokens/);

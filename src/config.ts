@@ -24,6 +24,18 @@ export interface Config {
   maxQueryDepth: number;
   maxQueryCost: number;
   maxPageSize: number;
+  /** Aliased fields one operation may run, fragments counted where they are spread. */
+  maxQueryAliases: number;
+  /** Tokens a GraphQL document may have: parsing stops there, before validation walks a huge document. */
+  maxQueryTokens: number;
+  maxMutationsPerRequest: number;
+  /** Per project and process, refilled continuously (0: no limit); `mutationBurst` is the bucket's size. */
+  mutationsPerMinute: number;
+  mutationBurst: number;
+  wsMaxPayloadBytes: number;
+  wsMaxConnectionsPerAddress: number;
+  /** A WebSocket that has not sent connection_init this long after opening is closed. */
+  wsAuthTimeoutSeconds: number;
   maxDiskBytes: number;
   s3?: S3Config;
   /** Where disk blocks and vault packs live: the local filesystem or the S3 bucket. */
@@ -94,6 +106,13 @@ export function loadConfig(env: Env = process.env): Config {
     if (value === "s3" && !s3) throw new ConfigError(`${name}=s3 needs S3_BUCKET`);
     return value;
   };
+  const maxMutationsPerRequest = int(env, "MAX_MUTATIONS_PER_REQUEST", 10, 1, 1000);
+  const mutationsPerMinute = int(env, "MUTATIONS_PER_MINUTE", 600, 0, 1_000_000);
+  const mutationBurst = int(env, "MUTATION_BURST", Math.max(100, maxMutationsPerRequest), 1, 1_000_000);
+  // A request of the largest allowed size must fit in a full bucket, or it could never run.
+  if (mutationsPerMinute > 0 && mutationBurst < maxMutationsPerRequest) {
+    throw new ConfigError(`MUTATION_BURST (${mutationBurst}) must be at least MAX_MUTATIONS_PER_REQUEST (${maxMutationsPerRequest})`);
+  }
   return {
     host: env.HOST || "127.0.0.1",
     port: int(env, "PORT", 4000, 0, 65535),
@@ -108,6 +127,14 @@ export function loadConfig(env: Env = process.env): Config {
     maxQueryDepth: int(env, "MAX_QUERY_DEPTH", 12, 2, 100),
     maxQueryCost: int(env, "MAX_QUERY_COST", 50_000, 10, 100_000_000),
     maxPageSize: int(env, "MAX_PAGE_SIZE", 100, 1, 10_000),
+    maxQueryAliases: int(env, "MAX_QUERY_ALIASES", 200, 1, 100_000),
+    maxQueryTokens: int(env, "MAX_QUERY_TOKENS", 10_000, 100, 1_000_000),
+    maxMutationsPerRequest,
+    mutationsPerMinute,
+    mutationBurst,
+    wsMaxPayloadBytes: int(env, "WS_MAX_PAYLOAD_BYTES", 64 * 1024, 1024, 64 * 2 ** 20),
+    wsMaxConnectionsPerAddress: int(env, "WS_MAX_CONNECTIONS_PER_ADDRESS", 32, 1, 100_000),
+    wsAuthTimeoutSeconds: int(env, "WS_AUTH_TIMEOUT_SECONDS", 5, 1, 3600),
     maxDiskBytes: int(env, "MAX_DISK_BYTES", 64 * 2 ** 40, 2 ** 20, Number.MAX_SAFE_INTEGER),
     s3,
     volumeBackend: backend("VOLUME_BACKEND"),

@@ -1,3 +1,4 @@
+import { HeaderMap } from "@apollo/server";
 import { GraphQLError, type GraphQLFormattedError } from "graphql";
 import { DomainError, ErrorCode } from "../services/errors";
 import type { Logger } from "../logger";
@@ -20,14 +21,31 @@ export function httpStatusOf(code: ErrorCode): number {
       return 412;
     case ErrorCode.NO_SPACE:
       return 507;
+    case ErrorCode.RATE_LIMITED:
+      return 429;
   }
 }
 
-export function toGraphQLError(err: DomainError): GraphQLError {
-  return new GraphQLError(err.message, {
-    extensions: { code: err.code, ...(err.field ? { field: err.field } : {}) },
-  });
+/** The extensions a domain error shows the caller. */
+function extensionsOf(err: DomainError): Record<string, unknown> {
+  return {
+    code: err.code,
+    ...(err.field ? { field: err.field } : {}),
+    ...(err.retryAfterSeconds !== undefined ? { retryAfterSeconds: err.retryAfterSeconds } : {}),
+  };
 }
+
+/**
+ * A domain error refusing a whole request before it runs (rate limit): Apollo answers
+ * it with the code's HTTP status, and with Retry-After when there is a retry hint.
+ */
+export function toGraphQLError(err: DomainError): GraphQLError {
+  const headers = new HeaderMap(err.retryAfterSeconds !== undefined ? [["retry-after", String(err.retryAfterSeconds)]] : []);
+  return new GraphQLError(err.message, { originalError: err, extensions: { ...extensionsOf(err), http: { status: httpStatusOf(err.code), headers } } });
+}
+
+/** graphql-js's parse error at the token limit (MAX_QUERY_TOKENS): a limit like depth and cost, not a typo ("more that" in graphql 16). */
+const TOKEN_LIMIT = /^Syntax Error: Document contains more th(?:an|at) \d+ tokens/;
 
 /** An error nothing explains (a bug): neither a domain error nor graphql-js or Apollo speaking about the request. */
 function unexpected(error: unknown): boolean {
@@ -70,13 +88,13 @@ export function createErrorFormatter(logger: Logger) {
         message: original.message,
         locations: formatted.locations,
         path: formatted.path,
-        extensions: { code: original.code, ...(original.field ? { field: original.field } : {}) },
+        extensions: extensionsOf(original),
       };
     }
     if (!unexpected(error)) {
       const { stacktrace: _stack, http: _http, ...extensions } = formatted.extensions ?? {};
       // Apollo re-codes validation errors as GRAPHQL_VALIDATION_FAILED; a rule's own code (QUERY_TOO_COMPLEX) wins.
-      const ownCode = original instanceof GraphQLError ? original.extensions.code : undefined;
+      const ownCode = original instanceof GraphQLError ? (original.extensions.code ?? (TOKEN_LIMIT.test(original.message) ? "QUERY_TOO_COMPLEX" : undefined)) : undefined;
       return { ...formatted, extensions: { ...extensions, code: ownCode ?? extensions.code ?? "BAD_USER_INPUT" } };
     }
     if (isDatabaseUnavailable(original)) {

@@ -13,6 +13,7 @@ import {
   Kind,
   SchemaMetaFieldDef,
   TypeMetaFieldDef,
+  type DocumentNode,
   type FieldNode,
   type FragmentDefinitionNode,
   type GraphQLCompositeType,
@@ -23,6 +24,7 @@ import {
   type SelectionSetNode,
   type ValidationRule,
 } from "graphql";
+import { rateLimited } from "../services/errors";
 
 export const DEFAULT_PAGE = 20;
 
@@ -58,9 +60,7 @@ function depthOf(set: SelectionSetNode, fragments: Fragments, memo: Map<string, 
 /** Refuses operations nested deeper than `max` fields. */
 export function depthLimit(max: number): ValidationRule {
   return (context) => {
-    const doc = context.getDocument();
-    const fragments: Fragments = {};
-    for (const def of doc.definitions) if (def.kind === Kind.FRAGMENT_DEFINITION) fragments[def.name.value] = def;
+    const fragments = fragmentsOf(context.getDocument());
     const memo = new Map<string, number>();
     return {
       OperationDefinition(op) {
@@ -73,6 +73,130 @@ export function depthLimit(max: number): ValidationRule {
       },
     };
   };
+}
+
+function fragmentsOf(doc: DocumentNode): Fragments {
+  const fragments: Fragments = {};
+  for (const def of doc.definitions) if (def.kind === Kind.FRAGMENT_DEFINITION) fragments[def.name.value] = def;
+  return fragments;
+}
+
+/** Aliased fields in a selection set, each fragment counted once per spread (memoised, as in depthOf). */
+function aliasesOf(set: SelectionSetNode, fragments: Fragments, memo: Map<string, number>): number {
+  let count = 0;
+  for (const sel of set.selections) {
+    if (sel.kind === Kind.FIELD) count += (sel.alias ? 1 : 0) + (sel.selectionSet ? aliasesOf(sel.selectionSet, fragments, memo) : 0);
+    else if (sel.kind === Kind.INLINE_FRAGMENT) count += aliasesOf(sel.selectionSet, fragments, memo);
+    else {
+      const frag = fragments[sel.name.value];
+      if (!frag) continue;
+      if (!memo.has(frag.name.value)) {
+        memo.set(frag.name.value, 0); // cycles are reported by the standard rules
+        memo.set(frag.name.value, aliasesOf(frag.selectionSet, fragments, memo));
+      }
+      count += memo.get(frag.name.value)!;
+    }
+  }
+  return Math.min(count, Number.MAX_SAFE_INTEGER);
+}
+
+/**
+ * Refuses operations with more than `max` aliased fields: each alias runs its field
+ * once more (12,000 aliases of one cheap field ran for seconds), while repeating a
+ * field without an alias merges into one.
+ */
+export function aliasLimit(max: number): ValidationRule {
+  return (context) => {
+    const fragments = fragmentsOf(context.getDocument());
+    const memo = new Map<string, number>();
+    return {
+      OperationDefinition(op) {
+        const aliases = aliasesOf(op.selectionSet, fragments, memo);
+        if (aliases > max) {
+          context.reportError(
+            new GraphQLError(`${aliases} aliased fields exceed the limit of ${max}`, { nodes: [op], extensions: { code: "QUERY_TOO_COMPLEX", limit: max, aliases } }),
+          );
+        }
+      },
+    };
+  };
+}
+
+/** The root fields a mutation runs: one per response name, fragments included. */
+export function mutationCount(op: OperationDefinitionNode, fragments: Fragments): number {
+  if (op.operation !== "mutation") return 0;
+  const names = new Set<string>();
+  const seen = new Set<string>();
+  const walk = (set: SelectionSetNode) => {
+    for (const sel of set.selections) {
+      if (sel.kind === Kind.FIELD) names.add((sel.alias ?? sel.name).value);
+      else if (sel.kind === Kind.INLINE_FRAGMENT) walk(sel.selectionSet);
+      else if (fragments[sel.name.value] && !seen.has(sel.name.value)) {
+        seen.add(sel.name.value);
+        walk(fragments[sel.name.value].selectionSet);
+      }
+    }
+  };
+  walk(op.selectionSet);
+  return names.size;
+}
+
+/** Refuses a mutation operation running more than `max` mutations; each is a job or a change, and counts against the rate limit. */
+export function mutationLimit(max: number): ValidationRule {
+  return (context) => {
+    const fragments = fragmentsOf(context.getDocument());
+    return {
+      OperationDefinition(op) {
+        const count = mutationCount(op, fragments);
+        if (count > max) {
+          context.reportError(
+            new GraphQLError(`${count} mutations in one request exceed the limit of ${max}; send them in several requests`, {
+              nodes: [op],
+              extensions: { code: "QUERY_TOO_COMPLEX", limit: max, mutations: count },
+            }),
+          );
+        }
+      },
+    };
+  };
+}
+
+/**
+ * Token buckets of mutations, one per project, in this process's memory: each holds
+ * up to `burst` mutations and refills at `perMinute`. Several processes each keep
+ * their own, so the rate a project gets grows with the number of API processes.
+ */
+export class MutationRateLimiter {
+  private readonly buckets = new Map<string, { tokens: number; at: number }>();
+  private readonly perMs: number;
+
+  constructor(
+    private readonly perMinute: number,
+    private readonly burst: number,
+    private readonly now: () => number = () => performance.now(),
+  ) {
+    this.perMs = perMinute / 60_000;
+  }
+
+  /** Takes `count` mutations from the project's bucket; throws RATE_LIMITED, taking nothing, when it holds fewer. */
+  take(projectId: string, count: number): void {
+    if (this.perMinute === 0 || count === 0) return;
+    const now = this.now();
+    const bucket = this.buckets.get(projectId) ?? { tokens: this.burst, at: now };
+    bucket.tokens = Math.min(this.burst, bucket.tokens + (now - bucket.at) * this.perMs);
+    bucket.at = now;
+    if (bucket.tokens < count) {
+      this.buckets.set(projectId, bucket);
+      const retryAfterSeconds = Math.max(1, Math.ceil((count - bucket.tokens) / this.perMs / 1000));
+      throw rateLimited(`this project sent more than ${this.perMinute} mutations a minute (bursts of ${this.burst}); retry in ${retryAfterSeconds} s`, retryAfterSeconds);
+    }
+    bucket.tokens -= count;
+    this.buckets.set(projectId, bucket);
+    // A full bucket is the same as none: forget those now and then, so idle projects cost no memory.
+    if (this.buckets.size > 10_000) {
+      for (const [id, b] of this.buckets) if (b.tokens + (now - b.at) * this.perMs >= this.burst) this.buckets.delete(id);
+    }
+  }
 }
 
 /**

@@ -17,6 +17,7 @@ import {
   type DocumentNode,
   type FragmentDefinitionNode,
   type GraphQLSchema,
+  type OperationDefinitionNode,
 } from "graphql";
 import { useServer } from "graphql-ws/use/ws";
 import type { DataSource } from "typeorm";
@@ -25,11 +26,12 @@ import type { Config } from "../config";
 import { migrationsApplied } from "../db/data-source";
 import type { Project } from "../entities";
 import type { GraphQLContext } from "../graphql/context";
-import { createErrorFormatter } from "../graphql/errors";
+import { createErrorFormatter, toGraphQLError } from "../graphql/errors";
 import { refuseHttpSubscriptions } from "../graphql/http-subscriptions";
-import { costError, depthLimit, operationCost } from "../graphql/limits";
+import { aliasLimit, costError, depthLimit, MutationRateLimiter, mutationCount, mutationLimit, operationCost } from "../graphql/limits";
 import type { Logger } from "../logger";
 import { RequestContext } from "../services/context";
+import { DomainError } from "../services/errors";
 import type { Services } from "../services";
 import type { Storage } from "../storage";
 import { dataRoutes } from "./data-routes";
@@ -206,12 +208,57 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   const withCode = (errors: readonly GraphQLError[], code: string) =>
     errors.map((e) => new GraphQLError(e.message, { nodes: e.nodes, source: e.source, positions: e.positions, originalError: e.originalError, extensions: { code, ...e.extensions } }));
 
-  const wss = new WebSocketServer({ server, path: "/graphql" });
-  const validationRules = [depthLimit(config.maxQueryDepth)];
+  // Upgrades are taken here rather than by ws itself, to count each address's sockets
+  // and close the one too many with 1013 (try again later) before graphql-ws sees it.
+  const wss = new WebSocketServer({ noServer: true, maxPayload: config.wsMaxPayloadBytes });
+  const socketsPerAddress = new Map<string, number>();
+  server.on("upgrade", (req: http.IncomingMessage, socket: import("node:stream").Duplex, head: Buffer) => {
+    if ((req.url ?? "").split("?")[0] !== "/graphql") {
+      socket.on("error", () => socket.destroy()); // the client may be gone already
+      socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+      return;
+    }
+    wss.handleUpgrade(req, socket, head, (ws) => {
+      const address = req.socket.remoteAddress ?? "";
+      const open = socketsPerAddress.get(address) ?? 0;
+      if (open >= config.wsMaxConnectionsPerAddress) {
+        ws.close(1013, "too many connections from this address");
+        return;
+      }
+      socketsPerAddress.set(address, open + 1);
+      ws.once("close", () => {
+        const left = (socketsPerAddress.get(address) ?? 1) - 1;
+        if (left > 0) socketsPerAddress.set(address, left);
+        else socketsPerAddress.delete(address);
+      });
+      wss.emit("connection", ws, req);
+      // ws emits "error" only for a client's protocol fault (a message past maxPayload, a bad
+      // frame) after closing the socket with its code (1009, 1002); graphql-ws would print it
+      // with a stack to the console, so it is logged here instead.
+      ws.removeAllListeners("error");
+      ws.on("error", (err: Error & { code?: string }) => {
+        logger.warn("a WebSocket client broke the protocol; its socket is closed", { code: err.code, reason: err.message, address });
+      });
+    });
+  });
+  const validationRules = [depthLimit(config.maxQueryDepth), aliasLimit(config.maxQueryAliases), mutationLimit(config.maxMutationsPerRequest)];
+  const parseOptions = { maxTokens: config.maxQueryTokens };
+  const mutations = new MutationRateLimiter(config.mutationsPerMinute, config.mutationBurst);
+  /** Takes the operation's mutations from the project's bucket; the rate-limit error refusing it, or nothing. */
+  const rateLimit = (project: Project, op: OperationDefinitionNode, document: DocumentNode): GraphQLError | undefined => {
+    try {
+      mutations.take(project.id, mutationCount(op, fragmentsOf(document)));
+      return undefined;
+    } catch (err) {
+      if (err instanceof DomainError) return toGraphQLError(err);
+      throw err;
+    }
+  };
   const wsCleanup = useServer<Record<string, unknown>, { project?: Project }>(
     {
       schema,
       isProd: true, // close reasons never carry internal error messages
+      connectionInitWaitTimeout: config.wsAuthTimeoutSeconds * 1000,
       onConnect: async (ctx) => {
         const auth = ctx.connectionParams?.authorization ?? ctx.connectionParams?.Authorization;
         let project: Project | null;
@@ -228,10 +275,10 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
       context: (ctx) => makeContext(ctx.extra.project!),
       // Parse, validate and cost-check here, as Apollo does over HTTP, so a bad document
       // gets an error message instead of closing the socket.
-      onSubscribe: (_ctx, _id, payload) => {
+      onSubscribe: (ctx, _id, payload) => {
         let document: DocumentNode;
         try {
-          document = parse(payload.query);
+          document = parse(payload.query, parseOptions);
         } catch (err) {
           if (err instanceof GraphQLError) return withCode([err], "GRAPHQL_PARSE_FAILED");
           throw err;
@@ -242,6 +289,8 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
         if (!op) return [new GraphQLError("Unable to identify the operation to run", { extensions: { code: "OPERATION_RESOLUTION_FAILURE" } })];
         const cost = operationCost(schema, op, fragmentsOf(document), payload.variables ?? {});
         if (cost > config.maxQueryCost) return [costError(cost, config.maxQueryCost)];
+        const limited = rateLimit(ctx.extra.project!, op, document);
+        if (limited) return [limited];
         return { schema, document, operationName: payload.operationName, variableValues: payload.variables };
       },
       onNext: (ctx, _id, payload, _args, result) => (result.errors ? { ...result, errors: formatErrors(result.errors, ctx.extra.project, payload.operationName) } : undefined),
@@ -256,6 +305,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
     csrfPrevention: false, // every request carries a bearer key that a browser never adds by itself
     includeStacktraceInErrorResponses: false,
     validationRules,
+    parseOptions,
     formatError,
     plugins: [
       ApolloServerPluginDrainHttpServer({ httpServer: server }),
@@ -285,6 +335,8 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
               if (!rc.operation) return;
               const cost = operationCost(schema, rc.operation, fragmentsOf(rc.document), rc.request.variables ?? {});
               if (cost > config.maxQueryCost) throw costError(cost, config.maxQueryCost);
+              const limited = rateLimit(rc.contextValue.project, rc.operation, rc.document);
+              if (limited) throw limited;
             },
           };
         },

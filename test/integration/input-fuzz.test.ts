@@ -94,7 +94,7 @@ function document(field: GraphQLField<unknown, unknown>, args: Record<string, un
 
 let svc: TestService;
 beforeAll(async () => {
-  svc = await startTestService({ MIN_FREE_BYTES: "0" });
+  svc = await startTestService({ MIN_FREE_BYTES: "0", MUTATIONS_PER_MINUTE: "0" });
 });
 afterAll(async () => {
   await svc?.stop();

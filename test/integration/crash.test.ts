@@ -419,7 +419,12 @@ it("a worker frozen while another fails its job commits nothing when it wakes: t
   other.once("exit", () => children.delete(other));
   const state = async () =>
     (await pg.query(`SELECT j.status AS job, j.error_code AS code, b.status AS backup FROM jobs j JOIN backups b ON b.id = j.backup_id WHERE b.name = 'fenced'`)).rows[0];
-  for (const deadline = Date.now() + 60_000; (await state()).job === "RUNNING"; await sleep(200)) {
+  // It fails the job, then cleans up in a second step: wait for both.
+  const failedAndCleaned = async () => {
+    const now = await state();
+    return now.job !== "RUNNING" && now.backup !== "CREATING";
+  };
+  for (const deadline = Date.now() + 60_000; !(await failedAndCleaned()); await sleep(200)) {
     if (Date.now() > deadline) throw new Error("the other process never failed the silent job");
   }
   expect(await state()).toEqual({ job: "FAILED", code: "INTERRUPTED", backup: "ERROR" });

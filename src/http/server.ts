@@ -31,7 +31,7 @@ import { RequestContext } from "../services/context";
 import type { Services } from "../services";
 import type { Storage } from "../storage";
 import { dataRoutes } from "./data-routes";
-import { createMetrics } from "./metrics";
+import { bearerMatches, createMetrics } from "./metrics";
 
 export interface HttpDeps {
   config: Config;
@@ -90,7 +90,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   // longer than the usual 60 s of load balancers in front.
   server.keepAliveTimeout = 65_000;
   server.headersTimeout = 66_000;
-  const metrics = createMetrics();
+  const metrics = createMetrics({ token: config.metricsToken });
 
   // CORS: only the configured origins; the API key travels in a header, never a cookie.
   app.use((req, res, next) => {
@@ -127,7 +127,11 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
       res.status(503).json({ status: "unavailable", reason: "database unreachable" });
     }
   });
-  app.get("/metrics", async (_req, res) => {
+  app.get("/metrics", async (req, res) => {
+    if (config.metricsToken && !bearerMatches(req.headers.authorization, config.metricsToken)) {
+      res.status(401).setHeader("WWW-Authenticate", 'Bearer realm="metrics"').json({ error: "METRICS_TOKEN required as a bearer token" });
+      return;
+    }
     res.setHeader("Content-Type", metrics.registry.contentType);
     res.send(await metrics.registry.metrics());
   });

@@ -620,6 +620,13 @@ export function nextOccurrence(rules: string[], tz: string, after: Date, anchor:
     const rule = parseRule(text, i);
     const options = toOptions(rule);
     const until = rule.until && plusYears(rule.until, shift);
+    // Without day parts rrule takes the day (and a YEARLY rule the month) from dtstart, which
+    // moves when a month is shorter; the search starts from several days, so pin them as the first would.
+    if ((rule.freq === Frequency.MONTHLY || rule.freq === Frequency.YEARLY) && !rule.byweekno && !rule.byyearday && !rule.bymonthday && !rule.byday) {
+      const first = dtstartNear(options, anchorFloating, start);
+      options.bymonthday = [first.getUTCDate()];
+      if (rule.freq === Frequency.YEARLY && !rule.bymonth) options.bymonth = [first.getUTCMonth() + 1];
+    }
     const filter = dayFilter(rule, options, anchorFloating);
     const days = filter ? null : calendarDays(options);
     // A BYSETPOS no month or year ever has: rrule would walk every month to year 9999 to find that out.

@@ -46,3 +46,9 @@ it.each([
   expect(() => checkSchedule([rule])).toThrow(message);
   expect(performance.now() - t).toBeLessThan(LIMIT_MS);
 });
+
+it("keeps a MONTHLY rule without a day on the anchor's day, though a month it steps over is shorter", () => {
+  // From November 29th, 15 months on is February 2029, which has no 29th; 30 months on is May 29th, 2030.
+  const got = nextOccurrence(["FREQ=MONTHLY;INTERVAL=15"], "Australia/Lord_Howe", new Date("2027-12-23T08:04:13Z"), new Date("2027-11-28T15:25:13Z"));
+  expect(got?.toISOString()).toBe("2030-05-28T13:30:00.000Z");
+});

@@ -60,6 +60,8 @@ export interface Config {
   /** Below this much free space where local blobs live, writes and the jobs that write are refused (0: never). */
   minFreeBytes: number;
   logLevel: "debug" | "info" | "warn" | "error";
+  /** When set, GET /metrics wants it as a bearer token, and shows GraphQL operation names. */
+  metricsToken?: string;
 }
 
 export class ConfigError extends Error {}
@@ -113,6 +115,9 @@ export function loadConfig(env: Env = process.env): Config {
   if (mutationsPerMinute > 0 && mutationBurst < maxMutationsPerRequest) {
     throw new ConfigError(`MUTATION_BURST (${mutationBurst}) must be at least MAX_MUTATIONS_PER_REQUEST (${maxMutationsPerRequest})`);
   }
+  const metricsToken = env.METRICS_TOKEN || undefined;
+  // A header cannot carry such a token, so /metrics would refuse everyone.
+  if (metricsToken && !/^[\x21-\x7e]+$/.test(metricsToken)) throw new ConfigError("METRICS_TOKEN must be printable ASCII without spaces");
   return {
     host: env.HOST || "127.0.0.1",
     port: int(env, "PORT", 4000, 0, 65535),
@@ -151,5 +156,6 @@ export function loadConfig(env: Env = process.env): Config {
     maxImageVirtualBytes: int(env, "MAX_IMAGE_VIRTUAL_BYTES", int(env, "MAX_DISK_BYTES", 64 * 2 ** 40, 2 ** 20, Number.MAX_SAFE_INTEGER), 2 ** 20, Number.MAX_SAFE_INTEGER),
     minFreeBytes: int(env, "MIN_FREE_BYTES", 2 ** 30, 0, Number.MAX_SAFE_INTEGER),
     logLevel,
+    metricsToken,
   };
 }

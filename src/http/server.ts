@@ -35,7 +35,7 @@ import { DomainError } from "../services/errors";
 import type { Services } from "../services";
 import type { Storage } from "../storage";
 import { dataRoutes } from "./data-routes";
-import { createMetrics } from "./metrics";
+import { bearerMatches, createMetrics } from "./metrics";
 
 /** How long /readyz waits for the database before it answers 503. */
 const READY_WITHIN_MS = 2000;
@@ -97,7 +97,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   // longer than the usual 60 s of load balancers in front.
   server.keepAliveTimeout = 65_000;
   server.headersTimeout = 66_000;
-  const metrics = createMetrics();
+  const metrics = createMetrics({ token: config.metricsToken });
 
   // CORS: only the configured origins; the API key travels in a header, never a cookie.
   app.use((req, res, next) => {
@@ -142,7 +142,11 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
       clearTimeout(timer);
     }
   });
-  app.get("/metrics", async (_req, res) => {
+  app.get("/metrics", async (req, res) => {
+    if (config.metricsToken && !bearerMatches(req.headers.authorization, config.metricsToken)) {
+      res.status(401).setHeader("WWW-Authenticate", 'Bearer realm="metrics"').json({ error: "METRICS_TOKEN required as a bearer token" });
+      return;
+    }
     res.setHeader("Content-Type", metrics.registry.contentType);
     res.send(await metrics.registry.metrics());
   });

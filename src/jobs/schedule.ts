@@ -261,13 +261,16 @@ function reachesGrid(rule: Rule, startWeekday: number | null): boolean {
   const byday = startWeekday === null ? null : rule.byday;
   const span = byday ? WEEK_MINUTES : DAY_MINUTES;
   const g = gcd(step, span);
-  for (let t = 0; t < span; t += g) {
-    const minuteOfDay = t % DAY_MINUTES;
-    if (byday && !byday.some((d) => d.weekday === (startWeekday! + Math.floor(t / DAY_MINUTES)) % 7)) continue;
-    if (rule.freq === Frequency.DAILY) return true;
-    if (rule.byhour && !rule.byhour.includes(Math.floor(minuteOfDay / 60))) continue;
-    if (rule.freq === Frequency.MINUTELY && rule.byminute && !rule.byminute.includes(minuteOfDay % 60)) continue;
-    return true;
+  // The first reachable time at or after `t`: a day or hour that is not allowed is skipped whole.
+  const from = (t: number) => Math.ceil(t / g) * g;
+  for (let t = 0; t < span; ) {
+    const day = Math.floor(t / DAY_MINUTES);
+    const hour = Math.floor((t % DAY_MINUTES) / 60);
+    if (byday && !byday.some((d) => d.weekday === (startWeekday! + day) % 7)) t = from((day + 1) * DAY_MINUTES);
+    else if (rule.freq === Frequency.DAILY) return true;
+    else if (rule.byhour && !rule.byhour.includes(hour)) t = from(day * DAY_MINUTES + (hour + 1) * 60);
+    else if (rule.freq === Frequency.MINUTELY && rule.byminute && !rule.byminute.includes(t % 60)) t += g;
+    else return true;
   }
   return false;
 }
@@ -341,21 +344,38 @@ function toOptions(rule: Rule): Partial<Options> {
   return options;
 }
 
-/** The last whole 400-year cycle before rrule stops at year 9999: dates, weekdays and week numbers repeat with it. */
-const PROBE_FROM = new Date(Date.UTC(9599, 0, 1));
+/**
+ * The last 28 years before rrule stops at year 9999. Which days of a year match depends
+ * only on whether it and the year before are leap years and the weekday it starts on,
+ * and 28 years without a century year between them hold every such combination (the
+ * 400-year cycle did too, but walking it held the event loop for a tenth of a second).
+ */
+const PROBE_FROM = new Date(Date.UTC(9972, 0, 1));
 
 /**
- * Whether the rule's day parts match any date at all, tried over one whole calendar
- * cycle: as a YEARLY rule, or as itself when ordinals or BYSETPOS count within its
- * months or years.
+ * Whether the rule's day parts match any date at all, tried over every kind of year:
+ * as a YEARLY rule, or as itself when ordinals or BYSETPOS count within its months or
+ * years.
  */
-function matchesADay(rule: Rule): boolean {
+function matchesADay(rule: Rule, memo: Map<string, boolean>): boolean {
   if (!rule.byday && !rule.bymonthday && !rule.byyearday && !rule.byweekno) return true;
   const counts = (rule.freq === Frequency.MONTHLY || rule.freq === Frequency.YEARLY) && (rule.bysetpos || rule.byday?.some((d) => d.n));
   const options: Partial<Options> = counts
-    ? { ...toOptions(rule), interval: 1, until: null }
+    ? calendarDays({ ...toOptions(rule), interval: 1, until: null })
     : { freq: Frequency.YEARLY, bymonth: rule.bymonth, bymonthday: rule.bymonthday, byyearday: rule.byyearday, byweekno: rule.byweekno, wkst: rule.wkst, byweekday: rule.byday && rule.byday.map((d) => d.weekday) };
-  return new RRule({ ...options, dtstart: PROBE_FROM, tzid: null }, true).after(PROBE_FROM, true) !== null;
+  return probe(options, memo);
+}
+
+/** Whether a MONTHLY or YEARLY rule's BYSETPOS picks a time in any month or year, tried as matchesADay does. */
+function setposMatches(rule: Rule, memo: Map<string, boolean>): boolean {
+  return probe(calendarDays({ ...toOptions(rule), interval: 1, until: null }), memo);
+}
+
+/** Whether rrule finds an occurrence in the probe years; rules that share their options share the answer. */
+function probe(options: Partial<Options>, memo: Map<string, boolean>): boolean {
+  const key = JSON.stringify(options);
+  if (!memo.has(key)) memo.set(key, new RRule({ ...options, dtstart: PROBE_FROM, tzid: null }, true).after(PROBE_FROM, true) !== null);
+  return memo.get(key)!;
 }
 
 /**
@@ -365,9 +385,10 @@ function matchesADay(rule: Rule): boolean {
  */
 export function checkSchedule(rules: string[]): string[] {
   let second: number | null = null;
+  const memo = new Map<string, boolean>();
   return rules.map((text, i) => {
     const rule = parseRule(text, i);
-    if (!matchesADay(rule)) {
+    if (!matchesADay(rule, memo)) {
       const parts = (["BYMONTH", "BYWEEKNO", "BYYEARDAY", "BYMONTHDAY", "BYDAY", "BYSETPOS"] as const).filter((k) => rule[k.toLowerCase() as keyof Rule] !== null);
       throw new ScheduleError(i, `never fires: no date matches ${parts.join(", ")} together`);
     }
@@ -440,14 +461,138 @@ const SEARCH_YEARS = 110;
 const RRULE_LAST_YEAR = 9999;
 const END_OF_TIME = new Date(Date.UTC(RRULE_LAST_YEAR + 1, 0, 1));
 
+const DAY_MS = 86_400_000;
+
+/**
+ * Which floating days a rule below MONTHLY can fire on: its day parts as lookup tables,
+ * and which days its steps (counted from the anchor's midnight) reach an allowed time.
+ * Such a rule's days depend on nothing else, so the search can skip to them.
+ */
+interface DayFilter {
+  month: boolean[];
+  monthday: boolean[];
+  monthdayFromEnd: boolean[];
+  yearday: boolean[];
+  yeardayFromEnd: boolean[];
+  weekday: boolean[];
+  /** Days since the anchor's, modulo its length: whether a step lands on an allowed time that day. */
+  steps: boolean[];
+  anchorDay: number;
+  /** WEEKLY: every `weeks`-th week from the anchor's, weeks starting on `wkst`. */
+  weeks: number;
+  wkst: number;
+}
+
+const table = (size: number, values: number[] | null): boolean[] => {
+  const out = new Array<boolean>(size).fill(values === null);
+  for (const v of values ?? []) out[v] = true;
+  return out;
+};
+
+/** Days since 1970-01-01 of a floating midnight. */
+const dayNumber = (ms: number) => Math.floor(ms / DAY_MS);
+
+function dayFilter(rule: Rule, options: Partial<Options>, anchor: Date): DayFilter | null {
+  if (rule.freq === Frequency.MONTHLY || rule.freq === Frequency.YEARLY) return null;
+  // An absent list allows every day; a list of only negative (or only positive) values allows none from the other end.
+  const signed = (values: number[] | null, sign: 1 | -1, size: number) => (values === null ? table(size, null) : table(size, values.filter((v) => Math.sign(v) === sign).map(Math.abs)));
+  const minutes = rule.freq === Frequency.DAILY ? 1440 : rule.freq === Frequency.WEEKLY ? 0 : options.freq === Frequency.HOURLY ? 60 : 1;
+  const step = minutes * (options.interval ?? 1);
+  const period = step ? step / gcd(step, 1440) : 1;
+  const hours = options.byhour as number[] | null | undefined;
+  const mins = options.byminute as number[] | null | undefined;
+  const steps = new Array<boolean>(period).fill(false);
+  for (let r = 0; r < period; r++) {
+    // DAILY steps land on days, WEEKLY ones on weeks (below); their times come from BYHOUR and BYMINUTE.
+    if (rule.freq === Frequency.DAILY || rule.freq === Frequency.WEEKLY) {
+      steps[r] = r === 0;
+      continue;
+    }
+    for (let t = (step - ((r * 1440) % step)) % step; t < 1440 && !steps[r]; t += step) {
+      const hourOk = !hours || hours.includes(Math.floor(t / 60));
+      // HOURLY steps land on hours and BYMINUTE spreads them; MINUTELY steps land on minutes.
+      const minuteOk = options.freq === Frequency.HOURLY || !mins || mins.includes(t % 60);
+      steps[r] = hourOk && minuteOk;
+    }
+  }
+  return {
+    month: table(13, rule.bymonth),
+    monthday: signed(rule.bymonthday, 1, 32),
+    monthdayFromEnd: signed(rule.bymonthday, -1, 32),
+    yearday: signed(rule.byyearday, 1, 367),
+    yeardayFromEnd: signed(rule.byyearday, -1, 367),
+    weekday: table(7, rule.byday && rule.byday.map((d) => d.weekday)),
+    steps,
+    anchorDay: dayNumber(anchor.getTime()),
+    weeks: rule.freq === Frequency.WEEKLY ? rule.interval : 1,
+    wkst: rule.wkst ?? 0,
+  };
+}
+
+/**
+ * The first floating midnight at or after the day of `from` on which the rule can fire,
+ * or null when none comes before `end`: month by month with table lookups, so even
+ * centuries without such a day cost well under a millisecond.
+ */
+function nextDay(filter: DayFilter, from: Date, end: Date): Date | null {
+  const mod = (a: number, n: number) => ((a % n) + n) % n;
+  // 1970-01-01 was a Thursday, weekday 3 counting from Monday.
+  const week = (day: number) => Math.floor((day + 3 - filter.wkst) / 7);
+  const anchorWeek = week(filter.anchorDay);
+  let y = from.getUTCFullYear();
+  let m = from.getUTCMonth();
+  let first = from.getUTCDate();
+  const both = (plus: boolean[], minus: boolean[], n: number, len: number) => plus[n] || minus[len + 1 - n];
+  for (let monthStart = Date.UTC(y, m, 1); monthStart < end.getTime(); monthStart = Date.UTC(y, m, 1)) {
+    if (filter.month[m + 1]) {
+      const monthLen = new Date(Date.UTC(y, m + 1, 0)).getUTCDate();
+      const yearLen = new Date(Date.UTC(y, 1, 29)).getUTCDate() === 29 ? 366 : 365;
+      const yeardayBefore = (monthStart - Date.UTC(y, 0, 1)) / DAY_MS;
+      const firstDay = dayNumber(monthStart);
+      for (let d = first; d <= monthLen; d++) {
+        const day = firstDay + d - 1;
+        if (!both(filter.monthday, filter.monthdayFromEnd, d, monthLen)) continue;
+        if (!both(filter.yearday, filter.yeardayFromEnd, yeardayBefore + d, yearLen)) continue;
+        if (!filter.weekday[mod(day + 3, 7)]) continue;
+        if (!filter.steps[mod(day - filter.anchorDay, filter.steps.length)]) continue;
+        if (filter.weeks > 1 && mod(week(day) - anchorWeek, filter.weeks) !== 0) continue;
+        return day * DAY_MS < end.getTime() ? new Date(day * DAY_MS) : null;
+      }
+    }
+    first = 1;
+    if (++m === 12) {
+      m = 0;
+      y++;
+    }
+  }
+  return null;
+}
+
+/**
+ * A MONTHLY or YEARLY rule's options with its times replaced by the earliest ones of
+ * the same count: it picks the same days (BYSETPOS counts times too, in order, but not
+ * their values), each no later than the rule does. Rules that differ only in their
+ * times then share their days, and those are looked for once.
+ */
+function calendarDays(options: Partial<Options>): Partial<Options> {
+  const range = (list: unknown) => (options.bysetpos && Array.isArray(list) ? list.map((_, i) => i) : [0]);
+  return { ...options, byhour: range(options.byhour), byminute: range(options.byminute), bysecond: [0] };
+}
+
 /**
  * The first occurrence strictly after `after` of any of `rules`, as a real instant,
  * or null when none occurs again. `anchor` (the policy's creation) fixes where
  * INTERVAL counts from. A rule that does not fire within the next 110 years (up to
  * 510, depending on the year) counts as never firing again.
+ *
+ * rrule walks every day (or hour) up to an occurrence: for a rule whose days come once
+ * in decades that held the event loop for a tenth of a second per rule. So a rule below
+ * MONTHLY is asked only about the days it can fire on, one day at a time, and no rule
+ * is searched past the best occurrence found so far.
  */
 export function nextOccurrence(rules: string[], tz: string, after: Date, anchor: Date): Date | null {
   let best: Date | null = null;
+  let bestFloating: Date | null = null;
   const anchorDay = DateTime.fromJSDate(anchor, { zone: tz }).startOf("day");
   const afterFloating = floating(DateTime.fromJSDate(after, { zone: tz }));
   // Around a DST change the wall clock repeats or skips an hour, so start a little earlier
@@ -459,20 +604,59 @@ export function nextOccurrence(rules: string[], tz: string, after: Date, anchor:
   const shift = 400 * Math.max(0, Math.floor((RRULE_LAST_YEAR - SEARCH_YEARS - from.getUTCFullYear()) / 400));
   const start = plusYears(from, shift);
   const anchorFloating = plusYears(floating(anchorDay), shift);
+  // MONTHLY and YEARLY rules that differ only in their times share their days: each is looked for once.
+  const calendarDayMemo = new Map<string, Date | null>();
+  const probes = new Map<string, boolean>();
+  const nextCalendarDay = (days: Partial<Options>, until: Date | null, lo: Date, end: Date): Date | null => {
+    const midnight = new Date(dayNumber(lo.getTime()) * DAY_MS);
+    const key = JSON.stringify([days, midnight, until, end]);
+    if (!calendarDayMemo.has(key)) {
+      const occ = new RRule({ ...days, until, dtstart: dtstartNear(days, anchorFloating, midnight), tzid: null }, true).after(midnight, true);
+      calendarDayMemo.set(key, occ && occ < end ? new Date(dayNumber(occ.getTime()) * DAY_MS) : null);
+    }
+    return calendarDayMemo.get(key)!;
+  };
   rules.forEach((text, i) => {
     const rule = parseRule(text, i);
     const options = toOptions(rule);
-    const dtstart = dtstartNear(options, anchorFloating, start);
     const until = rule.until && plusYears(rule.until, shift);
+    // Without day parts rrule takes the day (and a YEARLY rule the month) from dtstart, which
+    // moves when a month is shorter; the search starts from several days, so pin them as the first would.
+    if ((rule.freq === Frequency.MONTHLY || rule.freq === Frequency.YEARLY) && !rule.byweekno && !rule.byyearday && !rule.bymonthday && !rule.byday) {
+      const first = dtstartNear(options, anchorFloating, start);
+      options.bymonthday = [first.getUTCDate()];
+      if (rule.freq === Frequency.YEARLY && !rule.bymonth) options.bymonth = [first.getUTCMonth() + 1];
+    }
+    const filter = dayFilter(rule, options, anchorFloating);
+    const days = filter ? null : calendarDays(options);
+    // A BYSETPOS no month or year ever has: rrule would walk every month to year 9999 to find that out.
+    if (days && rule.bysetpos && !setposMatches(rule, probes)) return;
     let seen = 0;
-    new RRule({ ...options, until, dtstart, tzid: null }, true).between(start, END_OF_TIME, false, (occ) => {
-      const real = fromFloating(plusYears(occ, -shift), tz).toJSDate();
-      if (real.getTime() > after.getTime()) {
-        if (!best || real < best) best = real;
-        return false;
-      }
-      return ++seen < 2000;
-    });
+    let found = false;
+    /** Occurrences in (lo, hi), in order, until one is after `after`. */
+    const search = (lo: Date, hi: Date) =>
+      new RRule({ ...options, until, dtstart: dtstartNear(options, anchorFloating, lo), tzid: null }, true).between(lo, hi, false, (occ) => {
+        const real = fromFloating(plusYears(occ, -shift), tz).toJSDate();
+        if (real.getTime() > after.getTime()) {
+          if (!best || real < best) {
+            best = real;
+            bestFloating = occ;
+          }
+          found = true;
+          return false;
+        }
+        return ++seen < 2000;
+      });
+    // A day past the best so far cannot improve on it (a day covers any DST shift).
+    const end = () => new Date(Math.min(END_OF_TIME.getTime(), until ? until.getTime() + 1000 : Infinity, bestFloating ? bestFloating.getTime() + DAY_MS : Infinity));
+    for (let lo = start; !found && seen < 2000; ) {
+      const day = filter ? nextDay(filter, lo, end()) : nextCalendarDay(days!, until, lo, end());
+      if (!day) break;
+      const next = new Date(day.getTime() + DAY_MS);
+      // From just before: `between` leaves out its ends, and an occurrence at `lo` counts (those not after `after` are skipped).
+      search(new Date(Math.max(day.getTime(), lo.getTime()) - 1), next);
+      lo = next;
+    }
   });
   return best;
 }

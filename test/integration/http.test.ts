@@ -83,14 +83,15 @@ describe("HTTP edge with default configuration", () => {
     expect(await ready.json()).toEqual({ status: "ready" });
   });
 
-  it("exports GraphQL metrics labelled with the operation name", async () => {
+  it("exports GraphQL metrics by operation type, without operation names when no METRICS_TOKEN is set", async () => {
     expect(await svc.ok("query MetricsProbe { viewer { name } }")).toEqual({ viewer: { name: "alpha" } });
     const res = await fetch(`${svc.url}/metrics`);
     expect(res.status).toBe(200);
     expect(res.headers.get("content-type")).toContain("text/plain");
     const text = await res.text();
-    expect(text).toMatch(/^stowage_graphql_requests_total\{[^}]*operation="MetricsProbe"[^}]*\} 1$/m);
-    expect(text).toMatch(/^stowage_graphql_request_duration_seconds_count\{[^}]*operation="MetricsProbe"[^}]*\} 1$/m);
+    expect(text).not.toContain("MetricsProbe");
+    expect(text).toMatch(/^stowage_graphql_requests_total\{operation="other",type="query",outcome="ok"\} \d+$/m);
+    expect(text).toMatch(/^stowage_graphql_request_duration_seconds_count\{operation="other",type="query"\} \d+$/m);
     expect(text).toMatch(/^stowage_http_requests_total\{[^}]*route="\/graphql"[^}]*\} \d+$/m);
   });
 

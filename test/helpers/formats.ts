@@ -90,6 +90,19 @@ export function memorySource(disk: Buffer): WriteSource {
   };
 }
 
+/** A disk of `size` bytes holding `blocks` (64 KiB block index → bytes), in the map's order. */
+export function blocksSource(size: number, blocks: Map<number, Buffer>): WriteSource {
+  return {
+    virtualSize: size,
+    async *allocated() {
+      yield* blocks.keys();
+    },
+    async *blocks() {
+      for (const [index, data] of blocks) yield { index, data };
+    },
+  };
+}
+
 /**
  * Writes a writer's output to `file` as a sparse-capable sink does: bytes at their
  * offsets, holes skipped with a seek, the length set at the end (a file may end in

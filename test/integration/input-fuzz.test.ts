@@ -2,6 +2,7 @@ import crypto from "node:crypto";
 import { getNamedType, isInputObjectType, isListType, isNonNullType, isObjectType, isScalarType, type GraphQLArgument, type GraphQLField, type GraphQLInputType } from "graphql";
 import { buildStowageSchema } from "../../src/graphql/schema";
 import { backup, succeed } from "../helpers/data";
+import { prng } from "../helpers/formats";
 import { MiB, startTestService, type TestService } from "../helpers/service";
 
 /**
@@ -13,18 +14,6 @@ import { MiB, startTestService, type TestService } from "../helpers/service";
 const SEED = Number(process.env.STOWAGE_FUZZ_SEED ?? crypto.randomInt(2 ** 31));
 const RANDOM_PER_ARGUMENT = Number(process.env.STOWAGE_FUZZ_ROUNDS ?? 3);
 const ALLOWED = new Set(["BAD_USER_INPUT", "NOT_FOUND", "FORBIDDEN", "CONFLICT", "FAILED_PRECONDITION", "QUERY_TOO_COMPLEX"]);
-
-/** mulberry32: small, seeded, good enough to pick test inputs. */
-function prng(seed: number) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 2 ** 32;
-  };
-}
 
 const PIECES = [
   "\u0000", "\ud800", "\udbff", "\udc00", "\udfff", "\u{1F600}", "\u{1F468}\u200d\u{1F469}\u200d\u{1F467}", "\u202E", "\u202A", "\u2066", "\u2069", "\u200f",

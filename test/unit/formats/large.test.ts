@@ -3,7 +3,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { openImage, WRITERS } from "../../../src/formats";
 import { DEFAULT_LIMITS, FormatError, type FormatName, type ImageReader, type WriteSource } from "../../../src/formats/types";
-import { allocatedBytes, extentsToRaw, fileDataRanges, fileSource, fixedVhdFile, pattern, qemu, qemuImg, sparseFile, tmpDir, vhdFile, vmdkFile, withDataRanges, writeFile } from "../../helpers/formats";
+import { allocatedBytes, extentsToRaw, fileDataRanges, fileSource, blocksSource, fixedVhdFile, pattern, qemu, qemuImg, sparseFile, tmpDir, vhdFile, vmdkFile, withDataRanges, writeFile } from "../../helpers/formats";
 
 /*
  * Disk images at real sizes: files above 2^31 and 2^32 bytes with data placed
@@ -302,19 +302,6 @@ describe("sparse disks of 1 TiB are read in time and reads proportional to their
     expect(bytesRead).toBeLessThan(MiB);
   });
 });
-
-/** A disk of `size` bytes holding `blocks` (64 KiB block index → bytes). */
-function blocksSource(size: number, blocks: Map<number, Buffer>): WriteSource {
-  return {
-    virtualSize: size,
-    async *allocated() {
-      yield* blocks.keys();
-    },
-    async *blocks() {
-      for (const [index, data] of blocks) yield { index, data };
-    },
-  };
-}
 
 describe("writers given a sparse 1 TiB disk write its data, not its size", () => {
   const TiB = 2 ** 40;

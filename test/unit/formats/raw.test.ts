@@ -2,7 +2,7 @@ import fs from "node:fs";
 import path from "node:path";
 import { openRaw, writeRaw } from "../../../src/formats/raw";
 import { BLOCK_SIZE, dataRangesOf, DEFAULT_LIMITS, FormatError, isHole, materialize, type ByteRange, type ImageReader, type WriteSource, type WriterPiece } from "../../../src/formats/types";
-import { bufferSource, bytesOf, fileSource, memorySource, pattern, pwrite, readAll, sampleDisk, tmpDir, withDataRanges, writeFile } from "../../helpers/formats";
+import { blocksSource, bufferSource, bytesOf, fileSource, memorySource, pattern, pwrite, readAll, sampleDisk, tmpDir, withDataRanges, writeFile } from "../../helpers/formats";
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -13,19 +13,6 @@ beforeAll(() => {
 });
 afterAll(() => tmp.cleanup());
 const file = (name: string) => path.join(tmp.dir, name);
-
-/** A disk of `size` bytes holding the given blocks. */
-function blocksSource(size: number, blocks: Map<number, Buffer>): WriteSource {
-  return {
-    virtualSize: size,
-    async *allocated() {
-      yield* blocks.keys();
-    },
-    async *blocks() {
-      for (const [index, data] of blocks) yield { index, data };
-    },
-  };
-}
 
 /** The pieces a writer yields, bytes shown by length and first byte, holes by size. */
 async function shapes(pieces: AsyncIterable<WriterPiece>) {

@@ -7,7 +7,8 @@ import { RequestContext } from "../services/context";
 import type { JobQueue } from "../services/job-queue";
 import { hydrate } from "../services/pagination";
 import type { PolicyRunner } from "../services/policy.service";
-import { nextOccurrence, ScheduleError } from "./schedule";
+import { ScheduleError } from "./schedule";
+import { scheduleThread } from "./schedule-thread";
 
 export type Clock = () => Date;
 
@@ -59,7 +60,7 @@ export class Scheduler {
         const occurrence = policy.nextRunAt!;
         const { run, jobs } = await this.runner.runIn(em, ctx, policy, "SCHEDULE", occurrence);
         // The next occurrence after now, not after the one served: downtime gives one catch-up run.
-        const next = this.nextRun(policy, now);
+        const next = await this.nextRun(policy, now);
         await em.query(`UPDATE policies SET last_run_at = $2, next_run_at = $3, updated_at = now() WHERE id = $1`, [policy.id, occurrence, next]);
         policy.lastRunAt = occurrence;
         policy.nextRunAt = next;
@@ -83,9 +84,9 @@ export class Scheduler {
    * A schedule stored before its rules were checked as they are now may be refused:
    * that policy stops (until its schedule is updated) instead of failing every tick.
    */
-  private nextRun(policy: Policy, now: Date): Date | null {
+  private async nextRun(policy: Policy, now: Date): Promise<Date | null> {
     try {
-      return nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt);
+      return await scheduleThread.next(policy.schedule, policy.timezone, now, policy.createdAt);
     } catch (err) {
       if (!(err instanceof ScheduleError)) throw err;
       this.logger.error("policy schedule refused; it will not run again until its schedule is updated", { policy: policy.id, rule: err.index, reason: err.message });

@@ -4,7 +4,8 @@ import { Backup, BackupTrigger, Disk, JobType, Policy, PolicyBinding, PolicyRun,
 import type { BackupService } from "./backup.service";
 import type { JobQueue } from "./job-queue";
 import { decideRetention, hasRules, type RetentionDecision } from "./retention";
-import { checkSchedule, isValidTimezone, MAX_RULES, nextOccurrence, ScheduleError } from "../jobs/schedule";
+import { isValidTimezone, MAX_RULES, ScheduleError } from "../jobs/schedule";
+import { scheduleThread } from "../jobs/schedule-thread";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput, conflict, DomainError, notFound } from "./errors";
@@ -48,13 +49,16 @@ export function policyConditions(filter: PolicyFilter | null | undefined): Condi
   return out;
 }
 
-function validateSchedule(rules: string[], field = "schedule"): string[] {
+/** The field a ScheduleError names: the rule, or the whole schedule when no one rule is to blame. */
+const ruleField = (field: string, err: ScheduleError) => (err.index >= 0 ? `${field}[${err.index}]` : field);
+
+async function validateSchedule(rules: string[], field = "schedule"): Promise<string[]> {
   if (!Array.isArray(rules) || rules.length === 0) throw badInput(field, "needs at least one RRULE");
   if (rules.length > MAX_RULES) throw badInput(field, `at most ${MAX_RULES} rules`);
   try {
-    return checkSchedule(rules);
+    return await scheduleThread.check(rules);
   } catch (err) {
-    if (err instanceof ScheduleError) throw badInput(`${field}[${err.index}]`, err.message);
+    if (err instanceof ScheduleError) throw badInput(ruleField(field, err), err.message);
     throw err;
   }
 }
@@ -109,13 +113,13 @@ export class PolicyService {
       projectId: ctx.projectId,
       name: resourceName(input.name, "name"),
       enabled: input.enabled ?? true,
-      schedule: validateSchedule(input.schedule),
+      schedule: await validateSchedule(input.schedule),
       timezone: validateTimezone(input.timezone ?? "UTC"),
       ...validateRetention(input.retention ?? {}),
       lastRunAt: null,
       createdAt: now,
     });
-    policy.nextRunAt = this.nextRun(policy, now);
+    policy.nextRunAt = await this.nextRun(policy, now);
     const saved = await repo.save(policy);
     ctx.invalidate();
     return saved;
@@ -128,7 +132,7 @@ export class PolicyService {
       if (!policy) throw notFound("policy", input.id);
       if (input.name != null) policy.name = resourceName(input.name, "name");
       if (input.enabled != null) policy.enabled = input.enabled;
-      if (input.schedule != null) policy.schedule = validateSchedule(input.schedule);
+      if (input.schedule != null) policy.schedule = await validateSchedule(input.schedule);
       if (input.timezone != null) policy.timezone = validateTimezone(input.timezone);
       if (input.retention) {
         // Only the retention fields given change; null clears a count rule.
@@ -139,7 +143,7 @@ export class PolicyService {
         Object.assign(policy, validateRetention(merged));
       }
       const now = ctx.now();
-      policy.nextRunAt = this.nextRun(policy, now);
+      policy.nextRunAt = await this.nextRun(policy, now);
       return em.save(policy);
     });
     ctx.invalidate();
@@ -214,13 +218,13 @@ export class PolicyService {
   }
 
   /** The next time the schedule fires, or null when disabled; a schedule that never occurs again is refused, enabled or not. */
-  private nextRun(policy: Policy, now: Date): Date | null {
+  private async nextRun(policy: Policy, now: Date): Promise<Date | null> {
     let next: Date | null;
     try {
-      next = nextOccurrence(policy.schedule, policy.timezone, now, policy.createdAt);
+      next = await scheduleThread.next(policy.schedule, policy.timezone, now, policy.createdAt);
     } catch (err) {
       // A schedule stored before its rules were checked as they are now.
-      if (err instanceof ScheduleError) throw badInput(`schedule[${err.index}]`, `${err.message}; update the schedule`);
+      if (err instanceof ScheduleError) throw badInput(ruleField("schedule", err), `${err.message}; update the schedule`);
       throw err;
     }
     if (!next) throw badInput("schedule", "never occurs again (check UNTIL and the BY… parts)");

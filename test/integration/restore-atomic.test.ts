@@ -6,6 +6,9 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import { Job, JobStatus, JobType } from "../../src/entities";
+import { RestoreHandler } from "../../src/jobs/handlers/restore.handler";
+import { silentLogger } from "../../src/logger";
 import { segmentKey } from "../../src/storage/volume-store";
 import { backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, waitJob, writeDisk } from "../helpers/data";
 import { GiB, MiB, startTestService, type TestService } from "../helpers/service";
@@ -13,8 +16,10 @@ import { GiB, MiB, startTestService, type TestService } from "../helpers/service
 jest.setTimeout(180_000);
 
 let svc: TestService;
+/** What the service warned of, to see a job stop when it lost its claim. */
+const warnings: { msg: string; fields?: Record<string, unknown> }[] = [];
 beforeAll(async () => {
-  svc = await startTestService();
+  svc = await startTestService({}, {}, { ...silentLogger, warn: (msg, fields) => void warnings.push({ msg, fields }) });
 });
 afterAll(async () => {
   await svc?.stop();
@@ -98,6 +103,37 @@ describe("a restore that meets a damaged chunk", () => {
     expect(again.errors?.[0]?.extensions?.code).toBe("FAILED_PRECONDITION");
   });
 
+  it("restores none of a server's disks when one of its disk backups is damaged", async () => {
+    const server = (
+      await svc.ok(`mutation { createServer(input: { name: "two-disks", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${4 * MiB}, dataDisks: [{ sizeBytes: ${4 * MiB} }] }) {
+        server { id disks { nodes { id } } } } }`)
+    ).createServer.server;
+    const disks: string[] = server.disks.nodes.map((d: { id: string }) => d.id);
+    for (const [i, d] of disks.entries()) await writeDisk(svc, d, bytes(2 * MiB, 70 + i));
+    const b = await backupNow(svc, server.id, "two-disks-backup");
+    for (const [i, d] of disks.entries()) await writeDisk(svc, d, bytes(MiB, 80 + i));
+    const before = await Promise.all(disks.map((d) => state(d)));
+    expect(before.map((s) => s.status)).toEqual(["IN_USE", "IN_USE"]);
+    // The data disk's backup is damaged; the system disk's is whole and is staged first (targets go in device order).
+    const [child] = await svc.ds.query(`SELECT id FROM backups WHERE parent_id = $1 AND disk_id = $2`, [uuidOf(b), uuidOf(disks[1])]);
+    const [loc] = await svc.ds.query(`SELECT block_index FROM backup_blocks WHERE backup_id = $1 AND block_index = 3`, [child.id]);
+    expect(loc).toBeDefined();
+    const childId = Buffer.from(`Backup:${child.id}`).toString("base64url");
+    await corruptChunk(childId, 3);
+
+    const job = await waitJob(svc, await startRestore({ backupId: b }));
+    expect(job.error?.code).toBe("CORRUPT_CHUNK");
+    expect(job.error.message).toMatch(/^backup two-disks-backup-vdb is damaged/);
+    for (const [i, d] of disks.entries()) expect(await state(d)).toEqual(before[i]);
+    const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Server { status } } }`, { id: server.id });
+    expect(node.status).toBe("SHUTOFF");
+    expect((await svc.ds.query(`SELECT status, error_code FROM backups WHERE id = $1 OR parent_id = $1 ORDER BY parent_id NULLS FIRST, name`, [uuidOf(b)])).map((r: any) => [r.status, r.error_code])).toEqual([
+      ["ERROR", "CORRUPT_CHUNK"],
+      ["ERROR", "CORRUPT_CHUNK"],
+      ["ERROR", "CORRUPT_CHUNK"],
+    ]);
+  });
+
   it("a missing pack fails the same way, and a disk being created from the backup ends ERROR", async () => {
     const disk = await createDisk(svc, "lost-pack", 4 * MiB);
     await writeDisk(svc, disk, bytes(4 * MiB, 4));
@@ -176,6 +212,56 @@ describe("a cancelled restore", () => {
     // Run to its end, the same restore does what it should.
     await restoreNow(svc, { backupId: b });
     expect((await readDisk(svc, disk)).equals(Buffer.concat([Buffer.alloc(288 * MiB), bytes(8 * MiB, 11)]))).toBe(true);
+  });
+});
+
+describe("a restore whose process lost the job", () => {
+  it("publishes nothing when it goes on: the disk stays as the process that failed the job left it, and what it staged is garbage", async () => {
+    const disk = await createDisk(svc, "fenced", 8 * MiB);
+    await writeDisk(svc, disk, bytes(4 * MiB, 61));
+    const b = await backupNow(svc, disk);
+    await writeDisk(svc, disk, bytes(4 * MiB, 62));
+    await svc.storage.volumes.collectGarbage(GRACE);
+    const before = await state(disk);
+
+    // The restore is held before it records its segment, as a frozen process would be.
+    const hold = svc.ds.createQueryRunner();
+    await hold.connect();
+    await hold.startTransaction();
+    let jobId: string;
+    try {
+      await hold.query(`LOCK TABLE volume_segments IN SHARE MODE`);
+      jobId = await startRestore({ backupId: b });
+      const waiting = async () => Number((await svc.ds.query(`SELECT count(*) AS n FROM pg_locks WHERE relation = 'volume_segments'::regclass AND NOT granted`))[0].n);
+      for (let i = 0; (await waiting()) === 0; i++) {
+        if (i > 1200) throw new Error("the restore never reached its segment within a minute");
+        await sleep(50);
+      }
+      // Meanwhile another process fails the job, as recovery does, and cleans up after it.
+      const message = "the process running the job stopped before it finished";
+      await svc.ds.query(`UPDATE jobs SET status = 'FAILED', finished_at = now(), error_code = 'INTERRUPTED', error_message = $2 WHERE id = $1`, [uuidOf(jobId), message]);
+      const job = await svc.ds.getRepository(Job).findOneByOrFail({ id: uuidOf(jobId) });
+      await new RestoreHandler(JobType.RESTORE, svc.ds, svc.storage.volumes, svc.storage.vault).cleanup(job, { status: JobStatus.FAILED, code: "INTERRUPTED", message });
+    } finally {
+      await hold.rollbackTransaction();
+      await hold.release();
+    }
+    // The held process goes on, stages its segment, and its commit finds the job gone.
+    for (let i = 0; !warnings.some((w) => w.msg.includes("lost its claim") && w.fields?.job === uuidOf(jobId)); i++) {
+      if (i > 1200) throw new Error("the restore never noticed it lost the job");
+      await sleep(50);
+    }
+    expect((await waitJob(svc, jobId)).error.code).toBe("INTERRUPTED");
+    expect(await state(disk)).toEqual(before);
+    expect((await backupRow(b)).status).toBe("AVAILABLE");
+    expect(await staged(jobId)).toBeGreaterThan(0);
+    const garbage = await unreferenced(disk);
+    expect(garbage).toHaveLength(1);
+    await svc.storage.volumes.collectGarbage(GRACE);
+    expect(await staged(jobId)).toBe(0);
+    expect(await unreferenced(disk)).toEqual([]);
+    expect(fs.existsSync(segmentFile(disk, garbage[0].id))).toBe(false);
+    expect(await state(disk)).toEqual(before);
   });
 });
 

@@ -205,8 +205,9 @@ export class RestoreHandler implements JobHandler {
     await this.ds.transaction(async (em) => {
       await this.volumes.discardStaged(em, job.id);
       const before = job.type === JobType.CREATE_DISK ? null : (plan.diskStatusBefore ?? plan.diskStatus);
+      // A disk no longer RESTORING or CREATING was published, and its status is already its own.
       for (const diskId of Object.keys(plan.diskStatus)) {
-        await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1`, [diskId, before?.[diskId] ?? DiskStatus.ERROR]);
+        await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'CREATING')`, [diskId, before?.[diskId] ?? DiskStatus.ERROR]);
       }
       // A server being built from an image has nothing to fall back to: ERROR. A restored one stays stopped.
       if (plan.serverId) await em.query(`UPDATE servers SET status = CASE WHEN status = 'BUILDING' THEN 'ERROR' ELSE 'SHUTOFF' END, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'BUILDING')`, [plan.serverId]);

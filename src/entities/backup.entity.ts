@@ -30,6 +30,8 @@ export class Backup {
   @Column("bigint", { transformer: bigintNumber, default: 0 }) sizeBytes: number;
   @Column("bigint", { transformer: bigintNumber, default: 0 }) storedBytes: number;
   @Column("real", { default: 0 }) progress: number;
+  /** Why the backup is ERROR: a job failure code (CORRUPT_CHUNK once a restore or verification found damage), with `error` the message. */
+  @Column("text", { nullable: true }) errorCode: string | null;
   @Column("text", { nullable: true }) error: string | null;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
   @Column("timestamptz", { nullable: true }) completedAt: Date | null;

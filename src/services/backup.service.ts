@@ -56,6 +56,8 @@ export interface RestorePlan {
   powerOn: boolean;
   /** Status each target disk returns to when the restore ends. */
   diskStatus: Record<string, DiskStatus>;
+  /** Status each target disk had before a restore: it keeps it when the restore fails (its bytes do not change). */
+  diskStatusBefore?: Record<string, DiskStatus>;
 }
 
 export function backupConditions(filter: BackupFilter | null | undefined): Condition[] {
@@ -281,6 +283,7 @@ export class BackupService {
         serverId,
         powerOn,
         diskStatus: Object.fromEntries(disks.map((d) => [d.id, d.serverId ? DiskStatus.IN_USE : DiskStatus.AVAILABLE])),
+        diskStatusBefore: Object.fromEntries(disks.map((d) => [d.id, d.status])),
       };
       await em.update(Disk, { id: In(disks.map((d) => d.id)) }, { status: DiskStatus.RESTORING });
       await em.update(Backup, { id: In([backup.id, ...children.map((c) => c.id)]) }, { status: BackupStatus.RESTORING });

@@ -55,6 +55,63 @@ export interface BlockWrite {
 
 export const segmentKey = (diskId: string, segmentId: string) => `volumes/${diskId}/${segmentId}`;
 
+/** SQL condition on a volume segment `s`: no job has staged a block in it (collectGarbage drops the rows of jobs that ended first). */
+const NOT_STAGED = `NOT EXISTS (SELECT 1 FROM staged_blocks sb WHERE sb.segment_id = s.id)`;
+
+/**
+ * SQL: the blocks of one write as rows (i block_index, s segment_id, o segment_offset,
+ * h hash), s null for a block that becomes zeros; its five parameters (segmentParams) start at $`first`.
+ */
+function blocksOf(first: number): string {
+  const p = (k: number) => `$${first + k}`;
+  return `SELECT b.i, ${p(0)}::uuid AS s, b.o, ${hashAt(p(3), "b.n")} AS h FROM unnest(${listOf(p(1), "bigint")}, ${listOf(p(2), "bigint")}) WITH ORDINALITY AS b(i, o, n)
+    UNION ALL SELECT z.i, NULL, NULL, NULL FROM unnest(${listOf(p(4), "bigint")}) AS z(i)`;
+}
+
+const segmentParams = (segment: { id: string; blocks: SegmentBlocks } | null, zeros: number[]): unknown[] => [
+  segment?.id ?? null,
+  segment ? list(segment.blocks.indexes) : "",
+  segment ? list(segment.blocks.offsets) : "",
+  segment?.blocks.hashes.bytes ?? Buffer.alloc(0),
+  list(zeros),
+];
+
+/** SQL: the write version of disk $1 (after applyBlocks bumped it, in the same transaction). */
+const VERSION = `(SELECT write_version FROM disks WHERE id = $1)`;
+
+/**
+ * Points blocks of disk $1 at new bytes, as one new write version of the disk:
+ * `blocks` is SQL giving rows (i, s, o, h) as blocksOf does, its parameters
+ * `params` from $2 on. Writes and the publishing of staged blocks both go
+ * through here; these are the only statements that change disk_blocks.
+ */
+async function applyBlocks(em: EntityManager, diskId: string, blocks: string, params: unknown[]): Promise<void> {
+  const args = [diskId, ...params];
+  // Used bytes grow by the blocks that now hold data and shrink by those that held it before.
+  await em.query(
+    `WITH x AS (${blocks})
+     UPDATE disks SET write_version = write_version + 1,
+            used_bytes = used_bytes + ${BLOCK_SIZE} * ((SELECT count(*) FROM x WHERE x.s IS NOT NULL)
+                                      - (SELECT count(*) FROM disk_blocks b JOIN x ON b.block_index = x.i WHERE b.disk_id = $1 AND b.hash IS NOT NULL))
+      WHERE id = $1`,
+    args,
+  );
+  await em.query(
+    `INSERT INTO disk_blocks (disk_id, block_index, segment_id, segment_offset, hash, version)
+     SELECT $1, x.i, x.s, x.o, x.h, ${VERSION} FROM (${blocks}) AS x WHERE x.s IS NOT NULL
+     ON CONFLICT (disk_id, block_index) DO UPDATE
+       SET segment_id = EXCLUDED.segment_id, segment_offset = EXCLUDED.segment_offset, hash = EXCLUDED.hash, version = EXCLUDED.version`,
+    args,
+  );
+  // Zeroing a block that was never written changes nothing; a written one keeps a tombstone
+  // so the next incremental backup sees the change.
+  await em.query(
+    `UPDATE disk_blocks b SET segment_id = NULL, segment_offset = NULL, hash = NULL, version = ${VERSION}
+       FROM (${blocks}) AS x WHERE x.s IS NULL AND b.disk_id = $1 AND b.block_index = x.i AND b.hash IS NOT NULL`,
+    args,
+  );
+}
+
 /**
  * The bytes of disks. Writes append blocks to a new segment blob; once the blob
  * is durable, one transaction points the disk's block map at it and bumps the
@@ -81,7 +138,13 @@ export class VolumeStore {
     projectId: string,
     diskId: string,
     blocks: AsyncIterable<BlockWrite | BlockBatch>,
-    opts: { onCommit?: (blocks: number) => void | Promise<void>; /** A bulk write nobody reads soon (a restore): skip the OS cache. */ bypassCache?: boolean } = {},
+    opts: {
+      onCommit?: (blocks: number) => void | Promise<void>;
+      /** A bulk write nobody reads soon (a restore): skip the OS cache. */
+      bypassCache?: boolean;
+      /** Stage the blocks under this job instead of changing the disk: publish() makes them the disk's, all at once. */
+      stage?: string;
+    } = {},
   ): Promise<number> {
     const { onCommit } = opts;
     let changed = 0;
@@ -118,7 +181,9 @@ export class VolumeStore {
       const finish = async () => {
         await durable;
         await before; // commits stay in order
-        await this.commit(projectId, diskId, seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null, z);
+        const written = seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null;
+        if (opts.stage) await this.stageBlocks(projectId, diskId, opts.stage, written, z);
+        else await this.commit(projectId, diskId, written, z);
         const n = (seg?.blocks.indexes.length ?? 0) + z.length;
         changed += n;
         await onCommit?.(n);
@@ -171,36 +236,41 @@ export class VolumeStore {
 
   private async commit(projectId: string, diskId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, zeros: number[]): Promise<void> {
     await this.ds.transaction(async (em) => {
-      const [{ write_version: version }] = await rows<{ write_version: string }>(em, `UPDATE disks SET write_version = write_version + 1 WHERE id = $1 RETURNING write_version`, [diskId]);
-      if (segment) {
-        await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
-      }
-      const indexes = [...(segment?.blocks.indexes ?? []), ...zeros];
-      const before: { written: string }[] = await em.query(
-        `SELECT count(*) FILTER (WHERE hash IS NOT NULL) AS written FROM disk_blocks WHERE disk_id = $1 AND block_index = ANY(${listOf("$2", "bigint")})`,
-        [diskId, list(indexes)],
-      );
-      if (segment) {
-        await em.query(
-          `INSERT INTO disk_blocks (disk_id, block_index, segment_id, segment_offset, hash, version)
-           SELECT $1, b.i, $2, b.o, ${hashAt("$6", "b.n")}, $3 FROM unnest(${listOf("$4", "bigint")}, ${listOf("$5", "bigint")}) WITH ORDINALITY AS b(i, o, n)
-           ON CONFLICT (disk_id, block_index) DO UPDATE
-             SET segment_id = EXCLUDED.segment_id, segment_offset = EXCLUDED.segment_offset, hash = EXCLUDED.hash, version = EXCLUDED.version`,
-          [diskId, segment.id, version, list(segment.blocks.indexes), list(segment.blocks.offsets), segment.blocks.hashes.bytes],
-        );
-      }
-      if (zeros.length) {
-        // Zeroing a block that was never written changes nothing; a written one keeps a tombstone
-        // so the next incremental backup sees the change.
-        await em.query(
-          `UPDATE disk_blocks SET segment_id = NULL, segment_offset = NULL, hash = NULL, version = $3
-            WHERE disk_id = $1 AND block_index = ANY(${listOf("$2", "bigint")}) AND hash IS NOT NULL`,
-          [diskId, list(zeros), version],
-        );
-      }
-      const delta = (segment?.blocks.indexes.length ?? 0) - Number(before[0].written);
-      await em.query(`UPDATE disks SET used_bytes = used_bytes + $2 WHERE id = $1`, [diskId, delta * BLOCK_SIZE]);
+      if (segment) await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
+      await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros));
     });
+  }
+
+  /**
+   * Records a durable segment's blocks (and blocks that become zeros) as staged by
+   * `jobId`, leaving the disk as it is; a block staged again takes its latest bytes.
+   */
+  private async stageBlocks(projectId: string, diskId: string, jobId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, zeros: number[]): Promise<void> {
+    await this.ds.transaction(async (em) => {
+      if (segment) await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
+      await em.query(
+        `INSERT INTO staged_blocks (job_id, disk_id, block_index, segment_id, segment_offset, hash)
+         SELECT $1, $2, x.i, x.s, x.o, x.h FROM (${blocksOf(3)}) AS x
+         ON CONFLICT (job_id, disk_id, block_index) DO UPDATE
+           SET segment_id = EXCLUDED.segment_id, segment_offset = EXCLUDED.segment_offset, hash = EXCLUDED.hash`,
+        [jobId, diskId, ...segmentParams(segment, zeros)],
+      );
+    });
+  }
+
+  /**
+   * Makes the blocks `jobId` staged on a disk the disk's, in the caller's
+   * transaction (a job's fenced commit), with one write version; then drops them.
+   * Set-based: the work grows with the blocks staged, not with the disk.
+   */
+  async publish(em: EntityManager, diskId: string, jobId: string): Promise<void> {
+    await applyBlocks(em, diskId, `SELECT block_index AS i, segment_id AS s, segment_offset AS o, hash AS h FROM staged_blocks WHERE job_id = $2 AND disk_id = $1`, [jobId]);
+    await em.query(`DELETE FROM staged_blocks WHERE job_id = $1 AND disk_id = $2`, [jobId, diskId]);
+  }
+
+  /** Drops what a job staged (it failed or was cancelled); its segments become garbage. */
+  async discardStaged(q: EntityManager | DataSource, jobId: string): Promise<void> {
+    await q.query(`DELETE FROM staged_blocks WHERE job_id = $1`, [jobId]);
   }
 
   /**
@@ -293,16 +363,21 @@ export class VolumeStore {
   }
 
   /**
-   * Deletes segment blobs that no disk block and no running backup or image creation points at, and
+   * Deletes segment blobs that no disk block, no running backup or image creation and no
+   * running restore's staged block points at, and
    * blobs that were written but never committed (a crash between the two) or never
    * finished (a crash while writing) once they are older than `graceMs`.
    */
   async collectGarbage(graceMs: number): Promise<{ segments: number; bytes: number }> {
+    // Staged blocks of a job that ended without them being dropped (its cleanup failed, or a
+    // process that lost the job went on staging) pin nothing: they can never be published.
+    await this.ds.query(`DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')`);
     const dead: { id: string; disk_id: string; size_bytes: string }[] = await this.ds.query(
       `SELECT s.id, s.disk_id, s.size_bytes FROM volume_segments s
         WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
           AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)
-          AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id)`,
+          AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id)
+          AND ${NOT_STAGED}`,
     );
     let bytes = 0;
     for (const s of dead) {
@@ -312,7 +387,8 @@ export class VolumeStore {
         `DELETE FROM volume_segments s WHERE s.id = $1
            AND NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
            AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)
-           AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id) RETURNING id`,
+           AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id)
+           AND ${NOT_STAGED} RETURNING id`,
         [s.id],
       );
       if (!gone.length) continue;

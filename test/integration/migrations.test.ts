@@ -15,7 +15,7 @@ afterAll(async () => {
 
 const TABLES = [
   "api_keys", "backup_blocks", "backups", "disk_blocks", "disks", "image_blocks", "image_disks", "image_exports", "images", "jobs",
-  "policies", "policy_bindings", "policy_runs", "projects", "servers", "uploads", "vault_chunks", "vault_packs", "volume_segments",
+  "policies", "policy_bindings", "policy_runs", "projects", "servers", "staged_blocks", "uploads", "vault_chunks", "vault_packs", "volume_segments",
 ];
 
 const tables = async () =>

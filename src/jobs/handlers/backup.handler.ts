@@ -71,7 +71,7 @@ export class BackupHandler implements JobHandler {
       // Only what is still being made: a backup that became AVAILABLE keeps its blocks, whoever ends the job.
       const ids = (await rows<{ id: string }>(em, `SELECT id FROM backups WHERE (id = $1 OR parent_id = $1) AND status = 'CREATING' FOR UPDATE`, [job.backupId])).map((r) => r.id);
       await em.query(`DELETE FROM backup_blocks WHERE backup_id = ANY($1)`, [ids]);
-      await em.query(`UPDATE backups SET status = $2, error = $3, updated_at = now() WHERE id = ANY($1) AND status = 'CREATING'`, [ids, BackupStatus.ERROR, outcome.message]);
+      await em.query(`UPDATE backups SET status = $2, error_code = $3, error = $4, updated_at = now() WHERE id = ANY($1) AND status = 'CREATING'`, [ids, BackupStatus.ERROR, outcome.code, outcome.message]);
     });
   }
 }

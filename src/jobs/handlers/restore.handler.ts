@@ -3,9 +3,9 @@ import { HASH_BYTES, int8At, rows } from "../../db/sql";
 import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
 import type { RestorePlan } from "../../services/backup.service";
 import { dataRanges, MANIFEST, type BlockSource } from "../../storage/manifest";
-import { CHUNK_AT, PACKED_CHUNKS, readPackedChunks, type PackChunks, type PackedChunksRow, type Vault } from "../../storage/vault";
+import { CHUNK_AT, ChunkError, PACKED_CHUNKS, readPackedChunks, type PackChunks, type PackedChunksRow, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type BlockBatch, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
-import type { JobContext, JobHandler, JobOutcome } from "../runner";
+import { JobFailure, type JobContext, type JobHandler, type JobOutcome } from "../runner";
 
 type Source = BlockSource;
 
@@ -162,12 +162,19 @@ export class RestoreHandler implements JobHandler {
           await ctx.progress(done, total);
         }
       };
-      await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks(), { bypassCache: true }));
+      // Staged, not written: the disk changes only in the commit below, all at once.
+      try {
+        await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks(), { bypassCache: true, stage: job.id }));
+      } catch (err) {
+        if (err instanceof ChunkError) throw new JobFailure("CORRUPT_CHUNK", await this.damaged(t, err));
+        throw err;
+      }
     }
     await counting;
     ctx.checkCancelled();
 
     await ctx.commit(async (em) => {
+      for (const t of targets) await this.volumes.publish(em, t.diskId, job.id);
       for (const [diskId, status] of Object.entries(plan.diskStatus)) {
         await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1`, [diskId, status]);
       }
@@ -178,14 +185,38 @@ export class RestoreHandler implements JobHandler {
     });
   }
 
-  /** Disks left half-restored are marked ERROR (restore again or delete them); the server stays stopped; the backup is usable again. */
-  async cleanup(job: Job, _outcome: JobOutcome): Promise<void> {
+  /** The message of a restore that met a damaged chunk: which backup or image, and what is wrong with the chunk. */
+  private async damaged(t: Source, err: ChunkError): Promise<string> {
+    if (t.backupId) {
+      const [b] = await rows<{ name: string }>(this.ds, `SELECT name FROM backups WHERE id = $1`, [t.backupId]);
+      return `backup ${b?.name ?? t.backupId} is damaged (${err.message}); it is marked ERROR and nothing was restored: restore another backup`;
+    }
+    const [i] = await rows<{ name: string }>(this.ds, `SELECT i.name FROM image_disks d JOIN images i ON i.id = d.image_id WHERE d.id = $1`, [t.imageDiskId]);
+    return `image ${i?.name ?? t.imageDiskId} is damaged (${err.message})`;
+  }
+
+  /**
+   * Drops what the job staged, so a restored disk is exactly as it was, back in its
+   * status; a disk being created had nothing and is marked ERROR. The server stays
+   * stopped. The backup is usable again, unless it turned out damaged (ERROR).
+   */
+  async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
     const plan = this.plan(job);
     await this.ds.transaction(async (em) => {
-      await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = ANY($1)`, [Object.keys(plan.diskStatus), DiskStatus.ERROR]);
+      await this.volumes.discardStaged(em, job.id);
+      const before = job.type === JobType.CREATE_DISK ? null : (plan.diskStatusBefore ?? plan.diskStatus);
+      // A disk no longer RESTORING or CREATING was published, and its status is already its own.
+      for (const diskId of Object.keys(plan.diskStatus)) {
+        await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'CREATING')`, [diskId, before?.[diskId] ?? DiskStatus.ERROR]);
+      }
       // A server being built from an image has nothing to fall back to: ERROR. A restored one stays stopped.
       if (plan.serverId) await em.query(`UPDATE servers SET status = CASE WHEN status = 'BUILDING' THEN 'ERROR' ELSE 'SHUTOFF' END, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'BUILDING')`, [plan.serverId]);
-      if (job.backupId) await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
+      if (!job.backupId) return;
+      if (outcome.code === "CORRUPT_CHUNK") {
+        await em.query(`UPDATE backups SET status = 'ERROR', error_code = $2, error = $3, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId, outcome.code, outcome.message]);
+      } else {
+        await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
+      }
     });
   }
 }

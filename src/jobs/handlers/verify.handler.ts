@@ -85,10 +85,10 @@ export class VerifyHandler implements JobHandler {
     }
     if (bad) {
       const message = `${bad} of ${checked} chunks failed verification: ${problems.join("; ")}${bad > problems.length ? "; …" : ""}`;
-      await ctx.commit((em) => em.query(`UPDATE backups SET status = 'ERROR', error = $2, updated_at = now() WHERE id = $1 OR parent_id = $1`, [top.id, message]));
+      await ctx.commit((em) => em.query(`UPDATE backups SET status = 'ERROR', error_code = 'CORRUPT_CHUNK', error = $2, updated_at = now() WHERE id = $1 OR parent_id = $1`, [top.id, message]));
       throw new JobFailure("VERIFY_FAILED", message);
     }
-    await ctx.commit((em) => em.query(`UPDATE backups SET status = 'AVAILABLE', error = NULL, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'ERROR'`, [top.id]));
+    await ctx.commit((em) => em.query(`UPDATE backups SET status = 'AVAILABLE', error_code = NULL, error = NULL, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'ERROR'`, [top.id]));
   }
 
   async cleanup(_job: Job, _outcome: JobOutcome): Promise<void> {

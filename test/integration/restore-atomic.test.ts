@@ -1,0 +1,377 @@
+/**
+ * Restores are all-or-nothing: a restore stages what it writes and the disk
+ * changes in one commit at its end, so a restore that meets a damaged chunk or is
+ * cancelled leaves the disk exactly as it was (bytes, used bytes, block versions)
+ * and in its status; the damaged backup is marked ERROR with CORRUPT_CHUNK.
+ */
+import fs from "node:fs";
+import path from "node:path";
+import { Job, JobStatus, JobType } from "../../src/entities";
+import { RestoreHandler } from "../../src/jobs/handlers/restore.handler";
+import { silentLogger } from "../../src/logger";
+import { segmentKey } from "../../src/storage/volume-store";
+import { backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, waitJob, writeDisk } from "../helpers/data";
+import { GiB, MiB, startTestService, type TestService } from "../helpers/service";
+
+jest.setTimeout(180_000);
+
+let svc: TestService;
+/** What the service warned of, to see a job stop when it lost its claim. */
+const warnings: { msg: string; fields?: Record<string, unknown> }[] = [];
+beforeAll(async () => {
+  svc = await startTestService({}, {}, { ...silentLogger, warn: (msg, fields) => void warnings.push({ msg, fields }) });
+});
+afterAll(async () => {
+  await svc?.stop();
+});
+
+const uuidOf = (globalId: string) => Buffer.from(globalId, "base64url").toString().split(":")[1];
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Everything about a disk a restore could change: its bytes, used bytes, status, write version and block map. */
+async function state(disk: string, ranges?: [number, number][]) {
+  const [row] = await svc.ds.query(`SELECT status, used_bytes, write_version FROM disks WHERE id = $1`, [uuidOf(disk)]);
+  const [{ digest }] = await svc.ds.query(
+    `SELECT encode(sha256(coalesce(string_agg(int8send(block_index) || coalesce(hash, ''::bytea) || int8send(version) || coalesce(int8send(segment_offset), ''::bytea) || convert_to(coalesce(segment_id::text, ''), 'UTF8'), ''::bytea ORDER BY block_index), ''::bytea)), 'hex') AS digest
+       FROM disk_blocks WHERE disk_id = $1`,
+    [uuidOf(disk)],
+  );
+  const data = ranges ? await Promise.all(ranges.map((r) => readDisk(svc, disk, r).then(sha))) : [sha(await readDisk(svc, disk))];
+  const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Disk { status usedBytes } } }`, { id: disk });
+  return { data, status: row.status, usedBytes: Number(row.used_bytes), writeVersion: Number(row.write_version), blocks: digest, api: node };
+}
+
+/** Overwrites bytes inside the stored chunk of a backup's block, in its pack file. */
+async function corruptChunk(backupId: string, blockIndex: number) {
+  const [loc] = await svc.ds.query(
+    `SELECT c.pack_id, c.pack_offset, c.stored_size FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1 AND bb.block_index = $2`,
+    [uuidOf(backupId), blockIndex],
+  );
+  const file = path.join(svc.dataDir, "blobs", "vault", svc.projectIds.alpha, "packs", loc.pack_id.slice(0, 2), loc.pack_id);
+  const fd = fs.openSync(file, "r+");
+  fs.writeSync(fd, Buffer.from("CORRUPT!"), 0, 8, Number(loc.pack_offset) + 100);
+  fs.closeSync(fd);
+}
+
+const deltaRows = async (backupId: string) => Number((await svc.ds.query(`SELECT count(*) AS n FROM backup_blocks WHERE backup_id = $1`, [uuidOf(backupId)]))[0].n);
+const staged = async (jobId: string) => Number((await svc.ds.query(`SELECT count(*) AS n FROM staged_blocks WHERE job_id = $1`, [uuidOf(jobId)]))[0].n);
+const backupRow = async (backupId: string) => (await svc.ds.query(`SELECT status, error_code, error FROM backups WHERE id = $1`, [uuidOf(backupId)]))[0];
+/** Segments of a disk no block of it points at: garbage once nothing else pins them. */
+const unreferenced = async (disk: string): Promise<{ id: string }[]> =>
+  svc.ds.query(`SELECT s.id FROM volume_segments s WHERE s.disk_id = $1 AND NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)`, [uuidOf(disk)]);
+const segmentFile = (disk: string, segment: string) => path.join(svc.dataDir, "blobs", segmentKey(uuidOf(disk), segment));
+const GRACE = 60_000;
+
+async function startRestore(input: Record<string, unknown>): Promise<string> {
+  return (await svc.ok(`mutation ($i: RestoreBackupInput!) { restoreBackup(input: $i) { job { id } } }`, { i: input })).restoreBackup.job.id;
+}
+
+/** 64 KiB blocks that are all alike but not zeros: many blocks of data that cost the vault one chunk. */
+const alike = (n: number) => Buffer.alloc(n, 0x5a);
+
+describe("a restore that meets a damaged chunk", () => {
+  it("fails CORRUPT_CHUNK, marks the backup ERROR and leaves the changed original disk exactly as it was", async () => {
+    const disk = await createDisk(svc, "damaged", 16 * MiB);
+    await writeDisk(svc, disk, bytes(8 * MiB, 1));
+    const b = await backupNow(svc, disk, "to-damage");
+    // Since the backup: half of what it holds changed, and data came where it holds none.
+    await writeDisk(svc, disk, bytes(4 * MiB, 2));
+    await writeDisk(svc, disk, bytes(2 * MiB, 3), 12 * MiB);
+    const pre = await backupNow(svc, disk);
+    const before = await state(disk);
+    expect(before.status).toBe("AVAILABLE");
+    await corruptChunk(b, 30);
+
+    const jobId = await startRestore({ backupId: b });
+    const job = await waitJob(svc, jobId);
+    expect(job.status).toBe("FAILED");
+    expect(job.error.code).toBe("CORRUPT_CHUNK");
+    expect(job.error.message).toMatch(/^backup to-damage is damaged \(chunk [0-9a-f]{16}… is corrupt/);
+    expect(job.error.message).not.toMatch(/\//); // no paths
+    expect(await backupRow(b)).toEqual({ status: "ERROR", error_code: "CORRUPT_CHUNK", error: job.error.message });
+    const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Backup { status error } } }`, { id: b });
+    expect(node).toEqual({ status: "ERROR", error: job.error.message });
+
+    expect(await state(disk)).toEqual(before);
+    expect(await staged(jobId)).toBe(0);
+    // The next backup finds nothing changed since the one before the restore.
+    const after = await backupNow(svc, disk);
+    expect(await deltaRows(after)).toBe(0);
+    expect((await backupRow(pre)).status).toBe("AVAILABLE");
+    // A damaged backup is not restored again.
+    const again = await svc.gql(`mutation ($b: ID!) { restoreBackup(input: { backupId: $b }) { job { id } } }`, { b });
+    expect(again.errors?.[0]?.extensions?.code).toBe("FAILED_PRECONDITION");
+  });
+
+  it("restores none of a server's disks when one of its disk backups is damaged", async () => {
+    const server = (
+      await svc.ok(`mutation { createServer(input: { name: "two-disks", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${4 * MiB}, dataDisks: [{ sizeBytes: ${4 * MiB} }] }) {
+        server { id disks { nodes { id } } } } }`)
+    ).createServer.server;
+    const disks: string[] = server.disks.nodes.map((d: { id: string }) => d.id);
+    for (const [i, d] of disks.entries()) await writeDisk(svc, d, bytes(2 * MiB, 70 + i));
+    const b = await backupNow(svc, server.id, "two-disks-backup");
+    for (const [i, d] of disks.entries()) await writeDisk(svc, d, bytes(MiB, 80 + i));
+    const before = await Promise.all(disks.map((d) => state(d)));
+    expect(before.map((s) => s.status)).toEqual(["IN_USE", "IN_USE"]);
+    // The data disk's backup is damaged; the system disk's is whole and is staged first (targets go in device order).
+    const [child] = await svc.ds.query(`SELECT id FROM backups WHERE parent_id = $1 AND disk_id = $2`, [uuidOf(b), uuidOf(disks[1])]);
+    const [loc] = await svc.ds.query(`SELECT block_index FROM backup_blocks WHERE backup_id = $1 AND block_index = 3`, [child.id]);
+    expect(loc).toBeDefined();
+    const childId = Buffer.from(`Backup:${child.id}`).toString("base64url");
+    await corruptChunk(childId, 3);
+
+    const job = await waitJob(svc, await startRestore({ backupId: b }));
+    expect(job.error?.code).toBe("CORRUPT_CHUNK");
+    expect(job.error.message).toMatch(/^backup two-disks-backup-vdb is damaged/);
+    for (const [i, d] of disks.entries()) expect(await state(d)).toEqual(before[i]);
+    const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Server { status } } }`, { id: server.id });
+    expect(node.status).toBe("SHUTOFF");
+    expect((await svc.ds.query(`SELECT status, error_code FROM backups WHERE id = $1 OR parent_id = $1 ORDER BY parent_id NULLS FIRST, name`, [uuidOf(b)])).map((r: any) => [r.status, r.error_code])).toEqual([
+      ["ERROR", "CORRUPT_CHUNK"],
+      ["ERROR", "CORRUPT_CHUNK"],
+      ["ERROR", "CORRUPT_CHUNK"],
+    ]);
+  });
+
+  it("a missing pack fails the same way, and a disk being created from the backup ends ERROR", async () => {
+    const disk = await createDisk(svc, "lost-pack", 4 * MiB);
+    await writeDisk(svc, disk, bytes(4 * MiB, 4));
+    const b = await backupNow(svc, disk, "lost");
+    const packs: { pack_id: string }[] = await svc.ds.query(
+      `SELECT DISTINCT c.pack_id FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1`,
+      [uuidOf(b)],
+    );
+    for (const { pack_id } of packs) fs.rmSync(path.join(svc.dataDir, "blobs", "vault", svc.projectIds.alpha, "packs", pack_id.slice(0, 2), pack_id));
+    const r = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "from-lost", backupId: $b }) { disk { id } job { id } } }`, { b })).createDisk;
+    const job = await waitJob(svc, r.job.id);
+    expect(job.status).toBe("FAILED");
+    expect(job.error.code).toBe("CORRUPT_CHUNK");
+    expect(job.error.message).toMatch(/^backup lost is damaged \(chunk [0-9a-f]{16}… is missing/);
+    expect(await backupRow(b)).toMatchObject({ status: "ERROR", error_code: "CORRUPT_CHUNK" });
+    const [created] = await svc.ds.query(`SELECT status, used_bytes FROM disks WHERE id = $1`, [uuidOf(r.disk.id)]);
+    expect(created).toEqual({ status: "ERROR", used_bytes: "0" });
+    expect(await staged(r.job.id)).toBe(0);
+  });
+});
+
+describe("a cancelled restore", () => {
+  it("leaves the disk exactly as it was, though it had staged blocks, and its staged segments become garbage", async () => {
+    // The backup holds 8 MiB at the end; since, the disk holds 256 MiB where the backup holds
+    // nothing (the restore zeroes it: 4,096 blocks, staged on their own before any data).
+    const disk = await createDisk(svc, "cancelled", 296 * MiB);
+    await writeDisk(svc, disk, bytes(8 * MiB, 11), 288 * MiB);
+    const b = await backupNow(svc, disk);
+    await writeDisk(svc, disk, alike(256 * MiB));
+    await writeDisk(svc, disk, bytes(8 * MiB, 12), 288 * MiB);
+    await backupNow(svc, disk);
+    await svc.storage.volumes.collectGarbage(GRACE);
+    const before = await state(disk);
+    expect(await unreferenced(disk)).toEqual([]);
+
+    // No segment can be recorded while this transaction holds their table (SHARE: rows may still
+    // point at it): the restore stages its zeros, then waits to record its data until the
+    // cancellation has been seen.
+    const hold = svc.ds.createQueryRunner();
+    await hold.connect();
+    await hold.startTransaction();
+    let jobId: string;
+    try {
+      await hold.query(`LOCK TABLE volume_segments IN SHARE MODE`);
+      jobId = await startRestore({ backupId: b });
+      for (let i = 0; (await staged(jobId)) === 0; i++) {
+        if (i > 1200) throw new Error("the restore staged nothing within a minute");
+        await sleep(50);
+      }
+      expect(await staged(jobId)).toBe(4096);
+      await svc.ok(`mutation ($id: ID!) { cancelJob(input: { id: $id }) { job { id } } }`, { id: jobId });
+      // The runner hears of the cancellation from its heartbeat (every half second at most).
+      await sleep(2000);
+      expect((await waitJobStatus(jobId)).status).toBe("RUNNING");
+    } finally {
+      await hold.rollbackTransaction();
+      await hold.release();
+    }
+    const job = await waitJob(svc, jobId);
+    expect(job.status).toBe("CANCELLED");
+    expect(await state(disk)).toEqual(before);
+    expect(await staged(jobId)).toBe(0);
+    expect((await backupRow(b)).status).toBe("AVAILABLE");
+
+    // The data segment it recorded once the table was free is pinned by nothing now.
+    const garbage = await unreferenced(disk);
+    expect(garbage).toHaveLength(1);
+    expect(fs.existsSync(segmentFile(disk, garbage[0].id))).toBe(true);
+    await svc.storage.volumes.collectGarbage(GRACE);
+    expect(await unreferenced(disk)).toEqual([]);
+    expect(fs.existsSync(segmentFile(disk, garbage[0].id))).toBe(false);
+    expect(await state(disk)).toEqual(before);
+    const next = await backupNow(svc, disk);
+    expect(await deltaRows(next)).toBe(0);
+
+    // Run to its end, the same restore does what it should.
+    await restoreNow(svc, { backupId: b });
+    expect((await readDisk(svc, disk)).equals(Buffer.concat([Buffer.alloc(288 * MiB), bytes(8 * MiB, 11)]))).toBe(true);
+  });
+});
+
+describe("a restore whose process lost the job", () => {
+  it("publishes nothing when it goes on: the disk stays as the process that failed the job left it, and what it staged is garbage", async () => {
+    const disk = await createDisk(svc, "fenced", 8 * MiB);
+    await writeDisk(svc, disk, bytes(4 * MiB, 61));
+    const b = await backupNow(svc, disk);
+    await writeDisk(svc, disk, bytes(4 * MiB, 62));
+    await svc.storage.volumes.collectGarbage(GRACE);
+    const before = await state(disk);
+
+    // The restore is held before it records its segment, as a frozen process would be.
+    const hold = svc.ds.createQueryRunner();
+    await hold.connect();
+    await hold.startTransaction();
+    let jobId: string;
+    try {
+      await hold.query(`LOCK TABLE volume_segments IN SHARE MODE`);
+      jobId = await startRestore({ backupId: b });
+      const waiting = async () => Number((await svc.ds.query(`SELECT count(*) AS n FROM pg_locks WHERE relation = 'volume_segments'::regclass AND NOT granted`))[0].n);
+      for (let i = 0; (await waiting()) === 0; i++) {
+        if (i > 1200) throw new Error("the restore never reached its segment within a minute");
+        await sleep(50);
+      }
+      // Meanwhile another process fails the job, as recovery does, and cleans up after it.
+      const message = "the process running the job stopped before it finished";
+      await svc.ds.query(`UPDATE jobs SET status = 'FAILED', finished_at = now(), error_code = 'INTERRUPTED', error_message = $2 WHERE id = $1`, [uuidOf(jobId), message]);
+      const job = await svc.ds.getRepository(Job).findOneByOrFail({ id: uuidOf(jobId) });
+      await new RestoreHandler(JobType.RESTORE, svc.ds, svc.storage.volumes, svc.storage.vault).cleanup(job, { status: JobStatus.FAILED, code: "INTERRUPTED", message });
+    } finally {
+      await hold.rollbackTransaction();
+      await hold.release();
+    }
+    // The held process goes on, stages its segment, and its commit finds the job gone.
+    for (let i = 0; !warnings.some((w) => w.msg.includes("lost its claim") && w.fields?.job === uuidOf(jobId)); i++) {
+      if (i > 1200) throw new Error("the restore never noticed it lost the job");
+      await sleep(50);
+    }
+    expect((await waitJob(svc, jobId)).error.code).toBe("INTERRUPTED");
+    expect(await state(disk)).toEqual(before);
+    expect((await backupRow(b)).status).toBe("AVAILABLE");
+    expect(await staged(jobId)).toBeGreaterThan(0);
+    const garbage = await unreferenced(disk);
+    expect(garbage).toHaveLength(1);
+    await svc.storage.volumes.collectGarbage(GRACE);
+    expect(await staged(jobId)).toBe(0);
+    expect(await unreferenced(disk)).toEqual([]);
+    expect(fs.existsSync(segmentFile(disk, garbage[0].id))).toBe(false);
+    expect(await state(disk)).toEqual(before);
+  });
+});
+
+async function waitJobStatus(jobId: string): Promise<{ status: string }> {
+  return (await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Job { status } } }`, { id: jobId })).node;
+}
+
+describe("a successful restore", () => {
+  it("changes the disk in one write version, and the incremental backup after it holds exactly what changed", async () => {
+    const disk = await createDisk(svc, "restored", 16 * MiB);
+    await writeDisk(svc, disk, bytes(12 * MiB, 21));
+    const b = await backupNow(svc, disk);
+    const image = await readDisk(svc, disk);
+    await writeDisk(svc, disk, bytes(2 * MiB, 22), 2 * MiB); // 32 blocks to write back
+    await writeDisk(svc, disk, bytes(MiB, 23), 14 * MiB); // 16 blocks to zero
+    await backupNow(svc, disk);
+    const before = await state(disk);
+    const job = await restoreNow(svc, { backupId: b });
+    expect(job.bytesTotal).toBe(2 * MiB);
+    const after = await state(disk);
+    expect((await readDisk(svc, disk)).equals(image)).toBe(true);
+    expect(after.writeVersion).toBe(before.writeVersion + 1);
+    expect(after.usedBytes).toBe(12 * MiB);
+    expect(after.api).toEqual({ status: "AVAILABLE", usedBytes: 12 * MiB });
+    expect(await staged(job.id)).toBe(0);
+    const changed: { n: string }[] = await svc.ds.query(`SELECT count(*) AS n FROM disk_blocks WHERE disk_id = $1 AND version = $2`, [uuidOf(disk), after.writeVersion]);
+    expect(Number(changed[0].n)).toBe(32 + 16);
+
+    const inc = await backupNow(svc, disk);
+    expect(await deltaRows(inc)).toBe(48);
+    const copy = await createDisk(svc, "restored-copy", 16 * MiB);
+    await restoreNow(svc, { backupId: inc, targetDiskId: copy });
+    expect((await readDisk(svc, copy)).equals(image)).toBe(true);
+  });
+
+  it("restores a 1 TiB sparse disk with work that follows its data", async () => {
+    const TiB = 1024 * GiB;
+    const disk = await createDisk(svc, "sparse", TiB);
+    await writeDisk(svc, disk, bytes(MiB, 31));
+    await writeDisk(svc, disk, bytes(MiB, 32), TiB - MiB);
+    const b = await backupNow(svc, disk);
+    await writeDisk(svc, disk, bytes(MiB, 33));
+    await writeDisk(svc, disk, bytes(MiB, 34), 512 * GiB);
+    const job = await restoreNow(svc, { backupId: b });
+    const [{ blocks_visited: visited }] = await svc.ds.query(`SELECT blocks_visited FROM jobs WHERE id = $1`, [uuidOf(job.id)]);
+    expect(Number(visited)).toBeLessThanOrEqual(64); // 16 blocks written, 16 zeroed
+    expect(sha(await readDisk(svc, disk, [0, MiB - 1]))).toBe(sha(bytes(MiB, 31)));
+    expect((await readDisk(svc, disk, [512 * GiB, 512 * GiB + MiB - 1])).equals(Buffer.alloc(MiB))).toBe(true);
+    expect(sha(await readDisk(svc, disk, [TiB - MiB, TiB - 1]))).toBe(sha(bytes(MiB, 32)));
+    expect((await state(disk, [[0, 0]])).usedBytes).toBe(2 * MiB);
+  });
+});
+
+describe("staged blocks and garbage collection", () => {
+  /** A job of another process, RUNNING, for the store's staging. */
+  async function runningJob(disk: string): Promise<string> {
+    const [{ id }] = await svc.ds.query(
+      `INSERT INTO jobs (project_id, type, status, disk_id, worker_id, heartbeat_at, started_at) VALUES ($1, 'RESTORE', 'RUNNING', $2, 'elsewhere:1:test', now(), now()) RETURNING id`,
+      [svc.projectIds.alpha, uuidOf(disk)],
+    );
+    return id;
+  }
+  async function* blocks(seed: number) {
+    for (let i = 0; i < 4; i++) yield { index: i, data: bytes(BLOCK, seed + i) };
+    yield { index: 10, data: null };
+  }
+  const segmentsOf = async (jobId: string): Promise<string[]> =>
+    (await svc.ds.query(`SELECT DISTINCT segment_id FROM staged_blocks WHERE job_id = $1 AND segment_id IS NOT NULL`, [jobId])).map((r: any) => r.segment_id);
+
+  it("keeps staged segments while their job runs, and collects them once it ended without publishing", async () => {
+    const volumes = svc.storage.volumes;
+    const disk = await createDisk(svc, "staging", 4 * MiB);
+    await writeDisk(svc, disk, bytes(11 * BLOCK, 41));
+    const before = await state(disk);
+    const jobId = await runningJob(disk);
+    await volumes.putBlocks(svc.projectIds.alpha, uuidOf(disk), blocks(42), { stage: jobId });
+    const [segment] = await segmentsOf(jobId);
+    expect(Number((await svc.ds.query(`SELECT count(*) AS n FROM staged_blocks WHERE job_id = $1`, [jobId]))[0].n)).toBe(5);
+    expect(await state(disk)).toEqual(before);
+
+    await volumes.collectGarbage(0);
+    expect(fs.existsSync(segmentFile(disk, segment))).toBe(true);
+    expect(await segmentsOf(jobId)).toEqual([segment]);
+
+    // Its process died and nobody cleaned up: the rows pin nothing any more.
+    await svc.ds.query(`UPDATE jobs SET status = 'FAILED', finished_at = now(), error_code = 'INTERRUPTED', error_message = 'gone' WHERE id = $1`, [jobId]);
+    await volumes.collectGarbage(GRACE);
+    expect(await segmentsOf(jobId)).toEqual([]);
+    expect((await svc.ds.query(`SELECT 1 FROM volume_segments WHERE id = $1`, [segment])).length).toBe(0);
+    expect(fs.existsSync(segmentFile(disk, segment))).toBe(false);
+    expect(await state(disk)).toEqual(before);
+  });
+
+  it("publishes staged blocks in one transaction, zeroing and writing, and they stay once published", async () => {
+    const volumes = svc.storage.volumes;
+    const disk = await createDisk(svc, "publish", 4 * MiB);
+    await writeDisk(svc, disk, bytes(11 * BLOCK, 51));
+    const before = await state(disk);
+    const jobId = await runningJob(disk);
+    await volumes.putBlocks(svc.projectIds.alpha, uuidOf(disk), blocks(52), { stage: jobId });
+    await svc.ds.transaction((em) => volumes.publish(em, uuidOf(disk), jobId));
+    await svc.ds.query(`UPDATE jobs SET status = 'SUCCEEDED', finished_at = now() WHERE id = $1`, [jobId]);
+    await volumes.collectGarbage(GRACE);
+
+    const expected = Buffer.concat([...[0, 1, 2, 3].map((i) => bytes(BLOCK, 52 + i)), bytes(11 * BLOCK, 51).subarray(4 * BLOCK, 10 * BLOCK), Buffer.alloc(BLOCK)]);
+    expect((await readDisk(svc, disk, [0, 11 * BLOCK - 1])).equals(expected)).toBe(true);
+    const after = await state(disk);
+    expect(after.writeVersion).toBe(before.writeVersion + 1);
+    expect(after.usedBytes).toBe(10 * BLOCK);
+    expect(Number((await svc.ds.query(`SELECT count(*) AS n FROM staged_blocks WHERE job_id = $1`, [jobId]))[0].n)).toBe(0);
+    expect(sha(await readDisk(svc, disk))).toBe(after.data[0]);
+  });
+});

@@ -96,42 +96,50 @@ async function compact(ds: DataSource, volumes: VolumeStore, onError: (diskId: s
 }
 
 /**
- * Moves the live blocks of a disk's sparse segments into new segments, holding
- * the disk's write lock so repointing never interleaves with a write of the
- * same blocks; a disk being written is skipped (returns false).
+ * Moves the live blocks of a disk's sparse segments into new segments, a group
+ * filling at most one new segment at a time. Each group holds the disk's write
+ * lock while it is copied and repointed, so repointing never interleaves with a
+ * write of the same blocks and a writer waits for one group at most; when a
+ * writer holds the disk, the rest waits for the next pass (returns false).
  */
 async function compactDisk(ds: DataSource, volumes: VolumeStore, diskId: string, segments: SparseSegment[], result: CompactionResult): Promise<boolean> {
+  const groups: SparseSegment[][] = [];
+  let live = 0;
+  for (const s of segments) {
+    const blocks = Number(s.live_blocks);
+    if (!groups.length || (live + blocks) * BLOCK_SIZE > SEGMENT_BYTES) {
+      groups.push([]);
+      live = 0;
+    }
+    groups[groups.length - 1].push(s);
+    live += blocks;
+  }
   const runner = ds.createQueryRunner();
   await runner.connect();
   try {
-    const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${DISK_LOCK}, hashtext($1)) AS locked`, [diskId]);
-    if (!locked) return false;
-    try {
-      // Groups of segments whose live blocks fill at most one new segment.
-      let group: SparseSegment[] = [];
-      let live = 0;
-      for (const s of segments) {
-        const blocks = Number(s.live_blocks);
-        if (group.length && (live + blocks) * BLOCK_SIZE > SEGMENT_BYTES) {
-          await moveLive(ds, volumes, diskId, group, result);
-          group = [];
-          live = 0;
-        }
-        group.push(s);
-        live += blocks;
+    for (const group of groups) {
+      const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${DISK_LOCK}, hashtext($1)) AS locked`, [diskId]);
+      if (!locked) return false;
+      try {
+        await moveLive(ds, volumes, diskId, group, result);
+      } finally {
+        await runner.query(`SELECT pg_advisory_unlock(${DISK_LOCK}, hashtext($1))`, [diskId]);
       }
-      if (group.length) await moveLive(ds, volumes, diskId, group, result);
-      return true;
-    } finally {
-      await runner.query(`SELECT pg_advisory_unlock(${DISK_LOCK}, hashtext($1))`, [diskId]);
     }
+    return true;
   } finally {
     await runner.release();
   }
 }
 
 /** Copies the blocks still pointing into `group` to one new segment, repoints them, then deletes the old segments. */
-async function moveLive(ds: DataSource, volumes: VolumeStore, diskId: string, group: SparseSegment[], result: CompactionResult): Promise<void> {
+async function moveLive(ds: DataSource, volumes: VolumeStore, diskId: string, found: SparseSegment[], result: CompactionResult): Promise<void> {
+  // A backup or image started since the pass began may hold some now: moving their blocks would only add a copy.
+  const unheld = new Set(
+    (await rows<{ id: string }>(ds, `SELECT s.id FROM volume_segments s WHERE s.id = ANY($1::uuid[]) AND ${SEGMENT_UNHELD("s")}`, [found.map((s) => s.id)])).map((r) => r.id),
+  );
+  const group = found.filter((s) => unheld.has(s.id));
+  if (!group.length) return;
   // Blocks with equal bytes may share a place in a segment: each place is copied once.
   const places = await rows<{ s: string; o: string }>(
     ds,

@@ -268,6 +268,12 @@ describe("compaction on its own timer", () => {
     let written = size;
     let peak = 0;
     const changed = new Set<number>();
+    /** The blob bytes once the timer's passes have left no dead or sparse segment of the disk. */
+    const settledBytes = async () => {
+      const sparse = async () => (await svc.ds.query(`SELECT count(*)::int AS n FROM volume_segments WHERE disk_id = $1 AND live_blocks * 131072 < size_bytes`, [uuid(disk)]))[0].n;
+      expect(await until(sparse, (n) => n === 0, 30_000)).toBe(0);
+      return allocatedBytes(volumesDir);
+    };
     for (let round = 1; round <= 20; round++) {
       // A third of the blocks, scattered: every older segment stays partly live.
       const indexes = scattered(random, blocks, blocks / 3);
@@ -275,11 +281,11 @@ describe("compaction on its own timer", () => {
       await rewrite(svc, disk, image, indexes, 100 + round);
       written += indexes.length * BLOCK;
       peak = Math.max(peak, allocatedBytes(volumesDir));
-      if (round === 10) expect(await until(async () => allocatedBytes(volumesDir), (b) => b < 2 * size, 30_000)).toBeLessThan(2 * size);
+      if (round === 10) expect(await settledBytes()).toBeLessThan(2 * size);
     }
     // Without compaction the blobs would hold everything written.
     expect(written).toBeGreaterThan(7 * size);
-    const settled = await until(async () => allocatedBytes(volumesDir), (b) => b < 2 * size, 30_000);
+    const settled = await settledBytes();
     expect(settled).toBeLessThan(2 * size);
     process.stdout.write(`compaction: ${written / MiB} MiB written, peak ${(peak / MiB).toFixed(1)} MiB, settled ${(settled / MiB).toFixed(1)} MiB\n`);
     expect(sha(await readDisk(svc, disk))).toBe(sha(image));
@@ -293,7 +299,10 @@ describe("compaction on its own timer", () => {
     expect(sha(await readDisk(svc, disk))).toBe(sha(image));
   });
 
-  it("removes the packs of a cancelled backup within a few intervals, and keeps those a finished backup references", async () => {
+  it.each([
+    ["fails (out of space)", "FAILED"],
+    ["is cancelled", "CANCELLED"],
+  ])("removes the packs of a backup that %s within a few intervals, and keeps those a finished backup references", async (_how, status) => {
     const project = svc.projectIds.alpha;
     const packsDir = path.join(svc.dataDir, "blobs", "vault", project, "packs");
     const packFiles = () => {
@@ -302,15 +311,15 @@ describe("compaction on its own timer", () => {
       for (const d of fs.readdirSync(packsDir)) for (const f of fs.readdirSync(path.join(packsDir, d))) out.push(f);
       return out.sort();
     };
-    const kept = await createDisk(svc, "kept", 4 * MiB);
-    await writeDisk(svc, kept, bytes(4 * MiB, 201));
+    const kept = await createDisk(svc, `kept-${status}`, 4 * MiB);
+    await writeDisk(svc, kept, bytes(4 * MiB, status === "FAILED" ? 201 : 301));
     const keptBackup = await backupNow(svc, kept);
-    // Let any pass of the earlier backups go by: only the cancelled job's packs are to go.
+    // Let any pass over earlier failures go by: only this job's packs are to go.
     await new Promise((r) => setTimeout(r, 1500));
     const before = packFiles();
 
-    const disk = await createDisk(svc, "abandoned", 48 * MiB);
-    await writeDisk(svc, disk, bytes(48 * MiB, 202));
+    const disk = await createDisk(svc, `abandoned-${status}`, 96 * MiB);
+    await writeDisk(svc, disk, bytes(96 * MiB, status === "FAILED" ? 202 : 302));
     const blobs = svc.storage.volumes.blobs;
     const readInto = blobs.readInto.bind(blobs);
     let reads = 0;
@@ -318,11 +327,12 @@ describe("compaction on its own timer", () => {
     const released = new Promise<void>((r) => (release = r));
     let paused!: () => void;
     const pausing = new Promise<void>((r) => (paused = r));
-    // The backup stops reading after 40 MiB (two 16 MiB packs written) until it is cancelled.
+    // The backup stops reading after 40 MiB (two 16 MiB packs written); then it runs out of space, or is cancelled.
     blobs.readInto = async (key, offset, into) => {
       if (++reads === 11) {
         paused();
         await released;
+        if (status === "FAILED") throw Object.assign(new Error("no space left on device"), { code: "ENOSPC" });
       }
       return readInto(key, offset, into);
     };
@@ -331,9 +341,16 @@ describe("compaction on its own timer", () => {
       await pausing;
       const during = await until(async () => packFiles().filter((f) => !before.includes(f)), (p) => p.length >= 2, 10_000);
       expect(during.length).toBeGreaterThanOrEqual(2);
-      await svc.ok(`mutation ($id: ID!) { cancelJob(input: { id: $id }) { job { id } } }`, { id: jobId });
+      if (status === "CANCELLED") {
+        await svc.ok(`mutation ($id: ID!) { cancelJob(input: { id: $id }) { job { id } } }`, { id: jobId });
+        // The runner learns of it with its next heartbeat.
+        const [{ at }] = await svc.ds.query(`SELECT now() AS at`);
+        await until(async () => (await svc.ds.query(`SELECT heartbeat_at > $2 AS seen FROM jobs WHERE id = $1`, [uuid(jobId), at]))[0].seen, Boolean, 10_000);
+      }
       release();
-      expect((await waitJob(svc, jobId)).status).toBe("CANCELLED");
+      const job = await waitJob(svc, jobId);
+      expect(job.status).toBe(status);
+      if (status === "FAILED") expect(job.error.code).toBe("NO_SPACE");
       const [b] = await svc.ds.query(`SELECT status FROM backups WHERE id = $1`, [uuid(backupId)]);
       expect(b.status).toBe("ERROR");
     } finally {

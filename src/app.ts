@@ -11,7 +11,7 @@ import { startHttpServer, type HttpServer } from "./http/server";
 import type { Logger } from "./logger";
 import { createServices, type Services } from "./services";
 import { RequestContext } from "./services/context";
-import { collectAllGarbage, createJobRunner } from "./jobs";
+import { collectAllGarbage, compactStorage, createJobRunner } from "./jobs";
 import { PgEventBus } from "./jobs/events";
 import { Scheduler } from "./jobs/scheduler";
 import type { JobRunner, RunnerOptions } from "./jobs/runner";
@@ -162,6 +162,9 @@ export async function startService(
   const runner = createJobRunner(db.ds, storage, events, config, logger, opts.runner, retainAfter);
   const scheduler = new Scheduler(db.ds, config, services.policyRuns, services.queue, logger);
   let gcTimer: NodeJS.Timeout | undefined;
+  let compactTimer: NodeJS.Timeout | undefined;
+  /** The compaction pass running, if any: a tick during one is skipped, and stop waits for it. */
+  let compacting: Promise<void> | null = null;
   try {
     await events.start();
     const key = await ensureDefaultProject(services, config.dataDir);
@@ -178,6 +181,17 @@ export async function startService(
       );
       gcTimer.unref();
     }
+    if (config.compactIntervalSeconds > 0) {
+      compactTimer = setInterval(() => {
+        if (compacting) return;
+        compacting = compactStorage(db.ds, storage, logger)
+          .catch((err) => logger.error("compaction failed", { error: err }))
+          .finally(() => {
+            compacting = null;
+          });
+      }, config.compactIntervalSeconds * 1000);
+      compactTimer.unref();
+    }
     let stopping: Promise<void> | undefined;
     return {
       url: http?.url ?? "",
@@ -190,9 +204,11 @@ export async function startService(
       stop() {
         stopping ??= (async () => {
           clearInterval(gcTimer);
+          clearInterval(compactTimer);
           await http?.close();
           await scheduler.stop();
           await runner.stop();
+          await compacting;
           await events.close();
           storage.close();
           await db.close();
@@ -202,6 +218,7 @@ export async function startService(
     };
   } catch (err) {
     clearInterval(gcTimer);
+    clearInterval(compactTimer);
     await scheduler.stop().catch(() => undefined);
     await runner.stop().catch(() => undefined);
     await events.close().catch(() => undefined);

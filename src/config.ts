@@ -47,6 +47,8 @@ export interface Config {
   /** Blobs written but never committed are deleted by garbage collection once this old. */
   gcGraceSeconds: number;
   gcIntervalSeconds: number;
+  /** How often compaction reclaims overwritten disk blocks and what failed jobs wrote (0: never, in this process). */
+  compactIntervalSeconds: number;
   /** Worker threads compressing vault chunks beside the main thread (0: the main thread alone). */
   codecThreads: number;
   /** How often the policy scheduler looks for due policies (0: never, in this process). */
@@ -148,6 +150,7 @@ export function loadConfig(env: Env = process.env): Config {
     jobStaleSeconds: int(env, "JOB_STALE_SECONDS", 30, 2, 3600),
     gcGraceSeconds: int(env, "GC_GRACE_SECONDS", 3600, 0, 30 * 86400),
     gcIntervalSeconds: int(env, "GC_INTERVAL_SECONDS", 3600, 0, 30 * 86400),
+    compactIntervalSeconds: int(env, "COMPACT_INTERVAL_SECONDS", 60, 0, 86400),
     schedulerIntervalSeconds: int(env, "SCHEDULER_INTERVAL_SECONDS", 5, 0, 3600),
     codecThreads: int(env, "CODEC_THREADS", os.availableParallelism(), 0, 64),
     uploadMaxBytes: int(env, "UPLOAD_MAX_BYTES", 64 * 2 ** 30, 512, Number.MAX_SAFE_INTEGER),

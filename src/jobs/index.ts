@@ -4,6 +4,7 @@ import { JobType } from "../entities";
 import type { Logger } from "../logger";
 import { rows } from "../db/sql";
 import type { Storage } from "../storage";
+import { compactVolumes } from "../storage/compaction";
 import type { EventBus } from "./events";
 import { BackupHandler } from "./handlers/backup.handler";
 import { DeleteBackupHandler } from "./handlers/delete-backup.handler";
@@ -67,4 +68,36 @@ export async function collectAllGarbage(ds: DataSource, storage: Storage, graceM
     bytes += r?.bytes ?? 0;
   }
   if (bytes > 0) logger.info("garbage collected", { segments: volumes.segments, chunks, bytes });
+}
+
+/** How far back a pass looks for jobs that failed: a few passes' worth, so one busy pass misses none. */
+const FAILED_LOOKBACK = "10 minutes";
+/** Slack around a failed job's run when matching packs to it (clocks of processes and database). */
+const FAILED_SLACK_MS = 60_000;
+
+/**
+ * The frequent, incremental part of reclaiming space: compacts volume segments
+ * (see compactVolumes) and drops what backups and image jobs that failed or
+ * were cancelled lately wrote to the vault. Cheap when there is nothing to do:
+ * it reads only dead or sparse segments and lately failed jobs.
+ */
+export async function compactStorage(ds: DataSource, storage: Storage, logger: Logger): Promise<void> {
+  const volumes = await compactVolumes(ds, storage.volumes, (diskId, err) => logger.error("compacting a disk failed", { disk: diskId, error: err }));
+  const failed = await rows<{ project_id: string; started_at: Date; finished_at: Date }>(
+    ds,
+    `SELECT project_id, min(started_at) AS started_at, max(finished_at) AS finished_at FROM jobs
+      WHERE status IN ('FAILED', 'CANCELLED') AND finished_at > now() - interval '${FAILED_LOOKBACK}' AND started_at IS NOT NULL
+        AND type IN ('${JobType.BACKUP}', '${JobType.CREATE_IMAGE}', '${JobType.IMPORT_IMAGE}')
+      GROUP BY project_id`,
+  );
+  let packs = 0;
+  let bytes = 0;
+  for (const f of failed) {
+    const r = await storage.vault.dropUnreferencedPacks(f.project_id, new Date(f.started_at.getTime() - FAILED_SLACK_MS), new Date(f.finished_at.getTime() + FAILED_SLACK_MS));
+    packs += r?.packs ?? 0;
+    bytes += r?.bytes ?? 0;
+  }
+  if (volumes?.freedBytes || packs) {
+    logger.info("storage compacted", { segmentsDeleted: volumes?.deleted ?? 0, segmentsWritten: volumes?.written ?? 0, movedBytes: volumes?.movedBytes ?? 0, packs, bytes: (volumes?.freedBytes ?? 0) + bytes });
+  }
 }

@@ -18,6 +18,12 @@ const RUN_CHUNKS = 64;
 /** A pack whose live chunks fill less than this share of it is rewritten by garbage collection. */
 const REPACK_BELOW = 0.5;
 
+/** SQL: no backup or image of its project references chunk `c` (an alias of vault_chunks). */
+const CHUNK_UNREFERENCED = (c: string) =>
+  `NOT EXISTS (SELECT 1 FROM backup_blocks bb JOIN backups b ON b.id = bb.backup_id WHERE bb.hash = ${c}.hash AND b.project_id = ${c}.project_id)
+   AND NOT EXISTS (SELECT 1 FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id JOIN images i ON i.id = d.image_id
+                    WHERE ib.hash = ${c}.hash AND i.project_id = ${c}.project_id)`;
+
 export const packKey = (projectId: string, packId: string) => `vault/${projectId}/packs/${packId.slice(0, 2)}/${packId}`;
 export const hex = (hash: Buffer) => hash.toString("hex");
 
@@ -454,13 +460,51 @@ export class Vault {
    * because a backup's blocks reference their chunks from the instant it is taken.
    */
   async collectGarbage(projectId: string, graceMs: number): Promise<{ chunks: number; packs: number; bytes: number } | null> {
+    return this.asCollector(projectId, () => this.collect(projectId, graceMs));
+  }
+
+  /**
+   * Reclaims promptly what a job that failed or was cancelled wrote, given when
+   * it ran: chunks of the project's packs indexed between `from` and `to` that
+   * nothing references (its own rows are gone with its cleanup), and the packs
+   * that leaves empty. A pack some of whose chunks are referenced stays for
+   * collectGarbage. A running job's packs are safe: it references every chunk
+   * it relies on from the moment it starts (its captured or imported blocks),
+   * and a pack is indexed only once durable. Null when a collector runs.
+   */
+  async dropUnreferencedPacks(projectId: string, from: Date, to: Date): Promise<{ chunks: number; packs: number; bytes: number } | null> {
+    return this.asCollector(projectId, async () => {
+      const chunks = await rows(
+        this.ds,
+        `DELETE FROM vault_chunks c USING vault_packs p
+          WHERE p.project_id = $1 AND p.created_at BETWEEN $2 AND $3 AND c.project_id = $1 AND c.pack_id = p.id AND ${CHUNK_UNREFERENCED("c")}
+          RETURNING c.hash`,
+        [projectId, from, to],
+      );
+      const packs = await rows<{ id: string; size_bytes: string }>(
+        this.ds,
+        `DELETE FROM vault_packs p WHERE p.project_id = $1 AND p.created_at BETWEEN $2 AND $3
+            AND NOT EXISTS (SELECT 1 FROM vault_chunks c WHERE c.pack_id = p.id) RETURNING id, size_bytes`,
+        [projectId, from, to],
+      );
+      let bytes = 0;
+      for (const p of packs) {
+        await this.blobs.delete(packKey(projectId, p.id));
+        bytes += Number(p.size_bytes);
+      }
+      return { chunks: chunks.length, packs: packs.length, bytes };
+    });
+  }
+
+  /** Runs `fn` as the project's one collector (across processes), or returns null when another is. */
+  private async asCollector<T>(projectId: string, fn: () => Promise<T>): Promise<T | null> {
     const runner = this.ds.createQueryRunner();
     await runner.connect();
     try {
       const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${0x5707}, hashtext($1)) AS locked`, [`vault:${projectId}`]);
       if (!locked) return null;
       try {
-        return await this.collect(projectId, graceMs);
+        return await fn();
       } finally {
         await runner.query(`SELECT pg_advisory_unlock(${0x5707}, hashtext($1))`, [`vault:${projectId}`]);
       }
@@ -472,11 +516,7 @@ export class Vault {
   private async collect(projectId: string, graceMs: number) {
     const deadChunks = await rows(
       this.ds,
-      `DELETE FROM vault_chunks c WHERE c.project_id = $1
-         AND NOT EXISTS (SELECT 1 FROM backup_blocks bb JOIN backups b ON b.id = bb.backup_id WHERE bb.hash = c.hash AND b.project_id = c.project_id)
-         AND NOT EXISTS (SELECT 1 FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id JOIN images i ON i.id = d.image_id
-                          WHERE ib.hash = c.hash AND i.project_id = c.project_id)
-       RETURNING hash`,
+      `DELETE FROM vault_chunks c WHERE c.project_id = $1 AND ${CHUNK_UNREFERENCED("c")} RETURNING hash`,
       [projectId],
     );
     let packs = 0;

@@ -1,7 +1,7 @@
 import crypto from "node:crypto";
-import type { DataSource, EntityManager } from "typeorm";
+import { QueryFailedError, type DataSource, type EntityManager } from "typeorm";
 import { HASH_BYTES, hashAt, list, listOf, rows } from "../db/sql";
-import type { BlobStore, BlobWriter } from "./blob-store";
+import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
 import { HashList } from "./hash-list";
 
@@ -54,9 +54,6 @@ export interface BlockWrite {
 }
 
 export const segmentKey = (diskId: string, segmentId: string) => `volumes/${diskId}/${segmentId}`;
-
-/** SQL condition on a volume segment `s`: no job has staged a block in it (collectGarbage drops the rows of jobs that ended first). */
-const NOT_STAGED = `NOT EXISTS (SELECT 1 FROM staged_blocks sb WHERE sb.segment_id = s.id)`;
 
 /**
  * SQL: the blocks of one write as rows (i block_index, s segment_id, o segment_offset,
@@ -111,6 +108,21 @@ async function applyBlocks(em: EntityManager, diskId: string, blocks: string, pa
     args,
   );
 }
+
+/**
+ * SQL: true when nothing but a disk's block map may read segment `s` (an alias
+ * of volume_segments): no running backup or image creation holds blocks of it
+ * captured at an instant, and no restore has staged blocks in it (collectGarbage
+ * drops the staged rows of jobs that ended first). Whatever else comes to read
+ * segments by reference adds its NOT EXISTS here; deletion and compaction both ask this.
+ */
+export const SEGMENT_UNHELD = (s: string) =>
+  `NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = ${s}.id)
+   AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = ${s}.id)
+   AND NOT EXISTS (SELECT 1 FROM staged_blocks sb WHERE sb.segment_id = ${s}.id)`;
+
+/** Attempts of a read whose segment compaction deleted under it (each with fresh block refs). */
+const READ_ATTEMPTS = 3;
 
 /**
  * The bytes of disks. Writes append blocks to a new segment blob; once the blob
@@ -308,9 +320,8 @@ export class VolumeStore {
   }
 
   async readBlock(diskId: string, index: number): Promise<Buffer> {
-    const [ref] = await this.blockRefs(this.ds, diskId, index, index);
     const block = Buffer.alloc(BLOCK_SIZE);
-    if (ref) await this.readRunInto(diskId, ref.segmentId, ref.offset, block);
+    await this.fillBlocks(diskId, index, index, block);
     return block;
   }
 
@@ -345,8 +356,23 @@ export class VolumeStore {
     }
   }
 
-  /** Fills `into` with blocks [first, last]: one range read per run of adjacent blocks in a segment, zeros elsewhere. */
+  /**
+   * Fills `into` with blocks [first, last]: one range read per run of adjacent
+   * blocks in a segment, zeros elsewhere. Compaction may move the blocks and
+   * delete their old segment between reading the refs and reading the bytes:
+   * then the refs are read again, and point where the blocks are now.
+   */
   private async fillBlocks(diskId: string, first: number, last: number, into: Buffer): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.fillBlocksOnce(diskId, first, last, into);
+      } catch (err) {
+        if (!(err instanceof BlobNotFoundError) || attempt >= READ_ATTEMPTS) throw err;
+      }
+    }
+  }
+
+  private async fillBlocksOnce(diskId: string, first: number, last: number, into: Buffer): Promise<void> {
     const refs = await this.blockRefs(this.ds, diskId, first, last);
     let at = first; // blocks before `at` are filled
     let i = 0;
@@ -363,8 +389,28 @@ export class VolumeStore {
   }
 
   /**
-   * Deletes segment blobs that no disk block, no running backup or image creation and no
-   * running restore's staged block points at, and
+   * Deletes a segment that no disk block points at and nothing holds: the row, only if that is still
+   * so (a block or capture made meanwhile keeps it, by its foreign key if not by this check), then
+   * the blob. Returns whether it went.
+   */
+  async deleteSegment(segmentId: string, diskId: string): Promise<boolean> {
+    const gone = await rows(
+      this.ds,
+      `DELETE FROM volume_segments s WHERE s.id = $1
+         AND NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id) AND ${SEGMENT_UNHELD("s")} RETURNING id`,
+      [segmentId],
+    ).catch((err: unknown) => {
+      // Referenced by a row committed meanwhile: its foreign key refuses, and the segment stays.
+      if (err instanceof QueryFailedError && (err.driverError as { code?: string }).code === "23503") return [];
+      throw err;
+    });
+    if (!gone.length) return false;
+    await this.blobs.delete(segmentKey(diskId, segmentId));
+    return true;
+  }
+
+  /**
+   * Deletes segment blobs that no disk block and no running backup or image creation points at, and
    * blobs that were written but never committed (a crash between the two) or never
    * finished (a crash while writing) once they are older than `graceMs`.
    */
@@ -374,25 +420,13 @@ export class VolumeStore {
     await this.ds.query(`DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')`);
     const dead: { id: string; disk_id: string; size_bytes: string }[] = await this.ds.query(
       `SELECT s.id, s.disk_id, s.size_bytes FROM volume_segments s
-        WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
-          AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)
-          AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id)
-          AND ${NOT_STAGED}`,
+        WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id) AND ${SEGMENT_UNHELD("s")}`,
     );
     let bytes = 0;
+    let deleted = 0;
     for (const s of dead) {
-      // The row goes only if still unreferenced; then the blob.
-      const gone = await rows(
-        this.ds,
-        `DELETE FROM volume_segments s WHERE s.id = $1
-           AND NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id)
-           AND NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.src_segment = s.id)
-           AND NOT EXISTS (SELECT 1 FROM image_blocks ib WHERE ib.src_segment = s.id)
-           AND ${NOT_STAGED} RETURNING id`,
-        [s.id],
-      );
-      if (!gone.length) continue;
-      await this.blobs.delete(segmentKey(s.disk_id, s.id));
+      if (!(await this.deleteSegment(s.id, s.disk_id))) continue;
+      deleted++;
       bytes += Number(s.size_bytes);
     }
     let orphans = 0;
@@ -412,7 +446,7 @@ export class VolumeStore {
       orphans += incomplete.count;
       bytes += incomplete.bytes;
     }
-    return { segments: dead.length + orphans, bytes };
+    return { segments: deleted + orphans, bytes };
   }
 }
 

@@ -400,12 +400,13 @@ export class JobRunner {
       return h === host && c.worker_id !== null && !c.worker_id.startsWith(this.workerId) && !processAlive(Number(pid));
     });
     for (const c of dead) {
+      // This process's own: it lost the database, and with it the job, while it ran.
+      const message = c.worker_id === this.workerId ? "the database restarted while the job ran" : "the process running the job stopped before it finished";
       const claimed = await rows(
         this.ds,
-        `UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), error_code = 'INTERRUPTED',
-                error_message = 'the process running the job stopped before it finished'
+        `UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), error_code = 'INTERRUPTED', error_message = $2
           WHERE id = $1 AND status = 'RUNNING' RETURNING *`,
-        [c.id],
+        [c.id, message],
       );
       if (!claimed.length) continue;
       const [job] = hydrate(this.ds, Job, claimed);

@@ -201,13 +201,41 @@ async function stopService(svc: Served): Promise<void> {
   await within(svc.exit, 30_000, () => `the service did not exit on SIGTERM:\n${svc.output()}`);
 }
 
+/** A disk of `size` random bytes and a backup of it, returned once its job is RUNNING and has moved bytes. */
+async function busyBackup(s: Served, name: string, size: number): Promise<{ jobId: string; backupId: string }> {
+  const disk = (await gql(s, CREATE_DISK, { n: name, s: size })).createDisk.disk.id;
+  const piece = 64 * MiB;
+  for (let off = 0; off < size; off += piece) {
+    const res = await fetch(`${s.url}/v1/disks/${disk}/data`, {
+      method: "PUT",
+      headers: { authorization: `Bearer ${s.key}`, "content-type": "application/octet-stream", "content-range": `bytes ${off}-${off + piece - 1}/*` },
+      body: new Uint8Array(randomBytes(piece, `${name}:${off}`)),
+    });
+    expect(res.status).toBe(200);
+  }
+  const { job, backup } = (await gql(s, `mutation ($r: ID!, $n: String) { createBackup(input: { resourceId: $r, name: $n }) { job { id } backup { id } } }`, { r: disk, n: name })).createBackup;
+  await until(
+    async () => {
+      const j = (await gql(s, JOB, { id: job.id })).node;
+      if (j.status !== "QUEUED" && j.status !== "RUNNING") throw new Error(`the backup ended (${j.status}) before it could be interrupted`);
+      return j.status === "RUNNING" && j.bytesDone > 0 ? j : undefined;
+    },
+    60_000,
+    () => "the backup never got going",
+  );
+  return { jobId: job.id, backupId: backup.id };
+}
+
+/** Heartbeats expire only after 2 minutes: whatever ends a job in these tests, it is not that. */
+const NO_STALE = { JOB_STALE_SECONDS: "120" };
+
 let dataDir: string;
 let port: number;
 let svc: Served | undefined;
 
 /** The service the first tests share, started when none runs. */
 async function serving(): Promise<Served> {
-  if (!svc || svc.child.exitCode !== null || svc.child.signalCode !== null) svc = await serve(dataDir, port);
+  if (!svc || svc.child.exitCode !== null || svc.child.signalCode !== null) svc = await serve(dataDir, port, { env: NO_STALE });
   return svc;
 }
 
@@ -254,6 +282,34 @@ it("a killed postmaster is logged and restarted, and the service answers again w
   await until(() => (/embedded Postgres restarted/.test(s.output()) ? true : undefined), 10_000, () => `the restart was not logged:\n${s.output()}`);
   // The job event listener listens again too.
   await until(() => (/event listener reconnected/.test(s.output()) ? true : undefined), 30_000, () => `the event listener did not reconnect:\n${s.output()}`);
+});
+
+it("a job running when the postmaster dies ends once it is back, without waiting for its heartbeat to expire", async () => {
+  const s = await serving();
+  await until(() => answers(s, "before-job-kill"), 30_000, () => `the service does not answer:\n${s.output()}`);
+  const { jobId, backupId } = await busyBackup(s, "interrupted", 256 * MiB);
+  const restarts = s.output().split("embedded Postgres restarted").length;
+  process.kill(postmasterPid(dataDir)!, "SIGKILL");
+  await until(() => (s.output().split("embedded Postgres restarted").length > restarts ? true : undefined), 30_000, () => `Postgres was not restarted:\n${s.output()}`);
+  await until(() => answers(s, "after-job-kill"), 30_000, () => `the service did not come back:\n${s.output()}`);
+  // Either the job lost the database and failed INTERRUPTED, or it rode the restart out and
+  // finished: never INTERNAL, never left RUNNING until its heartbeat would have expired.
+  const job = await until(
+    async () => {
+      const j = (await gql(s, JOB, { id: jobId })).node;
+      return j.status === "RUNNING" ? undefined : j;
+    },
+    20_000,
+    () => `the job stayed RUNNING after the database came back:\n${s.output()}`,
+  );
+  const backup = (await gql(s, `query ($id: ID!) { node(id: $id) { ... on Backup { status } } }`, { id: backupId })).node;
+  if (job.status === "FAILED") {
+    expect(job.error).toEqual({ code: "INTERRUPTED", message: expect.stringMatching(/database/) });
+    expect(backup.status).toBe("ERROR");
+  } else {
+    expect(job.status).toBe("SUCCEEDED");
+    expect(backup.status).toBe("AVAILABLE");
+  }
 });
 
 it("a frozen postmaster makes /readyz answer 503 within 2 s; thawed, the service recovers", async () => {
@@ -310,27 +366,9 @@ it("killed mid-job and restarted at once, the service fails the job INTERRUPTED 
   const dir = newDataDir();
   const p = await freePort();
   // Heartbeats would expire only after 2 minutes: whatever ends the job here, it is not that.
-  const env = { JOB_STALE_SECONDS: "120" };
+  const env = NO_STALE;
   const first = await serve(dir, p, { holder: true, env });
-  const disk = (await gql(first, CREATE_DISK, { n: "busy", s: 256 * MiB })).createDisk.disk.id;
-  for (let off = 0; off < 256 * MiB; off += 64 * MiB) {
-    const res = await fetch(`${first.url}/v1/disks/${disk}/data`, {
-      method: "PUT",
-      headers: { authorization: `Bearer ${first.key}`, "content-type": "application/octet-stream", "content-range": `bytes ${off}-${off + 64 * MiB - 1}/*` },
-      body: new Uint8Array(randomBytes(64 * MiB, `busy:${off}`)),
-    });
-    expect(res.status).toBe(200);
-  }
-  const { job } = (await gql(first, `mutation ($r: ID!) { createBackup(input: { resourceId: $r, name: "killed" }) { job { id } } }`, { r: disk })).createBackup;
-  await until(
-    async () => {
-      const j = (await gql(first, JOB, { id: job.id })).node;
-      if (j.status !== "QUEUED" && j.status !== "RUNNING") throw new Error(`the backup ended (${j.status}) before it could be killed`);
-      return j.status === "RUNNING" && j.bytesDone > 0 ? j : undefined;
-    },
-    60_000,
-    () => "the backup never got going",
-  );
+  const job = { id: (await busyBackup(first, "killed", 256 * MiB)).jobId };
   const firstProcesses = postgresProcesses(dir);
   expect(firstProcesses).toContain(postmasterPid(dir));
 

@@ -25,6 +25,8 @@ const MIGRATION_LOCK = 0x5707_a6e;
 export interface Database {
   ds: DataSource;
   url: string;
+  /** The embedded cluster, when there is no DATABASE_URL. */
+  embedded?: Pick<PostgresHandle, "owned" | "onRestart">;
   close(): Promise<void>;
 }
 
@@ -74,6 +76,7 @@ export async function openDatabase(config: Config, logger: Logger, opts: { migra
   return {
     ds,
     url,
+    embedded: pg,
     async close() {
       await ds.destroy();
       await pg?.stop();
@@ -171,7 +174,10 @@ export async function startService(
     if (key) opts.onDefaultKey?.(key, path.join(config.dataDir, "default-api-key"));
     // A restore's first direct write then need not wait to learn whether the file system takes direct I/O.
     void storage.volumes.blobs.prepare?.().catch((err) => logger.warn("preparing the volume store failed", { error: err }));
-    await runner.start();
+    // This process started the embedded cluster: whoever ran the jobs still RUNNING is gone.
+    await runner.start({ clusterStartedHere: db.embedded?.owned });
+    // After the embedded cluster was restarted, the jobs whose end was lost with it end at once.
+    db.embedded?.onRestart(() => void runner.recover().catch((err) => logger.error("job recovery failed", { error: err })));
     if (config.schedulerIntervalSeconds > 0) scheduler.start(config.schedulerIntervalSeconds * 1000);
     const http = opts.api === false ? null : await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
     if (config.gcIntervalSeconds > 0) {

@@ -6,6 +6,7 @@ import os from "node:os";
 import path from "node:path";
 import { promisify } from "node:util";
 import type { Logger } from "../logger";
+import { processAlive } from "../processes";
 import { binary, blockedAt, EmbeddedPostgresError, reachableInstall, type PostgresIds } from "./postgres-binaries";
 
 export { EmbeddedPostgresError } from "./postgres-binaries";
@@ -13,8 +14,13 @@ export { EmbeddedPostgresError } from "./postgres-binaries";
 export interface PostgresHandle {
   /** Connection string of the cluster's `postgres` database. */
   url: string;
-  /** True when this process started the cluster and must stop it. */
+  /**
+   * True when this process started the cluster and must stop it. No other process
+   * was connected to it then: a job RUNNING before it started has nobody left to run it.
+   */
   owned: boolean;
+  /** Calls `listener` whenever the cluster has been restarted after it died (only an owned cluster is). */
+  onRestart(listener: () => void): void;
   stop(): Promise<void>;
 }
 
@@ -41,11 +47,7 @@ function freePort(): Promise<number> {
 }
 
 function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
-  }
+  if (!processAlive(pid)) return false;
   // After a crash or a container restart the pid in postmaster.pid may belong to
   // another program; where /proc tells, require a postgres process.
   try {
@@ -84,12 +86,8 @@ function orphaned(dataDir: string, pgPid: number): boolean {
     return false; // started by something else (pg_ctl, an older Stowage): leave it be
   }
   if (!owner || recorded !== pgPid || owner === process.pid) return false;
-  try {
-    process.kill(owner, 0);
-    return false;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "ESRCH";
-  }
+  // A service SIGKILLed a moment ago may not be reaped yet: a zombie owns nothing.
+  return !processAlive(owner);
 }
 
 function readOrCreatePassword(file: string): string {
@@ -139,15 +137,20 @@ async function canConnect(connectionString: string): Promise<boolean> {
 //    start-up, one-shot commands): the cluster is stopped, then the process exits
 //    with 128 + the signal number. When the application listens to the signal
 //    (`serve` drains first), these handlers stand aside.
-// Only SIGKILL (an OOM kill) leaves a cluster behind; the next Stowage process on
-// the data directory sees from `postgres.owner` that its owner is gone, stops it
-// and starts its own.
+//  - SIGKILL (an OOM kill): on Linux Postgres runs under `setpriv --pdeathsig INT`,
+//    so the kernel sends it the fast-shutdown signal when this process dies. Where
+//    that is missing, the next Stowage process on the data directory sees from
+//    `postgres.owner` that its owner is gone, stops the cluster and starts its own.
+// A postmaster that dies while this process still wants it is started again, on
+// the same port (the pools' connection strings name it), after a growing delay.
 // ---------------------------------------------------------------------------
 
 interface OwnedCluster {
   child: ChildProcess;
   exited: Promise<void>;
   dataDir: string;
+  /** Its end was asked for: an exit is no crash. */
+  stopRequested: boolean;
 }
 
 const owned = new Set<OwnedCluster>();
@@ -160,7 +163,10 @@ function running(c: OwnedCluster): boolean {
 }
 
 function onProcessExit() {
-  for (const c of owned) if (running(c)) c.child.kill("SIGINT");
+  for (const c of owned) {
+    c.stopRequested = true;
+    if (running(c)) c.child.kill("SIGINT");
+  }
 }
 
 function installHooks() {
@@ -188,6 +194,7 @@ function uninstallHooks() {
 }
 
 async function stopCluster(c: OwnedCluster, timeoutMs = 30_000): Promise<void> {
+  c.stopRequested = true;
   if (running(c)) {
     c.child.kill("SIGINT"); // fast shutdown: ends sessions, checkpoints, removes postmaster.pid, exits
     const quit = setTimeout(() => running(c) && c.child.kill("SIGQUIT"), timeoutMs);
@@ -201,6 +208,17 @@ async function stopCluster(c: OwnedCluster, timeoutMs = 30_000): Promise<void> {
   } catch {
     // no owner file
   }
+}
+
+/**
+ * util-linux's setpriv (every Debian and most Linux systems have it), to start
+ * Postgres with a parent-death signal: the kernel sends it SIGINT, a fast
+ * shutdown, when the thread that spawned it ends, and Node spawns from its main
+ * thread, which lives as long as the process.
+ */
+function deathSignalWrapper(): string | undefined {
+  if (process.platform !== "linux") return undefined;
+  return ["/usr/bin/setpriv", "/bin/setpriv"].find((file) => fs.existsSync(file));
 }
 
 /** A program that could not be started at all, and what to do about it. */
@@ -229,31 +247,32 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
     if (blocked) throw unreachable(clusterDir, blocked);
   }
   const postgres = binary(await reachableInstall(ids, RUNTIME_DIR, logger), "postgres");
-  const child = spawn(
-    postgres,
-    [
-      "-D",
-      clusterDir,
-      "-p",
-      String(port),
-      // TCP on loopback only; no Unix socket, whose path would collide between clusters.
-      "-c",
-      "listen_addresses=127.0.0.1",
-      "-c",
-      "unix_socket_directories=",
-      "-c",
-      "max_connections=200",
-    ],
-    {
-      // Its own process group: Ctrl-C in a terminal reaches Stowage, which drains
-      // and then stops Postgres, instead of Postgres dropping every session at once.
-      detached: process.platform !== "win32", // (on Windows it would open a console window)
-      stdio: ["ignore", "pipe", "pipe"],
-      env: { ...process.env, LC_MESSAGES: "C" },
-      cwd: path.dirname(clusterDir), // the caller's may be closed to the postgres user
-      ...ids,
-    },
-  );
+  // setpriv runs as the postgres user already (spawn changes the user before it
+  // runs it), so the death signal it sets survives: only a change of user resets it.
+  const setpriv = deathSignalWrapper();
+  if (!setpriv) logger.debug("setpriv not found: should this process be killed, the next start stops its Postgres");
+  const args = [
+    "-D",
+    clusterDir,
+    "-p",
+    String(port),
+    // TCP on loopback only; no Unix socket, whose path would collide between clusters.
+    "-c",
+    "listen_addresses=127.0.0.1",
+    "-c",
+    "unix_socket_directories=",
+    "-c",
+    "max_connections=200",
+  ];
+  const child = spawn(setpriv ?? postgres, setpriv ? ["--pdeathsig", "INT", "--", postgres, ...args] : args, {
+    // Its own process group: Ctrl-C in a terminal reaches Stowage, which drains
+    // and then stops Postgres, instead of Postgres dropping every session at once.
+    detached: process.platform !== "win32", // (on Windows it would open a console window)
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, LC_MESSAGES: "C" },
+    cwd: path.dirname(clusterDir), // the caller's may be closed to the postgres user
+    ...ids,
+  });
   const tail: string[] = [];
   const onData = (chunk: Buffer) => {
     for (const line of chunk.toString("utf8").split("\n")) {
@@ -273,7 +292,7 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
       resolve();
     });
   });
-  const cluster: OwnedCluster = { child, exited, dataDir };
+  const cluster: OwnedCluster = { child, exited, dataDir, stopRequested: false };
   owned.add(cluster);
   installHooks();
 
@@ -285,7 +304,7 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
     }
     if (!running(cluster)) {
       await stopCluster(cluster);
-      const why = tail.filter((l) => /FATAL|ERROR|PANIC|could not/i.test(l)).join("; ");
+      const why = tail.filter((l) => /FATAL|ERROR|PANIC|could not|failed to execute/i.test(l)).join("; ");
       throw Object.assign(new EmbeddedPostgresError(`embedded Postgres failed to start in ${pgDir}${why ? `: ${why}` : ` (exit code ${child.exitCode})`}`), { log: tail.slice() });
     }
     if (await canConnect(url(password, port))) {
@@ -297,6 +316,83 @@ async function startCluster(dataDir: string, pgDir: string, port: number, passwo
       throw new EmbeddedPostgresError(`embedded Postgres in ${pgDir} did not accept connections within 60 s; last log lines: ${tail.slice(-5).join(" | ")}`);
     }
     await sleep(100);
+  }
+}
+
+/** Delays before restarting a postmaster that died: doubling from the first to the longest. */
+const RESTART_FIRST_MS = 500;
+const RESTART_LONGEST_MS = 30_000;
+/** A postmaster that stayed up this long was healthy: should it die, the next restart waits the first delay again. */
+const STAYED_UP_MS = 60_000;
+
+/**
+ * The cluster this process started, restarted whenever its postmaster dies
+ * without being asked to (killed, crashed), until `stop()`.
+ */
+class SupervisedCluster {
+  private delayMs = RESTART_FIRST_MS;
+  private upSince = Date.now();
+  private timer: NodeJS.Timeout | undefined;
+  private restarting: Promise<void> | undefined;
+  private stopped = false;
+  private readonly listeners = new Set<() => void>();
+
+  constructor(
+    private current: OwnedCluster,
+    private readonly port: number,
+    private readonly startAgain: () => Promise<OwnedCluster>,
+    private readonly logger: Logger,
+  ) {
+    this.watch(current);
+  }
+
+  onRestart(listener: () => void): void {
+    this.listeners.add(listener);
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    await this.restarting;
+    await stopCluster(this.current);
+  }
+
+  private watch(c: OwnedCluster): void {
+    void c.exited.then(() => {
+      if (this.stopped || c.stopRequested) return;
+      owned.delete(c);
+      if (Date.now() - this.upSince >= STAYED_UP_MS) this.delayMs = RESTART_FIRST_MS;
+      const delay = this.schedule();
+      this.logger.error("embedded Postgres exited unexpectedly; restarting it", { pid: c.child.pid, exitCode: c.child.exitCode, signal: c.child.signalCode, port: this.port, restartInMs: delay });
+    });
+  }
+
+  /** Restarts after the current delay, and doubles the next one; returns the delay. */
+  private schedule(): number {
+    const delay = this.delayMs;
+    this.delayMs = Math.min(this.delayMs * 2, RESTART_LONGEST_MS);
+    this.timer = setTimeout(() => {
+      this.restarting = this.restart().finally(() => (this.restarting = undefined));
+    }, delay);
+    this.timer.unref();
+    return delay;
+  }
+
+  private async restart(): Promise<void> {
+    let c: OwnedCluster;
+    try {
+      c = await this.startAgain();
+    } catch (err) {
+      // Its old processes may still hold the shared memory or the port a moment longer.
+      if (!this.stopped) this.logger.error("restarting embedded Postgres failed; trying again", { error: (err as Error).message, port: this.port, restartInMs: this.schedule() });
+      return;
+    }
+    if (this.stopped) return stopCluster(c);
+    this.current = c;
+    this.upSince = Date.now();
+    this.watch(c);
+    this.logger.info("embedded Postgres restarted", { pid: c.child.pid, port: this.port });
+    for (const listener of this.listeners) listener();
   }
 }
 
@@ -434,7 +530,7 @@ export async function openEmbeddedPostgres(dataDir: string, logger: Logger): Pro
       // if it goes away meanwhile, the next round starts our own.
       if (await canConnect(url(password, existing.port))) {
         logger.debug("joined the embedded Postgres already running", { port: existing.port });
-        return { url: url(password, existing.port), owned: false, stop: async () => undefined };
+        return { url: url(password, existing.port), owned: false, onRestart: () => undefined, stop: async () => undefined };
       }
     } else {
       if (!fs.existsSync(path.join(pgDir, "PG_VERSION"))) await initCluster(dataDir, password, logger);
@@ -442,7 +538,8 @@ export async function openEmbeddedPostgres(dataDir: string, logger: Logger): Pro
       try {
         const cluster = await startCluster(dataDir, pgDir, port, password, logger);
         logger.info("embedded Postgres started", { port });
-        return { url: url(password, port), owned: true, stop: () => stopCluster(cluster) };
+        const supervised = new SupervisedCluster(cluster, port, () => startCluster(dataDir, pgDir, port, password, logger), logger);
+        return { url: url(password, port), owned: true, onRestart: (listener) => supervised.onRestart(listener), stop: () => supervised.stop() };
       } catch (err) {
         attempts++;
         // Another process started the same cluster a moment ago (lock file taken),

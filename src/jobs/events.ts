@@ -49,6 +49,9 @@ export class MemoryEventBus implements EventBus {
 }
 
 const CHANNEL = "stowage_job_events";
+/** Delays between attempts to listen again once the connection is lost: doubling from the first to the longest. */
+const RECONNECT_FIRST_MS = 1000;
+const RECONNECT_LONGEST_MS = 10_000;
 
 export class PgEventBus implements EventBus {
   private readonly local = new MemoryEventBus();
@@ -66,7 +69,8 @@ export class PgEventBus implements EventBus {
   }
 
   private async connect(): Promise<void> {
-    const client = new Client({ connectionString: this.url, application_name: "stowage-events" });
+    const client = new Client({ connectionString: this.url, application_name: "stowage-events", connectionTimeoutMillis: 10_000 });
+    let connected = false;
     client.on("notification", (msg) => {
       if (msg.channel !== CHANNEL || !msg.payload) return;
       try {
@@ -76,14 +80,42 @@ export class PgEventBus implements EventBus {
       }
     });
     client.on("error", (err) => {
+      client.end().catch(() => undefined);
+      if (!connected) return; // connect() rejects with it
+      connected = false;
       this.logger.warn("event listener connection lost; reconnecting", { error: err.message });
       this.listener = null;
-      client.end().catch(() => undefined);
-      if (!this.closed) setTimeout(() => this.connect().catch((e) => this.logger.error("event listener reconnect failed", { error: e })), 1000);
+      this.reconnect(RECONNECT_FIRST_MS);
     });
-    await client.connect();
-    await client.query(`LISTEN ${CHANNEL}`);
+    try {
+      await client.connect();
+      await client.query(`LISTEN ${CHANNEL}`);
+    } catch (err) {
+      await client.end().catch(() => undefined);
+      throw err;
+    }
+    if (this.closed) {
+      await client.end().catch(() => undefined);
+      return;
+    }
+    connected = true;
     this.listener = client;
+  }
+
+  /** Tries to listen again after `delayMs`, and on until it does (the database may be down for a while). */
+  private reconnect(delayMs: number): void {
+    if (this.closed) return;
+    setTimeout(() => {
+      if (this.closed) return;
+      this.connect().then(
+        () => this.logger.info("event listener reconnected"),
+        (err: Error) => {
+          const next = Math.min(delayMs * 2, RECONNECT_LONGEST_MS);
+          this.logger.warn("event listener reconnect failed; trying again", { error: err.message, retryInMs: next });
+          this.reconnect(next);
+        },
+      );
+    }, delayMs).unref();
   }
 
   async publish(event: JobEvent): Promise<void> {

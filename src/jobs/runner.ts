@@ -4,6 +4,8 @@ import type { DataSource, EntityManager } from "typeorm";
 import { rows } from "../db/sql";
 import { Job, JobStatus, JobType as JobTypes, type JobType } from "../entities";
 import type { Logger, LogLevel } from "../logger";
+import { processAlive } from "../processes";
+import { isDatabaseUnavailable } from "../services/db-errors";
 import { hydrate } from "../services/pagination";
 import { DomainError } from "../services/errors";
 import type { EventBus } from "./events";
@@ -164,12 +166,17 @@ export class JobRunner {
     return [...this.handlers.keys()];
   }
 
-  async start(): Promise<void> {
+  /**
+   * Starts claiming jobs. With `clusterStartedHere` (this process started the
+   * database server, so no other process was connected to it), every job that was
+   * RUNNING before the server started is failed at once, whoever held it.
+   */
+  async start(opts: { clusterStartedHere?: boolean } = {}): Promise<void> {
     this.stopped = false;
     this.unsubscribe = this.events.subscribeAll((e) => {
       if (e.status === JobStatus.QUEUED) this.wake();
     });
-    await this.recover();
+    await this.recover(opts);
     this.recoverTimer = setInterval(() => void this.recover().catch((err) => this.logger.error("job recovery failed", { error: err })), this.opts.staleMs / 2);
     this.timer = setInterval(() => this.wake(), this.opts.pollMs);
     this.wake();
@@ -198,7 +205,9 @@ export class JobRunner {
           this.settled.add(done);
         }
       } catch (err) {
-        this.logger.error("claiming jobs failed", { error: err });
+        // While the database is down or restarting this repeats every poll: it is the database's failure, not ours.
+        if (isDatabaseUnavailable(err)) this.logger.warn("claiming jobs failed: the database is unavailable", { error: (err as Error).message });
+        else this.logger.error("claiming jobs failed", { error: err });
       } finally {
         this.claiming = false;
       }
@@ -337,6 +346,10 @@ export class JobRunner {
     if (err instanceof JobInterrupted) return { status: JobStatus.FAILED, code: "INTERRUPTED", message: err.message };
     if (err instanceof DomainError) return { status: JobStatus.FAILED, code: err.code, message: err.message };
     if (err instanceof JobFailure) return { status: JobStatus.FAILED, code: err.code, message: err.message };
+    if (isDatabaseUnavailable(err)) {
+      this.logger.warn("a job stopped: the database became unavailable", { job: job.id, type: job.type, error: err });
+      return { status: JobStatus.FAILED, code: "INTERRUPTED", message: "the database became unavailable while the job ran; it can run again" };
+    }
     if (isNoSpace(err)) {
       this.logger.warn("a job ran out of space", { job: job.id, type: job.type, error: err });
       return { status: JobStatus.FAILED, code: "NO_SPACE", message: "the storage ran out of space; what the job had written was removed, and it can run again once space is free" };
@@ -364,27 +377,36 @@ export class JobRunner {
     await this.publish(job);
   }
 
-  /** Fails the running jobs of processes that stopped: silent too long, or dead on this host. */
-  async recover(): Promise<number> {
-    const candidates = await rows<{ id: string; worker_id: string | null; stale: boolean }>(
+  /**
+   * Fails the running jobs of processes that stopped: silent too long, or dead on
+   * this host; and this process's own jobs that it no longer runs and that last
+   * beat before the database server (re)started (their end was lost with it).
+   * With `clusterStartedHere`, every job that last beat before the server started.
+   */
+  async recover(opts: { clusterStartedHere?: boolean } = {}): Promise<number> {
+    const candidates = await rows<{ id: string; worker_id: string | null; stale: boolean; before_start: boolean }>(
       this.ds,
-      `SELECT id, worker_id, heartbeat_at < now() - make_interval(secs => $1) OR heartbeat_at IS NULL AS stale FROM jobs WHERE status = 'RUNNING'`,
+      `SELECT id, worker_id, heartbeat_at < now() - make_interval(secs => $1) OR heartbeat_at IS NULL AS stale,
+              heartbeat_at < pg_postmaster_start_time() OR heartbeat_at IS NULL AS before_start
+         FROM jobs WHERE status = 'RUNNING'`,
       [this.opts.staleMs / 1000],
     );
     const host = os.hostname();
     const dead = candidates.filter((c) => {
       if (this.running.has(c.id)) return false;
       if (c.stale) return true;
+      if (c.before_start && (opts.clusterStartedHere || c.worker_id === this.workerId)) return true;
       const [h, pid] = (c.worker_id ?? "").split(":");
       return h === host && c.worker_id !== null && !c.worker_id.startsWith(this.workerId) && !processAlive(Number(pid));
     });
     for (const c of dead) {
+      // This process's own: it lost the database, and with it the job, while it ran.
+      const message = c.worker_id === this.workerId ? "the database restarted while the job ran" : "the process running the job stopped before it finished";
       const claimed = await rows(
         this.ds,
-        `UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), error_code = 'INTERRUPTED',
-                error_message = 'the process running the job stopped before it finished'
+        `UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), error_code = 'INTERRUPTED', error_message = $2
           WHERE id = $1 AND status = 'RUNNING' RETURNING *`,
-        [c.id],
+        [c.id, message],
       );
       if (!claimed.length) continue;
       const [job] = hydrate(this.ds, Job, claimed);
@@ -421,12 +443,3 @@ export class JobFailure extends Error {
   }
 }
 
-function processAlive(pid: number): boolean {
-  if (!pid) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
-}

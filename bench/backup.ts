@@ -462,7 +462,14 @@ function report(opts: Options, runs: RunResult[]): string {
   const agg: Record<Tool, ToolResult> = { stowage: empty(), restic: empty(), borg: empty() };
   for (const tool of TOOLS) {
     const of = (k: keyof ToolResult) => runs.map((r) => r.results[tool][k]);
-    agg[tool] = { first: median(of("first")), incremental: median(of("incremental")), growth: median(of("growth")), restore: median(of("restore")), restoreDurable: median(of("restoreDurable")), peakRssKiB: maxOf(of("peakRssKiB")) };
+    agg[tool] = {
+      first: median(of("first")),
+      incremental: median(of("incremental")),
+      growth: median(of("growth")),
+      restore: median(of("restore")),
+      restoreDurable: median(of("restoreDurable")),
+      peakRssKiB: maxOf(of("peakRssKiB")),
+    };
   }
   const s = agg.stowage;
   const r = agg.restic;
@@ -497,27 +504,41 @@ function report(opts: Options, runs: RunResult[]): string {
   const restoreRatio = rel(s.restore, r.restore);
   const rss = rssMiB(s.peakRssKiB);
   lines.push(`- ${verdict(firstRatio === null ? null : firstRatio <= 0.5)} first backup ≤ 0.5× restic (${x(firstRatio)})`);
-  lines.push(`- ${verdict(incrRatio === null || growthRatio === null ? null : incrRatio <= 0.1 && growthRatio <= 2)} incremental ≤ 0.1× restic time (${x(incrRatio, 3)}) with growth ≤ 2× changed bytes (${x(growthRatio)})`);
+  lines.push(
+    `- ${verdict(incrRatio === null || growthRatio === null ? null : incrRatio <= 0.1 && growthRatio <= 2)} incremental ≤ 0.1× restic time (${x(incrRatio, 3)}) with growth ≤ 2× changed bytes (${x(growthRatio)})`,
+  );
   const floor = median(runs.map((run) => run.floor));
   const floorRatio = rel(floor, r.restore);
   lines.push(
     `- ${verdict(restoreRatio === null ? null : restoreRatio <= 0.5)} full restore ≤ 0.5× restic (${x(restoreRatio)})` +
-      (restoreRatio !== null && restoreRatio > 0.5 && floorRatio !== null && floorRatio > 0.5 ? `: out of reach in this run, since writing the restored bytes durably takes the device ${x(floorRatio)} restic's restore (below)` : ""),
+      (restoreRatio !== null && restoreRatio > 0.5 && floorRatio !== null && floorRatio > 0.5
+        ? `: out of reach in this run, since writing the restored bytes durably takes the device ${x(floorRatio)} restic's restore (below)`
+        : ""),
   );
-  lines.push(`- info full restore: ${x(rel(s.restore, floor))} the device's time to write the same bytes durably (${f2(floor)} s: dd, direct I/O, fsync every 64 MiB), which bounds any restore that is durable when it ends; restic's restore ends before its file is durable`);
+  lines.push(
+    `- info full restore: ${x(rel(s.restore, floor))} the device's time to write the same bytes durably (${f2(floor)} s: dd, direct I/O, fsync every 64 MiB), which bounds any restore that is durable when it ends; restic's restore ends before its file is durable`,
+  );
   lines.push(`- info full restore until durable: ${x(rel(s.restoreDurable, r.restoreDurable))} restic's restore followed by \`sync\` of its file (not a target)`);
   lines.push(`- ${verdict(rss === null ? null : rss < 300)} Stowage peak RSS < 300 MiB (${rss === null ? "n/a" : rss.toFixed(0) + " MiB"})`);
   lines.push("");
   lines.push("Details:");
   lines.push(`- every restore verified by SHA-256 against the image; verification not timed`);
-  lines.push(`- growth = bytes of the files under the vault dir (blobs/vault), the restic repo, the borg repo, after minus before the incremental; Stowage's chunk index lives in Postgres and is not counted`);
-  lines.push(`- peak RSS: Stowage = VmHWM of the node service process over the whole run (fill and checks included; Postgres runs in its own processes); restic/borg = /usr/bin/time %M, max over their runs`);
+  lines.push(
+    `- growth = bytes of the files under the vault dir (blobs/vault), the restic repo, the borg repo, after minus before the incremental; Stowage's chunk index lives in Postgres and is not counted`,
+  );
+  lines.push(
+    `- peak RSS: Stowage = VmHWM of the node service process over the whole run (fill and checks included; Postgres runs in its own processes); restic/borg = /usr/bin/time %M, max over their runs`,
+  );
   runs.forEach((run, i) => {
     const tag = runs.length > 1 ? `run ${i + 1}: ` : "";
-    lines.push(`- ${tag}load average (1 min) ${run.loads[0].toFixed(2)} at the start, ${run.loads[1].toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`);
+    lines.push(
+      `- ${tag}load average (1 min) ${run.loads[0].toFixed(2)} at the start, ${run.loads[1].toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`,
+    );
     if (runs.length > 1) {
       const cell = (t: Tool) => `${f2(run.results[t].first)} / ${f2(run.results[t].incremental)} / ${f2(run.results[t].restore)}`;
-      lines.push(`- ${tag}first / incremental / restore (s): Stowage ${cell("stowage")}; restic ${cell("restic")}; borg ${cell("borg")}; the device's durable write of the restored bytes ${f2(run.floor)}`);
+      lines.push(
+        `- ${tag}first / incremental / restore (s): Stowage ${cell("stowage")}; restic ${cell("restic")}; borg ${cell("borg")}; the device's durable write of the restored bytes ${f2(run.floor)}`,
+      );
     }
     for (const p of run.phases) {
       lines.push(
@@ -527,13 +548,18 @@ function report(opts: Options, runs: RunResult[]): string {
       );
       const floorRate = run.floor ? mib(p.bytesTotal) / run.floor : null;
       if (p.label === "full restore" && p.deviceWrote !== null && floorRate !== null && mib(p.deviceWrote) / p.seconds < SLOW_RESTORE_SHARE * floorRate) {
-        lines.push(`- ${tag}**warning**: Stowage's restore wrote at ${(mib(p.deviceWrote) / p.seconds).toFixed(0)} MiB/s, under half of the ${floorRate.toFixed(0)} MiB/s dd wrote durably in the same run: something other than the device held it back`);
+        lines.push(
+          `- ${tag}**warning**: Stowage's restore wrote at ${(mib(p.deviceWrote) / p.seconds).toFixed(0)} MiB/s, under half of the ${floorRate.toFixed(0)} MiB/s dd wrote durably in the same run: something other than the device held it back`,
+        );
       }
     }
     lines.push(`- ${tag}Stowage node RSS peaks by phase (sampled): ${[...run.rssByPhase].map(([k, v]) => `${k} ${(v / 1024).toFixed(0)} MiB`).join(", ")}`);
     for (const n of run.notes) lines.push(`- ${tag}${n}`);
     const a = run.repoAfterFirst;
-    lines.push(`- ${tag}repository bytes after the first backup: Stowage vault ${mib(a.stowage).toFixed(1)} MiB` + (opts.skipPeers ? "" : `, restic ${mib(a.restic).toFixed(1)} MiB, borg ${mib(a.borg).toFixed(1)} MiB`));
+    lines.push(
+      `- ${tag}repository bytes after the first backup: Stowage vault ${mib(a.stowage).toFixed(1)} MiB` +
+        (opts.skipPeers ? "" : `, restic ${mib(a.restic).toFixed(1)} MiB, borg ${mib(a.borg).toFixed(1)} MiB`),
+    );
   });
   return lines.join("\n") + "\n";
 }
@@ -560,7 +586,9 @@ function memoryReport(sizes: number[], bySize: RunResult[][]): string {
     const [pa, pb] = bySize.map((runs) => peaks(runs, label));
     const [a, b] = [median(pa)!, median(pb)!];
     lines.push(`| ${label} | ${a.toFixed(0)}${range(pa)} | ${b.toFixed(0)}${range(pb)} | ${(b / a).toFixed(2)}× |`);
-    verdicts.push(`- ${b <= a * MEMORY_SLACK ? "PASS" : "MISS"} ${label}: ${large} peaks no higher than ${small} (${b.toFixed(0)} vs ${a.toFixed(0)} MiB; within ${Math.round((MEMORY_SLACK - 1) * 100)}% for sampling)`);
+    verdicts.push(
+      `- ${b <= a * MEMORY_SLACK ? "PASS" : "MISS"} ${label}: ${large} peaks no higher than ${small} (${b.toFixed(0)} vs ${a.toFixed(0)} MiB; within ${Math.round((MEMORY_SLACK - 1) * 100)}% for sampling)`,
+    );
   }
   lines.push("", ...verdicts, "");
   bySize.forEach((runs, i) =>
@@ -576,9 +604,8 @@ function profileReport(run: RunResult): string {
 
 async function main(): Promise<number> {
   const opts = parseArgs(process.argv.slice(2));
-  const progs: Programs | null = opts.skipPeers || opts.memory
-    ? null
-    : { time: requireProgram("/usr/bin/time", "time"), restic: requireProgram("restic", "restic"), borg: requireProgram("borg", "borgbackup") };
+  const progs: Programs | null =
+    opts.skipPeers || opts.memory ? null : { time: requireProgram("/usr/bin/time", "time"), restic: requireProgram("restic", "restic"), borg: requireProgram("borg", "borgbackup") };
 
   const tmp = await fsp.mkdtemp(path.join(opts.dir, "stowage-bench-"));
   await fsp.chmod(tmp, 0o755);

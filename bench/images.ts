@@ -154,8 +154,15 @@ async function timeJob(svc: StowageProcess, label: string, mutation: () => Promi
   const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
   log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
   return {
-    timing: { seconds, mutationMs, queuedMs: ms(job.createdAt, job.startedAt), runMs: ms(job.startedAt, job.finishedAt), nodeCpu: cpu1.self - cpu0.self, pgCpu: cpu1.descendants - cpu0.descendants,
-      window: { label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) } },
+    timing: {
+      seconds,
+      mutationMs,
+      queuedMs: ms(job.createdAt, job.startedAt),
+      runMs: ms(job.startedAt, job.finishedAt),
+      nodeCpu: cpu1.self - cpu0.self,
+      pgCpu: cpu1.descendants - cpu0.descendants,
+      window: { label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) },
+    },
     result,
   };
 }
@@ -215,7 +222,8 @@ async function main(): Promise<number> {
     await svc.waitJob(imp0.importImage.job.id, 250);
     const rawImageId: string = imp0.importImage.image.id;
     const rawImage = (await svc.gql(IMAGE_Q, { id: rawImageId })).node;
-    if (rawImage.status !== "ACTIVE" || rawImage.checksum !== content) throw new Error(`the image imported from disk.raw is ${rawImage.status} with checksum ${rawImage.checksum}, expected ACTIVE ${content}`);
+    if (rawImage.status !== "ACTIVE" || rawImage.checksum !== content)
+      throw new Error(`the image imported from disk.raw is ${rawImage.status} with checksum ${rawImage.checksum}, expected ACTIVE ${content}`);
     log(`disk.raw uploaded and imported in ${(hrSeconds() - t).toFixed(1)} s (untimed; image ${rawImageId})`);
 
     const runs: RunResult[] = [];
@@ -350,9 +358,15 @@ async function main(): Promise<number> {
     lines.push(`- ${verdict(ir === null ? null : ir <= 1.5)} import of QCOW2 (the job) ≤ 1.5× qemu-img (${x(ir)}; with the upload ${x(ratioOf(upImp, importPeer))}, not a target)`);
     lines.push("");
     lines.push("Details:");
-    lines.push(`- verified (not timed): the downloaded export matches ImageExport sha256/sizeBytes, passes \`qemu-img check\` and \`qemu-img compare disk.raw\` says identical; the image imported from in.qcow2 has the content checksum of disk.raw and the full virtual size; qemu-img's out.raw compares identical too`);
-    lines.push(`- Stowage times run from the mutation to the job's finishedAt; the image exported is a DATA_DISK image imported (untimed) from disk.raw; the upload is the POST /v1/uploads of in.qcow2 until its 201`);
-    lines.push(`- peak RSS: Stowage = VmHWM of the node service process over the whole run (uploads, untimed import of disk.raw and the downloads included; Postgres runs in its own processes); qemu-img = /usr/bin/time %M, max over its conversions`);
+    lines.push(
+      `- verified (not timed): the downloaded export matches ImageExport sha256/sizeBytes, passes \`qemu-img check\` and \`qemu-img compare disk.raw\` says identical; the image imported from in.qcow2 has the content checksum of disk.raw and the full virtual size; qemu-img's out.raw compares identical too`,
+    );
+    lines.push(
+      `- Stowage times run from the mutation to the job's finishedAt; the image exported is a DATA_DISK image imported (untimed) from disk.raw; the upload is the POST /v1/uploads of in.qcow2 until its 201`,
+    );
+    lines.push(
+      `- peak RSS: Stowage = VmHWM of the node service process over the whole run (uploads, untimed import of disk.raw and the downloads included; Postgres runs in its own processes); qemu-img = /usr/bin/time %M, max over its conversions`,
+    );
     lines.push(`- load average (1 min) ${loadStart.toFixed(2)} at the start, ${loadEnd.toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`);
     runs.forEach((r, i) => {
       const tag = runs.length > 1 ? `run ${i + 1}: ` : "";
@@ -360,7 +374,10 @@ async function main(): Promise<number> {
         `- ${tag}Stowage ${label}: ${j.seconds.toFixed(2)} s = mutation ${j.mutationMs.toFixed(0)} ms, job created→started ${j.queuedMs.toFixed(0)} ms, ran ${j.runMs.toFixed(0)} ms; CPU: node ${j.nodeCpu.toFixed(2)} s, Postgres ${j.pgCpu.toFixed(2)} s`;
       lines.push(job("export QCOW2", r.exportS));
       lines.push(job("import QCOW2", r.importS));
-      if (runs.length > 1) lines.push(`- ${tag}qemu-img raw→qcow2 ${r.exportPeer.toFixed(2)} s (then durable ${r.exportPeerDurable.toFixed(2)} s), qcow2→raw ${r.importPeer.toFixed(2)} s; upload ${r.uploadS.toFixed(2)} s`);
+      if (runs.length > 1)
+        lines.push(
+          `- ${tag}qemu-img raw→qcow2 ${r.exportPeer.toFixed(2)} s (then durable ${r.exportPeerDurable.toFixed(2)} s), qcow2→raw ${r.importPeer.toFixed(2)} s; upload ${r.uploadS.toFixed(2)} s`,
+        );
     });
     for (const n of notes) lines.push(`- ${n}`);
     if (profile) {

@@ -272,7 +272,9 @@ async function main(): Promise<number> {
       await ds.query(`UPDATE policies SET last_run_at = $1::timestamptz - interval '1 day'`, [T]);
     }
     await ds.query(`VACUUM ANALYZE`);
-    log(`setup: ${fmtInt(opts.resources)} disks, ${opts.policies} policies, ${fmtInt(opts.resources)} bindings${opts.history ? `, the previous day's ${fmtInt(opts.resources)} backups and jobs` : " (no history)"} in ${(hrSeconds() - t).toFixed(1)} s (untimed); occurrence T = ${T.toISOString()}`);
+    log(
+      `setup: ${fmtInt(opts.resources)} disks, ${opts.policies} policies, ${fmtInt(opts.resources)} bindings${opts.history ? `, the previous day's ${fmtInt(opts.resources)} backups and jobs` : " (no history)"} in ${(hrSeconds() - t).toFixed(1)} s (untimed); occurrence T = ${T.toISOString()}`,
+    );
 
     // ---- measuring helpers ---------------------------------------------------------------
     const phases: Phase[] = [];
@@ -423,7 +425,10 @@ async function main(): Promise<number> {
       let keep = 0;
       let drop = 0;
       for (const p of policies) {
-        for (const d of await services.policyRuns.preview(ctxFor(), p)) (d.keep ? keep++ : drop++);
+        for (const d of await services.policyRuns.preview(ctxFor(), p)) {
+          if (d.keep) keep++;
+          else drop++;
+        }
       }
       return { keep, drop };
     });
@@ -466,7 +471,9 @@ async function main(): Promise<number> {
     lines.push("| measurement | time (s) | items | rate | SQL statements (per item) |");
     lines.push("| --- | ---: | ---: | ---: | ---: |");
     const row = (name: string, seconds: number, items: number, unit: string, statements: number | null) =>
-      lines.push(`| ${name} | ${seconds.toFixed(2)} | ${fmtInt(items)} ${unit} | ${rate(items, seconds, unit)} | ${statements === null ? "—" : `${fmtInt(statements)} (${(statements / items).toFixed(1)})`} |`);
+      lines.push(
+        `| ${name} | ${seconds.toFixed(2)} | ${fmtInt(items)} ${unit} | ${rate(items, seconds, unit)} | ${statements === null ? "—" : `${fmtInt(statements)} (${(statements / items).toFixed(1)})`} |`,
+      );
     row("one scheduler: occurrence → every BACKUP job queued", one.result.queuedS, opts.resources, "jobs", null);
     row("one scheduler: whole tick (runs + retention after each)", one.phase.seconds, opts.resources, "jobs", one.phase.statements);
     row(`two schedulers at once: every job queued (runs ${runsA} + ${runsB})`, two.result.queuedS, opts.resources, "jobs", null);
@@ -478,14 +485,25 @@ async function main(): Promise<number> {
     }
     lines.push("");
     const verdict = (ok: boolean) => (ok ? "PASS" : "MISS");
-    lines.push(`- ${verdict(true)} every tick: ${fmtInt(opts.resources)} QUEUED BACKUP jobs and each of the ${opts.policies} policies ran exactly once (one scheduler, and two at once: ${runsA} + ${runsB} runs, none twice)`);
-    lines.push(`- ${verdict(one.result.queuedS <= 60)} one scheduler queues all ${fmtInt(opts.resources)} jobs within 60 s (${one.result.queuedS.toFixed(1)} s; the line past which the pass counts as slow and wants profiling: \`--cpu-prof\`)`);
-    if (retain) lines.push(`- ${verdict(true)} retention deleted ${fmtInt(retain.result)} of ${fmtInt(totalBackups)} backups (${fmtInt(prev.result.keep)} kept), exactly what the preview decided; as many DELETE_BACKUP jobs QUEUED`);
+    lines.push(
+      `- ${verdict(true)} every tick: ${fmtInt(opts.resources)} QUEUED BACKUP jobs and each of the ${opts.policies} policies ran exactly once (one scheduler, and two at once: ${runsA} + ${runsB} runs, none twice)`,
+    );
+    lines.push(
+      `- ${verdict(one.result.queuedS <= 60)} one scheduler queues all ${fmtInt(opts.resources)} jobs within 60 s (${one.result.queuedS.toFixed(1)} s; the line past which the pass counts as slow and wants profiling: \`--cpu-prof\`)`,
+    );
+    if (retain)
+      lines.push(
+        `- ${verdict(true)} retention deleted ${fmtInt(retain.result)} of ${fmtInt(totalBackups)} backups (${fmtInt(prev.result.keep)} kept), exactly what the preview decided; as many DELETE_BACKUP jobs QUEUED`,
+      );
     lines.push("");
     lines.push("Details:");
-    lines.push(`- the occurrence is T = ${T.toISOString()}; the tick runs at T + 1 s, so "occurrence → queued" is the tick's start → the last BACKUP job announced (its transaction committed). In the service the scheduler ticks every ${config.schedulerIntervalSeconds} s (SCHEDULER_INTERVAL_SECONDS), which adds up to that much before the tick starts`);
+    lines.push(
+      `- the occurrence is T = ${T.toISOString()}; the tick runs at T + 1 s, so "occurrence → queued" is the tick's start → the last BACKUP job announced (its transaction committed). In the service the scheduler ticks every ${config.schedulerIntervalSeconds} s (SCHEDULER_INTERVAL_SECONDS), which adds up to that much before the tick starts`,
+    );
     lines.push(`- announcing is pg_notify per job (PgEventBus, as in the service); no job runner runs, so no job starts`);
-    lines.push(`- setup by bulk SQL and VACUUM ANALYZE, not timed, then an untimed warm-up tick of one policy (JIT, TypeORM metadata); between the ticks what they made is deleted and the tables vacuumed; ${opts.history ? `the tables hold the previous day's run (${fmtInt(opts.resources)} AVAILABLE backups, ${fmtInt(opts.resources)} SUCCEEDED jobs), so each new backup is incremental on one` : "--no-history: the jobs and backups tables start empty (a fresh install's first run)"}; the retention phase starts from empty tables plus its ${fmtInt(totalBackups)} backups`);
+    lines.push(
+      `- setup by bulk SQL and VACUUM ANALYZE, not timed, then an untimed warm-up tick of one policy (JIT, TypeORM metadata); between the ticks what they made is deleted and the tables vacuumed; ${opts.history ? `the tables hold the previous day's run (${fmtInt(opts.resources)} AVAILABLE backups, ${fmtInt(opts.resources)} SUCCEEDED jobs), so each new backup is incremental on one` : "--no-history: the jobs and backups tables start empty (a fresh install's first run)"}; the retention phase starts from empty tables plus its ${fmtInt(totalBackups)} backups`,
+    );
     for (const p of phases) {
       lines.push(
         `- ${p.label}: ${p.seconds.toFixed(2)} s; CPU: this node process ${p.nodeCpu.toFixed(2)} s, Postgres ${p.pgCpu === null ? "n/a (external)" : `${p.pgCpu.toFixed(2)} s`}; ` +
@@ -498,7 +516,11 @@ async function main(): Promise<number> {
     lines.push(`- load average (1 min) ${loadStart.toFixed(2)} at the start, ${loadEnd.toFixed(2)} at the end, on ${os.cpus().length} CPUs`);
     process.stdout.write(lines.join("\n") + "\n");
     if (profileFile) {
-      const out = profileLines(`CPU profile of this process (${profileFile}), by phase:`, profileFile, phases.map((p) => p.window));
+      const out = profileLines(
+        `CPU profile of this process (${profileFile}), by phase:`,
+        profileFile,
+        phases.map((p) => p.window),
+      );
       process.stdout.write(out.join("\n") + "\n");
     }
     return 0;

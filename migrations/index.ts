@@ -7,4 +7,12 @@ import { SegmentLiveBlocks1765100000000 } from "./1765100000000-segment-live-blo
 import { StagedRestores1765200000000 } from "./1765200000000-staged-restores";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
-export const migrations = [Initial1764000000000, DataPlane1764100000000, Images1764200000000, PolicyRuns1764300000000, FailuresAndWork1765000000000, SegmentLiveBlocks1765100000000, StagedRestores1765200000000];
+export const migrations = [
+  Initial1764000000000,
+  DataPlane1764100000000,
+  Images1764200000000,
+  PolicyRuns1764300000000,
+  FailuresAndWork1765000000000,
+  SegmentLiveBlocks1765100000000,
+  StagedRestores1765200000000,
+];

@@ -160,7 +160,9 @@ export async function startService(
   const services = createServices(db.ds, events, storage);
   // Retention of a policy runs whenever one of its backups has become AVAILABLE.
   const retainAfter = async (projectId: string, policyId: string) => {
-    await services.policyRuns.retainPolicy(new RequestContext(projectId, db.ds, config), policyId).catch((err) => logger.error("retention failed", { policy: policyId, project: projectId, error: err }));
+    await services.policyRuns
+      .retainPolicy(new RequestContext(projectId, db.ds, config), policyId)
+      .catch((err) => logger.error("retention failed", { policy: policyId, project: projectId, error: err }));
   };
   const runner = createJobRunner(db.ds, storage, events, config, logger, opts.runner, retainAfter);
   const scheduler = new Scheduler(db.ds, config, services.policyRuns, services.queue, logger);

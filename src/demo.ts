@@ -29,7 +29,10 @@ export async function seedDemo(ds: DataSource, config: Config, services: Service
     memoryMiB: 32768,
     osType: OsType.LINUX,
     systemDiskSizeBytes: 40 * GiB,
-    dataDisks: [{ name: "db-data", sizeBytes: 500 * GiB }, { name: "db-wal", sizeBytes: 100 * GiB }],
+    dataDisks: [
+      { name: "db-data", sizeBytes: 500 * GiB },
+      { name: "db-wal", sizeBytes: 100 * GiB },
+    ],
   });
   const win = await services.servers.create(ctx, { name: "ad-controller", vcpus: 4, memoryMiB: 8192, osType: OsType.WINDOWS, systemDiskSizeBytes: 80 * GiB });
   await services.servers.stop(ctx, toGlobalId("Server", win.server.id));

@@ -81,7 +81,10 @@ export class TextGenerator {
     const onsets = ["", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "w", "st", "th", "ch", "sh", "pr", "tr", "br", "cl", "gr"];
     const vowels = ["a", "e", "i", "o", "u", "ea", "ou", "io", "ai", "ee"];
     const codas = ["", "", "n", "r", "s", "t", "nd", "ng", "ll", "st", "ck", "rt", "ts", "m"];
-    const common = "the of and to in is it that for was on are as with his they at be this from have or by one had not but what all were when we there can an your which their said if do will each about how up out them then she many some so these would other into has more her two like him see time could no make than first been its who now people my made over did down only way find use may water long little very after words called just where most know".split(" ");
+    const common =
+      "the of and to in is it that for was on are as with his they at be this from have or by one had not but what all were when we there can an your which their said if do will each about how up out them then she many some so these would other into has more her two like him see time could no make than first been its who now people my made over did down only way find use may water long little very after words called just where most know".split(
+        " ",
+      );
     const words = [...common];
     const seen = new Set(common);
     while (words.length < 6000) {
@@ -208,9 +211,7 @@ export function changes(size: number, fraction: number, seed: number): Change[] 
   const rnd = prng(seed);
   const chosen = new Set<number>();
   while (chosen.size < count) chosen.add(Math.floor(rnd() * blocks));
-  return [...chosen]
-    .sort((a, b) => a - b)
-    .map((index) => ({ offset: index * BLOCK, data: randomBytes(`change:${seed}:${index}`, BLOCK) }));
+  return [...chosen].sort((a, b) => a - b).map((index) => ({ offset: index * BLOCK, data: randomBytes(`change:${seed}:${index}`, BLOCK) }));
 }
 
 export async function applyChanges(file: string, list: Change[]): Promise<void> {

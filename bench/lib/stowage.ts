@@ -162,10 +162,9 @@ export class StowageProcess {
   async waitJob(jobId: string, pollMs = 20, timeoutMs = 3_600_000): Promise<JobInfo> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      const { node } = await this.gql<{ node: JobInfo }>(
-        `query ($id: ID!) { node(id: $id) { ... on Job { status bytesDone bytesTotal createdAt startedAt finishedAt error { code message } } } }`,
-        { id: jobId },
-      );
+      const { node } = await this.gql<{ node: JobInfo }>(`query ($id: ID!) { node(id: $id) { ... on Job { status bytesDone bytesTotal createdAt startedAt finishedAt error { code message } } } }`, {
+        id: jobId,
+      });
       if (node.status === "SUCCEEDED") return node;
       if (node.status === "FAILED" || node.status === "CANCELLED") throw new Error(`job ${jobId} ended ${node.status}: ${node.error?.code} ${node.error?.message}`);
       if (Date.now() > deadline) throw new Error(`job ${jobId} still ${node.status} after ${timeoutMs} ms`);

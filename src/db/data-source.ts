@@ -17,7 +17,10 @@ export interface DataSourceOptions {
 }
 
 class QueryLogger implements TypeOrmLogger {
-  constructor(private readonly logger: Logger, private readonly onQuery?: (sql: string) => void) {}
+  constructor(
+    private readonly logger: Logger,
+    private readonly onQuery?: (sql: string) => void,
+  ) {}
   logQuery(query: string) {
     this.onQuery?.(query);
   }

@@ -224,12 +224,16 @@ function deathSignalWrapper(): string | undefined {
 /** A program that could not be started at all, and what to do about it. */
 function spawnFailure(file: string, err: NodeJS.ErrnoException, ids: PostgresIds | undefined): EmbeddedPostgresError {
   const who = ids ? `user postgres (uid ${ids.uid})` : "this user";
-  return new EmbeddedPostgresError(`embedded Postgres could not run ${file} as ${who} (${err.code ?? err.message}): make it, and every directory above it, executable for that user, or set DATABASE_URL to use an external Postgres`);
+  return new EmbeddedPostgresError(
+    `embedded Postgres could not run ${file} as ${who} (${err.code ?? err.message}): make it, and every directory above it, executable for that user, or set DATABASE_URL to use an external Postgres`,
+  );
 }
 
 function unreachable(dir: string, blocked: string): EmbeddedPostgresError {
   const mode = (fs.statSync(blocked).mode & 0o777).toString(8).padStart(4, "0");
-  return new EmbeddedPostgresError(`embedded Postgres runs as user postgres, which cannot enter ${blocked} (mode ${mode}) to reach its data in ${dir}: move the data directory (STOWAGE_DATA_DIR) where that user can reach it, let it pass (chmod o+x ${blocked}), or set DATABASE_URL to use an external Postgres`);
+  return new EmbeddedPostgresError(
+    `embedded Postgres runs as user postgres, which cannot enter ${blocked} (mode ${mode}) to reach its data in ${dir}: move the data directory (STOWAGE_DATA_DIR) where that user can reach it, let it pass (chmod o+x ${blocked}), or set DATABASE_URL to use an external Postgres`,
+  );
 }
 
 /** Starts postgres on `port`; resolves once it accepts connections, rejects with its last log lines otherwise. */
@@ -417,7 +421,9 @@ async function postgresUser(logger: Logger): Promise<PostgresIds> {
       return await lookup();
     } catch {
       const why = (err as { stderr?: string }).stderr?.trim() || (err as Error).message;
-      throw new EmbeddedPostgresError(`Postgres does not run as root, and the user postgres it would run as is missing and could not be created (${why}): create it (useradd --system postgres), or set DATABASE_URL to use an external Postgres`);
+      throw new EmbeddedPostgresError(
+        `Postgres does not run as root, and the user postgres it would run as is missing and could not be created (${why}): create it (useradd --system postgres), or set DATABASE_URL to use an external Postgres`,
+      );
     }
   }
   return lookup();
@@ -441,14 +447,19 @@ function newClusterDir(dataDir: string, ids: PostgresIds, logger: Logger): strin
   if (blockedAt(dataDir, ids) === undefined) return link;
   if (st) {
     // An empty directory a start that failed here left behind gives way; files do not.
-    if (!st.isDirectory() || fs.readdirSync(link).length > 0) throw new EmbeddedPostgresError(`${link} holds files but no Postgres cluster, and user postgres cannot reach it there; remove it to have Stowage create the cluster elsewhere, or set DATABASE_URL to use an external Postgres`);
+    if (!st.isDirectory() || fs.readdirSync(link).length > 0)
+      throw new EmbeddedPostgresError(
+        `${link} holds files but no Postgres cluster, and user postgres cannot reach it there; remove it to have Stowage create the cluster elsewhere, or set DATABASE_URL to use an external Postgres`,
+      );
     fs.rmdirSync(link);
   }
   const clusters = path.join(RUNTIME_DIR, "clusters");
   try {
     fs.mkdirSync(clusters, { recursive: true, mode: 0o755 });
   } catch (err) {
-    throw new EmbeddedPostgresError(`embedded Postgres runs as user postgres, which cannot reach ${dataDir}, and ${clusters} could not be created for it (${(err as NodeJS.ErrnoException).code}): set STOWAGE_DATA_DIR to a directory that user can reach, or DATABASE_URL to use an external Postgres`);
+    throw new EmbeddedPostgresError(
+      `embedded Postgres runs as user postgres, which cannot reach ${dataDir}, and ${clusters} could not be created for it (${(err as NodeJS.ErrnoException).code}): set STOWAGE_DATA_DIR to a directory that user can reach, or DATABASE_URL to use an external Postgres`,
+    );
   }
   const blocked = blockedAt(clusters, ids);
   if (blocked) throw unreachable(clusters, blocked);

@@ -38,7 +38,9 @@ export async function packagedPostgres(): Promise<PostgresInstall> {
   try {
     postgres = ((await import(pkg)) as { postgres: string }).postgres;
   } catch (err) {
-    throw new EmbeddedPostgresError(`embedded Postgres is not available for ${process.platform}-${process.arch} (package ${pkg}): ${err instanceof Error ? err.message : String(err)}; set DATABASE_URL to use an external Postgres`);
+    throw new EmbeddedPostgresError(
+      `embedded Postgres is not available for ${process.platform}-${process.arch} (package ${pkg}): ${err instanceof Error ? err.message : String(err)}; set DATABASE_URL to use an external Postgres`,
+    );
   }
   const dir = path.dirname(path.dirname(postgres));
   let version = "unknown";
@@ -219,7 +221,8 @@ async function build(source: PostgresInstall, entries: Entry[], content: Content
         fs.chmodSync(to, 0o755);
       } else if (st.isSymbolicLink()) {
         const target = fs.readlinkSync(from);
-        if (!safeLink(rel, target)) throw new EmbeddedPostgresError(`embedded Postgres package has a link leading out of it (${from} -> ${target}); reinstall the dependencies (npm ci), or set DATABASE_URL`);
+        if (!safeLink(rel, target))
+          throw new EmbeddedPostgresError(`embedded Postgres package has a link leading out of it (${from} -> ${target}); reinstall the dependencies (npm ci), or set DATABASE_URL`);
         fs.symlinkSync(target, to);
       } else if (st.isFile()) {
         fs.copyFileSync(from, to, fs.constants.COPYFILE_EXCL);
@@ -261,11 +264,15 @@ export async function cachedCopy(source: PostgresInstall, root: string, logger: 
   try {
     fs.mkdirSync(root, { recursive: true, mode: 0o755 });
   } catch (err) {
-    throw new EmbeddedPostgresError(`user postgres cannot reach the Postgres binaries in ${source.dir}, and ${root} could not be created to copy them to (${(err as NodeJS.ErrnoException).code}): let that user pass every directory above them, or set DATABASE_URL to use an external Postgres`);
+    throw new EmbeddedPostgresError(
+      `user postgres cannot reach the Postgres binaries in ${source.dir}, and ${root} could not be created to copy them to (${(err as NodeJS.ErrnoException).code}): let that user pass every directory above them, or set DATABASE_URL to use an external Postgres`,
+    );
   }
   const rootSt = fs.lstatSync(root);
   if (!rootSt.isDirectory() || !ours(rootSt)) {
-    throw new EmbeddedPostgresError(`${root} must be a directory owned by uid ${process.getuid!()} that no one else can write (it holds the copy of the Postgres binaries user postgres runs); fix its owner and mode, or set DATABASE_URL to use an external Postgres`);
+    throw new EmbeddedPostgresError(
+      `${root} must be a directory owned by uid ${process.getuid!()} that no one else can write (it holds the copy of the Postgres binaries user postgres runs); fix its owner and mode, or set DATABASE_URL to use an external Postgres`,
+    );
   }
   const prefix = `postgres-${source.version}-${process.platform}-${process.arch}-`;
   const entries = walk(source.dir);

@@ -46,7 +46,13 @@ export async function checksumOf(reader: ImageReader): Promise<string> {
   const sum = new ContentChecksum();
   for await (const g of groupBlocks(reader.extents(), reader.virtualSize, (n) => Buffer.allocUnsafe(n))) {
     for (let k = 0; k < g.indexes.length; k++) {
-      sum.add(g.indexes[k], crypto.createHash("sha256").update(g.data.subarray(k * BLOCK_SIZE, (k + 1) * BLOCK_SIZE)).digest());
+      sum.add(
+        g.indexes[k],
+        crypto
+          .createHash("sha256")
+          .update(g.data.subarray(k * BLOCK_SIZE, (k + 1) * BLOCK_SIZE))
+          .digest(),
+      );
     }
   }
   if (!Number.isSafeInteger(reader.virtualSize)) throw new FormatError("the image's size is not a byte count");

@@ -111,7 +111,9 @@ export async function openQcow2(src: RandomAccessSource, limits: FormatLimits): 
     if (backingSize > 0 && backingSize <= 1023 && Number.isSafeInteger(backingOffset) && backingOffset + backingSize <= src.size) {
       name = ` "${printable(await src.read(backingOffset, backingSize))}"`;
     }
-    throw new FormatError(`the qcow2 image has a backing file${name}: it holds only the changes made on top of another image; import a standalone image (qemu-img convert -O qcow2 overlay.qcow2 standalone.qcow2)`);
+    throw new FormatError(
+      `the qcow2 image has a backing file${name}: it holds only the changes made on top of another image; import a standalone image (qemu-img convert -O qcow2 overlay.qcow2 standalone.qcow2)`,
+    );
   }
   // The header, its extensions and the backing file name all live in the first cluster.
   const first = await src.read(0, Math.min(src.size, clusterSize));
@@ -120,7 +122,7 @@ export async function openQcow2(src: RandomAccessSource, limits: FormatLimits): 
   // Header extensions: only the feature names and the data file name are used (for messages).
   const featureNames = new Map<number, string>();
   let dataFileName: string | undefined;
-  for (let off = headerLength; ; ) {
+  for (let off = headerLength; ;) {
     if (off + 8 > first.length) break; // the end of the first cluster also ends them
     const type = first.readUInt32BE(off);
     const len = first.readUInt32BE(off + 4);
@@ -251,14 +253,7 @@ interface Run {
   length: number;
 }
 
-async function* readExtents(
-  src: RandomAccessSource,
-  h: Header,
-  l1: Buffer,
-  l1Needed: number,
-  l2Tables: Set<number>,
-  metaOverlap: (start: number, end: number) => string | undefined,
-) {
+async function* readExtents(src: RandomAccessSource, h: Header, l1: Buffer, l1Needed: number, l2Tables: Set<number>, metaOverlap: (start: number, end: number) => string | undefined) {
   const C = h.clusterSize;
   const entrySize = h.extendedL2 ? 16 : 8;
   const l2Entries = C / entrySize;
@@ -354,7 +349,7 @@ async function* readExtents(
       }
       if ((bitmapLo & bitmapHi) !== 0) throw new FormatError(`${where} marks subclusters both allocated and zero`);
       // Runs of allocated subclusters.
-      for (let s = 0; s < 32; ) {
+      for (let s = 0; s < 32;) {
         if (!((bitmapLo >>> s) & 1)) {
           s++;
           continue;
@@ -386,7 +381,8 @@ function zlibCluster(clusterSize: number) {
       out = zlib.inflateRawSync(input, { maxOutputLength: clusterSize, finishFlush: zlib.constants.Z_SYNC_FLUSH });
     } catch (e) {
       // (By code, not instanceof RangeError: under jest's vm contexts Node's errors come from another realm.)
-      if ((e as NodeJS.ErrnoException).code === "ERR_BUFFER_TOO_LARGE") throw new FormatError(`the qcow2 compressed cluster for guest offset ${guest} inflates to more than a cluster (${clusterSize} bytes)`);
+      if ((e as NodeJS.ErrnoException).code === "ERR_BUFFER_TOO_LARGE")
+        throw new FormatError(`the qcow2 compressed cluster for guest offset ${guest} inflates to more than a cluster (${clusterSize} bytes)`);
       throw new FormatError(`the qcow2 compressed cluster for guest offset ${guest} does not inflate (${(e as Error).message})`);
     }
     if (out.length !== clusterSize) throw new FormatError(`the qcow2 compressed cluster for guest offset ${guest} inflates to ${out.length} bytes instead of a full cluster (${clusterSize})`);
@@ -484,7 +480,7 @@ export const writeQcow2: ImageWriter = async function* (source) {
   const l1Clusters = Math.ceil((l1Size * 8) / W_CLUSTER);
   let refBlocks = 0;
   let refTableClusters = 0;
-  let total = 0;
+  let total: number;
   for (;;) {
     total = 1 + l1Clusters + refTableClusters + refBlocks + tables.length + dataClusters;
     const needBlocks = Math.ceil(total / W_REFCOUNTS_PER_BLOCK);

@@ -36,7 +36,7 @@ export async function* nonZeroExtents(src: LentReads, fileAt: number, guestAt: n
     const n = Math.min(length - done, READ - (g % READ));
     const buf = await src.read(fileAt + done, n);
     let run = -1;
-    for (let p = 0; p < n; ) {
+    for (let p = 0; p < n;) {
       const q = Math.min(n, p + BLOCK_SIZE - ((g + p) % BLOCK_SIZE));
       const zero = isZeros(buf.subarray(p, q));
       if (!zero && run < 0) run = p;

@@ -148,6 +148,7 @@ function utf16be(buf: Buffer): string {
   swapped.swap16();
   const s = swapped.toString("utf16le");
   const nul = s.indexOf("\0");
+  // eslint-disable-next-line no-control-regex -- control characters are what this replaces
   return (nul < 0 ? s : s.slice(0, nul)).replace(/[\u0000-\u001f\u007f-\u009f]/g, "?").slice(0, 120);
 }
 
@@ -268,9 +269,7 @@ async function openDynamic(src: RandomAccessSource, limits: FormatLimits, footer
 
   // Xen's blktap wrote little-endian 32-bit bitmap words in its first version.
   const littleEndianBitmap = footer.creatorApp === "tap\0" && footer.creatorVersion === 1;
-  const present = littleEndianBitmap
-    ? (bm: Buffer, s: number) => (bm[(s >>> 5) * 4 + ((s & 31) >>> 3)] >>> (s & 7)) & 1
-    : (bm: Buffer, s: number) => (bm[s >>> 3] >>> (7 - (s & 7))) & 1;
+  const present = littleEndianBitmap ? (bm: Buffer, s: number) => (bm[(s >>> 5) * 4 + ((s & 31) >>> 3)] >>> (s & 7)) & 1 : (bm: Buffer, s: number) => (bm[s >>> 3] >>> (7 - (s & 7))) & 1;
 
   return {
     format: "VHD",

@@ -154,7 +154,10 @@ function printable(s: string): string {
 function describeExtents(d: Descriptor): string {
   const files = d.extents.map((e) => e.file).filter((f): f is string => !!f);
   if (!files.length) return "";
-  const shown = files.slice(0, 3).map((f) => `"${printable(f)}"`).join(", ");
+  const shown = files
+    .slice(0, 3)
+    .map((f) => `"${printable(f)}"`)
+    .join(", ");
   return `, extent${files.length > 1 ? "s" : ""} ${shown}${files.length > 3 ? ` and ${files.length - 3} more` : ""}`;
 }
 
@@ -266,12 +269,15 @@ export async function openVmdk(src: RandomAccessSource, limits: FormatLimits): P
   if (h.flags & FLAG_NL_DETECT && !h.newlineChars.equals(Buffer.from("\n \r\n", "latin1"))) {
     throw new FormatError("the VMDK header's line-ending check bytes are damaged: the file was probably transferred in text (ASCII) mode");
   }
-  if (h.compressAlgorithm !== COMPRESSION_NONE && h.compressAlgorithm !== COMPRESSION_DEFLATE) throw new FormatError(`the VMDK uses an unknown compression algorithm (${h.compressAlgorithm}); only deflate (1) is supported`);
+  if (h.compressAlgorithm !== COMPRESSION_NONE && h.compressAlgorithm !== COMPRESSION_DEFLATE)
+    throw new FormatError(`the VMDK uses an unknown compression algorithm (${h.compressAlgorithm}); only deflate (1) is supported`);
   const compressed = (h.flags & FLAG_COMPRESSED) !== 0 || h.compressAlgorithm === COMPRESSION_DEFLATE;
   const markers = (h.flags & FLAG_MARKERS) !== 0;
   if (compressed && h.compressAlgorithm !== COMPRESSION_DEFLATE) throw new FormatError("the VMDK says its grains are compressed but names no compression algorithm");
   if (compressed !== markers) {
-    throw new FormatError(`the VMDK has ${compressed ? "compressed grains but no grain markers" : "grain markers but no compressed grains"}, a combination no known writer produces; it is not supported`);
+    throw new FormatError(
+      `the VMDK has ${compressed ? "compressed grains but no grain markers" : "grain markers but no compressed grains"}, a combination no known writer produces; it is not supported`,
+    );
   }
   const g = h.grainSectors;
   if (g < 1 || g > MAX_GRAIN_SECTORS || (g & (g - 1)) !== 0) throw new FormatError(`the VMDK's grain size is ${g} sectors; only powers of two from 1 to ${MAX_GRAIN_SECTORS} sectors are supported`);

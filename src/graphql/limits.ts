@@ -66,9 +66,7 @@ export function depthLimit(max: number): ValidationRule {
       OperationDefinition(op) {
         const depth = depthOf(op.selectionSet, fragments, memo);
         if (depth > max) {
-          context.reportError(
-            new GraphQLError(`query depth ${depth} exceeds the limit of ${max}`, { nodes: [op], extensions: { code: "QUERY_TOO_COMPLEX", limit: max, depth } }),
-          );
+          context.reportError(new GraphQLError(`query depth ${depth} exceeds the limit of ${max}`, { nodes: [op], extensions: { code: "QUERY_TOO_COMPLEX", limit: max, depth } }));
         }
       },
     };
@@ -113,9 +111,7 @@ export function aliasLimit(max: number): ValidationRule {
       OperationDefinition(op) {
         const aliases = aliasesOf(op.selectionSet, fragments, memo);
         if (aliases > max) {
-          context.reportError(
-            new GraphQLError(`${aliases} aliased fields exceed the limit of ${max}`, { nodes: [op], extensions: { code: "QUERY_TOO_COMPLEX", limit: max, aliases } }),
-          );
+          context.reportError(new GraphQLError(`${aliases} aliased fields exceed the limit of ${max}`, { nodes: [op], extensions: { code: "QUERY_TOO_COMPLEX", limit: max, aliases } }));
         }
       },
     };
@@ -237,12 +233,7 @@ function introspectionSizesOf(schema: GraphQLSchema): Record<string, number> {
  * defaults of variables and arguments applied), so a page size cannot hide behind a
  * variable. Runs after validation.
  */
-export function operationCost(
-  schema: GraphQLSchema,
-  op: OperationDefinitionNode,
-  fragments: Fragments,
-  variables: Record<string, unknown>,
-): number {
+export function operationCost(schema: GraphQLSchema, op: OperationDefinitionNode, fragments: Fragments, variables: Record<string, unknown>): number {
   const root = op.operation === "query" ? schema.getQueryType() : op.operation === "mutation" ? schema.getMutationType() : schema.getSubscriptionType();
   if (!root) return 0;
   const introspection = introspectionSizesOf(schema);

@@ -148,7 +148,11 @@ export function dataRoutes(deps: DataRouteDeps): express.Router {
       await deps.volumes.withDiskLock(disk.id, async () => {
         const current = await deps.ds.getRepository(Disk).findOneByOrFail({ id: disk.id });
         if (current.status === DiskStatus.RESTORING || current.status === DiskStatus.CREATING) throw new BusyError(`the disk is ${current.status}`);
-        await deps.volumes.putBlocks(disk.projectId, disk.id, toBlocks(req, start, length, (i) => deps.volumes.readBlock(disk.id, i)));
+        await deps.volumes.putBlocks(
+          disk.projectId,
+          disk.id,
+          toBlocks(req, start, length, (i) => deps.volumes.readBlock(disk.id, i)),
+        );
       });
       res.status(200).json({ bytesWritten: length });
     } catch (err) {

@@ -108,14 +108,16 @@ export function createMetrics(options: MetricsOptions = {}) {
     },
   };
 
-  const httpMiddleware = (route: string): RequestHandler => (req, res, next) => {
-    const start = process.hrtime.bigint();
-    res.on("finish", () => {
-      httpRequests.inc({ route, method: req.method, status: String(res.statusCode) });
-      httpDuration.observe({ route, method: req.method }, Number(process.hrtime.bigint() - start) / 1e9);
-    });
-    next();
-  };
+  const httpMiddleware =
+    (route: string): RequestHandler =>
+    (req, res, next) => {
+      const start = process.hrtime.bigint();
+      res.on("finish", () => {
+        httpRequests.inc({ route, method: req.method, status: String(res.statusCode) });
+        httpDuration.observe({ route, method: req.method }, Number(process.hrtime.bigint() - start) / 1e9);
+      });
+      next();
+    };
 
   return { registry, apolloPlugin, httpMiddleware };
 }

@@ -7,18 +7,7 @@ import { ApolloServer } from "@apollo/server";
 import { ApolloServerPluginDrainHttpServer } from "@apollo/server/plugin/drainHttpServer";
 import { expressMiddleware } from "@as-integrations/express5";
 import express, { type NextFunction, type Request, type Response } from "express";
-import {
-  getOperationAST,
-  GraphQLError,
-  Kind,
-  parse,
-  specifiedRules,
-  validate,
-  type DocumentNode,
-  type FragmentDefinitionNode,
-  type GraphQLSchema,
-  type OperationDefinitionNode,
-} from "graphql";
+import { getOperationAST, GraphQLError, Kind, parse, specifiedRules, validate, type DocumentNode, type FragmentDefinitionNode, type GraphQLSchema, type OperationDefinitionNode } from "graphql";
 import { useServer } from "graphql-ws/use/ws";
 import type { DataSource } from "typeorm";
 import { WebSocketServer } from "ws";
@@ -270,7 +259,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
           project = await services.projects.authenticate(typeof auth === "string" ? auth : null);
         } catch (err) {
           logger.error("authenticating a WebSocket connection failed", { error: err instanceof Error ? err : String(err) });
-          throw new Error("Internal server error");
+          throw new Error("Internal server error", { cause: err });
         }
         if (!project) return false;
         ctx.extra.project = project;
@@ -350,13 +339,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   });
   await apollo.start();
 
-  app.use(
-    "/graphql",
-    metrics.httpMiddleware("/graphql"),
-    authenticate,
-    express.json({ limit: "1mb" }),
-    expressMiddleware(apollo, { context: async ({ req }) => makeContext(req.project!) }),
-  );
+  app.use("/graphql", metrics.httpMiddleware("/graphql"), authenticate, express.json({ limit: "1mb" }), expressMiddleware(apollo, { context: async ({ req }) => makeContext(req.project!) }));
 
   app.use((_req, res) => {
     res.status(404).json({ error: { code: "NOT_FOUND", message: "no such endpoint" } });
@@ -404,4 +387,3 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
     },
   };
 }
-

@@ -45,10 +45,7 @@ export function createJobRunner(
 
 /** Reclaims expired exports and uploads, unreferenced volume segments and vault chunks of every project. */
 export async function collectAllGarbage(ds: DataSource, storage: Storage, graceMs: number, logger: Logger): Promise<void> {
-  const expired: { id: string; project_id: string }[] = await rows(
-    ds,
-    `UPDATE image_exports SET status = 'EXPIRED' WHERE status = 'READY' AND expires_at < now() RETURNING id, project_id`,
-  );
+  const expired: { id: string; project_id: string }[] = await rows(ds, `UPDATE image_exports SET status = 'EXPIRED' WHERE status = 'READY' AND expires_at < now() RETURNING id, project_id`);
   for (const e of expired) await storage.uploads.blobs.delete(`exports/${e.project_id}/${e.id}`);
   await storage.uploads.expire();
   // Export files whose export is gone (its image was deleted) or never finished.
@@ -98,6 +95,12 @@ export async function compactStorage(ds: DataSource, storage: Storage, logger: L
     bytes += r?.bytes ?? 0;
   }
   if (volumes?.freedBytes || packs) {
-    logger.info("storage compacted", { segmentsDeleted: volumes?.deleted ?? 0, segmentsWritten: volumes?.written ?? 0, movedBytes: volumes?.movedBytes ?? 0, packs, bytes: (volumes?.freedBytes ?? 0) + bytes });
+    logger.info("storage compacted", {
+      segmentsDeleted: volumes?.deleted ?? 0,
+      segmentsWritten: volumes?.written ?? 0,
+      movedBytes: volumes?.movedBytes ?? 0,
+      packs,
+      bytes: (volumes?.freedBytes ?? 0) + bytes,
+    });
   }
 }

@@ -57,19 +57,7 @@ export class JobLost extends Error {
  * `ImageExport.error`). INTERNAL is for bugs only.
  */
 export type FailureCode =
-  | "NO_SPACE"
-  | "BAD_IMAGE"
-  | "TOO_LARGE"
-  | "CORRUPT_CHUNK"
-  | "UPLOAD_GONE"
-  | "IMAGE_GONE"
-  | "BACKUP_GONE"
-  | "BACKUP_FAILED"
-  | "VERIFY_FAILED"
-  | "INCOMPLETE"
-  | "INTERRUPTED"
-  | "CANCELLED"
-  | "INTERNAL";
+  "NO_SPACE" | "BAD_IMAGE" | "TOO_LARGE" | "CORRUPT_CHUNK" | "UPLOAD_GONE" | "IMAGE_GONE" | "BACKUP_GONE" | "BACKUP_FAILED" | "VERIFY_FAILED" | "INCOMPLETE" | "INTERRUPTED" | "CANCELLED" | "INTERNAL";
 
 export interface JobOutcome {
   status: JobStatus.FAILED | JobStatus.CANCELLED;
@@ -238,16 +226,19 @@ export class JobRunner {
     const seen = { done: 0, total: 0, visited: 0 };
     const written = { done: -1, total: -1, visited: -1 };
     let flushing: Promise<void> | null = null;
-    const heartbeat = setInterval(() => {
-      void rows<{ cancel_requested: boolean }>(this.ds, `UPDATE jobs SET heartbeat_at = now() WHERE id = $1 RETURNING cancel_requested`, [job.id])
-        .then((r) => {
-          if (r[0]?.cancel_requested) {
-            cancelRequested = true;
-            ctrl.abort(new JobCancelled());
-          }
-        })
-        .catch(() => undefined);
-    }, Math.min(this.opts.heartbeatMs, 500));
+    const heartbeat = setInterval(
+      () => {
+        void rows<{ cancel_requested: boolean }>(this.ds, `UPDATE jobs SET heartbeat_at = now() WHERE id = $1 RETURNING cancel_requested`, [job.id])
+          .then((r) => {
+            if (r[0]?.cancel_requested) {
+              cancelRequested = true;
+              ctrl.abort(new JobCancelled());
+            }
+          })
+          .catch(() => undefined);
+      },
+      Math.min(this.opts.heartbeatMs, 500),
+    );
 
     const check = () => {
       if (cancelRequested) throw new JobCancelled();
@@ -442,4 +433,3 @@ export class JobFailure extends Error {
     super(message);
   }
 }
-

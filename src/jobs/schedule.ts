@@ -15,7 +15,10 @@ import { Frequency, RRule, Weekday, type Options } from "rrule";
  */
 
 export class ScheduleError extends Error {
-  constructor(readonly index: number, message: string) {
+  constructor(
+    readonly index: number,
+    message: string,
+  ) {
     super(message);
   }
 }
@@ -263,7 +266,7 @@ function reachesGrid(rule: Rule, startWeekday: number | null): boolean {
   const g = gcd(step, span);
   // The first reachable time at or after `t`: a day or hour that is not allowed is skipped whole.
   const from = (t: number) => Math.ceil(t / g) * g;
-  for (let t = 0; t < span; ) {
+  for (let t = 0; t < span;) {
     const day = Math.floor(t / DAY_MINUTES);
     const hour = Math.floor((t % DAY_MINUTES) / 60);
     if (byday && !byday.some((d) => d.weekday === (startWeekday! + day) % 7)) t = from((day + 1) * DAY_MINUTES);
@@ -275,8 +278,7 @@ function reachesGrid(rule: Rule, startWeekday: number | null): boolean {
   return false;
 }
 
-const duration = (minutes: number) =>
-  minutes % 60 ? (minutes > 60 ? `${Math.floor(minutes / 60)} h ${minutes % 60} min` : `${minutes} min`) : `${minutes / 60} h`;
+const duration = (minutes: number) => (minutes % 60 ? (minutes > 60 ? `${Math.floor(minutes / 60)} h ${minutes % 60} min` : `${minutes} min`) : `${minutes / 60} h`);
 
 /** Refuses steps that can never fire, or fire only for some creation days, and BYSETPOS positions no set has. */
 function checkSteps(rule: Rule, freqName: string, values: Map<string, string>, fail: (message: string) => never): void {
@@ -289,11 +291,15 @@ function checkSteps(rule: Rule, freqName: string, values: Map<string, string>, f
   if (!reachesGrid(rule, null)) {
     const g = gcd(step, DAY_MINUTES);
     const limits = ["BYHOUR", "BYMINUTE"].filter((k) => values.has(k) && (k === "BYHOUR" || rule.freq === Frequency.MINUTELY)).map((k) => `${k}=${clip(values.get(k)!)}`);
-    fail(`never fires: counted from midnight, ${stepText} reaches only times of day a multiple of ${duration(g)} apart (00:00, ${String(Math.floor(g / 60)).padStart(2, "0")}:${String(g % 60).padStart(2, "0")}, …), and ${limits.join(";")} allows none of them`);
+    fail(
+      `never fires: counted from midnight, ${stepText} reaches only times of day a multiple of ${duration(g)} apart (00:00, ${String(Math.floor(g / 60)).padStart(2, "0")}:${String(g % 60).padStart(2, "0")}, …), and ${limits.join(";")} allows none of them`,
+    );
   }
   for (let weekday = 0; weekday < 7; weekday++) {
     if (!reachesGrid(rule, weekday)) {
-      fail(`${stepText} counts from the day the policy is created and meets BYDAY=${clip(values.get("BYDAY")!)} only when that is certain weekdays; use an INTERVAL that is not a multiple of 7${rule.freq === Frequency.DAILY ? ", or FREQ=WEEKLY" : ""}`);
+      fail(
+        `${stepText} counts from the day the policy is created and meets BYDAY=${clip(values.get("BYDAY")!)} only when that is certain weekdays; use an INTERVAL that is not a multiple of 7${rule.freq === Frequency.DAILY ? ", or FREQ=WEEKLY" : ""}`,
+      );
     }
   }
   if (rule.bysetpos) {
@@ -362,7 +368,15 @@ function matchesADay(rule: Rule, memo: Map<string, boolean>): boolean {
   const counts = (rule.freq === Frequency.MONTHLY || rule.freq === Frequency.YEARLY) && (rule.bysetpos || rule.byday?.some((d) => d.n));
   const options: Partial<Options> = counts
     ? calendarDays({ ...toOptions(rule), interval: 1, until: null })
-    : { freq: Frequency.YEARLY, bymonth: rule.bymonth, bymonthday: rule.bymonthday, byyearday: rule.byyearday, byweekno: rule.byweekno, wkst: rule.wkst, byweekday: rule.byday && rule.byday.map((d) => d.weekday) };
+    : {
+        freq: Frequency.YEARLY,
+        bymonth: rule.bymonth,
+        bymonthday: rule.bymonthday,
+        byyearday: rule.byyearday,
+        byweekno: rule.byweekno,
+        wkst: rule.wkst,
+        byweekday: rule.byday && rule.byday.map((d) => d.weekday),
+      };
   return probe(options, memo);
 }
 
@@ -649,7 +663,7 @@ export function nextOccurrence(rules: string[], tz: string, after: Date, anchor:
       });
     // A day past the best so far cannot improve on it (a day covers any DST shift).
     const end = () => new Date(Math.min(END_OF_TIME.getTime(), until ? until.getTime() + 1000 : Infinity, bestFloating ? bestFloating.getTime() + DAY_MS : Infinity));
-    for (let lo = start; !found && seen < 2000; ) {
+    for (let lo = start; !found && seen < 2000;) {
       const day = filter ? nextDay(filter, lo, end()) : nextCalendarDay(days!, until, lo, end());
       if (!day) break;
       const next = new Date(day.getTime() + DAY_MS);

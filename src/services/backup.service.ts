@@ -1,21 +1,6 @@
 import { In, type EntityManager } from "typeorm";
 import { rows } from "../db/sql";
-import {
-  Backup,
-  BackupResourceType,
-  BackupStatus,
-  BackupTrigger,
-  Disk,
-  DiskStatus,
-  DiskType,
-  Image,
-  ImageStatus,
-  ImageType,
-  JobType,
-  Server,
-  ServerStatus,
-  type Job,
-} from "../entities";
+import { Backup, BackupResourceType, BackupStatus, BackupTrigger, Disk, DiskStatus, DiskType, Image, ImageStatus, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput, conflict, failedPrecondition, notFound } from "./errors";
@@ -100,9 +85,11 @@ export class BackupService {
 
   /** Takes a backup now: the disks' block maps are captured in this transaction; the job copies their data into the vault. */
   async create(ctx: RequestContext, input: CreateBackupInput, opts: { trigger?: BackupTrigger; policyId?: string | null } = {}): Promise<{ backup: Backup; job: Job }> {
-    const result = await ctx.ds.transaction((em) => this.createIn(em, ctx, input, opts)).catch((err) => {
-      throw translateDbError(err, BUSY_BACKUP);
-    });
+    const result = await ctx.ds
+      .transaction((em) => this.createIn(em, ctx, input, opts))
+      .catch((err) => {
+        throw translateDbError(err, BUSY_BACKUP);
+      });
     await this.queue.announce(result.job);
     ctx.invalidate();
     return result;
@@ -226,9 +213,7 @@ export class BackupService {
       if (!backup) throw notFound("backup", input.backupId);
       this.checkRestorable(backup);
       const children =
-        backup.resourceType === BackupResourceType.SERVER
-          ? await em.find(Backup, { where: { parentId: backup.id }, order: { device: "ASC" }, lock: { mode: "pessimistic_write" } })
-          : [];
+        backup.resourceType === BackupResourceType.SERVER ? await em.find(Backup, { where: { parentId: backup.id }, order: { device: "ASC" }, lock: { mode: "pessimistic_write" } }) : [];
 
       let pairs: { source: Backup; diskId: string; field: string }[];
       if (backup.resourceType === BackupResourceType.DISK) {
@@ -318,7 +303,18 @@ export class BackupService {
       if (size < source) throw badInput("sizeBytes", `must be at least the backed-up disk's ${source} bytes`);
       if (size > maxBytes || size % (1024 * 1024) !== 0) throw badInput("sizeBytes", `must be a whole number of MiB up to ${maxBytes} bytes`);
       const disk = await em.save(
-        em.create(Disk, { projectId: ctx.projectId, name, type: DiskType.DATA, sizeBytes: size, usedBytes: 0, status: DiskStatus.CREATING, serverId: null, device: null, sourceImageId: null, sourceBackupId: backup.id }),
+        em.create(Disk, {
+          projectId: ctx.projectId,
+          name,
+          type: DiskType.DATA,
+          sizeBytes: size,
+          usedBytes: 0,
+          status: DiskStatus.CREATING,
+          serverId: null,
+          device: null,
+          sourceImageId: null,
+          sourceBackupId: backup.id,
+        }),
       );
       const plan: RestorePlan = { targets: [{ backupId: backup.id, diskId: disk.id }], serverId: null, powerOn: false, diskStatus: { [disk.id]: DiskStatus.AVAILABLE } };
       await em.update(Backup, { id: backup.id }, { status: BackupStatus.RESTORING });

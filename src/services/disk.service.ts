@@ -74,18 +74,20 @@ export class DiskService {
     if (input.sizeBytes == null) throw badInput("sizeBytes", "is required for a blank disk");
     const sizeBytes = diskSize(input.sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
     const repo = ctx.ds.getRepository(Disk);
-    const disk = await repo.save(repo.create({
-      projectId: ctx.projectId,
-      name,
-      type: DiskType.DATA,
-      sizeBytes,
-      usedBytes: 0,
-      status: DiskStatus.AVAILABLE,
-      serverId: null,
-      device: null,
-      sourceImageId: null,
-      sourceBackupId: null,
-    }));
+    const disk = await repo.save(
+      repo.create({
+        projectId: ctx.projectId,
+        name,
+        type: DiskType.DATA,
+        sizeBytes,
+        usedBytes: 0,
+        status: DiskStatus.AVAILABLE,
+        serverId: null,
+        device: null,
+        sourceImageId: null,
+        sourceBackupId: null,
+      }),
+    );
     ctx.invalidate();
     return { disk, job: null };
   }
@@ -99,7 +101,18 @@ export class DiskService {
       const size = sizeBytes == null ? minimum : diskSize(sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
       if (size < minimum) throw badInput("sizeBytes", `must be at least the image's ${minimum} bytes`);
       const disk = await em.save(
-        em.create(Disk, { projectId: ctx.projectId, name, type: DiskType.DATA, sizeBytes: size, usedBytes: 0, status: DiskStatus.CREATING, serverId: null, device: null, sourceImageId: image.id, sourceBackupId: null }),
+        em.create(Disk, {
+          projectId: ctx.projectId,
+          name,
+          type: DiskType.DATA,
+          sizeBytes: size,
+          usedBytes: 0,
+          status: DiskStatus.CREATING,
+          serverId: null,
+          device: null,
+          sourceImageId: image.id,
+          sourceBackupId: null,
+        }),
       );
       const plan: RestorePlan = { targets: [{ imageDiskId: disks[0].id, diskId: disk.id }], serverId: null, powerOn: false, diskStatus: { [disk.id]: DiskStatus.AVAILABLE } };
       const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, diskId: disk.id, imageId: image.id, payload: { plan } });
@@ -133,7 +146,7 @@ export class DiskService {
           throw failedPrecondition(`server is ${server.status}; disks can be attached to ACTIVE or SHUTOFF servers`);
         }
         const used = new Set((await em.find(Disk, { where: { serverId: server.id }, select: { device: true } })).map((d) => d.device));
-        let device = input.device ?? DEVICES.slice(1).find((d) => !used.has(d));
+        const device = input.device ?? DEVICES.slice(1).find((d) => !used.has(d));
         if (!device) throw failedPrecondition("server has no free device name left");
         if (used.has(device)) throw conflict(`${device} is already in use on the server`);
         disk.serverId = server.id;

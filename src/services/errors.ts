@@ -26,12 +26,10 @@ export class DomainError extends Error {
   }
 }
 
-export const notFound = (what: string, id?: string) =>
-  new DomainError(ErrorCode.NOT_FOUND, id ? `${what} ${id} not found` : `${what} not found`);
+export const notFound = (what: string, id?: string) => new DomainError(ErrorCode.NOT_FOUND, id ? `${what} ${id} not found` : `${what} not found`);
 export const badInput = (field: string, message: string) => new DomainError(ErrorCode.BAD_USER_INPUT, `${field}: ${message}`, field);
 export const conflict = (message: string) => new DomainError(ErrorCode.CONFLICT, message);
 export const failedPrecondition = (message: string) => new DomainError(ErrorCode.FAILED_PRECONDITION, message);
 export const noSpace = (message: string) => new DomainError(ErrorCode.NO_SPACE, message);
 export const rateLimited = (message: string, retryAfterSeconds: number) => new DomainError(ErrorCode.RATE_LIMITED, message, undefined, retryAfterSeconds);
-export const unauthenticated = (message = "a valid API key is required: send Authorization: Bearer <key>") =>
-  new DomainError(ErrorCode.UNAUTHENTICATED, message);
+export const unauthenticated = (message = "a valid API key is required: send Authorization: Bearer <key>") => new DomainError(ErrorCode.UNAUTHENTICATED, message);

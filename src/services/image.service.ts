@@ -174,11 +174,12 @@ export class ImageService {
         }),
       );
       // The disk at this instant: its written blocks, still pointing at their volume segments.
-      const [imageDisk] = await rows<{ id: string }>(
-        em,
-        `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, 0, $2, $3, $4) RETURNING id`,
-        [image.id, disk.device, disk.type, disk.sizeBytes],
-      );
+      const [imageDisk] = await rows<{ id: string }>(em, `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, 0, $2, $3, $4) RETURNING id`, [
+        image.id,
+        disk.device,
+        disk.type,
+        disk.sizeBytes,
+      ]);
       await em.query(
         `INSERT INTO image_blocks (image_disk_id, block_index, hash, src_segment, src_offset)
          SELECT $1, block_index, hash, segment_id, segment_offset FROM disk_blocks WHERE disk_id = $2 AND hash IS NOT NULL`,
@@ -223,7 +224,7 @@ export class ImageService {
             sizeBytes: 0,
             checksum: null,
             errorCode: null,
-          errorMessage: null,
+            errorMessage: null,
           }),
         );
         const payload: CreateImagePayload = takenNow ? { awaitBackupId: backup.id } : {};
@@ -246,10 +247,11 @@ export class ImageService {
     const type = input.type ?? ImageType.SYSTEM_DISK;
     if (type === ImageType.FULL_SERVER) throw badInput("type", "FULL_SERVER images are made from server backups, not imported");
     if (!/^[0-9a-f-]{36}$/.test(input.uploadId)) throw badInput("uploadId", "not an upload ID from POST /v1/uploads");
-    const [upload] = await rows<{ id: string; size_bytes: string; data_bytes: string | null }>(ctx.ds, `SELECT id, size_bytes, data_bytes FROM uploads WHERE id = $1 AND project_id = $2 AND expires_at > now()`, [
-      input.uploadId,
-      ctx.projectId,
-    ]);
+    const [upload] = await rows<{ id: string; size_bytes: string; data_bytes: string | null }>(
+      ctx.ds,
+      `SELECT id, size_bytes, data_bytes FROM uploads WHERE id = $1 AND project_id = $2 AND expires_at > now()`,
+      [input.uploadId, ctx.projectId],
+    );
     if (!upload) throw notFound("upload", input.uploadId);
     if (input.minDiskBytes != null && (!Number.isSafeInteger(input.minDiskBytes) || input.minDiskBytes < 0)) throw badInput("minDiskBytes", "must be a byte count");
     let format: DiskFormat;
@@ -282,7 +284,12 @@ export class ImageService {
           errorMessage: null,
         }),
       );
-      const job = await this.queue.add(em, ctx.projectId, { type: JobType.IMPORT_IMAGE, imageId: image.id, bytesTotal: Number(upload.data_bytes ?? upload.size_bytes), payload: { uploadId: upload.id, format } });
+      const job = await this.queue.add(em, ctx.projectId, {
+        type: JobType.IMPORT_IMAGE,
+        imageId: image.id,
+        bytesTotal: Number(upload.data_bytes ?? upload.size_bytes),
+        payload: { uploadId: upload.id, format },
+      });
       return { image, job };
     });
     await this.queue.announce(result.job);
@@ -298,7 +305,20 @@ export class ImageService {
       if (!image) throw notFound("image", input.imageId);
       if (image.type === ImageType.FULL_SERVER) throw failedPrecondition("FULL_SERVER images cannot be exported; export an image of one disk");
       if (image.status !== ImageStatus.ACTIVE) throw failedPrecondition(`only ACTIVE images can be exported; this one is ${image.status}`);
-      const exp = await em.save(em.create(ImageExport, { projectId: ctx.projectId, imageId, format: input.format, status: ExportStatus.QUEUED, sizeBytes: null, sha256: null, jobId: null, errorCode: null, errorMessage: null, expiresAt: null }));
+      const exp = await em.save(
+        em.create(ImageExport, {
+          projectId: ctx.projectId,
+          imageId,
+          format: input.format,
+          status: ExportStatus.QUEUED,
+          sizeBytes: null,
+          sha256: null,
+          jobId: null,
+          errorCode: null,
+          errorMessage: null,
+          expiresAt: null,
+        }),
+      );
       const job = await this.queue.add(em, ctx.projectId, { type: JobType.EXPORT_IMAGE, imageId, exportId: exp.id, payload: { format: input.format } });
       exp.jobId = job.id;
       await em.save(exp);
@@ -354,7 +374,12 @@ export class ImageService {
   }
 
   /** The image disks a new server or disk is built from, checked against what the caller asks. */
-  async imageDisks(em: EntityManager, ctx: RequestContext, globalId: string, field: string): Promise<{ image: Image; disks: { id: string; device: string | null; diskType: DiskType; sizeBytes: number }[] }> {
+  async imageDisks(
+    em: EntityManager,
+    ctx: RequestContext,
+    globalId: string,
+    field: string,
+  ): Promise<{ image: Image; disks: { id: string; device: string | null; diskType: DiskType; sizeBytes: number }[] }> {
     const image = await em.findOne(Image, { where: { id: decodeId(globalId, "Image", field), projectId: ctx.projectId } });
     if (!image) throw notFound("image", globalId);
     if (image.status !== ImageStatus.ACTIVE) throw failedPrecondition(`image ${image.name} is ${image.status}; only ACTIVE images make servers and disks`);
@@ -370,11 +395,13 @@ export class ImageService {
 /** One image disk per disk backup, its blocks resolved through the backup's chain: no data is copied, chunks are shared. */
 export async function addImageDisksFromBackup(em: EntityManager, imageId: string, parts: Backup[]): Promise<void> {
   for (const [i, part] of parts.entries()) {
-    const [disk] = await rows<{ id: string }>(
-      em,
-      `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, $2, $3, $4, $5) RETURNING id`,
-      [imageId, i, part.device, part.diskType ?? DiskType.DATA, part.diskSizeBytes ?? MiB],
-    );
+    const [disk] = await rows<{ id: string }>(em, `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, $2, $3, $4, $5) RETURNING id`, [
+      imageId,
+      i,
+      part.device,
+      part.diskType ?? DiskType.DATA,
+      part.diskSizeBytes ?? MiB,
+    ]);
     await em.query(
       `WITH RECURSIVE chain AS (
          SELECT id, base_id, 0 AS depth FROM backups WHERE id = $2
@@ -390,4 +417,3 @@ export async function addImageDisksFromBackup(em: EntityManager, imageId: string
     );
   }
 }
-

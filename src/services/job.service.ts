@@ -48,11 +48,10 @@ export class JobService {
    */
   async cancel(ctx: RequestContext, globalId: string): Promise<Job> {
     const id = decodeId(globalId, "Job", "id");
-    const [row] = await rows(
-      ctx.ds,
-      `UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1 AND project_id = $2 AND status IN ('QUEUED', 'RUNNING') RETURNING *`,
-      [id, ctx.projectId],
-    );
+    const [row] = await rows(ctx.ds, `UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1 AND project_id = $2 AND status IN ('QUEUED', 'RUNNING') RETURNING *`, [
+      id,
+      ctx.projectId,
+    ]);
     if (!row) {
       const job = await this.get(ctx, globalId);
       throw conflict(`the job has already ended (${job.status})`);

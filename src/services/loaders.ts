@@ -47,12 +47,7 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
   const pageLoaders = new Map<string, DataLoader<string, Page<any>>>();
   const countLoaders = new Map<string, DataLoader<string, number>>();
 
-  function connection<N extends ListName>(
-    name: N,
-    key: string,
-    args: PageArgs,
-    conditions: Condition[] = [],
-  ): Promise<Connection<InstanceType<(typeof lists)[N]["entity"]>>> {
+  function connection<N extends ListName>(name: N, key: string, args: PageArgs, conditions: Condition[] = []): Promise<Connection<InstanceType<(typeof lists)[N]["entity"]>>> {
     const source = lists[name];
     const page: ResolvedPage = resolvePage(args, maxPageSize);
     const condKey = JSON.stringify(conditions);

@@ -94,7 +94,10 @@ function checkCursorSort(sort: string, sortField: SortField, field: string): voi
 export function resolvePage(args: PageArgs, maxPageSize: number, defaultPageSize = 20): ResolvedPage {
   const { first, last, after, before } = args;
   if (first != null && last != null) throw badInput("last", "use either first or last, not both");
-  for (const [name, value] of [["first", first], ["last", last]] as const) {
+  for (const [name, value] of [
+    ["first", first],
+    ["last", last],
+  ] as const) {
     if (value != null && (!Number.isInteger(value) || value < 0 || value > maxPageSize)) {
       throw badInput(name, `must be between 0 and ${maxPageSize}`);
     }
@@ -203,13 +206,7 @@ export async function loadPages<T extends ObjectLiteral>(
 }
 
 /** The size of each parent's whole list (filters applied, pagination not), in one statement. */
-export async function loadCounts<T extends ObjectLiteral>(
-  ds: DataSource,
-  source: ListSource<T>,
-  projectId: string,
-  keys: readonly string[],
-  conditions: Condition[],
-): Promise<Map<string, number>> {
+export async function loadCounts<T extends ObjectLiteral>(ds: DataSource, source: ListSource<T>, projectId: string, keys: readonly string[], conditions: Condition[]): Promise<Map<string, number>> {
   const where = whereClause(source as ListSource<ObjectLiteral>, projectId, [...keys], conditions);
   const rows: { key: string; count: string }[] = await ds.query(
     `SELECT ${source.key}::text AS key, count(*) AS count FROM ${source.table} t ${source.join ?? ""} WHERE ${where.sql} GROUP BY 1`,

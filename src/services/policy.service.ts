@@ -173,10 +173,7 @@ export class PolicyService {
         if (!p) throw notFound("policy", input.policyId);
         await this.requireResources(em, ctx, servers, disks);
         const existing = await em.find(PolicyBinding, {
-          where: [
-            ...(servers.length ? [{ serverId: In(servers), projectId: ctx.projectId }] : []),
-            ...(disks.length ? [{ diskId: In(disks), projectId: ctx.projectId }] : []),
-          ],
+          where: [...(servers.length ? [{ serverId: In(servers), projectId: ctx.projectId }] : []), ...(disks.length ? [{ diskId: In(disks), projectId: ctx.projectId }] : [])],
         });
         const taken = existing.find((b) => b.policyId !== policyId);
         if (taken) {
@@ -292,12 +289,7 @@ export class PolicyRunner {
     const skipped: SkippedResource[] = [];
     for (const t of targets) {
       try {
-        const { job } = await this.backups.createIn(
-          em,
-          ctx,
-          { resourceId: toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id) },
-          { trigger: BackupTrigger.POLICY, policyId: policy.id },
-        );
+        const { job } = await this.backups.createIn(em, ctx, { resourceId: toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id) }, { trigger: BackupTrigger.POLICY, policyId: policy.id });
         jobs.push(job);
       } catch (err) {
         if (!(err instanceof DomainError)) throw err;

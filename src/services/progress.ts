@@ -93,11 +93,7 @@ function events(bus: EventBus, projectId: string, accept: (e: JobEvent) => boole
  * read ends, it runs its finally, and the return completes instead of waiting for an
  * event that may never come.
  */
-function closable<T>(
-  bus: EventBus,
-  projectId: string,
-  body: (open: (accept: (e: JobEvent) => boolean) => EventStream) => AsyncGenerator<T, void, undefined>,
-): AsyncGenerator<T, void, undefined> {
+function closable<T>(bus: EventBus, projectId: string, body: (open: (accept: (e: JobEvent) => boolean) => EventStream) => AsyncGenerator<T, void, undefined>): AsyncGenerator<T, void, undefined> {
   let stream: EventStream | null = null;
   let returned = false;
   const gen = body((accept) => {

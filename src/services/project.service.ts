@@ -105,5 +105,4 @@ export class ProjectService {
       uploadBytes: Number(row.upload_bytes),
     };
   }
-
 }

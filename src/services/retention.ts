@@ -35,8 +35,7 @@ const PERIODS = [
   ["keepYearly", "yearly", (d: DateTime) => d.toFormat("yyyy")],
 ] as const;
 
-export const hasRules = (r: RetentionRules) =>
-  r.maxBackups != null || r.retentionDays != null || r.keepDaily > 0 || r.keepWeekly > 0 || r.keepMonthly > 0 || r.keepYearly > 0;
+export const hasRules = (r: RetentionRules) => r.maxBackups != null || r.retentionDays != null || r.keepDaily > 0 || r.keepWeekly > 0 || r.keepMonthly > 0 || r.keepYearly > 0;
 
 /**
  * Which backups of one resource a policy keeps, and why (like Proxmox's prune

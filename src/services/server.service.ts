@@ -194,9 +194,17 @@ export class ServerService {
         const toDelete = disks.filter((d) => d.type === DiskType.SYSTEM || deleteDisks);
         const toDetach = disks.filter((d) => !toDelete.includes(d));
         if (toDetach.length) {
-          await em.update(Disk, toDetach.map((d) => d.id), { serverId: null, device: null, status: DiskStatus.AVAILABLE });
+          await em.update(
+            Disk,
+            toDetach.map((d) => d.id),
+            { serverId: null, device: null, status: DiskStatus.AVAILABLE },
+          );
         }
-        if (toDelete.length) await em.delete(Disk, toDelete.map((d) => d.id));
+        if (toDelete.length)
+          await em.delete(
+            Disk,
+            toDelete.map((d) => d.id),
+          );
         await em.delete(Server, { id, projectId: ctx.projectId });
         return { server, deletedDiskIds: toDelete.map((d) => d.id), detachedDiskIds: toDetach.map((d) => d.id) };
       })

@@ -7,6 +7,7 @@ export const GiB = 2 ** 30;
 export const MAX_NAME_LENGTH = 64;
 
 // Postgres stores no NUL in text, and a UTF-16 surrogate without its pair (JSON lets a client send one as \ud800) has no UTF-8 form.
+// eslint-disable-next-line no-control-regex -- NUL is what Postgres cannot store
 const UNSTORABLE = /\u0000|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
 
 /** Any text the API takes (names, descriptions, filters, IDs): refused when Postgres could not store or compare it as given. */
@@ -21,6 +22,7 @@ export function storableText(value: string, field: string): string {
 
 // Control characters (C0, DEL, C1), line and paragraph separators, and the bidirectional embeddings,
 // overrides and isolates that make a name display as other text than it is ("invoice\u202Efdp.exe").
+// eslint-disable-next-line no-control-regex -- control characters are what names refuse
 const NAME_REFUSED = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/;
 
 /** A resource name: 1 to 64 characters (UTF-16 code units), surrounding spaces trimmed, no control or bidirectional-override characters. */

@@ -4,7 +4,6 @@ import { Worker } from "node:worker_threads";
 import { compressBound } from "zstd-napi/binding";
 import { BufferPool } from "./buffer-pool";
 
-// eslint-disable-next-line @typescript-eslint/no-require-imports
 const { makeOps } = require("./codec-ops.js") as { makeOps(level: number): Ops };
 
 type Ops = Record<"hash" | "compress" | "decode" | "digest", (args: Record<string, unknown>) => Record<string, unknown>>;
@@ -174,7 +173,10 @@ export class ChunkCodec {
     target.busy++;
     return new Promise<Record<string, unknown>>((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      target.worker.postMessage({ id, op, args }, transfer.filter((b) => !isShared(b)).map((b) => b.buffer as ArrayBuffer));
+      target.worker.postMessage(
+        { id, op, args },
+        transfer.filter((b) => !isShared(b)).map((b) => b.buffer as ArrayBuffer),
+      );
     }).then((result) => {
       // A view into a shared argument comes back as its place there.
       for (const [name, v] of Object.entries(result)) {

@@ -135,9 +135,7 @@ async function compactDisk(ds: DataSource, volumes: VolumeStore, diskId: string,
 /** Copies the blocks still pointing into `group` to one new segment, repoints them, then deletes the old segments. */
 async function moveLive(ds: DataSource, volumes: VolumeStore, diskId: string, found: SparseSegment[], result: CompactionResult): Promise<void> {
   // A backup or image started since the pass began may hold some now: moving their blocks would only add a copy.
-  const unheld = new Set(
-    (await rows<{ id: string }>(ds, `SELECT s.id FROM volume_segments s WHERE s.id = ANY($1::uuid[]) AND ${SEGMENT_UNHELD("s")}`, [found.map((s) => s.id)])).map((r) => r.id),
-  );
+  const unheld = new Set((await rows<{ id: string }>(ds, `SELECT s.id FROM volume_segments s WHERE s.id = ANY($1::uuid[]) AND ${SEGMENT_UNHELD("s")}`, [found.map((s) => s.id)])).map((r) => r.id));
   const group = found.filter((s) => unheld.has(s.id));
   if (!group.length) return;
   // Blocks with equal bytes may share a place in a segment: each place is copied once.

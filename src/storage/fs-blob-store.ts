@@ -497,4 +497,3 @@ export class FsBlobStore implements BlobStore {
     return (err as NodeJS.ErrnoException).code === "ENOENT" ? new BlobNotFoundError(key) : err;
   }
 }
-

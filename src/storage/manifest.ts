@@ -52,9 +52,7 @@ export interface BlockSource {
 export async function dataRanges(q: Queryable, source: BlockSource, opts: { diskId?: string; size?: number; firstSize?: number } = {}): Promise<[number, number][]> {
   const size = opts.size ?? MANIFEST_BATCH;
   const firstSize = opts.firstSize ?? size;
-  const recorded = source.imageDiskId
-    ? `SELECT block_index FROM image_blocks WHERE image_disk_id = $1`
-    : `SELECT bb.block_index FROM backup_blocks bb WHERE bb.backup_id IN (SELECT id FROM chain)`;
+  const recorded = source.imageDiskId ? `SELECT block_index FROM image_blocks WHERE image_disk_id = $1` : `SELECT bb.block_index FROM backup_blocks bb WHERE bb.backup_id IN (SELECT id FROM chain)`;
   const chain = source.imageDiskId
     ? ""
     : `WITH RECURSIVE chain AS (

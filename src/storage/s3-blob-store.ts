@@ -1,15 +1,6 @@
 import { once } from "node:events";
 import { PassThrough, Transform, type Readable } from "node:stream";
-import {
-  DeleteObjectCommand,
-  GetObjectCommand,
-  HeadObjectCommand,
-  ListObjectsV2Command,
-  NoSuchKey,
-  NotFound,
-  PutObjectCommand,
-  S3Client,
-} from "@aws-sdk/client-s3";
+import { DeleteObjectCommand, GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, NoSuchKey, NotFound, PutObjectCommand, S3Client } from "@aws-sdk/client-s3";
 import { Upload } from "@aws-sdk/lib-storage";
 import type { S3Config } from "../config";
 import { BlobNotFoundError, checkKey, checkPrefix, type BlobInfo, type BlobStore, type BlobWriter } from "./blob-store";
@@ -109,10 +100,7 @@ export class S3BlobStore implements BlobStore {
   }
 
   async getStream(key: string, range?: { start: number; end: number }): Promise<Readable> {
-    const out = await this.send(
-      key,
-      new GetObjectCommand({ Bucket: this.config.bucket, Key: this.key(key), Range: range ? `bytes=${range.start}-${range.end}` : undefined }),
-    );
+    const out = await this.send(key, new GetObjectCommand({ Bucket: this.config.bucket, Key: this.key(key), Range: range ? `bytes=${range.start}-${range.end}` : undefined }));
     return out.Body as Readable;
   }
 
@@ -133,9 +121,7 @@ export class S3BlobStore implements BlobStore {
   async *list(prefix: string): AsyncIterable<BlobInfo> {
     let token: string | undefined;
     do {
-      const out = await this.client.send(
-        new ListObjectsV2Command({ Bucket: this.config.bucket, Prefix: this.prefix + checkPrefix(prefix), ContinuationToken: token }),
-      );
+      const out = await this.client.send(new ListObjectsV2Command({ Bucket: this.config.bucket, Prefix: this.prefix + checkPrefix(prefix), ContinuationToken: token }));
       for (const o of out.Contents ?? []) {
         yield { key: o.Key!.slice(this.prefix.length), size: Number(o.Size ?? 0), modifiedAt: o.LastModified ?? new Date(0) };
       }
@@ -158,6 +144,7 @@ export class S3BlobStore implements BlobStore {
 }
 
 function isNotFound(err: unknown): boolean {
-  return err instanceof NoSuchKey || err instanceof NotFound || (err as { name?: string }).name === "NoSuchKey" || (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 404;
+  return (
+    err instanceof NoSuchKey || err instanceof NotFound || (err as { name?: string }).name === "NoSuchKey" || (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode === 404
+  );
 }
-

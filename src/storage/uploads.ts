@@ -117,7 +117,7 @@ export class UploadStore {
     const take = async (chunk: Buffer) => {
       if (size + chunk.length > maxBytes) throw new UploadTooLarge(maxBytes);
       hash.update(chunk);
-      for (let pos = 0; pos < chunk.length; ) {
+      for (let pos = 0; pos < chunk.length;) {
         const n = Math.min(chunk.length - pos, STAGING - held);
         chunk.copy(staging, held, pos, pos + n);
         held += n;
@@ -142,10 +142,15 @@ export class UploadStore {
       throw err;
     }
     const sha256 = hash.digest("hex");
-    await this.ds.query(
-      `INSERT INTO uploads (id, project_id, size_bytes, sha256, data_map, data_bytes, expires_at) VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))`,
-      [id, projectId, size, sha256, map.bytes(size), Math.min(size, map.count * BLOCK_SIZE), ttlSeconds],
-    );
+    await this.ds.query(`INSERT INTO uploads (id, project_id, size_bytes, sha256, data_map, data_bytes, expires_at) VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7))`, [
+      id,
+      projectId,
+      size,
+      sha256,
+      map.bytes(size),
+      Math.min(size, map.count * BLOCK_SIZE),
+      ttlSeconds,
+    ]);
     return { id, sizeBytes: size, sha256 };
   }
 

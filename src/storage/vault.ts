@@ -67,8 +67,7 @@ export interface PackChunks {
 }
 
 /** SQL: the chunk `hash` of project `project` in vault_chunks, as a LATERAL subquery (LIMIT 1 keeps it one index probe per hash). */
-export const CHUNK_AT = (project: string, hash: string) =>
-  `SELECT pack_id, pack_offset, stored_size, raw_size, compressed FROM vault_chunks WHERE project_id = ${project} AND hash = ${hash} LIMIT 1`;
+export const CHUNK_AT = (project: string, hash: string) => `SELECT pack_id, pack_offset, stored_size, raw_size, compressed FROM vault_chunks WHERE project_id = ${project} AND hash = ${hash} LIMIT 1`;
 
 /**
  * SQL: the select list packing the chunks of one pack into one row (read with
@@ -160,7 +159,12 @@ export class PackWriter {
       buffers.give(data);
       return;
     }
-    const packed = await this.vault.codec.compress(data, BLOCK_SIZE, fresh.map((b) => b.slot), buffers.take(ChunkCodec.bound(fresh.length, BLOCK_SIZE)));
+    const packed = await this.vault.codec.compress(
+      data,
+      BLOCK_SIZE,
+      fresh.map((b) => b.slot),
+      buffers.take(ChunkCodec.bound(fresh.length, BLOCK_SIZE)),
+    );
     buffers.give(packed.data);
     await this.addStored(fresh.map((b, k) => ({ hash: b.hash, stored: packed.chunks[k], raw: BLOCK_SIZE, compressed: packed.compressed[k] })));
     buffers.give(packed.out);
@@ -417,7 +421,13 @@ export class Vault {
     }
     const offsets = pack.offsets.slice(from, to);
     for (let k = 0; k < offsets.length; k++) offsets[k] -= start;
-    const chunks = { offsets, stored: pack.stored.slice(from, to), raw: pack.raw.slice(from, to), compressed: pack.compressed.slice(from, to), hashes: pack.hashes.subarray(from * HASH_BYTES, to * HASH_BYTES) };
+    const chunks = {
+      offsets,
+      stored: pack.stored.slice(from, to),
+      raw: pack.raw.slice(from, to),
+      compressed: pack.compressed.slice(from, to),
+      hashes: pack.hashes.subarray(from * HASH_BYTES, to * HASH_BYTES),
+    };
     try {
       const { data, out } = await this.codec.decode(buf, chunks, buffers.take((to - from) * BLOCK_SIZE), { sha256: opts.sha256 });
       buffers.give(data);
@@ -514,11 +524,7 @@ export class Vault {
   }
 
   private async collect(projectId: string, graceMs: number) {
-    const deadChunks = await rows(
-      this.ds,
-      `DELETE FROM vault_chunks c WHERE c.project_id = $1 AND ${CHUNK_UNREFERENCED("c")} RETURNING hash`,
-      [projectId],
-    );
+    const deadChunks = await rows(this.ds, `DELETE FROM vault_chunks c WHERE c.project_id = $1 AND ${CHUNK_UNREFERENCED("c")} RETURNING hash`, [projectId]);
     let packs = 0;
     let bytes = 0;
     const usage = await rows<{ id: string; size_bytes: string; live: string }>(
@@ -529,7 +535,11 @@ export class Vault {
       [projectId],
     );
     const sparse = usage.filter((p) => Number(p.live) > 0 && Number(p.live) < Number(p.size_bytes) * REPACK_BELOW);
-    if (sparse.length) await this.repack(projectId, sparse.map((p) => p.id));
+    if (sparse.length)
+      await this.repack(
+        projectId,
+        sparse.map((p) => p.id),
+      );
     for (const p of usage) {
       if (Number(p.live) > 0 && !sparse.includes(p)) continue;
       const gone = await rows(this.ds, `DELETE FROM vault_packs p WHERE p.id = $1 AND NOT EXISTS (SELECT 1 FROM vault_chunks c WHERE c.pack_id = p.id) RETURNING id`, [p.id]);

@@ -165,11 +165,16 @@ export class VolumeStore {
     let parts: Buffer[] = [];
     let zeros: number[] = [];
     /** Segments being made durable and committed, oldest first; their commits go in order. */
-    let closing: Promise<void>[] = [];
+    const closing: Promise<void>[] = [];
 
     const open = async () => {
       const id = crypto.randomUUID();
-      segment = { id, writer: await this.blobs.openWriter(segmentKey(diskId, id), { bypassCache: opts.bypassCache }), size: 0, blocks: { indexes: [], offsets: [], hashes: new HashList(SEGMENT_BYTES / BLOCK_SIZE) } };
+      segment = {
+        id,
+        writer: await this.blobs.openWriter(segmentKey(diskId, id), { bypassCache: opts.bypassCache }),
+        size: 0,
+        blocks: { indexes: [], offsets: [], hashes: new HashList(SEGMENT_BYTES / BLOCK_SIZE) },
+      };
       return segment;
     };
     const writeParts = async () => {
@@ -449,4 +454,3 @@ export class VolumeStore {
     return { segments: deleted + orphans, bytes };
   }
 }
-

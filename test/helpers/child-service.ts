@@ -63,7 +63,12 @@ export async function serveChild(env: Record<string, string> & { STOWAGE_DATA_DI
 }
 
 /** POSTs a GraphQL request; returns the parsed body. */
-export async function gqlAt(url: string, key: string, query: string, variables?: Record<string, unknown>): Promise<{ data?: any; errors?: { message: string; extensions?: Record<string, unknown> }[] }> {
+export async function gqlAt(
+  url: string,
+  key: string,
+  query: string,
+  variables?: Record<string, unknown>,
+): Promise<{ data?: any; errors?: { message: string; extensions?: Record<string, unknown> }[] }> {
   const res = await fetch(`${url}/graphql`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${key}` }, body: JSON.stringify({ query, variables }) });
   return (await res.json()) as { data?: any; errors?: { message: string; extensions?: Record<string, unknown> }[] };
 }

@@ -122,7 +122,7 @@ export async function writeFile(file: string, pieces: AsyncIterable<WriterPiece>
       }
       written += p.length;
       if (opts.maxBytes !== undefined && written > opts.maxBytes) throw new Error(`the writer yielded more than ${opts.maxBytes} bytes besides holes`);
-      for (let done = 0; done < p.length; ) done += fs.writeSync(fd, p, done, p.length - done, at + done);
+      for (let done = 0; done < p.length;) done += fs.writeSync(fd, p, done, p.length - done, at + done);
       at += p.length;
     }
     fs.ftruncateSync(fd, at);
@@ -177,7 +177,7 @@ export function pattern(length: number, seed: number): Buffer {
 
 /** Writes all of `buf` at `offset` of the open file `fd`. */
 export function pwrite(fd: number, buf: Buffer, offset: number): void {
-  for (let done = 0; done < buf.length; ) done += fs.writeSync(fd, buf, done, buf.length - done, offset + done);
+  for (let done = 0; done < buf.length;) done += fs.writeSync(fd, buf, done, buf.length - done, offset + done);
 }
 
 /** A sparse raw file of `size` bytes holding `pieces`, zeros (holes) elsewhere. */

@@ -5,7 +5,6 @@ import type { S3Config } from "../../src/config";
 
 /** A local S3-protocol server (s3rver) with one bucket, for the S3 backend's tests. */
 export async function startS3(bucket = "stowage-test"): Promise<{ config: S3Config; stop(): Promise<void> }> {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
   const S3rver = require("s3rver");
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-s3-"));
   const server = new S3rver({ port: 0, address: "127.0.0.1", silent: true, directory: dir, configureBuckets: [{ name: bucket }] });

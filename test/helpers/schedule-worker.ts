@@ -22,9 +22,7 @@ export interface ScheduleJob {
 }
 
 export type ScheduleResult = { ms: number } & (
-  | { ok: true; rule?: unknown; stored?: string[]; next?: string | null; occurrences?: string[] }
-  | { ok: false; index: number; message: string }
-  | { crash: string }
+  { ok: true; rule?: unknown; stored?: string[]; next?: string | null; occurrences?: string[] } | { ok: false; index: number; message: string } | { crash: string }
 );
 
 function runJobs(jobs: ScheduleJob[], progress: Int32Array): ScheduleResult[] {

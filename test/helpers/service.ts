@@ -46,9 +46,20 @@ export async function startTestService(env: Record<string, string> = {}, runner:
   let recording: string[] | null = null;
   const ds = await openTestDataSource(db.url, (sql) => recording?.push(sql));
   const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-data-"));
-  const config = loadConfig({ PORT: "0", HOST: "127.0.0.1", DATABASE_URL: db.url, STOWAGE_DATA_DIR: dataDir, GC_INTERVAL_SECONDS: "0", COMPACT_INTERVAL_SECONDS: "0", SCHEDULER_INTERVAL_SECONDS: "0", ...env });
-  let svc: RunningService;
-  svc = await startService(config, logger ?? (process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger), { db: { ds, url: db.url, close: async () => ds.destroy() }, runner: { pollMs: 200, ...runner } });
+  const config = loadConfig({
+    PORT: "0",
+    HOST: "127.0.0.1",
+    DATABASE_URL: db.url,
+    STOWAGE_DATA_DIR: dataDir,
+    GC_INTERVAL_SECONDS: "0",
+    COMPACT_INTERVAL_SECONDS: "0",
+    SCHEDULER_INTERVAL_SECONDS: "0",
+    ...env,
+  });
+  const svc: RunningService = await startService(config, logger ?? (process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger), {
+    db: { ds, url: db.url, close: async () => ds.destroy() },
+    runner: { pollMs: 200, ...runner },
+  });
   const alpha = await svc.services.projects.create("alpha");
   const beta = await svc.services.projects.create("beta");
 

@@ -124,7 +124,10 @@ describe("a backup spanning several vault packs", () => {
     const blocks = Array.from({ length: 6 }, (_, k) => bytes(BLOCK, 900 + k));
     const hashes = blocks.map((b) => crypto.createHash("sha256").update(b).digest());
     const writer = vault.writer(project);
-    await writer.addBlocks(Buffer.concat(blocks), hashes.map((hash, slot) => ({ hash, slot })));
+    await writer.addBlocks(
+      Buffer.concat(blocks),
+      hashes.map((hash, slot) => ({ hash, slot })),
+    );
     await writer.flush();
     // A reader locates the chunks, then the pack is rewritten with its chunks in the reverse order.
     const [stale] = await vault.locate(project, packedHashes(hashes));

@@ -115,7 +115,7 @@ describe("disk backups", () => {
     const ids: string[] = [];
     await writeDisk(svc, disk, bytes(8 * MiB, 5));
     for (let i = 0; i < 4; i++) {
-      if (i > 0) await writeDisk(svc, disk, bytes(3 * BLOCK, 50 + i), (i * 17 % 120) * BLOCK);
+      if (i > 0) await writeDisk(svc, disk, bytes(3 * BLOCK, 50 + i), ((i * 17) % 120) * BLOCK);
       if (i === 2) await writeDisk(svc, disk, Buffer.alloc(2 * BLOCK), 60 * BLOCK); // zeroed blocks must stay zero
       ids.push(await backupNow(svc, disk));
       states.push(await readDisk(svc, disk));
@@ -138,9 +138,7 @@ describe("disk backups", () => {
     const before = await vaultBytes();
     await del(ids[2]);
     await del(ids[3]);
-    const projectChunks = await svc.ds.query(
-      `SELECT count(*)::int AS n FROM vault_chunks c WHERE NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.hash = c.hash)`,
-    );
+    const projectChunks = await svc.ds.query(`SELECT count(*)::int AS n FROM vault_chunks c WHERE NOT EXISTS (SELECT 1 FROM backup_blocks bb WHERE bb.hash = c.hash)`);
     expect(projectChunks[0].n).toBe(0);
     expect(await vaultBytes()).toBeLessThan(before - 7 * MiB);
   });
@@ -186,8 +184,11 @@ describe("disk backups", () => {
 describe("server backups", () => {
   async function createServer(name: string) {
     return (
-      await svc.ok(`mutation ($n: String!) { createServer(input: { name: $n, vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${8 * MiB}, dataDisks: [{ sizeBytes: ${8 * MiB} }, { sizeBytes: ${4 * MiB} }] }) {
-        server { id disks { nodes { id type device sizeBytes } } } } }`, { n: name })
+      await svc.ok(
+        `mutation ($n: String!) { createServer(input: { name: $n, vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${8 * MiB}, dataDisks: [{ sizeBytes: ${8 * MiB} }, { sizeBytes: ${4 * MiB} }] }) {
+        server { id disks { nodes { id type device sizeBytes } } } } }`,
+        { n: name },
+      )
     ).createServer.server;
   }
 
@@ -230,14 +231,30 @@ describe("server backups", () => {
     const run = (input: Record<string, unknown>) => svc.gql(`mutation ($i: RestoreBackupInput!) { restoreBackup(input: $i) { job { id } } }`, { i: input });
     expect(code(await run({ backupId, mappings: [{ backupId: bigChild, diskId: sys.id }] }))).toBe("FAILED_PRECONDITION"); // data onto system
     expect(code(await run({ backupId, mappings: [{ backupId: bigChild, diskId: small.id }] }))).toBe("FAILED_PRECONDITION"); // too small
-    expect(code(await run({ backupId, mappings: [{ backupId: bigChild, diskId: big.id }, { backupId: smallChild, diskId: big.id }] }))).toBe("BAD_USER_INPUT");
+    expect(
+      code(
+        await run({
+          backupId,
+          mappings: [
+            { backupId: bigChild, diskId: big.id },
+            { backupId: smallChild, diskId: big.id },
+          ],
+        }),
+      ),
+    ).toBe("BAD_USER_INPUT");
     expect(code(await run({ backupId: bigChild }))).toBe("FAILED_PRECONDITION"); // children restore through their server backup
 
     // A system-disk backup may go to a data disk that is large enough.
     const spare = await createDisk(svc, "spare", 8 * MiB);
     await svc.ok(`mutation ($d: ID!, $s: ID!) { attachDisk(input: { diskId: $d, serverId: $s }) { disk { id } } }`, { d: spare, s: server.id });
     await writeDisk(svc, big.id, Buffer.alloc(6 * MiB));
-    await restoreNow(svc, { backupId, mappings: [{ backupId: bigChild, diskId: spare }, { backupId: sysChild, diskId: big.id }] });
+    await restoreNow(svc, {
+      backupId,
+      mappings: [
+        { backupId: bigChild, diskId: spare },
+        { backupId: sysChild, diskId: big.id },
+      ],
+    });
     expect((await readDisk(svc, spare)).subarray(0, 6 * MiB).equals(bytes(6 * MiB, 30))).toBe(true);
   });
 
@@ -245,7 +262,9 @@ describe("server backups", () => {
     const disk = await createDisk(svc, "source", 4 * MiB);
     await writeDisk(svc, disk, bytes(3 * MiB, 40));
     const b = await backupNow(svc, disk);
-    const r = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "copy", backupId: $b, sizeBytes: ${8 * MiB} }) { disk { id status sizeBytes sourceBackup { id } } job { id type } } }`, { b })).createDisk;
+    const r = (
+      await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "copy", backupId: $b, sizeBytes: ${8 * MiB} }) { disk { id status sizeBytes sourceBackup { id } } job { id type } } }`, { b })
+    ).createDisk;
     expect(r.disk).toMatchObject({ status: "CREATING", sizeBytes: 8 * MiB, sourceBackup: { id: b } });
     expect(r.job.type).toBe("CREATE_DISK");
     await succeed(svc, r.job.id);
@@ -267,10 +286,9 @@ describe("verification", () => {
 
     // Flip bytes inside the stored chunk of block 5.
     const uuid = Buffer.from(b, "base64url").toString().split(":")[1];
-    const [loc] = await svc.ds.query(
-      `SELECT c.pack_id, c.pack_offset, c.stored_size FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1 AND bb.block_index = 5`,
-      [uuid],
-    );
+    const [loc] = await svc.ds.query(`SELECT c.pack_id, c.pack_offset, c.stored_size FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1 AND bb.block_index = 5`, [
+      uuid,
+    ]);
     const file = path.join(svc.dataDir, "blobs", "vault", svc.projectIds.alpha, "packs", loc.pack_id.slice(0, 2), loc.pack_id);
     const fd = fs.openSync(file, "r+");
     fs.writeSync(fd, Buffer.from("CORRUPT!"), 0, 8, Number(loc.pack_offset) + 100);

@@ -27,7 +27,13 @@ const backends: [string, () => Promise<{ store: BlobStore; stop(): Promise<void>
     async () => {
       const s3 = await startS3();
       const store = new S3BlobStore(s3.config, "t/");
-      return { store, stop: async () => { store.destroy(); await s3.stop(); } };
+      return {
+        store,
+        stop: async () => {
+          store.destroy();
+          await s3.stop();
+        },
+      };
     },
   ],
 ];
@@ -54,12 +60,14 @@ describe.each(backends)("%s blob store", (_name, open) => {
   it("streams a large blob in and out without holding it", async () => {
     const part = crypto.randomBytes(1 << 20);
     const hash = crypto.createHash("sha256");
-    const body = Readable.from((function* () {
-      for (let i = 0; i < 20; i++) {
-        hash.update(part);
-        yield part;
-      }
-    })());
+    const body = Readable.from(
+      (function* () {
+        for (let i = 0; i < 20; i++) {
+          hash.update(part);
+          yield part;
+        }
+      })(),
+    );
     expect(await store.putStream("uploads/big", body)).toBe(20 << 20);
     const out = crypto.createHash("sha256");
     for await (const c of await store.getStream("uploads/big")) out.update(c as Buffer);

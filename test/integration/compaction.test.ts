@@ -87,9 +87,13 @@ function compactionCases(get: () => TestService, blobKeys: () => Promise<string[
     // Zeroing counts too.
     await svc.storage.volumes.withDiskLock(uuid(disk), async () => {
       const [{ project_id }] = await svc.ds.query(`SELECT project_id FROM disks WHERE id = $1`, [uuid(disk)]);
-      await svc.storage.volumes.putBlocks(project_id, uuid(disk), (async function* () {
-        yield { index: 127, data: null };
-      })());
+      await svc.storage.volumes.putBlocks(
+        project_id,
+        uuid(disk),
+        (async function* () {
+          yield { index: 127, data: null };
+        })(),
+      );
     });
     image.fill(0, 127 * BLOCK, 128 * BLOCK);
     expect(await miscounted(svc)).toEqual([]);
@@ -220,8 +224,15 @@ describe("compaction on S3", () => {
     s3 = await startS3();
     const c = s3.config;
     svc = await startTestService({
-      S3_BUCKET: c.bucket, S3_ENDPOINT: c.endpoint!, S3_REGION: c.region, S3_ACCESS_KEY_ID: c.accessKeyId!, S3_SECRET_ACCESS_KEY: c.secretAccessKey!, S3_FORCE_PATH_STYLE: "true",
-      VOLUME_BACKEND: "s3", VAULT_BACKEND: "s3", COMPACT_INTERVAL_SECONDS: "0",
+      S3_BUCKET: c.bucket,
+      S3_ENDPOINT: c.endpoint!,
+      S3_REGION: c.region,
+      S3_ACCESS_KEY_ID: c.accessKeyId!,
+      S3_SECRET_ACCESS_KEY: c.secretAccessKey!,
+      S3_FORCE_PATH_STYLE: "true",
+      VOLUME_BACKEND: "s3",
+      VAULT_BACKEND: "s3",
+      COMPACT_INTERVAL_SECONDS: "0",
     });
   });
   afterAll(async () => {
@@ -339,7 +350,11 @@ describe("compaction on its own timer", () => {
     try {
       const { backupId, jobId } = await backup(svc, disk);
       await pausing;
-      const during = await until(async () => packFiles().filter((f) => !before.includes(f)), (p) => p.length >= 2, 10_000);
+      const during = await until(
+        async () => packFiles().filter((f) => !before.includes(f)),
+        (p) => p.length >= 2,
+        10_000,
+      );
       expect(during.length).toBeGreaterThanOrEqual(2);
       if (status === "CANCELLED") {
         await svc.ok(`mutation ($id: ID!) { cancelJob(input: { id: $id }) { job { id } } }`, { id: jobId });
@@ -357,7 +372,11 @@ describe("compaction on its own timer", () => {
       blobs.readInto = readInto;
       release();
     }
-    const left = await until(async () => packFiles(), (p) => p.length === before.length, 10_000);
+    const left = await until(
+      async () => packFiles(),
+      (p) => p.length === before.length,
+      10_000,
+    );
     expect(left).toEqual(before);
     expect(await svc.ds.query(`SELECT id FROM vault_packs WHERE project_id = $1 AND NOT (id = ANY($2))`, [project, before])).toEqual([]);
     // The finished backup is whole.

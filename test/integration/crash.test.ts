@@ -165,7 +165,9 @@ function packFiles(projectId: string): { packs: Map<string, number>; temporary: 
 
 /** The vault index as the database holds it (set-based: per-chunk subqueries are slow on a fresh, unanalysed database). */
 async function vaultIndex(projectId: string) {
-  const packs = new Map((await pg.query<{ id: string; size_bytes: string }>(`SELECT id, size_bytes FROM vault_packs WHERE project_id = $1`, [projectId])).rows.map((r) => [r.id, Number(r.size_bytes)]));
+  const packs = new Map(
+    (await pg.query<{ id: string; size_bytes: string }>(`SELECT id, size_bytes FROM vault_packs WHERE project_id = $1`, [projectId])).rows.map((r) => [r.id, Number(r.size_bytes)]),
+  );
   // Hashes some backup names, and hashes an AVAILABLE backup names.
   const sets = `referenced AS (SELECT DISTINCT hash FROM backup_blocks WHERE hash IS NOT NULL),
                 live AS (SELECT DISTINCT bb.hash FROM backup_blocks bb JOIN backups b ON b.id = bb.backup_id WHERE b.status = 'AVAILABLE' AND bb.hash IS NOT NULL)`;
@@ -246,7 +248,7 @@ it("a backup killed mid-way ends ERROR, its job FAILED (INTERRUPTED), the earlie
   const b2 = (await gql(first, key, createBackup, { r: diskId, n: "killed" })).createBackup;
   // Kill it once it has done a good share of the work but not all of it: packs of it are in the vault.
   let seen: any;
-  for (const deadline = Date.now() + 60_000; ; ) {
+  for (const deadline = Date.now() + 60_000; ;) {
     seen = (await gql(first, key, JOB, { id: b2.job.id })).node;
     if (seen.status === "RUNNING" && seen.bytesDone > 0 && seen.progress >= 0.25) break;
     if (seen.status !== "QUEUED" && seen.status !== "RUNNING") throw new Error(`the second backup ended (${seen.status}) before it could be killed`);
@@ -293,11 +295,8 @@ it("a backup killed mid-way ends ERROR, its job FAILED (INTERRUPTED), the earlie
   let files = packFiles(projectId);
   let index = await vaultIndex(projectId);
   const reclaimed = () =>
-    files.temporary.length === 0 &&
-    [...files.packs.keys()].every((id) => index.packs.has(id)) &&
-    index.chunks.unreferenced === 0 &&
-    orphanFiles.every((id) => !files.packs.has(id));
-  for (const deadline = Date.now() + 30_000; !reclaimed(); ) {
+    files.temporary.length === 0 && [...files.packs.keys()].every((id) => index.packs.has(id)) && index.chunks.unreferenced === 0 && orphanFiles.every((id) => !files.packs.has(id));
+  for (const deadline = Date.now() + 30_000; !reclaimed();) {
     if (Date.now() > deadline) {
       throw new Error(
         `garbage collection did not reclaim the orphans: ${JSON.stringify({ temporary: files.temporary, unindexed: [...files.packs.keys()].filter((id) => !index.packs.has(id)), chunks: index.chunks, orphansLeft: orphanFiles.filter((id) => files.packs.has(id)) })}\n${second.output()}`,
@@ -417,8 +416,7 @@ it("a worker frozen while another fails its job commits nothing when it wakes: t
   const other = spawn(process.execPath, [BIN, "worker"], { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] });
   children.add(other);
   other.once("exit", () => children.delete(other));
-  const state = async () =>
-    (await pg.query(`SELECT j.status AS job, j.error_code AS code, b.status AS backup FROM jobs j JOIN backups b ON b.id = j.backup_id WHERE b.name = 'fenced'`)).rows[0];
+  const state = async () => (await pg.query(`SELECT j.status AS job, j.error_code AS code, b.status AS backup FROM jobs j JOIN backups b ON b.id = j.backup_id WHERE b.name = 'fenced'`)).rows[0];
   // It fails the job, then cleans up in a second step: wait for both.
   const failedAndCleaned = async () => {
     const now = await state();

@@ -34,7 +34,11 @@ it("writes at offset 0 and at any Content-Range, unaligned, and reads back byte 
   expect((await readDisk(svc, disk)).equals(expected)).toBe(true);
   // Only the blocks touched cost anything.
   const touched = new Set<number>();
-  for (const [off, len] of [[0, a.length], [1_000_003, b.length], [4 * MiB - 7, 7]]) {
+  for (const [off, len] of [
+    [0, a.length],
+    [1_000_003, b.length],
+    [4 * MiB - 7, 7],
+  ]) {
     for (let i = Math.floor(off / BLOCK); i <= Math.floor((off + len - 1) / BLOCK); i++) touched.add(i);
   }
   expect(await usedBytes(disk)).toBe(touched.size * BLOCK);
@@ -119,7 +123,12 @@ describe("reading a disk (readTo)", () => {
     const disk = await createDisk(svc, "read-to", size);
     const expected = Buffer.alloc(size);
     // Data, holes, a block written twice (so two segments interleave) and an unaligned tail.
-    for (const [off, len, seed] of [[0, 5 * MiB, 21], [9 * MiB + 4096, 7 * MiB, 22], [30 * MiB, 10 * MiB, 23], [12 * MiB, BLOCK, 24]]) {
+    for (const [off, len, seed] of [
+      [0, 5 * MiB, 21],
+      [9 * MiB + 4096, 7 * MiB, 22],
+      [30 * MiB, 10 * MiB, 23],
+      [12 * MiB, BLOCK, 24],
+    ]) {
       const data = bytes(len, seed);
       await writeDisk(svc, disk, data, off);
       data.copy(expected, off);

@@ -26,10 +26,7 @@ const DAYS = ["MO", "TU", "WE", "TH", "FR", "SA", "SU"];
  * their days, so no search is shared), then one that fires every minute: the rules
  * are searched in order, so each rare one is searched to its next occurrence.
  */
-const COSTLY = [
-  ...[29, 28, 27, 26].flatMap((monthday) => DAYS.map((day) => `FREQ=MONTHLY;BYMONTH=2;BYMONTHDAY=${monthday};BYDAY=${day};BYSETPOS=-1`)).slice(0, 23),
-  "FREQ=MINUTELY",
-];
+const COSTLY = [...[29, 28, 27, 26].flatMap((monthday) => DAYS.map((day) => `FREQ=MONTHLY;BYMONTH=2;BYMONTHDAY=${monthday};BYDAY=${day};BYSETPOS=-1`)).slice(0, 23), "FREQ=MINUTELY"];
 /** What the issue's reporter sent, and its kin: refused at once. */
 const REFUSED = [
   [`FREQ=MINUTELY;BYSECOND=${Array.from({ length: 60 }, (_, i) => i).join(",")}`],
@@ -155,7 +152,10 @@ it("/healthz answers within 100 ms while the costliest schedules are checked, re
   const held = (a: Answer) => a.ms - a.waitedMs;
   const slow = health.filter((a) => held(a) >= 100);
   if (slow.length) {
-    const worst = [...health].sort((a, b) => held(b) - held(a)).slice(0, 8).map((a) => `${a.ms.toFixed(0)} ms (${a.waitedMs.toFixed(0)} waiting for a CPU)`);
+    const worst = [...health]
+      .sort((a, b) => held(b) - held(a))
+      .slice(0, 8)
+      .map((a) => `${a.ms.toFixed(0)} ms (${a.waitedMs.toFixed(0)} waiting for a CPU)`);
     throw new Error(`the service held /healthz for 100 ms or more ${slow.length} times of ${health.length}; slowest: ${worst.join(", ")}`);
   }
 });

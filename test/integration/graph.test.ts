@@ -151,7 +151,10 @@ describe("disks", () => {
   });
 
   it("refuses a 26th data disk: device names run out at /dev/vdz", async () => {
-    const server = await createServer("full", Array.from({ length: 25 }, () => ({ sizeBytes: MiB })));
+    const server = await createServer(
+      "full",
+      Array.from({ length: 25 }, () => ({ sizeBytes: MiB })),
+    );
     expect(server.disks.totalCount).toBe(26);
     const disk = (await svc.ok(CREATE, { name: "one-too-many", size: MiB })).createDisk.disk;
     const r = await svc.gql(ATTACH, { disk: disk.id, server: server.id });
@@ -217,9 +220,7 @@ describe("policies", () => {
     const p = (await svc.ok(CREATE, { input: { name: "u", schedule: ["FREQ=DAILY;BYHOUR=3"], retention: { maxBackups: 5, keepDaily: 3 } } })).createPolicy.policy;
     const disabled = (await svc.ok(UPDATE, { input: { id: p.id, enabled: false } })).updatePolicy.policy;
     expect(disabled.nextRunAt).toBeNull();
-    const changed = (
-      await svc.ok(UPDATE, { input: { id: p.id, enabled: true, schedule: ["FREQ=MINUTELY;INTERVAL=15"], retention: { maxBackups: null } } })
-    ).updatePolicy.policy;
+    const changed = (await svc.ok(UPDATE, { input: { id: p.id, enabled: true, schedule: ["FREQ=MINUTELY;INTERVAL=15"], retention: { maxBackups: null } } })).updatePolicy.policy;
     expect(changed.retention).toEqual({ maxBackups: null, retentionDays: null, keepDaily: 3 });
     const next = new Date(changed.nextRunAt);
     expect(next.getUTCMinutes() % 15).toBe(0);
@@ -267,10 +268,9 @@ describe("node and nodes", () => {
     const server = await createServer("n");
     const policy = (await svc.ok(`mutation { createPolicy(input: { name: "n", schedule: ["FREQ=DAILY"] }) { policy { id } } }`)).createPolicy.policy;
     const viewer = (await svc.ok(`{ viewer { id name } }`)).viewer;
-    const r = await svc.ok(
-      `query ($ids: [ID!]!) { nodes(ids: $ids) { __typename id } }`,
-      { ids: [server.id, server.systemDisk.id, policy.id, viewer.id, "garbage", Buffer.from("Server:00000000-0000-0000-0000-000000000000").toString("base64url")] },
-    );
+    const r = await svc.ok(`query ($ids: [ID!]!) { nodes(ids: $ids) { __typename id } }`, {
+      ids: [server.id, server.systemDisk.id, policy.id, viewer.id, "garbage", Buffer.from("Server:00000000-0000-0000-0000-000000000000").toString("base64url")],
+    });
     expect(r.nodes).toEqual([
       { __typename: "Server", id: server.id },
       { __typename: "Disk", id: server.systemDisk.id },

@@ -118,10 +118,26 @@ describe("HTTP edge with default configuration", () => {
       ["bad global ID in nodes", { query: '{ nodes(ids: ["U2VydmVyOm5vcGU", "' + "x".repeat(300) + '"]) { id } }' }, undefined],
       ["foreign ID in a mutation", { query: 'mutation { deleteServer(input: { id: "RGlzazpub3BlCg" }) { __typename } }' }, "BAD_USER_INPUT"],
       ["invalid createServer input", { query: 'mutation { createServer(input: { name: "", vcpus: -3, memoryMiB: 0 }) { server { id } } }' }, "BAD_USER_INPUT"],
-      ["createServer with absurd sizes", { query: 'mutation { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: 9007199254740991 }) { server { id } } }' }, "BAD_USER_INPUT"],
-      ["a SafeInt literal that is not a number", { query: 'mutation { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: "lots" }) { server { id } } }' }, "GRAPHQL_VALIDATION_FAILED"],
-      ["a SafeInt variable that is not a number", { query: "mutation M($s: SafeInt) { createServer(input: { name: \"x\", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: $s }) { server { id } } }", variables: { s: 1.5 } }, "BAD_USER_INPUT"],
-      ["a SafeInt variable past 2^53", { query: "mutation M($s: SafeInt) { createServer(input: { name: \"x\", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: $s }) { server { id } } }", variables: { s: 2 ** 60 } }, "BAD_USER_INPUT"],
+      [
+        "createServer with absurd sizes",
+        { query: 'mutation { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: 9007199254740991 }) { server { id } } }' },
+        "BAD_USER_INPUT",
+      ],
+      [
+        "a SafeInt literal that is not a number",
+        { query: 'mutation { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: "lots" }) { server { id } } }' },
+        "GRAPHQL_VALIDATION_FAILED",
+      ],
+      [
+        "a SafeInt variable that is not a number",
+        { query: 'mutation M($s: SafeInt) { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: $s }) { server { id } } }', variables: { s: 1.5 } },
+        "BAD_USER_INPUT",
+      ],
+      [
+        "a SafeInt variable past 2^53",
+        { query: 'mutation M($s: SafeInt) { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: $s }) { server { id } } }', variables: { s: 2 ** 60 } },
+        "BAD_USER_INPUT",
+      ],
       ["a non-JSON body", "{not json", "BAD_REQUEST"],
     ];
     for (const [what, body, code] of bad) {

@@ -51,7 +51,6 @@ it("answers 413 past the upload limit and keeps nothing of it", async () => {
   expect(ok.status).toBe(201);
 });
 
-
 it("fails the import of a file describing a disk past MAX_IMAGE_VIRTUAL_BYTES TOO_LARGE, with the limit in the message", async () => {
   const q = qemuImg();
   if (!q) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");

@@ -69,13 +69,27 @@ describe("images of servers, disks and backups", () => {
     const raw = await readDisk(svc, sys);
     const id = await createImage({ name: "golden-img", serverId: s.id });
     const img = await image(id);
-    expect(img).toMatchObject({ type: "SYSTEM_DISK", status: "ACTIVE", source: "SERVER", osType: "WINDOWS", virtualSizeBytes: 8 * MiB, minDiskBytes: 8 * MiB, exportable: true, sourceServer: { id: s.id } });
+    expect(img).toMatchObject({
+      type: "SYSTEM_DISK",
+      status: "ACTIVE",
+      source: "SERVER",
+      osType: "WINDOWS",
+      virtualSizeBytes: 8 * MiB,
+      minDiskBytes: 8 * MiB,
+      exportable: true,
+      sourceServer: { id: s.id },
+    });
     expect(img.checksum).toBe(contentChecksum(raw));
     // Compressed: smaller than the data it holds.
     expect(img.sizeBytes).toBeLessThan(MiB + 1_800_000);
 
-    const made = (await svc.ok(`mutation ($i: ID!) { createServer(input: { name: "clone", vcpus: 1, memoryMiB: 512, imageId: $i, systemDiskSizeBytes: ${16 * MiB} }) {
-      server { id status osType sourceImage { id } systemDisk { id sizeBytes sourceImage { id } } } job { id } } }`, { i: id })).createServer;
+    const made = (
+      await svc.ok(
+        `mutation ($i: ID!) { createServer(input: { name: "clone", vcpus: 1, memoryMiB: 512, imageId: $i, systemDiskSizeBytes: ${16 * MiB} }) {
+      server { id status osType sourceImage { id } systemDisk { id sizeBytes sourceImage { id } } } job { id } } }`,
+        { i: id },
+      )
+    ).createServer;
     expect(made.server).toMatchObject({ status: "BUILDING", osType: "WINDOWS", sourceImage: { id }, systemDisk: { sizeBytes: 16 * MiB, sourceImage: { id } } });
     await succeed(svc, made.job.id);
     const clone = (await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Server { status systemDisk { id status } } } }`, { id: made.server.id })).node;
@@ -134,7 +148,11 @@ describe("images of servers, disks and backups", () => {
     await succeed(svc, made.job.id);
     const rebuilt = (await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Server { status disks { nodes { id device sizeBytes } } } } }`, { id: made.server.id })).node;
     expect(rebuilt.status).toBe("ACTIVE");
-    expect(rebuilt.disks.nodes.map((d: any) => [d.device, d.sizeBytes])).toEqual([["/dev/vda", 8 * MiB], ["/dev/vdb", 4 * MiB], ["/dev/vdc", 2 * MiB]]);
+    expect(rebuilt.disks.nodes.map((d: any) => [d.device, d.sizeBytes])).toEqual([
+      ["/dev/vda", 8 * MiB],
+      ["/dev/vdb", 4 * MiB],
+      ["/dev/vdc", 2 * MiB],
+    ]);
     for (const [i, d] of rebuilt.disks.nodes.entries()) expect((await readDisk(svc, d.id)).equals(originals[i])).toBe(true);
 
     // Once the image is gone, the backup can go.
@@ -235,7 +253,7 @@ describe("import and export", () => {
     expect(code(wrong)).toBe("BAD_USER_INPUT");
     expect(wrong.errors![0].extensions!.field).toBe("format");
     expect(code(await importImage({ name: "x", uploadId: crypto.randomUUID() }))).toBe("NOT_FOUND");
-    expect(code(await importImage({ name: "x", uploadId: up.id }, ))).toBeUndefined();
+    expect(code(await importImage({ name: "x", uploadId: up.id }))).toBeUndefined();
     const vhdx = Buffer.concat([Buffer.from("vhdxfile"), Buffer.alloc(MiB)]);
     const refused = await importImage({ name: "x", uploadId: (await upload(vhdx)).id });
     expect(code(refused)).toBe("BAD_USER_INPUT");

@@ -61,7 +61,10 @@ describe("text Postgres cannot store is BAD_USER_INPUT naming the argument", () 
       const r = await svc.gql(`mutation ($n: String!) { createDisk(input: { name: $n, sizeBytes: ${MiB} }) { disk { name } } }`, { n: s });
       expect([i, first(r)?.extensions]).toEqual([i, { code: "BAD_USER_INPUT", field: "name" }]);
     }
-    const r = await svc.gql(`mutation ($n: String!) { createServer(input: { name: "s", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${MiB}, dataDisks: [{ name: $n, sizeBytes: ${MiB} }] }) { server { id } } }`, { n: "x\u202E" });
+    const r = await svc.gql(
+      `mutation ($n: String!) { createServer(input: { name: "s", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${MiB}, dataDisks: [{ name: $n, sizeBytes: ${MiB} }] }) { server { id } } }`,
+      { n: "x\u202E" },
+    );
     expect(first(r)?.extensions).toEqual({ code: "BAD_USER_INPUT", field: "dataDisks[0].name" });
   });
 

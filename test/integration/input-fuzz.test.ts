@@ -16,9 +16,54 @@ const RANDOM_PER_ARGUMENT = Number(process.env.STOWAGE_FUZZ_ROUNDS ?? 3);
 const ALLOWED = new Set(["BAD_USER_INPUT", "NOT_FOUND", "FORBIDDEN", "CONFLICT", "FAILED_PRECONDITION", "QUERY_TOO_COMPLEX"]);
 
 const PIECES = [
-  "\u0000", "\ud800", "\udbff", "\udc00", "\udfff", "\u{1F600}", "\u{1F468}\u200d\u{1F469}\u200d\u{1F467}", "\u202E", "\u202A", "\u2066", "\u2069", "\u200f",
-  "\u0001", "\u0007", "\t", "\n", "\r", "\u001b", "\u007f", "\u0085", "\u2028", "\ufeff", "\uffff", "\u0301",
-  "%", "_", "\\", "'", "\"", ";", "--", "/*", "*/", "$1", "::text", " ", "  ", "a", "Z", "0", "é", "ß", "中", "ж", "ש", ":", "=", "/dev/vd",
+  "\u0000",
+  "\ud800",
+  "\udbff",
+  "\udc00",
+  "\udfff",
+  "\u{1F600}",
+  "\u{1F468}\u200d\u{1F469}\u200d\u{1F467}",
+  "\u202E",
+  "\u202A",
+  "\u2066",
+  "\u2069",
+  "\u200f",
+  "\u0001",
+  "\u0007",
+  "\t",
+  "\n",
+  "\r",
+  "\u001b",
+  "\u007f",
+  "\u0085",
+  "\u2028",
+  "\ufeff",
+  "\uffff",
+  "\u0301",
+  "%",
+  "_",
+  "\\",
+  "'",
+  '"',
+  ";",
+  "--",
+  "/*",
+  "*/",
+  "$1",
+  "::text",
+  " ",
+  "  ",
+  "a",
+  "Z",
+  "0",
+  "é",
+  "ß",
+  "中",
+  "ж",
+  "ש",
+  ":",
+  "=",
+  "/dev/vd",
 ];
 // Sent to every argument besides the random ones: what Postgres cannot store, LIKE and SQL metacharacters with an
 // emoji (a valid name) and with a bidirectional override (a valid description, not a name), and a long text.
@@ -91,14 +136,17 @@ afterAll(async () => {
 
 test(`random text in every argument is never an internal error (seed ${SEED})`, async () => {
   // Fixtures the arguments not under test point at, and another project's resources for IDs of the right shape.
-  const s = (await svc.ok(`mutation { createServer(input: { name: "fz", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${MiB}, dataDisks: [{ sizeBytes: ${MiB} }] }) { server { id disks { nodes { id } } } } }`)).createServer.server;
+  const s = (
+    await svc.ok(`mutation { createServer(input: { name: "fz", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${MiB}, dataDisks: [{ sizeBytes: ${MiB} }] }) { server { id disks { nodes { id } } } } }`)
+  ).createServer.server;
   const disk = (await svc.ok(`mutation { createDisk(input: { name: "fz", sizeBytes: ${MiB} }) { disk { id } } }`)).createDisk.disk.id;
   const policy = (await svc.ok(`mutation { createPolicy(input: { name: "fz", schedule: ["FREQ=DAILY"] }) { policy { id } } }`)).createPolicy.policy.id;
   const b = await backup(svc, disk);
   await succeed(svc, b.jobId);
   const img = (await svc.ok(`mutation ($b: ID!) { createImage(input: { name: "fz", backupId: $b }) { image { id } job { id } } }`, { b: b.backupId })).createImage;
   await succeed(svc, img.job.id);
-  const beta = (await svc.ok(`mutation { createServer(input: { name: "theirs", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${MiB} }) { server { id systemDisk { id } } } }`, {}, svc.keys.beta)).createServer.server;
+  const beta = (await svc.ok(`mutation { createServer(input: { name: "theirs", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${MiB} }) { server { id systemDisk { id } } } }`, {}, svc.keys.beta))
+    .createServer.server;
   const foreignUuids = [beta.id, beta.systemDisk.id].map((id: string) => Buffer.from(id, "base64url").toString().split(":")[1]);
   const fixtures: Record<string, string> = { Server: s.id, Disk: disk, Backup: b.backupId, Image: img.image.id, Policy: policy };
 
@@ -120,14 +168,24 @@ test(`random text in every argument is never an internal error (seed ${SEED})`, 
     "Mutation.updatePolicy": { input: { id: policy } },
     "Mutation.bindPolicy": { input: { policyId: policy, resourceIds: [disk] } },
     "Mutation.unbindPolicy": { input: { policyId: policy, resourceIds: [disk] } },
-    ...Object.fromEntries(["startServer", "stopServer", "deleteServer", "deleteDisk", "deleteBackup", "verifyBackup", "deleteImage", "deleteImageExport", "cancelJob", "deletePolicy", "runPolicy"].map((m) => [`Mutation.${m}`, any])),
+    ...Object.fromEntries(
+      ["startServer", "stopServer", "deleteServer", "deleteDisk", "deleteBackup", "verifyBackup", "deleteImage", "deleteImageExport", "cancelJob", "deletePolicy", "runPolicy"].map((m) => [
+        `Mutation.${m}`,
+        any,
+      ]),
+    ),
   };
 
   // Where an accepted text is stored, and how to read it back.
   const name = (type: string) => ({ read: `... on ${type} { name }`, value: (n: any) => n.name, expect: (v: string) => v.trim() });
   const STORED: Record<string, { id: (data: any) => string; read: string; value: (node: any) => string; expect: (sent: string) => string }> = {
     "createServer input.name": { id: (d) => d.createServer.server.id, ...name("Server") },
-    "createServer input.dataDisks.0.name": { id: (d) => d.createServer.server.id, read: "... on Server { disks(filter: { types: [DATA] }) { nodes { name } } }", value: (n) => n.disks.nodes[0].name, expect: (v) => v.trim() },
+    "createServer input.dataDisks.0.name": {
+      id: (d) => d.createServer.server.id,
+      read: "... on Server { disks(filter: { types: [DATA] }) { nodes { name } } }",
+      value: (n) => n.disks.nodes[0].name,
+      expect: (v) => v.trim(),
+    },
     "createDisk input.name": { id: (d) => d.createDisk.disk.id, ...name("Disk") },
     "createBackup input.name": { id: (d) => d.createBackup.backup.id, ...name("Backup") },
     "createBackup input.description": { id: (d) => d.createBackup.backup.id, read: "... on Backup { description }", value: (n) => n.description, expect: (v) => v.trim() },
@@ -150,7 +208,10 @@ test(`random text in every argument is never an internal error (seed ${SEED})`, 
   const schema = buildStowageSchema();
   type Target = { key: string; field: GraphQLField<unknown, unknown>; root: "query" | "mutation"; via?: string };
   const targets: Target[] = [];
-  for (const [root, type] of [["query", schema.getQueryType()!], ["mutation", schema.getMutationType()!]] as const) {
+  for (const [root, type] of [
+    ["query", schema.getQueryType()!],
+    ["mutation", schema.getMutationType()!],
+  ] as const) {
     for (const field of Object.values(type.getFields())) targets.push({ key: `${type.name}.${field.name}`, field, root });
   }
   for (const via of Object.keys(fixtures)) {
@@ -204,20 +265,34 @@ test(`random text in every argument is never an internal error (seed ${SEED})`, 
   const groups = new Map<string, Case[]>();
   for (const c of cases) groups.set(c.t.key, [...(groups.get(c.t.key) ?? []), c]);
   const byField = [...groups.values()];
-  await Promise.all(Array.from({ length: 6 }, async () => {
-    for (let group = byField.shift(); group; group = byField.shift()) {
-      for (const c of group) {
-        await run(c).catch((err) => failures.push(`${c.t.key}(${c.path.join(".")}) [seed ${SEED}]: ${err instanceof Error ? err.message : String(err)}`));
+  await Promise.all(
+    Array.from({ length: 6 }, async () => {
+      for (let group = byField.shift(); group; group = byField.shift()) {
+        for (const c of group) {
+          await run(c).catch((err) => failures.push(`${c.t.key}(${c.path.join(".")}) [seed ${SEED}]: ${err instanceof Error ? err.message : String(err)}`));
+        }
       }
-    }
-  }));
+    }),
+  );
 
   expect(failures.slice(0, 20)).toEqual([]);
   // Some texts were accepted and read back (the corpus's metacharacters with an emoji make a valid name and description).
   expect(readBack).toBeGreaterThan(5);
   // The walk reached the arguments it should: the text ones of lists, nested lists and mutations.
   const reached = new Set(cases.map((c) => `${c.t.key}(${c.path.join(".")})`));
-  for (const key of ["Query.servers(filter.name)", "Server.disks(filter.name)", "Policy.backups(after)", "Mutation.createServer(input.dataDisks.0.name)", "Mutation.createBackup(input.description)", "Mutation.importImage(input.uploadId)", "Mutation.createPolicy(input.schedule.0)", "Mutation.updatePolicy(input.timezone)", "Mutation.attachDisk(input.device)", "Mutation.unbindPolicy(input.resourceIds.0)", "Query.jobs(filter.resourceId)"]) {
+  for (const key of [
+    "Query.servers(filter.name)",
+    "Server.disks(filter.name)",
+    "Policy.backups(after)",
+    "Mutation.createServer(input.dataDisks.0.name)",
+    "Mutation.createBackup(input.description)",
+    "Mutation.importImage(input.uploadId)",
+    "Mutation.createPolicy(input.schedule.0)",
+    "Mutation.updatePolicy(input.timezone)",
+    "Mutation.attachDisk(input.device)",
+    "Mutation.unbindPolicy(input.resourceIds.0)",
+    "Query.jobs(filter.resourceId)",
+  ]) {
     expect([key, reached.has(key)]).toEqual([key, true]);
   }
 }, 120_000);

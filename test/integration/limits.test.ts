@@ -198,7 +198,11 @@ describe("query limits with the default configuration", () => {
     expect(r.errors?.[0].extensions?.code).toBe("QUERY_TOO_COMPLEX");
     expect(r.errors?.[0].message).toBe("11 mutations in one request exceed the limit of 10; send them in several requests");
     // Mutations in fragments count too.
-    const inFragments = await svc.gql(`mutation { ...A ... on Mutation { ...B } } fragment A on Mutation { ${createDisks(6, "a").slice(11, -2)} } fragment B on Mutation { ${createDisks(6, "b").slice(11, -2).replace(/\bd(\d)/g, "e$1")} }`);
+    const inFragments = await svc.gql(
+      `mutation { ...A ... on Mutation { ...B } } fragment A on Mutation { ${createDisks(6, "a").slice(11, -2)} } fragment B on Mutation { ${createDisks(6, "b")
+        .slice(11, -2)
+        .replace(/\bd(\d)/g, "e$1")} }`,
+    );
     expect(inFragments.errors?.[0].message).toMatch(/^12 mutations in one request/);
     expect((await svc.ok("{ disks { totalCount } }")).disks.totalCount).toBe(0);
     const ten = await svc.ok(createDisks(10, "ten"));
@@ -224,9 +228,7 @@ describe("mutation rate limit (MUTATIONS_PER_MINUTE=60, MUTATION_BURST=3)", () =
     expect(res.status).toBe(429);
     expect(res.headers.get("retry-after")).toBe("1");
     expect(body.data).toBeUndefined();
-    expect(body.errors).toEqual([
-      { message: "this project sent more than 60 mutations a minute (bursts of 3); retry in 1 s", extensions: { code: "RATE_LIMITED", retryAfterSeconds: 1 } },
-    ]);
+    expect(body.errors).toEqual([{ message: "this project sent more than 60 mutations a minute (bursts of 3); retry in 1 s", extensions: { code: "RATE_LIMITED", retryAfterSeconds: 1 } }]);
     // Queries go on, another project's mutations too, and the refused mutation did nothing.
     expect((await svc.ok("{ disks { totalCount } }")).disks.totalCount).toBe(3);
     expect(Object.keys(await svc.ok(createDisks(2, "beta"), undefined, svc.keys.beta))).toHaveLength(2);

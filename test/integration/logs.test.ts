@@ -9,7 +9,11 @@ const lines: Line[] = [];
 let svc: TestService;
 let projectId: string;
 beforeAll(async () => {
-  svc = await startTestService({}, {}, createLogger("debug", (l) => lines.push(JSON.parse(l))));
+  svc = await startTestService(
+    {},
+    {},
+    createLogger("debug", (l) => lines.push(JSON.parse(l))),
+  );
   projectId = (await svc.ok(`{ viewer { id } }`)).viewer.id;
 });
 afterAll(async () => {

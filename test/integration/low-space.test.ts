@@ -53,7 +53,8 @@ beforeAll(async () => {
   blobsDir = path.join(svc.dataDir, "blobs");
   const disk = await createDisk(svc, "guarded", 4 * MiB);
   await writeDisk(svc, disk, bytes(2 * MiB, 1));
-  const server = (await svc.ok(`mutation { createServer(input: { name: "guarded-server", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${2 * MiB} }) { server { id systemDisk { id } } } }`)).createServer.server;
+  const server = (await svc.ok(`mutation { createServer(input: { name: "guarded-server", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${2 * MiB} }) { server { id systemDisk { id } } } }`))
+    .createServer.server;
   await writeDisk(svc, server.systemDisk.id, bytes(MiB, 2));
   const backup = await backupNow(svc, disk);
   const image = await createImage({ name: "guarded-img", diskId: disk });

@@ -14,12 +14,29 @@ afterAll(async () => {
 });
 
 const TABLES = [
-  "api_keys", "backup_blocks", "backups", "disk_blocks", "disks", "image_blocks", "image_disks", "image_exports", "images", "jobs",
-  "policies", "policy_bindings", "policy_runs", "projects", "servers", "staged_blocks", "uploads", "vault_chunks", "vault_packs", "volume_segments",
+  "api_keys",
+  "backup_blocks",
+  "backups",
+  "disk_blocks",
+  "disks",
+  "image_blocks",
+  "image_disks",
+  "image_exports",
+  "images",
+  "jobs",
+  "policies",
+  "policy_bindings",
+  "policy_runs",
+  "projects",
+  "servers",
+  "staged_blocks",
+  "uploads",
+  "vault_chunks",
+  "vault_packs",
+  "volume_segments",
 ];
 
-const tables = async () =>
-  (await ds.query(`SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' AND table_name <> 'migrations' ORDER BY 1`)).map((r: any) => r.table_name);
+const tables = async () => (await ds.query(`SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' AND table_name <> 'migrations' ORDER BY 1`)).map((r: any) => r.table_name);
 
 it("applies every migration and records it", async () => {
   expect(await ds.showMigrations()).toBe(false);
@@ -46,7 +63,9 @@ it("enforces status values, sizes and attachments in the database", async () => 
   const [{ id: project }] = await ds.query(`INSERT INTO projects (name) VALUES ('m') RETURNING id`);
   await expect(ds.query(`INSERT INTO servers (project_id, name, status, vcpus, memory_mib, os_type) VALUES ($1, 's', 'RUNNING', 1, 1, 'LINUX')`, [project])).rejects.toThrow(/ck_servers_status/);
   await expect(ds.query(`INSERT INTO disks (project_id, name, type, size_bytes, status) VALUES ($1, 'd', 'DATA', 0, 'AVAILABLE')`, [project])).rejects.toThrow(/ck_disks_size/);
-  await expect(ds.query(`INSERT INTO disks (project_id, name, type, size_bytes, status, device) VALUES ($1, 'd', 'DATA', 1, 'AVAILABLE', '/dev/vdb')`, [project])).rejects.toThrow(/ck_disks_attachment/);
+  await expect(ds.query(`INSERT INTO disks (project_id, name, type, size_bytes, status, device) VALUES ($1, 'd', 'DATA', 1, 'AVAILABLE', '/dev/vdb')`, [project])).rejects.toThrow(
+    /ck_disks_attachment/,
+  );
   await expect(ds.query(`INSERT INTO jobs (project_id, type, status, progress) VALUES ($1, 'BACKUP', 'QUEUED', 1.5)`, [project])).rejects.toThrow(/ck_jobs_progress/);
   await expect(ds.query(`INSERT INTO jobs (project_id, type, status) VALUES ($1, 'BACKUP', 'SUCCEEDED')`, [project])).rejects.toThrow(/ck_jobs_finished/);
   await expect(ds.query(`INSERT INTO projects (name) VALUES ('Not Valid')`)).rejects.toThrow(/ck_projects_name/);

@@ -23,7 +23,9 @@ function smallFileSystem(): string | null {
   } catch (err) {
     fs.rmdirSync(dir);
     if (process.env.STOWAGE_SKIP_EXTERNAL === "1") return null;
-    throw new Error(`this test mounts a small tmpfs and needs root (or CAP_SYS_ADMIN); run it as root, or set STOWAGE_SKIP_EXTERNAL=1 to skip it on purpose: ${(err as Error).message}`);
+    throw new Error(`this test mounts a small tmpfs and needs root (or CAP_SYS_ADMIN); run it as root, or set STOWAGE_SKIP_EXTERNAL=1 to skip it on purpose: ${(err as Error).message}`, {
+      cause: err,
+    });
   }
 }
 

@@ -99,9 +99,11 @@ class Playground {
 
   /** Waits until the response pane contains `text`; returns the pane. */
   async responseWith(text: string, timeout = 10_000): Promise<string> {
-    await this.page.waitForFunction(([sel, t]) => document.querySelector(sel)?.CodeMirror.getValue().includes(t), [RESPONSE, text] as const, { timeout }).catch(async () => {
-      throw new Error(`the response pane never showed ${JSON.stringify(text)} within ${timeout} ms; it shows ${JSON.stringify(await this.response())}`);
-    });
+    await this.page
+      .waitForFunction(([sel, t]) => document.querySelector(sel)?.CodeMirror.getValue().includes(t), [RESPONSE, text] as const, { timeout })
+      .catch(async () => {
+        throw new Error(`the response pane never showed ${JSON.stringify(text)} within ${timeout} ms; it shows ${JSON.stringify(await this.response())}`);
+      });
     return this.response();
   }
 
@@ -114,9 +116,11 @@ class Playground {
   }
 
   async waitKeyState(kind: string, timeout = 10_000): Promise<{ kind: string; text: string }> {
-    await this.page.waitForFunction((k) => document.getElementById("key-state")?.className === k, kind, { timeout }).catch(async () => {
-      throw new Error(`the key state never became ${kind} within ${timeout} ms; it is ${JSON.stringify(await this.keyState())}`);
-    });
+    await this.page
+      .waitForFunction((k) => document.getElementById("key-state")?.className === k, kind, { timeout })
+      .catch(async () => {
+        throw new Error(`the key state never became ${kind} within ${timeout} ms; it is ${JSON.stringify(await this.keyState())}`);
+      });
     return this.keyState();
   }
 
@@ -212,7 +216,12 @@ describe("playground at /", () => {
       expect(await introspections[0].response().then((r) => r?.status())).toBe(200);
 
       // Nothing came from anywhere but the service (no CDN), and nothing broke on the page.
-      const hosts = new Set(pg.requests.map((r) => new URL(r.url())).filter((u) => u.protocol !== "data:").map((u) => u.host));
+      const hosts = new Set(
+        pg.requests
+          .map((r) => new URL(r.url()))
+          .filter((u) => u.protocol !== "data:")
+          .map((u) => u.host),
+      );
       expect([...hosts]).toEqual([new URL(url).host]);
       expect(pg.requests.map((r) => r.url())).toEqual(expect.arrayContaining([`${url}/playground/graphiql.min.js`, `${url}/playground/playground.js`]));
       expect(pg.pageErrors).toEqual([]);
@@ -278,7 +287,11 @@ describe("playground at /", () => {
       for (const deadline = Date.now() + 5_000; !schemaFetch(); await pg.page.waitForTimeout(20)) {
         if (Date.now() > deadline) throw new Error("the schema was not fetched again with the key from the Headers tab");
       }
-      expect(await schemaFetch()!.response().then((r) => r?.status())).toBe(200);
+      expect(
+        await schemaFetch()!
+          .response()
+          .then((r) => r?.status()),
+      ).toBe(200);
 
       const project = svc!.projectIds.alpha;
       const before = listeners(project);

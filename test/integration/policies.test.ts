@@ -16,7 +16,12 @@ const uuid = (gid: string) => Buffer.from(gid, "base64url").toString().split(":"
 const code = (r: { errors?: { extensions?: Record<string, unknown> }[] }) => r.errors?.[0]?.extensions?.code;
 
 async function server(name: string) {
-  return (await svc.ok(`mutation ($n: String!) { createServer(input: { name: $n, vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${2 * MiB}, dataDisks: [{ sizeBytes: ${2 * MiB} }] }) { server { id disks { nodes { id } } } } }`, { n: name })).createServer.server;
+  return (
+    await svc.ok(
+      `mutation ($n: String!) { createServer(input: { name: $n, vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${2 * MiB}, dataDisks: [{ sizeBytes: ${2 * MiB} }] }) { server { id disks { nodes { id } } } } }`,
+      { n: name },
+    )
+  ).createServer.server;
 }
 
 async function policy(input: Record<string, unknown>, bind: string[]) {

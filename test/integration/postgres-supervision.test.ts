@@ -265,33 +265,66 @@ it("a killed postmaster is logged and restarted, and the service answers again w
   expect(running(first)).toBe(true);
 
   process.kill(first, "SIGKILL");
-  await until(() => (/embedded Postgres exited unexpectedly/.test(s.output()) ? true : undefined), 10_000, () => `the death was not logged:\n${s.output()}`);
-  const death = JSON.parse(s.output().split("\n").find((l) => l.includes("embedded Postgres exited unexpectedly"))!);
+  await until(
+    () => (/embedded Postgres exited unexpectedly/.test(s.output()) ? true : undefined),
+    10_000,
+    () => `the death was not logged:\n${s.output()}`,
+  );
+  const death = JSON.parse(
+    s
+      .output()
+      .split("\n")
+      .find((l) => l.includes("embedded Postgres exited unexpectedly"))!,
+  );
   expect(death).toMatchObject({ level: "error", pid: first, signal: "SIGKILL" });
 
   // While it is down, requests fail UNAVAILABLE (or already succeed again): never INTERNAL.
   const during = await gqlRaw(s, CREATE_DISK, { n: "during-restart", s: MiB });
   for (const e of during.errors ?? []) expect(e.extensions?.code).toBe("UNAVAILABLE");
 
-  await until(() => answers(s, "after-kill"), 30_000, () => `the service did not come back:\n${s.output()}`);
+  await until(
+    () => answers(s, "after-kill"),
+    30_000,
+    () => `the service did not come back:\n${s.output()}`,
+  );
   const second = postmasterPid(dataDir)!;
   expect(second).not.toBe(first);
   expect(running(second)).toBe(true);
   expect(running(first)).toBe(false);
   // The supervisor logs the restart once its own check connects, which may be a moment after the pool did.
-  await until(() => (/embedded Postgres restarted/.test(s.output()) ? true : undefined), 10_000, () => `the restart was not logged:\n${s.output()}`);
+  await until(
+    () => (/embedded Postgres restarted/.test(s.output()) ? true : undefined),
+    10_000,
+    () => `the restart was not logged:\n${s.output()}`,
+  );
   // The job event listener listens again too.
-  await until(() => (/event listener reconnected/.test(s.output()) ? true : undefined), 30_000, () => `the event listener did not reconnect:\n${s.output()}`);
+  await until(
+    () => (/event listener reconnected/.test(s.output()) ? true : undefined),
+    30_000,
+    () => `the event listener did not reconnect:\n${s.output()}`,
+  );
 });
 
 it("a job running when the postmaster dies ends once it is back, without waiting for its heartbeat to expire", async () => {
   const s = await serving();
-  await until(() => answers(s, "before-job-kill"), 30_000, () => `the service does not answer:\n${s.output()}`);
+  await until(
+    () => answers(s, "before-job-kill"),
+    30_000,
+    () => `the service does not answer:\n${s.output()}`,
+  );
   const { jobId, backupId } = await busyBackup(s, "interrupted", 256 * MiB);
   const restarts = s.output().split("embedded Postgres restarted").length;
   process.kill(postmasterPid(dataDir)!, "SIGKILL");
-  await until(() => (s.output().split("embedded Postgres restarted").length > restarts ? true : undefined), 30_000, () => `Postgres was not restarted:\n${s.output()}`);
-  await until(() => answers(s, "after-job-kill"), 30_000, () => `the service did not come back:\n${s.output()}`);
+  await until(
+    () => (s.output().split("embedded Postgres restarted").length > restarts ? true : undefined),
+    30_000,
+    () => `Postgres was not restarted:\n${s.output()}`,
+  );
+  await until(
+    () => answers(s, "after-job-kill"),
+    30_000,
+    () => `the service did not come back:\n${s.output()}`,
+  );
   // Either the job lost the database and failed INTERRUPTED, or it rode the restart out and
   // finished: never INTERNAL, never left RUNNING until its heartbeat would have expired.
   const job = await until(
@@ -314,7 +347,11 @@ it("a job running when the postmaster dies ends once it is back, without waiting
 
 it("a frozen postmaster makes /readyz answer 503 within 2 s; thawed, the service recovers", async () => {
   const s = await serving();
-  await until(() => answers(s, "before-freeze"), 30_000, () => `the service does not answer:\n${s.output()}`);
+  await until(
+    () => answers(s, "before-freeze"),
+    30_000,
+    () => `the service does not answer:\n${s.output()}`,
+  );
   const pid = postmasterPid(dataDir)!;
   // Freezing the postmaster alone would leave the open connections' backends answering.
   const all = postgresProcesses(dataDir);
@@ -329,7 +366,11 @@ it("a frozen postmaster makes /readyz answer 503 within 2 s; thawed, the service
   } finally {
     for (const p of all) process.kill(p, "SIGCONT");
   }
-  await until(() => answers(s, "after-thaw"), 30_000, () => `the service did not recover after SIGCONT:\n${s.output()}`);
+  await until(
+    () => answers(s, "after-thaw"),
+    30_000,
+    () => `the service did not recover after SIGCONT:\n${s.output()}`,
+  );
   // Frozen is not dead: the same postmaster serves on.
   expect(postmasterPid(dataDir)).toBe(pid);
   expect(running(pid)).toBe(true);
@@ -337,7 +378,11 @@ it("a frozen postmaster makes /readyz answer 503 within 2 s; thawed, the service
 
 it("SIGTERM stops the service's Postgres before the service exits", async () => {
   const s = await serving();
-  await until(() => answers(s, "before-term"), 30_000, () => `the service does not answer:\n${s.output()}`);
+  await until(
+    () => answers(s, "before-term"),
+    30_000,
+    () => `the service does not answer:\n${s.output()}`,
+  );
   expect(postgresProcesses(dataDir).length).toBeGreaterThan(0);
   await stopService(s);
   expect(postgresProcesses(dataDir)).toEqual([]);
@@ -349,11 +394,19 @@ it("SIGKILLed, the service takes its Postgres with it", async () => {
   // Under a holder that never reaps it, so nothing but the kernel's parent-death signal can tell Postgres.
   const s = await serve(dataDir, port, { holder: true });
   try {
-    await until(() => answers(s, "before-sigkill"), 30_000, () => `the service does not answer:\n${s.output()}`);
+    await until(
+      () => answers(s, "before-sigkill"),
+      30_000,
+      () => `the service does not answer:\n${s.output()}`,
+    );
     const pids = postgresProcesses(dataDir);
     expect(pids).toContain(postmasterPid(dataDir));
     process.kill(s.pid, "SIGKILL");
-    await until(() => (postgresProcesses(dataDir).length === 0 ? true : undefined), 30_000, () => `Postgres outlived its service: ${postgresProcesses(dataDir).join(", ")}`);
+    await until(
+      () => (postgresProcesses(dataDir).length === 0 ? true : undefined),
+      30_000,
+      () => `Postgres outlived its service: ${postgresProcesses(dataDir).join(", ")}`,
+    );
     for (const pid of pids) expect(running(pid)).toBe(false);
     expect(procState(s.pid)).toBe("Z");
   } finally {
@@ -373,7 +426,11 @@ it("killed mid-job and restarted at once, the service fails the job INTERRUPTED 
   expect(firstProcesses).toContain(postmasterPid(dir));
 
   process.kill(first.pid, "SIGKILL");
-  await until(() => (running(first.pid) ? undefined : true), 5_000, () => "the service did not die on SIGKILL");
+  await until(
+    () => (running(first.pid) ? undefined : true),
+    5_000,
+    () => "the service did not die on SIGKILL",
+  );
   // Its parent has not reaped it: a zombie, which a liveness check by signal 0 takes for alive.
   expect(procState(first.pid)).toBe("Z");
   const second = await serve(dir, p, { env });

@@ -169,7 +169,11 @@ test("where Postgres cannot run (its programs lost their executable bit), serve 
   expect(e).toEqual({ code: 1, signal: null });
   expect(cli.stdout()).toBe("");
   // Log lines are JSON; the rest of stderr is the one line for the operator.
-  const lines = cli.stderr().trim().split("\n").filter((l) => !l.startsWith('{"time"'));
+  const lines = cli
+    .stderr()
+    .trim()
+    .split("\n")
+    .filter((l) => !l.startsWith('{"time"'));
   expect(lines).toHaveLength(1);
   expect(lines[0]).toContain(`${path.join(fs.realpathSync(bin), "initdb")}: it is not executable`);
   expect(lines[0]).toContain(`chmod +x ${fs.realpathSync(bin)}/*`);

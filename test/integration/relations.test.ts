@@ -1,4 +1,20 @@
-import { Backup, BackupResourceType, BackupStatus, BackupTrigger, DiskFormat, ExportStatus, Image, ImageExport, ImageSource, ImageStatus, ImageType, Job, JobStatus, JobType, OsType } from "../../src/entities";
+import {
+  Backup,
+  BackupResourceType,
+  BackupStatus,
+  BackupTrigger,
+  DiskFormat,
+  ExportStatus,
+  Image,
+  ImageExport,
+  ImageSource,
+  ImageStatus,
+  ImageType,
+  Job,
+  JobStatus,
+  JobType,
+  OsType,
+} from "../../src/entities";
 import { fromGlobalId } from "../../src/services/global-id";
 import { GiB, startTestService, type TestService } from "../helpers/service";
 
@@ -23,25 +39,95 @@ beforeAll(async () => {
   await svc.ok(`mutation ($p: ID!, $r: [ID!]!) { bindPolicy(input: { policyId: $p, resourceIds: $r }) { policy { id } } }`, { p: policy, r: [s.id] });
 
   const repo = <T extends object>(e: new () => T) => svc.ds.getRepository(e);
-  const job = await repo(Job).save(repo(Job).create({ projectId: project, type: JobType.BACKUP, status: JobStatus.SUCCEEDED, progress: 1, bytesDone: 10, bytesTotal: 10, serverId: uuid(s.id), policyId: uuid(policy), startedAt: new Date(), finishedAt: new Date() }));
-  const parent = await repo(Backup).save(repo(Backup).create({
-    projectId: project, name: "autobk_1", resourceType: BackupResourceType.SERVER, resourceId: uuid(s.id), resourceName: "app",
-    serverId: uuid(s.id), status: BackupStatus.AVAILABLE, trigger: BackupTrigger.POLICY, policyId: uuid(policy), jobId: job.id, completedAt: new Date(),
-  }));
-  const children = await repo(Backup).save([uuid(s.systemDisk.id), uuid(dataDisk)].map((diskId, i) => repo(Backup).create({
-    projectId: project, name: `autobk_1-${i}`, resourceType: BackupResourceType.DISK, resourceId: diskId, resourceName: i ? "data" : "app-system",
-    serverId: uuid(s.id), diskId, parentId: parent.id, status: BackupStatus.AVAILABLE, trigger: BackupTrigger.POLICY, policyId: uuid(policy), sizeBytes: 100, storedBytes: 40,
-  })));
+  const job = await repo(Job).save(
+    repo(Job).create({
+      projectId: project,
+      type: JobType.BACKUP,
+      status: JobStatus.SUCCEEDED,
+      progress: 1,
+      bytesDone: 10,
+      bytesTotal: 10,
+      serverId: uuid(s.id),
+      policyId: uuid(policy),
+      startedAt: new Date(),
+      finishedAt: new Date(),
+    }),
+  );
+  const parent = await repo(Backup).save(
+    repo(Backup).create({
+      projectId: project,
+      name: "autobk_1",
+      resourceType: BackupResourceType.SERVER,
+      resourceId: uuid(s.id),
+      resourceName: "app",
+      serverId: uuid(s.id),
+      status: BackupStatus.AVAILABLE,
+      trigger: BackupTrigger.POLICY,
+      policyId: uuid(policy),
+      jobId: job.id,
+      completedAt: new Date(),
+    }),
+  );
+  const children = await repo(Backup).save(
+    [uuid(s.systemDisk.id), uuid(dataDisk)].map((diskId, i) =>
+      repo(Backup).create({
+        projectId: project,
+        name: `autobk_1-${i}`,
+        resourceType: BackupResourceType.DISK,
+        resourceId: diskId,
+        resourceName: i ? "data" : "app-system",
+        serverId: uuid(s.id),
+        diskId,
+        parentId: parent.id,
+        status: BackupStatus.AVAILABLE,
+        trigger: BackupTrigger.POLICY,
+        policyId: uuid(policy),
+        sizeBytes: 100,
+        storedBytes: 40,
+      }),
+    ),
+  );
   await repo(Job).update(job.id, { backupId: parent.id });
-  const image = await repo(Image).save(repo(Image).create({
-    projectId: project, name: "golden", type: ImageType.FULL_SERVER, status: ImageStatus.ACTIVE, source: ImageSource.BACKUP, sourceServerId: uuid(s.id),
-    sourceBackupId: parent.id, osType: OsType.LINUX, virtualSizeBytes: 2 * GiB, sizeBytes: 50,
-  }));
-  const diskImage = await repo(Image).save(repo(Image).create({
-    projectId: project, name: "data-img", type: ImageType.DATA_DISK, status: ImageStatus.ACTIVE, source: ImageSource.DISK, sourceDiskId: uuid(dataDisk), osType: OsType.OTHER,
-  }));
-  const exp = await repo(ImageExport).save(repo(ImageExport).create({ projectId: project, imageId: diskImage.id, format: DiskFormat.QCOW2, status: ExportStatus.READY, sizeBytes: 123, sha256: "ab".repeat(32) }));
-  const expJob = await repo(Job).save(repo(Job).create({ projectId: project, type: JobType.EXPORT_IMAGE, status: JobStatus.RUNNING, imageId: diskImage.id, exportId: exp.id, bytesDone: 5, bytesTotal: 10, startedAt: new Date(Date.now() - 5000) }));
+  const image = await repo(Image).save(
+    repo(Image).create({
+      projectId: project,
+      name: "golden",
+      type: ImageType.FULL_SERVER,
+      status: ImageStatus.ACTIVE,
+      source: ImageSource.BACKUP,
+      sourceServerId: uuid(s.id),
+      sourceBackupId: parent.id,
+      osType: OsType.LINUX,
+      virtualSizeBytes: 2 * GiB,
+      sizeBytes: 50,
+    }),
+  );
+  const diskImage = await repo(Image).save(
+    repo(Image).create({
+      projectId: project,
+      name: "data-img",
+      type: ImageType.DATA_DISK,
+      status: ImageStatus.ACTIVE,
+      source: ImageSource.DISK,
+      sourceDiskId: uuid(dataDisk),
+      osType: OsType.OTHER,
+    }),
+  );
+  const exp = await repo(ImageExport).save(
+    repo(ImageExport).create({ projectId: project, imageId: diskImage.id, format: DiskFormat.QCOW2, status: ExportStatus.READY, sizeBytes: 123, sha256: "ab".repeat(32) }),
+  );
+  const expJob = await repo(Job).save(
+    repo(Job).create({
+      projectId: project,
+      type: JobType.EXPORT_IMAGE,
+      status: JobStatus.RUNNING,
+      imageId: diskImage.id,
+      exportId: exp.id,
+      bytesDone: 5,
+      bytesTotal: 10,
+      startedAt: new Date(Date.now() - 5000),
+    }),
+  );
   await repo(ImageExport).update(exp.id, { jobId: expJob.id });
   // A server and a disk made from the images.
   await svc.ds.query(`UPDATE servers SET source_image_id = $1 WHERE id = $2`, [image.id, uuid(s.id)]);
@@ -49,9 +135,18 @@ beforeAll(async () => {
 
   const g = (type: string, id: string) => Buffer.from(`${type}:${id}`).toString("base64url");
   ids = {
-    server: s.id, systemDisk: s.systemDisk.id, dataDisk, policy, job: g("Job", job.id), backup: g("Backup", parent.id),
-    childSystem: g("Backup", children[0].id), childData: g("Backup", children[1].id), image: g("Image", image.id), diskImage: g("Image", diskImage.id),
-    export: g("ImageExport", exp.id), exportJob: g("Job", expJob.id),
+    server: s.id,
+    systemDisk: s.systemDisk.id,
+    dataDisk,
+    policy,
+    job: g("Job", job.id),
+    backup: g("Backup", parent.id),
+    childSystem: g("Backup", children[0].id),
+    childData: g("Backup", children[1].id),
+    image: g("Image", image.id),
+    diskImage: g("Image", diskImage.id),
+    export: g("ImageExport", exp.id),
+    exportJob: g("Job", expJob.id),
   };
 });
 afterAll(async () => {
@@ -105,12 +200,22 @@ it("walks Backup to its resource, policy, parent, children, job and images", asy
     { id: ids.backup, child: ids.childData },
   );
   expect(r.parent).toEqual({
-    resourceType: "SERVER", resourceId: ids.server, resourceName: "app", server: { id: ids.server }, disk: null, trigger: "POLICY",
-    policy: { id: ids.policy }, parent: null, job: { id: ids.job, type: "BACKUP" }, images: { nodes: [{ id: ids.image }] },
-    children: { nodes: [
-      { id: ids.childSystem, resourceType: "DISK", disk: { id: ids.systemDisk }, parent: { id: ids.backup } },
-      { id: ids.childData, resourceType: "DISK", disk: { id: ids.dataDisk }, parent: { id: ids.backup } },
-    ] },
+    resourceType: "SERVER",
+    resourceId: ids.server,
+    resourceName: "app",
+    server: { id: ids.server },
+    disk: null,
+    trigger: "POLICY",
+    policy: { id: ids.policy },
+    parent: null,
+    job: { id: ids.job, type: "BACKUP" },
+    images: { nodes: [{ id: ids.image }] },
+    children: {
+      nodes: [
+        { id: ids.childSystem, resourceType: "DISK", disk: { id: ids.systemDisk }, parent: { id: ids.backup } },
+        { id: ids.childData, resourceType: "DISK", disk: { id: ids.dataDisk }, parent: { id: ids.backup } },
+      ],
+    },
   });
   expect(r.child).toEqual({ sizeBytes: 100, storedBytes: 40, resourceId: ids.dataDisk, disk: { id: ids.dataDisk } });
 });
@@ -123,12 +228,32 @@ it("walks Image to its sources, exports and the servers and disks made from it",
     }`,
     { full: ids.image, disk: ids.diskImage },
   );
-  expect(r.full).toEqual({ type: "FULL_SERVER", exportable: false, sourceServer: { id: ids.server }, sourceBackup: { id: ids.backup }, servers: { nodes: [{ id: ids.server }] }, exports: { totalCount: 0 } });
+  expect(r.full).toEqual({
+    type: "FULL_SERVER",
+    exportable: false,
+    sourceServer: { id: ids.server },
+    sourceBackup: { id: ids.backup },
+    servers: { nodes: [{ id: ids.server }] },
+    exports: { totalCount: 0 },
+  });
   expect(r.disk).toEqual({
     exportable: true,
     sourceDisk: { id: ids.dataDisk },
     disks: { nodes: [{ id: ids.dataDisk }] },
-    exports: { nodes: [{ id: ids.export, format: "QCOW2", status: "READY", sizeBytes: 123, sha256: "ab".repeat(32), downloadUrl: `/v1/exports/${ids.export}/file`, image: { id: ids.diskImage }, job: { id: ids.exportJob } }] },
+    exports: {
+      nodes: [
+        {
+          id: ids.export,
+          format: "QCOW2",
+          status: "READY",
+          sizeBytes: 123,
+          sha256: "ab".repeat(32),
+          downloadUrl: `/v1/exports/${ids.export}/file`,
+          image: { id: ids.diskImage },
+          job: { id: ids.exportJob },
+        },
+      ],
+    },
   });
 });
 
@@ -142,7 +267,18 @@ it("walks Policy to servers, disks and backups, and Job to everything it acts on
     { p: ids.policy, j: ids.job, e: ids.exportJob },
   );
   expect(r.p).toEqual({ servers: { nodes: [{ id: ids.server }] }, disks: { totalCount: 0 }, backups: { totalCount: 1 } }); // the server backup, not its parts
-  expect(r.j).toEqual({ type: "BACKUP", status: "SUCCEEDED", progress: 1, bytesDone: 10, bytesTotal: 10, server: { id: ids.server }, backup: { id: ids.backup }, policy: { id: ids.policy }, error: null, etaSeconds: null });
+  expect(r.j).toEqual({
+    type: "BACKUP",
+    status: "SUCCEEDED",
+    progress: 1,
+    bytesDone: 10,
+    bytesTotal: 10,
+    server: { id: ids.server },
+    backup: { id: ids.backup },
+    policy: { id: ids.policy },
+    error: null,
+    etaSeconds: null,
+  });
   expect(r.e.image).toEqual({ id: ids.diskImage });
   expect(r.e.export).toEqual({ id: ids.export });
   // 5 of 10 bytes in about 5 s: about 5 s to go.
@@ -151,7 +287,8 @@ it("walks Policy to servers, disks and backups, and Job to everything it acts on
 });
 
 it("filters jobs, backups and images at the top level", async () => {
-  const r = await svc.ok(`query ($res: ID!) {
+  const r = await svc.ok(
+    `query ($res: ID!) {
     running: jobs(filter: { statuses: [RUNNING] }) { nodes { id } }
     exports: jobs(filter: { types: [EXPORT_IMAGE] }) { totalCount }
     forServer: jobs(filter: { resourceId: $res }) { nodes { id } }
@@ -160,7 +297,9 @@ it("filters jobs, backups and images at the top level", async () => {
     full: images(filter: { types: [FULL_SERVER] }) { nodes { id } }
     named: images(filter: { name: "IMG" }) { nodes { id } }
     storage: viewer { storage { backupCount imageCount logicalBytes storedBytes dedupRatio exportBytes } }
-  }`, { res: ids.server });
+  }`,
+    { res: ids.server },
+  );
   expect(r.running.nodes).toEqual([{ id: ids.exportJob }]);
   expect(r.exports.totalCount).toBe(1);
   expect(r.forServer.nodes).toEqual([{ id: ids.job }]);

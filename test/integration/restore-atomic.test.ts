@@ -43,10 +43,10 @@ async function state(disk: string, ranges?: [number, number][]) {
 
 /** Overwrites bytes inside the stored chunk of a backup's block, in its pack file. */
 async function corruptChunk(backupId: string, blockIndex: number) {
-  const [loc] = await svc.ds.query(
-    `SELECT c.pack_id, c.pack_offset, c.stored_size FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1 AND bb.block_index = $2`,
-    [uuidOf(backupId), blockIndex],
-  );
+  const [loc] = await svc.ds.query(`SELECT c.pack_id, c.pack_offset, c.stored_size FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1 AND bb.block_index = $2`, [
+    uuidOf(backupId),
+    blockIndex,
+  ]);
   const file = path.join(svc.dataDir, "blobs", "vault", svc.projectIds.alpha, "packs", loc.pack_id.slice(0, 2), loc.pack_id);
   const fd = fs.openSync(file, "r+");
   fs.writeSync(fd, Buffer.from("CORRUPT!"), 0, 8, Number(loc.pack_offset) + 100);
@@ -127,7 +127,9 @@ describe("a restore that meets a damaged chunk", () => {
     for (const [i, d] of disks.entries()) expect(await state(d)).toEqual(before[i]);
     const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Server { status } } }`, { id: server.id });
     expect(node.status).toBe("SHUTOFF");
-    expect((await svc.ds.query(`SELECT status, error_code FROM backups WHERE id = $1 OR parent_id = $1 ORDER BY parent_id NULLS FIRST, name`, [uuidOf(b)])).map((r: any) => [r.status, r.error_code])).toEqual([
+    expect(
+      (await svc.ds.query(`SELECT status, error_code FROM backups WHERE id = $1 OR parent_id = $1 ORDER BY parent_id NULLS FIRST, name`, [uuidOf(b)])).map((r: any) => [r.status, r.error_code]),
+    ).toEqual([
       ["ERROR", "CORRUPT_CHUNK"],
       ["ERROR", "CORRUPT_CHUNK"],
       ["ERROR", "CORRUPT_CHUNK"],
@@ -138,10 +140,7 @@ describe("a restore that meets a damaged chunk", () => {
     const disk = await createDisk(svc, "lost-pack", 4 * MiB);
     await writeDisk(svc, disk, bytes(4 * MiB, 4));
     const b = await backupNow(svc, disk, "lost");
-    const packs: { pack_id: string }[] = await svc.ds.query(
-      `SELECT DISTINCT c.pack_id FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1`,
-      [uuidOf(b)],
-    );
+    const packs: { pack_id: string }[] = await svc.ds.query(`SELECT DISTINCT c.pack_id FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1`, [uuidOf(b)]);
     for (const { pack_id } of packs) fs.rmSync(path.join(svc.dataDir, "blobs", "vault", svc.projectIds.alpha, "packs", pack_id.slice(0, 2), pack_id));
     const r = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "from-lost", backupId: $b }) { disk { id } job { id } } }`, { b })).createDisk;
     const job = await waitJob(svc, r.job.id);

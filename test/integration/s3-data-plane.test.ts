@@ -14,7 +14,12 @@ describe.each([
     s3 = await startS3();
     const c = s3.config;
     svc = await startTestService({
-      S3_BUCKET: c.bucket, S3_ENDPOINT: c.endpoint!, S3_REGION: c.region, S3_ACCESS_KEY_ID: c.accessKeyId!, S3_SECRET_ACCESS_KEY: c.secretAccessKey!, S3_FORCE_PATH_STYLE: "true",
+      S3_BUCKET: c.bucket,
+      S3_ENDPOINT: c.endpoint!,
+      S3_REGION: c.region,
+      S3_ACCESS_KEY_ID: c.accessKeyId!,
+      S3_SECRET_ACCESS_KEY: c.secretAccessKey!,
+      S3_FORCE_PATH_STYLE: "true",
       ...backends,
     });
   });

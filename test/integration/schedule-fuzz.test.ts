@@ -51,7 +51,43 @@ const WEEKDAYS = ["MO", "TU", "WE", "TH", "FR", "SA", "SU"];
 const FREQS = ["MINUTELY", "HOURLY", "DAILY", "WEEKLY", "MONTHLY", "YEARLY"];
 const ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu"];
 /** Characters that have no place in a rule: controls, NUL, DEL, spaces of all kinds, lone surrogates, others. */
-const JUNK = ["\u0000", "\u0001", "\t", "\n", "\r", "\u001b", "\u007f", " ", "\u00a0", "\ufeff", "\u2028", "\ud800", "\udfff", "\ud83d", "😀", "é", "ß", "٣", "１", ":", "\\", '"', "'", "_", ".", "*", "%", "#", "/", "<", "=", ";", ",", "+", "-"];
+const JUNK = [
+  "\u0000",
+  "\u0001",
+  "\t",
+  "\n",
+  "\r",
+  "\u001b",
+  "\u007f",
+  " ",
+  "\u00a0",
+  "\ufeff",
+  "\u2028",
+  "\ud800",
+  "\udfff",
+  "\ud83d",
+  "😀",
+  "é",
+  "ß",
+  "٣",
+  "１",
+  ":",
+  "\\",
+  '"',
+  "'",
+  "_",
+  ".",
+  "*",
+  "%",
+  "#",
+  "/",
+  "<",
+  "=",
+  ";",
+  ",",
+  "+",
+  "-",
+];
 
 function junkChar(): string {
   return rnd.chance(0.7) ? rnd.pick(JUNK) : String.fromCharCode(rnd.int(0x10000));

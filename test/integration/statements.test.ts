@@ -41,7 +41,9 @@ const NESTED = `{
 async function addServers(n: number, policyId: string) {
   for (let i = 0; i < n; i++) {
     const s = (
-      await svc.ok(`mutation { createServer(input: { name: "s${i}", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${GiB}, dataDisks: [{ sizeBytes: ${MiB} }, { sizeBytes: ${MiB} }] }) { server { id } } }`)
+      await svc.ok(
+        `mutation { createServer(input: { name: "s${i}", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${GiB}, dataDisks: [{ sizeBytes: ${MiB} }, { sizeBytes: ${MiB} }] }) { server { id } } }`,
+      )
     ).createServer.server;
     await svc.ok(`mutation ($p: ID!, $r: [ID!]!) { bindPolicy(input: { policyId: $p, resourceIds: $r }) { policy { id } } }`, { p: policyId, r: [s.id] });
   }

@@ -20,7 +20,11 @@ afterAll(async () => {
 const beta = () => svc.keys.beta;
 
 it("lists and counts nothing of another project", async () => {
-  const r = await svc.ok(`{ viewer { name } servers { totalCount nodes { id } } disks { totalCount } policies { totalCount } backups { totalCount } images { totalCount } jobs { totalCount } }`, {}, beta());
+  const r = await svc.ok(
+    `{ viewer { name } servers { totalCount nodes { id } } disks { totalCount } policies { totalCount } backups { totalCount } images { totalCount } jobs { totalCount } }`,
+    {},
+    beta(),
+  );
   expect(r).toEqual({
     viewer: { name: "beta" },
     servers: { totalCount: 0, nodes: [] },
@@ -66,7 +70,9 @@ it("answers NOT_FOUND to every mutation on another project's resources and chang
   const attach = await svc.gql(`mutation ($d: ID!, $s: ID!) { attachDisk(input: { diskId: $d, serverId: $s }) { disk { id } } }`, { d: alpha.looseDisk, s: betaServer }, beta());
   expect(attach.errors?.[0]?.extensions?.code).toBe("NOT_FOUND");
 
-  const still = await svc.ok(`query ($ids: [ID!]!) { nodes(ids: $ids) { id ... on Server { serverStatus: status } ... on Disk { diskStatus: status } ... on Policy { enabled } } }`, { ids: Object.values(alpha) });
+  const still = await svc.ok(`query ($ids: [ID!]!) { nodes(ids: $ids) { id ... on Server { serverStatus: status } ... on Disk { diskStatus: status } ... on Policy { enabled } } }`, {
+    ids: Object.values(alpha),
+  });
   expect(still.nodes).toEqual([
     { id: alpha.server, serverStatus: "ACTIVE" },
     { id: alpha.systemDisk, diskStatus: "IN_USE" },
@@ -80,7 +86,7 @@ it("keeps the database itself from linking rows across projects", async () => {
   // Even a bug in a service could not attach one project's disk to another's server:
   // foreign keys are composite (project_id, id).
   const [{ id: betaServer }] = await svc.ds.query(`SELECT id FROM servers WHERE project_id = $1 LIMIT 1`, [svc.projectIds.beta]);
-  await expect(
-    svc.ds.query(`UPDATE disks SET server_id = $1, device = '/dev/vdq', status = 'IN_USE' WHERE project_id = $2 AND name = 'loose'`, [betaServer, svc.projectIds.alpha]),
-  ).rejects.toThrow(/fk_disks_server/);
+  await expect(svc.ds.query(`UPDATE disks SET server_id = $1, device = '/dev/vdq', status = 'IN_USE' WHERE project_id = $2 AND name = 'loose'`, [betaServer, svc.projectIds.alpha])).rejects.toThrow(
+    /fk_disks_server/,
+  );
 });

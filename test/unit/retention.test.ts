@@ -33,14 +33,7 @@ it("keeps backups younger than retentionDays", () => {
 
 it("keeps the newest of each of the last N days, ISO weeks, months and years in the policy's time zone", () => {
   // 23:30 UTC on Nov 20 is already Nov 21 in Tokyo.
-  const list = [
-    b("2026-11-20T10:00:00Z"),
-    b("2026-11-20T23:30:00Z"),
-    b("2026-11-21T05:00:00Z"),
-    b("2026-11-22T05:00:00Z"),
-    b("2026-10-15T05:00:00Z"),
-    b("2025-12-31T05:00:00Z"),
-  ];
+  const list = [b("2026-11-20T10:00:00Z"), b("2026-11-20T23:30:00Z"), b("2026-11-21T05:00:00Z"), b("2026-11-22T05:00:00Z"), b("2026-10-15T05:00:00Z"), b("2025-12-31T05:00:00Z")];
   const now = new Date("2026-11-23T00:00:00Z");
   const daily = decideRetention(list, P, { ...none, keepDaily: 2 }, "Asia/Tokyo", now);
   expect(kept(daily)).toEqual(["2026-11-22T05:00:00Z", "2026-11-21T05:00:00Z"]);

@@ -227,7 +227,7 @@ describe("malformed rules are refused, naming what is wrong", () => {
     ["FREQ=DAILY;BYHOUR=\ud800", /^has the lone surrogate U\+D800 at position 19; /],
     ["FREQ=DAILY;BYHOUR=2\u00a0", /^has the character U\+00A0 at position 20; /],
     ["FREQ=DAILY;BYHOUR=\u{1F600}", /^has the character U\+1F600 at position 19; /],
-    ["FREQ=DAILY;BYHOUR=\"2\"", /^has """ at position 19; /],
+    ['FREQ=DAILY;BYHOUR="2"', /^has """ at position 19; /],
     ["RRULE:RRULE:FREQ=DAILY", /^has ":" at position 12; /],
     ["FREQ=DAILY;DTSTART=20260101T000000Z", "DTSTART is not part of a rule; the policy's timezone applies"],
     ["BYHOUR=2", "needs FREQ"],
@@ -253,7 +253,10 @@ describe("rules that could never fire, or fire more than once a minute, are refu
     ["FREQ=MINUTELY;BYSECOND=0,30", "BYSECOND=0,30 fires more than once a minute; give one second (0-59)"],
     [`FREQ=MINUTELY;BYSECOND=${Array.from({ length: 60 }, (_, i) => i).join(",")}`, /^BYSECOND=0,1,2,.* fires more than once a minute/],
     ["FREQ=DAILY;BYHOUR=2;BYSECOND=0,1", "BYSECOND=0,1 fires more than once a minute; give one second (0-59)"],
-    ["FREQ=HOURLY;INTERVAL=2;BYHOUR=1,3", /^never fires: counted from midnight, FREQ=HOURLY;INTERVAL=2 reaches only times of day a multiple of 2 h apart \(00:00, 02:00, …\), and BYHOUR=1,3 allows none of them$/],
+    [
+      "FREQ=HOURLY;INTERVAL=2;BYHOUR=1,3",
+      /^never fires: counted from midnight, FREQ=HOURLY;INTERVAL=2 reaches only times of day a multiple of 2 h apart \(00:00, 02:00, …\), and BYHOUR=1,3 allows none of them$/,
+    ],
     ["FREQ=HOURLY;INTERVAL=24;BYHOUR=5", /^never fires: .*INTERVAL=24 .*BYHOUR=5/],
     ["FREQ=MINUTELY;INTERVAL=15;BYMINUTE=10", /^never fires: .*multiple of 15 min apart \(00:00, 00:15, …\), and BYMINUTE=10 allows none of them$/],
     ["FREQ=MINUTELY;INTERVAL=120;BYHOUR=1", /^never fires: .*multiple of 2 h apart/],
@@ -329,15 +332,30 @@ describe("steps that rrule alone would get wrong or never finish", () => {
     // Every minute of 01:00 on Tuesdays, from a Monday.
     ["FREQ=MINUTELY;BYHOUR=1;BYDAY=TU", "UTC", "2026-06-08T00:00:00Z", "2026-06-09T01:02:00Z", ["2026-06-09T01:00:00.000Z", "2026-06-09T01:01:00.000Z", "2026-06-09T01:02:00.000Z"]],
     // Every 15 minutes in business hours on weekdays: Friday 16:45, then Monday 09:00 CEST.
-    ["FREQ=MINUTELY;INTERVAL=15;BYHOUR=9,10,11,12,13,14,15,16;BYDAY=MO,TU,WE,TH,FR", "Europe/Berlin", "2026-06-12T14:40:00Z", "2026-06-15T07:20:00Z", ["2026-06-12T14:45:00.000Z", "2026-06-15T07:00:00.000Z", "2026-06-15T07:15:00.000Z"]],
+    [
+      "FREQ=MINUTELY;INTERVAL=15;BYHOUR=9,10,11,12,13,14,15,16;BYDAY=MO,TU,WE,TH,FR",
+      "Europe/Berlin",
+      "2026-06-12T14:40:00Z",
+      "2026-06-15T07:20:00Z",
+      ["2026-06-12T14:45:00.000Z", "2026-06-15T07:00:00.000Z", "2026-06-15T07:15:00.000Z"],
+    ],
     // Every 2 hours from midnight, only at 02:00 and 04:00 in February.
-    ["FREQ=MINUTELY;INTERVAL=120;BYHOUR=2,4;BYMONTH=2", "UTC", "2026-06-08T00:00:00Z", "2027-02-02T12:00:00Z", ["2027-02-01T02:00:00.000Z", "2027-02-01T04:00:00.000Z", "2027-02-02T02:00:00.000Z", "2027-02-02T04:00:00.000Z"]],
+    [
+      "FREQ=MINUTELY;INTERVAL=120;BYHOUR=2,4;BYMONTH=2",
+      "UTC",
+      "2026-06-08T00:00:00Z",
+      "2027-02-02T12:00:00Z",
+      ["2027-02-01T02:00:00.000Z", "2027-02-01T04:00:00.000Z", "2027-02-02T02:00:00.000Z", "2027-02-02T04:00:00.000Z"],
+    ],
     // Every 45 minutes from midnight: 01:30, 04:30, … are the ones at minute 30.
     ["FREQ=MINUTELY;INTERVAL=45;BYMINUTE=30", "UTC", start, "2026-06-01T08:00:00Z", ["2026-06-01T01:30:00.000Z", "2026-06-01T04:30:00.000Z", "2026-06-01T07:30:00.000Z"]],
   ];
   let results: ScheduleResult[];
   beforeAll(async () => {
-    results = await runScheduleJobs(cases.map(([rule, tz, at, to]) => ({ schedule: [rule], mode: "occurrences", tz, at, to, anchor: start })), 10_000);
+    results = await runScheduleJobs(
+      cases.map(([rule, tz, at, to]) => ({ schedule: [rule], mode: "occurrences", tz, at, to, anchor: start })),
+      10_000,
+    );
   });
 
   it.each(cases.map((c, i) => [c[0], i] as const))("%s fires on its count from midnight", (_, i) => {

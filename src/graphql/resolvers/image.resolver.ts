@@ -6,7 +6,19 @@ import type { GraphQLContext } from "../context";
 import { failureOf } from "../errors";
 import { CreateImageInput, DiskListArgs, ExportImageInput, IdInput, ImageExportListArgs, ImageListArgs, ImportImageInput, ServerListArgs } from "../types/inputs.type";
 import { CreateImagePayload, DeleteImageExportPayload, DeleteImagePayload, ExportImagePayload, ImportImagePayload } from "../types/payloads.type";
-import { BackupType, DiskConnection, DiskType_, ImageConnection, ImageExportConnection, ImageExportType, ImageType_, JobErrorType, JobType_, ServerConnection, ServerType } from "../types/resources.type";
+import {
+  BackupType,
+  DiskConnection,
+  DiskType_,
+  ImageConnection,
+  ImageExportConnection,
+  ImageExportType,
+  ImageType_,
+  JobErrorType,
+  JobType_,
+  ServerConnection,
+  ServerType,
+} from "../types/resources.type";
 
 @Resolver(() => ImageType_)
 export class ImageResolver {

@@ -35,14 +35,22 @@ export class NodeResolver {
     if (!parsed) return null;
     const l = ctx.loaders;
     switch (parsed.type) {
-      case "Server": return l.server.load(parsed.id);
-      case "Disk": return l.disk.load(parsed.id);
-      case "Backup": return l.backup.load(parsed.id);
-      case "Image": return l.image.load(parsed.id);
-      case "ImageExport": return l.imageExport.load(parsed.id);
-      case "Policy": return l.policy.load(parsed.id);
-      case "Job": return l.job.load(parsed.id);
-      case "Project": return parsed.id === project.id ? project : null;
+      case "Server":
+        return l.server.load(parsed.id);
+      case "Disk":
+        return l.disk.load(parsed.id);
+      case "Backup":
+        return l.backup.load(parsed.id);
+      case "Image":
+        return l.image.load(parsed.id);
+      case "ImageExport":
+        return l.imageExport.load(parsed.id);
+      case "Policy":
+        return l.policy.load(parsed.id);
+      case "Job":
+        return l.job.load(parsed.id);
+      case "Project":
+        return parsed.id === project.id ? project : null;
     }
   }
 }

@@ -1,8 +1,20 @@
 import { ArgsType, Field, ID, InputType, Int } from "type-graphql";
 import { Order, PageArgs, TimeOrder } from "./connection";
 import {
-  BackupResourceType, BackupStatus, BackupTrigger, DiskFormat, DiskStatus, DiskType, ExportStatus,
-  ImageSource, ImageStatus, ImageType, JobStatus, JobType, OsType, ServerStatus,
+  BackupResourceType,
+  BackupStatus,
+  BackupTrigger,
+  DiskFormat,
+  DiskStatus,
+  DiskType,
+  ExportStatus,
+  ImageSource,
+  ImageStatus,
+  ImageType,
+  JobStatus,
+  JobType,
+  OsType,
+  ServerStatus,
 } from "./enums";
 import { SafeInt } from "./scalars";
 
@@ -66,31 +78,38 @@ export class JobFilter {
   @Field(() => ID, { nullable: true, description: "Jobs acting on this server, disk, backup, image, export or policy." }) resourceId?: string;
 }
 
-@ArgsType() export class ServerListArgs extends PageArgs {
+@ArgsType()
+export class ServerListArgs extends PageArgs {
   @Field(() => ServerFilter, { nullable: true }) filter?: ServerFilter;
   @Field(() => Order, { nullable: true }) orderBy?: Order;
 }
-@ArgsType() export class DiskListArgs extends PageArgs {
+@ArgsType()
+export class DiskListArgs extends PageArgs {
   @Field(() => DiskFilter, { nullable: true }) filter?: DiskFilter;
   @Field(() => Order, { nullable: true }) orderBy?: Order;
 }
-@ArgsType() export class BackupListArgs extends PageArgs {
+@ArgsType()
+export class BackupListArgs extends PageArgs {
   @Field(() => BackupFilter, { nullable: true }) filter?: BackupFilter;
   @Field(() => Order, { nullable: true }) orderBy?: Order;
 }
-@ArgsType() export class ImageListArgs extends PageArgs {
+@ArgsType()
+export class ImageListArgs extends PageArgs {
   @Field(() => ImageFilter, { nullable: true }) filter?: ImageFilter;
   @Field(() => Order, { nullable: true }) orderBy?: Order;
 }
-@ArgsType() export class ImageExportListArgs extends PageArgs {
+@ArgsType()
+export class ImageExportListArgs extends PageArgs {
   @Field(() => ImageExportFilter, { nullable: true }) filter?: ImageExportFilter;
   @Field(() => TimeOrder, { nullable: true }) orderBy?: TimeOrder;
 }
-@ArgsType() export class PolicyListArgs extends PageArgs {
+@ArgsType()
+export class PolicyListArgs extends PageArgs {
   @Field(() => PolicyFilter, { nullable: true }) filter?: PolicyFilter;
   @Field(() => Order, { nullable: true }) orderBy?: Order;
 }
-@ArgsType() export class JobListArgs extends PageArgs {
+@ArgsType()
+export class JobListArgs extends PageArgs {
   @Field(() => JobFilter, { nullable: true }) filter?: JobFilter;
   @Field(() => TimeOrder, { nullable: true }) orderBy?: TimeOrder;
 }

@@ -3,8 +3,14 @@ import { Backup, Disk, Image, ImageExport, Job, Policy, Project, Server } from "
 import { toGlobalId, type NodeType } from "../../services/global-id";
 
 const TYPES: [new () => { id: string }, NodeType][] = [
-  [Server, "Server"], [Disk, "Disk"], [Backup, "Backup"], [Image, "Image"],
-  [ImageExport, "ImageExport"], [Policy, "Policy"], [Job, "Job"], [Project, "Project"],
+  [Server, "Server"],
+  [Disk, "Disk"],
+  [Backup, "Backup"],
+  [Image, "Image"],
+  [ImageExport, "ImageExport"],
+  [Policy, "Policy"],
+  [Job, "Job"],
+  [Project, "Project"],
 ];
 
 /** The GraphQL type of an entity row. */

@@ -1,8 +1,20 @@
 import { Field, Float, Int, ObjectType } from "type-graphql";
 import { connectionOf } from "./connection";
 import {
-  BackupResourceType, BackupStatus, BackupTrigger, DiskFormat, DiskStatus, DiskType, ExportStatus,
-  ImageSource, ImageStatus, ImageType, JobStatus, JobType, OsType, ServerStatus,
+  BackupResourceType,
+  BackupStatus,
+  BackupTrigger,
+  DiskFormat,
+  DiskStatus,
+  DiskType,
+  ExportStatus,
+  ImageSource,
+  ImageStatus,
+  ImageType,
+  JobStatus,
+  JobType,
+  OsType,
+  ServerStatus,
 } from "./enums";
 import { Node } from "./node";
 import { DateTime, SafeInt } from "./scalars";
@@ -58,7 +70,8 @@ export class ImageType_ extends Node {
   @Field(() => SafeInt, { description: "Stored (compressed) size." }) sizeBytes: number;
   @Field(() => String, {
     nullable: true,
-    description: "The image's content checksum: SHA-256 over the index and SHA-256 of every 64 KiB block that is not all zeros, then the virtual size (`stowage checksum FILE` computes it from any image file).",
+    description:
+      "The image's content checksum: SHA-256 over the index and SHA-256 of every 64 KiB block that is not all zeros, then the virtual size (`stowage checksum FILE` computes it from any image file).",
   })
   checksum: string | null;
   @Field(() => DateTime) createdAt: Date;

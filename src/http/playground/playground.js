@@ -162,7 +162,9 @@
     if (!cred) {
       if (params.operationName === "IntrospectionQuery") schemaMissing = true;
       showMissing();
-      return Promise.resolve({ errors: [{ message: "No API key: paste one into the bar at the top (npx stowage project create NAME prints one; the default project's is in .data/default-api-key)." }] });
+      return Promise.resolve({
+        errors: [{ message: "No API key: paste one into the bar at the top (npx stowage project create NAME prints one; the default project's is in .data/default-api-key)." }],
+      });
     }
     return isSubscription(params, opts) ? subscribe(params, cred) : post(params, opts, cred);
   }

@@ -40,11 +40,18 @@ export class BackupHandler implements JobHandler {
     await ctx.progress(0, total);
     const stored = new Map<string, number>();
     for (const part of parts) {
-      const added = await copyPendingBlocks(this.ds, this.volumes, this.vault, pending(part), async (n) => {
-        done += n * BLOCK_SIZE;
-        ctx.visit(n);
-        await ctx.progress(done, total);
-      }, ctx.checkCancelled);
+      const added = await copyPendingBlocks(
+        this.ds,
+        this.volumes,
+        this.vault,
+        pending(part),
+        async (n) => {
+          done += n * BLOCK_SIZE;
+          ctx.visit(n);
+          await ctx.progress(done, total);
+        },
+        ctx.checkCancelled,
+      );
       stored.set(part.id, added);
     }
     ctx.checkCancelled();
@@ -71,7 +78,12 @@ export class BackupHandler implements JobHandler {
       // Only what is still being made: a backup that became AVAILABLE keeps its blocks, whoever ends the job.
       const ids = (await rows<{ id: string }>(em, `SELECT id FROM backups WHERE (id = $1 OR parent_id = $1) AND status = 'CREATING' FOR UPDATE`, [job.backupId])).map((r) => r.id);
       await em.query(`DELETE FROM backup_blocks WHERE backup_id = ANY($1)`, [ids]);
-      await em.query(`UPDATE backups SET status = $2, error_code = $3, error = $4, updated_at = now() WHERE id = ANY($1) AND status = 'CREATING'`, [ids, BackupStatus.ERROR, outcome.code, outcome.message]);
+      await em.query(`UPDATE backups SET status = $2, error_code = $3, error = $4, updated_at = now() WHERE id = ANY($1) AND status = 'CREATING'`, [
+        ids,
+        BackupStatus.ERROR,
+        outcome.code,
+        outcome.message,
+      ]);
     });
   }
 }

@@ -40,7 +40,10 @@ export async function* imageDiskBlocks(ds: DataSource, vault: Vault, projectId: 
   const read = async (batch: { block_index: string; hash: Buffer }[]) => {
     const runs: Buffer[] = [];
     const chunks = new Map<string, Buffer>();
-    for await (const run of vault.readRuns(projectId, batch.map((b) => b.hash))) {
+    for await (const run of vault.readRuns(
+      projectId,
+      batch.map((b) => b.hash),
+    )) {
       runs.push(run.data);
       run.hashes.forEach((h, k) => chunks.set(hex(h), run.data.subarray(k * BLOCK_SIZE, (k + 1) * BLOCK_SIZE)));
     }
@@ -68,7 +71,7 @@ const CHECKSUM_BATCH = 16384;
  */
 export async function imageDiskChecksum(ds: DataSource, imageDiskId: string, sizeBytes: number, ctx: Pick<JobContext, "visit" | "checkCancelled">): Promise<string> {
   const sum = new ContentChecksum();
-  for (let after = -1; ; ) {
+  for (let after = -1; ;) {
     ctx.checkCancelled();
     const batch = await rows<{ block_index: string; hash: Buffer }>(
       ds,

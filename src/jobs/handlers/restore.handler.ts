@@ -56,7 +56,6 @@ const planSql = (source: Source) => `${diffOf(source)},
 /** Blocks planned in the first batch: few, so the first reads and writes start soon. */
 const FIRST_BATCH = 512;
 
-
 /** The numbers of a bytea of int8send() values (none for null). */
 function int8s(buf: Buffer | null): Float64Array {
   const out = new Float64Array(buf ? buf.length / 8 : 0);
@@ -210,10 +209,17 @@ export class RestoreHandler implements JobHandler {
         await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'CREATING')`, [diskId, before?.[diskId] ?? DiskStatus.ERROR]);
       }
       // A server being built from an image has nothing to fall back to: ERROR. A restored one stays stopped.
-      if (plan.serverId) await em.query(`UPDATE servers SET status = CASE WHEN status = 'BUILDING' THEN 'ERROR' ELSE 'SHUTOFF' END, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'BUILDING')`, [plan.serverId]);
+      if (plan.serverId)
+        await em.query(`UPDATE servers SET status = CASE WHEN status = 'BUILDING' THEN 'ERROR' ELSE 'SHUTOFF' END, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'BUILDING')`, [
+          plan.serverId,
+        ]);
       if (!job.backupId) return;
       if (outcome.code === "CORRUPT_CHUNK") {
-        await em.query(`UPDATE backups SET status = 'ERROR', error_code = $2, error = $3, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId, outcome.code, outcome.message]);
+        await em.query(`UPDATE backups SET status = 'ERROR', error_code = $2, error = $3, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [
+          job.backupId,
+          outcome.code,
+          outcome.message,
+        ]);
       } else {
         await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
       }

@@ -80,11 +80,11 @@ export class ImportImageHandler implements JobHandler {
       throw new JobFailure("TOO_LARGE", `the file describes a ${virtualSize}-byte disk, larger than this service takes (MAX_IMAGE_VIRTUAL_BYTES, ${this.config.maxImageVirtualBytes} bytes)`);
     }
     const [{ min_disk_bytes: minDisk, type }] = await rows<{ min_disk_bytes: string; type: string }>(this.ds, `SELECT min_disk_bytes, type FROM images WHERE id = $1`, [job.imageId]);
-    const [disk] = await rows<{ id: string }>(
-      this.ds,
-      `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, 0, NULL, $2, $3) RETURNING id`,
-      [job.imageId, type === "DATA_DISK" ? "DATA" : "SYSTEM", virtualSize],
-    );
+    const [disk] = await rows<{ id: string }>(this.ds, `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, 0, NULL, $2, $3) RETURNING id`, [
+      job.imageId,
+      type === "DATA_DISK" ? "DATA" : "SYSTEM",
+      virtualSize,
+    ]);
     const { codec } = this.vault;
     const writer = this.vault.writer(job.projectId);
     const checksum = new ContentChecksum();
@@ -92,22 +92,30 @@ export class ImportImageHandler implements JobHandler {
     const insertRows = async () => {
       if (!pending.length) return;
       // A row may name a chunk whose pack is still being written; the image turns ACTIVE only once all are indexed.
-      await this.ds.query(
-        `INSERT INTO image_blocks (image_disk_id, block_index, hash) SELECT $1, b.i, ${hashAt("$3", "b.n")} FROM unnest(${listOf("$2", "bigint")}) WITH ORDINALITY AS b(i, n)`,
-        [disk.id, list(pending.map((b) => b.index)), packedHashes(pending.map((b) => b.hash))],
-      );
+      await this.ds.query(`INSERT INTO image_blocks (image_disk_id, block_index, hash) SELECT $1, b.i, ${hashAt("$3", "b.n")} FROM unnest(${listOf("$2", "bigint")}) WITH ORDINALITY AS b(i, n)`, [
+        disk.id,
+        list(pending.map((b) => b.index)),
+        packedHashes(pending.map((b) => b.hash)),
+      ]);
       pending = [];
     };
     // Blocks in groups of 64: hashed on the codec's workers a few groups ahead, then
     // added to the image's checksum, looked up in the vault, and the new ones packed.
     const hashed = async (g: BlockGroup) => ({ g, ...(await codec.hash(g.data, BLOCK_SIZE)) });
     try {
-      for await (const { g, data, hashes } of mapOrdered(groupBlocks(reader.extents(), virtualSize, (n) => codec.buffers.take(n)), 4, hashed)) {
+      for await (const { g, data, hashes } of mapOrdered(
+        groupBlocks(reader.extents(), virtualSize, (n) => codec.buffers.take(n)),
+        4,
+        hashed,
+      )) {
         ctx.checkCancelled();
         ctx.visit(g.indexes.length);
         checksum.addMany(g.indexes, hashes);
         const slots = hashes.flatMap((hash, slot) => (hash ? [{ hash, slot }] : []));
-        const have = await this.vault.existing(job.projectId, slots.map((b) => b.hash));
+        const have = await this.vault.existing(
+          job.projectId,
+          slots.map((b) => b.hash),
+        );
         for (const b of slots) pending.push({ index: g.indexes[b.slot], hash: b.hash });
         const fresh = slots.filter((b) => !have.has(hex(b.hash)));
         await writer.addBlocks(data, fresh);
@@ -135,7 +143,6 @@ export class ImportImageHandler implements JobHandler {
     await killImage(this.ds, job, outcome);
   }
 }
-
 
 /**
  * Writes an image to a file of the asked format, streaming from the vault
@@ -236,4 +243,3 @@ export class ExportImageHandler implements JobHandler {
     if (job.exportId) await this.vault.blobs.delete(exportKey(job.projectId, job.exportId)).catch(() => undefined);
   }
 }
-

@@ -43,11 +43,7 @@ export class VerifyHandler implements JobHandler {
     // The work is the blocks the backups record, in ranges that skip what they do not.
     const ranges = new Map<string, [number, number][]>();
     for (const part of parts) ranges.set(part.id, await dataRanges(this.ds, { backupId: part.id }));
-    const [{ n }] = await rows<{ n: string }>(
-      this.ds,
-      `${MANIFEST_COUNT} SELECT count(*) AS n FROM m WHERE hash IS NOT NULL`,
-      [parts.map((p) => p.id)],
-    );
+    const [{ n }] = await rows<{ n: string }>(this.ds, `${MANIFEST_COUNT} SELECT count(*) AS n FROM m WHERE hash IS NOT NULL`, [parts.map((p) => p.id)]);
     const total = Number(n) * BLOCK_SIZE;
     await ctx.progress(0, total);
     let done = 0;
@@ -62,7 +58,11 @@ export class VerifyHandler implements JobHandler {
           ctx.checkCancelled();
           const slice = entries.slice(i, i + READ_BATCH);
           try {
-            await this.vault.readChunks(job.projectId, slice.map((e) => e.hash!), { sha256: true });
+            await this.vault.readChunks(
+              job.projectId,
+              slice.map((e) => e.hash!),
+              { sha256: true },
+            );
           } catch (err) {
             if (!(err instanceof ChunkError)) throw err;
             // Find every bad chunk of the batch, one by one.

@@ -3,7 +3,23 @@ import fs from "node:fs";
 import path from "node:path";
 import { openImage, WRITERS } from "../../../src/formats";
 import { DEFAULT_LIMITS, FormatError, type FormatName, type ImageReader, type WriteSource } from "../../../src/formats/types";
-import { allocatedBytes, extentsToRaw, fileDataRanges, fileSource, blocksSource, fixedVhdFile, pattern, qemu, qemuImg, sparseFile, tmpDir, vhdFile, vmdkFile, withDataRanges, writeFile } from "../../helpers/formats";
+import {
+  allocatedBytes,
+  extentsToRaw,
+  fileDataRanges,
+  fileSource,
+  blocksSource,
+  fixedVhdFile,
+  pattern,
+  qemu,
+  qemuImg,
+  sparseFile,
+  tmpDir,
+  vhdFile,
+  vmdkFile,
+  withDataRanges,
+  writeFile,
+} from "../../helpers/formats";
 
 /*
  * Disk images at real sizes: files above 2^31 and 2^32 bytes with data placed
@@ -93,7 +109,12 @@ function expectCleanCheck(image: string, qemuFormat: string) {
 }
 
 /** Opens `image` from a file, reads it through qemu's eyes and ours; returns the extents and the bytes read. */
-async function readBig(image: string, format: FormatName, qemuFormat: string, opts: { dataRanges?: boolean; data?: Array<{ offset: number; data: Buffer }>; check?: "compare" | "map" | "windows" } = {}) {
+async function readBig(
+  image: string,
+  format: FormatName,
+  qemuFormat: string,
+  opts: { dataRanges?: boolean; data?: Array<{ offset: number; data: Buffer }>; check?: "compare" | "map" | "windows" } = {},
+) {
   const plain = fileSource(image);
   const src = opts.dataRanges ? withDataRanges(plain, fileDataRanges(image)) : plain;
   try {
@@ -368,7 +389,10 @@ describe("writers given a sparse 1 TiB disk write its data, not its size", () =>
   test("RAW: a file of 1 TiB that stores only its blocks", async () => {
     expect(fs.statSync(reference).size).toBe(TiB);
     expect(allocatedBytes(reference)).toBeLessThan(2 * MiB);
-    const src = withDataRanges(fileSource(reference), DATA.map((d) => ({ offset: d.offset, length: d.data.length })));
+    const src = withDataRanges(
+      fileSource(reference),
+      DATA.map((d) => ({ offset: d.offset, length: d.data.length })),
+    );
     try {
       const reader = await openImage("RAW", src, DEFAULT_LIMITS);
       for await (const e of reader.extents()) {
@@ -463,7 +487,9 @@ describe("the largest disks VHD and VMDK hold", () => {
     for (const name of ["over-fixed.vhd", "over-dynamic.vhd"]) {
       const over = fileSource(file(name));
       try {
-        await expect(openImage("VHD", over, DEFAULT_LIMITS)).rejects.toThrow(new FormatError(`the VHD describes a ${max + 512}-byte disk, more than a VHD can hold (2040 GiB, the limit of Hyper-V and QEMU)`));
+        await expect(openImage("VHD", over, DEFAULT_LIMITS)).rejects.toThrow(
+          new FormatError(`the VHD describes a ${max + 512}-byte disk, more than a VHD can hold (2040 GiB, the limit of Hyper-V and QEMU)`),
+        );
       } finally {
         over.close();
       }

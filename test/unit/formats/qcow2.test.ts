@@ -247,7 +247,11 @@ describe("writeQcow2", () => {
     // 33000 data clusters: with the metadata, more than the 32768 clusters one refcount block covers.
     const count = 33000;
     const zero = Buffer.alloc(BLOCK_SIZE);
-    const source = sparseSource(8 * 1024 * MiB, () => Array.from({ length: count }, (_, k) => k * 2), (i) => (i % 1000 === 0 ? marked(i) : zero));
+    const source = sparseSource(
+      8 * 1024 * MiB,
+      () => Array.from({ length: count }, (_, k) => k * 2),
+      (i) => (i % 1000 === 0 ? marked(i) : zero),
+    );
     // Clusters of zeros are holes, so the 2 GiB file costs little.
     const out = file("big.qcow2");
     const pos = await writeFile(out, writeQcow2(source), { maxBytes: 16 * MiB });
@@ -448,7 +452,6 @@ async function collect(pieces: AsyncIterable<WriterPiece>) {
 }
 
 describe("fuzzing", () => {
-
   test("mutated images are read or refused with a FormatError, within the limits", async () => {
     const small = sampleDisk(8 * MiB, 7);
     const seeds: Buffer[] = [Buffer.concat(await collect(writeQcow2(memorySource(small))))];
@@ -511,7 +514,19 @@ describe("fuzzing", () => {
           const pos = l2 + int(t.clusterSize / 8) * 8;
           if (rnd() < 0.5) b[pos + int(8)] = int(256);
           else {
-            const choices = [0n, 1n, 1n << 62n, 1n << 63n, BigInt(b.length), BigInt(t.l1), BigInt(l2), (1n << 62n) | BigInt(int(b.length)), BigInt(int(b.length)) & ~511n, 0x00fffffffffffe00n, 0xffffffffffffffffn];
+            const choices = [
+              0n,
+              1n,
+              1n << 62n,
+              1n << 63n,
+              BigInt(b.length),
+              BigInt(t.l1),
+              BigInt(l2),
+              (1n << 62n) | BigInt(int(b.length)),
+              BigInt(int(b.length)) & ~511n,
+              0x00fffffffffffe00n,
+              0xffffffffffffffffn,
+            ];
             b.writeBigUInt64BE(choices[int(choices.length)], pos);
           }
         } else if (what === 5 && t.extended && t.l2s.length) {

@@ -75,7 +75,6 @@ function buildDynamic(opts: { size: number; blockSize: number; blocks: CraftBloc
   return Buffer.concat([f, header, bat, ...parts, f]);
 }
 
-
 function randomBytes(n: number, rnd: () => number): Buffer {
   const b = Buffer.alloc(n);
   for (let i = 0; i < n; i++) b[i] = Math.floor(rnd() * 256);
@@ -300,10 +299,21 @@ describe("VHD export", () => {
     for await (const c of writeVhd(memorySource(disk))) pieces.push(isHole(c) ? { hole: c.hole } : pieceLength(c));
     const K64 = BLOCK_SIZE;
     expect(pieces).toEqual([
-      512, 1024, 512, // footer copy, header, table
-      512, K64, K64, K64, { hole: 2 * MiB - 3 * K64 },
-      512, { hole: 5 * K64 }, K64, { hole: 2 * MiB - 6 * K64 },
-      512, { hole: 2 * MiB - K64 }, K64,
+      512,
+      1024,
+      512, // footer copy, header, table
+      512,
+      K64,
+      K64,
+      K64,
+      { hole: 2 * MiB - 3 * K64 },
+      512,
+      { hole: 5 * K64 },
+      K64,
+      { hole: 2 * MiB - 6 * K64 },
+      512,
+      { hole: 2 * MiB - K64 },
+      K64,
       512, // footer
     ]);
   });
@@ -565,7 +575,15 @@ describe("VHD fuzzing", () => {
     const where = rnd();
     if (where < 0.2) {
       // Any byte of a footer or the header.
-      const [a, b] = pick(base.dynamic ? [[base.footers[0], base.footers[0] + 512], [0, 512], [512, 1536]] : [[base.footers[0], base.footers[0] + 512]]);
+      const [a, b] = pick(
+        base.dynamic
+          ? [
+              [base.footers[0], base.footers[0] + 512],
+              [0, 512],
+              [512, 1536],
+            ]
+          : [[base.footers[0], base.footers[0] + 512]],
+      );
       const at = a + Math.floor(rnd() * (b - a));
       if (rnd() < 0.5) file[at] = Math.floor(rnd() * 256);
       else file[at] ^= 1 << Math.floor(rnd() * 8);

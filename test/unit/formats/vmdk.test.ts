@@ -123,7 +123,6 @@ function sparseDisk(size: number, seed = 7): Buffer {
   return disk;
 }
 
-
 /** Where the structures of a valid sparse VMDK lie, for patching and fuzzing. */
 function layout(buf: Buffer) {
   let header = buf.subarray(0, SECTOR);
@@ -569,7 +568,8 @@ function mutate(valid: Buffer, rnd: () => number): Buffer {
     if (how < 0.35) buf[at] = Math.floor(rnd() * 256);
     else if (how < 0.55) buf[at] ^= 1 << Math.floor(rnd() * 8);
     else if (how < 0.75) buf[at] = pick([0, 1, 0x7f, 0x80, 0xff]);
-    else if (at + 4 <= buf.length) buf.writeUInt32LE(pick([0, 1, 2, 0xffffffff, 0x7fffffff, Math.floor(rnd() * 2 ** 32), Math.floor(rnd() * (valid.length / 512 + 64))]), at - (at % 4 === 0 ? 0 : at % 4));
+    else if (at + 4 <= buf.length)
+      buf.writeUInt32LE(pick([0, 1, 2, 0xffffffff, 0x7fffffff, Math.floor(rnd() * 2 ** 32), Math.floor(rnd() * (valid.length / 512 + 64))]), at - (at % 4 === 0 ? 0 : at % 4));
   }
   if (rnd() < 0.08) return buf.subarray(0, Math.floor(rnd() * buf.length));
   return buf;
@@ -587,7 +587,7 @@ async function fuzz(samples: [string, Buffer][], iterations: number, seed: numbe
       try {
         result = await fuzzOnce(buf);
       } catch (err) {
-        throw new Error(`${name}, iteration ${i} (seed ${seed}): ${(err as Error).stack}`);
+        throw new Error(`${name}, iteration ${i} (seed ${seed}): ${(err as Error).stack}`, { cause: err });
       }
       if (result === "ok") tally[name].ok++;
       else tally[name].refused++;

@@ -339,9 +339,7 @@ describe("ChunkCodec.close", () => {
   it("terminates its workers", async () => {
     const codec = new ChunkCodec(1, 2);
     expect((await codec.hash(Buffer.from(TEXT), BLOCK)).hashes[0]!.equals(sha256(TEXT))).toBe(true);
-    const exits = (codec as unknown as { slots: { worker: import("node:worker_threads").Worker }[] }).slots.map(
-      (s) => new Promise<number>((resolve) => s.worker.once("exit", resolve)),
-    );
+    const exits = (codec as unknown as { slots: { worker: import("node:worker_threads").Worker }[] }).slots.map((s) => new Promise<number>((resolve) => s.worker.once("exit", resolve)));
     await codec.close();
     expect(await Promise.all(exits)).toHaveLength(2);
   });

@@ -14,7 +14,7 @@ export interface ManifestEntry {
  * SQL: the manifest of backup $1 over blocks [$2, $3] as the table `m` (block_index,
  * hash): each block from the nearest backup in its chain of bases that recorded it.
  */
-export const MANIFEST = `WITH RECURSIVE chain AS (
+const MANIFEST = `WITH RECURSIVE chain AS (
     SELECT id, base_id, 0 AS depth FROM backups WHERE id = $1
     UNION ALL
     SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
@@ -23,6 +23,17 @@ export const MANIFEST = `WITH RECURSIVE chain AS (
       FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
      WHERE bb.block_index BETWEEN $2 AND $3
      ORDER BY bb.block_index, c.depth
+  )`;
+
+/** SQL: the blocks of each disk backup in $1 (an array), resolved through its chain, as `m` (top, block_index, hash). */
+const MANIFESTS = `WITH RECURSIVE chain AS (
+    SELECT id AS top, id, base_id, 0 AS depth FROM backups WHERE id = ANY($1)
+    UNION ALL
+    SELECT c.top, b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
+  ), m AS (
+    SELECT DISTINCT ON (c.top, bb.block_index) c.top, bb.block_index, bb.hash
+      FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
+     ORDER BY c.top, bb.block_index, c.depth
   )`;
 
 /**
@@ -35,10 +46,26 @@ export async function resolveManifest(q: Queryable, backupId: string, first: num
   return found.map((r) => ({ index: Number(r.block_index), hash: r.hash }));
 }
 
+/** The blocks holding data of the disk backups `backupIds` together, each resolved through its chain. */
+export async function countRecordedBlocks(q: Queryable, backupIds: string[]): Promise<number> {
+  const [{ n }] = await rows<{ n: string }>(q, `${MANIFESTS} SELECT count(*) AS n FROM m WHERE hash IS NOT NULL`, [backupIds]);
+  return Number(n);
+}
+
 /** Where a disk's bytes come from: a disk backup (through its chain) or a disk of an image. */
 export interface BlockSource {
   backupId?: string;
   imageDiskId?: string;
+}
+
+/**
+ * SQL: what the blocks [$2, $3] of `source` ($1, the backup or the image disk)
+ * read as, as the CTE `m` (block_index, hash; a null hash reads as zeros). For
+ * the statements of the storage layer that join a manifest to their own tables
+ * (a restore's plan); no caller outside it composes SQL with it.
+ */
+export function manifestOf(source: BlockSource): string {
+  return source.imageDiskId ? `WITH m AS (SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3)` : MANIFEST;
 }
 
 /**

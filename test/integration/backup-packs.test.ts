@@ -118,6 +118,53 @@ describe("a backup spanning several vault packs", () => {
     expect(vaultFiles(project).packs).toEqual(filesAfter.packs);
   });
 
+  it("rewrites a mostly dead pack through the pack writer: the live chunks move to a new pack that tiles them, and restore and verify read them there", async () => {
+    const project = svc.projectIds.alpha;
+    const disk = await createDisk(svc, "repacked", 4 * MiB);
+    await writeDisk(svc, disk, bytes(40 * BLOCK, 7001));
+    const before = vaultFiles(project).packs;
+    const first = await backupNow(svc, disk, "repack-first");
+    const [old] = [...vaultFiles(project).packs.keys()].filter((id) => !before.has(id));
+    // Three quarters of the blocks change: once the first backup goes, its pack is a quarter live.
+    await writeDisk(svc, disk, bytes(30 * BLOCK, 7002));
+    const image = await readDisk(svc, disk);
+    const second = await backupNow(svc, disk, "repack-second");
+    const del = (await svc.ok(`mutation ($b: ID!) { deleteBackup(input: { id: $b }) { job { id } } }`, { b: first })).deleteBackup;
+    await succeed(svc, del.job.id);
+    await svc.storage.vault.collectGarbage(project, 3_600_000); // in case the deletion's collection met another collector
+
+    const files = vaultFiles(project);
+    expect(files.packs.has(old)).toBe(false);
+    expect(await svc.ds.query(`SELECT id FROM vault_packs WHERE id = $1`, [old])).toEqual([]);
+    expect(files.temporary).toEqual([]);
+    // The ten blocks left unchanged now sit in one new pack, back to back from its start to its end.
+    const moved: { pack_id: string; pack_offset: string; stored_size: number }[] = await svc.ds.query(
+      `SELECT c.pack_id, c.pack_offset, c.stored_size FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash AND c.project_id = $2
+        WHERE bb.backup_id = $1 AND bb.block_index >= 30 ORDER BY c.pack_offset`,
+      [uuidOf(second), project],
+    );
+    expect(moved).toHaveLength(10);
+    const packId = moved[0].pack_id;
+    expect(packId).not.toBe(old);
+    expect(moved.every((c) => c.pack_id === packId)).toBe(true);
+    let at = 0;
+    for (const c of moved) {
+      expect(Number(c.pack_offset)).toBe(at);
+      at += c.stored_size;
+    }
+    expect(files.packs.get(packId)).toBe(at);
+    const [row] = await svc.ds.query(`SELECT size_bytes FROM vault_packs WHERE id = $1`, [packId]);
+    expect(Number(row.size_bytes)).toBe(at);
+    const [{ n }] = await svc.ds.query(`SELECT count(*)::int AS n FROM vault_chunks WHERE pack_id = $1`, [packId]);
+    expect(n).toBe(10);
+
+    const target = await createDisk(svc, "repacked-restored", 4 * MiB);
+    await restoreNow(svc, { backupId: second, targetDiskId: target });
+    expect(sha(await readDisk(svc, target))).toBe(sha(image));
+    const verify = (await svc.ok(`mutation ($id: ID!) { verifyBackup(input: { id: $id }) { job { id } } }`, { id: second })).verifyBackup.job.id;
+    expect(await succeed(svc, verify)).toMatchObject({ status: "SUCCEEDED", error: null });
+  });
+
   it("reads on from a pack that garbage collection rewrote meanwhile, each chunk where the reader expects it", async () => {
     const project = svc.projectIds.beta;
     const vault = svc.storage.vault;

@@ -1,67 +1,16 @@
 import type { DataSource } from "typeorm";
-import { HASH_BYTES, int8At, rows } from "../../db/sql";
+import { HASH_BYTES, rows } from "../../db/sql";
 import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
 import type { RestorePlan } from "../../services/backup.service";
-import { dataRanges, MANIFEST, type BlockSource } from "../../storage/manifest";
-import { CHUNK_AT, ChunkError, PACKED_CHUNKS, readPackedChunks, type PackChunks, type PackedChunksRow, type Vault } from "../../storage/vault";
+import { dataRanges, type BlockSource } from "../../storage/manifest";
+import { ChunkError, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type BlockBatch, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
 import { JobFailure, type JobContext, type JobHandler, type JobOutcome } from "../runner";
 
 type Source = BlockSource;
 
-/**
- * Chunks of one pack to write, with the blocks that take each: chunk k's blocks
- * are `blocks[starts[k]]` up to `blocks[starts[k + 1]]`.
- */
-interface PackToWrite extends PackChunks {
-  blocks: Float64Array;
-  starts: Uint32Array;
-}
-
-/** One planning batch: the packs to read, and the blocks that become zeros. */
-interface Plan {
-  packs: PackToWrite[];
-  zero: Float64Array;
-}
-
-/**
- * SQL: CTEs over the blocks [$2, $3] of disk $4 and what they must read as, `m`
- * (block_index, hash; a null hash reads as zeros): `now`, the disk's blocks
- * holding data, and `w`, the blocks to write, whose hash differs.
- */
-function diffOf(source: Source): string {
-  const m = source.imageDiskId ? `WITH m AS (SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3)` : MANIFEST;
-  return `${m},
-    now AS (SELECT block_index, hash FROM disk_blocks WHERE disk_id = $4 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL),
-    w AS (SELECT m.block_index, m.hash FROM m LEFT JOIN now USING (block_index) WHERE m.hash IS NOT NULL AND m.hash IS DISTINCT FROM now.hash)`;
-}
-
-/**
- * SQL: the plan of one batch as a few rows: per pack, its chunks to read
- * (PACKED_CHUNKS) with, for each, the blocks that take it (`b`, 8 bytes each)
- * and how many (`bn`); then one row of the blocks to zero (`zero`). Blocks with
- * the same bytes share one chunk, read once. Nothing per block reaches
- * JavaScript as an object of its own.
- */
-const planSql = (source: Source) => `${diffOf(source)},
-    need AS (SELECT hash, string_agg(int8send(block_index), ''::bytea ORDER BY block_index) AS blocks, count(*)::int AS n FROM w GROUP BY hash)
-  SELECT ${PACKED_CHUNKS("need.hash")},
-         string_agg(need.blocks, ''::bytea ORDER BY c.pack_offset) AS b, string_agg(int4send(need.n), ''::bytea ORDER BY c.pack_offset) AS bn, NULL::bytea AS zero
-    FROM need LEFT JOIN LATERAL (${CHUNK_AT("$5", "need.hash")}) AS c ON true
-   GROUP BY c.pack_id
-  UNION ALL
-  SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, string_agg(int8send(block_index), ''::bytea ORDER BY block_index)
-    FROM now WHERE NOT EXISTS (SELECT 1 FROM m WHERE m.block_index = now.block_index AND m.hash IS NOT NULL)`;
-
 /** Blocks planned in the first batch: few, so the first reads and writes start soon. */
 const FIRST_BATCH = 512;
-
-/** The numbers of a bytea of int8send() values (none for null). */
-function int8s(buf: Buffer | null): Float64Array {
-  const out = new Float64Array(buf ? buf.length / 8 : 0);
-  for (let k = 0; k < out.length; k++) out[k] = int8At(buf!, k);
-  return out;
-}
 
 /**
  * Makes disks read back exactly a backup's bytes, writing only the blocks whose
@@ -81,32 +30,6 @@ export class RestoreHandler implements JobHandler {
     return (job.payload as { plan: RestorePlan }).plan;
   }
 
-  /** $1 the source, [$2, $3] the blocks, $4 the disk, $5 the project. */
-  private params(source: Source, projectId: string, diskId: string, first: number, last: number): unknown[] {
-    return [source.imageDiskId ?? source.backupId, first, last, diskId, projectId];
-  }
-
-  /** Blocks of [first, last] to write. */
-  private async count(source: Source, projectId: string, diskId: string, first: number, last: number): Promise<number> {
-    const [{ n }] = await rows<{ n: number }>(this.ds, `${diffOf(source)} SELECT count(*)::int AS n FROM w`, this.params(source, projectId, diskId, first, last).slice(0, 4));
-    return n;
-  }
-
-  private async planBatch(source: Source, projectId: string, diskId: string, first: number, last: number): Promise<Plan> {
-    const found = await rows<PackedChunksRow & { b: Buffer | null; bn: Buffer | null; zero: Buffer | null }>(this.ds, planSql(source), this.params(source, projectId, diskId, first, last));
-    // The row of blocks to zero is the one without hashes (a row of chunks the vault lacks has them).
-    const zeroRow = found.findIndex((r) => r.pack === null && r.h === null);
-    const zero = int8s(found[zeroRow]?.zero ?? null);
-    if (zeroRow >= 0) found.splice(zeroRow, 1);
-    const packs = readPackedChunks(found).map((chunks, k): PackToWrite => {
-      const r = found[k];
-      const starts = new Uint32Array(chunks.raw.length + 1);
-      for (let j = 0; j < chunks.raw.length; j++) starts[j + 1] = starts[j] + r.bn!.readInt32BE(j * 4);
-      return { ...chunks, blocks: int8s(r.b), starts };
-    });
-    return { packs, zero };
-  }
-
   async run(ctx: JobContext): Promise<void> {
     const { job } = ctx;
     const plan = this.plan(job);
@@ -117,7 +40,7 @@ export class RestoreHandler implements JobHandler {
     // planned and read; nothing is written before it is counted, so the count sees no block restored.
     const counting = (async () => {
       let total = 0;
-      for (const t of targets) for (const [first, last] of t.ranges) total += (await this.count(t, job.projectId, t.diskId, first, last)) * BLOCK_SIZE;
+      for (const t of targets) for (const [first, last] of t.ranges) total += (await this.vault.restoreCount(t, t.diskId, first, last)) * BLOCK_SIZE;
       await ctx.progress(0, total);
       return total;
     })();
@@ -132,7 +55,7 @@ export class RestoreHandler implements JobHandler {
       // nothing it compares can change meanwhile); reads run on across the border.
       const plans = async function* () {
         const ranges = t.ranges;
-        const planOf = (k: number) => (k < ranges.length ? self.planBatch(t, job.projectId, t.diskId, ...ranges[k]) : null);
+        const planOf = (k: number) => (k < ranges.length ? self.vault.restorePlan(job.projectId, t, t.diskId, ...ranges[k]) : null);
         let next = planOf(0);
         for (let k = 1; next; k++) {
           const plan = await next;

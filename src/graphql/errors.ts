@@ -1,47 +1,16 @@
 import { HeaderMap } from "@apollo/server";
 import { GraphQLError, type GraphQLFormattedError } from "graphql";
-import { DomainError, ErrorCode } from "../services/errors";
+import { answerOf, DomainError, internal, unavailable } from "../services/errors";
 import type { Logger } from "../logger";
 import { isDatabaseUnavailable } from "../services/db-errors";
 
-/** HTTP status of a domain error answered outside GraphQL (authentication, the data endpoints). */
-export function httpStatusOf(code: ErrorCode): number {
-  switch (code) {
-    case ErrorCode.UNAUTHENTICATED:
-      return 401;
-    case ErrorCode.FORBIDDEN:
-      return 403;
-    case ErrorCode.NOT_FOUND:
-      return 404;
-    case ErrorCode.BAD_USER_INPUT:
-      return 400;
-    case ErrorCode.CONFLICT:
-      return 409;
-    case ErrorCode.FAILED_PRECONDITION:
-      return 412;
-    case ErrorCode.NO_SPACE:
-      return 507;
-    case ErrorCode.RATE_LIMITED:
-      return 429;
-  }
-}
-
-/** The extensions a domain error shows the caller. */
-function extensionsOf(err: DomainError): Record<string, unknown> {
-  return {
-    code: err.code,
-    ...(err.field ? { field: err.field } : {}),
-    ...(err.retryAfterSeconds !== undefined ? { retryAfterSeconds: err.retryAfterSeconds } : {}),
-  };
-}
-
 /**
  * A domain error refusing a whole request before it runs (rate limit): Apollo answers
- * it with the code's HTTP status, and with Retry-After when there is a retry hint.
+ * it with the status and headers (Retry-After) the one mapping gives its code.
  */
-export function toGraphQLError(err: DomainError): GraphQLError {
-  const headers = new HeaderMap(err.retryAfterSeconds !== undefined ? [["retry-after", String(err.retryAfterSeconds)]] : []);
-  return new GraphQLError(err.message, { originalError: err, extensions: { ...extensionsOf(err), http: { status: httpStatusOf(err.code), headers } } });
+export function requestRefusal(err: DomainError): GraphQLError {
+  const { status, headers, extensions } = answerOf(err);
+  return new GraphQLError(err.message, { originalError: err, extensions: { ...extensions, http: { status, headers: new HeaderMap(Object.entries(headers).map(([k, v]) => [k.toLowerCase(), v])) } } });
 }
 
 /** graphql-js's parse error at the token limit (MAX_QUERY_TOKENS): a limit like depth and cost, not a typo ("more that" in graphql 16). */
@@ -84,12 +53,8 @@ export function createErrorFormatter(logger: Logger) {
   const formatError = (formatted: GraphQLFormattedError, error: unknown): GraphQLFormattedError => {
     const original = error instanceof GraphQLError ? error.originalError : error;
     if (original instanceof DomainError) {
-      return {
-        message: original.message,
-        locations: formatted.locations,
-        path: formatted.path,
-        extensions: extensionsOf(original),
-      };
+      const { message, extensions } = answerOf(original);
+      return { message, locations: formatted.locations, path: formatted.path, extensions };
     }
     if (!unexpected(error)) {
       const { stacktrace: _stack, http: _http, ...extensions } = formatted.extensions ?? {};
@@ -99,10 +64,12 @@ export function createErrorFormatter(logger: Logger) {
     }
     if (isDatabaseUnavailable(original)) {
       logger.warn("the database did not answer a request", { error: original instanceof Error ? original.message : String(original), path: formatted.path });
-      return { message: "the database is not answering; try again shortly", locations: formatted.locations, path: formatted.path, extensions: { code: "UNAVAILABLE" } };
+      const { message, extensions } = answerOf(unavailable());
+      return { message, locations: formatted.locations, path: formatted.path, extensions };
     }
     log(error, original, { path: formatted.path });
-    return { message: "Internal server error", locations: formatted.locations, path: formatted.path, extensions: { code: "INTERNAL_SERVER_ERROR" } };
+    const { message, extensions } = answerOf(internal());
+    return { message, locations: formatted.locations, path: formatted.path, extensions };
   };
 
   return { formatError, report };

@@ -26,7 +26,7 @@ import {
 } from "graphql";
 import { rateLimited } from "../services/errors";
 
-export const DEFAULT_PAGE = 20;
+const DEFAULT_PAGE = 20;
 
 type Fragments = Record<string, FragmentDefinitionNode>;
 

@@ -14,7 +14,7 @@ export interface MetricsOptions {
 }
 
 /** Whether an Authorization header carries the token; compared in constant time (as hashes, so lengths do not show). */
-export function bearerMatches(header: string | undefined, token: string): boolean {
+function bearerMatches(header: string | undefined, token: string): boolean {
   const m = /^Bearer (.+)$/i.exec(header ?? "");
   if (!m) return false;
   const digest = (s: string) => createHash("sha256").update(s).digest();
@@ -123,3 +123,19 @@ export function createMetrics(options: MetricsOptions = {}) {
 }
 
 export type Metrics = ReturnType<typeof createMetrics>;
+
+/** GET /metrics: the registry in Prometheus' text format, behind METRICS_TOKEN when one is set. */
+export function metricsRoute(metrics: Metrics, token: string | undefined): RequestHandler {
+  return async (req, res, next) => {
+    try {
+      if (token && !bearerMatches(req.headers.authorization, token)) {
+        res.status(401).setHeader("WWW-Authenticate", 'Bearer realm="metrics"').json({ error: "METRICS_TOKEN required as a bearer token" });
+        return;
+      }
+      res.setHeader("Content-Type", metrics.registry.contentType);
+      res.send(await metrics.registry.metrics());
+    } catch (err) {
+      next(err);
+    }
+  };
+}

@@ -8,6 +8,7 @@ import { processAlive } from "../processes";
 import { isDatabaseUnavailable } from "../services/db-errors";
 import { hydrate } from "../services/pagination";
 import { DomainError } from "../services/errors";
+import { isNoSpace } from "../storage/free-space";
 import type { EventBus } from "./events";
 
 export class JobCancelled extends Error {
@@ -65,12 +66,6 @@ export interface JobOutcome {
   message: string;
 }
 
-/** A file system (or Postgres' disk) that is full: the job fails NO_SPACE, and the service goes on once space is free. */
-export function isNoSpace(err: unknown): boolean {
-  const e = err as { code?: string; driverError?: { code?: string } } | null;
-  return e?.code === "ENOSPC" || e?.code === "EDQUOT" || e?.code === "53100" || e?.driverError?.code === "53100";
-}
-
 export interface JobHandler {
   readonly type: JobType;
   run(ctx: JobContext): Promise<void>;
@@ -87,8 +82,6 @@ export interface RunnerOptions {
   pollMs?: number;
   progressIntervalMs?: number;
 }
-
-const TERMINAL = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED];
 
 /** What a job's start and end lines say; the logger writes the resource keys as global IDs. */
 function jobLine(job: Job): Record<string, unknown> {
@@ -417,10 +410,6 @@ export class JobRunner {
     await this.events
       .publish({ projectId: job.projectId, jobId: job.id, backupId: job.backupId, status: job.status })
       .catch((err) => this.logger.warn("publishing a job event failed", { error: err }));
-  }
-
-  isTerminal(status: JobStatus): boolean {
-    return TERMINAL.includes(status);
   }
 }
 

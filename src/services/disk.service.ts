@@ -4,8 +4,8 @@ import type { ImageService } from "./image.service";
 import type { JobQueue } from "./job-queue";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, failedPrecondition, notFound } from "./errors";
-import { decodeId } from "./global-id";
+import { badInput, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "./errors";
+import { decodeId, fromGlobalId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
 import { DEVICES } from "./server.service";
@@ -64,6 +64,21 @@ export class DiskService {
     const disk = await ctx.loaders.disk.load(decodeId(globalId, "Disk", field));
     if (!disk) throw notFound("disk", globalId);
     return disk;
+  }
+
+  /** The caller's disk whose bytes the data endpoint reads or writes; an ID that names none of the caller's disks is NOT_FOUND. */
+  async forData(ctx: RequestContext, globalId: string): Promise<Disk> {
+    const parsed = fromGlobalId(globalId);
+    const disk = parsed?.type === "Disk" ? await ctx.ds.getRepository(Disk).findOneBy({ id: parsed.id, projectId: ctx.projectId }) : null;
+    if (!disk) throw new DomainError(ErrorCode.NOT_FOUND, "no such disk");
+    return disk;
+  }
+
+  /** Refuses a write to the disk's bytes while a job creates or restores it (those bytes are the job's); read fresh, under the disk's lock. */
+  async assertWritable(ctx: RequestContext, diskId: string): Promise<void> {
+    const disk = await ctx.ds.getRepository(Disk).findOneBy({ id: diskId, projectId: ctx.projectId });
+    if (!disk) throw new DomainError(ErrorCode.NOT_FOUND, "no such disk");
+    if (disk.status === DiskStatus.RESTORING || disk.status === DiskStatus.CREATING) throw conflict(`the disk is ${disk.status}`);
   }
 
   async create(ctx: RequestContext, input: CreateDiskInput): Promise<{ disk: Disk; job: Job | null }> {

@@ -19,12 +19,15 @@ import {
   Server,
   type Job,
 } from "../entities";
-import { exportKey, type UploadStore } from "../storage/uploads";
+import type { Readable } from "node:stream";
+import { BlobNotFoundError } from "../storage/blob-store";
+import { exportKey, UploadTooLarge, type UploadStore } from "../storage/uploads";
+import { BLOCK_SIZE } from "../storage/volume-store";
 import type { BackupService } from "./backup.service";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, failedPrecondition, notFound } from "./errors";
-import { decodeId } from "./global-id";
+import { badBody, badInput, BodyFault, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "./errors";
+import { decodeId, fromGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
@@ -371,6 +374,79 @@ export class ImageService {
   private async deleteExportFile(exp: ImageExport): Promise<void> {
     if (exp.status === ExportStatus.EXPIRED) return;
     await this.uploads?.blobs.delete(exportKey(exp.projectId, exp.id));
+  }
+
+  /** Takes an image file into the caller's uploads, refusing it past UPLOAD_MAX_BYTES or empty; what importImage names by its id. */
+  async upload(ctx: RequestContext, body: Readable): Promise<{ id: string; sizeBytes: number; sha256: string }> {
+    let upload: { id: string; sizeBytes: number; sha256: string };
+    try {
+      upload = await this.store().put(ctx.projectId, body, ctx.config.uploadMaxBytes, ctx.config.uploadTtlSeconds);
+    } catch (err) {
+      if (err instanceof UploadTooLarge) throw badBody(err.message, BodyFault.TOO_LARGE);
+      throw err;
+    }
+    if (upload.sizeBytes === 0) throw badBody("the file is empty");
+    return upload;
+  }
+
+  /** The caller's READY export named by `globalId`, with its image's name; NOT_FOUND for an ID naming none of the caller's exports. */
+  async readyExport(ctx: RequestContext, globalId: string): Promise<{ export: ImageExport; imageName: string | null }> {
+    const parsed = fromGlobalId(globalId);
+    const exp = parsed?.type === "ImageExport" ? await ctx.ds.getRepository(ImageExport).findOneBy({ id: parsed.id, projectId: ctx.projectId }) : null;
+    if (!exp) throw new DomainError(ErrorCode.NOT_FOUND, "no such export");
+    if (exp.status !== ExportStatus.READY) throw failedPrecondition(`the export is ${exp.status}`);
+    const image = await ctx.ds.getRepository(Image).findOneBy({ id: exp.imageId, projectId: ctx.projectId });
+    return { export: exp, imageName: image?.name ?? null };
+  }
+
+  /** A READY export's file, or the bytes of `range`; NOT_FOUND once the file has expired. */
+  async exportFile(exp: ImageExport, range?: { start: number; end: number }): Promise<Readable> {
+    try {
+      return await this.store().blobs.getStream(exportKey(exp.projectId, exp.id), range);
+    } catch (err) {
+      if (err instanceof BlobNotFoundError) throw new DomainError(ErrorCode.NOT_FOUND, "the export's file is gone (expired)");
+      throw err;
+    }
+  }
+
+  /**
+   * Where a READY export's data lies, as qemu-img map --output=json says it: extents
+   * covering the file, each `data` or a hole of zeros. A RAW file's come from the
+   * image's block list, so they cost what the data costs; other formats are one data extent.
+   */
+  async exportExtents(ctx: RequestContext, exp: ImageExport): Promise<{ start: number; length: number; data: boolean; zero: boolean }[]> {
+    const size = exp.sizeBytes ?? 0;
+    const extents: { start: number; length: number; data: boolean; zero: boolean }[] = [];
+    const add = (start: number, end: number, data: boolean) => {
+      if (end > start) extents.push({ start, length: end - start, data, zero: !data });
+    };
+    if (exp.format !== DiskFormat.RAW) {
+      add(0, size, true);
+      return extents;
+    }
+    const runs = await rows<{ first: string; last: string }>(
+      ctx.ds,
+      `SELECT min(block_index) AS first, max(block_index) AS last FROM (
+         SELECT ib.block_index, ib.block_index - row_number() OVER (ORDER BY ib.block_index) AS run
+           FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id WHERE d.image_id = $1 AND d.disk_index = 0
+       ) AS t GROUP BY run ORDER BY 1`,
+      [exp.imageId],
+    );
+    let at = 0;
+    for (const r of runs) {
+      const start = Math.min(size, Number(r.first) * BLOCK_SIZE);
+      const end = Math.min(size, (Number(r.last) + 1) * BLOCK_SIZE);
+      add(at, start, false);
+      add(start, end, true);
+      at = end;
+    }
+    add(at, size, false);
+    return extents;
+  }
+
+  private store(): UploadStore {
+    if (!this.uploads) throw new Error("the services were made without storage");
+    return this.uploads;
   }
 
   /** The image disks a new server or disk is built from, checked against what the caller asks. */

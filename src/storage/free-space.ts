@@ -1,6 +1,12 @@
 import { noSpace } from "../services/errors";
 import type { BlobStore } from "./blob-store";
 
+/** A file system (or Postgres' disk) that is full: a job fails NO_SPACE, a write is answered 507, and the service goes on once space is free. */
+export function isNoSpace(err: unknown): boolean {
+  const e = err as { code?: string; driverError?: { code?: string } } | null;
+  return e?.code === "ENOSPC" || e?.code === "EDQUOT" || e?.code === "53100" || e?.driverError?.code === "53100";
+}
+
 /** How long one measurement of a store's free space is trusted. */
 const MEASURE_EVERY_MS = 1000;
 

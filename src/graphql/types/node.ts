@@ -14,11 +14,11 @@ const TYPES: [new () => { id: string }, NodeType][] = [
 ];
 
 /** The GraphQL type of an entity row. */
-export function nodeTypeOf(value: unknown): NodeType | undefined {
+function nodeTypeOf(value: unknown): NodeType | undefined {
   return TYPES.find(([cls]) => value instanceof cls)?.[1];
 }
 
-export function globalIdOf(value: { id: string }): string {
+function globalIdOf(value: { id: string }): string {
   const type = nodeTypeOf(value);
   if (!type) throw new Error("not a node");
   return toGlobalId(type, value.id);

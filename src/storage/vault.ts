@@ -6,6 +6,7 @@ import { BLOCK_SIZE } from "./volume-store";
 import { HASH_BYTES, hashArray, hashAt, hashOf, int8At, list, listOf, packedHashes, rows } from "../db/sql";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { HashSet } from "./hash-list";
+import { dropIntents, fulfilBlob, INDEXED_OR_PENDING, intendBlob, pendingUnder } from "./pending-blobs";
 
 /** Packs are written once they reach this size. */
 export const PACK_BYTES = 16 * 1024 * 1024;
@@ -129,6 +130,8 @@ export class PackWriter {
   /** Chunks of packs being closed, each set until its pack is indexed. */
   private readonly closing = new Set<HashSet>();
   private inflight: Promise<void>[] = [];
+  /** Keys of packs opened and not yet indexed: pending, so no collector takes them meanwhile. */
+  private readonly pending = new Set<string>();
   /** Bytes this writer added to the vault. */
   storedBytes = 0;
 
@@ -193,8 +196,11 @@ export class PackWriter {
   }
 
   private async open() {
-    this.pack = { id: crypto.randomBytes(32).toString("hex"), writer: null as unknown as BlobWriter, size: 0, index: newPackIndex() };
-    this.pack.writer = await this.vault.blobs.openWriter(packKey(this.projectId, this.pack.id));
+    const id = crypto.randomBytes(32).toString("hex");
+    await this.vault.intend(packKey(this.projectId, id));
+    this.pending.add(packKey(this.projectId, id));
+    this.pack = { id, writer: null as unknown as BlobWriter, size: 0, index: newPackIndex() };
+    this.pack.writer = await this.vault.blobs.openWriter(packKey(this.projectId, id));
     return this.pack;
   }
 
@@ -211,6 +217,7 @@ export class PackWriter {
     const close = (async () => {
       const size = await pack.writer.close();
       const added = await this.vault.indexPack(this.projectId, pack.id, size, pack.index);
+      this.pending.delete(packKey(this.projectId, pack.id));
       this.storedBytes += added; // not `+= await`: that would read the total before another close adds to it
       this.closing.delete(pack.index.chunks);
     })();
@@ -231,6 +238,8 @@ export class PackWriter {
     await pack?.writer.abort().catch(() => undefined);
     await Promise.allSettled(this.inflight);
     this.inflight = [];
+    await this.vault.giveUp(this.pending).catch(() => undefined); // then they are garbage like any unindexed pack
+    this.pending.clear();
   }
 }
 
@@ -288,10 +297,21 @@ export class Vault {
     return new PackWriter(this, projectId);
   }
 
-  /** Indexes the chunks of a durable pack; returns the bytes of chunks that were new. */
+  /** Records that a pack is about to be written (see pending-blobs.ts). */
+  intend(key: string): Promise<void> {
+    return intendBlob(this.ds, key);
+  }
+
+  /** Packs whose writing was given up: no longer pending. */
+  giveUp(keys: Iterable<string>): Promise<void> {
+    return dropIntents(this.ds, keys);
+  }
+
+  /** Indexes the chunks of a durable pack written by a PackWriter, which stops being pending; returns the bytes of chunks that were new. */
   async indexPack(projectId: string, packId: string, size: number, index: PackIndex): Promise<number> {
     return this.ds.transaction(async (em) => {
       await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
+      await fulfilBlob(em, packKey(projectId, packId));
       const inserted = await rows<{ stored_size: number }>(
         em,
         `INSERT INTO vault_chunks (project_id, hash, pack_id, pack_offset, stored_size, raw_size, compressed)
@@ -549,17 +569,19 @@ export class Vault {
       bytes += Number(p.size_bytes);
     }
     const cutoff = Date.now() - graceMs;
+    // Packs being written or waiting for their index are pending: neither their files nor their blobs go.
+    const pending = await pendingUnder(this.ds, `vault/${projectId}/packs/`, graceMs);
     for await (const blob of this.blobs.list(`vault/${projectId}/packs/`)) {
       if (blob.modifiedAt.getTime() > cutoff) continue;
       const id = blob.key.split("/").pop()!;
-      const [row] = await rows(this.ds, `SELECT 1 FROM vault_packs WHERE id = $1`, [id]);
+      const [row] = await rows(this.ds, INDEXED_OR_PENDING(`SELECT 1 FROM vault_packs WHERE id = $1`, "$2"), [id, blob.key]);
       if (row) continue;
       await this.blobs.delete(blob.key);
       packs++;
       bytes += blob.size;
     }
     // Packs a crashed process was still writing.
-    const incomplete = await this.blobs.removeIncomplete?.(`vault/${projectId}/packs/`, new Date(cutoff));
+    const incomplete = await this.blobs.removeIncomplete?.(`vault/${projectId}/packs/`, new Date(cutoff), (key) => pending.has(key));
     if (incomplete) {
       packs += incomplete.count;
       bytes += incomplete.bytes;

@@ -24,6 +24,7 @@ const TABLES = [
   "image_exports",
   "images",
   "jobs",
+  "pending_blobs",
   "policies",
   "policy_bindings",
   "policy_runs",

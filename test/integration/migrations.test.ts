@@ -46,6 +46,12 @@ it("applies every migration and records it", async () => {
   expect(await tables()).toEqual(TABLES);
 });
 
+it("drops backups.expires_at, which nothing set or read", async () => {
+  // Backup.expiresAt comes from the policy's retentionDays; a column of it was never written.
+  const columns = await ds.query(`SELECT column_name FROM information_schema.columns WHERE table_name = 'backups' AND column_name = 'expires_at'`);
+  expect(columns).toEqual([]);
+});
+
 it("indexes every foreign key column", async () => {
   // Each FK's leading column must lead some index, or deletes of the parent scan the child.
   const unindexed = await ds.query(`

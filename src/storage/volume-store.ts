@@ -435,14 +435,25 @@ export class VolumeStore {
   }
 
   /**
+   * Staged blocks of a job that ended without them being dropped (its cleanup failed, or a
+   * process that lost the job went on staging) pin nothing: they can never be published.
+   * `endedWithin` (an interval, e.g. '10 minutes') looks only at jobs that ended that lately.
+   */
+  async dropEndedStaged(endedWithin?: string): Promise<void> {
+    await this.ds.query(
+      `DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+         ${endedWithin ? `AND j.finished_at > now() - $1::interval` : ""}`,
+      endedWithin ? [endedWithin] : [],
+    );
+  }
+
+  /**
    * Deletes segment blobs that no disk block and no running backup or image creation points at, and
    * blobs that were written but never committed (a crash between the two) or never
    * finished (a crash while writing) once they are older than `graceMs`.
    */
   async collectGarbage(graceMs: number): Promise<{ segments: number; bytes: number }> {
-    // Staged blocks of a job that ended without them being dropped (its cleanup failed, or a
-    // process that lost the job went on staging) pin nothing: they can never be published.
-    await this.ds.query(`DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')`);
+    await this.dropEndedStaged();
     const dead: { id: string; disk_id: string; size_bytes: string }[] = await this.ds.query(
       `SELECT s.id, s.disk_id, s.size_bytes FROM volume_segments s
         WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id) AND ${SEGMENT_UNHELD("s")}`,

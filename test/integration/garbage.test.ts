@@ -1,9 +1,11 @@
 import crypto from "node:crypto";
 import fs from "node:fs";
 import path from "node:path";
+import { Readable } from "node:stream";
 import type { QueryRunner } from "typeorm";
 import { silentLogger } from "../../src/logger";
-import { collectAllGarbage } from "../../src/jobs";
+import { collectAllGarbage, compactStorage } from "../../src/jobs";
+import { exportKey, uploadKey } from "../../src/storage/uploads";
 import { BLOCK_SIZE, type BlockWrite } from "../../src/storage/volume-store";
 import { bytes, createDisk } from "../helpers/data";
 import { MiB, startTestService, type TestService } from "../helpers/service";
@@ -134,5 +136,40 @@ describe("a blob between being written and being indexed is never collected (GC_
     await collect();
     expect(await svc.storage.volumes.blobs.stat(key)).toBeNull();
     expect(await svc.ds.query(`SELECT key FROM pending_blobs WHERE key = $1`, [key])).toEqual([]);
+  });
+});
+
+describe("with GC_INTERVAL_SECONDS=0 the compaction pass still reclaims", () => {
+  const compactNow = () => compactStorage(svc.ds, svc.storage, silentLogger);
+
+  it("expired uploads and exports", async () => {
+    const project = svc.projectIds.beta;
+    const upload = await svc.storage.uploads.put(project, Readable.from([bytes(BLOCK_SIZE, 21)]), 10 * MiB, 0);
+    const [image] = await svc.ds.query(`INSERT INTO images (project_id, name, type, status, source, os_type) VALUES ($1, 'expiring', 'DATA_DISK', 'ACTIVE', 'IMPORT', 'OTHER') RETURNING id`, [
+      project,
+    ]);
+    const [exp] = await svc.ds.query(
+      `INSERT INTO image_exports (project_id, image_id, format, status, size_bytes, expires_at) VALUES ($1, $2, 'RAW', 'READY', $3, now() - interval '1 second') RETURNING id`,
+      [project, image.id, BLOCK_SIZE],
+    );
+    await svc.storage.uploads.blobs.put(exportKey(project, exp.id), bytes(BLOCK_SIZE, 22));
+    await compactNow();
+    expect(await svc.storage.uploads.blobs.stat(uploadKey(project, upload.id))).toBeNull();
+    expect(await svc.ds.query(`SELECT id FROM uploads WHERE id = $1`, [upload.id])).toEqual([]);
+    expect(await svc.storage.uploads.blobs.stat(exportKey(project, exp.id))).toBeNull();
+    expect((await svc.ds.query(`SELECT status FROM image_exports WHERE id = $1`, [exp.id]))[0].status).toBe("EXPIRED");
+  });
+
+  it("the segments a restore staged once its job ended without dropping them", async () => {
+    const project = svc.projectIds.beta;
+    const diskId = uuid(await createDisk(svc, "staged-left", 4 * MiB));
+    const [job] = await svc.ds.query(`INSERT INTO jobs (project_id, type, status, started_at) VALUES ($1, 'RESTORE', 'RUNNING', now()) RETURNING id`, [project]);
+    await svc.storage.volumes.putBlocks(project, diskId, blocksOf(bytes(2 * BLOCK_SIZE, 23)), { stage: job.id });
+    const [segment] = await svc.ds.query(`SELECT id FROM volume_segments WHERE disk_id = $1`, [diskId]);
+    await svc.ds.query(`UPDATE jobs SET status = 'FAILED', finished_at = now(), error_code = 'INTERNAL', error_message = 'lost' WHERE id = $1`, [job.id]);
+    await compactNow();
+    expect(await svc.ds.query(`SELECT 1 FROM staged_blocks WHERE job_id = $1`, [job.id])).toEqual([]);
+    expect(await svc.ds.query(`SELECT 1 FROM volume_segments WHERE disk_id = $1`, [diskId])).toEqual([]);
+    expect(await svc.storage.volumes.blobs.stat(`volumes/${diskId}/${segment.id}`)).toBeNull();
   });
 });

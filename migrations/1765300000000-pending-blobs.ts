@@ -3,8 +3,9 @@ import type { MigrationInterface, QueryRunner } from "typeorm";
 /**
  * A blob is recorded as pending before its writer creates it and stops being
  * pending in the transaction that indexes it, so no collector takes it in
- * between, whatever the grace period. A pending row a crashed writer left
- * behind stops protecting its blob after a day (see pending-blobs.ts).
+ * between, whatever the grace period. `owner` names the writing process
+ * (host:pid): a row whose process is gone stops protecting its blob, as does
+ * any row after a day (see pending-blobs.ts).
  */
 export class PendingBlobs1765300000000 implements MigrationInterface {
   name = "PendingBlobs1765300000000";
@@ -13,6 +14,7 @@ export class PendingBlobs1765300000000 implements MigrationInterface {
     await q.query(`
       CREATE TABLE pending_blobs (
         key text NOT NULL,
+        owner text NOT NULL,
         created_at timestamptz NOT NULL DEFAULT now(),
         CONSTRAINT pk_pending_blobs PRIMARY KEY (key)
       )`);

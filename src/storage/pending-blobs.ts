@@ -1,5 +1,7 @@
+import os from "node:os";
 import type { DataSource, EntityManager } from "typeorm";
 import { rows } from "../db/sql";
+import { processAlive } from "../processes";
 
 /**
  * Intents to write blobs. A writer records a blob's key before it creates the
@@ -12,18 +14,22 @@ import { rows } from "../db/sql";
  */
 
 /**
- * An intent older than this (or than the grace period, if longer) is taken for
- * one a crashed writer left: its blob becomes garbage like any unindexed blob.
- * A writer still alive then fails at its commit instead of indexing a blob that
- * may be gone.
+ * An intent whose process is gone (on this host, where that can be told, as
+ * the job runner tells it) or that is older than this (or than the grace
+ * period, if longer) is taken for one a crashed writer left: its blob becomes
+ * garbage like any unindexed blob. A writer still alive then fails at its
+ * commit instead of indexing a blob that may be gone.
  */
 const ABANDONED_AFTER_MS = 24 * 3600 * 1000;
+
+/** The writing process, as intents name it. */
+const OWNER = `${os.hostname()}:${process.pid}`;
 
 type Queryable = DataSource | EntityManager;
 
 /** Records that `key` is about to be written; call before the blob is created. */
 export async function intendBlob(q: Queryable, key: string): Promise<void> {
-  await q.query(`INSERT INTO pending_blobs (key) VALUES ($1)`, [key]);
+  await q.query(`INSERT INTO pending_blobs (key, owner) VALUES ($1, $2)`, [key, OWNER]);
 }
 
 /** In the transaction that indexes the blob: it is no longer pending. Throws when a collector took the intent for abandoned. */
@@ -47,8 +53,15 @@ export async function dropIntents(q: Queryable, keys: Iterable<string>): Promise
 export async function pendingUnder(ds: DataSource, prefix: string, graceMs: number): Promise<Set<string>> {
   const stale = Math.max(graceMs, ABANDONED_AFTER_MS) / 1000;
   await ds.query(`DELETE FROM pending_blobs WHERE starts_with(key, $1) AND created_at < now() - make_interval(secs => $2)`, [prefix, stale]);
-  const found = await rows<{ key: string }>(ds, `SELECT key FROM pending_blobs WHERE starts_with(key, $1)`, [prefix]);
-  return new Set(found.map((r) => r.key));
+  const found = await rows<{ key: string; owner: string }>(ds, `SELECT key, owner FROM pending_blobs WHERE starts_with(key, $1)`, [prefix]);
+  const host = os.hostname();
+  const dead = new Set<string>();
+  for (const r of found) {
+    const [h, pid] = r.owner.split(":");
+    if (h === host && r.owner !== OWNER && !processAlive(Number(pid))) dead.add(r.owner);
+  }
+  if (dead.size) await ds.query(`DELETE FROM pending_blobs WHERE starts_with(key, $1) AND owner = ANY($2::text[])`, [prefix, [...dead]]);
+  return new Set(found.filter((r) => !dead.has(r.owner)).map((r) => r.key));
 }
 
 /**

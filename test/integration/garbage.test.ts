@@ -1,5 +1,7 @@
+import { spawnSync } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
+import os from "node:os";
 import path from "node:path";
 import { Readable } from "node:stream";
 import type { QueryRunner } from "typeorm";
@@ -132,7 +134,18 @@ describe("a blob between being written and being indexed is never collected (GC_
     const diskId = uuid(await createDisk(svc, "crashed-writer", 4 * MiB));
     const key = `volumes/${diskId}/${crypto.randomUUID()}`;
     await svc.storage.volumes.blobs.put(key, bytes(BLOCK_SIZE, 14));
-    await svc.ds.query(`INSERT INTO pending_blobs (key, created_at) VALUES ($1, now() - interval '25 hours')`, [key]);
+    await svc.ds.query(`INSERT INTO pending_blobs (key, owner, created_at) VALUES ($1, 'elsewhere:1', now() - interval '25 hours')`, [key]);
+    await collect();
+    expect(await svc.storage.volumes.blobs.stat(key)).toBeNull();
+    expect(await svc.ds.query(`SELECT key FROM pending_blobs WHERE key = $1`, [key])).toEqual([]);
+  });
+
+  it("takes the intent of a process of this host that is gone for abandoned at once, and collects its blob", async () => {
+    const diskId = uuid(await createDisk(svc, "dead-writer", 4 * MiB));
+    const key = `volumes/${diskId}/${crypto.randomUUID()}`;
+    await svc.storage.volumes.blobs.put(key, bytes(BLOCK_SIZE, 15));
+    const gone = spawnSync(process.execPath, ["-e", ""]).pid!; // a process that ran and ended
+    await svc.ds.query(`INSERT INTO pending_blobs (key, owner) VALUES ($1, $2)`, [key, `${os.hostname()}:${gone}`]);
     await collect();
     expect(await svc.storage.volumes.blobs.stat(key)).toBeNull();
     expect(await svc.ds.query(`SELECT key FROM pending_blobs WHERE key = $1`, [key])).toEqual([]);

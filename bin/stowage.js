@@ -1,17 +1,22 @@
 #!/usr/bin/env node
 "use strict";
-// Runs the TypeScript sources directly (transpile only; `npm run typecheck` checks
-// types), or the compiled build when one exists under dist/ and STOWAGE_DIST=1.
+// With --dist first (as `npm start` does) or STOWAGE_DIST=1, runs the compiled build
+// under dist/, compiling it first when it is missing or older than the sources;
+// otherwise runs the TypeScript sources directly (transpile only; `npm run typecheck`
+// checks types), as the tests and development do. ts-node costs about 100 MiB of memory.
 const path = require("node:path");
 const root = path.join(__dirname, "..");
-if (process.env.STOWAGE_DIST === "1") {
-  const main = path.join(root, "dist", "src", "main.js");
-  if (!require("node:fs").existsSync(main)) {
-    process.stderr.write(`stowage: STOWAGE_DIST=1 but ${path.relative(process.cwd(), main) || main} does not exist; run \`npm run build\` first\n`);
+const args = process.argv.slice(2);
+const dist = args[0] === "--dist" ? Boolean(args.shift()) : process.env.STOWAGE_DIST === "1";
+if (dist) {
+  try {
+    require("./build").ensureBuilt(() => process.stderr.write("stowage: compiling the sources into dist/ (missing or older than the sources)\n"));
+  } catch (err) {
+    process.stderr.write(`stowage: building dist/ failed: ${err.message}\n`);
     process.exit(1);
   }
-  require(main).run(process.argv.slice(2));
+  require(path.join(root, "dist", "src", "main.js")).run(args);
 } else {
   require("ts-node").register({ project: path.join(root, "tsconfig.json"), transpileOnly: true, files: false });
-  require(path.join(root, "src", "main.ts")).run(process.argv.slice(2));
+  require(path.join(root, "src", "main.ts")).run(args);
 }

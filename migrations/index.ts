@@ -5,6 +5,8 @@ import { PolicyRuns1764300000000 } from "./1764300000000-policy-runs";
 import { FailuresAndWork1765000000000 } from "./1765000000000-failures-and-work";
 import { SegmentLiveBlocks1765100000000 } from "./1765100000000-segment-live-blocks";
 import { StagedRestores1765200000000 } from "./1765200000000-staged-restores";
+import { PendingBlobs1765300000000 } from "./1765300000000-pending-blobs";
+import { DropBackupExpiresAt1765400000000 } from "./1765400000000-drop-backup-expires-at";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
 export const migrations = [
@@ -15,4 +17,6 @@ export const migrations = [
   FailuresAndWork1765000000000,
   SegmentLiveBlocks1765100000000,
   StagedRestores1765200000000,
+  PendingBlobs1765300000000,
+  DropBackupExpiresAt1765400000000,
 ];

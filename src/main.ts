@@ -51,7 +51,8 @@ export async function main(argv: string[]): Promise<number> {
           throw err;
         }
       }
-      logger.info("Stowage is serving", { url: `${svc.url}/graphql`, playground: `${svc.url}/` });
+      // Which code runs: the compiled build (npm start) or the sources under ts-node.
+      logger.info("Stowage is serving", { url: `${svc.url}/graphql`, playground: `${svc.url}/`, build: path.extname(__filename) === ".js" ? "compiled" : "sources" });
       process.stdout.write(`Stowage: API ${svc.url}/graphql · playground ${svc.url}/\n`);
       await untilSignalled(svc, logger);
       return 0;

@@ -35,6 +35,5 @@ export class Backup {
   @Column("text", { nullable: true }) error: string | null;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
   @Column("timestamptz", { nullable: true }) completedAt: Date | null;
-  @Column("timestamptz", { nullable: true }) expiresAt: Date | null;
   @UpdateDateColumn({ type: "timestamptz" }) updatedAt: Date;
 }

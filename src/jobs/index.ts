@@ -43,11 +43,20 @@ export function createJobRunner(
   );
 }
 
-/** Reclaims expired exports and uploads, unreferenced volume segments and vault chunks of every project. */
-export async function collectAllGarbage(ds: DataSource, storage: Storage, graceMs: number, logger: Logger): Promise<void> {
+/** Deletes the files of exports and uploads past their expiry; returns how many. Cheap: both are found by index. */
+async function expireTransfers(ds: DataSource, storage: Storage): Promise<number> {
   const expired: { id: string; project_id: string }[] = await rows(ds, `UPDATE image_exports SET status = 'EXPIRED' WHERE status = 'READY' AND expires_at < now() RETURNING id, project_id`);
   for (const e of expired) await storage.uploads.blobs.delete(`exports/${e.project_id}/${e.id}`);
-  await storage.uploads.expire();
+  return expired.length + (await storage.uploads.expire());
+}
+
+/**
+ * The full sweep: what compactStorage reclaims, and besides unreferenced vault
+ * chunks and mostly-dead packs of every project, export files whose export is
+ * gone, and blobs a crash left unindexed or unfinished.
+ */
+export async function collectAllGarbage(ds: DataSource, storage: Storage, graceMs: number, logger: Logger): Promise<void> {
+  await expireTransfers(ds, storage);
   // Export files whose export is gone (its image was deleted) or never finished.
   const cutoff = Date.now() - graceMs;
   for await (const blob of storage.uploads.blobs.list("exports/")) {
@@ -73,12 +82,16 @@ const FAILED_LOOKBACK = "10 minutes";
 const FAILED_SLACK_MS = 60_000;
 
 /**
- * The frequent, incremental part of reclaiming space: compacts volume segments
- * (see compactVolumes) and drops what backups and image jobs that failed or
- * were cancelled lately wrote to the vault. Cheap when there is nothing to do:
- * it reads only dead or sparse segments and lately failed jobs.
+ * The frequent, incremental part of reclaiming space: deletes expired exports
+ * and uploads, compacts volume segments (see compactVolumes; dead ones go,
+ * the staged ones of ended restores too) and drops what backups and image jobs
+ * that failed or were cancelled lately wrote to the vault. Cheap when there is
+ * nothing to do: it reads only expired transfers, dead or sparse segments and
+ * lately failed jobs.
  */
 export async function compactStorage(ds: DataSource, storage: Storage, logger: Logger): Promise<void> {
+  const transfers = await expireTransfers(ds, storage);
+  await storage.volumes.dropEndedStaged(FAILED_LOOKBACK);
   const volumes = await compactVolumes(ds, storage.volumes, (diskId, err) => logger.error("compacting a disk failed", { disk: diskId, error: err }));
   const failed = await rows<{ project_id: string; started_at: Date; finished_at: Date }>(
     ds,
@@ -94,8 +107,9 @@ export async function compactStorage(ds: DataSource, storage: Storage, logger: L
     packs += r?.packs ?? 0;
     bytes += r?.bytes ?? 0;
   }
-  if (volumes?.freedBytes || packs) {
+  if (volumes?.freedBytes || packs || transfers) {
     logger.info("storage compacted", {
+      expired: transfers,
       segmentsDeleted: volumes?.deleted ?? 0,
       segmentsWritten: volumes?.written ?? 0,
       movedBytes: volumes?.movedBytes ?? 0,

@@ -138,7 +138,6 @@ export class BackupService {
       policyId: opts.policyId ?? null,
       jobId: job.id,
       completedAt: null,
-      expiresAt: null,
       error: null,
     };
     let top: Backup;

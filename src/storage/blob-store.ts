@@ -40,11 +40,12 @@ export interface BlobStore {
   list(prefix: string): AsyncIterable<BlobInfo>;
   /**
    * Deletes what writes under `prefix` left behind when their process died before
-   * they finished (a crash mid-write), once untouched since `before`. Garbage
+   * they finished (a crash mid-write), once untouched since `before`, except the
+   * writes of blobs `keep` names (pending ones, still being written). Garbage
    * collection calls it; a backend whose store cleans these up itself (S3 with a
    * lifecycle rule for incomplete multipart uploads) need not implement it.
    */
-  removeIncomplete?(prefix: string, before: Date): Promise<{ count: number; bytes: number }>;
+  removeIncomplete?(prefix: string, before: Date, keep?: (key: string) => boolean): Promise<{ count: number; bytes: number }>;
   /**
    * Bytes the backend can still take, where it can tell (a local file system:
    * what its volume has free); an object store cannot and leaves it out.

@@ -2,6 +2,7 @@ import crypto from "node:crypto";
 import type { DataSource } from "typeorm";
 import { list, listOf, rows } from "../db/sql";
 import type { BlobWriter } from "./blob-store";
+import { dropIntents, intendBlob } from "./pending-blobs";
 import { BLOCK_SIZE, SEGMENT_BYTES, SEGMENT_UNHELD, segmentKey, type VolumeStore } from "./volume-store";
 
 /**
@@ -151,8 +152,12 @@ async function moveLive(ds: DataSource, volumes: VolumeStore, diskId: string, fo
   const id = crypto.randomUUID();
   const buf = Buffer.allocUnsafe(RUN_BLOCKS * BLOCK_SIZE);
   let size = 0;
+  const key = segmentKey(diskId, id);
   try {
-    if (places.length) writer = await volumes.blobs.openWriter(segmentKey(diskId, id));
+    if (places.length) {
+      await intendBlob(ds, key);
+      writer = await volumes.blobs.openWriter(key);
+    }
     let i = 0;
     while (i < places.length) {
       let j = i + 1;
@@ -171,11 +176,12 @@ async function moveLive(ds: DataSource, volumes: VolumeStore, diskId: string, fo
     if (writer) await writer.close();
   } catch (err) {
     await writer?.abort().catch(() => undefined);
+    await dropIntents(ds, [key]).catch(() => undefined);
     throw err;
   }
   if (writer) {
     await ds.transaction(async (em) => {
-      await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [id, group[0].project_id, diskId, size]);
+      await volumes.insertSegment(em, group[0].project_id, diskId, { id, size });
       // Only blocks still where they were copied from; versions stay, for no content changed.
       await em.query(
         `UPDATE disk_blocks b SET segment_id = $2, segment_offset = m.n

@@ -438,11 +438,11 @@ export class FsBlobStore implements BlobStore {
   }
 
   /** Temporary files of writes that never reached their rename (the process died), untouched since `before`. */
-  async removeIncomplete(prefix: string, before: Date): Promise<{ count: number; bytes: number }> {
+  async removeIncomplete(prefix: string, before: Date, keep?: (key: string) => boolean): Promise<{ count: number; bytes: number }> {
     let count = 0;
     let bytes = 0;
     for await (const f of this.walk(prefix)) {
-      if (!f.temporary || f.modifiedAt.getTime() >= before.getTime()) continue;
+      if (!f.temporary || f.modifiedAt.getTime() >= before.getTime() || keep?.(f.key)) continue;
       await fsp.rm(f.file, { force: true });
       count++;
       bytes += f.size;

@@ -4,6 +4,7 @@ import { HASH_BYTES, hashAt, list, listOf, rows } from "../db/sql";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
 import { HashList } from "./hash-list";
+import { dropIntents, fulfilBlob, INDEXED_OR_PENDING, intendBlob, pendingUnder } from "./pending-blobs";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
 export const BLOCK_SIZE = 64 * 1024;
@@ -166,9 +167,13 @@ export class VolumeStore {
     let zeros: number[] = [];
     /** Segments being made durable and committed, oldest first; their commits go in order. */
     const closing: Promise<void>[] = [];
+    /** Keys of segments opened and not yet committed: pending, so no collector takes them meanwhile. */
+    const pending = new Set<string>();
 
     const open = async () => {
       const id = crypto.randomUUID();
+      await intendBlob(this.ds, segmentKey(diskId, id));
+      pending.add(segmentKey(diskId, id));
       segment = {
         id,
         writer: await this.blobs.openWriter(segmentKey(diskId, id), { bypassCache: opts.bypassCache }),
@@ -188,7 +193,11 @@ export class VolumeStore {
       segment = null;
       zeros = [];
       if (!seg?.blocks.indexes.length && !z.length) {
-        if (seg) await seg.writer.abort();
+        if (seg) {
+          await seg.writer.abort();
+          await dropIntents(this.ds, [segmentKey(diskId, seg.id)]);
+          pending.delete(segmentKey(diskId, seg.id));
+        }
         return;
       }
       while (closing.length >= CLOSING_SEGMENTS) await closing.shift();
@@ -201,6 +210,10 @@ export class VolumeStore {
         const written = seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null;
         if (opts.stage) await this.stageBlocks(projectId, diskId, opts.stage, written, z);
         else await this.commit(projectId, diskId, written, z);
+        if (seg) {
+          if (!written) await dropIntents(this.ds, [segmentKey(diskId, seg.id)]); // an empty blob, indexed by nothing
+          pending.delete(segmentKey(diskId, seg.id));
+        }
         const n = (seg?.blocks.indexes.length ?? 0) + z.length;
         changed += n;
         await onCommit?.(n);
@@ -246,6 +259,7 @@ export class VolumeStore {
       const seg = segment as { writer: BlobWriter } | null;
       if (seg) await seg.writer.abort();
       await Promise.allSettled(closing);
+      await dropIntents(this.ds, pending).catch(() => undefined); // then they are garbage like any unindexed blob
       throw err;
     }
     return changed;
@@ -253,9 +267,15 @@ export class VolumeStore {
 
   private async commit(projectId: string, diskId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, zeros: number[]): Promise<void> {
     await this.ds.transaction(async (em) => {
-      if (segment) await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
+      if (segment) await this.insertSegment(em, projectId, diskId, segment);
       await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros));
     });
+  }
+
+  /** Indexes a durable segment written by this store, in the transaction that points blocks at it; it stops being pending. */
+  async insertSegment(em: EntityManager, projectId: string, diskId: string, segment: { id: string; size: number }): Promise<void> {
+    await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
+    await fulfilBlob(em, segmentKey(diskId, segment.id));
   }
 
   /**
@@ -264,7 +284,7 @@ export class VolumeStore {
    */
   private async stageBlocks(projectId: string, diskId: string, jobId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, zeros: number[]): Promise<void> {
     await this.ds.transaction(async (em) => {
-      if (segment) await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
+      if (segment) await this.insertSegment(em, projectId, diskId, segment);
       await em.query(
         `INSERT INTO staged_blocks (job_id, disk_id, block_index, segment_id, segment_offset, hash)
          SELECT $1, $2, x.i, x.s, x.o, x.h FROM (${blocksOf(3)}) AS x
@@ -415,14 +435,25 @@ export class VolumeStore {
   }
 
   /**
+   * Staged blocks of a job that ended without them being dropped (its cleanup failed, or a
+   * process that lost the job went on staging) pin nothing: they can never be published.
+   * `endedWithin` (an interval, e.g. '10 minutes') looks only at jobs that ended that lately.
+   */
+  async dropEndedStaged(endedWithin?: string): Promise<void> {
+    await this.ds.query(
+      `DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+         ${endedWithin ? `AND j.finished_at > now() - $1::interval` : ""}`,
+      endedWithin ? [endedWithin] : [],
+    );
+  }
+
+  /**
    * Deletes segment blobs that no disk block and no running backup or image creation points at, and
    * blobs that were written but never committed (a crash between the two) or never
    * finished (a crash while writing) once they are older than `graceMs`.
    */
   async collectGarbage(graceMs: number): Promise<{ segments: number; bytes: number }> {
-    // Staged blocks of a job that ended without them being dropped (its cleanup failed, or a
-    // process that lost the job went on staging) pin nothing: they can never be published.
-    await this.ds.query(`DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')`);
+    await this.dropEndedStaged();
     const dead: { id: string; disk_id: string; size_bytes: string }[] = await this.ds.query(
       `SELECT s.id, s.disk_id, s.size_bytes FROM volume_segments s
         WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id) AND ${SEGMENT_UNHELD("s")}`,
@@ -436,17 +467,19 @@ export class VolumeStore {
     }
     let orphans = 0;
     const cutoff = Date.now() - graceMs;
+    // Segments being written or waiting for their commit are pending: neither their files nor their blobs go.
+    const pending = await pendingUnder(this.ds, "volumes/", graceMs);
     for await (const blob of this.blobs.list("volumes/")) {
       if (blob.modifiedAt.getTime() > cutoff) continue;
       const id = blob.key.split("/")[2];
-      const [row] = await this.ds.query(`SELECT 1 FROM volume_segments WHERE id = $1`, [id]);
+      const [row] = await this.ds.query(INDEXED_OR_PENDING(`SELECT 1 FROM volume_segments WHERE id = $1`, "$2"), [id, blob.key]);
       if (row) continue;
       await this.blobs.delete(blob.key);
       orphans++;
       bytes += blob.size;
     }
     // Segments a crashed process was still writing.
-    const incomplete = await this.blobs.removeIncomplete?.("volumes/", new Date(cutoff));
+    const incomplete = await this.blobs.removeIncomplete?.("volumes/", new Date(cutoff), (key) => pending.has(key));
     if (incomplete) {
       orphans += incomplete.count;
       bytes += incomplete.bytes;

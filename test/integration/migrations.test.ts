@@ -24,6 +24,7 @@ const TABLES = [
   "image_exports",
   "images",
   "jobs",
+  "pending_blobs",
   "policies",
   "policy_bindings",
   "policy_runs",
@@ -43,6 +44,12 @@ it("applies every migration and records it", async () => {
   const applied = await ds.query(`SELECT name FROM migrations ORDER BY id`);
   expect(applied.map((r: any) => r.name)).toEqual(migrations.map((m) => new m().name));
   expect(await tables()).toEqual(TABLES);
+});
+
+it("drops backups.expires_at, which nothing set or read", async () => {
+  // Backup.expiresAt comes from the policy's retentionDays; a column of it was never written.
+  const columns = await ds.query(`SELECT column_name FROM information_schema.columns WHERE table_name = 'backups' AND column_name = 'expires_at'`);
+  expect(columns).toEqual([]);
 });
 
 it("indexes every foreign key column", async () => {

@@ -1,7 +1,8 @@
 import type { DataSource } from "typeorm";
 import { HASH_BYTES, hashArray, hashAt, hashOf, int8At, list, listOf, packedHashes, rows } from "../../db/sql";
 import { BLOCK_SIZE } from "../volume-store";
-import { ChunkError, hex, type PackChunks } from "./chunk";
+import { fulfilBlob } from "../pending-blobs";
+import { ChunkError, hex, packKey, type PackChunks } from "./chunk";
 import type { PackIndex } from "./pack-writer";
 
 /** SQL: the chunk `hash` of project `project` in vault_chunks, as a LATERAL subquery (LIMIT 1 keeps it one index probe per hash). */
@@ -66,6 +67,7 @@ export class ChunkIndex {
   async addPack(projectId: string, packId: string, size: number, index: PackIndex): Promise<number> {
     return this.ds.transaction(async (em) => {
       await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
+      await fulfilBlob(em, packKey(projectId, packId));
       const inserted = await rows<{ stored_size: number }>(
         em,
         `INSERT INTO vault_chunks (project_id, hash, pack_id, pack_offset, stored_size, raw_size, compressed)
@@ -81,6 +83,7 @@ export class ChunkIndex {
   async movePack(projectId: string, packId: string, size: number, index: PackIndex): Promise<number> {
     await this.ds.transaction(async (em) => {
       await em.query(`INSERT INTO vault_packs (id, project_id, size_bytes) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`, [packId, projectId, size]);
+      await fulfilBlob(em, packKey(projectId, packId));
       await em.query(
         `UPDATE vault_chunks c SET pack_id = $2, pack_offset = m.o
            FROM (SELECT ${hashAt("$3", "u.n")} AS h, u.o FROM unnest(${listOf("$4", "bigint")}) WITH ORDINALITY AS u(o, n)) AS m

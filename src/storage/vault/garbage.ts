@@ -2,6 +2,7 @@ import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
 import type { BlobStore } from "../blob-store";
 import { DecodeError, type ChunkCodec } from "../codec";
+import { INDEXED_OR_PENDING, pendingUnder } from "../pending-blobs";
 import { ChunkError, hex, packKey } from "./chunk";
 import type { PackWriter } from "./pack-writer";
 
@@ -133,17 +134,19 @@ export class GarbageCollector {
       bytes += Number(p.size_bytes);
     }
     const cutoff = Date.now() - graceMs;
+    // Packs being written or waiting for their index are pending: neither their files nor their blobs go.
+    const pending = await pendingUnder(this.ds, `vault/${projectId}/packs/`, graceMs);
     for await (const blob of this.blobs.list(`vault/${projectId}/packs/`)) {
       if (blob.modifiedAt.getTime() > cutoff) continue;
       const id = blob.key.split("/").pop()!;
-      const [row] = await rows(this.ds, `SELECT 1 FROM vault_packs WHERE id = $1`, [id]);
+      const [row] = await rows(this.ds, INDEXED_OR_PENDING(`SELECT 1 FROM vault_packs WHERE id = $1`, "$2"), [id, blob.key]);
       if (row) continue;
       await this.blobs.delete(blob.key);
       packs++;
       bytes += blob.size;
     }
     // Packs a crashed process was still writing.
-    const incomplete = await this.blobs.removeIncomplete?.(`vault/${projectId}/packs/`, new Date(cutoff));
+    const incomplete = await this.blobs.removeIncomplete?.(`vault/${projectId}/packs/`, new Date(cutoff), (key) => pending.has(key));
     if (incomplete) {
       packs += incomplete.count;
       bytes += incomplete.bytes;

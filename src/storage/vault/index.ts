@@ -5,7 +5,8 @@ import type { BlockSource } from "../manifest";
 import type { PackChunks, ReadOptions } from "./chunk";
 import { ChunkIndex } from "./chunk-index";
 import { GarbageCollector, type Reclaimed } from "./garbage";
-import { PackWriter } from "./pack-writer";
+import { PackWriter, type BlobIntents } from "./pack-writer";
+import { dropIntents, intendBlob } from "../pending-blobs";
 import { ChunkReader } from "./reader";
 import { countRestoreBlocks, planRestore, type RestoreBatch } from "./restore-plan";
 
@@ -24,6 +25,10 @@ export class Vault {
   private readonly index: ChunkIndex;
   private readonly reader: ChunkReader;
   private readonly garbage: GarbageCollector;
+  private readonly intents: BlobIntents = {
+    intend: (key) => intendBlob(this.ds, key),
+    giveUp: (keys) => dropIntents(this.ds, keys),
+  };
 
   constructor(
     private readonly ds: DataSource,
@@ -33,12 +38,12 @@ export class Vault {
     this.index = new ChunkIndex(ds);
     this.reader = new ChunkReader(blobs, codec, this.index);
     // A rewritten pack holds chunks the index has: indexing it repoints them.
-    this.garbage = new GarbageCollector(ds, blobs, codec, (projectId) => new PackWriter(blobs, codec, projectId, (id, size, idx) => this.index.movePack(projectId, id, size, idx)));
+    this.garbage = new GarbageCollector(ds, blobs, codec, (projectId) => new PackWriter(blobs, codec, projectId, (id, size, idx) => this.index.movePack(projectId, id, size, idx), this.intents));
   }
 
   /** A writer of new chunks into the project's packs. */
   writer(projectId: string): PackWriter {
-    return new PackWriter(this.blobs, this.codec, projectId, (id, size, idx) => this.index.addPack(projectId, id, size, idx));
+    return new PackWriter(this.blobs, this.codec, projectId, (id, size, idx) => this.index.addPack(projectId, id, size, idx), this.intents);
   }
 
   /** Which of `hashes` the project's vault already holds (hex). */

@@ -5,6 +5,13 @@ import { HashSet } from "../hash-list";
 import { BLOCK_SIZE } from "../volume-store";
 import { packKey } from "./chunk";
 
+/** Intents to write blobs (see pending-blobs.ts): a pack is pending from before its blob exists until it is indexed. */
+export interface BlobIntents {
+  intend(key: string): Promise<void>;
+  /** The writes of `keys` were given up: their blobs are ordinary garbage now. */
+  giveUp(keys: Iterable<string>): Promise<void>;
+}
+
 /** Packs are written once they reach this size. */
 export const PACK_BYTES = 16 * 1024 * 1024;
 /** Packs one writer writes at once. */
@@ -49,6 +56,8 @@ export class PackWriter {
   /** Chunks of packs being closed, each set until its pack is indexed. */
   private readonly closing = new Set<HashSet>();
   private inflight: Promise<void>[] = [];
+  /** Keys of packs opened and not yet indexed: pending, so no collector takes them meanwhile. */
+  private readonly pending = new Set<string>();
   /** Bytes this writer added to the vault. */
   storedBytes = 0;
 
@@ -56,7 +65,9 @@ export class PackWriter {
     private readonly blobs: BlobStore,
     private readonly codec: ChunkCodec,
     private readonly projectId: string,
+    /** Indexes a durable pack and, in the same transaction, fulfils its intent. */
     private readonly indexPack: IndexPack,
+    private readonly intents: BlobIntents,
   ) {}
 
   /** Whether this writer already holds the chunk at byte `at` of `hash` (written or being written). */
@@ -115,8 +126,12 @@ export class PackWriter {
   }
 
   private async open() {
-    this.pack = { id: crypto.randomBytes(32).toString("hex"), writer: null as unknown as BlobWriter, size: 0, index: newPackIndex() };
-    this.pack.writer = await this.blobs.openWriter(packKey(this.projectId, this.pack.id));
+    const id = crypto.randomBytes(32).toString("hex");
+    const key = packKey(this.projectId, id);
+    await this.intents.intend(key);
+    this.pending.add(key);
+    this.pack = { id, writer: null as unknown as BlobWriter, size: 0, index: newPackIndex() };
+    this.pack.writer = await this.blobs.openWriter(key);
     return this.pack;
   }
 
@@ -133,6 +148,7 @@ export class PackWriter {
     const close = (async () => {
       const size = await pack.writer.close();
       const added = await this.indexPack(pack.id, size, pack.index);
+      this.pending.delete(packKey(this.projectId, pack.id));
       this.storedBytes += added; // not `+= await`: that would read the total before another close adds to it
       this.closing.delete(pack.index.chunks);
     })();
@@ -153,5 +169,7 @@ export class PackWriter {
     await pack?.writer.abort().catch(() => undefined);
     await Promise.allSettled(this.inflight);
     this.inflight = [];
+    await this.intents.giveUp(this.pending).catch(() => undefined); // then they are garbage like any unindexed pack
+    this.pending.clear();
   }
 }

@@ -13,10 +13,10 @@ import { createServices, type Services } from "./services";
 import { RequestContext } from "./services/context";
 import { collectAllGarbage, compactStorage, createJobRunner } from "./jobs";
 import { PgEventBus } from "./jobs/events";
-import { Scheduler } from "./jobs/scheduler";
+import { Scheduler } from "./services/scheduler";
 import type { JobRunner, RunnerOptions } from "./jobs/runner";
 import { createStorage, type Storage } from "./storage";
-import { DomainError, ErrorCode } from "./services/errors";
+import { DomainError, ErrorCode } from "./domain/errors";
 
 const EMBEDDED_DATABASE = "stowage";
 /** Serialises migrations between processes sharing one database. */

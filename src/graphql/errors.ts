@@ -1,8 +1,8 @@
 import { HeaderMap } from "@apollo/server";
 import { GraphQLError, type GraphQLFormattedError } from "graphql";
-import { DomainError, ErrorCode } from "../services/errors";
+import { DomainError, ErrorCode } from "../domain/errors";
 import type { Logger } from "../logger";
-import { isDatabaseUnavailable } from "../services/db-errors";
+import { isDatabaseUnavailable } from "../db/errors";
 
 /** HTTP status of a domain error answered outside GraphQL (authentication, the data endpoints). */
 export function httpStatusOf(code: ErrorCode): number {

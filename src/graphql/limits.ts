@@ -24,7 +24,7 @@ import {
   type SelectionSetNode,
   type ValidationRule,
 } from "graphql";
-import { rateLimited } from "../services/errors";
+import { rateLimited } from "../domain/errors";
 
 export const DEFAULT_PAGE = 20;
 

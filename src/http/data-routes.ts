@@ -4,7 +4,7 @@ import type { DataSource } from "typeorm";
 import { rows } from "../db/sql";
 import { Disk, DiskStatus } from "../entities";
 import { httpStatusOf } from "../graphql/errors";
-import { DomainError } from "../services/errors";
+import { DomainError } from "../domain/errors";
 import { fromGlobalId } from "../services/global-id";
 import type { FreeSpace } from "../storage/free-space";
 import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../storage/volume-store";

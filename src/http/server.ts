@@ -1,6 +1,6 @@
 import fs from "node:fs";
 import { isNoSpace } from "../jobs/runner";
-import { isDatabaseUnavailable } from "../services/db-errors";
+import { isDatabaseUnavailable } from "../db/errors";
 import http from "node:http";
 import path from "node:path";
 import { ApolloServer } from "@apollo/server";
@@ -20,7 +20,7 @@ import { refuseHttpSubscriptions } from "../graphql/http-subscriptions";
 import { aliasLimit, costError, depthLimit, MutationRateLimiter, mutationCount, mutationLimit, operationCost } from "../graphql/limits";
 import type { Logger } from "../logger";
 import { RequestContext } from "../services/context";
-import { DomainError } from "../services/errors";
+import { DomainError } from "../domain/errors";
 import type { Services } from "../services";
 import type { Storage } from "../storage";
 import { dataRoutes } from "./data-routes";

@@ -1,13 +1,12 @@
 import crypto from "node:crypto";
 import os from "node:os";
 import type { DataSource, EntityManager } from "typeorm";
-import { rows } from "../db/sql";
+import { isDatabaseUnavailable } from "../db/errors";
+import { hydrate, rows } from "../db/sql";
 import { Job, JobStatus, JobType as JobTypes, type JobType } from "../entities";
 import type { Logger, LogLevel } from "../logger";
 import { processAlive } from "../processes";
-import { isDatabaseUnavailable } from "../services/db-errors";
-import { hydrate } from "../services/pagination";
-import { DomainError } from "../services/errors";
+import { DomainError } from "../domain/errors";
 import type { EventBus } from "./events";
 
 export class JobCancelled extends Error {

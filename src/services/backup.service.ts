@@ -3,7 +3,7 @@ import { rows } from "../db/sql";
 import { Backup, BackupResourceType, BackupStatus, BackupTrigger, Disk, DiskStatus, DiskType, Image, ImageStatus, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, failedPrecondition, notFound } from "./errors";
+import { badInput, conflict, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId, shortId, toGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";

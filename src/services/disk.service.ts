@@ -4,7 +4,7 @@ import type { ImageService } from "./image.service";
 import type { JobQueue } from "./job-queue";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, failedPrecondition, notFound } from "./errors";
+import { badInput, conflict, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";

@@ -23,7 +23,7 @@ import { exportKey, type UploadStore } from "../storage/uploads";
 import type { BackupService } from "./backup.service";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, failedPrecondition, notFound } from "./errors";
+import { badInput, conflict, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";

@@ -1,10 +1,10 @@
-import { rows } from "../db/sql";
+import { hydrate, rows } from "../db/sql";
 import { Job as JobEntity, JobStatus, JobType, type Job } from "../entities";
 import type { RequestContext } from "./context";
-import { badInput, conflict, notFound } from "./errors";
+import { badInput, conflict, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
-import { hydrate, type Condition, type PageArgs } from "./pagination";
+import type { Condition, PageArgs } from "./pagination";
 
 export interface JobFilter {
   statuses?: JobStatus[] | null;

@@ -1,7 +1,7 @@
 import { Job, JobStatus } from "../entities";
 import type { EventBus, JobEvent } from "../jobs/events";
 import type { RequestContext } from "./context";
-import { notFound } from "./errors";
+import { notFound } from "../domain/errors";
 import { decodeId } from "./global-id";
 import { jobConditions, type JobFilter } from "./job.service";
 import { fromGlobalId } from "./global-id";

@@ -1,4 +1,4 @@
-import { noSpace } from "../services/errors";
+import { noSpace } from "../domain/errors";
 import type { BlobStore } from "./blob-store";
 
 /** How long one measurement of a store's free space is trusted. */

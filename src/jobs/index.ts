@@ -3,6 +3,7 @@ import type { Config } from "../config";
 import { JobType } from "../entities";
 import type { Logger } from "../logger";
 import { rows } from "../db/sql";
+import * as exportStatus from "../domain/status/export";
 import type { Storage } from "../storage";
 import { compactVolumes } from "../storage/compaction";
 import type { EventBus } from "./events";
@@ -45,8 +46,7 @@ export function createJobRunner(
 
 /** Reclaims expired exports and uploads, unreferenced volume segments and vault chunks of every project. */
 export async function collectAllGarbage(ds: DataSource, storage: Storage, graceMs: number, logger: Logger): Promise<void> {
-  const expired: { id: string; project_id: string }[] = await rows(ds, `UPDATE image_exports SET status = 'EXPIRED' WHERE status = 'READY' AND expires_at < now() RETURNING id, project_id`);
-  for (const e of expired) await storage.uploads.blobs.delete(`exports/${e.project_id}/${e.id}`);
+  for (const e of await exportStatus.expireDue(ds)) await storage.uploads.blobs.delete(`exports/${e.project_id}/${e.id}`);
   await storage.uploads.expire();
   // Export files whose export is gone (its image was deleted) or never finished.
   const cutoff = Date.now() - graceMs;

@@ -1,5 +1,7 @@
+import type { EntityManager } from "typeorm";
 import type { Queryable } from "../db/sql";
 import { rows } from "../db/sql";
+import { DiskType, type Backup } from "../entities";
 
 /** Block indexes read per statement when walking a whole disk. */
 export const MANIFEST_BATCH = 4096;
@@ -23,6 +25,17 @@ export const MANIFEST = `WITH RECURSIVE chain AS (
       FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
      WHERE bb.block_index BETWEEN $2 AND $3
      ORDER BY bb.block_index, c.depth
+  )`;
+
+/** SQL: the blocks of each disk backup in $1 (an array), resolved through its chain, as `m` (top, block_index, hash). */
+export const MANIFESTS = `WITH RECURSIVE chain AS (
+    SELECT id AS top, id, base_id, 0 AS depth FROM backups WHERE id = ANY($1)
+    UNION ALL
+    SELECT c.top, b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
+  ), m AS (
+    SELECT DISTINCT ON (c.top, bb.block_index) c.top, bb.block_index, bb.hash
+      FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
+     ORDER BY c.top, bb.block_index, c.depth
   )`;
 
 /**
@@ -72,4 +85,26 @@ export async function dataRanges(q: Queryable, source: BlockSource, opts: { disk
     [source.imageDiskId ?? source.backupId, firstSize, size, ...(opts.diskId ? [opts.diskId] : [])],
   );
   return found.map((r) => [Number(r.first), Number(r.last)]);
+}
+
+/**
+ * One image disk of image `imageId` per disk backup, its blocks resolved through
+ * the backup's chain (MANIFEST over every block): no data is copied, chunks are shared.
+ */
+export async function addImageDisksFromBackup(em: EntityManager, imageId: string, parts: Backup[]): Promise<void> {
+  for (const [i, part] of parts.entries()) {
+    const [disk] = await rows<{ id: string }>(em, `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, $2, $3, $4, $5) RETURNING id`, [
+      imageId,
+      i,
+      part.device,
+      part.diskType ?? DiskType.DATA,
+      part.diskSizeBytes ?? 2 ** 20,
+    ]);
+    await em.query(`${MANIFEST} INSERT INTO image_blocks (image_disk_id, block_index, hash) SELECT $4, block_index, hash FROM m WHERE hash IS NOT NULL`, [
+      part.id,
+      0,
+      Number.MAX_SAFE_INTEGER,
+      disk.id,
+    ]);
+  }
 }

@@ -1,7 +1,9 @@
 import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
-import { Backup, JobType, type Job } from "../../entities";
-import { dataRanges, resolveManifest } from "../../storage/manifest";
+import { FailureCode, type JobOf } from "../../domain/jobs";
+import * as backupStatus from "../../domain/status/backup";
+import { Backup, JobType } from "../../entities";
+import { dataRanges, MANIFESTS, resolveManifest } from "../../storage/manifest";
 import { ChunkError, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
@@ -9,16 +11,6 @@ import { JobFailure } from "../runner";
 
 const READ_BATCH = 128;
 
-/** SQL: the blocks of each disk backup in $1 (an array), resolved through its chain, as `m` (backup, block_index, hash). */
-const MANIFEST_COUNT = `WITH RECURSIVE chain AS (
-    SELECT id AS top, id, base_id, 0 AS depth FROM backups WHERE id = ANY($1)
-    UNION ALL
-    SELECT c.top, b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
-  ), m AS (
-    SELECT DISTINCT ON (c.top, bb.block_index) c.top, bb.block_index, bb.hash
-      FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
-     ORDER BY c.top, bb.block_index, c.depth
-  )`;
 const REPORT = 5;
 
 /**
@@ -26,7 +18,7 @@ const REPORT = 5;
  * chunks fail the job with the blocks they belong to, and mark the backup ERROR
  * so nothing restores from it.
  */
-export class VerifyHandler implements JobHandler {
+export class VerifyHandler implements JobHandler<JobType.VERIFY_BACKUP> {
   readonly type = JobType.VERIFY_BACKUP;
 
   constructor(
@@ -34,7 +26,7 @@ export class VerifyHandler implements JobHandler {
     private readonly vault: Vault,
   ) {}
 
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<JobType.VERIFY_BACKUP>): Promise<void> {
     const { job } = ctx;
     const repo = this.ds.getRepository(Backup);
     const top = await repo.findOneByOrFail({ id: job.backupId! });
@@ -43,7 +35,7 @@ export class VerifyHandler implements JobHandler {
     // The work is the blocks the backups record, in ranges that skip what they do not.
     const ranges = new Map<string, [number, number][]>();
     for (const part of parts) ranges.set(part.id, await dataRanges(this.ds, { backupId: part.id }));
-    const [{ n }] = await rows<{ n: string }>(this.ds, `${MANIFEST_COUNT} SELECT count(*) AS n FROM m WHERE hash IS NOT NULL`, [parts.map((p) => p.id)]);
+    const [{ n }] = await rows<{ n: string }>(this.ds, `${MANIFESTS} SELECT count(*) AS n FROM m WHERE hash IS NOT NULL`, [parts.map((p) => p.id)]);
     const total = Number(n) * BLOCK_SIZE;
     await ctx.progress(0, total);
     let done = 0;
@@ -85,13 +77,13 @@ export class VerifyHandler implements JobHandler {
     }
     if (bad) {
       const message = `${bad} of ${checked} chunks failed verification: ${problems.join("; ")}${bad > problems.length ? "; …" : ""}`;
-      await ctx.commit((em) => em.query(`UPDATE backups SET status = 'ERROR', error_code = 'CORRUPT_CHUNK', error = $2, updated_at = now() WHERE id = $1 OR parent_id = $1`, [top.id, message]));
-      throw new JobFailure("VERIFY_FAILED", message);
+      await ctx.commit((em) => backupStatus.markCorrupt(em, top.id, message));
+      throw new JobFailure(FailureCode.VERIFY_FAILED, message);
     }
-    await ctx.commit((em) => em.query(`UPDATE backups SET status = 'AVAILABLE', error_code = NULL, error = NULL, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'ERROR'`, [top.id]));
+    await ctx.commit((em) => backupStatus.markVerified(em, top.id));
   }
 
-  async cleanup(_job: Job, _outcome: JobOutcome): Promise<void> {
+  async cleanup(_job: JobOf<JobType.VERIFY_BACKUP>, _outcome: JobOutcome): Promise<void> {
     // Verification changes nothing unless it finds damage, which run() records itself.
   }
 }

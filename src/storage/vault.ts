@@ -3,6 +3,7 @@ import type { DataSource } from "typeorm";
 import { ChunkCodec, DecodeError } from "./codec";
 import { mapOrdered } from "./pipeline";
 import { BLOCK_SIZE } from "./volume-store";
+import { AdvisoryLock } from "../db/locks";
 import { HASH_BYTES, hashArray, hashAt, hashOf, int8At, list, listOf, packedHashes, rows } from "../db/sql";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { HashSet } from "./hash-list";
@@ -511,12 +512,12 @@ export class Vault {
     const runner = this.ds.createQueryRunner();
     await runner.connect();
     try {
-      const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${0x5707}, hashtext($1)) AS locked`, [`vault:${projectId}`]);
+      const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${AdvisoryLock.VAULT}, hashtext($1)) AS locked`, [`vault:${projectId}`]);
       if (!locked) return null;
       try {
         return await fn();
       } finally {
-        await runner.query(`SELECT pg_advisory_unlock(${0x5707}, hashtext($1))`, [`vault:${projectId}`]);
+        await runner.query(`SELECT pg_advisory_unlock(${AdvisoryLock.VAULT}, hashtext($1))`, [`vault:${projectId}`]);
       }
     } finally {
       await runner.release();

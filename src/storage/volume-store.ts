@@ -1,22 +1,22 @@
 import crypto from "node:crypto";
 import { QueryFailedError, type DataSource, type EntityManager } from "typeorm";
+import { AdvisoryLock } from "../db/locks";
 import { HASH_BYTES, hashAt, list, listOf, rows } from "../db/sql";
+import { BLOCK_SIZE, isZeros } from "../formats/types";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
 import { HashList } from "./hash-list";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
-export const BLOCK_SIZE = 64 * 1024;
+export { BLOCK_SIZE };
 /** Segments of one write being made durable at once, while the next fills. */
 const CLOSING_SEGMENTS = 3;
 /** A segment blob holds up to this many bytes of one write. */
 export const SEGMENT_BYTES = 64 * 1024 * 1024;
 /** Blocks read per step of a stream: 4 MiB, so a slow reader holds little. */
 const READ_BATCH_BLOCKS = 64;
-export const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
 
 export const sha256 = (data: Buffer) => crypto.createHash("sha256").update(data).digest();
-export const isZero = (block: Buffer) => block.equals(ZERO_BLOCK.subarray(0, block.length));
 
 export interface BlockRef {
   index: number;
@@ -224,7 +224,7 @@ export class VolumeStore {
           seg.size += item.data.length;
           item.release?.();
         } else {
-          if (item.data === null || (!item.hash && isZero(item.data))) {
+          if (item.data === null || (!item.hash && isZeros(item.data))) {
             zeros.push(item.index);
             if (zeros.length >= 4096) await flush();
             continue;
@@ -298,11 +298,11 @@ export class VolumeStore {
     const runner = this.ds.createQueryRunner();
     await runner.connect();
     try {
-      await runner.query(`SELECT pg_advisory_lock(${0x5708}, hashtext($1))`, [diskId]);
+      await runner.query(`SELECT pg_advisory_lock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
       try {
         return await fn();
       } finally {
-        await runner.query(`SELECT pg_advisory_unlock(${0x5708}, hashtext($1))`, [diskId]);
+        await runner.query(`SELECT pg_advisory_unlock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
       }
     } finally {
       await runner.release();

@@ -69,8 +69,23 @@ export interface JobPayloads {
 
 export type PayloadOf<T extends JobType> = JobPayloads[T];
 
-/** A job of type T (or of one of the types T names), its payload typed. */
-export type JobOf<T extends JobType> = Job & { type: T; payload: PayloadOf<T> };
+/** The resource columns a job of each type always has (a BACKUP job's backup is recorded in the transaction that queues it). */
+interface JobColumns {
+  [JobType.BACKUP]: "backupId";
+  [JobType.RESTORE]: "backupId";
+  [JobType.CREATE_DISK]: never;
+  [JobType.DELETE_BACKUP]: "backupId";
+  [JobType.VERIFY_BACKUP]: "backupId";
+  [JobType.CREATE_IMAGE]: "imageId";
+  [JobType.IMPORT_IMAGE]: "imageId";
+  [JobType.EXPORT_IMAGE]: "imageId" | "exportId";
+}
+
+/**
+ * A job of type T, its payload and the resource columns its type always has
+ * typed; for a union of types, the union of their jobs, told apart by `type`.
+ */
+export type JobOf<T extends JobType> = T extends JobType ? Job & { type: T; payload: PayloadOf<T> } & { [K in JobColumns[T]]: string } : never;
 
 /** The resources a job acts on, as columns (for listing jobs by resource and for the API). */
 export interface JobResources {

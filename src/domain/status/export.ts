@@ -21,7 +21,7 @@ export async function markReady(q: Queryable, id: string, file: { sizeBytes: num
 }
 
 /** Its job failed or was cancelled: FAILED with the reason. */
-export async function markFailed(q: Queryable, id: string | null, code: FailureCode | ErrorCode, message: string): Promise<void> {
+export async function markFailed(q: Queryable, id: string, code: FailureCode | ErrorCode, message: string): Promise<void> {
   await q.query(`UPDATE image_exports SET status = '${ExportStatus.FAILED}', error_code = $2, error_message = $3 WHERE id = $1`, [id, code, message]);
 }
 

@@ -27,7 +27,7 @@ export class BackupHandler implements JobHandler<JobType.BACKUP> {
   ) {}
 
   private async parts(job: JobOf<JobType.BACKUP>): Promise<Backup[]> {
-    const top = await this.ds.getRepository(Backup).findOneByOrFail({ id: job.backupId! });
+    const top = await this.ds.getRepository(Backup).findOneByOrFail({ id: job.backupId });
     const children = await this.ds.getRepository(Backup).find({ where: { parentId: top.id }, order: { device: "ASC" } });
     return children.length ? children : [top];
   }

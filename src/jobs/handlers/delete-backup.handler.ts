@@ -50,6 +50,6 @@ export class DeleteBackupHandler implements JobHandler<JobType.DELETE_BACKUP> {
   }
 
   async cleanup(job: JobOf<JobType.DELETE_BACKUP>, _outcome: JobOutcome): Promise<void> {
-    if (job.backupId) await backupStatus.cancelDeleting(this.ds, job.backupId);
+    await backupStatus.cancelDeleting(this.ds, job.backupId);
   }
 }

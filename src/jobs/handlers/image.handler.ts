@@ -107,7 +107,7 @@ export class CreateImageHandler implements JobHandler<JobType.CREATE_IMAGE> {
     const { job } = ctx;
     const { payload } = job;
     if (payload.awaitBackupId) await this.awaitBackup(ctx, payload.awaitBackupId);
-    await imageStatus.markSaving(this.ds, job.imageId!);
+    await imageStatus.markSaving(this.ds, job.imageId);
     const disks = await rows<ImageDiskRow>(this.ds, `SELECT id, size_bytes FROM image_disks WHERE image_id = $1 ORDER BY disk_index`, [job.imageId]);
 
     const pendingOf = (d: ImageDiskRow) => ({ table: "image_blocks" as const, ownerColumn: "image_disk_id" as const, ownerId: d.id, diskId: payload.sourceDiskId ?? "", projectId: job.projectId });
@@ -134,7 +134,7 @@ export class CreateImageHandler implements JobHandler<JobType.CREATE_IMAGE> {
       await this.ds.query(`UPDATE image_disks SET checksum = $2 WHERE id = $1`, [d.id, checksums[checksums.length - 1]]);
     }
     ctx.checkCancelled();
-    await ctx.commit((em) => imageStatus.markActive(em, job.imageId!, checksums[0] ?? null));
+    await ctx.commit((em) => imageStatus.markActive(em, job.imageId, checksums[0] ?? null));
   }
 
   private async awaitBackup(ctx: JobContext<JobType.CREATE_IMAGE>, backupId: string): Promise<void> {
@@ -145,7 +145,7 @@ export class CreateImageHandler implements JobHandler<JobType.CREATE_IMAGE> {
       if (backup.status === BackupStatus.ERROR) throw new JobFailure(FailureCode.BACKUP_FAILED, `the backup the image is made from failed: ${backup.error ?? "unknown reason"}`);
       if (backup.status === BackupStatus.AVAILABLE) {
         const parts = await this.ds.getRepository(Backup).find({ where: { parentId: backup.id }, order: { device: "ASC" } });
-        await this.ds.transaction((em) => addImageDisksFromBackup(em, ctx.job.imageId!, parts.length ? parts : [backup]));
+        await this.ds.transaction((em) => addImageDisksFromBackup(em, ctx.job.imageId, parts.length ? parts : [backup]));
         return;
       }
       await new Promise((r) => setTimeout(r, 250));

@@ -66,7 +66,7 @@ export class ImportImageHandler implements JobHandler<JobType.IMPORT_IMAGE> {
     const size = Number(upload.size_bytes);
     // The work is the file's data: its runs of zeros are holes, never read.
     const dataBytes = upload.data_bytes === null ? size : Number(upload.data_bytes);
-    await imageStatus.markSaving(this.ds, job.imageId!);
+    await imageStatus.markSaving(this.ds, job.imageId);
     let read = 0;
     const src = blobSource(this.vault.blobs, uploadKey(job.projectId, uploadId), size, (n) => (read += n), upload.data_map);
     await ctx.progress(0, dataBytes);
@@ -136,7 +136,7 @@ export class ImportImageHandler implements JobHandler<JobType.IMPORT_IMAGE> {
     if (missing > 0) throw new JobFailure(FailureCode.INCOMPLETE, `${missing} blocks have no chunk in the vault`);
     ctx.checkCancelled();
     const roundedUp = Math.ceil(virtualSize / 2 ** 20) * 2 ** 20;
-    await ctx.commit((em) => imageStatus.markActive(em, job.imageId!, checksum.hex(virtualSize), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) }));
+    await ctx.commit((em) => imageStatus.markActive(em, job.imageId, checksum.hex(virtualSize), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) }));
     // The file has served its purpose.
     await this.ds.query(`DELETE FROM uploads WHERE id = $1`, [uploadId]);
     await this.vault.blobs.delete(uploadKey(job.projectId, uploadId));
@@ -164,7 +164,7 @@ export class ExportImageHandler implements JobHandler<JobType.EXPORT_IMAGE> {
   async run(ctx: JobContext<JobType.EXPORT_IMAGE>): Promise<void> {
     const { job } = ctx;
     const { format } = job.payload;
-    await exportStatus.markRunning(this.ds, job.exportId!);
+    await exportStatus.markRunning(this.ds, job.exportId);
     const [disk] = await rows<{ id: string; size_bytes: string }>(this.ds, `SELECT id, size_bytes FROM image_disks WHERE image_id = $1 ORDER BY disk_index LIMIT 1`, [job.imageId]);
     if (!disk) throw new JobFailure(FailureCode.IMAGE_GONE, "the image has no disk to export");
     const [{ n }] = await rows<{ n: string }>(this.ds, `SELECT count(*) AS n FROM image_blocks WHERE image_disk_id = $1`, [disk.id]);
@@ -199,7 +199,7 @@ export class ExportImageHandler implements JobHandler<JobType.EXPORT_IMAGE> {
     // image's checksum verifies it). An export is written once and downloaded once,
     // so it skips the OS cache where the store can.
     const digest = format === "RAW" ? null : vault.codec.digest();
-    const out = await vault.blobs.openWriter(exportKey(job.projectId, job.exportId!), { bypassCache: true });
+    const out = await vault.blobs.openWriter(exportKey(job.projectId, job.exportId), { bypassCache: true });
     let size = 0;
     try {
       let held: Buffer[] = [];
@@ -231,7 +231,7 @@ export class ExportImageHandler implements JobHandler<JobType.EXPORT_IMAGE> {
     }
     const sha256 = digest ? (await digest.digest()).toString("hex") : null;
     ctx.checkCancelled();
-    await ctx.commit((em) => exportStatus.markReady(em, job.exportId!, { sizeBytes: size, sha256 }, this.config.exportTtlSeconds));
+    await ctx.commit((em) => exportStatus.markReady(em, job.exportId, { sizeBytes: size, sha256 }, this.config.exportTtlSeconds));
   }
 
   async cleanup(job: JobOf<JobType.EXPORT_IMAGE>, outcome: JobOutcome): Promise<void> {

@@ -29,7 +29,7 @@ export class VerifyHandler implements JobHandler<JobType.VERIFY_BACKUP> {
   async run(ctx: JobContext<JobType.VERIFY_BACKUP>): Promise<void> {
     const { job } = ctx;
     const repo = this.ds.getRepository(Backup);
-    const top = await repo.findOneByOrFail({ id: job.backupId! });
+    const top = await repo.findOneByOrFail({ id: job.backupId });
     const children = await repo.find({ where: { parentId: top.id }, order: { device: "ASC" } });
     const parts = children.length ? children : [top];
     // The work is the blocks the backups record, in ranges that skip what they do not.

@@ -33,6 +33,9 @@ export const TERMINAL_JOB_STATUSES: readonly JobStatus[] = [JobStatus.SUCCEEDED,
 
 export const isTerminal = (status: JobStatus): boolean => TERMINAL_JOB_STATUSES.includes(status);
 
+/** The same as an SQL list, for `status IN (…)`. */
+export const TERMINAL_JOB_STATUSES_SQL = TERMINAL_JOB_STATUSES.map((s) => `'${s}'`).join(", ");
+
 /** What a RESTORE or CREATE_DISK job does: each disk backup or image disk onto its disk. */
 export interface RestorePlan {
   targets: { backupId?: string; imageDiskId?: string; diskId: string }[];

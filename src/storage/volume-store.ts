@@ -2,6 +2,7 @@ import crypto from "node:crypto";
 import { QueryFailedError, type DataSource, type EntityManager } from "typeorm";
 import { AdvisoryLock } from "../db/locks";
 import { HASH_BYTES, hashAt, list, listOf, rows } from "../db/sql";
+import { TERMINAL_JOB_STATUSES_SQL } from "../domain/jobs";
 import { BLOCK_SIZE, isZeros } from "../formats/types";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
@@ -422,7 +423,7 @@ export class VolumeStore {
   async collectGarbage(graceMs: number): Promise<{ segments: number; bytes: number }> {
     // Staged blocks of a job that ended without them being dropped (its cleanup failed, or a
     // process that lost the job went on staging) pin nothing: they can never be published.
-    await this.ds.query(`DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')`);
+    await this.ds.query(`DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN (${TERMINAL_JOB_STATUSES_SQL})`);
     const dead: { id: string; disk_id: string; size_bytes: string }[] = await this.ds.query(
       `SELECT s.id, s.disk_id, s.size_bytes FROM volume_segments s
         WHERE NOT EXISTS (SELECT 1 FROM disk_blocks b WHERE b.segment_id = s.id) AND ${SEGMENT_UNHELD("s")}`,

@@ -1,6 +1,6 @@
+import type { DataSource } from "typeorm";
 import { hydrate, rows, type Queryable } from "../../db/sql";
 import { Job, JobStatus, type JobType } from "../../entities";
-import type { DataSource } from "typeorm";
 import type { ErrorCode } from "../errors";
 import { FailureCode } from "../jobs";
 

@@ -44,7 +44,7 @@ import { createDataSource } from "../src/db/data-source";
 import { openEmbeddedPostgres, type PostgresHandle } from "../src/db/embedded-postgres";
 import { Policy, type Job } from "../src/entities";
 import { PgEventBus } from "../src/jobs/events";
-import { Scheduler } from "../src/jobs/scheduler";
+import { Scheduler } from "../src/services/scheduler";
 import { createLogger, silentLogger } from "../src/logger";
 import { createServices, type Services } from "../src/services";
 import { RequestContext } from "../src/services/context";

@@ -4,6 +4,7 @@ import path from "node:path";
 import { Client } from "pg";
 import type { DataSource } from "typeorm";
 import type { Config } from "./config";
+import { AdvisoryLock } from "./db/locks";
 import { createDataSource } from "./db/data-source";
 import { openEmbeddedPostgres, type PostgresHandle } from "./db/embedded-postgres";
 import { buildStowageSchema } from "./graphql/schema";
@@ -13,14 +14,12 @@ import { createServices, type Services } from "./services";
 import { RequestContext } from "./services/context";
 import { collectAllGarbage, compactStorage, createJobRunner } from "./jobs";
 import { PgEventBus } from "./jobs/events";
-import { Scheduler } from "./jobs/scheduler";
+import { Scheduler } from "./services/scheduler";
 import type { JobRunner, RunnerOptions } from "./jobs/runner";
 import { createStorage, type Storage } from "./storage";
-import { DomainError, ErrorCode } from "./services/errors";
+import { DomainError, ErrorCode } from "./domain/errors";
 
 const EMBEDDED_DATABASE = "stowage";
-/** Serialises migrations between processes sharing one database. */
-const MIGRATION_LOCK = 0x5707_a6e;
 
 export interface Database {
   ds: DataSource;
@@ -88,10 +87,10 @@ export async function migrate(ds: DataSource): Promise<void> {
   const runner = ds.createQueryRunner();
   await runner.connect();
   try {
-    await runner.query("SELECT pg_advisory_lock($1)", [MIGRATION_LOCK]);
+    await runner.query("SELECT pg_advisory_lock($1)", [AdvisoryLock.MIGRATIONS]);
     await ds.runMigrations({ transaction: "each" });
   } finally {
-    await runner.query("SELECT pg_advisory_unlock($1)", [MIGRATION_LOCK]).catch(() => undefined);
+    await runner.query("SELECT pg_advisory_unlock($1)", [AdvisoryLock.MIGRATIONS]).catch(() => undefined);
     await runner.release();
   }
 }

@@ -2,7 +2,7 @@ import type { DataSource } from "typeorm";
 import type { Config } from "./config";
 import { OsType, Server } from "./entities";
 import { RequestContext } from "./services/context";
-import { failedPrecondition } from "./services/errors";
+import { failedPrecondition } from "./domain/errors";
 import type { Services } from "./services";
 import { toGlobalId } from "./services/global-id";
 import { GiB } from "./services/validate";

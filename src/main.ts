@@ -5,7 +5,7 @@ import path from "node:path";
 import { ConfigError, loadConfig } from "./config";
 import { EmbeddedPostgresError } from "./db/embedded-postgres";
 import { createLogger } from "./logger";
-import { DomainError } from "./services/errors";
+import { DomainError } from "./domain/errors";
 
 // The heavy modules (entities, services, GraphQL schema, Apollo) load only in the
 // commands that use them, so help, usage and configuration errors answer at once

@@ -1,4 +1,4 @@
-import type { DataSource, EntityManager } from "typeorm";
+import type { DataSource, EntityManager, EntityTarget, ObjectLiteral } from "typeorm";
 
 export type Queryable = DataSource | EntityManager;
 
@@ -10,6 +10,18 @@ export async function rows<T = Record<string, unknown>>(q: Queryable, sql: strin
   const r = await q.query(sql, params);
   if (Array.isArray(r) && r.length === 2 && Array.isArray(r[0]) && typeof r[1] === "number") return r[0] as T[];
   return r as T[];
+}
+
+/** Maps raw rows to entities through TypeORM's own column metadata and transformers. */
+export function hydrate<T extends ObjectLiteral>(ds: DataSource, entity: EntityTarget<T>, rows: Record<string, unknown>[]): T[] {
+  const meta = ds.getMetadata(entity);
+  return rows.map((row) => {
+    const obj = meta.create() as Record<string, unknown>;
+    for (const col of meta.columns) {
+      obj[col.propertyName] = ds.driver.prepareHydratedValue(row[col.databaseName], col);
+    }
+    return obj as T;
+  });
 }
 
 /** SHA-256 hashes, the names of blocks and chunks, are 32 bytes. */

@@ -15,7 +15,8 @@ export class Job {
   /** Blocks the job read, wrote, hashed or enumerated: its work, which grows with the data, not with a disk's size. */
   @Column("bigint", { transformer: bigintNumber, default: 0 }) blocksVisited: number;
   @Column("boolean", { default: false }) cancelRequested: boolean;
-  @Column("jsonb", { default: {} }) payload: Record<string, unknown>;
+  /** Typed by the job's type: see JobPayloads in src/domain/jobs.ts. */
+  @Column("jsonb", { default: {} }) payload: object;
   @Column("text", { nullable: true }) errorCode: string | null;
   @Column("text", { nullable: true }) errorMessage: string | null;
   @Column("uuid", { nullable: true }) serverId: string | null;

@@ -1,8 +1,8 @@
 import crypto from "node:crypto";
-import { BLOCK_SIZE, FormatError, type ImageReader } from "./types";
+import { BLOCK_SIZE, FormatError, ZERO_BLOCK, type ImageReader } from "./types";
 import { groupBlocks } from "./blocks";
 
-const ZERO_BLOCK_SHA256 = crypto.createHash("sha256").update(Buffer.alloc(BLOCK_SIZE)).digest();
+const ZERO_BLOCK_SHA256 = crypto.createHash("sha256").update(ZERO_BLOCK).digest();
 
 /**
  * An image's checksum, the same whatever file format carries its bytes: SHA-256

@@ -107,7 +107,8 @@ export const isHole = (p: WriterPiece): p is Hole => !Buffer.isBuffer(p);
  */
 export type ImageWriter = (source: WriteSource) => AsyncIterable<WriterPiece>;
 
-const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+/** One block of zeros, shared: read it, never write into it. */
+export const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
 
 /** Whether all of `b` is zeros. */
 export function isZeros(b: Buffer): boolean {

@@ -13,7 +13,7 @@
 import crypto from "node:crypto";
 import { promisify } from "node:util";
 import zlib from "node:zlib";
-import { BLOCK_SIZE, FormatError, LentReads, mayHoldData, within, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
+import { BLOCK_SIZE, FormatError, LentReads, mayHoldData, within, ZERO_BLOCK, type FormatLimits, type ImageReader, type ImageWriter, type RandomAccessSource } from "./types";
 
 const SECTOR = 512;
 const MAGIC = Buffer.from("KDMV", "latin1");
@@ -476,7 +476,6 @@ function descriptorText(capacity: number): string {
 }
 
 const padToSector = (b: Buffer) => (b.length % SECTOR === 0 ? b : Buffer.concat([b, Buffer.alloc(SECTOR - (b.length % SECTOR))]));
-const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
 
 /**
  * A streamOptimized VMDK in one pass: header (grain directory at the end),

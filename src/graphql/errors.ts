@@ -1,8 +1,8 @@
 import { HeaderMap } from "@apollo/server";
 import { GraphQLError, type GraphQLFormattedError } from "graphql";
-import { answerOf, DomainError, internal, unavailable } from "../services/errors";
+import { answerOf, DomainError, internal, unavailable } from "../domain/errors";
 import type { Logger } from "../logger";
-import { isDatabaseUnavailable } from "../services/db-errors";
+import { isDatabaseUnavailable } from "../db/errors";
 
 /**
  * A domain error refusing a whole request before it runs (rate limit): Apollo answers

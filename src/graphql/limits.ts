@@ -24,7 +24,7 @@ import {
   type SelectionSetNode,
   type ValidationRule,
 } from "graphql";
-import { rateLimited } from "../services/errors";
+import { rateLimited } from "../domain/errors";
 
 const DEFAULT_PAGE = 20;
 

@@ -1,7 +1,7 @@
 import type { RequestHandler } from "express";
 import type { Project } from "../entities";
 import type { ProjectService } from "../services/project.service";
-import { unauthenticated } from "../services/errors";
+import { unauthenticated } from "../domain/errors";
 
 declare module "express-serve-static-core" {
   interface Request {

@@ -4,7 +4,7 @@ import type { Project } from "../entities";
 import { EXTENSIONS, type FormatName } from "../formats";
 import type { Services } from "../services";
 import type { RequestContext } from "../services/context";
-import { badBody, BodyFault, DomainError } from "../services/errors";
+import { badBody, BodyFault, DomainError } from "../domain/errors";
 import type { FreeSpace } from "../storage/free-space";
 import { BLOCK_SIZE, type BlockWrite, type VolumeStore } from "../storage/volume-store";
 import { sendError } from "./errors";

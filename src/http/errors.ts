@@ -1,8 +1,8 @@
 import type { Socket } from "node:net";
 import type { ErrorRequestHandler, Request, RequestHandler, Response } from "express";
 import type { Logger } from "../logger";
-import { isDatabaseUnavailable } from "../services/db-errors";
-import { answerOf, badRequest, BodyFault, DomainError, ErrorCode, internal, noSpace, unavailable } from "../services/errors";
+import { isDatabaseUnavailable } from "../db/errors";
+import { answerOf, badRequest, BodyFault, DomainError, ErrorCode, internal, noSpace, unavailable } from "../domain/errors";
 import { isNoSpace } from "../storage/free-space";
 
 /** A refused body up to this size is read and thrown away, so that its keep-alive connection carries the next request; a larger one closes the connection. */

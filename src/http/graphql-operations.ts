@@ -8,7 +8,7 @@ import { aliasLimit, costError, depthLimit, MutationRateLimiter, mutationCount, 
 import type { Logger } from "../logger";
 import type { Services } from "../services";
 import { RequestContext } from "../services/context";
-import { DomainError } from "../services/errors";
+import { DomainError } from "../domain/errors";
 
 function fragmentsOf(doc: DocumentNode): Record<string, FragmentDefinitionNode> {
   const out: Record<string, FragmentDefinitionNode> = {};

@@ -3,6 +3,7 @@ import type { Config } from "../config";
 import { JobType } from "../entities";
 import type { Logger } from "../logger";
 import { rows } from "../db/sql";
+import * as exportStatus from "../domain/status/export";
 import type { Storage } from "../storage";
 import { compactVolumes } from "../storage/compaction";
 import type { EventBus } from "./events";
@@ -45,7 +46,7 @@ export function createJobRunner(
 
 /** Deletes the files of exports and uploads past their expiry; returns how many. Cheap: both are found by index. */
 async function expireTransfers(ds: DataSource, storage: Storage): Promise<number> {
-  const expired: { id: string; project_id: string }[] = await rows(ds, `UPDATE image_exports SET status = 'EXPIRED' WHERE status = 'READY' AND expires_at < now() RETURNING id, project_id`);
+  const expired = await exportStatus.expireDue(ds);
   for (const e of expired) await storage.uploads.blobs.delete(`exports/${e.project_id}/${e.id}`);
   return expired.length + (await storage.uploads.expire());
 }

@@ -1,13 +1,14 @@
 import crypto from "node:crypto";
 import os from "node:os";
 import type { DataSource, EntityManager } from "typeorm";
-import { rows } from "../db/sql";
+import { isDatabaseUnavailable } from "../db/errors";
 import { Job, JobStatus, JobType as JobTypes, type JobType } from "../entities";
+import { DomainError, type ErrorCode } from "../domain/errors";
+import { FailureCode, type JobOf } from "../domain/jobs";
+import * as backupStatus from "../domain/status/backup";
+import * as jobStatus from "../domain/status/job";
 import type { Logger, LogLevel } from "../logger";
 import { processAlive } from "../processes";
-import { isDatabaseUnavailable } from "../services/db-errors";
-import { hydrate } from "../services/pagination";
-import { DomainError } from "../services/errors";
 import { isNoSpace } from "../storage/free-space";
 import type { EventBus } from "./events";
 
@@ -23,9 +24,9 @@ export class JobInterrupted extends Error {
   }
 }
 
-/** What a handler receives while its job runs. */
-export interface JobContext {
-  readonly job: Job;
+/** What a handler receives while its job runs: the job, its payload typed by its type. */
+export interface JobContext<T extends JobType = JobType> {
+  readonly job: JobOf<T>;
   readonly signal: AbortSignal;
   /**
    * Records progress; throws JobCancelled once cancellation was asked for. The
@@ -53,24 +54,19 @@ export class JobLost extends Error {
   }
 }
 
-/**
- * Why a job failed, as the API shows it (`Job.error`, `Image.error`,
- * `ImageExport.error`). INTERNAL is for bugs only.
- */
-export type FailureCode =
-  "NO_SPACE" | "BAD_IMAGE" | "TOO_LARGE" | "CORRUPT_CHUNK" | "UPLOAD_GONE" | "IMAGE_GONE" | "BACKUP_GONE" | "BACKUP_FAILED" | "VERIFY_FAILED" | "INCOMPLETE" | "INTERRUPTED" | "CANCELLED" | "INTERNAL";
-
 export interface JobOutcome {
   status: JobStatus.FAILED | JobStatus.CANCELLED;
-  code: FailureCode | string;
+  /** A job failure's code, or the code of a domain error (a rule the job met, such as NO_SPACE). */
+  code: FailureCode | ErrorCode;
   message: string;
 }
 
-export interface JobHandler {
-  readonly type: JobType;
-  run(ctx: JobContext): Promise<void>;
+/** Runs the jobs of type T (or of the types T names). */
+export interface JobHandler<T extends JobType = JobType> {
+  readonly type: T;
+  run(ctx: JobContext<T>): Promise<void>;
   /** Puts what the job touched back into a consistent state after it failed, was cancelled or was interrupted. */
-  cleanup(job: Job, outcome: JobOutcome): Promise<void>;
+  cleanup(job: JobOf<T>, outcome: JobOutcome): Promise<void>;
 }
 
 export interface RunnerOptions {
@@ -106,8 +102,11 @@ function jobLine(job: Job): Record<string, unknown> {
   };
 }
 
+/** The job with its payload typed by its type: the payload was typed when the job was enqueued (NewJob). */
+const typed = (job: Job): JobOf<JobType> => job as JobOf<JobType>;
+
 /** Failures ask for attention (a bug, INTERNAL, most); a cancelled job is someone's choice. */
-const endLevel = (job: Job): LogLevel => (job.status !== JobStatus.FAILED ? "info" : job.errorCode === "INTERNAL" ? "error" : "warn");
+const endLevel = (job: Job): LogLevel => (job.status !== JobStatus.FAILED ? "info" : job.errorCode === FailureCode.INTERNAL ? "error" : "warn");
 
 /**
  * Runs queued jobs: claims them from Postgres with FOR UPDATE SKIP LOCKED, so any
@@ -196,15 +195,8 @@ export class JobRunner {
   }
 
   private async claim(): Promise<Job | null> {
-    const claimed = await rows(
-      this.ds,
-      `UPDATE jobs SET status = 'RUNNING', started_at = now(), attempts = attempts + 1, worker_id = $1, heartbeat_at = now(), updated_at = now()
-        WHERE id = (SELECT id FROM jobs WHERE status = 'QUEUED' AND type = ANY($2) ORDER BY created_at, id FOR UPDATE SKIP LOCKED LIMIT 1)
-        RETURNING *`,
-      [this.workerId, this.handledTypes()],
-    );
-    if (!claimed.length) return null;
-    const [job] = hydrate(this.ds, Job, claimed);
+    const job = await jobStatus.claimNext(this.ds, this.workerId, this.handledTypes());
+    if (!job) return null;
     this.logger.info("job started", jobLine(job));
     await this.publish(job);
     return job;
@@ -215,15 +207,17 @@ export class JobRunner {
     const ctrl = new AbortController();
     this.running.set(job.id, ctrl);
     let cancelRequested = job.cancelRequested;
+    const claim: jobStatus.Claim = { id: job.id, workerId: this.workerId, attempts: job.attempts };
     // What the handler reported; written and published by a timer, so events keep coming while a phase reports nothing.
     const seen = { done: 0, total: 0, visited: 0 };
     const written = { done: -1, total: -1, visited: -1 };
     let flushing: Promise<void> | null = null;
     const heartbeat = setInterval(
       () => {
-        void rows<{ cancel_requested: boolean }>(this.ds, `UPDATE jobs SET heartbeat_at = now() WHERE id = $1 RETURNING cancel_requested`, [job.id])
-          .then((r) => {
-            if (r[0]?.cancel_requested) {
+        void jobStatus
+          .beat(this.ds, job.id)
+          .then((cancel) => {
+            if (cancel) {
               cancelRequested = true;
               ctrl.abort(new JobCancelled());
             }
@@ -242,21 +236,16 @@ export class JobRunner {
       const { done, total, visited } = seen;
       Object.assign(written, seen);
       const progress = total > 0 ? Math.min(1, done / total) : 0;
-      const r = await rows<{ cancel_requested: boolean }>(
-        this.ds,
-        `UPDATE jobs SET progress = $2, bytes_done = $3, bytes_total = $4, blocks_visited = $5, heartbeat_at = now(), updated_at = now()
-          WHERE id = $1 AND status = 'RUNNING' AND worker_id = $6 AND attempts = $7 RETURNING cancel_requested`,
-        [job.id, progress, done, total, visited, this.workerId, job.attempts],
-      );
-      if (!r.length) {
+      const cancel = await jobStatus.recordProgress(this.ds, claim, { progress, done, total, visited });
+      if (cancel === null) {
         // Ended elsewhere (failed by another process while this one was frozen): stop at the next check.
         ctrl.abort(new JobLost());
         return;
       }
-      if (job.backupId) await this.ds.query(`UPDATE backups SET progress = $2 WHERE id = $1 AND status IN ('CREATING', 'RESTORING')`, [job.backupId, progress]);
+      if (job.backupId) await backupStatus.recordProgress(this.ds, job.backupId, progress);
       Object.assign(job, { progress, bytesDone: done, bytesTotal: total, blocksVisited: visited });
       if (announce) await this.publish(job);
-      if (r[0].cancel_requested && !cancelRequested) {
+      if (cancel && !cancelRequested) {
         cancelRequested = true;
         ctrl.abort(new JobCancelled());
       }
@@ -267,7 +256,7 @@ export class JobRunner {
         .finally(() => (flushing = null));
     }, this.opts.progressIntervalMs);
     const ctx: JobContext = {
-      job,
+      job: typed(job),
       signal: ctrl.signal,
       checkCancelled: check,
       visit: (blocks) => {
@@ -275,12 +264,7 @@ export class JobRunner {
       },
       commit: (fn) =>
         this.ds.transaction(async (em) => {
-          const held = await rows(em, `UPDATE jobs SET heartbeat_at = now() WHERE id = $1 AND status = 'RUNNING' AND worker_id = $2 AND attempts = $3 RETURNING id`, [
-            job.id,
-            this.workerId,
-            job.attempts,
-          ]);
-          if (!held.length) throw new JobLost();
+          if (!(await jobStatus.hold(em, claim))) throw new JobLost();
           return fn(em);
         }),
       progress: async (bytesDone, bytesTotal) => {
@@ -312,7 +296,7 @@ export class JobRunner {
       }
       const outcome = this.outcomeOf(err, job);
       try {
-        await handler.cleanup(job, outcome);
+        await handler.cleanup(typed(job), outcome);
       } catch (cleanupErr) {
         this.logger.error("job cleanup failed", { job: job.id, type: job.type, error: cleanupErr });
       }
@@ -326,37 +310,30 @@ export class JobRunner {
   }
 
   private outcomeOf(err: unknown, job: Job): JobOutcome {
-    if (err instanceof JobCancelled) return { status: JobStatus.CANCELLED, code: "CANCELLED", message: "the job was cancelled" };
-    if (err instanceof JobInterrupted) return { status: JobStatus.FAILED, code: "INTERRUPTED", message: err.message };
+    if (err instanceof JobCancelled) return { status: JobStatus.CANCELLED, code: FailureCode.CANCELLED, message: "the job was cancelled" };
+    if (err instanceof JobInterrupted) return { status: JobStatus.FAILED, code: FailureCode.INTERRUPTED, message: err.message };
     if (err instanceof DomainError) return { status: JobStatus.FAILED, code: err.code, message: err.message };
     if (err instanceof JobFailure) return { status: JobStatus.FAILED, code: err.code, message: err.message };
     if (isDatabaseUnavailable(err)) {
       this.logger.warn("a job stopped: the database became unavailable", { job: job.id, type: job.type, error: err });
-      return { status: JobStatus.FAILED, code: "INTERRUPTED", message: "the database became unavailable while the job ran; it can run again" };
+      return { status: JobStatus.FAILED, code: FailureCode.INTERRUPTED, message: "the database became unavailable while the job ran; it can run again" };
     }
     if (isNoSpace(err)) {
       this.logger.warn("a job ran out of space", { job: job.id, type: job.type, error: err });
-      return { status: JobStatus.FAILED, code: "NO_SPACE", message: "the storage ran out of space; what the job had written was removed, and it can run again once space is free" };
+      return { status: JobStatus.FAILED, code: FailureCode.NO_SPACE, message: "the storage ran out of space; what the job had written was removed, and it can run again once space is free" };
     }
     this.logger.error("job failed", { job: job.id, type: job.type, error: err });
-    return { status: JobStatus.FAILED, code: "INTERNAL", message: "the job failed unexpectedly; the service log has the details" };
+    return { status: JobStatus.FAILED, code: FailureCode.INTERNAL, message: "the job failed unexpectedly; the service log has the details" };
   }
 
-  private async finish(job: Job, outcome: { status: JobStatus; code?: string; message?: string }): Promise<void> {
-    const succeeded = outcome.status === JobStatus.SUCCEEDED;
-    const [row] = await rows(
-      this.ds,
-      `UPDATE jobs SET status = $2, finished_at = now(), updated_at = now(), error_code = $3, error_message = $4, blocks_visited = $6,
-              progress = CASE WHEN $5 THEN 1 ELSE progress END, bytes_done = CASE WHEN $5 THEN bytes_total ELSE bytes_done END
-        WHERE id = $1 AND status = 'RUNNING' AND worker_id = $7 AND attempts = $8 RETURNING *`,
-      [job.id, outcome.status, outcome.code ?? null, outcome.message ?? null, succeeded, job.blocksVisited ?? 0, this.workerId, job.attempts],
-    );
+  private async finish(job: Job, outcome: { status: JobStatus; code?: FailureCode | ErrorCode; message?: string }): Promise<void> {
+    const ended = await jobStatus.end(this.ds, { id: job.id, workerId: this.workerId, attempts: job.attempts }, outcome, job.blocksVisited ?? 0);
     // A terminal status never changes: a job another process ended meanwhile keeps its end.
-    if (!row) {
+    if (!ended) {
       this.logger.warn("a job lost its claim before it could end here", { job: job.id, type: job.type, worker: this.workerId });
       return;
     }
-    Object.assign(job, hydrate(this.ds, Job, [row])[0]);
+    Object.assign(job, ended);
     this.logger[endLevel(job)]("job ended", jobLine(job));
     await this.publish(job);
   }
@@ -368,13 +345,7 @@ export class JobRunner {
    * With `clusterStartedHere`, every job that last beat before the server started.
    */
   async recover(opts: { clusterStartedHere?: boolean } = {}): Promise<number> {
-    const candidates = await rows<{ id: string; worker_id: string | null; stale: boolean; before_start: boolean }>(
-      this.ds,
-      `SELECT id, worker_id, heartbeat_at < now() - make_interval(secs => $1) OR heartbeat_at IS NULL AS stale,
-              heartbeat_at < pg_postmaster_start_time() OR heartbeat_at IS NULL AS before_start
-         FROM jobs WHERE status = 'RUNNING'`,
-      [this.opts.staleMs / 1000],
-    );
+    const candidates = await jobStatus.running(this.ds, this.opts.staleMs / 1000);
     const host = os.hostname();
     const dead = candidates.filter((c) => {
       if (this.running.has(c.id)) return false;
@@ -386,17 +357,11 @@ export class JobRunner {
     for (const c of dead) {
       // This process's own: it lost the database, and with it the job, while it ran.
       const message = c.worker_id === this.workerId ? "the database restarted while the job ran" : "the process running the job stopped before it finished";
-      const claimed = await rows(
-        this.ds,
-        `UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), error_code = 'INTERRUPTED', error_message = $2
-          WHERE id = $1 AND status = 'RUNNING' RETURNING *`,
-        [c.id, message],
-      );
-      if (!claimed.length) continue;
-      const [job] = hydrate(this.ds, Job, claimed);
+      const job = await jobStatus.failInterrupted(this.ds, c.id, message);
+      if (!job) continue;
       const handler = this.handlers.get(job.type);
       try {
-        await handler?.cleanup(job, { status: JobStatus.FAILED, code: "INTERRUPTED", message: job.errorMessage ?? "interrupted" });
+        await handler?.cleanup(typed(job), { status: JobStatus.FAILED, code: FailureCode.INTERRUPTED, message: job.errorMessage ?? "interrupted" });
       } catch (err) {
         this.logger.error("cleanup of an interrupted job failed", { job: job.id, error: err });
       }

@@ -1,9 +1,13 @@
 import { In, type EntityManager } from "typeorm";
 import { rows } from "../db/sql";
 import { Backup, BackupResourceType, BackupStatus, BackupTrigger, Disk, DiskStatus, DiskType, Image, ImageStatus, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
+import type { RestorePlan } from "../domain/jobs";
+import * as backupStatus from "../domain/status/backup";
+import * as diskStatus from "../domain/status/disk";
+import * as serverStatus from "../domain/status/server";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, failedPrecondition, notFound } from "./errors";
+import { badInput, conflict, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId, shortId, toGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
@@ -32,17 +36,6 @@ export interface RestoreBackupInput {
   targetDiskId?: string | null;
   mappings?: { backupId: string; diskId: string }[] | null;
   powerOn?: boolean | null;
-}
-
-/** What a RESTORE or CREATE_DISK job does: each disk backup or image disk onto its disk. */
-export interface RestorePlan {
-  targets: { backupId?: string; imageDiskId?: string; diskId: string }[];
-  serverId: string | null;
-  powerOn: boolean;
-  /** Status each target disk returns to when the restore ends. */
-  diskStatus: Record<string, DiskStatus>;
-  /** Status each target disk had before a restore: it keeps it when the restore fails (its bytes do not change). */
-  diskStatusBefore?: Record<string, DiskStatus>;
 }
 
 export function backupConditions(filter: BackupFilter | null | undefined): Condition[] {
@@ -260,7 +253,7 @@ export class BackupService {
         if (!server) throw notFound("server");
         if (server.status === ServerStatus.RESTORING || server.status === ServerStatus.BUILDING) throw conflict(`the server is busy (${server.status})`);
         // The server is stopped for the restore (RESTORING) and started afterwards when powerOn.
-        await em.update(Server, { id: serverId }, { status: ServerStatus.RESTORING });
+        await serverStatus.markRestoring(em, serverId);
       }
       const plan: RestorePlan = {
         targets: pairs.map((p) => ({ backupId: p.source.id, diskId: p.diskId })),
@@ -269,8 +262,11 @@ export class BackupService {
         diskStatus: Object.fromEntries(disks.map((d) => [d.id, d.serverId ? DiskStatus.IN_USE : DiskStatus.AVAILABLE])),
         diskStatusBefore: Object.fromEntries(disks.map((d) => [d.id, d.status])),
       };
-      await em.update(Disk, { id: In(disks.map((d) => d.id)) }, { status: DiskStatus.RESTORING });
-      await em.update(Backup, { id: In([backup.id, ...children.map((c) => c.id)]) }, { status: BackupStatus.RESTORING });
+      await diskStatus.markRestoring(
+        em,
+        disks.map((d) => d.id),
+      );
+      await backupStatus.markRestoring(em, [backup.id, ...children.map((c) => c.id)]);
       const job = await this.queue.add(em, ctx.projectId, {
         type: JobType.RESTORE,
         backupId: backup.id,
@@ -316,7 +312,7 @@ export class BackupService {
         }),
       );
       const plan: RestorePlan = { targets: [{ backupId: backup.id, diskId: disk.id }], serverId: null, powerOn: false, diskStatus: { [disk.id]: DiskStatus.AVAILABLE } };
-      await em.update(Backup, { id: backup.id }, { status: BackupStatus.RESTORING });
+      await backupStatus.markRestoring(em, [backup.id]);
       const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, backupId: backup.id, diskId: disk.id, payload: { plan } });
       return { disk, job };
     });
@@ -346,7 +342,7 @@ export class BackupService {
       if (image && image.status !== ImageStatus.KILLED) {
         throw failedPrecondition(`the FULL_SERVER image ${image.name} depends on this backup; delete the image first`);
       }
-      await em.update(Backup, [{ id: backup.id }, { parentId: backup.id }], { status: BackupStatus.DELETING });
+      await backupStatus.markDeleting(em, backup.id);
       const job = await this.queue.add(em, ctx.projectId, {
         type: JobType.DELETE_BACKUP,
         backupId: backup.id,

@@ -1,10 +1,12 @@
 import { Disk, DiskStatus, DiskType, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
-import type { BackupService, RestorePlan } from "./backup.service";
+import type { RestorePlan } from "../domain/jobs";
+import * as diskStatus from "../domain/status/disk";
+import type { BackupService } from "./backup.service";
 import type { ImageService } from "./image.service";
 import type { JobQueue } from "./job-queue";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "./errors";
+import { badInput, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
@@ -164,10 +166,7 @@ export class DiskService {
         const device = input.device ?? DEVICES.slice(1).find((d) => !used.has(d));
         if (!device) throw failedPrecondition("server has no free device name left");
         if (used.has(device)) throw conflict(`${device} is already in use on the server`);
-        disk.serverId = server.id;
-        disk.device = device;
-        disk.status = DiskStatus.IN_USE;
-        return { disk: await em.save(disk), server };
+        return { disk: await diskStatus.attach(em, disk, server.id, device), server };
       })
       .catch((err) => {
         throw translateDbError(err, DEVICE_IN_USE);
@@ -189,10 +188,7 @@ export class DiskService {
       if (!server || !disk || disk.serverId !== server.id) throw conflict("the disk's attachment changed concurrently; try again");
       if (disk.type === DiskType.SYSTEM) throw failedPrecondition("the system disk cannot be detached");
       if (disk.status !== DiskStatus.IN_USE) throw failedPrecondition(`disk is ${disk.status}; it can be detached when IN_USE`);
-      disk.serverId = null;
-      disk.device = null;
-      disk.status = DiskStatus.AVAILABLE;
-      return { disk: await em.save(disk), server };
+      return { disk: await diskStatus.detach(em, disk), server };
     });
     ctx.invalidate();
     return result;

@@ -1,4 +1,4 @@
-import { badInput } from "./errors";
+import { badInput } from "../domain/errors";
 
 export const NODE_TYPES = ["Server", "Disk", "Backup", "Image", "ImageExport", "Policy", "Job", "Project"] as const;
 export type NodeType = (typeof NODE_TYPES)[number];

@@ -21,17 +21,19 @@ import {
 } from "../entities";
 import type { Readable } from "node:stream";
 import { BlobNotFoundError } from "../storage/blob-store";
+import { addImageDisksFromBackup } from "../storage/manifest";
 import { exportKey, UploadTooLarge, type UploadStore } from "../storage/uploads";
 import { BLOCK_SIZE } from "../storage/volume-store";
+import type { CreateImagePayload } from "../domain/jobs";
 import type { BackupService } from "./backup.service";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badBody, badInput, BodyFault, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "./errors";
+import { badBody, badInput, BodyFault, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
-import { derivedName, description as validDescription, MiB, resourceName } from "./validate";
+import { derivedName, description as validDescription, resourceName } from "./validate";
 
 export interface ImageFilter {
   statuses?: ImageStatus[] | null;
@@ -64,14 +66,6 @@ export interface ImportImageInput {
   osType?: OsType | null;
   minDiskBytes?: number | null;
   description?: string | null;
-}
-
-/** What a CREATE_IMAGE job copies: blocks captured from a disk, or a backup to wait for. */
-export interface CreateImagePayload {
-  /** The disk whose volume holds pending blocks (image from a server or disk). */
-  sourceDiskId?: string;
-  /** A server backup being taken for a FULL_SERVER image; the job waits for it. */
-  awaitBackupId?: string;
 }
 
 export function imageConditions(filter: ImageFilter | null | undefined): Condition[] {
@@ -465,31 +459,5 @@ export class ImageService {
       [image.id],
     );
     return { image, disks: disks.map((d) => ({ id: d.id, device: d.device, diskType: d.disk_type, sizeBytes: Number(d.size_bytes) })) };
-  }
-}
-
-/** One image disk per disk backup, its blocks resolved through the backup's chain: no data is copied, chunks are shared. */
-export async function addImageDisksFromBackup(em: EntityManager, imageId: string, parts: Backup[]): Promise<void> {
-  for (const [i, part] of parts.entries()) {
-    const [disk] = await rows<{ id: string }>(em, `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, $2, $3, $4, $5) RETURNING id`, [
-      imageId,
-      i,
-      part.device,
-      part.diskType ?? DiskType.DATA,
-      part.diskSizeBytes ?? MiB,
-    ]);
-    await em.query(
-      `WITH RECURSIVE chain AS (
-         SELECT id, base_id, 0 AS depth FROM backups WHERE id = $2
-         UNION ALL
-         SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
-       )
-       INSERT INTO image_blocks (image_disk_id, block_index, hash)
-       SELECT $1, r.block_index, r.hash FROM (
-         SELECT DISTINCT ON (bb.block_index) bb.block_index, bb.hash FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id
-          ORDER BY bb.block_index, c.depth
-       ) r WHERE r.hash IS NOT NULL`,
-      [disk.id, part.id],
-    );
   }
 }

@@ -1,5 +1,6 @@
 import type { EntityManager } from "typeorm";
 import { Job, JobStatus, JobType } from "../entities";
+import type { NewJob } from "../domain/jobs";
 import type { EventBus } from "../jobs/events";
 import type { FreeSpace } from "../storage/free-space";
 
@@ -14,18 +15,6 @@ const WRITES_DATA: Record<JobType, boolean> = {
   [JobType.DELETE_BACKUP]: false,
   [JobType.VERIFY_BACKUP]: false,
 };
-
-export interface NewJob {
-  type: JobType;
-  serverId?: string | null;
-  diskId?: string | null;
-  backupId?: string | null;
-  imageId?: string | null;
-  policyId?: string | null;
-  exportId?: string | null;
-  bytesTotal?: number;
-  payload?: Record<string, unknown>;
-}
 
 /**
  * Adds jobs inside the caller's transaction, and announces them once it has

@@ -1,10 +1,10 @@
-import { rows } from "../db/sql";
-import { Job as JobEntity, JobStatus, JobType, type Job } from "../entities";
+import { JobStatus, JobType, type Job } from "../entities";
+import * as jobStatus from "../domain/status/job";
 import type { RequestContext } from "./context";
-import { badInput, conflict, notFound } from "./errors";
+import { badInput, conflict, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
-import { hydrate, type Condition, type PageArgs } from "./pagination";
+import type { Condition, PageArgs } from "./pagination";
 
 export interface JobFilter {
   statuses?: JobStatus[] | null;
@@ -48,15 +48,11 @@ export class JobService {
    */
   async cancel(ctx: RequestContext, globalId: string): Promise<Job> {
     const id = decodeId(globalId, "Job", "id");
-    const [row] = await rows(ctx.ds, `UPDATE jobs SET cancel_requested = true, updated_at = now() WHERE id = $1 AND project_id = $2 AND status IN ('QUEUED', 'RUNNING') RETURNING *`, [
-      id,
-      ctx.projectId,
-    ]);
-    if (!row) {
-      const job = await this.get(ctx, globalId);
-      throw conflict(`the job has already ended (${job.status})`);
+    const job = await jobStatus.requestCancel(ctx.ds, id, ctx.projectId);
+    if (!job) {
+      const ended = await this.get(ctx, globalId);
+      throw conflict(`the job has already ended (${ended.status})`);
     }
-    const [job] = hydrate(ctx.ds, JobEntity, [row]);
     await this.queue.announce(job);
     ctx.invalidate();
     return job;

@@ -1,5 +1,6 @@
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
-import { badInput } from "./errors";
+import { hydrate } from "../db/sql";
+import { badInput } from "../domain/errors";
 import { storableText } from "./validate";
 
 export type SortField = "CREATED_AT" | "NAME";
@@ -131,18 +132,6 @@ function whereClause(source: ListSource<ObjectLiteral>, projectId: string, keys:
     params.push(...c.params);
   }
   return { sql: parts.join(" AND "), params };
-}
-
-/** Maps raw rows to entities through TypeORM's own column metadata and transformers. */
-export function hydrate<T extends ObjectLiteral>(ds: DataSource, entity: EntityTarget<T>, rows: Record<string, unknown>[]): T[] {
-  const meta = ds.getMetadata(entity);
-  return rows.map((row) => {
-    const obj = meta.create() as Record<string, unknown>;
-    for (const col of meta.columns) {
-      obj[col.propertyName] = ds.driver.prepareHydratedValue(row[col.databaseName], col);
-    }
-    return obj as T;
-  });
 }
 
 /**

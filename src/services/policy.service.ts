@@ -4,11 +4,11 @@ import { Backup, BackupTrigger, Disk, JobType, Policy, PolicyBinding, PolicyRun,
 import type { BackupService } from "./backup.service";
 import type { JobQueue } from "./job-queue";
 import { decideRetention, hasRules, type RetentionDecision } from "./retention";
-import { isValidTimezone, MAX_RULES, ScheduleError } from "../jobs/schedule";
-import { scheduleThread } from "../jobs/schedule-thread";
+import { isValidTimezone, MAX_RULES, ScheduleError } from "../domain/schedule";
+import { scheduleThread } from "../domain/schedule-thread";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, DomainError, notFound } from "./errors";
+import { badInput, conflict, DomainError, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId, toGlobalId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";

@@ -1,7 +1,8 @@
 import { Job, JobStatus } from "../entities";
 import type { EventBus, JobEvent } from "../jobs/events";
 import type { RequestContext } from "./context";
-import { notFound } from "./errors";
+import { notFound } from "../domain/errors";
+import { isTerminal } from "../domain/jobs";
 import { decodeId } from "./global-id";
 import { jobConditions, type JobFilter } from "./job.service";
 import { fromGlobalId } from "./global-id";
@@ -14,8 +15,6 @@ export interface ProgressEvent {
   status: JobStatus;
   etaSeconds: number | null;
 }
-
-const TERMINAL = new Set([JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]);
 
 export function etaSeconds(job: Job, now = Date.now()): number | null {
   if (job.status !== JobStatus.RUNNING || !job.startedAt || job.bytesDone <= 0 || job.bytesTotal <= job.bytesDone) return null;
@@ -146,12 +145,12 @@ export class ProgressService {
       const job = await this.fresh(ctx, id);
       if (!job) throw notFound("job", globalId);
       yield toEvent(job);
-      if (TERMINAL.has(job.status)) return;
+      if (isTerminal(job.status)) return;
       for (let next = await stream.next(); !next.done; next = await stream.next()) {
         const now = await this.fresh(ctx, id);
         if (!now) return;
         yield toEvent(now);
-        if (TERMINAL.has(now.status)) return;
+        if (isTerminal(now.status)) return;
       }
     } finally {
       await stream.return();
@@ -172,13 +171,13 @@ export class ProgressService {
       const latest = await ctx.ds.getRepository(Job).findOne({ where: { backupId: id, projectId: ctx.projectId }, order: { createdAt: "DESC" } });
       if (latest) {
         yield toEvent(latest);
-        if (TERMINAL.has(latest.status)) return;
+        if (isTerminal(latest.status)) return;
       }
       for (let next = await stream.next(); !next.done; next = await stream.next()) {
         const now = await this.fresh(ctx, next.value.jobId);
         if (!now) continue;
         yield toEvent(now);
-        if (TERMINAL.has(now.status)) return;
+        if (isTerminal(now.status)) return;
       }
     } finally {
       await stream.return();

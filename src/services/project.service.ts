@@ -4,7 +4,7 @@ import { ApiKey, Project } from "../entities";
 import { BLOCK_SIZE } from "../storage/volume-store";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput } from "./errors";
+import { badInput } from "../domain/errors";
 
 const KEY_PREFIX = "stw_";
 

@@ -1,11 +1,13 @@
 import type { EntityManager } from "typeorm";
 import { Disk, DiskStatus, DiskType, ImageType, JobType, OsType, Server, ServerStatus, type Job } from "../entities";
-import type { RestorePlan } from "./backup.service";
+import type { RestorePlan } from "../domain/jobs";
+import * as diskStatus from "../domain/status/disk";
+import * as serverStatus from "../domain/status/server";
 import type { ImageService } from "./image.service";
 import type { JobQueue } from "./job-queue";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, failedPrecondition, notFound } from "./errors";
+import { badInput, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
@@ -163,13 +165,12 @@ export class ServerService {
     return this.transition(ctx, globalId, ServerStatus.ACTIVE, ServerStatus.SHUTOFF, "stop");
   }
 
-  private async transition(ctx: RequestContext, globalId: string, from: ServerStatus, to: ServerStatus, verb: string): Promise<Server> {
+  private async transition(ctx: RequestContext, globalId: string, from: ServerStatus, to: ServerStatus.ACTIVE | ServerStatus.SHUTOFF, verb: string): Promise<Server> {
     const id = decodeId(globalId, "Server", "id");
     const server = await ctx.ds.transaction(async (em) => {
       const s = await this.lock(em, ctx, id, globalId);
       if (s.status !== from) throw failedPrecondition(`cannot ${verb} a server that is ${s.status}; it must be ${from}`);
-      s.status = to;
-      return em.save(s);
+      return serverStatus.switchPower(em, s, to);
     });
     ctx.invalidate();
     return server;
@@ -194,10 +195,9 @@ export class ServerService {
         const toDelete = disks.filter((d) => d.type === DiskType.SYSTEM || deleteDisks);
         const toDetach = disks.filter((d) => !toDelete.includes(d));
         if (toDetach.length) {
-          await em.update(
-            Disk,
+          await diskStatus.detachAll(
+            em,
             toDetach.map((d) => d.id),
-            { serverId: null, device: null, status: DiskStatus.AVAILABLE },
           );
         }
         if (toDelete.length)

@@ -1,5 +1,5 @@
 import crypto from "node:crypto";
-import { badInput } from "./errors";
+import { badInput } from "../domain/errors";
 
 export const MiB = 2 ** 20;
 export const GiB = 2 ** 30;

@@ -1,5 +1,6 @@
 import crypto from "node:crypto";
 import type { DataSource } from "typeorm";
+import { AdvisoryLock } from "../db/locks";
 import { list, listOf, rows } from "../db/sql";
 import type { BlobWriter } from "./blob-store";
 import { dropIntents, intendBlob } from "./pending-blobs";
@@ -13,10 +14,6 @@ import { BLOCK_SIZE, SEGMENT_BYTES, SEGMENT_UNHELD, segmentKey, type VolumeStore
 const SPARSE = (s: string) => `${s}.live_blocks * ${2 * BLOCK_SIZE} < ${s}.size_bytes`;
 /** Blocks copied with one range read. */
 const RUN_BLOCKS = 64;
-/** One compaction pass at a time, across processes. */
-const PASS_LOCK = 0x5709;
-/** The disk write lock of VolumeStore.withDiskLock. */
-const DISK_LOCK = 0x5708;
 
 export interface CompactionResult {
   /** Segments deleted: dead ones, and the sparse ones whose blocks moved. */
@@ -53,12 +50,12 @@ export async function compactVolumes(ds: DataSource, volumes: VolumeStore, onErr
   const runner = ds.createQueryRunner();
   await runner.connect();
   try {
-    const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${PASS_LOCK}, 0) AS locked`);
+    const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${AdvisoryLock.COMPACTION_PASS}, 0) AS locked`);
     if (!locked) return null;
     try {
       return await compact(ds, volumes, onError);
     } finally {
-      await runner.query(`SELECT pg_advisory_unlock(${PASS_LOCK}, 0)`);
+      await runner.query(`SELECT pg_advisory_unlock(${AdvisoryLock.COMPACTION_PASS}, 0)`);
     }
   } finally {
     await runner.release();
@@ -119,12 +116,12 @@ async function compactDisk(ds: DataSource, volumes: VolumeStore, diskId: string,
   await runner.connect();
   try {
     for (const group of groups) {
-      const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${DISK_LOCK}, hashtext($1)) AS locked`, [diskId]);
+      const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${AdvisoryLock.DISK}, hashtext($1)) AS locked`, [diskId]);
       if (!locked) return false;
       try {
         await moveLive(ds, volumes, diskId, group, result);
       } finally {
-        await runner.query(`SELECT pg_advisory_unlock(${DISK_LOCK}, hashtext($1))`, [diskId]);
+        await runner.query(`SELECT pg_advisory_unlock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
       }
     }
     return true;

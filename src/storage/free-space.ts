@@ -1,4 +1,4 @@
-import { noSpace } from "../services/errors";
+import { noSpace } from "../domain/errors";
 import type { BlobStore } from "./blob-store";
 
 /** A file system (or Postgres' disk) that is full: a job fails NO_SPACE, a write is answered 507, and the service goes on once space is free. */

@@ -1,5 +1,7 @@
+import type { EntityManager } from "typeorm";
 import type { Queryable } from "../db/sql";
 import { rows } from "../db/sql";
+import { DiskType, type Backup } from "../entities";
 
 /** Block indexes read per statement when walking a whole disk. */
 export const MANIFEST_BATCH = 4096;
@@ -99,4 +101,26 @@ export async function dataRanges(q: Queryable, source: BlockSource, opts: { disk
     [source.imageDiskId ?? source.backupId, firstSize, size, ...(opts.diskId ? [opts.diskId] : [])],
   );
   return found.map((r) => [Number(r.first), Number(r.last)]);
+}
+
+/**
+ * One image disk of image `imageId` per disk backup, its blocks resolved through
+ * the backup's chain (MANIFEST over every block): no data is copied, chunks are shared.
+ */
+export async function addImageDisksFromBackup(em: EntityManager, imageId: string, parts: Backup[]): Promise<void> {
+  for (const [i, part] of parts.entries()) {
+    const [disk] = await rows<{ id: string }>(em, `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, $2, $3, $4, $5) RETURNING id`, [
+      imageId,
+      i,
+      part.device,
+      part.diskType ?? DiskType.DATA,
+      part.diskSizeBytes ?? 2 ** 20,
+    ]);
+    await em.query(`${MANIFEST} INSERT INTO image_blocks (image_disk_id, block_index, hash) SELECT $4, block_index, hash FROM m WHERE hash IS NOT NULL`, [
+      part.id,
+      0,
+      Number.MAX_SAFE_INTEGER,
+      disk.id,
+    ]);
+  }
 }

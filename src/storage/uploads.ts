@@ -3,7 +3,7 @@ import { Writable, type Readable } from "node:stream";
 import { finished } from "node:stream/promises";
 import type { DataSource } from "typeorm";
 import { rows } from "../db/sql";
-import { BLOCK_SIZE, detectFormat, type FormatName } from "../formats";
+import { BLOCK_SIZE, detectFormat, isZeros, type FormatName } from "../formats";
 import type { BlobStore } from "./blob-store";
 
 export const uploadKey = (projectId: string, uploadId: string) => `uploads/${projectId}/${uploadId}`;
@@ -12,8 +12,6 @@ export const exportKey = (projectId: string, exportId: string) => `exports/${pro
 
 /** Bytes gathered before their blocks are checked for zeros and written. */
 const STAGING = 16 * BLOCK_SIZE;
-const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
-const isZero = (b: Buffer) => b.equals(ZERO_BLOCK.subarray(0, b.length));
 
 /** A bitmap of an upload's 64 KiB blocks that hold data, grown as the file streams in. */
 export class DataMap {
@@ -101,9 +99,9 @@ export class UploadStore {
       // Runs of data blocks go out in one write, runs of zero blocks as one hole.
       let pos = 0;
       while (pos < whole) {
-        const zero = isZero(staging.subarray(pos, Math.min(whole, pos + BLOCK_SIZE)));
+        const zero = isZeros(staging.subarray(pos, Math.min(whole, pos + BLOCK_SIZE)));
         let end = pos;
-        while (end < whole && isZero(staging.subarray(end, Math.min(whole, end + BLOCK_SIZE))) === zero) {
+        while (end < whole && isZeros(staging.subarray(end, Math.min(whole, end + BLOCK_SIZE))) === zero) {
           if (!zero) map.set((size - held + end) / BLOCK_SIZE);
           end = Math.min(whole, end + BLOCK_SIZE);
         }

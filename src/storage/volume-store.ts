@@ -1,23 +1,24 @@
 import crypto from "node:crypto";
 import { QueryFailedError, type DataSource, type EntityManager } from "typeorm";
+import { AdvisoryLock } from "../db/locks";
 import { HASH_BYTES, hashAt, list, listOf, rows } from "../db/sql";
+import { TERMINAL_JOB_STATUSES_SQL } from "../domain/jobs";
+import { BLOCK_SIZE, isZeros } from "../formats/types";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
 import { HashList } from "./hash-list";
 import { dropIntents, fulfilBlob, INDEXED_OR_PENDING, intendBlob, pendingUnder } from "./pending-blobs";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
-export const BLOCK_SIZE = 64 * 1024;
+export { BLOCK_SIZE };
 /** Segments of one write being made durable at once, while the next fills. */
 const CLOSING_SEGMENTS = 3;
 /** A segment blob holds up to this many bytes of one write. */
 export const SEGMENT_BYTES = 64 * 1024 * 1024;
 /** Blocks read per step of a stream: 4 MiB, so a slow reader holds little. */
 const READ_BATCH_BLOCKS = 64;
-export const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
 
 export const sha256 = (data: Buffer) => crypto.createHash("sha256").update(data).digest();
-export const isZero = (block: Buffer) => block.equals(ZERO_BLOCK.subarray(0, block.length));
 
 export interface BlockRef {
   index: number;
@@ -237,7 +238,7 @@ export class VolumeStore {
           seg.size += item.data.length;
           item.release?.();
         } else {
-          if (item.data === null || (!item.hash && isZero(item.data))) {
+          if (item.data === null || (!item.hash && isZeros(item.data))) {
             zeros.push(item.index);
             if (zeros.length >= 4096) await flush();
             continue;
@@ -318,11 +319,11 @@ export class VolumeStore {
     const runner = this.ds.createQueryRunner();
     await runner.connect();
     try {
-      await runner.query(`SELECT pg_advisory_lock(${0x5708}, hashtext($1))`, [diskId]);
+      await runner.query(`SELECT pg_advisory_lock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
       try {
         return await fn();
       } finally {
-        await runner.query(`SELECT pg_advisory_unlock(${0x5708}, hashtext($1))`, [diskId]);
+        await runner.query(`SELECT pg_advisory_unlock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
       }
     } finally {
       await runner.release();
@@ -441,7 +442,7 @@ export class VolumeStore {
    */
   async dropEndedStaged(endedWithin?: string): Promise<void> {
     await this.ds.query(
-      `DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+      `DELETE FROM staged_blocks sb USING jobs j WHERE j.id = sb.job_id AND j.status IN (${TERMINAL_JOB_STATUSES_SQL})
          ${endedWithin ? `AND j.finished_at > now() - $1::interval` : ""}`,
       endedWithin ? [endedWithin] : [],
     );

@@ -27,7 +27,7 @@ export type ScheduleResult = { ms: number } & (
 
 function runJobs(jobs: ScheduleJob[], progress: Int32Array): ScheduleResult[] {
   // Loaded here, inside the worker, through ts-node.
-  const { checkSchedule, nextOccurrence, occurrencesBetween, parseRule, ScheduleError } = require("../../src/jobs/schedule") as typeof import("../../src/jobs/schedule");
+  const { checkSchedule, nextOccurrence, occurrencesBetween, parseRule, ScheduleError } = require("../../src/domain/schedule") as typeof import("../../src/domain/schedule");
   return jobs.map((job, i) => {
     Atomics.store(progress, 0, i);
     const started = performance.now();

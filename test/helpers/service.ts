@@ -6,7 +6,7 @@ import type { DataSource } from "typeorm";
 import { startService, type RunningService } from "../../src/app";
 import { loadConfig, type Config } from "../../src/config";
 import type { JobRunner, RunnerOptions } from "../../src/jobs/runner";
-import type { Scheduler } from "../../src/jobs/scheduler";
+import type { Scheduler } from "../../src/services/scheduler";
 import { createLogger, silentLogger, type Logger } from "../../src/logger";
 import type { Services } from "../../src/services";
 import type { Storage } from "../../src/storage";

@@ -1,4 +1,4 @@
-import { Scheduler } from "../../src/jobs/scheduler";
+import { Scheduler } from "../../src/services/scheduler";
 import { silentLogger } from "../../src/logger";
 import { backup, bytes, succeed, waitJob, writeDisk } from "../helpers/data";
 import { openTestDataSource } from "../helpers/db";

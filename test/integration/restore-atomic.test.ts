@@ -6,6 +6,7 @@
  */
 import fs from "node:fs";
 import path from "node:path";
+import { FailureCode, type JobOf } from "../../src/domain/jobs";
 import { Job, JobStatus, JobType } from "../../src/entities";
 import { RestoreHandler } from "../../src/jobs/handlers/restore.handler";
 import { silentLogger } from "../../src/logger";
@@ -240,7 +241,11 @@ describe("a restore whose process lost the job", () => {
       const message = "the process running the job stopped before it finished";
       await svc.ds.query(`UPDATE jobs SET status = 'FAILED', finished_at = now(), error_code = 'INTERRUPTED', error_message = $2 WHERE id = $1`, [uuidOf(jobId), message]);
       const job = await svc.ds.getRepository(Job).findOneByOrFail({ id: uuidOf(jobId) });
-      await new RestoreHandler(JobType.RESTORE, svc.ds, svc.storage.volumes, svc.storage.vault).cleanup(job, { status: JobStatus.FAILED, code: "INTERRUPTED", message });
+      await new RestoreHandler(JobType.RESTORE, svc.ds, svc.storage.volumes, svc.storage.vault).cleanup(job as JobOf<JobType.RESTORE>, {
+        status: JobStatus.FAILED,
+        code: FailureCode.INTERRUPTED,
+        message,
+      });
     } finally {
       await hold.rollbackTransaction();
       await hold.release();

@@ -1,4 +1,4 @@
-import { DomainError } from "../../src/services/errors";
+import { DomainError } from "../../src/domain/errors";
 import { decodeId, fromGlobalId, toGlobalId } from "../../src/services/global-id";
 import { encodeCursor, likeSubstring, resolvePage } from "../../src/services/pagination";
 

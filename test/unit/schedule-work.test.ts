@@ -4,7 +4,7 @@
  * and computed in milliseconds (they took up to seconds, all that time holding the
  * event loop), with the same answers as before.
  */
-import { checkSchedule, nextOccurrence } from "../../src/jobs/schedule";
+import { checkSchedule, nextOccurrence } from "../../src/domain/schedule";
 
 /**
  * CPU time, far above what these take now (a few ms), far below what they took (0.7 to 3 s

@@ -1,4 +1,4 @@
-import { checkSchedule, isValidTimezone, nextOccurrence, occurrencesBetween, parseRule, ScheduleError } from "../../src/jobs/schedule";
+import { checkSchedule, isValidTimezone, nextOccurrence, occurrencesBetween, parseRule, ScheduleError } from "../../src/domain/schedule";
 import { runScheduleJobs, type ScheduleResult } from "../helpers/schedule-worker";
 
 const anchor = new Date("2026-01-01T00:00:00Z");

@@ -1,5 +1,5 @@
 import { Arg, Ctx, FieldResolver, ID, Query, Resolver, Root } from "type-graphql";
-import { badInput } from "../../services/errors";
+import { badInput } from "../../domain/errors";
 import { fromGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
 import { Node } from "../types/node";

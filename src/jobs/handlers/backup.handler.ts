@@ -1,6 +1,8 @@
 import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
-import { Backup, BackupStatus, JobType, type Job } from "../../entities";
+import { FailureCode, type JobOf } from "../../domain/jobs";
+import * as backupStatus from "../../domain/status/backup";
+import { Backup, JobType } from "../../entities";
 import type { Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type VolumeStore } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
@@ -13,7 +15,7 @@ import { copyPendingBlocks, countPending, sealPending, type PendingBlocks } from
  * segments, compressed and packed. The backup becomes AVAILABLE only once every
  * chunk it names is indexed in the vault.
  */
-export class BackupHandler implements JobHandler {
+export class BackupHandler implements JobHandler<JobType.BACKUP> {
   readonly type = JobType.BACKUP;
 
   constructor(
@@ -24,13 +26,13 @@ export class BackupHandler implements JobHandler {
     private readonly onPolicyBackup: (projectId: string, policyId: string) => Promise<void> = async () => undefined,
   ) {}
 
-  private async parts(job: Job): Promise<Backup[]> {
-    const top = await this.ds.getRepository(Backup).findOneByOrFail({ id: job.backupId! });
+  private async parts(job: JobOf<JobType.BACKUP>): Promise<Backup[]> {
+    const top = await this.ds.getRepository(Backup).findOneByOrFail({ id: job.backupId });
     const children = await this.ds.getRepository(Backup).find({ where: { parentId: top.id }, order: { device: "ASC" } });
     return children.length ? children : [top];
   }
 
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<JobType.BACKUP>): Promise<void> {
     const { job } = ctx;
     const parts = await this.parts(job);
     const pending = (part: Backup): PendingBlocks => ({ table: "backup_blocks", ownerColumn: "backup_id", ownerId: part.id, diskId: part.resourceId, projectId: job.projectId });
@@ -59,31 +61,27 @@ export class BackupHandler implements JobHandler {
     await ctx.commit(async (em) => {
       const ids = parts.map((p) => p.id);
       const missing = await sealPending(em, { table: "backup_blocks", ownerColumn: "backup_id", ownerIds: ids, projectId: job.projectId });
-      if (missing > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
-      for (const p of parts) {
-        await em.query(`UPDATE backups SET status = 'AVAILABLE', progress = 1, completed_at = now(), stored_bytes = $2, updated_at = now() WHERE id = $1`, [p.id, stored.get(p.id) ?? 0]);
-      }
+      if (missing > 0) throw new JobFailure(FailureCode.INCOMPLETE, `${missing} blocks have no chunk in the vault`);
+      for (const p of parts) await backupStatus.markStored(em, p.id, stored.get(p.id) ?? 0);
       if (job.backupId && !ids.includes(job.backupId)) {
-        const sum = [...stored.values()].reduce((a, b) => a + b, 0);
-        await em.query(`UPDATE backups SET status = 'AVAILABLE', progress = 1, completed_at = now(), stored_bytes = $2, updated_at = now() WHERE id = $1`, [job.backupId, sum]);
+        await backupStatus.markStored(
+          em,
+          job.backupId,
+          [...stored.values()].reduce((a, b) => a + b, 0),
+        );
       }
     });
     if (job.policyId) await this.onPolicyBackup(job.projectId, job.policyId);
   }
 
   /** A backup that did not finish never becomes AVAILABLE: it is marked ERROR and its captured blocks are dropped. */
-  async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
+  async cleanup(job: JobOf<JobType.BACKUP>, outcome: JobOutcome): Promise<void> {
     if (!job.backupId) return;
     await this.ds.transaction(async (em) => {
       // Only what is still being made: a backup that became AVAILABLE keeps its blocks, whoever ends the job.
       const ids = (await rows<{ id: string }>(em, `SELECT id FROM backups WHERE (id = $1 OR parent_id = $1) AND status = 'CREATING' FOR UPDATE`, [job.backupId])).map((r) => r.id);
       await em.query(`DELETE FROM backup_blocks WHERE backup_id = ANY($1)`, [ids]);
-      await em.query(`UPDATE backups SET status = $2, error_code = $3, error = $4, updated_at = now() WHERE id = ANY($1) AND status = 'CREATING'`, [
-        ids,
-        BackupStatus.ERROR,
-        outcome.code,
-        outcome.message,
-      ]);
+      await backupStatus.failCreating(em, ids, outcome.code, outcome.message);
     });
   }
 }

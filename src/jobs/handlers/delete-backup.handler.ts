@@ -1,6 +1,8 @@
 import type { DataSource } from "typeorm";
 import { rows } from "../../db/sql";
-import { JobType, type Job } from "../../entities";
+import type { JobOf } from "../../domain/jobs";
+import * as backupStatus from "../../domain/status/backup";
+import { JobType } from "../../entities";
 import type { Logger } from "../../logger";
 import type { Vault } from "../../storage/vault";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
@@ -11,7 +13,7 @@ import type { JobContext, JobHandler, JobOutcome } from "../runner";
  * are re-based onto its own base, then its rows go and garbage collection
  * reclaims the chunks nothing references any more.
  */
-export class DeleteBackupHandler implements JobHandler {
+export class DeleteBackupHandler implements JobHandler<JobType.DELETE_BACKUP> {
   readonly type = JobType.DELETE_BACKUP;
 
   constructor(
@@ -21,7 +23,7 @@ export class DeleteBackupHandler implements JobHandler {
     private readonly logger: Logger,
   ) {}
 
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<JobType.DELETE_BACKUP>): Promise<void> {
     const { job } = ctx;
     await ctx.progress(0, 1);
     await ctx.commit(async (em) => {
@@ -47,7 +49,7 @@ export class DeleteBackupHandler implements JobHandler {
     this.logger.info("backup deleted", { job: job.id, backup: job.backupId, project: job.projectId, reclaimed: gc });
   }
 
-  async cleanup(job: Job, _outcome: JobOutcome): Promise<void> {
-    await this.ds.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'DELETING'`, [job.backupId]);
+  async cleanup(job: JobOf<JobType.DELETE_BACKUP>, _outcome: JobOutcome): Promise<void> {
+    await backupStatus.cancelDeleting(this.ds, job.backupId);
   }
 }

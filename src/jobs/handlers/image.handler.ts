@@ -1,7 +1,9 @@
 import type { DataSource } from "typeorm";
-import { rows, type Queryable } from "../../db/sql";
-import { Backup, ImageStatus, JobType, type Job } from "../../entities";
-import { addImageDisksFromBackup, type CreateImagePayload } from "../../services/image.service";
+import { rows } from "../../db/sql";
+import { FailureCode, type JobOf } from "../../domain/jobs";
+import * as imageStatus from "../../domain/status/image";
+import { Backup, BackupStatus, JobType, type Job } from "../../entities";
+import { addImageDisksFromBackup } from "../../storage/manifest";
 import { ContentChecksum } from "../../formats/checksum";
 import { mapOrdered } from "../../storage/pipeline";
 import { hex, type Vault } from "../../storage/vault";
@@ -92,7 +94,7 @@ export async function imageDiskChecksum(ds: DataSource, imageDiskId: string, siz
  * holds), computes each disk's SHA-256 over its raw bytes, and sizes the image by
  * the compressed chunks it references.
  */
-export class CreateImageHandler implements JobHandler {
+export class CreateImageHandler implements JobHandler<JobType.CREATE_IMAGE> {
   readonly type = JobType.CREATE_IMAGE;
 
   constructor(
@@ -101,11 +103,11 @@ export class CreateImageHandler implements JobHandler {
     private readonly vault: Vault,
   ) {}
 
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<JobType.CREATE_IMAGE>): Promise<void> {
     const { job } = ctx;
-    const payload = job.payload as CreateImagePayload;
+    const { payload } = job;
     if (payload.awaitBackupId) await this.awaitBackup(ctx, payload.awaitBackupId);
-    await this.ds.query(`UPDATE images SET status = 'SAVING', updated_at = now() WHERE id = $1`, [job.imageId]);
+    await imageStatus.markSaving(this.ds, job.imageId);
     const disks = await rows<ImageDiskRow>(this.ds, `SELECT id, size_bytes FROM image_disks WHERE image_id = $1 ORDER BY disk_index`, [job.imageId]);
 
     const pendingOf = (d: ImageDiskRow) => ({ table: "image_blocks" as const, ownerColumn: "image_disk_id" as const, ownerId: d.id, diskId: payload.sourceDiskId ?? "", projectId: job.projectId });
@@ -124,7 +126,7 @@ export class CreateImageHandler implements JobHandler {
     }
     await this.ds.transaction(async (em) => {
       const missing = await sealPending(em, { table: "image_blocks", ownerColumn: "image_disk_id", ownerIds: disks.map((d) => d.id), projectId: job.projectId });
-      if (missing) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
+      if (missing) throw new JobFailure(FailureCode.INCOMPLETE, `${missing} blocks have no chunk in the vault`);
     });
     const checksums: string[] = [];
     for (const d of disks) {
@@ -132,47 +134,32 @@ export class CreateImageHandler implements JobHandler {
       await this.ds.query(`UPDATE image_disks SET checksum = $2 WHERE id = $1`, [d.id, checksums[checksums.length - 1]]);
     }
     ctx.checkCancelled();
-    await ctx.commit((em) => finishImage(em, job, checksums[0] ?? null));
+    await ctx.commit((em) => imageStatus.markActive(em, job.imageId, checksums[0] ?? null));
   }
 
-  private async awaitBackup(ctx: JobContext, backupId: string): Promise<void> {
+  private async awaitBackup(ctx: JobContext<JobType.CREATE_IMAGE>, backupId: string): Promise<void> {
     for (;;) {
       ctx.checkCancelled();
       const backup = await this.ds.getRepository(Backup).findOneBy({ id: backupId });
-      if (!backup) throw new JobFailure("BACKUP_GONE", "the backup the image was to be made from was deleted");
-      if (backup.status === "ERROR") throw new JobFailure("BACKUP_FAILED", `the backup the image is made from failed: ${backup.error ?? "unknown reason"}`);
-      if (backup.status === "AVAILABLE") {
+      if (!backup) throw new JobFailure(FailureCode.BACKUP_GONE, "the backup the image was to be made from was deleted");
+      if (backup.status === BackupStatus.ERROR) throw new JobFailure(FailureCode.BACKUP_FAILED, `the backup the image is made from failed: ${backup.error ?? "unknown reason"}`);
+      if (backup.status === BackupStatus.AVAILABLE) {
         const parts = await this.ds.getRepository(Backup).find({ where: { parentId: backup.id }, order: { device: "ASC" } });
-        await this.ds.transaction((em) => addImageDisksFromBackup(em, ctx.job.imageId!, parts.length ? parts : [backup]));
+        await this.ds.transaction((em) => addImageDisksFromBackup(em, ctx.job.imageId, parts.length ? parts : [backup]));
         return;
       }
       await new Promise((r) => setTimeout(r, 250));
     }
   }
 
-  async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
+  async cleanup(job: JobOf<JobType.CREATE_IMAGE>, outcome: JobOutcome): Promise<void> {
     await killImage(this.ds, job, outcome);
   }
-}
-
-/** ACTIVE, with the stored size of the distinct chunks it references. */
-export async function finishImage(ds: Queryable, job: Job, checksum: string | null, extra: { virtualSizeBytes?: number; minDiskBytes?: number } = {}): Promise<void> {
-  // Byte counts pass 2^31: every parameter is typed bigint, or Postgres infers int from the literal beside it.
-  await ds.query(
-    `UPDATE images i SET status = 'ACTIVE', checksum = $2, updated_at = now(), error_code = NULL, error_message = NULL,
-            virtual_size_bytes = coalesce($3::bigint, i.virtual_size_bytes), min_disk_bytes = greatest(i.min_disk_bytes, coalesce($4::bigint, 0)),
-            size_bytes = (SELECT coalesce(sum(c.stored_size), 0) FROM vault_chunks c WHERE c.project_id = i.project_id
-                           AND c.hash IN (SELECT ib.hash FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id WHERE d.image_id = i.id))
-      WHERE id = $1`,
-    [job.imageId, checksum, extra.virtualSizeBytes ?? null, extra.minDiskBytes ?? null],
-  );
 }
 
 /** KILLED with the reason; its blocks go, so their chunks can be reclaimed. */
 export async function killImage(ds: DataSource, job: Job, outcome: JobOutcome): Promise<void> {
   if (!job.imageId) return;
-  await ds.transaction(async (em) => {
-    await em.query(`DELETE FROM image_blocks WHERE image_disk_id IN (SELECT id FROM image_disks WHERE image_id = $1)`, [job.imageId]);
-    await em.query(`UPDATE images SET status = $2, error_code = $3, error_message = $4, updated_at = now() WHERE id = $1`, [job.imageId, ImageStatus.KILLED, outcome.code, outcome.message]);
-  });
+  const imageId = job.imageId;
+  await ds.transaction((em) => imageStatus.markKilled(em, imageId, outcome.code, outcome.message));
 }

@@ -1,7 +1,10 @@
 import type { DataSource } from "typeorm";
 import { HASH_BYTES, rows } from "../../db/sql";
-import { DiskStatus, JobType, ServerStatus, type Job } from "../../entities";
-import type { RestorePlan } from "../../services/backup.service";
+import { FailureCode, type JobOf } from "../../domain/jobs";
+import * as backupStatus from "../../domain/status/backup";
+import * as diskStatus from "../../domain/status/disk";
+import * as serverStatus from "../../domain/status/server";
+import { JobType } from "../../entities";
 import { dataRanges, type BlockSource } from "../../storage/manifest";
 import { ChunkError, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE, type BlockBatch, type BlockWrite, type VolumeStore } from "../../storage/volume-store";
@@ -18,21 +21,19 @@ const FIRST_BATCH = 512;
  * blocks the backup does not hold. Serves restoreBackup, and createDisk and
  * createServer from a backup or an image.
  */
-export class RestoreHandler implements JobHandler {
+type RestoreJobType = JobType.RESTORE | JobType.CREATE_DISK;
+
+export class RestoreHandler implements JobHandler<RestoreJobType> {
   constructor(
-    readonly type: JobType.RESTORE | JobType.CREATE_DISK,
+    readonly type: RestoreJobType,
     private readonly ds: DataSource,
     private readonly volumes: VolumeStore,
     private readonly vault: Vault,
   ) {}
 
-  private plan(job: Job): RestorePlan {
-    return (job.payload as { plan: RestorePlan }).plan;
-  }
-
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<RestoreJobType>): Promise<void> {
     const { job } = ctx;
-    const plan = this.plan(job);
+    const { plan } = job.payload;
     // The batches cover the blocks the source records or the disk holds, whatever the disk's size.
     const targets: (Source & { diskId: string; ranges: [number, number][] })[] = [];
     for (const t of plan.targets) targets.push({ ...t, ranges: await dataRanges(this.ds, t, { diskId: t.diskId, firstSize: FIRST_BATCH }) });
@@ -88,7 +89,7 @@ export class RestoreHandler implements JobHandler {
       try {
         await this.volumes.withDiskLock(t.diskId, () => this.volumes.putBlocks(job.projectId, t.diskId, blocks(), { bypassCache: true, stage: job.id }));
       } catch (err) {
-        if (err instanceof ChunkError) throw new JobFailure("CORRUPT_CHUNK", await this.damaged(t, err));
+        if (err instanceof ChunkError) throw new JobFailure(FailureCode.CORRUPT_CHUNK, await this.damaged(t, err));
         throw err;
       }
     }
@@ -97,13 +98,9 @@ export class RestoreHandler implements JobHandler {
 
     await ctx.commit(async (em) => {
       for (const t of targets) await this.volumes.publish(em, t.diskId, job.id);
-      for (const [diskId, status] of Object.entries(plan.diskStatus)) {
-        await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1`, [diskId, status]);
-      }
-      if (plan.serverId) {
-        await em.query(`UPDATE servers SET status = $2, updated_at = now() WHERE id = $1`, [plan.serverId, plan.powerOn ? ServerStatus.ACTIVE : ServerStatus.SHUTOFF]);
-      }
-      if (job.backupId) await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
+      for (const [diskId, status] of Object.entries(plan.diskStatus)) await diskStatus.markRestored(em, diskId, status);
+      if (plan.serverId) await serverStatus.markRestored(em, plan.serverId, plan.powerOn);
+      if (job.backupId) await backupStatus.endRestoring(em, job.backupId);
     });
   }
 
@@ -122,30 +119,14 @@ export class RestoreHandler implements JobHandler {
    * status; a disk being created had nothing and is marked ERROR. The server stays
    * stopped. The backup is usable again, unless it turned out damaged (ERROR).
    */
-  async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
-    const plan = this.plan(job);
+  async cleanup(job: JobOf<RestoreJobType>, outcome: JobOutcome): Promise<void> {
+    const { plan } = job.payload;
     await this.ds.transaction(async (em) => {
       await this.volumes.discardStaged(em, job.id);
       const before = job.type === JobType.CREATE_DISK ? null : (plan.diskStatusBefore ?? plan.diskStatus);
-      // A disk no longer RESTORING or CREATING was published, and its status is already its own.
-      for (const diskId of Object.keys(plan.diskStatus)) {
-        await em.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'CREATING')`, [diskId, before?.[diskId] ?? DiskStatus.ERROR]);
-      }
-      // A server being built from an image has nothing to fall back to: ERROR. A restored one stays stopped.
-      if (plan.serverId)
-        await em.query(`UPDATE servers SET status = CASE WHEN status = 'BUILDING' THEN 'ERROR' ELSE 'SHUTOFF' END, updated_at = now() WHERE id = $1 AND status IN ('RESTORING', 'BUILDING')`, [
-          plan.serverId,
-        ]);
-      if (!job.backupId) return;
-      if (outcome.code === "CORRUPT_CHUNK") {
-        await em.query(`UPDATE backups SET status = 'ERROR', error_code = $2, error = $3, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [
-          job.backupId,
-          outcome.code,
-          outcome.message,
-        ]);
-      } else {
-        await em.query(`UPDATE backups SET status = 'AVAILABLE', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'RESTORING'`, [job.backupId]);
-      }
+      for (const diskId of Object.keys(plan.diskStatus)) await diskStatus.failRestoring(em, diskId, before?.[diskId] ?? null);
+      if (plan.serverId) await serverStatus.failRestoring(em, plan.serverId);
+      if (job.backupId) await backupStatus.failRestoring(em, job.backupId, outcome);
     });
   }
 }

@@ -1,8 +1,11 @@
 import type { DataSource } from "typeorm";
 import type { Config } from "../../config";
 import { hashAt, list, listOf, packedHashes, rows } from "../../db/sql";
-import { JobType, type Job } from "../../entities";
-import { FormatError, isHole, openImage, WRITERS, type FormatName, type RandomAccessSource, type WriteSource } from "../../formats";
+import { FailureCode, type JobOf } from "../../domain/jobs";
+import * as exportStatus from "../../domain/status/export";
+import * as imageStatus from "../../domain/status/image";
+import { JobType } from "../../entities";
+import { FormatError, isHole, openImage, WRITERS, type RandomAccessSource, type WriteSource } from "../../formats";
 import { groupBlocks, type BlockGroup } from "../../formats/blocks";
 import { mapOrdered } from "../../storage/pipeline";
 import type { BlobStore } from "../../storage/blob-store";
@@ -12,7 +15,7 @@ import { BLOCK_SIZE } from "../../storage/volume-store";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 import { JobFailure } from "../runner";
 import { sealPending } from "../copy-blocks";
-import { finishImage, imageDiskBlocks, killImage } from "./image.handler";
+import { imageDiskBlocks, killImage } from "./image.handler";
 import { ContentChecksum } from "../../formats/checksum";
 
 const ROWS_BATCH = 512;
@@ -46,7 +49,7 @@ export function blobSource(blobs: BlobStore, key: string, size: number, onRead?:
  * they stream by. A malformed or hostile file ends the job with the reader's
  * reason and the image KILLED.
  */
-export class ImportImageHandler implements JobHandler {
+export class ImportImageHandler implements JobHandler<JobType.IMPORT_IMAGE> {
   readonly type = JobType.IMPORT_IMAGE;
 
   constructor(
@@ -55,15 +58,15 @@ export class ImportImageHandler implements JobHandler {
     private readonly config: Config,
   ) {}
 
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<JobType.IMPORT_IMAGE>): Promise<void> {
     const { job } = ctx;
-    const { uploadId, format } = job.payload as { uploadId: string; format: FormatName };
+    const { uploadId, format } = job.payload;
     const [upload] = await rows<{ size_bytes: string; data_map: Buffer | null; data_bytes: string | null }>(this.ds, `SELECT size_bytes, data_map, data_bytes FROM uploads WHERE id = $1`, [uploadId]);
-    if (!upload) throw new JobFailure("UPLOAD_GONE", "the upload expired or was deleted before the import ran");
+    if (!upload) throw new JobFailure(FailureCode.UPLOAD_GONE, "the upload expired or was deleted before the import ran");
     const size = Number(upload.size_bytes);
     // The work is the file's data: its runs of zeros are holes, never read.
     const dataBytes = upload.data_bytes === null ? size : Number(upload.data_bytes);
-    await this.ds.query(`UPDATE images SET status = 'SAVING', updated_at = now() WHERE id = $1`, [job.imageId]);
+    await imageStatus.markSaving(this.ds, job.imageId);
     let read = 0;
     const src = blobSource(this.vault.blobs, uploadKey(job.projectId, uploadId), size, (n) => (read += n), upload.data_map);
     await ctx.progress(0, dataBytes);
@@ -72,12 +75,12 @@ export class ImportImageHandler implements JobHandler {
       // Readers check sizes against what a 64-bit offset can hold; this service's own limit is a limit, not damage.
       reader = await openImage(format, src, { maxVirtualSize: Math.max(this.config.maxImageVirtualBytes, 2 ** 50), maxMetadataBytes: 64 * 2 ** 20 });
     } catch (err) {
-      if (err instanceof FormatError) throw new JobFailure("BAD_IMAGE", `the ${format} file cannot be imported: ${err.message}`);
+      if (err instanceof FormatError) throw new JobFailure(FailureCode.BAD_IMAGE, `the ${format} file cannot be imported: ${err.message}`);
       throw err;
     }
     const virtualSize = reader.virtualSize;
     if (virtualSize > this.config.maxImageVirtualBytes) {
-      throw new JobFailure("TOO_LARGE", `the file describes a ${virtualSize}-byte disk, larger than this service takes (MAX_IMAGE_VIRTUAL_BYTES, ${this.config.maxImageVirtualBytes} bytes)`);
+      throw new JobFailure(FailureCode.TOO_LARGE, `the file describes a ${virtualSize}-byte disk, larger than this service takes (MAX_IMAGE_VIRTUAL_BYTES, ${this.config.maxImageVirtualBytes} bytes)`);
     }
     const [{ min_disk_bytes: minDisk, type }] = await rows<{ min_disk_bytes: string; type: string }>(this.ds, `SELECT min_disk_bytes, type FROM images WHERE id = $1`, [job.imageId]);
     const [disk] = await rows<{ id: string }>(this.ds, `INSERT INTO image_disks (image_id, disk_index, device, disk_type, size_bytes) VALUES ($1, 0, NULL, $2, $3) RETURNING id`, [
@@ -126,20 +129,20 @@ export class ImportImageHandler implements JobHandler {
       await insertRows();
     } catch (err) {
       await writer.abort();
-      if (err instanceof FormatError) throw new JobFailure("BAD_IMAGE", `the ${format} file is damaged or unsafe: ${err.message}`);
+      if (err instanceof FormatError) throw new JobFailure(FailureCode.BAD_IMAGE, `the ${format} file is damaged or unsafe: ${err.message}`);
       throw err;
     }
     const missing = await sealPending(this.ds, { table: "image_blocks", ownerColumn: "image_disk_id", ownerIds: [disk.id], projectId: job.projectId });
-    if (missing > 0) throw new JobFailure("INCOMPLETE", `${missing} blocks have no chunk in the vault`);
+    if (missing > 0) throw new JobFailure(FailureCode.INCOMPLETE, `${missing} blocks have no chunk in the vault`);
     ctx.checkCancelled();
     const roundedUp = Math.ceil(virtualSize / 2 ** 20) * 2 ** 20;
-    await ctx.commit((em) => finishImage(em, job, checksum.hex(virtualSize), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) }));
+    await ctx.commit((em) => imageStatus.markActive(em, job.imageId, checksum.hex(virtualSize), { virtualSizeBytes: virtualSize, minDiskBytes: Math.max(Number(minDisk), roundedUp) }));
     // The file has served its purpose.
     await this.ds.query(`DELETE FROM uploads WHERE id = $1`, [uploadId]);
     await this.vault.blobs.delete(uploadKey(job.projectId, uploadId));
   }
 
-  async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
+  async cleanup(job: JobOf<JobType.IMPORT_IMAGE>, outcome: JobOutcome): Promise<void> {
     await killImage(this.ds, job, outcome);
   }
 }
@@ -149,7 +152,7 @@ export class ImportImageHandler implements JobHandler {
  * through the format's writer into the blob store while hashing it; the export
  * is READY once the file is durable, and expires later.
  */
-export class ExportImageHandler implements JobHandler {
+export class ExportImageHandler implements JobHandler<JobType.EXPORT_IMAGE> {
   readonly type = JobType.EXPORT_IMAGE;
 
   constructor(
@@ -158,12 +161,12 @@ export class ExportImageHandler implements JobHandler {
     private readonly config: Config,
   ) {}
 
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<JobType.EXPORT_IMAGE>): Promise<void> {
     const { job } = ctx;
-    const format = (job.payload as { format: FormatName }).format;
-    await this.ds.query(`UPDATE image_exports SET status = 'RUNNING' WHERE id = $1`, [job.exportId]);
+    const { format } = job.payload;
+    await exportStatus.markRunning(this.ds, job.exportId);
     const [disk] = await rows<{ id: string; size_bytes: string }>(this.ds, `SELECT id, size_bytes FROM image_disks WHERE image_id = $1 ORDER BY disk_index LIMIT 1`, [job.imageId]);
-    if (!disk) throw new JobFailure("IMAGE_GONE", "the image has no disk to export");
+    if (!disk) throw new JobFailure(FailureCode.IMAGE_GONE, "the image has no disk to export");
     const [{ n }] = await rows<{ n: string }>(this.ds, `SELECT count(*) AS n FROM image_blocks WHERE image_disk_id = $1`, [disk.id]);
     const total = Number(n) * BLOCK_SIZE;
     let done = 0;
@@ -196,7 +199,7 @@ export class ExportImageHandler implements JobHandler {
     // image's checksum verifies it). An export is written once and downloaded once,
     // so it skips the OS cache where the store can.
     const digest = format === "RAW" ? null : vault.codec.digest();
-    const out = await vault.blobs.openWriter(exportKey(job.projectId, job.exportId!), { bypassCache: true });
+    const out = await vault.blobs.openWriter(exportKey(job.projectId, job.exportId), { bypassCache: true });
     let size = 0;
     try {
       let held: Buffer[] = [];
@@ -228,18 +231,11 @@ export class ExportImageHandler implements JobHandler {
     }
     const sha256 = digest ? (await digest.digest()).toString("hex") : null;
     ctx.checkCancelled();
-    await ctx.commit((em) =>
-      em.query(`UPDATE image_exports SET status = 'READY', size_bytes = $2, sha256 = $3, expires_at = now() + make_interval(secs => $4) WHERE id = $1`, [
-        job.exportId,
-        size,
-        sha256,
-        this.config.exportTtlSeconds,
-      ]),
-    );
+    await ctx.commit((em) => exportStatus.markReady(em, job.exportId, { sizeBytes: size, sha256 }, this.config.exportTtlSeconds));
   }
 
-  async cleanup(job: Job, outcome: JobOutcome): Promise<void> {
-    await this.ds.query(`UPDATE image_exports SET status = 'FAILED', error_code = $2, error_message = $3 WHERE id = $1`, [job.exportId, outcome.code, outcome.message]);
+  async cleanup(job: JobOf<JobType.EXPORT_IMAGE>, outcome: JobOutcome): Promise<void> {
+    await exportStatus.markFailed(this.ds, job.exportId, outcome.code, outcome.message);
     if (job.exportId) await this.vault.blobs.delete(exportKey(job.projectId, job.exportId)).catch(() => undefined);
   }
 }

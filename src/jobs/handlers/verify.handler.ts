@@ -1,5 +1,7 @@
 import type { DataSource } from "typeorm";
-import { Backup, JobType, type Job } from "../../entities";
+import { FailureCode, type JobOf } from "../../domain/jobs";
+import * as backupStatus from "../../domain/status/backup";
+import { Backup, JobType } from "../../entities";
 import { countRecordedBlocks, dataRanges, resolveManifest } from "../../storage/manifest";
 import { ChunkError, type Vault } from "../../storage/vault";
 import { BLOCK_SIZE } from "../../storage/volume-store";
@@ -15,7 +17,7 @@ const REPORT = 5;
  * chunks fail the job with the blocks they belong to, and mark the backup ERROR
  * so nothing restores from it.
  */
-export class VerifyHandler implements JobHandler {
+export class VerifyHandler implements JobHandler<JobType.VERIFY_BACKUP> {
   readonly type = JobType.VERIFY_BACKUP;
 
   constructor(
@@ -23,10 +25,10 @@ export class VerifyHandler implements JobHandler {
     private readonly vault: Vault,
   ) {}
 
-  async run(ctx: JobContext): Promise<void> {
+  async run(ctx: JobContext<JobType.VERIFY_BACKUP>): Promise<void> {
     const { job } = ctx;
     const repo = this.ds.getRepository(Backup);
-    const top = await repo.findOneByOrFail({ id: job.backupId! });
+    const top = await repo.findOneByOrFail({ id: job.backupId });
     const children = await repo.find({ where: { parentId: top.id }, order: { device: "ASC" } });
     const parts = children.length ? children : [top];
     // The work is the blocks the backups record, in ranges that skip what they do not.
@@ -77,13 +79,13 @@ export class VerifyHandler implements JobHandler {
     }
     if (bad) {
       const message = `${bad} of ${checked} chunks failed verification: ${problems.join("; ")}${bad > problems.length ? "; …" : ""}`;
-      await ctx.commit((em) => em.query(`UPDATE backups SET status = 'ERROR', error_code = 'CORRUPT_CHUNK', error = $2, updated_at = now() WHERE id = $1 OR parent_id = $1`, [top.id, message]));
-      throw new JobFailure("VERIFY_FAILED", message);
+      await ctx.commit((em) => backupStatus.markCorrupt(em, top.id, message));
+      throw new JobFailure(FailureCode.VERIFY_FAILED, message);
     }
-    await ctx.commit((em) => em.query(`UPDATE backups SET status = 'AVAILABLE', error_code = NULL, error = NULL, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = 'ERROR'`, [top.id]));
+    await ctx.commit((em) => backupStatus.markVerified(em, top.id));
   }
 
-  async cleanup(_job: Job, _outcome: JobOutcome): Promise<void> {
+  async cleanup(_job: JobOf<JobType.VERIFY_BACKUP>, _outcome: JobOutcome): Promise<void> {
     // Verification changes nothing unless it finds damage, which run() records itself.
   }
 }

@@ -1,4 +1,5 @@
 import type { DataSource } from "typeorm";
+import { AdvisoryLock } from "../../db/locks";
 import { rows } from "../../db/sql";
 import type { BlobStore } from "../blob-store";
 import { DecodeError, type ChunkCodec } from "../codec";
@@ -96,12 +97,12 @@ export class GarbageCollector {
     const runner = this.ds.createQueryRunner();
     await runner.connect();
     try {
-      const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${0x5707}, hashtext($1)) AS locked`, [`vault:${projectId}`]);
+      const [{ locked }] = await runner.query(`SELECT pg_try_advisory_lock(${AdvisoryLock.VAULT}, hashtext($1)) AS locked`, [`vault:${projectId}`]);
       if (!locked) return null;
       try {
         return await fn();
       } finally {
-        await runner.query(`SELECT pg_advisory_unlock(${0x5707}, hashtext($1))`, [`vault:${projectId}`]);
+        await runner.query(`SELECT pg_advisory_unlock(${AdvisoryLock.VAULT}, hashtext($1))`, [`vault:${projectId}`]);
       }
     } finally {
       await runner.release();

@@ -1,7 +1,7 @@
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { DomainError, ErrorCode } from "../../../src/services/errors";
+import { DomainError, ErrorCode } from "../../../src/domain/errors";
 import type { BlobStore } from "../../../src/storage/blob-store";
 import { FreeSpace } from "../../../src/storage/free-space";
 import { FsBlobStore } from "../../../src/storage/fs-blob-store";

@@ -1,14 +1,13 @@
 import type { DataSource } from "typeorm";
 import type { Config } from "../config";
-import { rows } from "../db/sql";
+import { hydrate, rows } from "../db/sql";
 import { Policy, type Job, type PolicyRun } from "../entities";
 import type { Logger } from "../logger";
-import { RequestContext } from "../services/context";
-import type { JobQueue } from "../services/job-queue";
-import { hydrate } from "../services/pagination";
-import type { PolicyRunner } from "../services/policy.service";
-import { ScheduleError } from "./schedule";
-import { scheduleThread } from "./schedule-thread";
+import { RequestContext } from "./context";
+import type { JobQueue } from "./job-queue";
+import type { PolicyRunner } from "./policy.service";
+import { ScheduleError } from "../domain/schedule";
+import { scheduleThread } from "../domain/schedule-thread";
 
 export type Clock = () => Date;
 

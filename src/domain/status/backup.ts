@@ -1,0 +1,70 @@
+import type { Queryable } from "../../db/sql";
+import { BackupStatus } from "../../entities";
+import type { ErrorCode } from "../errors";
+import { FailureCode } from "../jobs";
+
+/**
+ * Every status change of a backup. A server backup's disk backups (its children)
+ * change with it where the statement names `(id = $1 OR parent_id = $1)`.
+ */
+
+/** The backups restore from: RESTORING until the restore ends. */
+export async function markRestoring(q: Queryable, ids: string[]): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.RESTORING}', updated_at = now() WHERE id = ANY($1)`, [ids]);
+}
+
+/** A backup and its children are being deleted: DELETING until the job has removed them. */
+export async function markDeleting(q: Queryable, id: string): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.DELETING}', updated_at = now() WHERE id = $1 OR parent_id = $1`, [id]);
+}
+
+/** Its data and block list are durable in the vault: AVAILABLE, with the bytes it added to the vault. */
+export async function markStored(q: Queryable, id: string, storedBytes: number): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.AVAILABLE}', progress = 1, completed_at = now(), stored_bytes = $2, updated_at = now() WHERE id = $1`, [id, storedBytes]);
+}
+
+/** The progress of a backup being taken or restored from. */
+export async function recordProgress(q: Queryable, id: string, progress: number): Promise<void> {
+  await q.query(`UPDATE backups SET progress = $2 WHERE id = $1 AND status IN ('${BackupStatus.CREATING}', '${BackupStatus.RESTORING}')`, [id, progress]);
+}
+
+/** A backup that did not finish never becomes AVAILABLE: those of `ids` still CREATING become ERROR with the reason. */
+export async function failCreating(q: Queryable, ids: string[], code: FailureCode | ErrorCode, message: string): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.ERROR}', error_code = $2, error = $3, updated_at = now() WHERE id = ANY($1) AND status = '${BackupStatus.CREATING}'`, [
+    ids,
+    code,
+    message,
+  ]);
+}
+
+/** A deletion that did not finish leaves the backup as it was: AVAILABLE. */
+export async function cancelDeleting(q: Queryable, id: string): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.AVAILABLE}', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = '${BackupStatus.DELETING}'`, [id]);
+}
+
+/** Verification found damaged chunks: ERROR, so nothing restores from it. */
+export async function markCorrupt(q: Queryable, id: string, message: string): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.ERROR}', error_code = '${FailureCode.CORRUPT_CHUNK}', error = $2, updated_at = now() WHERE id = $1 OR parent_id = $1`, [id, message]);
+}
+
+/** Verification found every chunk whole: a backup marked ERROR by an earlier one is AVAILABLE again. */
+export async function markVerified(q: Queryable, id: string): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.AVAILABLE}', error_code = NULL, error = NULL, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = '${BackupStatus.ERROR}'`, [
+    id,
+  ]);
+}
+
+/** A restore from it ended: AVAILABLE again. */
+export async function endRestoring(q: Queryable, id: string): Promise<void> {
+  await q.query(`UPDATE backups SET status = '${BackupStatus.AVAILABLE}', updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = '${BackupStatus.RESTORING}'`, [id]);
+}
+
+/** A restore from it failed: usable again, unless it turned out damaged (ERROR with the reason). */
+export async function failRestoring(q: Queryable, id: string, outcome: { code: FailureCode | ErrorCode; message: string }): Promise<void> {
+  if (outcome.code !== FailureCode.CORRUPT_CHUNK) return endRestoring(q, id);
+  await q.query(`UPDATE backups SET status = '${BackupStatus.ERROR}', error_code = $2, error = $3, updated_at = now() WHERE (id = $1 OR parent_id = $1) AND status = '${BackupStatus.RESTORING}'`, [
+    id,
+    outcome.code,
+    outcome.message,
+  ]);
+}

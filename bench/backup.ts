@@ -34,9 +34,9 @@ import path from "node:path";
 import { profileLines, type Window } from "./lib/cpuprofile";
 import { BARE_DIST, COMMON_FLAGS, commonOptions, parseFlags, parseSize, type CommonOptions } from "./lib/cli";
 import { applyChanges, BLOCK, changes, dirBytes, GiB, layout, MiB, sha256File, writeImage, type Region } from "./lib/image";
-import { cpuTree, deviceBytesWritten, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, settle, timed } from "./lib/proc";
+import { deviceBytesWritten, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, settle, timed } from "./lib/proc";
 import { f2, log, maxOf, median, mib, ratioOf, table, targetTable, verdict, x } from "./lib/report";
-import { StowageProcess } from "./lib/stowage";
+import { StowageProcess, timeJob, type JobTiming } from "./lib/stowage";
 
 interface Options extends CommonOptions {
   skipPeers: boolean;
@@ -71,15 +71,8 @@ interface ToolResult {
 
 const empty = (): ToolResult => ({ first: null, incremental: null, growth: null, restore: null, restoreDurable: null, peakRssKiB: null });
 
-interface StowagePhase {
+interface StowagePhase extends JobTiming {
   label: string;
-  seconds: number;
-  nodeCpu: number;
-  pgCpu: number;
-  mutationMs: number;
-  /** Job createdAt → startedAt: includes the mutation's own transaction. */
-  queuedMs: number;
-  runMs: number;
   bytesTotal: number;
   peakRssKiB: number;
   /** Bytes the device under the data directory wrote during the phase (null where unknown). */
@@ -239,38 +232,19 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
     const stowagePhase = async (label: string, mutation: () => Promise<{ jobId: string; result: string }>) => {
       await settle();
       sampler.setPhase(label);
-      const cpu0 = cpuTree(svc.pid);
       const wrote0 = deviceBytesWritten(dir);
-      const startUs = Number(process.hrtime.bigint() / 1000n);
-      const t0 = hrSeconds();
-      const wall0 = Date.now();
-      const { jobId, result } = await mutation();
-      const mutationMs = (hrSeconds() - t0) * 1000;
-      // Polled slowly (frequent polls would load the service being measured); the time
-      // ends at the job's finishedAt, stamped by Postgres when it turned SUCCEEDED
-      // (same machine, same clock), so the poll interval does not count.
-      const job = await svc.waitJob(jobId, 250);
-      const observed = hrSeconds() - t0;
-      const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
-      windows.push({ label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) });
-      const cpu1 = cpuTree(svc.pid);
+      const { timing, result } = await timeJob(svc, label, mutation);
       const wrote1 = deviceBytesWritten(dir);
       sampler.sample();
-      const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
+      windows.push(timing.window);
       phases.push({
+        ...timing,
         label,
-        seconds,
-        nodeCpu: cpu1.self - cpu0.self,
-        pgCpu: cpu1.descendants - cpu0.descendants,
-        mutationMs,
-        queuedMs: ms(job.createdAt, job.startedAt),
-        runMs: ms(job.startedAt, job.finishedAt),
-        bytesTotal: job.bytesTotal,
+        bytesTotal: timing.job.bytesTotal,
         peakRssKiB: sampler.peaks.get(label) ?? 0,
         deviceWrote: wrote0 === null || wrote1 === null ? null : wrote1 - wrote0,
       });
-      log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
-      return { seconds, result, bytesTotal: job.bytesTotal };
+      return { seconds: timing.seconds, result, bytesTotal: timing.job.bytesTotal };
     };
     const backupMutation = async () => {
       const r = await svc.gql(`mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { backup { id } job { id } } }`, { r: diskId });

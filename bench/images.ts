@@ -40,27 +40,15 @@ import fs from "node:fs";
 import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
-import { profileLines, type Window } from "./lib/cpuprofile";
+import { profileLines } from "./lib/cpuprofile";
 import { BARE_DIST, COMMON_FLAGS, commonOptions, parseFlags } from "./lib/cli";
 import { layout, writeImage, type Region } from "./lib/image";
-import { cpuTree, hrSeconds, onInterrupt, procStatusKiB, requireProgram, run, settle, timedSteps } from "./lib/proc";
+import { hrSeconds, onInterrupt, procStatusKiB, requireProgram, run, settle, timedSteps } from "./lib/proc";
 import { f2, log, median, mib, ratioOf, table, targetTable, x } from "./lib/report";
-import { StowageProcess } from "./lib/stowage";
+import { StowageProcess, timeJob, type JobTiming } from "./lib/stowage";
 import { downloadFile, uploadFile } from "./lib/transfer";
 import { DEFAULT_LIMITS, openImage } from "../src/formats";
 import { checksumOf } from "../src/formats/checksum";
-
-/** One Stowage job from its mutation to SUCCEEDED. */
-interface JobTiming {
-  seconds: number;
-  mutationMs: number;
-  /** Job createdAt → startedAt (includes the mutation's own transaction). */
-  queuedMs: number;
-  runMs: number;
-  nodeCpu: number;
-  pgCpu: number;
-  window: Window;
-}
 
 /** A peer's work end to end: `qemu-img convert`, then `sha256sum` of its output, then `sync` of it. */
 interface PeerTiming {
@@ -85,34 +73,6 @@ const live: { svc: StowageProcess | null } = { svc: null };
 
 const IMAGE_Q = `query ($id: ID!) { node(id: $id) { ... on Image { status checksum virtualSizeBytes sizeBytes error { code message } } } }`;
 const EXPORT_Q = `query ($id: ID!) { node(id: $id) { ... on ImageExport { status format sizeBytes sha256 downloadUrl } } }`;
-
-/** Runs `mutation` (which returns the job and what it made) and times the job to SUCCEEDED. */
-async function timeJob(svc: StowageProcess, label: string, mutation: () => Promise<{ jobId: string; result: string }>): Promise<{ timing: JobTiming; result: string }> {
-  const cpu0 = cpuTree(svc.pid);
-  const startUs = Number(process.hrtime.bigint() / 1000n);
-  const t0 = hrSeconds();
-  const wall0 = Date.now();
-  const { jobId, result } = await mutation();
-  const mutationMs = (hrSeconds() - t0) * 1000;
-  const job = await svc.waitJob(jobId, 250);
-  const observed = hrSeconds() - t0;
-  const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
-  const cpu1 = cpuTree(svc.pid);
-  const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
-  log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
-  return {
-    timing: {
-      seconds,
-      mutationMs,
-      queuedMs: ms(job.createdAt, job.startedAt),
-      runMs: ms(job.startedAt, job.finishedAt),
-      nodeCpu: cpu1.self - cpu0.self,
-      pgCpu: cpu1.descendants - cpu0.descendants,
-      window: { label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) },
-    },
-    result,
-  };
-}
 
 async function qemuCompare(qemuImg: string, a: string, b: string, what: string): Promise<void> {
   const r = await run(qemuImg, ["compare", a, b]);

@@ -5,6 +5,9 @@ import http from "node:http";
 import net from "node:net";
 import path from "node:path";
 import type { Readable } from "node:stream";
+import type { Window } from "./cpuprofile";
+import { cpuTree, hrSeconds } from "./proc";
+import { log } from "./report";
 
 const ROOT = path.join(__dirname, "..", "..");
 
@@ -181,4 +184,54 @@ export interface JobInfo {
   startedAt: string | null;
   finishedAt: string | null;
   error: { code: string; message: string } | null;
+}
+
+/** One Stowage job from its mutation to SUCCEEDED. */
+export interface JobTiming {
+  seconds: number;
+  mutationMs: number;
+  /** Job createdAt → startedAt (includes the mutation's own transaction). */
+  queuedMs: number;
+  runMs: number;
+  /** CPU seconds of the service's node process, and of its descendants (its Postgres). */
+  nodeCpu: number;
+  pgCpu: number;
+  /** Its bounds on CLOCK_MONOTONIC in µs, the clock of node --cpu-prof. */
+  window: Window;
+  job: JobInfo;
+}
+
+/**
+ * Runs `mutation` (which returns the job and what it made) and times the job to
+ * SUCCEEDED. It is polled slowly, as frequent polls would load the service being
+ * measured; the time ends at the job's finishedAt, stamped by Postgres when it
+ * turned SUCCEEDED (same machine, same clock), so the poll interval does not count.
+ */
+export async function timeJob(svc: StowageProcess, label: string, mutation: () => Promise<{ jobId: string; result: string }>): Promise<{ timing: JobTiming; result: string }> {
+  const cpu0 = cpuTree(svc.pid);
+  const startUs = Number(process.hrtime.bigint() / 1000n);
+  const t0 = hrSeconds();
+  const wall0 = Date.now();
+  const { jobId, result } = await mutation();
+  const mutationMs = (hrSeconds() - t0) * 1000;
+  const job = await svc.waitJob(jobId, 250);
+  const observed = hrSeconds() - t0;
+  const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
+  const endUs = Number(process.hrtime.bigint() / 1000n);
+  const cpu1 = cpuTree(svc.pid);
+  const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
+  log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
+  return {
+    timing: {
+      seconds,
+      mutationMs,
+      queuedMs: ms(job.createdAt, job.startedAt),
+      runMs: ms(job.startedAt, job.finishedAt),
+      nodeCpu: cpu1.self - cpu0.self,
+      pgCpu: cpu1.descendants - cpu0.descendants,
+      window: { label, startUs, endUs },
+      job,
+    },
+    result,
+  };
 }

@@ -96,8 +96,8 @@ export class StowageProcess {
       headers: { "content-type": "application/json", authorization: `Bearer ${this.key}` },
       body: JSON.stringify({ query, variables }),
     });
-    const body = (await res.json()) as { data?: T; errors?: { message: string }[] };
-    if (body.errors?.length) throw new Error(`GraphQL: ${body.errors.map((e) => e.message).join("; ")}`);
+    const body = (await res.json()) as { data?: T; errors?: { message: string; extensions?: { code?: string } }[] };
+    if (body.errors?.length) throw Object.assign(new Error(`GraphQL: ${body.errors.map((e) => e.message).join("; ")}`), { codes: body.errors.map((e) => e.extensions?.code) });
     return body.data!;
   }
 
@@ -164,10 +164,18 @@ export class StowageProcess {
   /** Polls a job until it ends; throws unless it SUCCEEDED. */
   async waitJob(jobId: string, pollMs = 20, timeoutMs = 3_600_000): Promise<JobInfo> {
     const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const { node } = await this.gql<{ node: JobInfo }>(`query ($id: ID!) { node(id: $id) { ... on Job { status bytesDone bytesTotal createdAt startedAt finishedAt error { code message } } } }`, {
-        id: jobId,
-      });
+    for (let unavailable = 0; ;) {
+      let node: JobInfo;
+      try {
+        ({ node } = await this.gql<{ node: JobInfo }>(`query ($id: ID!) { node(id: $id) { ... on Job { status bytesDone bytesTotal createdAt startedAt finishedAt error { code message } } } }`, {
+          id: jobId,
+        }));
+      } catch (err) {
+        // A busy machine can keep the service's Postgres from answering a poll in time; the poll is asked again, as the answer says.
+        if (!(err as { codes?: string[] }).codes?.includes("UNAVAILABLE") || ++unavailable > 30) throw err;
+        await new Promise((r) => setTimeout(r, 1000));
+        continue;
+      }
       if (node.status === "SUCCEEDED") return node;
       if (node.status === "FAILED" || node.status === "CANCELLED") throw new Error(`job ${jobId} ended ${node.status}: ${node.error?.code} ${node.error?.message}`);
       if (Date.now() > deadline) throw new Error(`job ${jobId} still ${node.status} after ${timeoutMs} ms`);

@@ -447,9 +447,9 @@ function report(opts: Options, runs: RunResult[]): string {
       `- ${tag}load average (1 min) ${run.loads[0].toFixed(2)} at the start, ${run.loads[1].toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`,
     );
     if (runs.length > 1) {
-      const cell = (t: Tool) => `${f2(run.results[t].first)} / ${f2(run.results[t].incremental)} / ${f2(run.results[t].restore)}`;
+      const cell = (t: Tool) => `${f2(run.results[t].first)} / ${f2(run.results[t].incremental)} / ${f2(run.results[t].restore)} / ${f2(run.results[t].restoreDurable)}`;
       lines.push(
-        `- ${tag}first / incremental / restore (s): Stowage ${cell("stowage")}; restic ${cell("restic")}; borg ${cell("borg")}; the device's durable write of the restored bytes ${f2(run.floor)}`,
+        `- ${tag}first / incremental / restore / restore until durable (s): Stowage ${cell("stowage")}; restic ${cell("restic")}; borg ${cell("borg")}; the device's durable write of the restored bytes ${f2(run.floor)}`,
       );
     }
     for (const p of run.phases) {

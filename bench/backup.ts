@@ -26,85 +26,38 @@
  * machine (the report shows the load). After Stowage's restore, dd writes the same
  * number of bytes durably (direct I/O, fsync every 64 MiB): the device's floor for a
  * restore that is durable when it ends, which the report sets beside the restore.
+ * Speed targets, printed as rows with PASS or MISS: the first backup at most 0.5x
+ * `restic backup`; the restore (durable when it ends) at most 0.5x `restic restore`
+ * followed by `sync` of its file; the incremental at most 0.1x restic's with growth at
+ * most 2x the changed bytes; peak RSS under 300 MiB.
  */
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { profileLines, type Window } from "./lib/cpuprofile";
+import { BARE_DIST, COMMON_FLAGS, commonOptions, parseFlags, parseSize, type CommonOptions } from "./lib/cli";
 import { applyChanges, BLOCK, changes, dirBytes, GiB, layout, MiB, sha256File, writeImage, type Region } from "./lib/image";
-import { cpuTree, deviceBytesWritten, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, timed } from "./lib/proc";
-import { StowageProcess } from "./lib/stowage";
+import { deviceBytesWritten, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, settle, timed } from "./lib/proc";
+import { f2, log, maxOf, median, mib, ratioOf, table, targetTable, verdict, x } from "./lib/report";
+import { StowageProcess, timeJob, type JobTiming } from "./lib/stowage";
 
-interface Options {
-  size: number;
+interface Options extends CommonOptions {
   skipPeers: boolean;
-  keep: boolean;
-  cpuProf: boolean;
-  dir: string;
-  seed: number;
-  runs: number;
   serviceNodeArgs: string[];
-  dist: string | null;
   /** Compare peak RSS at 1 GiB and at this size (Stowage only), instead of the peers table. */
   memory: number | null;
 }
 
-function parseSize(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?$/i.exec(s.trim());
-  if (!m) throw new Error(`--size: cannot read "${s}" (examples: 1G, 4G, 512M)`);
-  const unit = { "": GiB, K: 1024, M: MiB, G: GiB, T: 1024 * GiB }[m[2].toUpperCase() as "" | "K" | "M" | "G" | "T"];
-  const bytes = Math.round(Number(m[1]) * unit);
-  if (bytes < 16 * MiB || bytes % BLOCK !== 0) throw new Error(`--size must be at least 16 MiB and a multiple of 64 KiB, got ${s}`);
-  return bytes;
-}
-
-function parseArgs(argv: string[]): Options {
-  const o: Options = {
-    size: process.env.BENCH_SIZE_GIB ? parseSize(`${process.env.BENCH_SIZE_GIB}G`) : GiB,
-    skipPeers: false,
-    keep: false,
-    cpuProf: false,
-    dir: os.tmpdir(),
-    seed: 42,
-    runs: 1,
-    serviceNodeArgs: [],
-    dist: null,
-    memory: null,
+function options(argv: string[]): Options {
+  const v = parseFlags(__filename, argv, { ...COMMON_FLAGS, "skip-peers": { type: "boolean" }, "service-node-args": { type: "string" }, memory: { type: "string" } }, { ...BARE_DIST, memory: "4G" });
+  return {
+    ...commonOptions(v),
+    skipPeers: v["skip-peers"] ?? false,
+    serviceNodeArgs: (v["service-node-args"] ?? "").split(/\s+/).filter(Boolean),
+    memory: v.memory === undefined ? null : parseSize(v.memory, "--memory"),
   };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const value = () => {
-      const v = a.includes("=") ? a.slice(a.indexOf("=") + 1) : argv[++i];
-      if (v === undefined) throw new Error(`${a} needs a value`);
-      return v;
-    };
-    if (a === "--size" || a.startsWith("--size=")) o.size = parseSize(value());
-    else if (a === "--skip-peers") o.skipPeers = true;
-    else if (a === "--keep") o.keep = true;
-    else if (a === "--cpu-prof") o.cpuProf = true;
-    else if (a === "--dir" || a.startsWith("--dir=")) o.dir = value();
-    else if (a === "--seed" || a.startsWith("--seed=")) o.seed = Number(value());
-    else if (a === "--runs" || a.startsWith("--runs=")) o.runs = Number(value());
-    else if (a === "--service-node-args" || a.startsWith("--service-node-args=")) o.serviceNodeArgs = value().split(/\s+/).filter(Boolean);
-    else if (a === "--memory") o.memory = 4 * GiB;
-    else if (a.startsWith("--memory=")) o.memory = parseSize(a.slice("--memory=".length));
-    else if (a === "--dist") o.dist = path.join(__dirname, "..", "dist");
-    else if (a.startsWith("--dist=")) o.dist = path.resolve(a.slice("--dist=".length));
-    else if (a === "--help" || a === "-h") {
-      process.stdout.write(fs.readFileSync(__filename, "utf8").split("*/")[0] + "*/\n");
-      process.exit(0);
-    } else throw new Error(`unknown option ${a} (see --help)`);
-  }
-  if (!Number.isInteger(o.seed)) throw new Error("--seed must be an integer");
-  if (!Number.isInteger(o.runs) || o.runs < 1) throw new Error("--runs must be a positive integer");
-  return o;
 }
-
-const log = (msg: string) => process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
-const mib = (b: number) => b / MiB;
-const f2 = (n: number | null | undefined) => (n === null || n === undefined || !Number.isFinite(n) ? "n/a" : n.toFixed(2));
-const ratio = (a: number | null | undefined, b: number | null | undefined) => (a == null || b == null || !b ? "n/a" : `${(a / b).toFixed(2)}×`);
 
 type Tool = "stowage" | "restic" | "borg";
 const TOOLS: Tool[] = ["stowage", "restic", "borg"];
@@ -122,15 +75,8 @@ interface ToolResult {
 
 const empty = (): ToolResult => ({ first: null, incremental: null, growth: null, restore: null, restoreDurable: null, peakRssKiB: null });
 
-interface StowagePhase {
+interface StowagePhase extends JobTiming {
   label: string;
-  seconds: number;
-  nodeCpu: number;
-  pgCpu: number;
-  mutationMs: number;
-  /** Job createdAt → startedAt: includes the mutation's own transaction. */
-  queuedMs: number;
-  runMs: number;
   bytesTotal: number;
   peakRssKiB: number;
   /** Bytes the device under the data directory wrote during the phase (null where unknown). */
@@ -261,14 +207,8 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
       BORG_RELOCATED_REPO_ACCESS_IS_OK: "yes",
       BORG_DISPLAY_PASSPHRASE: "no",
     };
-    /**
-     * Before every timed phase, of any tool: the writeback of what the phases before
-     * it wrote finishes first (untimed), so no tool pays for the one before it.
-     */
-    const settle = async () => {
-      const r = await run("sync", []);
-      if (r.code !== 0) throw new Error(`sync failed: ${r.stderr}`);
-    };
+    // Before every timed phase, of any tool, the writeback of what the phases before it
+    // wrote finishes (untimed: settle), so no tool pays for the one before it.
     const peer = async (tool: "restic" | "borg", args: string[], cwd?: string) => {
       await settle();
       const r = await timed(progs!.time, progs![tool], args, { env: tool === "restic" ? resticEnv : borgEnv, cwd, tmp: dir });
@@ -296,38 +236,19 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
     const stowagePhase = async (label: string, mutation: () => Promise<{ jobId: string; result: string }>) => {
       await settle();
       sampler.setPhase(label);
-      const cpu0 = cpuTree(svc.pid);
       const wrote0 = deviceBytesWritten(dir);
-      const startUs = Number(process.hrtime.bigint() / 1000n);
-      const t0 = hrSeconds();
-      const wall0 = Date.now();
-      const { jobId, result } = await mutation();
-      const mutationMs = (hrSeconds() - t0) * 1000;
-      // Polled slowly (frequent polls would load the service being measured); the time
-      // ends at the job's finishedAt, stamped by Postgres when it turned SUCCEEDED
-      // (same machine, same clock), so the poll interval does not count.
-      const job = await svc.waitJob(jobId, 250);
-      const observed = hrSeconds() - t0;
-      const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
-      windows.push({ label, startUs, endUs: Number(process.hrtime.bigint() / 1000n) });
-      const cpu1 = cpuTree(svc.pid);
+      const { timing, result } = await timeJob(svc, label, mutation);
       const wrote1 = deviceBytesWritten(dir);
       sampler.sample();
-      const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
+      windows.push(timing.window);
       phases.push({
+        ...timing,
         label,
-        seconds,
-        nodeCpu: cpu1.self - cpu0.self,
-        pgCpu: cpu1.descendants - cpu0.descendants,
-        mutationMs,
-        queuedMs: ms(job.createdAt, job.startedAt),
-        runMs: ms(job.startedAt, job.finishedAt),
-        bytesTotal: job.bytesTotal,
+        bytesTotal: timing.job.bytesTotal,
         peakRssKiB: sampler.peaks.get(label) ?? 0,
         deviceWrote: wrote0 === null || wrote1 === null ? null : wrote1 - wrote0,
       });
-      log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
-      return { seconds, result, bytesTotal: job.bytesTotal };
+      return { seconds: timing.seconds, result, bytesTotal: timing.job.bytesTotal };
     };
     const backupMutation = async () => {
       const r = await svc.gql(`mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { backup { id } job { id } } }`, { r: diskId });
@@ -444,16 +365,6 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
   }
 }
 
-const median = (xs: (number | null)[]): number | null => {
-  const v = xs.filter((x): x is number => x !== null && Number.isFinite(x)).sort((a, b) => a - b);
-  if (!v.length) return null;
-  return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
-};
-const maxOf = (xs: (number | null)[]): number | null => {
-  const v = xs.filter((x): x is number => x !== null);
-  return v.length ? Math.max(...v) : null;
-};
-
 function report(opts: Options, runs: RunResult[]): string {
   const size = opts.size;
   const regions = layout(size, opts.seed);
@@ -491,34 +402,35 @@ function report(opts: Options, runs: RunResult[]): string {
       (runs.length > 1 ? `; median of ${runs.length} runs (peak RSS: max)` : ""),
   );
   lines.push("");
-  lines.push("| | Stowage | restic | borg | Stowage/restic | Stowage/borg |");
-  lines.push("| --- | ---: | ---: | ---: | ---: | ---: |");
-  for (const [name, sv, rv, bv, fmt] of rows) lines.push(`| ${name} | ${fmt(sv)} | ${fmt(rv)} | ${fmt(bv)} | ${ratio(sv, rv)} | ${ratio(sv, bv)} |`);
+  lines.push(
+    ...table(
+      ["", "Stowage", "restic", "borg", "Stowage/restic", "Stowage/borg"],
+      rows.map(([name, sv, rv, bv, fmt]) => [name, fmt(sv), fmt(rv), fmt(bv), x(ratioOf(sv, rv)), x(ratioOf(sv, bv))]),
+    ),
+  );
   lines.push("");
-  const verdict = (ok: boolean | null) => (ok === null ? "n/a " : ok ? "PASS" : "MISS");
-  const rel = (a: number | null, c: number | null) => (a === null || c === null ? null : a / c);
-  const x = (v: number | null, digits = 2) => (v === null ? "n/a" : `${v.toFixed(digits)}×`);
-  const firstRatio = rel(s.first, r.first);
-  const incrRatio = rel(s.incremental, r.incremental);
+  lines.push(
+    ...targetTable([
+      { name: "first backup", stowage: s.first, peerName: "`restic backup`", peer: r.first, max: 0.5 },
+      { name: "full restore, durable when it ends", stowage: s.restore, peerName: "`restic restore`, then `sync FILE`", peer: r.restoreDurable, max: 0.5 },
+    ]),
+  );
+  lines.push("");
+  const incrRatio = ratioOf(s.incremental, r.incremental);
   const growthRatio = s.growth === null ? null : s.growth / changed;
-  const restoreRatio = rel(s.restore, r.restore);
+  const restoreRatio = ratioOf(s.restore, r.restoreDurable);
   const rss = rssMiB(s.peakRssKiB);
-  lines.push(`- ${verdict(firstRatio === null ? null : firstRatio <= 0.5)} first backup ≤ 0.5× restic (${x(firstRatio)})`);
   lines.push(
     `- ${verdict(incrRatio === null || growthRatio === null ? null : incrRatio <= 0.1 && growthRatio <= 2)} incremental ≤ 0.1× restic time (${x(incrRatio, 3)}) with growth ≤ 2× changed bytes (${x(growthRatio)})`,
   );
   const floor = median(runs.map((run) => run.floor));
-  const floorRatio = rel(floor, r.restore);
+  const floorRatio = ratioOf(floor, r.restoreDurable);
+  if (restoreRatio !== null && restoreRatio > 0.5 && floorRatio !== null && floorRatio > 0.5)
+    lines.push(`- info the restore target is out of reach in this run: writing the restored bytes durably takes the device ${x(floorRatio)} restic's restore and sync (below)`);
   lines.push(
-    `- ${verdict(restoreRatio === null ? null : restoreRatio <= 0.5)} full restore ≤ 0.5× restic (${x(restoreRatio)})` +
-      (restoreRatio !== null && restoreRatio > 0.5 && floorRatio !== null && floorRatio > 0.5
-        ? `: out of reach in this run, since writing the restored bytes durably takes the device ${x(floorRatio)} restic's restore (below)`
-        : ""),
+    `- info full restore: ${x(ratioOf(s.restore, floor))} the device's time to write the same bytes durably (${f2(floor)} s: dd, direct I/O, fsync every 64 MiB), which bounds any restore that is durable when it ends`,
   );
-  lines.push(
-    `- info full restore: ${x(rel(s.restore, floor))} the device's time to write the same bytes durably (${f2(floor)} s: dd, direct I/O, fsync every 64 MiB), which bounds any restore that is durable when it ends; restic's restore ends before its file is durable`,
-  );
-  lines.push(`- info full restore until durable: ${x(rel(s.restoreDurable, r.restoreDurable))} restic's restore followed by \`sync\` of its file (not a target)`);
+  lines.push(`- info full restore: ${x(ratioOf(s.restore, r.restore))} restic's restore alone, which ends before its file is durable (not a target)`);
   lines.push(`- ${verdict(rss === null ? null : rss < 300)} Stowage peak RSS < 300 MiB (${rss === null ? "n/a" : rss.toFixed(0) + " MiB"})`);
   lines.push("");
   lines.push("Details:");
@@ -535,9 +447,9 @@ function report(opts: Options, runs: RunResult[]): string {
       `- ${tag}load average (1 min) ${run.loads[0].toFixed(2)} at the start, ${run.loads[1].toFixed(2)} at the end, on ${os.cpus().length} CPUs (times are only comparable on an otherwise idle machine)`,
     );
     if (runs.length > 1) {
-      const cell = (t: Tool) => `${f2(run.results[t].first)} / ${f2(run.results[t].incremental)} / ${f2(run.results[t].restore)}`;
+      const cell = (t: Tool) => `${f2(run.results[t].first)} / ${f2(run.results[t].incremental)} / ${f2(run.results[t].restore)} / ${f2(run.results[t].restoreDurable)}`;
       lines.push(
-        `- ${tag}first / incremental / restore (s): Stowage ${cell("stowage")}; restic ${cell("restic")}; borg ${cell("borg")}; the device's durable write of the restored bytes ${f2(run.floor)}`,
+        `- ${tag}first / incremental / restore / restore until durable (s): Stowage ${cell("stowage")}; restic ${cell("restic")}; borg ${cell("borg")}; the device's durable write of the restored bytes ${f2(run.floor)}`,
       );
     }
     for (const p of run.phases) {
@@ -603,7 +515,7 @@ function profileReport(run: RunResult): string {
 }
 
 async function main(): Promise<number> {
-  const opts = parseArgs(process.argv.slice(2));
+  const opts = options(process.argv.slice(2));
   const progs: Programs | null =
     opts.skipPeers || opts.memory ? null : { time: requireProgram("/usr/bin/time", "time"), restic: requireProgram("restic", "restic"), borg: requireProgram("borg", "borgbackup") };
 

@@ -31,7 +31,6 @@
  * for every policy (which enqueues DELETE_BACKUP jobs through BackupService.delete).
  */
 import "reflect-metadata";
-import fs from "node:fs";
 import fsp from "node:fs/promises";
 import { Session } from "node:inspector/promises";
 import os from "node:os";
@@ -48,8 +47,10 @@ import { Scheduler } from "../src/services/scheduler";
 import { createLogger, silentLogger } from "../src/logger";
 import { createServices, type Services } from "../src/services";
 import { RequestContext } from "../src/services/context";
+import { int, parseFlags } from "./lib/cli";
 import { profileLines, type Window } from "./lib/cpuprofile";
 import { cpuTree, hrSeconds, onInterrupt } from "./lib/proc";
+import { fmtInt, log, table, verdict } from "./lib/report";
 
 interface Options {
   resources: number;
@@ -63,40 +64,33 @@ interface Options {
   dir: string;
 }
 
-function parseArgs(argv: string[]): Options {
-  const o: Options = { resources: 10_000, policies: 100, perDisk: 10, days: 100, skipRetain: false, history: true, cpuProf: false, keep: false, dir: os.tmpdir() };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const value = () => {
-      const v = a.includes("=") ? a.slice(a.indexOf("=") + 1) : argv[++i];
-      if (v === undefined) throw new Error(`${a} needs a value`);
-      return v;
-    };
-    const int = (name: string, min: number) => {
-      const n = Number(value());
-      if (!Number.isInteger(n) || n < min) throw new Error(`${name} must be an integer ≥ ${min}`);
-      return n;
-    };
-    if (a === "--resources" || a.startsWith("--resources=")) o.resources = int("--resources", 1);
-    else if (a === "--policies" || a.startsWith("--policies=")) o.policies = int("--policies", 1);
-    else if (a === "--per-disk" || a.startsWith("--per-disk=")) o.perDisk = int("--per-disk", 1);
-    else if (a === "--days" || a.startsWith("--days=")) o.days = int("--days", 1);
-    else if (a === "--skip-retain") o.skipRetain = true;
-    else if (a === "--no-history") o.history = false;
-    else if (a === "--cpu-prof") o.cpuProf = true;
-    else if (a === "--keep") o.keep = true;
-    else if (a === "--dir" || a.startsWith("--dir=")) o.dir = value();
-    else if (a === "--help" || a === "-h") {
-      process.stdout.write(fs.readFileSync(__filename, "utf8").split("*/")[0] + "*/\n");
-      process.exit(0);
-    } else throw new Error(`unknown option ${a} (see --help)`);
-  }
+function options(argv: string[]): Options {
+  const v = parseFlags(__filename, argv, {
+    resources: { type: "string" },
+    policies: { type: "string" },
+    "per-disk": { type: "string" },
+    days: { type: "string" },
+    "skip-retain": { type: "boolean" },
+    "no-history": { type: "boolean" },
+    "cpu-prof": { type: "boolean" },
+    keep: { type: "boolean" },
+    dir: { type: "string" },
+  });
+  const o: Options = {
+    resources: int(v.resources, "--resources", 10_000),
+    policies: int(v.policies, "--policies", 100),
+    perDisk: int(v["per-disk"], "--per-disk", 10),
+    days: int(v.days, "--days", 100),
+    skipRetain: v["skip-retain"] ?? false,
+    history: !(v["no-history"] ?? false),
+    cpuProf: v["cpu-prof"] ?? false,
+    keep: v.keep ?? false,
+    dir: v.dir ?? os.tmpdir(),
+  };
   if (o.resources % o.policies !== 0) throw new Error(`--resources (${o.resources}) must be a multiple of --policies (${o.policies})`);
   return o;
 }
 
-const log = (msg: string) => process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
-const fmtInt = (n: number) => n.toLocaleString("en-US");
 const RULES = { maxBackups: 5, keepDaily: 7, keepWeekly: 4 };
 
 /** SQL statements sent, in total and by text (cheap: it runs inside the timed phases). */
@@ -171,7 +165,7 @@ function watchAnnounces(services: Services) {
 }
 
 async function main(): Promise<number> {
-  const opts = parseArgs(process.argv.slice(2));
+  const opts = options(process.argv.slice(2));
   const perPolicy = opts.resources / opts.policies;
   const tmp = await fsp.mkdtemp(path.join(opts.dir, "stowage-bench-sched-"));
   await fsp.chmod(tmp, 0o755);
@@ -468,12 +462,9 @@ async function main(): Promise<number> {
         `No peer program does this: the table shows Stowage's own times and rates.`,
     );
     lines.push("");
-    lines.push("| measurement | time (s) | items | rate | SQL statements (per item) |");
-    lines.push("| --- | ---: | ---: | ---: | ---: |");
+    const cells: string[][] = [];
     const row = (name: string, seconds: number, items: number, unit: string, statements: number | null) =>
-      lines.push(
-        `| ${name} | ${seconds.toFixed(2)} | ${fmtInt(items)} ${unit} | ${rate(items, seconds, unit)} | ${statements === null ? "—" : `${fmtInt(statements)} (${(statements / items).toFixed(1)})`} |`,
-      );
+      cells.push([name, seconds.toFixed(2), `${fmtInt(items)} ${unit}`, rate(items, seconds, unit), statements === null ? "—" : `${fmtInt(statements)} (${(statements / items).toFixed(1)})`]);
     row("one scheduler: occurrence → every BACKUP job queued", one.result.queuedS, opts.resources, "jobs", null);
     row("one scheduler: whole tick (runs + retention after each)", one.phase.seconds, opts.resources, "jobs", one.phase.statements);
     row(`two schedulers at once: every job queued (runs ${runsA} + ${runsB})`, two.result.queuedS, opts.resources, "jobs", null);
@@ -483,8 +474,8 @@ async function main(): Promise<number> {
       row(`retention: retain() × ${opts.policies} policies (all decided)`, retain.phase.seconds, totalBackups, "backups", null);
       row(`retention: retain() — DELETE_BACKUP jobs enqueued`, retain.phase.seconds, retain.result, "deletions", retain.phase.statements);
     }
+    lines.push(...table(["measurement", "time (s)", "items", "rate", "SQL statements (per item)"], cells));
     lines.push("");
-    const verdict = (ok: boolean) => (ok ? "PASS" : "MISS");
     lines.push(
       `- ${verdict(true)} every tick: ${fmtInt(opts.resources)} QUEUED BACKUP jobs and each of the ${opts.policies} policies ran exactly once (one scheduler, and two at once: ${runsA} + ${runsB} runs, none twice)`,
     );

@@ -186,3 +186,25 @@ export function deviceBytesWritten(dir: string): number | null {
     return null;
   }
 }
+
+/** Waits for the writeback of what came before (untimed), so a timed phase does not pay for it. */
+export async function settle(): Promise<void> {
+  const r = await run("sync", []);
+  if (r.code !== 0) throw new Error(`sync failed: ${r.stderr}`);
+}
+
+/**
+ * Runs commands one after the other, each under `/usr/bin/time`: a peer's work
+ * end to end (e.g. convert, hash the result, make it durable). Seconds from the
+ * first's start to the last's end, each step's, and the largest peak RSS.
+ */
+export async function timedSteps(
+  time: string,
+  steps: [cmd: string, args: string[]][],
+  opts: { env?: NodeJS.ProcessEnv; cwd?: string; tmp: string },
+): Promise<{ seconds: number; steps: number[]; maxRssKiB: number; stdout: string[] }> {
+  const start = hrSeconds();
+  const each: TimedRun[] = [];
+  for (const [cmd, args] of steps) each.push(await timed(time, cmd, args, opts));
+  return { seconds: hrSeconds() - start, steps: each.map((r) => r.seconds), maxRssKiB: Math.max(...each.map((r) => r.maxRssKiB)), stdout: each.map((r) => r.stdout) };
+}

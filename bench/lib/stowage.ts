@@ -5,6 +5,9 @@ import http from "node:http";
 import net from "node:net";
 import path from "node:path";
 import type { Readable } from "node:stream";
+import type { Window } from "./cpuprofile";
+import { cpuTree, hrSeconds } from "./proc";
+import { log } from "./report";
 
 const ROOT = path.join(__dirname, "..", "..");
 
@@ -93,8 +96,8 @@ export class StowageProcess {
       headers: { "content-type": "application/json", authorization: `Bearer ${this.key}` },
       body: JSON.stringify({ query, variables }),
     });
-    const body = (await res.json()) as { data?: T; errors?: { message: string }[] };
-    if (body.errors?.length) throw new Error(`GraphQL: ${body.errors.map((e) => e.message).join("; ")}`);
+    const body = (await res.json()) as { data?: T; errors?: { message: string; extensions?: { code?: string } }[] };
+    if (body.errors?.length) throw Object.assign(new Error(`GraphQL: ${body.errors.map((e) => e.message).join("; ")}`), { codes: body.errors.map((e) => e.extensions?.code) });
     return body.data!;
   }
 
@@ -161,10 +164,18 @@ export class StowageProcess {
   /** Polls a job until it ends; throws unless it SUCCEEDED. */
   async waitJob(jobId: string, pollMs = 20, timeoutMs = 3_600_000): Promise<JobInfo> {
     const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const { node } = await this.gql<{ node: JobInfo }>(`query ($id: ID!) { node(id: $id) { ... on Job { status bytesDone bytesTotal createdAt startedAt finishedAt error { code message } } } }`, {
-        id: jobId,
-      });
+    for (let unavailable = 0; ;) {
+      let node: JobInfo;
+      try {
+        ({ node } = await this.gql<{ node: JobInfo }>(`query ($id: ID!) { node(id: $id) { ... on Job { status bytesDone bytesTotal createdAt startedAt finishedAt error { code message } } } }`, {
+          id: jobId,
+        }));
+      } catch (err) {
+        // A busy machine can keep the service's Postgres from answering a poll in time; the poll is asked again, as the answer says.
+        if (!(err as { codes?: string[] }).codes?.includes("UNAVAILABLE") || ++unavailable > 30) throw err;
+        await new Promise((r) => setTimeout(r, 1000));
+        continue;
+      }
       if (node.status === "SUCCEEDED") return node;
       if (node.status === "FAILED" || node.status === "CANCELLED") throw new Error(`job ${jobId} ended ${node.status}: ${node.error?.code} ${node.error?.message}`);
       if (Date.now() > deadline) throw new Error(`job ${jobId} still ${node.status} after ${timeoutMs} ms`);
@@ -181,4 +192,54 @@ export interface JobInfo {
   startedAt: string | null;
   finishedAt: string | null;
   error: { code: string; message: string } | null;
+}
+
+/** One Stowage job from its mutation to SUCCEEDED. */
+export interface JobTiming {
+  seconds: number;
+  mutationMs: number;
+  /** Job createdAt → startedAt (includes the mutation's own transaction). */
+  queuedMs: number;
+  runMs: number;
+  /** CPU seconds of the service's node process, and of its descendants (its Postgres). */
+  nodeCpu: number;
+  pgCpu: number;
+  /** Its bounds on CLOCK_MONOTONIC in µs, the clock of node --cpu-prof. */
+  window: Window;
+  job: JobInfo;
+}
+
+/**
+ * Runs `mutation` (which returns the job and what it made) and times the job to
+ * SUCCEEDED. It is polled slowly, as frequent polls would load the service being
+ * measured; the time ends at the job's finishedAt, stamped by Postgres when it
+ * turned SUCCEEDED (same machine, same clock), so the poll interval does not count.
+ */
+export async function timeJob(svc: StowageProcess, label: string, mutation: () => Promise<{ jobId: string; result: string }>): Promise<{ timing: JobTiming; result: string }> {
+  const cpu0 = cpuTree(svc.pid);
+  const startUs = Number(process.hrtime.bigint() / 1000n);
+  const t0 = hrSeconds();
+  const wall0 = Date.now();
+  const { jobId, result } = await mutation();
+  const mutationMs = (hrSeconds() - t0) * 1000;
+  const job = await svc.waitJob(jobId, 250);
+  const observed = hrSeconds() - t0;
+  const seconds = Math.min(observed, (Date.parse(job.finishedAt!) - wall0) / 1000);
+  const endUs = Number(process.hrtime.bigint() / 1000n);
+  const cpu1 = cpuTree(svc.pid);
+  const ms = (a: string | null, b: string | null) => (a && b ? Date.parse(b) - Date.parse(a) : NaN);
+  log(`Stowage ${label}: ${seconds.toFixed(2)} s`);
+  return {
+    timing: {
+      seconds,
+      mutationMs,
+      queuedMs: ms(job.createdAt, job.startedAt),
+      runMs: ms(job.startedAt, job.finishedAt),
+      nodeCpu: cpu1.self - cpu0.self,
+      pgCpu: cpu1.descendants - cpu0.descendants,
+      window: { label, startUs, endUs },
+      job,
+    },
+    result,
+  };
 }

@@ -88,7 +88,9 @@ export class UploadStore {
     const id = crypto.randomUUID();
     const hash = crypto.createHash("sha256");
     const key = uploadKey(projectId, id);
-    const writer = await this.blobs.openWriter(key);
+    // Past the page cache where the store can: the file is made durable as it streams
+    // in, so the answer does not wait at the end for all of it to be flushed.
+    const writer = await this.blobs.openWriter(key, { bypassCache: true });
     const map = new DataMap();
     // Bytes gather in a buffer on the 64 KiB grid, a MiB at a time.
     const staging = Buffer.allocUnsafe(STAGING);

@@ -50,18 +50,15 @@
     return "The API key " + WHERE[cred.source] + " was refused (" + how + "). " + fix;
   }
 
-  function isSubscription(params, opts) {
-    var doc = opts && opts.documentAST;
-    if (!doc) return false;
-    var ops = doc.definitions.filter(function (d) {
-      return d.kind === "OperationDefinition";
-    });
-    var op = params.operationName
-      ? ops.filter(function (d) {
-          return d.name && d.name.value === params.operationName;
-        })[0]
-      : ops.length === 1 && ops[0];
-    return !!op && op.operation === "subscription";
+  /**
+   * Whether the operation to run is a subscription, read from the text that is sent:
+   * GraphiQL's parsed document can lag behind an edit run at once.
+   */
+  function isSubscription(params) {
+    var text = (params.query || "").replace(/#[^\n\r]*/g, "");
+    var named = params.operationName && new RegExp("\\b(query|mutation|subscription)\\s+" + params.operationName + "\\b").exec(text);
+    var first = named || /^\s*(query|mutation|subscription)\b/.exec(text);
+    return !!first && first[1] === "subscription";
   }
 
   function post(params, opts, cred) {
@@ -166,7 +163,7 @@
         errors: [{ message: "No API key: paste one into the bar at the top (npx stowage project create NAME prints one; the default project's is in .data/default-api-key)." }],
       });
     }
-    return isSubscription(params, opts) ? subscribe(params, cred) : post(params, opts, cred);
+    return isSubscription(params) ? subscribe(params, cred) : post(params, opts, cred);
   }
 
   var defaultQuery = [

@@ -1,6 +1,6 @@
 import { In, type EntityManager } from "typeorm";
 import crypto from "node:crypto";
-import { hydrate, rows } from "../db/sql";
+import { rows } from "../db/sql";
 import { Backup, BackupResourceType, BackupStatus, BackupTrigger, Disk, DiskStatus, DiskType, Image, ImageStatus, ImageType, Job, JobType, Server, ServerStatus } from "../entities";
 import type { NewJob, RestorePlan } from "../domain/jobs";
 import * as backupStatus from "../domain/status/backup";
@@ -263,7 +263,6 @@ export class BackupService {
     const backupRows: Record<string, unknown>[] = [];
     const blocks: { backup_id: string; disk_id: string; since: number; has_base: boolean }[] = [];
     const jobSpecs: (NewJob & { id: string })[] = [];
-    const links: { job_id: string; backup_id: string }[] = [];
     const common = { status: BackupStatus.CREATING, trigger: BackupTrigger.POLICY, policy_id: policyId, description };
     const diskBackup = (id: string, d: DiskRow, extra: Record<string, unknown>) => {
       const base = bases.get(d.id);
@@ -288,8 +287,7 @@ export class BackupService {
       const jobId = crypto.randomUUID();
       const topId = crypto.randomUUID();
       const name = `autobk_${shortId(topId)}`;
-      jobSpecs.push({ id: jobId, type: JobType.BACKUP, serverId: p.server?.id ?? null, diskId: p.server ? null : p.disks[0].id, policyId });
-      links.push({ job_id: jobId, backup_id: topId });
+      jobSpecs.push({ id: jobId, type: JobType.BACKUP, serverId: p.server?.id ?? null, diskId: p.server ? null : p.disks[0].id, backupId: topId, policyId });
       if (p.server) {
         backupRows.push({
           ...common,
@@ -315,16 +313,16 @@ export class BackupService {
       }
     }
 
-    await this.queue.addMany(em, ctx.projectId, jobSpecs);
-    await em.query(
-      `INSERT INTO backups (id, project_id, name, description, resource_type, resource_id, resource_name, server_id, disk_id, status, trigger, policy_id, parent_id, job_id,
-                            base_id, snapshot_version, disk_size_bytes, disk_type, device, size_bytes)
-       SELECT x.id, $1, x.name, x.description, x.resource_type, x.resource_id, x.resource_name, x.server_id, x.disk_id, x.status, x.trigger, x.policy_id, x.parent_id, x.job_id,
-              x.base_id, x.snapshot_version, x.disk_size_bytes, x.disk_type, x.device, coalesce(x.size_bytes, 0)
-         FROM jsonb_to_recordset($2::jsonb) AS x(id uuid, name text, description text, resource_type text, resource_id uuid, resource_name text, server_id uuid, disk_id uuid,
-              status text, trigger text, policy_id uuid, parent_id uuid, job_id uuid, base_id uuid, snapshot_version bigint, disk_size_bytes bigint, disk_type text, device text, size_bytes bigint)`,
-      [ctx.projectId, JSON.stringify(backupRows)],
-    );
+    // The jobs point at their backups and the backups at their jobs: one statement writes both.
+    const jobs = await this.queue.addMany(em, ctx.projectId, jobSpecs, {
+      sql: `INSERT INTO backups (id, project_id, name, description, resource_type, resource_id, resource_name, server_id, disk_id, status, trigger, policy_id, parent_id, job_id,
+                                 base_id, snapshot_version, disk_size_bytes, disk_type, device, size_bytes)
+            SELECT x.id, $1, x.name, x.description, x.resource_type, x.resource_id, x.resource_name, x.server_id, x.disk_id, x.status, x.trigger, x.policy_id, x.parent_id, x.job_id,
+                   x.base_id, x.snapshot_version, x.disk_size_bytes, x.disk_type, x.device, coalesce(x.size_bytes, 0)
+              FROM jsonb_to_recordset($3::jsonb) AS x(id uuid, name text, description text, resource_type text, resource_id uuid, resource_name text, server_id uuid, disk_id uuid,
+                   status text, trigger text, policy_id uuid, parent_id uuid, job_id uuid, base_id uuid, snapshot_version bigint, disk_size_bytes bigint, disk_type text, device text, size_bytes bigint)`,
+      params: [JSON.stringify(backupRows)],
+    });
     await em.query(
       `INSERT INTO backup_blocks (backup_id, block_index, hash, src_segment, src_offset)
        SELECT x.backup_id, b.block_index, b.hash, b.segment_id, b.segment_offset
@@ -332,11 +330,8 @@ export class BackupService {
          JOIN disk_blocks b ON b.disk_id = x.disk_id AND b.version > x.since AND (x.has_base OR b.hash IS NOT NULL)`,
       [JSON.stringify(blocks)],
     );
-    const jobs = await rows(em, `UPDATE jobs j SET backup_id = x.backup_id FROM jsonb_to_recordset($1::jsonb) AS x(job_id uuid, backup_id uuid) WHERE j.id = x.job_id RETURNING j.*`, [
-      JSON.stringify(links),
-    ]);
-    const order = new Map(links.map((l, i) => [l.job_id, i]));
-    return { jobs: hydrate(em.connection, Job, jobs).sort((a, b) => order.get(a.id)! - order.get(b.id)!), skipped };
+    const order = new Map(jobSpecs.map((j, i) => [j.id, i]));
+    return { jobs: jobs.sort((a, b) => order.get(a.id)! - order.get(b.id)!), skipped };
   }
 
   /** NO_SPACE's message when backups may not start for lack of space, else null. */

@@ -109,9 +109,9 @@ export class BackupService {
   }
 
   /**
-   * The same inside the caller's transaction (a policy run backs many resources up
-   * at once); the caller announces the job after committing. Every rule is checked
-   * before anything is written, so a refused resource leaves the transaction usable.
+   * The same inside the caller's transaction; the caller announces the job after
+   * committing. Every rule is checked before anything is written. A policy run uses
+   * createForPolicy, which applies these rules to all its resources at once.
    */
   async createIn(em: EntityManager, ctx: RequestContext, input: CreateBackupInput, opts: { trigger?: BackupTrigger; policyId?: string | null } = {}): Promise<{ backup: Backup; job: Job }> {
     const target = fromGlobalId(input.resourceId);

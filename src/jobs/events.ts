@@ -19,6 +19,8 @@ export type JobEventListener = (event: JobEvent) => void;
  */
 export interface EventBus {
   publish(event: JobEvent): Promise<void>;
+  /** Many events at once (one NOTIFY statement for the Postgres bus). */
+  publishAll(events: JobEvent[]): Promise<void>;
   /** Listens to one project's events; returns the function that stops listening. */
   subscribe(projectId: string, listener: JobEventListener): () => void;
   /** Listens to every project's events (the job runner, to hear of queued jobs at once). */
@@ -32,6 +34,10 @@ export class MemoryEventBus implements EventBus {
   async publish(event: JobEvent): Promise<void> {
     this.emitter.emit(event.projectId, event);
     this.emitter.emit("*", event);
+  }
+
+  async publishAll(events: JobEvent[]): Promise<void> {
+    for (const event of events) await this.publish(event);
   }
 
   subscribe(projectId: string, listener: JobEventListener): () => void {
@@ -120,6 +126,11 @@ export class PgEventBus implements EventBus {
 
   async publish(event: JobEvent): Promise<void> {
     await this.publishQuery(`SELECT pg_notify($1, $2)`, [CHANNEL, JSON.stringify(event)]);
+  }
+
+  async publishAll(events: JobEvent[]): Promise<void> {
+    if (events.length === 1) return this.publish(events[0]);
+    if (events.length) await this.publishQuery(`SELECT pg_notify($1, e) FROM unnest($2::text[]) AS e`, [CHANNEL, events.map((e) => JSON.stringify(e))]);
   }
 
   subscribe(projectId: string, listener: JobEventListener): () => void {

@@ -1,13 +1,14 @@
 import { In, type EntityManager } from "typeorm";
+import crypto from "node:crypto";
 import { rows } from "../db/sql";
-import { Backup, BackupResourceType, BackupStatus, BackupTrigger, Disk, DiskStatus, DiskType, Image, ImageStatus, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
-import type { RestorePlan } from "../domain/jobs";
+import { Backup, BackupResourceType, BackupStatus, BackupTrigger, Disk, DiskStatus, DiskType, Image, ImageStatus, ImageType, Job, JobType, Server, ServerStatus } from "../entities";
+import type { NewJob, RestorePlan } from "../domain/jobs";
 import * as backupStatus from "../domain/status/backup";
 import * as diskStatus from "../domain/status/disk";
 import * as serverStatus from "../domain/status/server";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, failedPrecondition, notFound } from "../domain/errors";
+import { badInput, conflict, DomainError, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId, shortId, toGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
@@ -55,6 +56,25 @@ export function backupConditions(filter: BackupFilter | null | undefined): Condi
   return out;
 }
 
+/** A resource bound to a policy. */
+export interface PolicyTarget {
+  id: string;
+  type: "SERVER" | "DISK";
+  name: string;
+}
+
+interface DiskRow {
+  id: string;
+  name: string;
+  status: DiskStatus;
+  type: DiskType;
+  size_bytes: string;
+  used_bytes: string;
+  server_id: string | null;
+  device: string | null;
+  write_version: string;
+}
+
 const BUSY_BACKUP = { uq_backups_one_running: "a backup of this resource is already running" };
 
 /**
@@ -89,9 +109,9 @@ export class BackupService {
   }
 
   /**
-   * The same inside the caller's transaction (a policy run backs many resources up
-   * at once); the caller announces the job after committing. Every rule is checked
-   * before anything is written, so a refused resource leaves the transaction usable.
+   * The same inside the caller's transaction; the caller announces the job after
+   * committing. Every rule is checked before anything is written. A policy run uses
+   * createForPolicy, which applies these rules to all its resources at once.
    */
   async createIn(em: EntityManager, ctx: RequestContext, input: CreateBackupInput, opts: { trigger?: BackupTrigger; policyId?: string | null } = {}): Promise<{ backup: Backup; job: Job }> {
     const target = fromGlobalId(input.resourceId);
@@ -167,6 +187,178 @@ export class BackupService {
     job.backupId = top.id;
     await em.update("jobs", { id: job.id }, { backupId: top.id });
     return { backup: top, job };
+  }
+
+  /**
+   * A policy run's backups of many resources at once, under the same rules as
+   * createIn and in the caller's transaction, in a fixed number of statements
+   * however many resources: a resource the rules refuse is returned in `skipped`
+   * with the reason createIn would give, the others get their backups and jobs.
+   * Resources go in the order given; a disk backed up here makes a later server
+   * holding it busy, as it would one createIn after another.
+   */
+  async createForPolicy(em: EntityManager, ctx: RequestContext, policyId: string, targets: PolicyTarget[]): Promise<{ jobs: Job[]; skipped: { target: PolicyTarget; reason: string }[] }> {
+    const serverIds = targets.filter((t) => t.type === "SERVER").map((t) => t.id);
+    const diskIds = targets.filter((t) => t.type === "DISK").map((t) => t.id);
+    const servers = new Map(
+      (serverIds.length
+        ? await rows<{ id: string; name: string; status: ServerStatus }>(em, `SELECT id, name, status FROM servers WHERE id = ANY($1) AND project_id = $2 ORDER BY id FOR UPDATE`, [
+            serverIds,
+            ctx.projectId,
+          ])
+        : []
+      ).map((s) => [s.id, s]),
+    );
+    const diskRows = await rows<DiskRow>(
+      em,
+      `SELECT id, name, status, type, size_bytes, used_bytes, server_id, device, write_version FROM disks
+        WHERE (server_id = ANY($1) OR id = ANY($2)) AND project_id = $3 ORDER BY id FOR UPDATE`,
+      [[...servers.keys()], diskIds, ctx.projectId],
+    );
+    const disks = new Map(diskRows.map((d) => [d.id, d]));
+    const disksOf = new Map<string, DiskRow[]>();
+    for (const d of diskRows) if (d.server_id && servers.has(d.server_id)) disksOf.set(d.server_id, [...(disksOf.get(d.server_id) ?? []), d]);
+    // As createIn's order by device: nulls last.
+    for (const list of disksOf.values()) list.sort((a, b) => (a.device === b.device ? 0 : a.device === null ? 1 : b.device === null ? -1 : a.device < b.device ? -1 : 1));
+    const busy = new Set(
+      (
+        await rows<{ resource_id: string }>(em, `SELECT DISTINCT resource_id FROM backups WHERE resource_id = ANY($1) AND status = '${BackupStatus.CREATING}'`, [
+          [...new Set([...targets.map((t) => t.id), ...disks.keys()])],
+        ])
+      ).map((r) => r.resource_id),
+    );
+
+    const skipped: { target: PolicyTarget; reason: string }[] = [];
+    const planned: { target: PolicyTarget; server: { id: string; name: string } | null; disks: DiskRow[] }[] = [];
+    // Space is checked, as createIn does, once a resource has passed the other rules.
+    let space: Promise<string | null> | undefined;
+    for (const t of targets) {
+      const server = t.type === "SERVER" ? servers.get(t.id) : undefined;
+      const own = t.type === "SERVER" ? (disksOf.get(t.id) ?? []) : [disks.get(t.id)].filter((d): d is DiskRow => d !== undefined);
+      const reason = this.refusal(t, server, own, busy) ?? (await (space ??= this.spaceRefusal()));
+      if (reason) {
+        skipped.push({ target: t, reason });
+        continue;
+      }
+      planned.push({ target: t, server: server ?? null, disks: own });
+      busy.add(t.id);
+      for (const d of own) busy.add(d.id);
+    }
+    if (!planned.length) return { jobs: [], skipped };
+
+    const snapshotted = planned.flatMap((p) => p.disks.map((d) => d.id));
+    const bases = new Map(
+      (
+        await rows<{ disk_id: string; id: string; snapshot_version: string }>(
+          em,
+          `SELECT d.id AS disk_id, b.id, b.snapshot_version FROM unnest($1::uuid[]) AS d(id)
+             CROSS JOIN LATERAL (SELECT id, snapshot_version FROM backups WHERE resource_id = d.id AND resource_type = 'DISK' AND status IN ('AVAILABLE', 'RESTORING')
+                                  ORDER BY snapshot_version DESC, created_at DESC LIMIT 1) b`,
+          [snapshotted],
+        )
+      ).map((b) => [b.disk_id, b]),
+    );
+
+    const description = validDescription(undefined, "description");
+    const backupRows: Record<string, unknown>[] = [];
+    const blocks: { backup_id: string; disk_id: string; since: number; has_base: boolean }[] = [];
+    const jobSpecs: (NewJob & { id: string })[] = [];
+    const common = { status: BackupStatus.CREATING, trigger: BackupTrigger.POLICY, policy_id: policyId, description };
+    const diskBackup = (id: string, d: DiskRow, extra: Record<string, unknown>) => {
+      const base = bases.get(d.id);
+      blocks.push({ backup_id: id, disk_id: d.id, since: base ? Number(base.snapshot_version) : -1, has_base: Boolean(base) });
+      return {
+        ...common,
+        ...extra,
+        id,
+        resource_type: BackupResourceType.DISK,
+        resource_id: d.id,
+        resource_name: d.name,
+        disk_id: d.id,
+        base_id: base?.id ?? null,
+        snapshot_version: Number(d.write_version),
+        disk_size_bytes: Number(d.size_bytes),
+        disk_type: d.type,
+        device: d.device,
+        size_bytes: Number(d.used_bytes),
+      };
+    };
+    for (const p of planned) {
+      const jobId = crypto.randomUUID();
+      const topId = crypto.randomUUID();
+      const name = `autobk_${shortId(topId)}`;
+      jobSpecs.push({ id: jobId, type: JobType.BACKUP, serverId: p.server?.id ?? null, diskId: p.server ? null : p.disks[0].id, backupId: topId, policyId });
+      if (p.server) {
+        backupRows.push({
+          ...common,
+          id: topId,
+          name,
+          job_id: jobId,
+          resource_type: BackupResourceType.SERVER,
+          resource_id: p.server.id,
+          resource_name: p.server.name,
+          server_id: p.server.id,
+          disk_id: null,
+          parent_id: null,
+          size_bytes: p.disks.reduce((n, d) => n + Number(d.used_bytes), 0),
+          disk_size_bytes: p.disks.reduce((n, d) => n + Number(d.size_bytes), 0),
+        });
+        for (const d of p.disks) {
+          const suffix = `-${d.device?.replace("/dev/", "") ?? shortId(d.id)}`;
+          backupRows.push(diskBackup(crypto.randomUUID(), d, { name: derivedName(name, suffix), job_id: jobId, server_id: p.server.id, parent_id: topId }));
+        }
+      } else {
+        const d = p.disks[0];
+        backupRows.push(diskBackup(topId, d, { name, job_id: jobId, server_id: d.server_id, parent_id: null }));
+      }
+    }
+
+    // The jobs point at their backups and the backups at their jobs: one statement writes both.
+    const jobs = await this.queue.addMany(em, ctx.projectId, jobSpecs, {
+      sql: `INSERT INTO backups (id, project_id, name, description, resource_type, resource_id, resource_name, server_id, disk_id, status, trigger, policy_id, parent_id, job_id,
+                                 base_id, snapshot_version, disk_size_bytes, disk_type, device, size_bytes)
+            SELECT x.id, $1, x.name, x.description, x.resource_type, x.resource_id, x.resource_name, x.server_id, x.disk_id, x.status, x.trigger, x.policy_id, x.parent_id, x.job_id,
+                   x.base_id, x.snapshot_version, x.disk_size_bytes, x.disk_type, x.device, coalesce(x.size_bytes, 0)
+              FROM jsonb_to_recordset($3::jsonb) AS x(id uuid, name text, description text, resource_type text, resource_id uuid, resource_name text, server_id uuid, disk_id uuid,
+                   status text, trigger text, policy_id uuid, parent_id uuid, job_id uuid, base_id uuid, snapshot_version bigint, disk_size_bytes bigint, disk_type text, device text, size_bytes bigint)`,
+      params: [JSON.stringify(backupRows)],
+    });
+    await em.query(
+      `INSERT INTO backup_blocks (backup_id, block_index, hash, src_segment, src_offset)
+       SELECT x.backup_id, b.block_index, b.hash, b.segment_id, b.segment_offset
+         FROM jsonb_to_recordset($1::jsonb) AS x(backup_id uuid, disk_id uuid, since bigint, has_base boolean)
+         JOIN disk_blocks b ON b.disk_id = x.disk_id AND b.version > x.since AND (x.has_base OR b.hash IS NOT NULL)`,
+      [JSON.stringify(blocks)],
+    );
+    const order = new Map(jobSpecs.map((j, i) => [j.id, i]));
+    return { jobs: jobs.sort((a, b) => order.get(a.id)! - order.get(b.id)!), skipped };
+  }
+
+  /** NO_SPACE's message when backups may not start for lack of space, else null. */
+  private async spaceRefusal(): Promise<string | null> {
+    try {
+      await this.queue.checkSpaceFor(JobType.BACKUP);
+      return null;
+    } catch (err) {
+      if (!(err instanceof DomainError)) throw err;
+      return err.message;
+    }
+  }
+
+  /** Why createIn would refuse this resource (its server and disks locked and read), or null. */
+  private refusal(t: PolicyTarget, server: { status: ServerStatus } | undefined, disks: DiskRow[], busy: Set<string>): string | null {
+    const gid = toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id);
+    if (t.type === "SERVER") {
+      if (!server) return notFound("server", gid).message;
+      if (server.status === ServerStatus.RESTORING) return conflict("the server is being restored; back it up when the restore has finished").message;
+      if (server.status === ServerStatus.BUILDING || server.status === ServerStatus.ERROR) return failedPrecondition(`cannot back up a server that is ${server.status}`).message;
+    } else if (!disks.length) return notFound("disk", gid).message;
+    for (const d of disks) {
+      if (d.status === DiskStatus.RESTORING) return conflict(`disk ${d.name} is being restored; back it up when the restore has finished`).message;
+      if (d.status === DiskStatus.CREATING || d.status === DiskStatus.ERROR) return failedPrecondition(`cannot back up disk ${d.name} while it is ${d.status}`).message;
+    }
+    if (busy.has(t.id) || disks.some((d) => busy.has(d.id))) return conflict("a backup of this resource is already running; one backup at a time").message;
+    return null;
   }
 
   /**
@@ -356,6 +548,26 @@ export class BackupService {
     await this.queue.announce(result.job);
     ctx.invalidate();
     return result;
+  }
+
+  /**
+   * deleteBackup for many top-level backups at once, inside the caller's transaction
+   * and in a fixed number of statements. One deleteBackup would refuse is left out.
+   * Returns the jobs; the caller announces them after committing.
+   */
+  async deleteManyIn(em: EntityManager, ctx: RequestContext, ids: string[], opts: { policyId?: string } = {}): Promise<Job[]> {
+    const taken = await backupStatus.markDeletingMany(em, ctx.projectId, ids);
+    return this.queue.addMany(
+      em,
+      ctx.projectId,
+      taken.map((b) => ({
+        type: JobType.DELETE_BACKUP,
+        backupId: b.id,
+        serverId: b.server_id,
+        diskId: b.resource_type === BackupResourceType.DISK ? b.disk_id : null,
+        policyId: opts.policyId ?? null,
+      })),
+    );
   }
 
   async verify(ctx: RequestContext, globalId: string): Promise<{ backup: Backup; job: Job }> {

@@ -1,4 +1,5 @@
 import type { EntityManager } from "typeorm";
+import { hydrate, rows } from "../db/sql";
 import { Job, JobStatus, JobType } from "../entities";
 import type { NewJob } from "../domain/jobs";
 import type { EventBus } from "../jobs/events";
@@ -53,7 +54,48 @@ export class JobQueue {
     );
   }
 
+  /**
+   * Many jobs in one statement (a policy run, a retention pass). `id` may be given so
+   * the caller can link rows to a job before it exists. `alongside`, a data-modifying
+   * statement whose parameters start at $3, runs as part of the same statement: rows
+   * that point at the jobs and that the jobs point at (backups and their BACKUP jobs)
+   * go in together, their foreign keys checked at the statement's end. Returns the
+   * jobs in no particular order.
+   */
+  async addMany(em: EntityManager, projectId: string, specs: (NewJob & { id?: string })[], alongside?: { sql: string; params: unknown[] }): Promise<Job[]> {
+    if (!specs.length) return [];
+    for (const type of new Set(specs.map((s) => s.type))) await this.checkSpaceFor(type);
+    const inserted = await rows(
+      em,
+      `${alongside ? `WITH alongside AS (${alongside.sql}) ` : ""}INSERT INTO jobs (id, project_id, type, status, server_id, disk_id, backup_id, image_id, policy_id, export_id, bytes_total, payload)
+       SELECT coalesce(x.id, gen_random_uuid()), $1, x.type, '${JobStatus.QUEUED}', x.server_id, x.disk_id, x.backup_id, x.image_id, x.policy_id, x.export_id, x.bytes_total, x.payload
+         FROM jsonb_to_recordset($2::jsonb)
+              AS x(id uuid, type text, server_id uuid, disk_id uuid, backup_id uuid, image_id uuid, policy_id uuid, export_id uuid, bytes_total bigint, payload jsonb)
+       RETURNING *`,
+      [
+        projectId,
+        JSON.stringify(
+          specs.map((s) => ({
+            id: s.id ?? null,
+            type: s.type,
+            server_id: s.serverId ?? null,
+            disk_id: s.diskId ?? null,
+            backup_id: s.backupId ?? null,
+            image_id: s.imageId ?? null,
+            policy_id: s.policyId ?? null,
+            export_id: s.exportId ?? null,
+            bytes_total: s.bytesTotal ?? 0,
+            payload: s.payload ?? {},
+          })),
+        ),
+        ...(alongside?.params ?? []),
+      ],
+    );
+    return hydrate(em.connection, Job, inserted);
+  }
+
   async announce(...jobs: Job[]): Promise<void> {
-    for (const job of jobs) await this.events.publish({ projectId: job.projectId, jobId: job.id, backupId: job.backupId, status: job.status });
+    if (!jobs.length) return;
+    await this.events.publishAll(jobs.map((job) => ({ projectId: job.projectId, jobId: job.id, backupId: job.backupId, status: job.status })));
   }
 }

@@ -1,14 +1,14 @@
 import { In, type EntityManager } from "typeorm";
 import { rows } from "../db/sql";
-import { Backup, BackupTrigger, Disk, JobType, Policy, PolicyBinding, PolicyRun, Server, type Job, type SkippedResource } from "../entities";
-import type { BackupService } from "./backup.service";
+import { Backup, Disk, JobType, Policy, PolicyBinding, PolicyRun, Server, type Job, type SkippedResource } from "../entities";
+import type { BackupService, PolicyTarget } from "./backup.service";
 import type { JobQueue } from "./job-queue";
-import { decideRetention, hasRules, type RetentionDecision } from "./retention";
+import { decideRetention, hasRules, type RetentionCandidate, type RetentionDecision } from "./retention";
 import { isValidTimezone, MAX_RULES, ScheduleError } from "../domain/schedule";
 import { scheduleThread } from "../domain/schedule-thread";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
-import { badInput, conflict, DomainError, notFound } from "../domain/errors";
+import { badInput, conflict, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId, toGlobalId } from "./global-id";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs } from "./pagination";
@@ -277,7 +277,7 @@ export class PolicyRunner {
   ) {}
 
   async runIn(em: EntityManager, ctx: RequestContext, policy: Policy, trigger: "SCHEDULE" | "MANUAL", scheduledFor: Date): Promise<{ run: PolicyRun; jobs: Job[] }> {
-    const targets = await rows<{ id: string; type: "SERVER" | "DISK"; name: string }>(
+    const targets = await rows<PolicyTarget>(
       em,
       `SELECT s.id, 'SERVER' AS type, s.name FROM policy_bindings b JOIN servers s ON s.id = b.server_id WHERE b.policy_id = $1
        UNION ALL
@@ -285,17 +285,13 @@ export class PolicyRunner {
        ORDER BY 2, 3, 1`,
       [policy.id],
     );
-    const jobs: Job[] = [];
-    const skipped: SkippedResource[] = [];
-    for (const t of targets) {
-      try {
-        const { job } = await this.backups.createIn(em, ctx, { resourceId: toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id) }, { trigger: BackupTrigger.POLICY, policyId: policy.id });
-        jobs.push(job);
-      } catch (err) {
-        if (!(err instanceof DomainError)) throw err;
-        skipped.push({ resourceType: t.type, resourceId: toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id), resourceName: t.name, reason: err.message });
-      }
-    }
+    const { jobs, skipped: refused } = await this.backups.createForPolicy(em, ctx, policy.id, targets);
+    const skipped: SkippedResource[] = refused.map(({ target: t, reason }) => ({
+      resourceType: t.type,
+      resourceId: toGlobalId(t.type === "SERVER" ? "Server" : "Disk", t.id),
+      resourceName: t.name,
+      reason,
+    }));
     const run = await em.save(
       em.create(PolicyRun, { projectId: policy.projectId, policyId: policy.id, trigger, scheduledFor, startedAt: ctx.now(), backupCount: jobs.length, deletedCount: 0, skipped }),
     );
@@ -334,23 +330,24 @@ export class PolicyRunner {
     );
   }
 
+  /** What the next retention pass would keep and delete, and why: one query, then one pass in memory per resource. */
+  private async decide(ctx: RequestContext, policy: Policy): Promise<RetentionDecision[]> {
+    const all = await this.candidates(ctx, policy);
+    const byResource = new Map<string, RetentionCandidate[]>();
+    for (const c of all) {
+      const list = byResource.get(c.resource_id) ?? [];
+      if (!list.length) byResource.set(c.resource_id, list);
+      list.push({ id: c.id, resourceId: c.resource_id, createdAt: c.created_at, status: c.status, trigger: c.trigger, policyId: c.policy_id, imageDepends: c.image_depends });
+    }
+    const now = ctx.now();
+    const decisions: RetentionDecision[] = [];
+    for (const list of byResource.values()) decisions.push(...decideRetention(list, policy.id, policy, policy.timezone, now));
+    return decisions;
+  }
+
   /** What the next retention pass would keep and delete, and why, over every bound resource. */
   async preview(ctx: RequestContext, policy: Policy): Promise<(RetentionDecision & { backup: Backup | null })[]> {
-    const all = await this.candidates(ctx, policy);
-    const byResource = new Map<string, CandidateRow[]>();
-    for (const c of all) byResource.set(c.resource_id, [...(byResource.get(c.resource_id) ?? []), c]);
-    const decisions: RetentionDecision[] = [];
-    for (const list of byResource.values()) {
-      decisions.push(
-        ...decideRetention(
-          list.map((c) => ({ id: c.id, resourceId: c.resource_id, createdAt: c.created_at, status: c.status, trigger: c.trigger, policyId: c.policy_id, imageDepends: c.image_depends })),
-          policy.id,
-          policy,
-          policy.timezone,
-          ctx.now(),
-        ),
-      );
-    }
+    const decisions = await this.decide(ctx, policy);
     const backups = await ctx.loaders.backup.loadMany(decisions.map((d) => d.backupId));
     return decisions.map((d, i) => ({ ...d, backup: backups[i] instanceof Error ? null : (backups[i] as Backup | null) }));
   }
@@ -365,21 +362,19 @@ export class PolicyRunner {
     return deleted;
   }
 
-  /** Deletes what retention does not keep, through the same path as deleteBackup. Returns how many. */
+  /**
+   * Deletes what retention does not keep, by deleteBackup's rules, all in one
+   * transaction of a fixed number of statements. Returns how many.
+   */
   async retain(ctx: RequestContext, policy: Policy, run?: PolicyRun): Promise<number> {
     if (!hasRules(policy)) return 0;
-    let deleted = 0;
-    for (const d of await this.preview(ctx, policy)) {
-      if (d.keep || !d.backup) continue;
-      try {
-        await this.backups.delete(ctx, toGlobalId("Backup", d.backupId), { policyId: policy.id });
-        deleted++;
-      } catch (err) {
-        // Taken by something else meanwhile (restored, deleted): the next pass decides again.
-        if (!(err instanceof DomainError)) throw err;
-      }
-    }
-    if (run && deleted) await ctx.ds.query(`UPDATE policy_runs SET deleted_count = deleted_count + $2 WHERE id = $1`, [run.id, deleted]);
-    return deleted;
+    const doomed = (await this.decide(ctx, policy)).filter((d) => !d.keep).map((d) => d.backupId);
+    if (!doomed.length) return 0;
+    // Taken by something else meanwhile (restored, deleted, an image made of it): left out, and the next pass decides again.
+    const jobs = await ctx.ds.transaction((em) => this.backups.deleteManyIn(em, ctx, doomed, { policyId: policy.id }));
+    await this.queue.announce(...jobs);
+    if (run && jobs.length) await ctx.ds.query(`UPDATE policy_runs SET deleted_count = deleted_count + $2 WHERE id = $1`, [run.id, jobs.length]);
+    ctx.invalidate();
+    return jobs.length;
   }
 }

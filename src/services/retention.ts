@@ -71,13 +71,16 @@ export function decideRetention(candidates: RetentionCandidate[], policyId: stri
     const cutoff = now.getTime() - rules.retentionDays * 86_400_000;
     for (const b of counted) if (b.createdAt.getTime() > cutoff) add(b.id, `younger than ${rules.retentionDays} days`);
   }
+  // Each backup's local time, worked out once for all the periods.
+  const local = new Map<string, DateTime>();
+  const localOf = (b: RetentionCandidate) => local.get(b.id) ?? local.set(b.id, DateTime.fromJSDate(b.createdAt, { zone: timezone })).get(b.id)!;
   for (const [key, label, periodOf] of PERIODS) {
     const n = rules[key];
     if (!n) continue;
     const seen = new Set<string>();
     for (const b of counted) {
       if (seen.size >= n) break;
-      const period = periodOf(DateTime.fromJSDate(b.createdAt, { zone: timezone }));
+      const period = periodOf(localOf(b));
       if (seen.has(period)) continue;
       seen.add(period);
       add(b.id, `${label} ${period}`);

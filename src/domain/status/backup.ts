@@ -1,5 +1,5 @@
-import type { Queryable } from "../../db/sql";
-import { BackupStatus } from "../../entities";
+import { rows, type Queryable } from "../../db/sql";
+import { BackupResourceType, BackupStatus, ImageStatus, ImageType } from "../../entities";
 import type { ErrorCode } from "../errors";
 import { FailureCode } from "../jobs";
 
@@ -16,6 +16,28 @@ export async function markRestoring(q: Queryable, ids: string[]): Promise<void> 
 /** A backup and its children are being deleted: DELETING until the job has removed them. */
 export async function markDeleting(q: Queryable, id: string): Promise<void> {
   await q.query(`UPDATE backups SET status = '${BackupStatus.DELETING}', updated_at = now() WHERE id = $1 OR parent_id = $1`, [id]);
+}
+
+/**
+ * Top-level backups of `ids` that deleteBackup would accept (not being created,
+ * restored from or deleted, no FULL_SERVER image depending on them) and their
+ * children: DELETING, in one statement. Returns those it took; the rest are left as they are.
+ */
+export async function markDeletingMany(q: Queryable, projectId: string, ids: string[]): Promise<{ id: string; server_id: string | null; disk_id: string | null; resource_type: BackupResourceType }[]> {
+  return rows(
+    q,
+    `WITH top AS (
+       UPDATE backups b SET status = '${BackupStatus.DELETING}', updated_at = now()
+        WHERE b.id = ANY($1) AND b.project_id = $2 AND b.parent_id IS NULL
+          AND b.status NOT IN ('${BackupStatus.CREATING}', '${BackupStatus.RESTORING}', '${BackupStatus.DELETING}')
+          AND NOT EXISTS (SELECT 1 FROM images i WHERE i.source_backup_id = b.id AND i.type = '${ImageType.FULL_SERVER}' AND i.project_id = $2 AND i.status <> '${ImageStatus.KILLED}')
+       RETURNING b.id, b.server_id, b.disk_id, b.resource_type
+     ), children AS (
+       UPDATE backups c SET status = '${BackupStatus.DELETING}', updated_at = now() FROM top WHERE c.parent_id = top.id
+     )
+     SELECT * FROM top`,
+    [ids, projectId],
+  );
 }
 
 /** Its data and block list are durable in the vault: AVAILABLE, with the bytes it added to the vault. */

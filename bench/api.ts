@@ -263,8 +263,9 @@ async function startPostGraphile(url: string, logFile: string): Promise<{ child:
     const handler = postgraphile(pool, "public", { disableDefaultMutations: true, ignoreRBAC: false, setofFunctionsContainNulls: false, graphiql: false, retryOnInitFail: false });
     http.createServer(handler).listen(${port}, "127.0.0.1", () => console.log("listening"));
   `;
+  // The environment the service gets (NODE_ENV as the caller's): graphql and Apollo/PostGraphile read it.
   const out = fs.openSync(logFile, "a");
-  const child = spawn(process.execPath, ["-e", script], { env: { ...process.env, PG_URL: url, NODE_ENV: "production" }, stdio: ["ignore", "pipe", out] });
+  const child = spawn(process.execPath, ["-e", script], { env: { ...process.env, PG_URL: url }, stdio: ["ignore", "pipe", out] });
   fs.closeSync(out);
   await new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`PostGraphile did not start within 60 s; see ${logFile}`)), 60_000);
@@ -349,6 +350,7 @@ async function main(): Promise<number> {
     dbUrl.pathname = "/stowage";
     const db = new Client({ connectionString: dbUrl.toString() });
     await db.connect();
+    db.on("error", (err) => log(`the benchmark's connection to Postgres failed: ${err.message}`));
     clients.push(db);
     await db.query(`CREATE EXTENSION IF NOT EXISTS pg_stat_statements`);
     const counts = await seed(db, o);
@@ -483,6 +485,9 @@ async function main(): Promise<number> {
     }
     out.push("", `Stowage CPU per cell (s, node / its Postgres): ${stowageCells.map((c) => `${c.shape}@${c.connections} ${f2(c.nodeCpu)}/${f2(c.pgCpu)}`).join(", ")}`);
     if (o.cpuProf) {
+      // The profile is written when the service exits; nothing may hold its Postgres then.
+      for (const c of clients.splice(0)) await c.end();
+      graphile.kill("SIGTERM");
       await svc.stop();
       svc = null;
       const dir = path.join(tmp, "prof");

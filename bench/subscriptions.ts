@@ -86,16 +86,29 @@ function options(argv: string[]): Options {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * A GraphQL request as the project of `key`. UNAVAILABLE (the service's database pool
+ * did not answer in time) is retried every second for a minute, and counted.
+ */
 async function gqlAs<T = any>(url: string, key: string, query: string, variables: Record<string, unknown> = {}): Promise<T> {
-  const res = await fetch(`${url}/graphql`, {
-    method: "POST",
-    headers: { "content-type": "application/json", authorization: `Bearer ${key}` },
-    body: JSON.stringify({ query, variables }),
-  });
-  const body = (await res.json()) as { data?: T; errors?: { message: string }[] };
-  if (body.errors?.length) throw new Error(`GraphQL: ${body.errors.map((e) => e.message).join("; ")}`);
-  return body.data!;
+  for (let attempt = 0; ; attempt++) {
+    const res = await fetch(`${url}/graphql`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${key}` },
+      body: JSON.stringify({ query, variables }),
+    });
+    const body = (await res.json()) as { data?: T; errors?: { message: string; extensions?: { code?: string } }[] };
+    if (!body.errors?.length) return body.data!;
+    if (body.errors.some((e) => e.extensions?.code === "UNAVAILABLE") && attempt < 60) {
+      unavailable++;
+      await sleep(1000);
+      continue;
+    }
+    throw new Error(`GraphQL: ${body.errors.map((e) => e.message).join("; ")}`);
+  }
 }
+
+let unavailable = 0;
 
 /** Polls a job of the project `key` opens every 250 ms until it ends; throws unless it SUCCEEDED. */
 async function waitJob(url: string, key: string, jobId: string): Promise<void> {
@@ -365,6 +378,7 @@ async function main(): Promise<number> {
       `- events received in all: ${fmtInt(received)} (${(received / subs.length).toFixed(1)} per subscription); distinct states per project (expected per subscriber): ${[...union].map(([p, s]) => `project ${p}: ${s.size}`).join(", ")}`,
       `- service's own stowage_event_loop_delay_seconds{stat="max"} after the run: ${loopMax === null ? "n/a" : `${(loopMax * 1000).toFixed(0)} ms`} (window of one to two minutes: includes opening the subscriptions)`,
       `- WS_MAX_CONNECTIONS_PER_ADDRESS=${wsLimit} (every connection comes from 127.0.0.1; the default is 32), JOB_CONCURRENCY=${Math.min(64, opts.jobs)}`,
+      `- the bench's own requests (createBackup, job polls every 250 ms) answered UNAVAILABLE ${unavailable} times during the run (each retried after 1 s)`,
       `- load average (1 min) at the end ${os.loadavg()[0].toFixed(2)} on ${os.cpus().length} CPUs`,
     ];
     process.stdout.write(lines.join("\n") + "\n");

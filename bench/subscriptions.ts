@@ -6,6 +6,7 @@
  *
  *   npm run bench:subscriptions                                   # 1,000 subscriptions on 100 connections, 20 jobs
  *   npm run bench:subscriptions -- --subscriptions 10000          # 10,000 (100 per connection)
+ *   npm run bench:subscriptions -- --subscriptions 4 --connections 4   # baseline: the jobs' own event-loop stalls
  *   options: --connections N (default 100), --jobs N (backup jobs, default 20), --projects N (default 4),
  *   --disk-size SIZE (bytes each job backs up, random, default 64M), --keep (keep the temp dir),
  *   --dir DIR (where the temp dir goes; default $TMPDIR), --dist[=DIR] (run the compiled build)

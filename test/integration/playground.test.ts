@@ -89,7 +89,13 @@ class Playground {
     await this.page.keyboard.insertText(key);
   }
 
+  /**
+   * Presses Run. While the last run is still settling the button says Stop for a moment, and a
+   * click then stops instead of running: wait for Execute first, unless a subscription keeps it
+   * at Stop (then the click stops it, as a user's would).
+   */
   async run(): Promise<void> {
+    await this.page.waitForSelector('.graphiql-execute-button[aria-label^="Execute"]', { timeout: 2_000 }).catch(() => undefined);
     await this.page.click(".graphiql-execute-button");
   }
 

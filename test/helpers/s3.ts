@@ -17,3 +17,8 @@ export async function startS3(bucket = "stowage-test"): Promise<{ config: S3Conf
     },
   };
 }
+
+/** The service's environment for the store `startS3` gave. */
+export function s3Env(c: S3Config): Record<string, string> {
+  return { S3_BUCKET: c.bucket, S3_ENDPOINT: c.endpoint!, S3_REGION: c.region, S3_ACCESS_KEY_ID: c.accessKeyId!, S3_SECRET_ACCESS_KEY: c.secretAccessKey!, S3_FORCE_PATH_STYLE: "true" };
+}

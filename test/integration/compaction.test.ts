@@ -4,7 +4,7 @@ import { BlobNotFoundError } from "../../src/storage/blob-store";
 import { compactVolumes } from "../../src/storage/compaction";
 import { BLOCK_SIZE, type BlockWrite } from "../../src/storage/volume-store";
 import { backup, backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, succeed, waitJob, writeDisk } from "../helpers/data";
-import { startS3 } from "../helpers/s3";
+import { s3Env, startS3 } from "../helpers/s3";
 import { MiB, startTestService, type TestService } from "../helpers/service";
 
 const uuid = (gid: string) => Buffer.from(gid, "base64url").toString().split(":")[1];
@@ -222,14 +222,8 @@ describe("compaction on S3", () => {
   let svc: TestService;
   beforeAll(async () => {
     s3 = await startS3();
-    const c = s3.config;
     svc = await startTestService({
-      S3_BUCKET: c.bucket,
-      S3_ENDPOINT: c.endpoint!,
-      S3_REGION: c.region,
-      S3_ACCESS_KEY_ID: c.accessKeyId!,
-      S3_SECRET_ACCESS_KEY: c.secretAccessKey!,
-      S3_FORCE_PATH_STYLE: "true",
+      ...s3Env(s3.config),
       VOLUME_BACKEND: "s3",
       VAULT_BACKEND: "s3",
       COMPACT_INTERVAL_SECONDS: "0",

@@ -1,6 +1,6 @@
 import fs from "node:fs";
 import { backupNow, bytes, createDisk, readDisk, restoreNow, succeed, writeDisk } from "../helpers/data";
-import { startS3 } from "../helpers/s3";
+import { s3Env, startS3 } from "../helpers/s3";
 import { MiB, startTestService, type TestService } from "../helpers/service";
 
 /** The same data plane with disks and the vault in an S3-compatible store, and split across backends. */
@@ -12,14 +12,8 @@ describe.each([
   let svc: TestService;
   beforeAll(async () => {
     s3 = await startS3();
-    const c = s3.config;
     svc = await startTestService({
-      S3_BUCKET: c.bucket,
-      S3_ENDPOINT: c.endpoint!,
-      S3_REGION: c.region,
-      S3_ACCESS_KEY_ID: c.accessKeyId!,
-      S3_SECRET_ACCESS_KEY: c.secretAccessKey!,
-      S3_FORCE_PATH_STYLE: "true",
+      ...s3Env(s3.config),
       ...backends,
     });
   });

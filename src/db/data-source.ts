@@ -3,6 +3,7 @@ import { migrations } from "../../migrations";
 import { entities } from "../entities";
 import type { Logger } from "../logger";
 import { SnakeNamingStrategy } from "./naming-strategy";
+import { useFastTimestamps } from "./timestamps";
 
 export interface DataSourceOptions {
   url: string;
@@ -40,6 +41,7 @@ class QueryLogger implements TypeOrmLogger {
 }
 
 export function createDataSource(opts: DataSourceOptions): DataSource {
+  useFastTimestamps();
   return new DataSource({
     type: "postgres",
     url: opts.url,

@@ -1,4 +1,4 @@
-import type { DataSource, EntityManager, EntityTarget, ObjectLiteral } from "typeorm";
+import type { DataSource, EntityManager, EntityMetadata, EntityTarget, ObjectLiteral } from "typeorm";
 
 export type Queryable = DataSource | EntityManager;
 
@@ -12,16 +12,55 @@ export async function rows<T = Record<string, unknown>>(q: Queryable, sql: strin
   return r as T[];
 }
 
-/** Maps raw rows to entities through TypeORM's own column metadata and transformers. */
-export function hydrate<T extends ObjectLiteral>(ds: DataSource, entity: EntityTarget<T>, rows: Record<string, unknown>[]): T[] {
-  const meta = ds.getMetadata(entity);
-  return rows.map((row) => {
-    const obj = meta.create() as Record<string, unknown>;
-    for (const col of meta.columns) {
-      obj[col.propertyName] = ds.driver.prepareHydratedValue(row[col.databaseName], col);
+type Hydrator = (row: Record<string, unknown>) => unknown;
+
+const hydrators = new WeakMap<object, Hydrator>();
+
+/** Column types whose values pg already parses into what the entity holds. */
+const AS_PARSED = new Set<unknown>(["uuid", "text", "int", "boolean", "real", "timestamptz"]);
+
+/**
+ * The function that makes one entity of one raw row, built once per entity: columns
+ * pg already parses (and that have no transformer) are copied as they are, the rest go
+ * through TypeORM's own hydration. A column the row does not hold is left unset, so a
+ * statement may select only the columns it needs.
+ */
+function hydratorOf(ds: DataSource, meta: EntityMetadata): Hydrator {
+  const cached = hydrators.get(meta);
+  if (cached) return cached;
+  const columns = meta.columns.map((col) => ({
+    property: col.propertyName,
+    name: col.databaseName,
+    direct: !col.transformer && AS_PARSED.has(col.type),
+    col,
+  }));
+  // An instance of the entity class holding only the columns read: its constructor would
+  // first define every declared field (class fields are defined, as undefined).
+  const target = meta.target;
+  const make =
+    typeof target === "function"
+      ? (
+          (proto: object) => () =>
+            Object.create(proto) as Record<string, unknown>
+        )(target.prototype)
+      : () => meta.create() as Record<string, unknown>;
+  const hydrator: Hydrator = (row) => {
+    const obj = make();
+    for (const c of columns) {
+      const value = row[c.name];
+      if (value === undefined) continue;
+      obj[c.property] = c.direct && !(c.col.type === "timestamptz" && typeof value === "string") ? value : ds.driver.prepareHydratedValue(value, c.col);
     }
-    return obj as T;
-  });
+    return obj;
+  };
+  hydrators.set(meta, hydrator);
+  return hydrator;
+}
+
+/** Maps raw rows to entities with TypeORM's column metadata and transformers. */
+export function hydrate<T extends ObjectLiteral>(ds: DataSource, entity: EntityTarget<T>, rows: Record<string, unknown>[]): T[] {
+  const hydrator = hydratorOf(ds, ds.getMetadata(entity));
+  return rows.map((row) => hydrator(row) as T);
 }
 
 /** SHA-256 hashes, the names of blocks and chunks, are 32 bytes. */

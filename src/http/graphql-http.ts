@@ -1,5 +1,6 @@
 import type http from "node:http";
 import { ApolloServer } from "@apollo/server";
+import { ApolloServerPluginCacheControlDisabled } from "@apollo/server/plugin/disabled";
 import { ApolloServerPluginDrainHttpServer } from "@apollo/server/plugin/drainHttpServer";
 import { expressMiddleware } from "@as-integrations/express5";
 import express, { type RequestHandler } from "express";
@@ -29,6 +30,8 @@ export async function graphqlOverHttp(
     parseOptions: operations.parseOptions,
     formatError: operations.formatError,
     plugins: [
+      // The API sets no cache hints; left on, the plugin wraps every field of every answer.
+      ApolloServerPluginCacheControlDisabled(),
       ApolloServerPluginDrainHttpServer({ httpServer: server }),
       {
         async serverWillStart() {

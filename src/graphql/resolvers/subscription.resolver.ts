@@ -6,7 +6,7 @@ import { JobFilter } from "../types/inputs.type";
 import { JobType_ } from "../types/resources.type";
 import { SafeInt } from "../types/scalars";
 
-@ObjectType("ProgressEvent", { description: "A job's progress at one moment." })
+@ObjectType("ProgressEvent", { simpleResolvers: true, description: "A job's progress at one moment." })
 export class ProgressEventType {
   @Field(() => JobType_) job: Job;
   @Field(() => Float, { description: "0 to 1." }) progress: number;

@@ -1,7 +1,7 @@
 import { ArgsType, Field, InputType, Int, ObjectType, type ClassType } from "type-graphql";
 import { OrderDirection, OrderField, TimeOrderField } from "./enums";
 
-@ObjectType({ description: "Relay page information." })
+@ObjectType({ simpleResolvers: true, description: "Relay page information." })
 export class PageInfo {
   @Field() hasNextPage: boolean;
   @Field() hasPreviousPage: boolean;
@@ -31,12 +31,12 @@ export class TimeOrder {
 
 /** `XConnection` and `XEdge` types for node type X. */
 export function connectionOf<T extends object>(name: string, node: ClassType<T>) {
-  @ObjectType(`${name}Edge`)
+  @ObjectType(`${name}Edge`, { simpleResolvers: true })
   class Edge {
     @Field() cursor: string;
     @Field(() => node) node: T;
   }
-  @ObjectType(`${name}Connection`)
+  @ObjectType(`${name}Connection`, { simpleResolvers: true })
   class Connection {
     @Field(() => [Edge]) edges: Edge[];
     @Field(() => [node]) nodes: T[];

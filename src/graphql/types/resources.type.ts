@@ -16,10 +16,11 @@ import {
   OsType,
   ServerStatus,
 } from "./enums";
-import { Node } from "./node";
+import { Backup, Disk, Image, ImageExport, Job, Policy, Project, Server } from "../../entities";
+import { Node, readFrom } from "./node";
 import { DateTime, SafeInt } from "./scalars";
 
-@ObjectType("Server", { implements: Node, description: "A virtual server (ECS): one system disk and any number of data disks." })
+@ObjectType("Server", { simpleResolvers: true, implements: Node, description: "A virtual server (ECS): one system disk and any number of data disks." })
 export class ServerType extends Node {
   @Field() name: string;
   @Field(() => ServerStatus) status: ServerStatus;
@@ -29,7 +30,7 @@ export class ServerType extends Node {
   @Field(() => DateTime) updatedAt: Date;
 }
 
-@ObjectType("Disk", { implements: Node, description: "A block device (EVS) of a fixed size, attached to at most one server." })
+@ObjectType("Disk", { simpleResolvers: true, implements: Node, description: "A block device (EVS) of a fixed size, attached to at most one server." })
 export class DiskType_ extends Node {
   @Field() name: string;
   @Field(() => DiskType) type: DiskType;
@@ -41,7 +42,7 @@ export class DiskType_ extends Node {
   @Field(() => DateTime) updatedAt: Date;
 }
 
-@ObjectType("Backup", { implements: Node, description: "The state of a server (all its disks) or of one disk at one point in time." })
+@ObjectType("Backup", { simpleResolvers: true, implements: Node, description: "The state of a server (all its disks) or of one disk at one point in time." })
 export class BackupType extends Node {
   @Field() name: string;
   @Field() description: string;
@@ -57,7 +58,7 @@ export class BackupType extends Node {
   @Field(() => String, { nullable: true }) error: string | null;
 }
 
-@ObjectType("Image", { implements: Node, description: "Everything needed to create a server (SYSTEM_DISK, FULL_SERVER) or a disk (DATA_DISK)." })
+@ObjectType("Image", { simpleResolvers: true, implements: Node, description: "Everything needed to create a server (SYSTEM_DISK, FULL_SERVER) or a disk (DATA_DISK)." })
 export class ImageType_ extends Node {
   @Field() name: string;
   @Field() description: string;
@@ -77,7 +78,7 @@ export class ImageType_ extends Node {
   @Field(() => DateTime) createdAt: Date;
 }
 
-@ObjectType("ImageExport", { implements: Node, description: "An image written to a file of a disk-image format." })
+@ObjectType("ImageExport", { simpleResolvers: true, implements: Node, description: "An image written to a file of a disk-image format." })
 export class ImageExportType extends Node {
   @Field(() => DiskFormat) format: DiskFormat;
   @Field(() => ExportStatus) status: ExportStatus;
@@ -87,7 +88,7 @@ export class ImageExportType extends Node {
   @Field(() => DateTime) createdAt: Date;
 }
 
-@ObjectType("Retention", { description: "Which policy backups are kept; a backup any rule keeps stays." })
+@ObjectType("Retention", { simpleResolvers: true, description: "Which policy backups are kept; a backup any rule keeps stays." })
 export class RetentionType {
   @Field(() => Int, { nullable: true, description: "Keep the newest n backups of each resource." }) maxBackups: number | null;
   @Field(() => Int, { nullable: true, description: "Keep backups younger than n days." }) retentionDays: number | null;
@@ -97,7 +98,7 @@ export class RetentionType {
   @Field(() => Int) keepYearly: number;
 }
 
-@ObjectType("Policy", { implements: Node, description: "A schedule (iCalendar RRULEs in a time zone) plus retention rules, bound to servers and disks." })
+@ObjectType("Policy", { simpleResolvers: true, implements: Node, description: "A schedule (iCalendar RRULEs in a time zone) plus retention rules, bound to servers and disks." })
 export class PolicyType extends Node {
   @Field() name: string;
   @Field() enabled: boolean;
@@ -108,13 +109,13 @@ export class PolicyType extends Node {
   @Field(() => DateTime) createdAt: Date;
 }
 
-@ObjectType("JobError", { description: "Why a job failed, and with it the image or export it made: a stable code and a message for people." })
+@ObjectType("JobError", { simpleResolvers: true, description: "Why a job failed, and with it the image or export it made: a stable code and a message for people." })
 export class JobErrorType {
   @Field() code: string;
   @Field() message: string;
 }
 
-@ObjectType("Job", { implements: Node, description: "One long operation with its progress." })
+@ObjectType("Job", { simpleResolvers: true, implements: Node, description: "One long operation with its progress." })
 export class JobType_ extends Node {
   @Field(() => JobType) type: JobType;
   @Field(() => JobStatus) status: JobStatus;
@@ -126,7 +127,7 @@ export class JobType_ extends Node {
   @Field(() => DateTime, { nullable: true }) finishedAt: Date | null;
 }
 
-@ObjectType("StorageUsage")
+@ObjectType("StorageUsage", { simpleResolvers: true })
 export class StorageUsageType {
   @Field(() => SafeInt, { description: "Written bytes of all disks." }) diskBytes: number;
   @Field(() => Int) backupCount: number;
@@ -139,7 +140,7 @@ export class StorageUsageType {
   @Field(() => SafeInt, { description: "Uploaded files waiting to be imported, until they expire." }) uploadBytes: number;
 }
 
-@ObjectType("Project", { implements: Node, description: "A tenant: every resource belongs to one." })
+@ObjectType("Project", { simpleResolvers: true, implements: Node, description: "A tenant: every resource belongs to one." })
 export class ProjectType extends Node {
   @Field() name: string;
   @Field(() => DateTime) createdAt: Date;
@@ -153,7 +154,7 @@ export const ImageExportConnection = connectionOf("ImageExport", ImageExportType
 export const PolicyConnection = connectionOf("Policy", PolicyType);
 export const JobConnection = connectionOf("Job", JobType_);
 
-@ObjectType("SkippedResource", { description: "A bound resource a policy run did not back up, and why." })
+@ObjectType("SkippedResource", { simpleResolvers: true, description: "A bound resource a policy run did not back up, and why." })
 export class SkippedResourceType {
   @Field(() => BackupResourceType) resourceType: BackupResourceType;
   @Field() resourceId: string;
@@ -161,7 +162,7 @@ export class SkippedResourceType {
   @Field() reason: string;
 }
 
-@ObjectType("PolicyRun", { description: "One run of a policy: on its schedule or asked for with runPolicy." })
+@ObjectType("PolicyRun", { simpleResolvers: true, description: "One run of a policy: on its schedule or asked for with runPolicy." })
 export class PolicyRunType {
   @Field() trigger: string;
   @Field(() => DateTime, { description: "The occurrence it served." }) scheduledFor: Date;
@@ -171,7 +172,7 @@ export class PolicyRunType {
   @Field(() => [SkippedResourceType]) skipped: unknown[];
 }
 
-@ObjectType("RetentionDecision", { description: "What the next retention pass does with one backup, and why." })
+@ObjectType("RetentionDecision", { simpleResolvers: true, description: "What the next retention pass does with one backup, and why." })
 export class RetentionDecisionType {
   @Field(() => BackupType) backup: unknown;
   @Field() keep: boolean;
@@ -179,3 +180,12 @@ export class RetentionDecisionType {
 }
 
 export const PolicyRunConnection = connectionOf("PolicyRun", PolicyRunType);
+
+readFrom(ServerType, Server);
+readFrom(DiskType_, Disk);
+readFrom(BackupType, Backup);
+readFrom(ImageType_, Image);
+readFrom(ImageExportType, ImageExport);
+readFrom(PolicyType, Policy);
+readFrom(JobType_, Job);
+readFrom(ProjectType, Project);

@@ -12,7 +12,7 @@ import { badInput, conflict, DomainError, failedPrecondition, notFound } from ".
 import { decodeId, fromGlobalId, shortId, toGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
-import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { likeSubstring, type Condition, type PageArgs, type ListSelection } from "./pagination";
 import { derivedName, description as validDescription, resourceName } from "./validate";
 
 export interface BackupFilter {
@@ -86,8 +86,8 @@ const BUSY_BACKUP = { uq_backups_one_running: "a backup of this resource is alre
 export class BackupService {
   constructor(private readonly queue: JobQueue) {}
 
-  list(ctx: RequestContext, list: (ListName & `${string}ackups`) | "backupChildren", key: string, args: PageArgs & { filter?: BackupFilter | null }) {
-    return ctx.loaders.connection(list, key, args, backupConditions(args.filter));
+  list(ctx: RequestContext, list: (ListName & `${string}ackups`) | "backupChildren", key: string, args: PageArgs & { filter?: BackupFilter | null }, select?: ListSelection) {
+    return ctx.loaders.connection(list, key, args, backupConditions(args.filter), select);
   }
 
   async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Backup> {

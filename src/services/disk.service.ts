@@ -9,7 +9,7 @@ import { translateDbError } from "./db-errors";
 import { badInput, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId } from "./global-id";
 import type { ListName } from "./lists";
-import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { likeSubstring, type Condition, type PageArgs, type ListSelection } from "./pagination";
 import { DEVICES } from "./server.service";
 import { diskSize, MiB, resourceName } from "./validate";
 
@@ -58,8 +58,8 @@ export class DiskService {
     private readonly queue: JobQueue,
   ) {}
 
-  list(ctx: RequestContext, list: ListName & `${string}isks`, key: string, args: PageArgs & { filter?: DiskFilter | null }) {
-    return ctx.loaders.connection(list, key, args, diskConditions(args.filter));
+  list(ctx: RequestContext, list: ListName & `${string}isks`, key: string, args: PageArgs & { filter?: DiskFilter | null }, select?: ListSelection) {
+    return ctx.loaders.connection(list, key, args, diskConditions(args.filter), select);
   }
 
   async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Disk> {

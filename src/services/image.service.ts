@@ -32,7 +32,7 @@ import { badBody, badInput, BodyFault, conflict, DomainError, ErrorCode, failedP
 import { decodeId, fromGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
 import type { ListName } from "./lists";
-import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { likeSubstring, type Condition, type PageArgs, type ListSelection } from "./pagination";
 import { derivedName, description as validDescription, resourceName } from "./validate";
 
 export interface ImageFilter {
@@ -105,12 +105,12 @@ export class ImageService {
     private readonly uploads?: UploadStore,
   ) {}
 
-  list(ctx: RequestContext, list: ListName & `${string}mages`, key: string, args: PageArgs & { filter?: ImageFilter | null }) {
-    return ctx.loaders.connection(list, key, args, imageConditions(args.filter));
+  list(ctx: RequestContext, list: ListName & `${string}mages`, key: string, args: PageArgs & { filter?: ImageFilter | null }, select?: ListSelection) {
+    return ctx.loaders.connection(list, key, args, imageConditions(args.filter), select);
   }
 
-  exports(ctx: RequestContext, imageId: string, args: PageArgs & { filter?: ImageExportFilter | null }) {
-    return ctx.loaders.connection("imageExports", imageId, args, exportConditions(args.filter));
+  exports(ctx: RequestContext, imageId: string, args: PageArgs & { filter?: ImageExportFilter | null }, select?: ListSelection) {
+    return ctx.loaders.connection("imageExports", imageId, args, exportConditions(args.filter), select);
   }
 
   async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Image> {

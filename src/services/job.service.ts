@@ -4,7 +4,7 @@ import type { RequestContext } from "./context";
 import { badInput, conflict, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
-import type { Condition, PageArgs } from "./pagination";
+import type { Condition, ListSelection, PageArgs } from "./pagination";
 
 export interface JobFilter {
   statuses?: JobStatus[] | null;
@@ -31,8 +31,8 @@ export function jobConditions(filter: JobFilter | null | undefined): Condition[]
 export class JobService {
   constructor(private readonly queue: JobQueue) {}
 
-  list(ctx: RequestContext, args: PageArgs & { filter?: JobFilter | null }) {
-    return ctx.loaders.connection("jobs", ctx.projectId, args, jobConditions(args.filter));
+  list(ctx: RequestContext, args: PageArgs & { filter?: JobFilter | null }, select?: ListSelection) {
+    return ctx.loaders.connection("jobs", ctx.projectId, args, jobConditions(args.filter), select);
   }
 
   async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Job> {

@@ -1,14 +1,54 @@
 import DataLoader from "dataloader";
-import { In, type DataSource, type EntityTarget, type ObjectLiteral } from "typeorm";
+import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
+import { hydrate } from "../db/sql";
 import { Backup, Disk, DiskType, Image, ImageExport, Job, Policy, Server } from "../entities";
 import { lists, type ListName } from "./lists";
-import { loadCounts, loadPages, resolvePage, type Condition, type Page, type PageArgs, type ResolvedPage } from "./pagination";
+import { loadCounts, loadPages, resolvePage, WHOLE_ROWS, type Condition, type ListSelection, type Page, type PageArgs, type ResolvedPage } from "./pagination";
 
-function byId<T extends ObjectLiteral & { id: string }>(ds: DataSource, entity: EntityTarget<T>, projectId: string) {
-  return new DataLoader<string, T | null>(async (ids) => {
-    const rows = await ds.getRepository(entity).findBy({ id: In([...ids]), projectId } as never);
-    const map = new Map(rows.map((r) => [r.id, r]));
-    return ids.map((id) => map.get(id) ?? null);
+/** Rows of one table by a uuid column, in the project, through the same hydration as the lists. */
+function byColumn<T extends ObjectLiteral & { id: string }>(ds: DataSource, entity: EntityTarget<T>, projectId: string, column: string, where = "") {
+  const table = ds.getMetadata(entity).tableName;
+  return async (keys: readonly string[]): Promise<T[]> => hydrate(ds, entity, await ds.query(`SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
+}
+
+/** The node tables rows are loaded from by id. */
+const BY_ID = { server: Server, disk: Disk, backup: Backup, image: Image, imageExport: ImageExport, policy: Policy, job: Job } as const;
+type ByIdKind = keyof typeof BY_ID;
+
+/**
+ * Rows by id of any node table, in the project. The ids asked for in one tick, of
+ * whatever tables, come from one statement: one table's rows as they are, several
+ * tables' as one JSON value per row (a UNION ALL needs one row shape).
+ */
+function rowsById(ds: DataSource, projectId: string) {
+  const tables = Object.fromEntries(Object.entries(BY_ID).map(([kind, entity]) => [kind, ds.getMetadata(entity).tableName])) as Record<ByIdKind, string>;
+  const shared = new DataLoader<string, ObjectLiteral | null>(async (keys) => {
+    const ids = new Map<ByIdKind, string[]>();
+    for (const key of keys) {
+      const [kind, id] = key.split(":") as [ByIdKind, string];
+      const list = ids.get(kind);
+      if (list) list.push(id);
+      else ids.set(kind, [id]);
+    }
+    const found = new Map<string, ObjectLiteral>();
+    const kinds = [...ids.keys()];
+    if (kinds.length === 1) {
+      const [kind] = kinds;
+      const rows = await ds.query(`SELECT * FROM ${tables[kind]} WHERE id = ANY($1) AND project_id = $2`, [ids.get(kind), projectId]);
+      for (const row of hydrate(ds, BY_ID[kind], rows)) found.set(`${kind}:${row.id}`, row);
+    } else {
+      const parts = kinds.map((kind, i) => `SELECT ${i} AS kind, to_json(t) AS row FROM ${tables[kind]} t WHERE id = ANY($${i + 2}) AND project_id = $1`);
+      const rows: { kind: number; row: Record<string, unknown> }[] = await ds.query(parts.join(" UNION ALL "), [projectId, ...kinds.map((k) => ids.get(k))]);
+      for (const { kind, row } of rows) {
+        const [entity] = hydrate(ds, BY_ID[kinds[kind]], [row]);
+        found.set(`${kinds[kind]}:${entity.id}`, entity);
+      }
+    }
+    return keys.map((key) => found.get(key) ?? null);
+  });
+  return <K extends ByIdKind>(kind: K) => ({
+    load: (id: string) => shared.load(`${kind}:${id}`) as Promise<InstanceType<(typeof BY_ID)[K]> | null>,
+    loadMany: (ids: readonly string[]) => shared.loadMany(ids.map((id) => `${kind}:${id}`)) as Promise<(InstanceType<(typeof BY_ID)[K]> | null | Error)[]>,
   });
 }
 
@@ -33,8 +73,8 @@ export class Connection<T extends { id: string }> {
       endCursor: edges[edges.length - 1]?.cursor ?? null,
     };
   }
-  get totalCount(): Promise<number> {
-    return this.count();
+  get totalCount(): number | Promise<number> {
+    return this.page.totalCount ?? this.count();
   }
 }
 
@@ -47,15 +87,21 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
   const pageLoaders = new Map<string, DataLoader<string, Page<any>>>();
   const countLoaders = new Map<string, DataLoader<string, number>>();
 
-  function connection<N extends ListName>(name: N, key: string, args: PageArgs, conditions: Condition[] = []): Promise<Connection<InstanceType<(typeof lists)[N]["entity"]>>> {
+  function connection<N extends ListName>(
+    name: N,
+    key: string,
+    args: PageArgs,
+    conditions: Condition[] = [],
+    select: ListSelection = WHOLE_ROWS,
+  ): Promise<Connection<InstanceType<(typeof lists)[N]["entity"]>>> {
     const source = lists[name];
     const page: ResolvedPage = resolvePage(args, maxPageSize);
     const condKey = JSON.stringify(conditions);
-    const pageKey = `${name}|${condKey}|${JSON.stringify(page)}`;
+    const pageKey = `${name}|${condKey}|${JSON.stringify(page)}|${select.count}|${select.cursors}|${select.properties?.join(",") ?? "*"}`;
     let pages = pageLoaders.get(pageKey);
     if (!pages) {
       pages = new DataLoader(async (keys) => {
-        const map = await loadPages(ds, source as never, projectId, keys, page, conditions);
+        const map = await loadPages(ds, source as never, projectId, keys, page, conditions, select);
         return keys.map((k) => map.get(k)!);
       });
       pageLoaders.set(pageKey, pages);
@@ -73,16 +119,20 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
     return pages.load(key).then((p) => new Connection(p, () => countLoader.load(key)));
   }
 
+  const systemDisks = byColumn(ds, Disk, projectId, "server_id", ` AND type = '${DiskType.SYSTEM}'`);
+
+  const byId = rowsById(ds, projectId);
+
   return {
-    server: byId(ds, Server, projectId),
-    disk: byId(ds, Disk, projectId),
-    backup: byId(ds, Backup, projectId),
-    image: byId(ds, Image, projectId),
-    imageExport: byId(ds, ImageExport, projectId),
-    policy: byId(ds, Policy, projectId),
-    job: byId(ds, Job, projectId),
+    server: byId("server"),
+    disk: byId("disk"),
+    backup: byId("backup"),
+    image: byId("image"),
+    imageExport: byId("imageExport"),
+    policy: byId("policy"),
+    job: byId("job"),
     systemDisk: new DataLoader<string, Disk | null>(async (serverIds) => {
-      const rows = await ds.getRepository(Disk).findBy({ serverId: In([...serverIds]), projectId, type: DiskType.SYSTEM });
+      const rows = await systemDisks(serverIds);
       const map = new Map(rows.map((d) => [d.serverId, d]));
       return serverIds.map((id) => map.get(id) ?? null);
     }),

@@ -34,16 +34,38 @@ export interface ListSource<T extends ObjectLiteral> {
   where?: string;
 }
 
-export interface Edge<T> {
-  cursor: string;
-  node: T;
+/** A node and its cursor, encoded only when asked for. */
+export class Edge<T extends { id: string }> {
+  constructor(
+    readonly node: T,
+    private readonly sort: string | undefined,
+  ) {}
+  get cursor(): string {
+    if (this.sort === undefined) throw new Error("the page was read without cursors");
+    return encodeCursor(this.sort, this.node.id);
+  }
 }
 
-export interface Page<T> {
+export interface Page<T extends { id: string }> {
   edges: Edge<T>[];
   hasNextPage: boolean;
   hasPreviousPage: boolean;
+  /** The size of the whole list, when it was counted with the page. */
+  totalCount?: number;
 }
+
+/**
+ * What a query reads of a list: the entity properties its nodes need (null: every
+ * column) and whether it asks for the list's size, which then comes with the page.
+ */
+export interface ListSelection {
+  properties: readonly string[] | null;
+  count: boolean;
+  /** Whether it reads cursors (edges or pageInfo). */
+  cursors: boolean;
+}
+
+export const WHOLE_ROWS: ListSelection = { properties: null, count: false, cursors: true };
 
 const SORT_SQL: Record<SortField, string> = { CREATED_AT: "t.created_at", NAME: "t.name" };
 
@@ -134,17 +156,33 @@ function whereClause(source: ListSource<ObjectLiteral>, projectId: string, keys:
   return { sql: parts.join(" AND "), params };
 }
 
+/** The columns of `properties` (the id always), or every column. */
+function columnsOf(ds: DataSource, entity: EntityTarget<ObjectLiteral>, properties: readonly string[] | null): string[] {
+  const meta = ds.getMetadata(entity);
+  if (!properties) return meta.columns.map((c) => c.databaseName);
+  const names = new Set(["id"]);
+  for (const p of properties) {
+    const column = meta.findColumnWithPropertyName(p);
+    if (!column) return meta.columns.map((c) => c.databaseName); // a field the entity does not hold: read it all, as without a selection
+    names.add(column.databaseName);
+  }
+  return [...names];
+}
+
 /**
  * One page of each parent's list in a single statement: rows are numbered per
- * parent by a window function and the first limit+1 of each are kept.
+ * parent by a window function and the first limit+1 of each are kept. Only the
+ * selected columns are read; a first page asked with its total counts it in the
+ * same statement (a parent with no row has none).
  */
-export async function loadPages<T extends ObjectLiteral>(
+export async function loadPages<T extends ObjectLiteral & { id: string }>(
   ds: DataSource,
   source: ListSource<T>,
   projectId: string,
   keys: readonly string[],
   page: ResolvedPage,
   conditions: Condition[],
+  select: ListSelection = WHOLE_ROWS,
 ): Promise<Map<string, Page<T>>> {
   const sortSql = SORT_SQL[page.field];
   // Walking backward reads the list in the opposite order, then reverses each page.
@@ -157,12 +195,20 @@ export async function loadPages<T extends ObjectLiteral>(
       params: [page.cursor.sort, page.cursor.id],
     });
   }
+  const counted = select.count && !page.cursor && page.limit > 0;
   const where = whereClause(source as ListSource<ObjectLiteral>, projectId, [...keys], all);
   const limitParam = where.params.length + 1;
+  const columns = columnsOf(ds, source.entity as EntityTarget<ObjectLiteral>, select.properties);
+  const extra = [`"__key"`, ...(select.cursors ? [`"__sort"`] : []), ...(counted ? [`"__total"`] : [])];
   const sql = `
-    SELECT * FROM (
-      SELECT t.*, ${source.key}::text AS "__key", ${sortSql}::text AS "__sort",
-             ROW_NUMBER() OVER (PARTITION BY ${source.key} ORDER BY ${sortSql} ${dir}, t.id ${dir}) AS "__rn"
+    SELECT ${[...columns, ...extra].join(", ")} FROM (
+      SELECT ${columns.map((c) => `t.${c}`).join(", ")}, ${source.key}::text AS "__key", ${sortSql}::text AS "__sort",
+             ROW_NUMBER() OVER (PARTITION BY ${source.key} ORDER BY ${sortSql} ${dir}, t.id ${dir}) AS "__rn"${
+               counted
+                 ? `,
+             count(*) OVER (PARTITION BY ${source.key}) AS "__total"`
+                 : ""
+             }
       FROM ${source.table} t ${source.join ?? ""}
       WHERE ${where.sql}
     ) ranked
@@ -172,11 +218,15 @@ export async function loadPages<T extends ObjectLiteral>(
   const entities = hydrate(ds, source.entity, rows);
 
   const grouped = new Map<string, Edge<T>[]>();
+  const totals = new Map<string, number>();
   rows.forEach((row, i) => {
     const key = row.__key as string;
-    const list = grouped.get(key) ?? [];
-    list.push({ cursor: encodeCursor(row.__sort as string, row.id as string), node: entities[i] });
-    grouped.set(key, list);
+    let list = grouped.get(key);
+    if (!list) {
+      grouped.set(key, (list = []));
+      if (counted) totals.set(key, Number(row.__total));
+    }
+    list.push(new Edge(entities[i], row.__sort as string | undefined));
   });
   const result = new Map<string, Page<T>>();
   for (const key of keys) {
@@ -189,6 +239,7 @@ export async function loadPages<T extends ObjectLiteral>(
       // Rows on the far side of the cursor exist: the cursor's own row at least.
       hasNextPage: page.backward ? page.cursor !== null : more,
       hasPreviousPage: page.backward ? more : page.cursor !== null,
+      ...(counted ? { totalCount: totals.get(key) ?? 0 } : {}),
     });
   }
   return result;

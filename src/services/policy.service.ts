@@ -11,7 +11,7 @@ import { translateDbError } from "./db-errors";
 import { badInput, conflict, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId, toGlobalId } from "./global-id";
 import type { ListName } from "./lists";
-import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { likeSubstring, type Condition, type PageArgs, type ListSelection } from "./pagination";
 import { intInRange, resourceName } from "./validate";
 
 export interface RetentionInput {
@@ -96,8 +96,8 @@ function validateRetention(input: RetentionInput): Retention {
 }
 
 export class PolicyService {
-  list(ctx: RequestContext, list: ListName & `${string}olicies`, key: string, args: PageArgs & { filter?: PolicyFilter | null }) {
-    return ctx.loaders.connection(list, key, args, policyConditions(args.filter));
+  list(ctx: RequestContext, list: ListName & `${string}olicies`, key: string, args: PageArgs & { filter?: PolicyFilter | null }, select?: ListSelection) {
+    return ctx.loaders.connection(list, key, args, policyConditions(args.filter), select);
   }
 
   async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Policy> {

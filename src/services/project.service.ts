@@ -8,6 +8,10 @@ import { badInput } from "../domain/errors";
 
 const KEY_PREFIX = "stw_";
 
+/** How long a key found valid is trusted without asking the database again: a revoked key stops working within this. */
+export const KEY_CACHE_MS = 5_000;
+const KEY_CACHE_ENTRIES = 10_000;
+
 export const hashKey = (key: string) => crypto.createHash("sha256").update(key, "utf8").digest("hex");
 
 export interface StorageUsage {
@@ -24,7 +28,13 @@ export interface StorageUsage {
 
 /** Projects (tenants) and their API keys. These calls come before any request context exists. */
 export class ProjectService {
-  constructor(private readonly ds: DataSource) {}
+  /** Valid keys by hash, with the project and until when they are trusted. Unknown keys are never kept. */
+  private readonly keys = new Map<string, { project: Project; until: number }>();
+
+  constructor(
+    private readonly ds: DataSource,
+    private readonly now: () => number = Date.now,
+  ) {}
 
   /** Creates a project and its first key; the key is returned once and stored only as a hash. */
   async create(name: string): Promise<{ project: Project; apiKey: string }> {
@@ -56,13 +66,21 @@ export class ProjectService {
   async authenticate(authorization: string | undefined | null): Promise<Project | null> {
     const match = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "");
     if (!match || !match[1].startsWith(KEY_PREFIX) || match[1].length > 200) return null;
+    const hash = hashKey(match[1]);
+    const now = this.now();
+    const known = this.keys.get(hash);
+    if (known && known.until > now) return known.project;
     const rows: Record<string, unknown>[] = await this.ds.query(
       `SELECT p.id, p.name, p.created_at FROM api_keys k JOIN projects p ON p.id = k.project_id
         WHERE k.key_hash = $1 AND k.revoked_at IS NULL`,
-      [hashKey(match[1])],
+      [hash],
     );
+    this.keys.delete(hash);
     if (!rows.length) return null;
-    return this.ds.getRepository(Project).create({ id: rows[0].id as string, name: rows[0].name as string, createdAt: rows[0].created_at as Date });
+    const project = this.ds.getRepository(Project).create({ id: rows[0].id as string, name: rows[0].name as string, createdAt: rows[0].created_at as Date });
+    if (this.keys.size >= KEY_CACHE_ENTRIES) this.keys.delete(this.keys.keys().next().value!);
+    this.keys.set(hash, { project, until: now + KEY_CACHE_MS });
+    return project;
   }
 
   async get(ctx: RequestContext): Promise<Project> {

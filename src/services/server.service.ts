@@ -10,7 +10,7 @@ import { translateDbError } from "./db-errors";
 import { badInput, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId } from "./global-id";
 import type { ListName } from "./lists";
-import { likeSubstring, type Condition, type PageArgs } from "./pagination";
+import { likeSubstring, type Condition, type PageArgs, type ListSelection } from "./pagination";
 import { derivedName, diskSize, intInRange, MiB, resourceName } from "./validate";
 
 export interface ServerFilter {
@@ -52,8 +52,8 @@ export class ServerService {
     private readonly images: ImageService,
   ) {}
 
-  list(ctx: RequestContext, list: ListName & `${string}ervers`, key: string, args: PageArgs & { filter?: ServerFilter | null }) {
-    return ctx.loaders.connection(list, key, args, serverConditions(args.filter));
+  list(ctx: RequestContext, list: ListName & `${string}ervers`, key: string, args: PageArgs & { filter?: ServerFilter | null }, select?: ListSelection) {
+    return ctx.loaders.connection(list, key, args, serverConditions(args.filter), select);
   }
 
   async get(ctx: RequestContext, globalId: string, field = "id"): Promise<Server> {

@@ -15,6 +15,8 @@ import {
   JobType,
   OsType,
 } from "../../src/entities";
+import { getNamedType, isLeafType, isNonNullType, isObjectType, type GraphQLOutputType } from "graphql";
+import { buildStowageSchema } from "../../src/graphql/schema";
 import { fromGlobalId } from "../../src/services/global-id";
 import { GiB, startTestService, type TestService } from "../helpers/service";
 
@@ -310,4 +312,54 @@ it("filters jobs, backups and images at the top level", async () => {
   // The rows here have no data in the vault: nothing is stored. The images have no blocks,
   // so they represent no written data whatever their virtual size; the backups say 100 bytes each.
   expect(r.storage.storage).toEqual({ backupCount: 1, imageCount: 2, logicalBytes: 200, storedBytes: 0, dedupRatio: 1, exportBytes: 123 });
+});
+
+/**
+ * A list reads only the columns its selected fields need; node(id:) reads whole rows.
+ * Every field of every node type, asked alone through its list and through nodes(ids:),
+ * must answer the same: a field resolver that reads a column it does not declare
+ * (@Reads) would answer null or wrong through the list.
+ */
+describe("lists read only what the selection needs", () => {
+  const schema = buildStowageSchema();
+  /** The selection that asks for `field` and nothing under it that could differ for other reasons. */
+  const ask = (name: string, type: GraphQLOutputType): string => {
+    const named = getNamedType(type);
+    if (isLeafType(named)) return name;
+    if (isObjectType(named) && named.getFields().totalCount) {
+      const node = getNamedType(named.getFields().nodes.type);
+      return `${name} { totalCount nodes { ${isObjectType(node) && node.getFields().id ? "id" : "__typename"} } }`;
+    }
+    if (isObjectType(named) && named.getFields().id) return `${name} { id }`;
+    if (isObjectType(named))
+      return `${name} { ${Object.entries(named.getFields())
+        .map(([n, f]) => ask(n, f.type))
+        .join(" ")} }`;
+    return `${name} { __typename }`;
+  };
+  const cases: [string, string][] = [
+    ["Server", "servers"],
+    ["Disk", "disks"],
+    ["Backup", "backups"],
+    ["Image", "images"],
+    ["Policy", "policies"],
+    ["Job", "jobs"],
+  ];
+
+  it.each(cases)("%s: each field through %s equals the field through nodes(ids:)", async (typeName, list) => {
+    const type = schema.getType(typeName);
+    if (!isObjectType(type)) throw new Error(`${typeName} is not an object type`);
+    const fields = Object.entries(type.getFields()).filter(([, f]) => f.args.every((a) => !isNonNullType(a.type) || a.defaultValue !== undefined));
+    expect(fields.length).toBeGreaterThan(5);
+    const all = fields.map(([n, f]) => ask(n, f.type)).join(" ");
+    const whole = await svc.ok(`{ ${list}(first: 100) { nodes { id } } }`);
+    const ids = whole[list].nodes.map((n: { id: string }) => n.id);
+    expect(ids.length).toBeGreaterThan(0);
+    const reference = (await svc.ok(`query ($ids: [ID!]!) { nodes(ids: $ids) { ... on ${typeName} { ${all} } } }`, { ids })).nodes;
+    for (const [name, field] of fields) {
+      const selection = ask(name, field.type);
+      const listed = (await svc.ok(`{ ${list}(first: 100) { nodes { id ${selection} } } }`))[list].nodes;
+      expect(listed.map((n: Record<string, unknown>) => [n.id, n[name]])).toEqual(reference.map((n: Record<string, unknown>) => [n.id, n[name]]));
+    }
+  });
 });

@@ -1,10 +1,12 @@
 import { RequestContext } from "../../src/services/context";
+import { KEY_CACHE_MS, ProjectService } from "../../src/services/project.service";
 import { waitJob } from "../helpers/data";
 import { GiB, MiB, startTestService, type TestService } from "../helpers/service";
 
 /**
  * A nested query costs a fixed number of SQL statements, however many rows it
- * returns: every level of every list is one batched statement (plus one count).
+ * returns: every level of every list is one batched statement, a first page
+ * counted in it; the rows by id a level asks for, one more.
  */
 let svc: TestService;
 beforeAll(async () => {
@@ -127,4 +129,59 @@ it("runs a policy and its retention in the same number of statements for 1 resou
   // Authentication, the claim, the targets, the rules, the rows, the run and the announcement.
   expect(one.run).toBeLessThanOrEqual(20);
   expect(one.retain).toBeLessThanOrEqual(10);
+});
+
+/** The three shapes a console sends most (the API benchmark's), with what each costs in statements. */
+const SHAPES: [string, string, number][] = [
+  [
+    "servers with their disks, the disks' last backups and counts, and policies",
+    `{ servers(first: 50) { nodes { id name status systemDisk { id name status sizeBytes }
+      disks(first: 10) { nodes { id name status device backups(first: 5) { totalCount nodes { id name status createdAt } } } }
+      policies(first: 5) { nodes { id name enabled } } } } }`,
+    // servers; the system disks, the disks and the policies of all servers; the disks' backups with their counts
+    5,
+  ],
+  [
+    "a job list with each job's resources",
+    `{ jobs(first: 50) { totalCount nodes { id type status progress createdAt finishedAt
+      server { id name } disk { id name } backup { id name status } policy { id name } image { id name status } } } }`,
+    // the jobs with their count; every resource of every job, whatever its table
+    2,
+  ],
+  [
+    "a backup page with children and images",
+    `{ backups(first: 50, filter: { topLevel: true }) { totalCount nodes { id name status resourceType createdAt
+      children(first: 10) { totalCount nodes { id name status sizeBytes } }
+      images(first: 5) { nodes { id name status } } } } }`,
+    // the backups with their count; their children with their counts; their images
+    3,
+  ],
+];
+
+it.each(SHAPES)("answers %s in a fixed number of statements, the key already known", async (_name, query, statements) => {
+  await svc.ok(query);
+  const { result, count } = await svc.countQueries(() => svc.ok(query));
+  // The policy runs above left jobs pointing at servers, disks, backups and policies, and server backups with children.
+  const rows = JSON.stringify(result).match(/"id"/g)?.length ?? 0;
+  expect(rows).toBeGreaterThan(30);
+  expect(count).toBe(statements);
+});
+
+it("looks a valid key up once per KEY_CACHE_MS, so a revoked key stops working within it", async () => {
+  let now = 1_000_000;
+  const projects = new ProjectService(svc.ds, () => now);
+  const { project, apiKey } = await projects.create("keys");
+  const bearer = `Bearer ${apiKey}`;
+  expect((await svc.countQueries(() => projects.authenticate(bearer))).count).toBe(1);
+  const cached = await svc.countQueries(() => projects.authenticate(bearer));
+  expect([cached.count, cached.result?.id]).toEqual([0, project.id]);
+
+  await svc.ds.query(`UPDATE api_keys SET revoked_at = now() WHERE project_id = $1`, [project.id]);
+  now += KEY_CACHE_MS - 1;
+  expect((await projects.authenticate(bearer))?.id).toBe(project.id);
+  now += 2;
+  expect(await projects.authenticate(bearer)).toBeNull();
+  // An unknown or revoked key is asked about every time.
+  expect((await svc.countQueries(() => projects.authenticate(bearer))).count).toBe(1);
+  expect((await svc.countQueries(() => projects.authenticate("Bearer stw_unknown"))).count).toBe(1);
 });

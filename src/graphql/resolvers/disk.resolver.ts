@@ -1,4 +1,6 @@
-import { Arg, Args, Ctx, FieldResolver, Mutation, Query, Resolver, Root } from "type-graphql";
+import { Arg, Args, Ctx, FieldResolver, Info, Mutation, Query, Resolver, Root } from "type-graphql";
+import type { GraphQLResolveInfo } from "graphql";
+import { listSelection, Reads } from "../selection";
 import type { Disk } from "../../entities";
 import { toGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
@@ -9,8 +11,8 @@ import { BackupConnection, BackupType, DiskConnection, DiskType_, ImageConnectio
 @Resolver(() => DiskType_)
 export class DiskResolver {
   @Query(() => DiskConnection)
-  disks(@Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.disks.list(ctx, "disks", ctx.projectId, args);
+  disks(@Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.disks.list(ctx, "disks", ctx.projectId, args, listSelection(info));
   }
 
   @Mutation(() => DiskPayload, { description: "Creates a blank data disk, or one filled from an image or a backup." })
@@ -34,33 +36,39 @@ export class DiskResolver {
     return { deletedDiskId: toGlobalId("Disk", disk.id) };
   }
 
+  @Reads("serverId")
   @FieldResolver(() => ServerType, { nullable: true })
   server(@Root() disk: Disk, @Ctx() { ctx }: GraphQLContext) {
     return disk.serverId ? ctx.loaders.server.load(disk.serverId) : null;
   }
 
+  @Reads("sourceImageId")
   @FieldResolver(() => ImageType_, { nullable: true })
   sourceImage(@Root() disk: Disk, @Ctx() { ctx }: GraphQLContext) {
     return disk.sourceImageId ? ctx.loaders.image.load(disk.sourceImageId) : null;
   }
 
+  @Reads("sourceBackupId")
   @FieldResolver(() => BackupType, { nullable: true })
   sourceBackup(@Root() disk: Disk, @Ctx() { ctx }: GraphQLContext) {
     return disk.sourceBackupId ? ctx.loaders.backup.load(disk.sourceBackupId) : null;
   }
 
+  @Reads()
   @FieldResolver(() => BackupConnection, { description: "Backups of this disk, its parts of server backups included." })
-  backups(@Root() disk: Disk, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.backups.list(ctx, "diskBackups", disk.id, args);
+  backups(@Root() disk: Disk, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.backups.list(ctx, "diskBackups", disk.id, args, listSelection(info));
   }
 
+  @Reads()
   @FieldResolver(() => ImageConnection)
-  images(@Root() disk: Disk, @Args() args: ImageListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.images.list(ctx, "diskImages", disk.id, args);
+  images(@Root() disk: Disk, @Args() args: ImageListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.images.list(ctx, "diskImages", disk.id, args, listSelection(info));
   }
 
+  @Reads()
   @FieldResolver(() => PolicyConnection)
-  policies(@Root() disk: Disk, @Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.policies.list(ctx, "diskPolicies", disk.id, args);
+  policies(@Root() disk: Disk, @Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.policies.list(ctx, "diskPolicies", disk.id, args, listSelection(info));
   }
 }

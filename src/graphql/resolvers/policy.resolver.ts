@@ -1,4 +1,6 @@
-import { Arg, Args, Ctx, FieldResolver, Mutation, Query, Resolver, Root } from "type-graphql";
+import { Arg, Args, Ctx, FieldResolver, Info, Mutation, Query, Resolver, Root } from "type-graphql";
+import type { GraphQLResolveInfo } from "graphql";
+import { listSelection, Reads } from "../selection";
 import type { Policy } from "../../entities";
 import { toGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
@@ -11,8 +13,8 @@ import { RunPolicyPayload } from "../types/payloads.type";
 @Resolver(() => PolicyType)
 export class PolicyResolver {
   @Query(() => PolicyConnection)
-  policies(@Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.policies.list(ctx, "policies", ctx.projectId, args);
+  policies(@Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.policies.list(ctx, "policies", ctx.projectId, args, listSelection(info));
   }
 
   @Mutation(() => PolicyPayload)
@@ -52,9 +54,10 @@ export class PolicyResolver {
     return services.policyRuns.preview(ctx, policy);
   }
 
+  @Reads()
   @FieldResolver(() => PolicyRunConnection, { description: "The policy's runs, with what each skipped." })
-  runs(@Root() policy: Policy, @Args() args: PageArgs, @Ctx() { ctx }: GraphQLContext) {
-    return ctx.loaders.connection("policyRuns", policy.id, args);
+  runs(@Root() policy: Policy, @Args() args: PageArgs, @Ctx() { ctx }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return ctx.loaders.connection("policyRuns", policy.id, args, [], listSelection(info));
   }
 
   @FieldResolver(() => RetentionType)
@@ -62,18 +65,21 @@ export class PolicyResolver {
     return policy;
   }
 
+  @Reads()
   @FieldResolver(() => ServerConnection)
-  servers(@Root() policy: Policy, @Args() args: ServerListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.servers.list(ctx, "policyServers", policy.id, args);
+  servers(@Root() policy: Policy, @Args() args: ServerListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.servers.list(ctx, "policyServers", policy.id, args, listSelection(info));
   }
 
+  @Reads()
   @FieldResolver(() => DiskConnection)
-  disks(@Root() policy: Policy, @Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.disks.list(ctx, "policyDisks", policy.id, args);
+  disks(@Root() policy: Policy, @Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.disks.list(ctx, "policyDisks", policy.id, args, listSelection(info));
   }
 
+  @Reads()
   @FieldResolver(() => BackupConnection, { description: "Backups this policy made (server and disk backups, not their per-disk parts)." })
-  backups(@Root() policy: Policy, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.backups.list(ctx, "policyBackups", policy.id, args);
+  backups(@Root() policy: Policy, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.backups.list(ctx, "policyBackups", policy.id, args, listSelection(info));
   }
 }

@@ -1,4 +1,6 @@
-import { Arg, Args, Ctx, FieldResolver, Int, Mutation, Query, Resolver, Root } from "type-graphql";
+import { Arg, Args, Ctx, FieldResolver, Info, Int, Mutation, Query, Resolver, Root } from "type-graphql";
+import type { GraphQLResolveInfo } from "graphql";
+import { listSelection, Reads } from "../selection";
 import type { Server } from "../../entities";
 import { toGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
@@ -9,8 +11,8 @@ import { BackupConnection, DiskConnection, DiskType_, ImageConnection, ImageType
 @Resolver(() => ServerType)
 export class ServerResolver {
   @Query(() => ServerConnection)
-  servers(@Args() args: ServerListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.servers.list(ctx, "servers", ctx.projectId, args);
+  servers(@Args() args: ServerListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.servers.list(ctx, "servers", ctx.projectId, args, listSelection(info));
   }
 
   @Mutation(() => CreateServerPayload, { description: "Creates a server with a system disk (/dev/vda) and data disks (/dev/vdb, …), blank or from images." })
@@ -38,38 +40,45 @@ export class ServerResolver {
     };
   }
 
+  @Reads("memoryMib")
   @FieldResolver(() => Int)
   memoryMiB(@Root() server: Server) {
     return server.memoryMib;
   }
 
+  @Reads()
   @FieldResolver(() => DiskType_, { nullable: true })
   systemDisk(@Root() server: Server, @Ctx() { ctx }: GraphQLContext) {
     return ctx.loaders.systemDisk.load(server.id);
   }
 
+  @Reads()
   @FieldResolver(() => DiskConnection, { description: "Every attached disk, the system disk included." })
-  disks(@Root() server: Server, @Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.disks.list(ctx, "serverDisks", server.id, args);
+  disks(@Root() server: Server, @Args() args: DiskListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.disks.list(ctx, "serverDisks", server.id, args, listSelection(info));
   }
 
+  @Reads("sourceImageId")
   @FieldResolver(() => ImageType_, { nullable: true })
   sourceImage(@Root() server: Server, @Ctx() { ctx }: GraphQLContext) {
     return server.sourceImageId ? ctx.loaders.image.load(server.sourceImageId) : null;
   }
 
+  @Reads()
   @FieldResolver(() => BackupConnection, { description: "Backups of this server (each holds one child per disk)." })
-  backups(@Root() server: Server, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.backups.list(ctx, "serverBackups", server.id, args);
+  backups(@Root() server: Server, @Args() args: BackupListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.backups.list(ctx, "serverBackups", server.id, args, listSelection(info));
   }
 
+  @Reads()
   @FieldResolver(() => ImageConnection, { description: "Images made from this server." })
-  images(@Root() server: Server, @Args() args: ImageListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.images.list(ctx, "serverImages", server.id, args);
+  images(@Root() server: Server, @Args() args: ImageListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.images.list(ctx, "serverImages", server.id, args, listSelection(info));
   }
 
+  @Reads()
   @FieldResolver(() => PolicyConnection, { description: "The backup policy bound to this server (at most one)." })
-  policies(@Root() server: Server, @Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext) {
-    return services.policies.list(ctx, "serverPolicies", server.id, args);
+  policies(@Root() server: Server, @Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.policies.list(ctx, "serverPolicies", server.id, args, listSelection(info));
   }
 }

@@ -5,7 +5,7 @@
  *   npm run bench:api                                     # 50 servers × 2 disks, 1 and 50 connections, 10 s a cell
  *   npm run bench:api -- --servers 5 --duration 3         # smaller and shorter
  *   npm run bench:api -- --cpu-prof                       # also profile the service and print where its CPU goes
- *   options: --connections 1,50 (the loads), --duration S (seconds a cell, after 1 s of warm-up),
+ *   options: --connections 1,50 (the loads), --shapes nested,jobs,backups (which shapes), --duration S (seconds a cell, after 1 s of warm-up),
  *   --backups-per-disk N (3 disk backups plus 3 server backups' parts, default 3), --jobs N (default 500),
  *   --ts-node (run the service under ts-node instead of the compiled build), --keep, --dir DIR
  *
@@ -28,7 +28,8 @@
  * SQL statements and Postgres time per request come from pg_stat_statements: reset
  * before a cell, read once the servers have answered every request sent in it (requests
  * in flight when autocannon stops are still answered), divided by the requests sent.
- * BEGIN/COMMIT count as statements; the idle service's own polling (printed) is counted too. Peak RSS is the largest VmRSS
+ * BEGIN/COMMIT count as statements; the idle service's own polling (its rate, measured first and printed, times
+ * the cell's time) is subtracted. Peak RSS is the largest VmRSS
  * of the server's node process seen during the cell (sampled every 50 ms).
  * Targets: nested at 50 connections ≥ 1.0× PostGraphile's requests/s; ≤ 5 SQL
  * statements a request for every shape; stretch: nested at 50 ≥ 0.3× `{ __typename }`.
@@ -65,6 +66,7 @@ interface Options {
   backupsPerDisk: number;
   jobs: number;
   connections: number[];
+  shapes: Shape[];
   duration: number;
   tsNode: boolean;
   cpuProf: boolean;
@@ -78,6 +80,7 @@ function options(argv: string[]): Options {
     "backups-per-disk": { type: "string" },
     jobs: { type: "string" },
     connections: { type: "string" },
+    shapes: { type: "string" },
     duration: { type: "string" },
     "ts-node": { type: "boolean" },
     "cpu-prof": { type: "boolean" },
@@ -89,6 +92,11 @@ function options(argv: string[]): Options {
     backupsPerDisk: int(v["backups-per-disk"], "--backups-per-disk", 3),
     jobs: int(v.jobs, "--jobs", 500),
     connections: (v.connections ?? "1,50").split(",").map((c) => int(c.trim(), "--connections", 1)),
+    shapes: (v.shapes ?? SHAPES.map((s) => s.name).join(",")).split(",").map((name) => {
+      const shape = SHAPES.find((s) => s.name === name.trim());
+      if (!shape) throw new Error(`--shapes: no shape ${name} (there are ${SHAPES.map((s) => s.name).join(", ")})`);
+      return shape;
+    }),
     duration: int(v.duration, "--duration", 10),
     tsNode: v["ts-node"] ?? false,
     cpuProf: v["cpu-prof"] ?? false,
@@ -342,7 +350,7 @@ async function main(): Promise<number> {
       require("../bin/build").ensureBuilt(() => log("compiling the sources into dist/ (missing or older than the sources)"));
       dist = path.join(__dirname, "..", "dist");
     }
-    const nodeArgs = o.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${path.join(tmp, "prof")}`, "--cpu-prof-interval=500"] : [];
+    const nodeArgs = [...(process.env.SERVICE_NODE_ARGS?.split(" ") ?? []), ...(o.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${path.join(tmp, "prof")}`, "--cpu-prof-interval=500"] : [])];
     svc = await StowageProcess.start(dataDir, { dist, nodeArgs, env: { GC_INTERVAL_SECONDS: "0" } });
     log(`Stowage ${dist ? "(compiled build)" : "(ts-node)"} at ${svc.url}`);
     // The service's own database in its cluster (the one src/app.ts creates).
@@ -376,7 +384,7 @@ async function main(): Promise<number> {
 
     const stowageUrl = `${svc.url}/graphql`;
     const auth = { authorization: `Bearer ${svc.key}` };
-    for (const shape of SHAPES) {
+    for (const shape of o.shapes) {
       const a = countIds(await post(stowageUrl, shape.stowage, auth));
       const b = countIds(await post(started.url, shape.graphile, {}));
       log(`${shape.name}: Stowage answers ${fmtInt(a)} objects, PostGraphile ${fmtInt(b)}`);
@@ -407,6 +415,7 @@ async function main(): Promise<number> {
       await autocannon({ ...common, duration: 1 }); // warm-up
       await drain();
       await db.query(`SELECT pg_stat_statements_reset()`);
+      const resetAt = performance.now();
       const rss = new RssSampler(pid, 50);
       const cpu0 = cpuTree(svc!.pid);
       const startUs = Number(process.hrtime.bigint() / 1000n);
@@ -418,6 +427,8 @@ async function main(): Promise<number> {
       // Requests still in flight when autocannon stops are answered after it: their statements count, and so do they.
       await drain();
       const [st] = (await db.query(`SELECT sum(calls)::float8 AS calls, sum(total_exec_time)::float8 AS ms FROM (${STATEMENTS}) s`)).rows;
+      // The idle service's own statements (job queue, scheduler) at the rate measured before, over the cell's time.
+      const background = (idle * (performance.now() - resetAt)) / 1000;
       const busiest = (await db.query(`SELECT calls::float8 AS calls, query FROM (${STATEMENTS}) s ORDER BY calls DESC LIMIT 6`)).rows as { calls: number; query: string }[];
       const requests = r.requests.total;
       const sent = Math.max(r.requests.sent, requests);
@@ -429,7 +440,7 @@ async function main(): Promise<number> {
         p50: r.latency.p50,
         p99: r.latency.p99,
         requests,
-        statements: sent ? (st.calls ?? 0) / sent : null,
+        statements: sent ? Math.max(0, (st.calls ?? 0) - background) / sent : null,
         pgMs: sent ? (st.ms ?? 0) / sent : null,
         rssMiB: Math.max(...rss.peaks.values()) / 1024,
         nodeCpu: cpu1.self - cpu0.self,
@@ -442,7 +453,7 @@ async function main(): Promise<number> {
     };
     for (const c of o.connections) {
       await measure("Stowage", "__typename", TYPENAME, stowageUrl, auth, svc.pid, c);
-      for (const shape of SHAPES) {
+      for (const shape of o.shapes) {
         await measure("Stowage", shape.name, shape.stowage, stowageUrl, auth, svc.pid, c);
         await measure("PostGraphile", shape.name, shape.graphile, started.url, {}, graphile.pid!, c);
       }
@@ -479,7 +490,7 @@ async function main(): Promise<number> {
       ),
     );
     const stowageCells = cells.filter((c) => c.server === "Stowage");
-    out.push("", `The idle service sends ${f2(idle)} SQL statements/s by itself (counted in its cells). The statements sent most per request, by cell (calls per request):`);
+    out.push("", `The idle service sends ${f2(idle)} SQL statements/s by itself (subtracted from every cell's count). The statements sent most per request, by cell (calls per request):`);
     for (const c of cells.filter((c) => c.connections === top)) {
       out.push("", `${c.server} ${c.shape} @${c.connections}:`, ...c.top.map(([n, q]) => `  ${n.toFixed(2).padStart(6)}  ${q}`));
     }

@@ -1,3 +1,4 @@
+import crypto from "node:crypto";
 import { getIntrospectionQuery } from "graphql";
 import { auditServer } from "graphql-http";
 import { createClient, type Client, type ExecutionResult } from "graphql-ws";
@@ -175,6 +176,26 @@ describe("HTTP edge with default configuration", () => {
 
     const unauth = await fetch(`${svc.url}/graphql?query=${encodeURIComponent("{viewer{name}}")}`);
     expect(unauth.status).toBe(401);
+  });
+
+  it("answers automatic persisted queries: a known hash stands for its document, over POST and GET", async () => {
+    const auth = { authorization: `Bearer ${svc.keys.alpha}` };
+    const query = "query Dashboard { viewer { name } servers(first: 5) { totalCount } }";
+    const sha256Hash = crypto.createHash("sha256").update(query).digest("hex");
+    const persisted = { persistedQuery: { version: 1, sha256Hash } };
+
+    const unknown = await post(`${svc.url}/graphql`, { extensions: persisted }, auth);
+    expect(unknown.json.errors?.[0].extensions?.code).toBe("PERSISTED_QUERY_NOT_FOUND");
+    const wrong = await post(`${svc.url}/graphql`, { query: "{ viewer { id } }", extensions: persisted }, auth);
+    expect(wrong.res.status).toBe(400);
+    expect(wrong.json.data).toBeUndefined();
+
+    const registered = await post(`${svc.url}/graphql`, { query, extensions: persisted }, auth);
+    expect(registered.json).toEqual({ data: { viewer: { name: "alpha" }, servers: { totalCount: 0 } } });
+    const byHash = await post(`${svc.url}/graphql`, { extensions: persisted }, auth);
+    expect(byHash.json).toEqual(registered.json);
+    const get = await fetch(`${svc.url}/graphql?extensions=${encodeURIComponent(JSON.stringify(persisted))}`, { headers: auth });
+    expect(await get.json()).toEqual(registered.json);
   });
 
   it("passes every MUST of the GraphQL-over-HTTP audit", async () => {
@@ -411,6 +432,17 @@ describe("query cost limit (MAX_QUERY_COST=1000)", () => {
     const many = Array.from({ length: 40 }, (_, i) => `a${i}: servers(first: 10) { nodes { id name } }`).join(" ");
     const r = await svc.gql(`{ ${many} }`);
     expect(r.errors?.[0].extensions?.code).toBe("QUERY_TOO_COMPLEX");
+  });
+
+  it("refuses a too-costly document sent with its persisted-query hash, and does not keep it", async () => {
+    const persisted = { persistedQuery: { version: 1, sha256Hash: crypto.createHash("sha256").update(COSTLY).digest("hex") } };
+    const auth = { authorization: `Bearer ${svc.keys.alpha}` };
+    const refused = await post(`${svc.url}/graphql`, { query: COSTLY, extensions: persisted }, auth);
+    expect(refused.res.status).toBe(400);
+    expect(refused.json.errors?.[0].extensions?.code).toBe("QUERY_TOO_COMPLEX");
+    const byHash = await post(`${svc.url}/graphql`, { extensions: persisted }, auth);
+    expect(byHash.json.errors?.[0].extensions?.code).toBe("PERSISTED_QUERY_NOT_FOUND");
+    expect(byHash.json.data).toBeUndefined();
   });
 
   it("refuses a too-costly operation over graphql-ws", async () => {

@@ -30,6 +30,7 @@ export interface StorageUsage {
 export class ProjectService {
   /** Valid keys by hash, with the project and until when they are trusted. Unknown keys are never kept. */
   private readonly keys = new Map<string, { project: Project; until: number }>();
+  private readonly lookups = new Map<string, Promise<Project | null>>();
 
   constructor(
     private readonly ds: DataSource,
@@ -67,9 +68,19 @@ export class ProjectService {
     const match = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? "");
     if (!match || !match[1].startsWith(KEY_PREFIX) || match[1].length > 200) return null;
     const hash = hashKey(match[1]);
-    const now = this.now();
     const known = this.keys.get(hash);
-    if (known && known.until > now) return known.project;
+    if (known && known.until > this.now()) return known.project;
+    // Requests that arrive together with the same key share one lookup.
+    let lookup = this.lookups.get(hash);
+    if (!lookup) {
+      lookup = this.lookUp(hash).finally(() => this.lookups.delete(hash));
+      this.lookups.set(hash, lookup);
+    }
+    return lookup;
+  }
+
+  private async lookUp(hash: string): Promise<Project | null> {
+    const started = this.now();
     const rows: Record<string, unknown>[] = await this.ds.query(
       `SELECT p.id, p.name, p.created_at FROM api_keys k JOIN projects p ON p.id = k.project_id
         WHERE k.key_hash = $1 AND k.revoked_at IS NULL`,
@@ -79,7 +90,7 @@ export class ProjectService {
     if (!rows.length) return null;
     const project = this.ds.getRepository(Project).create({ id: rows[0].id as string, name: rows[0].name as string, createdAt: rows[0].created_at as Date });
     if (this.keys.size >= KEY_CACHE_ENTRIES) this.keys.delete(this.keys.keys().next().value!);
-    this.keys.set(hash, { project, until: now + KEY_CACHE_MS });
+    this.keys.set(hash, { project, until: started + KEY_CACHE_MS });
     return project;
   }
 

@@ -17,19 +17,22 @@ export interface DataSourceOptions {
   acquireTimeoutMs?: number;
 }
 
+/** A statement's text, also of a named (prepared) one, which pg takes as { name, text, values }. */
+const textOf = (query: string | { text: string }) => (typeof query === "string" ? query : query.text);
+
 class QueryLogger implements TypeOrmLogger {
   constructor(
     private readonly logger: Logger,
     private readonly onQuery?: (sql: string) => void,
   ) {}
-  logQuery(query: string) {
-    this.onQuery?.(query);
+  logQuery(query: string | { text: string }) {
+    this.onQuery?.(textOf(query));
   }
-  logQueryError(error: string | Error, query: string) {
-    this.logger.debug("query failed", { error: error instanceof Error ? error.message : error, query });
+  logQueryError(error: string | Error, query: string | { text: string }) {
+    this.logger.debug("query failed", { error: error instanceof Error ? error.message : error, query: textOf(query) });
   }
-  logQuerySlow(time: number, query: string) {
-    this.logger.warn("slow query", { ms: time, query: query.slice(0, 500) });
+  logQuerySlow(time: number, query: string | { text: string }) {
+    this.logger.warn("slow query", { ms: time, query: textOf(query).slice(0, 500) });
   }
   logSchemaBuild() {}
   logMigration(message: string) {

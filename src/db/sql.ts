@@ -12,6 +12,28 @@ export async function rows<T = Record<string, unknown>>(q: Queryable, sql: strin
   return r as T[];
 }
 
+/** How many distinct statement texts `readRows` names; each connection keeps the plans of those it has run. */
+const PREPARED_TEXTS = 200;
+const preparedNames = new Map<string, string>();
+
+/**
+ * The rows of a read the graph sends over and over with other values (a page of a
+ * list, rows by id). It goes as a named statement, so each connection parses and
+ * plans it once (a generic plan after a few runs) instead of on every request; for
+ * these short statements planning costs about what running them does. The first
+ * PREPARED_TEXTS distinct texts are named, any later one is sent unnamed, so a
+ * client varying its selections cannot grow the connections' memory without end.
+ */
+export async function readRows(ds: DataSource, text: string, values: unknown[]): Promise<Record<string, unknown>[]> {
+  let name = preparedNames.get(text);
+  if (name === undefined && preparedNames.size < PREPARED_TEXTS) {
+    name = `stowage_read_${preparedNames.size}`;
+    preparedNames.set(text, name);
+  }
+  // TypeORM hands the query on to pg as it is: its logging, slow-query warning and error wrapping still apply.
+  return ds.query((name ? { name, text, values } : text) as string, name ? undefined : values);
+}
+
 type Hydrator = (row: Record<string, unknown>) => unknown;
 
 const hydrators = new WeakMap<object, Hydrator>();

@@ -1,6 +1,6 @@
 import DataLoader from "dataloader";
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
-import { hydrate } from "../db/sql";
+import { hydrate, readRows } from "../db/sql";
 import { Backup, Disk, DiskType, Image, ImageExport, Job, Policy, Server } from "../entities";
 import { lists, type ListName } from "./lists";
 import { loadCounts, loadPages, resolvePage, WHOLE_ROWS, type Condition, type ListSelection, type Page, type PageArgs, type ResolvedPage } from "./pagination";
@@ -8,7 +8,7 @@ import { loadCounts, loadPages, resolvePage, WHOLE_ROWS, type Condition, type Li
 /** Rows of one table by a uuid column, in the project, through the same hydration as the lists. */
 function byColumn<T extends ObjectLiteral & { id: string }>(ds: DataSource, entity: EntityTarget<T>, projectId: string, column: string, where = "") {
   const table = ds.getMetadata(entity).tableName;
-  return async (keys: readonly string[]): Promise<T[]> => hydrate(ds, entity, await ds.query(`SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
+  return async (keys: readonly string[]): Promise<T[]> => hydrate(ds, entity, await readRows(ds, `SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
 }
 
 /** The node tables rows are loaded from by id. */
@@ -34,11 +34,11 @@ function rowsById(ds: DataSource, projectId: string) {
     const kinds = [...ids.keys()];
     if (kinds.length === 1) {
       const [kind] = kinds;
-      const rows = await ds.query(`SELECT * FROM ${tables[kind]} WHERE id = ANY($1) AND project_id = $2`, [ids.get(kind), projectId]);
+      const rows = await readRows(ds, `SELECT * FROM ${tables[kind]} WHERE id = ANY($1) AND project_id = $2`, [ids.get(kind), projectId]);
       for (const row of hydrate(ds, BY_ID[kind], rows)) found.set(`${kind}:${row.id}`, row);
     } else {
       const parts = kinds.map((kind, i) => `SELECT ${i} AS kind, to_json(t) AS row FROM ${tables[kind]} t WHERE id = ANY($${i + 2}) AND project_id = $1`);
-      const rows: { kind: number; row: Record<string, unknown> }[] = await ds.query(parts.join(" UNION ALL "), [projectId, ...kinds.map((k) => ids.get(k))]);
+      const rows = (await readRows(ds, parts.join(" UNION ALL "), [projectId, ...kinds.map((k) => ids.get(k))])) as { kind: number; row: Record<string, unknown> }[];
       for (const { kind, row } of rows) {
         const [entity] = hydrate(ds, BY_ID[kinds[kind]], [row]);
         found.set(`${kinds[kind]}:${entity.id}`, entity);

@@ -1,5 +1,5 @@
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
-import { hydrate } from "../db/sql";
+import { hydrate, readRows } from "../db/sql";
 import { badInput } from "../domain/errors";
 import { storableText } from "./validate";
 
@@ -214,7 +214,7 @@ export async function loadPages<T extends ObjectLiteral & { id: string }>(
     ) ranked
     WHERE "__rn" <= $${limitParam}
     ORDER BY "__key", "__rn"`;
-  const rows: Record<string, unknown>[] = await ds.query(sql, [...where.params, page.limit + 1]);
+  const rows = await readRows(ds, sql, [...where.params, page.limit + 1]);
   const entities = hydrate(ds, source.entity, rows);
 
   const grouped = new Map<string, Edge<T>[]>();
@@ -248,10 +248,10 @@ export async function loadPages<T extends ObjectLiteral & { id: string }>(
 /** The size of each parent's whole list (filters applied, pagination not), in one statement. */
 export async function loadCounts<T extends ObjectLiteral>(ds: DataSource, source: ListSource<T>, projectId: string, keys: readonly string[], conditions: Condition[]): Promise<Map<string, number>> {
   const where = whereClause(source as ListSource<ObjectLiteral>, projectId, [...keys], conditions);
-  const rows: { key: string; count: string }[] = await ds.query(
-    `SELECT ${source.key}::text AS key, count(*) AS count FROM ${source.table} t ${source.join ?? ""} WHERE ${where.sql} GROUP BY 1`,
-    where.params,
-  );
+  const rows = (await readRows(ds, `SELECT ${source.key}::text AS key, count(*) AS count FROM ${source.table} t ${source.join ?? ""} WHERE ${where.sql} GROUP BY 1`, where.params)) as {
+    key: string;
+    count: string;
+  }[];
   const counts = new Map(keys.map((k) => [k, 0]));
   for (const r of rows) counts.set(r.key, Number(r.count));
   return counts;

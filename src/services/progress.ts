@@ -1,6 +1,6 @@
 import { Job, JobStatus } from "../entities";
 import type { EventBus, JobEvent } from "../jobs/events";
-import type { RequestContext } from "./context";
+import { RequestContext } from "./context";
 import { notFound } from "../domain/errors";
 import { isTerminal } from "../domain/jobs";
 import { decodeId } from "./global-id";
@@ -126,12 +126,34 @@ function closable<T>(bus: EventBus, projectId: string, body: (open: (accept: (e:
 
 /** Streams a job's progress: its state now, every change, the terminal state, then the end. */
 export class ProgressService {
+  /**
+   * What was read after each job event, shared by every subscriber of the event's
+   * project: the bus hands all its listeners the same event object, so the first
+   * subscriber to get to an event reads the job (one SELECT), and the others take
+   * that Job and the same loaders for the fields they select. Each event gets new
+   * loaders, as the rows changed since the last; an entry lives as long as its event.
+   */
+  private readonly afterEvent = new WeakMap<JobEvent, { reader: RequestContext; job: Promise<Job | null> }>();
+
   constructor(private readonly bus: EventBus) {}
 
+  /** The job as it is now, read for this subscriber alone. */
   private async fresh(ctx: RequestContext, jobId: string): Promise<Job | null> {
-    // A new loader per event: the row changed since the last one.
     ctx.invalidate();
     return ctx.loaders.job.load(jobId);
+  }
+
+  /** The job an event is about, read once for all the subscribers of the event's project; `ctx` reads the event's other rows through the same loaders. */
+  private async afterRead(ctx: RequestContext, event: JobEvent): Promise<Job | null> {
+    if (event.projectId !== ctx.projectId) return this.fresh(ctx, event.jobId); // never shared across projects
+    let read = this.afterEvent.get(event);
+    if (!read) {
+      const reader = new RequestContext(ctx.projectId, ctx.ds, ctx.config, ctx.now);
+      read = { reader, job: reader.loaders.job.load(event.jobId) };
+      this.afterEvent.set(event, read);
+    }
+    ctx.readFrom(read.reader);
+    return read.job;
   }
 
   job(ctx: RequestContext, globalId: string): AsyncGenerator<ProgressEvent, void, undefined> {
@@ -147,7 +169,7 @@ export class ProgressService {
       yield toEvent(job);
       if (isTerminal(job.status)) return;
       for (let next = await stream.next(); !next.done; next = await stream.next()) {
-        const now = await this.fresh(ctx, id);
+        const now = await this.afterRead(ctx, next.value);
         if (!now) return;
         yield toEvent(now);
         if (isTerminal(now.status)) return;
@@ -174,7 +196,7 @@ export class ProgressService {
         if (isTerminal(latest.status)) return;
       }
       for (let next = await stream.next(); !next.done; next = await stream.next()) {
-        const now = await this.fresh(ctx, next.value.jobId);
+        const now = await this.afterRead(ctx, next.value);
         if (!now) continue;
         yield toEvent(now);
         if (isTerminal(now.status)) return;
@@ -195,7 +217,7 @@ export class ProgressService {
     const stream = open(() => true);
     try {
       for await (const e of stream) {
-        const job = await this.fresh(ctx, e.jobId);
+        const job = await this.afterRead(ctx, e);
         if (!job) continue;
         if (filter?.statuses?.length && !filter.statuses.includes(job.status)) continue;
         if (filter?.types?.length && !filter.types.includes(job.type)) continue;

@@ -5,6 +5,8 @@ import { useServer } from "graphql-ws/use/ws";
 import { WebSocketServer } from "ws";
 import type { Config } from "../config";
 import type { Project } from "../entities";
+import type { GraphQLContext } from "../graphql/context";
+import { sharedSubscribe } from "../graphql/subscription-results";
 import type { Logger } from "../logger";
 import type { Services } from "../services";
 import type { GraphQLOperations } from "./graphql-operations";
@@ -78,6 +80,8 @@ export function graphqlOverWebSocket(
         return true;
       },
       context: (ctx) => operations.makeContext(ctx.extra.project!),
+      // Subscribers of one project with the same document and variables get one execution per event.
+      subscribe: sharedSubscribe((args) => (args.contextValue as GraphQLContext).ctx.projectId),
       // Parse, validate and cost-check here, as Apollo does over HTTP, so a bad document
       // gets an error message instead of closing the socket.
       onSubscribe: (ctx, _id, payload) => {

@@ -134,6 +134,8 @@ export class ProgressService {
    * loaders, as the rows changed since the last; an entry lives as long as its event.
    */
   private readonly afterEvent = new WeakMap<JobEvent, { reader: RequestContext; job: Promise<Job | null> }>();
+  /** One ProgressEvent per Job read, so the subscribers of a shared read share the event too (and its execution, see sharedSubscribe). */
+  private readonly progressOf = new WeakMap<Job, ProgressEvent>();
 
   constructor(private readonly bus: EventBus) {}
 
@@ -141,6 +143,12 @@ export class ProgressService {
   private async fresh(ctx: RequestContext, jobId: string): Promise<Job | null> {
     ctx.invalidate();
     return ctx.loaders.job.load(jobId);
+  }
+
+  private sharedEvent(job: Job): ProgressEvent {
+    let event = this.progressOf.get(job);
+    if (!event) this.progressOf.set(job, (event = toEvent(job)));
+    return event;
   }
 
   /** The job an event is about, read once for all the subscribers of the event's project; `ctx` reads the event's other rows through the same loaders. */
@@ -171,7 +179,7 @@ export class ProgressService {
       for (let next = await stream.next(); !next.done; next = await stream.next()) {
         const now = await this.afterRead(ctx, next.value);
         if (!now) return;
-        yield toEvent(now);
+        yield this.sharedEvent(now);
         if (isTerminal(now.status)) return;
       }
     } finally {
@@ -198,7 +206,7 @@ export class ProgressService {
       for (let next = await stream.next(); !next.done; next = await stream.next()) {
         const now = await this.afterRead(ctx, next.value);
         if (!now) continue;
-        yield toEvent(now);
+        yield this.sharedEvent(now);
         if (isTerminal(now.status)) return;
       }
     } finally {

@@ -2,7 +2,7 @@ import type http from "node:http";
 import type { Duplex } from "node:stream";
 import { getOperationAST, GraphQLError, parse, specifiedRules, validate, type DocumentNode, type GraphQLSchema } from "graphql";
 import { useServer } from "graphql-ws/use/ws";
-import { WebSocketServer } from "ws";
+import { WebSocketServer, type WebSocket } from "ws";
 import type { Config } from "../config";
 import type { Project } from "../entities";
 import type { GraphQLContext } from "../graphql/context";
@@ -31,6 +31,24 @@ export function graphqlOverWebSocket(
   // and close the one too many with 1013 (try again later) before graphql-ws sees it.
   const wss = new WebSocketServer({ noServer: true, maxPayload: config.wsMaxPayloadBytes });
   const socketsPerAddress = new Map<string, number>();
+  // The TCP socket under each WebSocket, corked while a burst of messages goes out.
+  const rawSockets = new WeakMap<WebSocket, Duplex>();
+  const corked = new WeakSet<Duplex>();
+  /**
+   * Holds a connection's writes until the work under way (the microtasks that run a
+   * job event through all its subscriptions) is done, so that the messages of one
+   * event to the many subscriptions of a connection leave in one write, not one each.
+   */
+  const batchWrites = (ws: WebSocket) => {
+    const raw = rawSockets.get(ws);
+    if (!raw || corked.has(raw)) return;
+    corked.add(raw);
+    raw.cork();
+    process.nextTick(() => {
+      corked.delete(raw);
+      raw.uncork();
+    });
+  };
   server.on("upgrade", (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
     if ((req.url ?? "").split("?")[0] !== "/graphql") {
       socket.on("error", () => socket.destroy()); // the client may be gone already
@@ -45,6 +63,7 @@ export function graphqlOverWebSocket(
         return;
       }
       socketsPerAddress.set(address, open + 1);
+      rawSockets.set(ws, socket);
       ws.once("close", () => {
         const left = (socketsPerAddress.get(address) ?? 1) - 1;
         if (left > 0) socketsPerAddress.set(address, left);
@@ -100,7 +119,10 @@ export function graphqlOverWebSocket(
         if (refused) return [refused];
         return { schema, document, operationName: payload.operationName, variableValues: payload.variables };
       },
-      onNext: (ctx, _id, payload, _args, result) => (result.errors ? { ...result, errors: operations.formatErrors(result.errors, ctx.extra.project, payload.operationName) } : undefined),
+      onNext: (ctx, _id, payload, _args, result) => {
+        batchWrites(ctx.extra.socket);
+        return result.errors ? { ...result, errors: operations.formatErrors(result.errors, ctx.extra.project, payload.operationName) } : undefined;
+      },
       onError: (ctx, _id, payload, errors) => operations.formatErrors(errors, ctx.extra.project, payload.operationName),
     },
     wss,

@@ -1,4 +1,4 @@
-import { createSourceEventStream, execute, print, type ExecutionArgs, type ExecutionResult } from "graphql";
+import { createSourceEventStream, execute, print, type DocumentNode, type ExecutionArgs, type ExecutionResult } from "graphql";
 
 type Result = ExecutionResult | Promise<ExecutionResult>;
 
@@ -16,13 +16,16 @@ type Result = ExecutionResult | Promise<ExecutionResult>;
  */
 export function sharedSubscribe(scope: (args: ExecutionArgs) => string | null) {
   const results = new WeakMap<object, Map<string, Result>>();
+  const texts = new WeakMap<DocumentNode, string>(); // subscriptions that send the same text share its document
   return async (args: ExecutionArgs) => {
     const source = await createSourceEventStream(args);
     if (!(Symbol.asyncIterator in source)) return source; // the errors of setting it up
     const run = (payload: unknown): Result => execute({ ...args, rootValue: payload });
     const within = scope(args);
     if (within === null) return mapResults(source, run);
-    const key = JSON.stringify([within, args.operationName ?? null, args.variableValues ?? null, print(args.document)]);
+    let text = texts.get(args.document);
+    if (text === undefined) texts.set(args.document, (text = print(args.document)));
+    const key = JSON.stringify([within, args.operationName ?? null, args.variableValues ?? null, text]);
     return mapResults(source, (payload) => {
       if (typeof payload !== "object" || payload === null) return run(payload);
       let byKey = results.get(payload);

@@ -15,6 +15,9 @@ import type { GraphQLOperations } from "./graphql-operations";
 const withCode = (errors: readonly GraphQLError[], code: string) =>
   errors.map((e) => new GraphQLError(e.message, { nodes: e.nodes, source: e.source, positions: e.positions, originalError: e.originalError, extensions: { code, ...e.extensions } }));
 
+/** How many valid documents are kept, the oldest dropped first. */
+const VALID_DOCUMENTS = 256;
+
 /**
  * GraphQL over WebSocket (graphql-ws) on /graphql: the API key comes in the
  * connection's init message within WS_AUTH_TIMEOUT_SECONDS, each address holds at
@@ -80,6 +83,11 @@ export function graphqlOverWebSocket(
     });
   });
 
+  // Documents that parsed and validated, by their text (the rules depend on nothing
+  // else): thousands of subscriptions send a few documents between them, and
+  // validating each took most of the time to open them.
+  const validDocuments = new Map<string, DocumentNode>();
+
   const cleanup = useServer<Record<string, unknown>, { project?: Project }>(
     {
       schema,
@@ -104,15 +112,19 @@ export function graphqlOverWebSocket(
       // Parse, validate and cost-check here, as Apollo does over HTTP, so a bad document
       // gets an error message instead of closing the socket.
       onSubscribe: (ctx, _id, payload) => {
-        let document: DocumentNode;
-        try {
-          document = parse(payload.query, operations.parseOptions);
-        } catch (err) {
-          if (err instanceof GraphQLError) return withCode([err], "GRAPHQL_PARSE_FAILED");
-          throw err;
+        let document = validDocuments.get(payload.query);
+        if (!document) {
+          try {
+            document = parse(payload.query, operations.parseOptions);
+          } catch (err) {
+            if (err instanceof GraphQLError) return withCode([err], "GRAPHQL_PARSE_FAILED");
+            throw err;
+          }
+          const validationErrors = validate(schema, document, [...specifiedRules, ...operations.validationRules]);
+          if (validationErrors.length) return withCode(validationErrors, "GRAPHQL_VALIDATION_FAILED");
+          if (validDocuments.size >= VALID_DOCUMENTS) validDocuments.delete(validDocuments.keys().next().value!);
+          validDocuments.set(payload.query, document);
         }
-        const validationErrors = validate(schema, document, [...specifiedRules, ...operations.validationRules]);
-        if (validationErrors.length) return withCode(validationErrors, "GRAPHQL_VALIDATION_FAILED");
         const op = getOperationAST(document, payload.operationName);
         if (!op) return [new GraphQLError("Unable to identify the operation to run", { extensions: { code: "OPERATION_RESOLUTION_FAILURE" } })];
         const refused = operations.refusal(ctx.extra.project!, op, document, payload.variables ?? {});

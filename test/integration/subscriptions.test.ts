@@ -6,6 +6,8 @@
 import crypto from "node:crypto";
 import { createClient, type Client } from "graphql-ws";
 import WebSocket from "ws";
+import { Job } from "../../src/entities";
+import { fromGlobalId, toGlobalId } from "../../src/services/global-id";
 import { backup, createDisk, succeed, waitJob, writeDisk } from "../helpers/data";
 import { MiB, startTestService, type TestService } from "../helpers/service";
 
@@ -279,6 +281,46 @@ describe("jobUpdated", () => {
     expect(mine.filter((j) => j.status === "RUNNING").length).toBeGreaterThanOrEqual(2);
     for (let i = 1; i < mine.length; i++) expect(mine[i].bytesDone).toBeGreaterThanOrEqual(mine[i - 1].bytesDone);
     expect(mine[mine.length - 1].status).toBe("SUCCEEDED");
+  });
+});
+
+describe("one read per event", () => {
+  it("reads the job of an event once for all its subscribers, and the rows they select from it once too", async () => {
+    const disk = await createDisk(svc, "shared-read-disk", MiB);
+    await writeDisk(svc, disk, randomBytes(MiB, 7));
+    const { jobId } = await backup(svc, disk);
+    await succeed(svc, jobId);
+    const job = await svc.ds.getRepository(Job).findOneByOrFail({ id: fromGlobalId(jobId)!.id });
+
+    await sleep(300); // the job's own last events are out
+    const backupId = toGlobalId("Backup", job.backupId!);
+
+    // Two documents, both reading the job's backup.
+    const queries = [`subscription { jobUpdated { id status backup { id status } } }`, `subscription { jobUpdated(filter: { types: [BACKUP] }) { id status backup { id status name } } }`];
+    const project = svc.projectIds.alpha;
+    const base = listeners(project);
+    const betaBase = listeners(svc.projectIds.beta);
+    const n = 24;
+    const connections = [alpha(), alpha(), alpha()];
+    const recs = Array.from({ length: n }, (_, i) => record<any>(connections[i % connections.length], queries[i % 2], {}, "jobUpdated"));
+    const other = record<any>(beta(), queries[0], {}, "jobUpdated");
+    await waitFor(() => listeners(project) === base + n && listeners(svc.projectIds.beta) === betaBase + 1, 10_000, "the subscriptions never subscribed to the bus");
+
+    // One event of the job, heard by every subscriber of the project.
+    const { statements } = await svc.countQueries(async () => {
+      await svc.services.queue.announce(job);
+      await Promise.all(recs.map((r) => r.until((j) => j.id === jobId, 10_000)));
+    });
+    const reads = (table: string, alias: string) => statements.filter((sql) => sql.startsWith("SELECT") && sql.includes(`FROM "${table}" "${alias}"`)).length;
+    expect(reads("jobs", "Job")).toBe(1);
+    expect(reads("backups", "Backup")).toBe(1);
+    for (const [i, r] of recs.entries()) {
+      expect(r.errors).toEqual([]);
+      expect(r.events).toEqual([{ id: jobId, status: "SUCCEEDED", backup: { id: backupId, status: "AVAILABLE", ...(i % 2 ? { name: expect.any(String) } : {}) }, at: expect.any(Number) }]);
+    }
+    await sleep(200);
+    expect(other.events).toEqual([]); // the other project's subscriber hears nothing of it
+    for (const r of [...recs, other]) r.stop();
   });
 });
 

@@ -8,7 +8,8 @@ import { loadCounts, loadPages, resolvePage, WHOLE_ROWS, type Condition, type Li
 /** Rows of one table by a uuid column, in the project, through the same hydration as the lists. */
 function byColumn<T extends ObjectLiteral & { id: string }>(ds: DataSource, entity: EntityTarget<T>, projectId: string, column: string, where = "") {
   const table = ds.getMetadata(entity).tableName;
-  return async (keys: readonly string[]): Promise<T[]> => hydrate(ds, entity, await readRows(ds, `SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
+  return async (keys: readonly string[]): Promise<T[]> =>
+    hydrate(ds, entity, await readRows(ds, `SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
 }
 
 /** The node tables rows are loaded from by id. */

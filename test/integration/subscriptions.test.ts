@@ -311,9 +311,9 @@ describe("one read per event", () => {
       await svc.services.queue.announce(job);
       await Promise.all(recs.map((r) => r.until((j) => j.id === jobId, 10_000)));
     });
-    const reads = (table: string, alias: string) => statements.filter((sql) => sql.startsWith("SELECT") && sql.includes(`FROM "${table}" "${alias}"`)).length;
-    expect(reads("jobs", "Job")).toBe(1);
-    expect(reads("backups", "Backup")).toBe(1);
+    const reads = (table: string) => statements.filter((sql) => sql.trimStart().startsWith("SELECT") && new RegExp(`FROM "?${table}"? `).test(sql)).length;
+    expect(reads("jobs")).toBe(1);
+    expect(reads("backups")).toBe(1);
     for (const [i, r] of recs.entries()) {
       expect(r.errors).toEqual([]);
       expect(r.events).toEqual([{ id: jobId, status: "SUCCEEDED", backup: { id: backupId, status: "AVAILABLE", ...(i % 2 ? { name: expect.any(String) } : {}) }, at: expect.any(Number) }]);

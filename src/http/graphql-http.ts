@@ -1,6 +1,6 @@
 import type http from "node:http";
 import { ApolloServer } from "@apollo/server";
-import { ApolloServerPluginCacheControlDisabled } from "@apollo/server/plugin/disabled";
+import { ApolloServerPluginCacheControlDisabled, ApolloServerPluginLandingPageDisabled } from "@apollo/server/plugin/disabled";
 import { ApolloServerPluginDrainHttpServer } from "@apollo/server/plugin/drainHttpServer";
 import { expressMiddleware } from "@as-integrations/express5";
 import express, { type RequestHandler } from "express";
@@ -32,6 +32,8 @@ export async function graphqlOverHttp(
     plugins: [
       // The API sets no cache hints; left on, the plugin wraps every field of every answer.
       ApolloServerPluginCacheControlDisabled(),
+      // The playground is served at /; Apollo's own page (which loads from a CDN) is not.
+      ApolloServerPluginLandingPageDisabled(),
       ApolloServerPluginDrainHttpServer({ httpServer: server }),
       {
         async serverWillStart() {

@@ -28,6 +28,8 @@
  * SQL statements and Postgres time per request come from pg_stat_statements: reset
  * before a cell, read once the servers have answered every request sent in it (requests
  * in flight when autocannon stops are still answered), divided by the requests sent.
+ * CPU per request is the CPU time of the answering server's process and of the Postgres cluster's processes over the
+ * cell, divided by the requests answered (what one core can answer per second is 1000 over their sum).
  * BEGIN/COMMIT count as statements; the idle service's own polling (its rate, measured first and printed, times
  * the cell's time) is subtracted. Peak RSS is the largest VmRSS
  * of the server's node process seen during the cell (sampled every 50 ms).
@@ -303,6 +305,8 @@ interface Cell {
   pgMs: number | null;
   rssMiB: number;
   nodeCpu: number;
+  /** CPU seconds of the answering server's own process (Stowage's, or PostGraphile's). */
+  serverCpu: number;
   pgCpu: number;
   window: Window;
   /** The statements sent most often in the cell: calls per request and their text. */
@@ -418,10 +422,12 @@ async function main(): Promise<number> {
       const resetAt = performance.now();
       const rss = new RssSampler(pid, 50);
       const cpu0 = cpuTree(svc!.pid);
+      const server0 = cpuTree(pid).self;
       const startUs = Number(process.hrtime.bigint() / 1000n);
       const r = await autocannon({ ...common, duration: o.duration });
       const endUs = Number(process.hrtime.bigint() / 1000n);
       const cpu1 = cpuTree(svc!.pid);
+      const server1 = cpuTree(pid).self;
       rss.stop();
       if (r.errors || r.non2xx || r.timeouts) throw new Error(`${server} ${shape} at ${connections}: ${r.errors} errors, ${r.timeouts} timeouts, ${r.non2xx} non-2xx answers`);
       // Requests still in flight when autocannon stops are answered after it: their statements count, and so do they.
@@ -444,6 +450,7 @@ async function main(): Promise<number> {
         pgMs: sent ? (st.ms ?? 0) / sent : null,
         rssMiB: Math.max(...rss.peaks.values()) / 1024,
         nodeCpu: cpu1.self - cpu0.self,
+        serverCpu: server1 - server0,
         pgCpu: cpu1.descendants - cpu0.descendants,
         window: { label: `${server} ${shape} @${connections}`, startUs, endUs },
         top: busiest.map((t) => [t.calls / Math.max(1, sent), t.query.replace(/\s+/g, " ").slice(0, 150)]),
@@ -467,8 +474,19 @@ async function main(): Promise<number> {
     );
     out.push(
       ...table(
-        ["server", "shape", "conns", "req/s", "p50 (ms)", "p99 (ms)", "SQL stmts/req", "Postgres ms/req", "peak RSS (MiB)"],
-        cells.map((c) => [c.server, c.shape, String(c.connections), fmtInt(Math.round(c.rps)), String(c.p50), String(c.p99), f2(c.statements), f2(c.pgMs), c.rssMiB.toFixed(0)]),
+        ["server", "shape", "conns", "req/s", "p50 (ms)", "p99 (ms)", "SQL stmts/req", "Postgres ms/req", "CPU ms/req: server / Postgres", "peak RSS (MiB)"],
+        cells.map((c) => [
+          c.server,
+          c.shape,
+          String(c.connections),
+          fmtInt(Math.round(c.rps)),
+          String(c.p50),
+          String(c.p99),
+          f2(c.statements),
+          f2(c.pgMs),
+          c.requests ? `${f2((c.serverCpu * 1000) / c.requests)} / ${f2((c.pgCpu * 1000) / c.requests)}` : "n/a",
+          c.rssMiB.toFixed(0),
+        ]),
       ),
     );
     const find = (server: Cell["server"], shape: string, conns: number) => cells.find((c) => c.server === server && c.shape === shape && c.connections === conns) ?? null;

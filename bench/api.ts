@@ -30,8 +30,8 @@
  * in flight when autocannon stops are still answered), divided by the requests sent.
  * CPU per request is the CPU time of the answering server's process and of the Postgres cluster's processes over the
  * cell, divided by the requests answered (what one core can answer per second is 1000 over their sum).
- * BEGIN/COMMIT count as statements; the idle service's own polling (its rate, measured first and printed, times
- * the cell's time) is subtracted. Peak RSS is the largest VmRSS
+ * BEGIN/COMMIT count as statements; the statements the idle service sends by itself (job queue, scheduler: recorded
+ * over 10 s before the first cell, printed) are left out. Peak RSS is the largest VmRSS
  * of the server's node process seen during the cell (sampled every 50 ms).
  * Targets: nested at 50 connections ≥ 1.0× PostGraphile's requests/s; ≤ 5 SQL
  * statements a request for every shape; stretch: nested at 50 ≥ 0.3× `{ __typename }`.
@@ -395,10 +395,12 @@ async function main(): Promise<number> {
       if (a !== b) throw new Error(`${shape.name}: the two answers differ in size (${a} vs ${b} objects): the queries are not equivalent`);
     }
 
-    // What the idle service sends by itself (job queue, scheduler): counted in every cell too.
+    // What the idle service sends by itself (job queue, scheduler): those statements are left out of every cell.
     await db.query(`SELECT pg_stat_statements_reset()`);
-    await new Promise((r) => setTimeout(r, 5000));
-    const idle = (await db.query(`SELECT coalesce(sum(calls), 0)::float8 AS calls FROM (${STATEMENTS}) s`)).rows[0].calls / 5;
+    await new Promise((r) => setTimeout(r, 10_000));
+    const background = (await db.query(`SELECT queryid::text AS id, calls::float8 AS calls FROM (${STATEMENTS}) s`)).rows as { id: string; calls: number }[];
+    const idle = background.reduce((n, b) => n + b.calls, 0) / 10;
+    const REQUESTS = `SELECT * FROM (${STATEMENTS}) s WHERE queryid::text <> ALL('{${background.map((b) => b.id).join(",")}}'::text[])`;
     log(`idle service: ${f2(idle)} SQL statements/s`);
 
     /** Waits until the servers have answered what was sent: no more than the idle rate of statements over a second. */
@@ -419,7 +421,6 @@ async function main(): Promise<number> {
       await autocannon({ ...common, duration: 1 }); // warm-up
       await drain();
       await db.query(`SELECT pg_stat_statements_reset()`);
-      const resetAt = performance.now();
       const rss = new RssSampler(pid, 50);
       const cpu0 = cpuTree(svc!.pid);
       const server0 = cpuTree(pid).self;
@@ -432,10 +433,8 @@ async function main(): Promise<number> {
       if (r.errors || r.non2xx || r.timeouts) throw new Error(`${server} ${shape} at ${connections}: ${r.errors} errors, ${r.timeouts} timeouts, ${r.non2xx} non-2xx answers`);
       // Requests still in flight when autocannon stops are answered after it: their statements count, and so do they.
       await drain();
-      const [st] = (await db.query(`SELECT sum(calls)::float8 AS calls, sum(total_exec_time)::float8 AS ms FROM (${STATEMENTS}) s`)).rows;
-      // The idle service's own statements (job queue, scheduler) at the rate measured before, over the cell's time.
-      const background = (idle * (performance.now() - resetAt)) / 1000;
-      const busiest = (await db.query(`SELECT calls::float8 AS calls, query FROM (${STATEMENTS}) s ORDER BY calls DESC LIMIT 6`)).rows as { calls: number; query: string }[];
+      const [st] = (await db.query(`SELECT sum(calls)::float8 AS calls, sum(total_exec_time)::float8 AS ms FROM (${REQUESTS}) s`)).rows;
+      const busiest = (await db.query(`SELECT calls::float8 AS calls, query FROM (${REQUESTS}) s ORDER BY calls DESC LIMIT 6`)).rows as { calls: number; query: string }[];
       const requests = r.requests.total;
       const sent = Math.max(r.requests.sent, requests);
       const cell: Cell = {
@@ -446,7 +445,7 @@ async function main(): Promise<number> {
         p50: r.latency.p50,
         p99: r.latency.p99,
         requests,
-        statements: sent ? Math.max(0, (st.calls ?? 0) - background) / sent : null,
+        statements: sent ? (st.calls ?? 0) / sent : null,
         pgMs: sent ? (st.ms ?? 0) / sent : null,
         rssMiB: Math.max(...rss.peaks.values()) / 1024,
         nodeCpu: cpu1.self - cpu0.self,
@@ -508,7 +507,7 @@ async function main(): Promise<number> {
       ),
     );
     const stowageCells = cells.filter((c) => c.server === "Stowage");
-    out.push("", `The idle service sends ${f2(idle)} SQL statements/s by itself (subtracted from every cell's count). The statements sent most per request, by cell (calls per request):`);
+    out.push("", `The idle service sends ${f2(idle)} SQL statements/s by itself (those statements are left out of every cell's count). The statements sent most per request, by cell (calls per request):`);
     for (const c of cells.filter((c) => c.connections === top)) {
       out.push("", `${c.server} ${c.shape} @${c.connections}:`, ...c.top.map(([n, q]) => `  ${n.toFixed(2).padStart(6)}  ${q}`));
     }

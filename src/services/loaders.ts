@@ -1,15 +1,15 @@
 import DataLoader from "dataloader";
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
-import { hydrate, readRows } from "../db/sql";
+import { batchedReads, type Read } from "../db/read-batch";
+import { hydrate } from "../db/sql";
 import { Backup, Disk, DiskType, Image, ImageExport, Job, Policy, Server } from "../entities";
 import { lists, type ListName } from "./lists";
 import { loadCounts, loadPages, resolvePage, WHOLE_ROWS, type Condition, type ListSelection, type Page, type PageArgs, type ResolvedPage } from "./pagination";
 
 /** Rows of one table by a uuid column, in the project, through the same hydration as the lists. */
-function byColumn<T extends ObjectLiteral & { id: string }>(ds: DataSource, entity: EntityTarget<T>, projectId: string, column: string, where = "") {
+function byColumn<T extends ObjectLiteral & { id: string }>(ds: DataSource, read: Read, entity: EntityTarget<T>, projectId: string, column: string, where = "") {
   const table = ds.getMetadata(entity).tableName;
-  return async (keys: readonly string[]): Promise<T[]> =>
-    hydrate(ds, entity, await readRows(ds, `SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
+  return async (keys: readonly string[]): Promise<T[]> => hydrate(ds, entity, await read(`SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
 }
 
 /** The node tables rows are loaded from by id. */
@@ -21,7 +21,7 @@ type ByIdKind = keyof typeof BY_ID;
  * whatever tables, come from one statement: one table's rows as they are, several
  * tables' as one JSON value per row (a UNION ALL needs one row shape).
  */
-function rowsById(ds: DataSource, projectId: string) {
+function rowsById(ds: DataSource, read: Read, projectId: string) {
   const tables = Object.fromEntries(Object.entries(BY_ID).map(([kind, entity]) => [kind, ds.getMetadata(entity).tableName])) as Record<ByIdKind, string>;
   const shared = new DataLoader<string, ObjectLiteral | null>(async (keys) => {
     const ids = new Map<ByIdKind, string[]>();
@@ -35,11 +35,11 @@ function rowsById(ds: DataSource, projectId: string) {
     const kinds = [...ids.keys()];
     if (kinds.length === 1) {
       const [kind] = kinds;
-      const rows = await readRows(ds, `SELECT * FROM ${tables[kind]} WHERE id = ANY($1) AND project_id = $2`, [ids.get(kind), projectId]);
+      const rows = await read(`SELECT * FROM ${tables[kind]} WHERE id = ANY($1) AND project_id = $2`, [ids.get(kind), projectId]);
       for (const row of hydrate(ds, BY_ID[kind], rows)) found.set(`${kind}:${row.id}`, row);
     } else {
       const parts = kinds.map((kind, i) => `SELECT ${i} AS kind, to_json(t) AS row FROM ${tables[kind]} t WHERE id = ANY($${i + 2}) AND project_id = $1`);
-      const rows = (await readRows(ds, parts.join(" UNION ALL "), [projectId, ...kinds.map((k) => ids.get(k))])) as { kind: number; row: Record<string, unknown> }[];
+      const rows = (await read(parts.join(" UNION ALL "), [projectId, ...kinds.map((k) => ids.get(k))])) as { kind: number; row: Record<string, unknown> }[];
       for (const { kind, row } of rows) {
         const [entity] = hydrate(ds, BY_ID[kinds[kind]], [row]);
         found.set(`${kinds[kind]}:${entity.id}`, entity);
@@ -82,9 +82,11 @@ export class Connection<T extends { id: string }> {
 /**
  * The DataLoaders of one request (or one subscription event), scoped to one project.
  * Lists are batched per (list, filter, page) so that the lists of all parents at one
- * level of a query come from one statement.
+ * place of a query come from one read, and the reads of one level (every list and
+ * every row by id it asks for) go to Postgres as one statement.
  */
 export function createLoaders(ds: DataSource, projectId: string, maxPageSize: number) {
+  const read = batchedReads(ds);
   const pageLoaders = new Map<string, DataLoader<string, Page<any>>>();
   const countLoaders = new Map<string, DataLoader<string, number>>();
 
@@ -102,7 +104,7 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
     let pages = pageLoaders.get(pageKey);
     if (!pages) {
       pages = new DataLoader(async (keys) => {
-        const map = await loadPages(ds, source as never, projectId, keys, page, conditions, select);
+        const map = await loadPages(ds, source as never, projectId, keys, page, conditions, select, read);
         return keys.map((k) => map.get(k)!);
       });
       pageLoaders.set(pageKey, pages);
@@ -111,7 +113,7 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
     let counts = countLoaders.get(countKey);
     if (!counts) {
       counts = new DataLoader(async (keys) => {
-        const map = await loadCounts(ds, source as never, projectId, keys, conditions);
+        const map = await loadCounts(ds, source as never, projectId, keys, conditions, read);
         return keys.map((k) => map.get(k)!);
       });
       countLoaders.set(countKey, counts);
@@ -120,9 +122,9 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
     return pages.load(key).then((p) => new Connection(p, () => countLoader.load(key)));
   }
 
-  const systemDisks = byColumn(ds, Disk, projectId, "server_id", ` AND type = '${DiskType.SYSTEM}'`);
+  const systemDisks = byColumn(ds, read, Disk, projectId, "server_id", ` AND type = '${DiskType.SYSTEM}'`);
 
-  const byId = rowsById(ds, projectId);
+  const byId = rowsById(ds, read, projectId);
 
   return {
     server: byId("server"),

@@ -1,4 +1,5 @@
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
+import type { Read } from "../db/read-batch";
 import { hydrate, readRows } from "../db/sql";
 import { badInput } from "../domain/errors";
 import { storableText } from "./validate";
@@ -183,6 +184,7 @@ export async function loadPages<T extends ObjectLiteral & { id: string }>(
   page: ResolvedPage,
   conditions: Condition[],
   select: ListSelection = WHOLE_ROWS,
+  read: Read = (text, values) => readRows(ds, text, values),
 ): Promise<Map<string, Page<T>>> {
   const sortSql = SORT_SQL[page.field];
   // Walking backward reads the list in the opposite order, then reverses each page.
@@ -214,7 +216,7 @@ export async function loadPages<T extends ObjectLiteral & { id: string }>(
     ) ranked
     WHERE "__rn" <= $${limitParam}
     ORDER BY "__key", "__rn"`;
-  const rows = await readRows(ds, sql, [...where.params, page.limit + 1]);
+  const rows = await read(sql, [...where.params, page.limit + 1]);
   const entities = hydrate(ds, source.entity, rows);
 
   const grouped = new Map<string, Edge<T>[]>();
@@ -246,9 +248,16 @@ export async function loadPages<T extends ObjectLiteral & { id: string }>(
 }
 
 /** The size of each parent's whole list (filters applied, pagination not), in one statement. */
-export async function loadCounts<T extends ObjectLiteral>(ds: DataSource, source: ListSource<T>, projectId: string, keys: readonly string[], conditions: Condition[]): Promise<Map<string, number>> {
+export async function loadCounts<T extends ObjectLiteral>(
+  ds: DataSource,
+  source: ListSource<T>,
+  projectId: string,
+  keys: readonly string[],
+  conditions: Condition[],
+  read: Read = (text, values) => readRows(ds, text, values),
+): Promise<Map<string, number>> {
   const where = whereClause(source as ListSource<ObjectLiteral>, projectId, [...keys], conditions);
-  const rows = (await readRows(ds, `SELECT ${source.key}::text AS key, count(*) AS count FROM ${source.table} t ${source.join ?? ""} WHERE ${where.sql} GROUP BY 1`, where.params)) as {
+  const rows = (await read(`SELECT ${source.key}::text AS key, count(*) AS count FROM ${source.table} t ${source.join ?? ""} WHERE ${where.sql} GROUP BY 1`, where.params)) as {
     key: string;
     count: string;
   }[];

@@ -23,6 +23,12 @@ function freePort(): Promise<number> {
 }
 
 /** `node bin/stowage.js serve` on a fresh data directory, with its own embedded Postgres. */
+/** The node flags of package.json's `start` script (`node <flags> bin/stowage.js …`). */
+function startFlags(): string[] {
+  const start = (JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8")) as { scripts: { start: string } }).scripts.start.split(/\s+/);
+  return start.slice(start.indexOf("node") + 1, start.indexOf("bin/stowage.js"));
+}
+
 export class StowageProcess {
   private constructor(
     readonly child: ChildProcess,
@@ -47,12 +53,16 @@ export class StowageProcess {
     const logFile = path.join(path.dirname(dataDir), "stowage.log");
     const log = fs.openSync(logFile, "a");
     let entry = [path.join(ROOT, "bin", "stowage.js"), "serve"];
+    let nodeArgs = opts.nodeArgs ?? [];
     if (opts.dist) {
       const main = path.join(opts.dist, "src", "main.js");
       if (!fs.existsSync(main)) throw new Error(`--dist: ${main} does not exist (run \`npm run build\` first)`);
       entry = ["-e", `require(${JSON.stringify(main)}).run(["serve"])`];
+      // The compiled build runs as `npm start` runs it: its node flags, NODE_ENV=production unless set.
+      nodeArgs = [...startFlags(), ...nodeArgs];
+      env.NODE_ENV ??= "production";
     }
-    const child = spawn(process.execPath, [...(opts.nodeArgs ?? []), ...entry], { cwd: ROOT, env, stdio: ["ignore", "pipe", log] });
+    const child = spawn(process.execPath, [...nodeArgs, ...entry], { cwd: ROOT, env, stdio: ["ignore", "pipe", log] });
     fs.closeSync(log);
     let stdout = "";
     const url = await new Promise<string>((resolve, reject) => {

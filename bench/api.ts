@@ -507,7 +507,10 @@ async function main(): Promise<number> {
       ),
     );
     const stowageCells = cells.filter((c) => c.server === "Stowage");
-    out.push("", `The idle service sends ${f2(idle)} SQL statements/s by itself (those statements are left out of every cell's count). The statements sent most per request, by cell (calls per request):`);
+    out.push(
+      "",
+      `The idle service sends ${f2(idle)} SQL statements/s by itself (those statements are left out of every cell's count). The statements sent most per request, by cell (calls per request):`,
+    );
     for (const c of cells.filter((c) => c.connections === top)) {
       out.push("", `${c.server} ${c.shape} @${c.connections}:`, ...c.top.map(([n, q]) => `  ${n.toFixed(2).padStart(6)}  ${q}`));
     }

@@ -27,7 +27,7 @@ function globalIdOf(value: { id: string }): string {
   return toGlobalId(type, value.id);
 }
 
-/** The entity each node object type is read from (set by `readFrom`). */
+/** The entity each node object type is read from (set by `sourceEntity`). */
 const ENTITY_OF_TYPE = new Map<abstract new () => unknown, abstract new () => unknown>();
 
 @InterfaceType("Node", {
@@ -55,7 +55,7 @@ export abstract class Node {
 }
 
 /** Declares the entity an object type's rows are. */
-export function readFrom(type: abstract new () => Node, entity: abstract new () => unknown): void {
+export function sourceEntity(type: abstract new () => Node, entity: abstract new () => unknown): void {
   ENTITY_OF_TYPE.set(type, entity);
 }
 

@@ -17,7 +17,7 @@ import {
   ServerStatus,
 } from "./enums";
 import { Backup, Disk, Image, ImageExport, Job, Policy, Project, Server } from "../../entities";
-import { Node, readFrom } from "./node";
+import { Node, sourceEntity } from "./node";
 import { DateTime, SafeInt } from "./scalars";
 
 @ObjectType("Server", { simpleResolvers: true, implements: Node, description: "A virtual server (ECS): one system disk and any number of data disks." })
@@ -181,11 +181,11 @@ export class RetentionDecisionType {
 
 export const PolicyRunConnection = connectionOf("PolicyRun", PolicyRunType);
 
-readFrom(ServerType, Server);
-readFrom(DiskType_, Disk);
-readFrom(BackupType, Backup);
-readFrom(ImageType_, Image);
-readFrom(ImageExportType, ImageExport);
-readFrom(PolicyType, Policy);
-readFrom(JobType_, Job);
-readFrom(ProjectType, Project);
+sourceEntity(ServerType, Server);
+sourceEntity(DiskType_, Disk);
+sourceEntity(BackupType, Backup);
+sourceEntity(ImageType_, Image);
+sourceEntity(ImageExportType, ImageExport);
+sourceEntity(PolicyType, Policy);
+sourceEntity(JobType_, Job);
+sourceEntity(ProjectType, Project);

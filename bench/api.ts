@@ -39,15 +39,14 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
-import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { Client } from "pg";
 import { openEmbeddedPostgres } from "../src/db/embedded-postgres";
 import { silentLogger } from "../src/logger";
-import { int, parseFlags } from "./lib/cli";
+import { int, parseFlags, runBench } from "./lib/cli";
 import { profileLines, type Window } from "./lib/cpuprofile";
-import { cpuTree, onInterrupt, RssSampler } from "./lib/proc";
+import { cpuTree, freePort, onInterrupt, RssSampler } from "./lib/proc";
 import { f2, fmtInt, log, table, verdict, x } from "./lib/report";
 import { StowageProcess } from "./lib/stowage";
 
@@ -239,17 +238,6 @@ async function seed(db: Client, o: Options): Promise<Record<string, number>> {
   const counts: Record<string, number> = {};
   for (const t of ["servers", "disks", "policies", "policy_bindings", "backups", "images", "jobs"]) counts[t] = (await db.query(`SELECT count(*)::int AS n FROM ${t}`)).rows[0].n;
   return counts;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /** PostGraphile 4 in its own node process: read-only, no mutations, a pool as large as the service's. */
@@ -540,10 +528,4 @@ async function main(): Promise<number> {
   }
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    process.stderr.write(`${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
-    process.exit(1);
-  },
-);
+runBench(main);

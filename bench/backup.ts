@@ -36,7 +36,7 @@ import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { profileLines, type Window } from "./lib/cpuprofile";
-import { BARE_DIST, COMMON_FLAGS, commonOptions, parseFlags, parseSize, type CommonOptions } from "./lib/cli";
+import { BARE_DIST, COMMON_FLAGS, commonOptions, parseFlags, parseSize, runBench, type CommonOptions } from "./lib/cli";
 import { applyChanges, BLOCK, changes, dirBytes, GiB, layout, MiB, sha256File, writeImage, type Region } from "./lib/image";
 import { deviceBytesWritten, hrSeconds, onInterrupt, procStatusKiB, requireProgram, RssSampler, run, settle, timed } from "./lib/proc";
 import { f2, log, maxOf, median, mib, ratioOf, table, targetTable, verdict, x } from "./lib/report";
@@ -560,10 +560,4 @@ async function main(): Promise<number> {
   }
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exit(1);
-  },
-);
+runBench(main);

@@ -41,7 +41,7 @@ import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { profileLines } from "./lib/cpuprofile";
-import { BARE_DIST, COMMON_FLAGS, commonOptions, parseFlags } from "./lib/cli";
+import { BARE_DIST, COMMON_FLAGS, commonOptions, parseFlags, runBench } from "./lib/cli";
 import { layout, writeImage, type Region } from "./lib/image";
 import { hrSeconds, onInterrupt, procStatusKiB, requireProgram, run, settle, timedSteps } from "./lib/proc";
 import { f2, log, median, mib, ratioOf, table, targetTable, x } from "./lib/report";
@@ -318,13 +318,7 @@ async function main(): Promise<number> {
   }
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exit(1);
-  },
-);
+runBench(main);
 
 /** The content checksum of a raw file, as `stowage checksum` computes it. */
 async function contentChecksumOf(file: string): Promise<string> {

@@ -47,7 +47,7 @@ import { Scheduler } from "../src/services/scheduler";
 import { createLogger, silentLogger } from "../src/logger";
 import { createServices, type Services } from "../src/services";
 import { RequestContext } from "../src/services/context";
-import { int, parseFlags } from "./lib/cli";
+import { int, parseFlags, runBench } from "./lib/cli";
 import { profileLines, type Window } from "./lib/cpuprofile";
 import { cpuTree, hrSeconds, onInterrupt } from "./lib/proc";
 import { fmtInt, log, table, verdict } from "./lib/report";
@@ -522,10 +522,4 @@ async function main(): Promise<number> {
   }
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    process.stderr.write(`bench: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
-    process.exit(1);
-  },
-);
+runBench(main);

@@ -37,7 +37,7 @@ import path from "node:path";
 import { Worker } from "node:worker_threads";
 import { createClient, type Client } from "graphql-ws";
 import WebSocket from "ws";
-import { BARE_DIST, int, parseFlags, parseSize } from "./lib/cli";
+import { BARE_DIST, int, parseFlags, parseSize, runBench } from "./lib/cli";
 import { MiB } from "./lib/image";
 import { hrSeconds, onInterrupt, procStatusKiB, run } from "./lib/proc";
 import { fmtInt, log, table, verdict } from "./lib/report";
@@ -391,10 +391,4 @@ async function main(): Promise<number> {
   }
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err) => {
-    process.stderr.write(`bench: ${err instanceof Error ? err.message : String(err)}\n`);
-    process.exit(1);
-  },
-);
+runBench(main);

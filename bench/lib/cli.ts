@@ -83,3 +83,14 @@ export function commonOptions(v: { size?: string; keep?: boolean; dir?: string; 
     dist: v.dist === undefined ? null : path.resolve(v.dist),
   };
 }
+
+/** Runs a benchmark's main and exits with its code; a failure prints its stack (or message) and exits 1. */
+export function runBench(main: () => Promise<number>): void {
+  main().then(
+    (code) => process.exit(code),
+    (err) => {
+      process.stderr.write(`bench: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+      process.exit(1);
+    },
+  );
+}

@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
+import net from "node:net";
 import path from "node:path";
 
 /** The path of `program` on PATH (or itself when absolute and executable), else null. */
@@ -207,4 +208,16 @@ export async function timedSteps(
   const each: TimedRun[] = [];
   for (const [cmd, args] of steps) each.push(await timed(time, cmd, args, opts));
   return { seconds: hrSeconds() - start, steps: each.map((r) => r.seconds), maxRssKiB: Math.max(...each.map((r) => r.maxRssKiB)), stdout: each.map((r) => r.stdout) };
+}
+
+/** A TCP port on 127.0.0.1 that was free a moment ago. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.on("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
 }

@@ -2,25 +2,13 @@ import { spawn, type ChildProcess } from "node:child_process";
 import crypto from "node:crypto";
 import fs from "node:fs";
 import http from "node:http";
-import net from "node:net";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import type { Window } from "./cpuprofile";
-import { cpuTree, hrSeconds } from "./proc";
+import { cpuTree, freePort, hrSeconds } from "./proc";
 import { log } from "./report";
 
 const ROOT = path.join(__dirname, "..", "..");
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 /** `node bin/stowage.js serve` on a fresh data directory, with its own embedded Postgres. */
 /** The node flags of package.json's `start` script (`node <flags> bin/stowage.js …`). */

@@ -12,44 +12,15 @@ function byColumn<T extends ObjectLiteral & { id: string }>(ds: DataSource, read
   return async (keys: readonly string[]): Promise<T[]> => hydrate(ds, entity, await read(`SELECT * FROM ${table} WHERE ${column} = ANY($1) AND project_id = $2${where}`, [[...keys], projectId]));
 }
 
-/** The node tables rows are loaded from by id. */
-const BY_ID = { server: Server, disk: Disk, backup: Backup, image: Image, imageExport: ImageExport, policy: Policy, job: Job } as const;
-type ByIdKind = keyof typeof BY_ID;
-
 /**
- * Rows by id of any node table, in the project. The ids asked for in one tick, of
- * whatever tables, come from one statement: one table's rows as they are, several
- * tables' as one JSON value per row (a UNION ALL needs one row shape).
+ * Rows of one table by id. The loaders of several tables asked in one tick dispatch
+ * together, and their reads go to Postgres as one statement (`batchedReads`).
  */
-function rowsById(ds: DataSource, read: Read, projectId: string) {
-  const tables = Object.fromEntries(Object.entries(BY_ID).map(([kind, entity]) => [kind, ds.getMetadata(entity).tableName])) as Record<ByIdKind, string>;
-  const shared = new DataLoader<string, ObjectLiteral | null>(async (keys) => {
-    const ids = new Map<ByIdKind, string[]>();
-    for (const key of keys) {
-      const [kind, id] = key.split(":") as [ByIdKind, string];
-      const list = ids.get(kind);
-      if (list) list.push(id);
-      else ids.set(kind, [id]);
-    }
-    const found = new Map<string, ObjectLiteral>();
-    const kinds = [...ids.keys()];
-    if (kinds.length === 1) {
-      const [kind] = kinds;
-      const rows = await read(`SELECT * FROM ${tables[kind]} WHERE id = ANY($1) AND project_id = $2`, [ids.get(kind), projectId]);
-      for (const row of hydrate(ds, BY_ID[kind], rows)) found.set(`${kind}:${row.id}`, row);
-    } else {
-      const parts = kinds.map((kind, i) => `SELECT ${i} AS kind, to_json(t) AS row FROM ${tables[kind]} t WHERE id = ANY($${i + 2}) AND project_id = $1`);
-      const rows = (await read(parts.join(" UNION ALL "), [projectId, ...kinds.map((k) => ids.get(k))])) as { kind: number; row: Record<string, unknown> }[];
-      for (const { kind, row } of rows) {
-        const [entity] = hydrate(ds, BY_ID[kinds[kind]], [row]);
-        found.set(`${kinds[kind]}:${entity.id}`, entity);
-      }
-    }
-    return keys.map((key) => found.get(key) ?? null);
-  });
-  return <K extends ByIdKind>(kind: K) => ({
-    load: (id: string) => shared.load(`${kind}:${id}`) as Promise<InstanceType<(typeof BY_ID)[K]> | null>,
-    loadMany: (ids: readonly string[]) => shared.loadMany(ids.map((id) => `${kind}:${id}`)) as Promise<(InstanceType<(typeof BY_ID)[K]> | null | Error)[]>,
+function byId<T extends ObjectLiteral & { id: string }>(ds: DataSource, read: Read, entity: EntityTarget<T>, projectId: string) {
+  const load = byColumn(ds, read, entity, projectId, "id");
+  return new DataLoader<string, T | null>(async (ids) => {
+    const map = new Map((await load(ids)).map((r) => [r.id, r]));
+    return ids.map((id) => map.get(id) ?? null);
   });
 }
 
@@ -124,16 +95,14 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
 
   const systemDisks = byColumn(ds, read, Disk, projectId, "server_id", ` AND type = '${DiskType.SYSTEM}'`);
 
-  const byId = rowsById(ds, read, projectId);
-
   return {
-    server: byId("server"),
-    disk: byId("disk"),
-    backup: byId("backup"),
-    image: byId("image"),
-    imageExport: byId("imageExport"),
-    policy: byId("policy"),
-    job: byId("job"),
+    server: byId(ds, read, Server, projectId),
+    disk: byId(ds, read, Disk, projectId),
+    backup: byId(ds, read, Backup, projectId),
+    image: byId(ds, read, Image, projectId),
+    imageExport: byId(ds, read, ImageExport, projectId),
+    policy: byId(ds, read, Policy, projectId),
+    job: byId(ds, read, Job, projectId),
     systemDisk: new DataLoader<string, Disk | null>(async (serverIds) => {
       const rows = await systemDisks(serverIds);
       const map = new Map(rows.map((d) => [d.serverId, d]));

@@ -7,7 +7,8 @@
  *   npm run bench:api -- --cpu-prof                       # also profile the service and print where its CPU goes
  *   options: --connections 1,50 (the loads), --shapes nested,jobs,backups (which shapes), --duration S (seconds a cell, after 1 s of warm-up),
  *   --backups-per-disk N (3 disk backups plus 3 server backups' parts, default 3), --jobs N (default 500),
- *   --ts-node (run the service under ts-node instead of the compiled build), --keep, --dir DIR
+ *   --ts-node (run the service under ts-node instead of the compiled build), --node-args=FLAGS (node flags for the
+ *   service beside npm start's, e.g. --node-args=--max-semi-space-size=32), --keep, --dir DIR
  *
  * The service runs from the compiled build (dist/, built first when missing or stale)
  * on a fresh data directory with its embedded Postgres, which the benchmark first
@@ -71,6 +72,7 @@ interface Options {
   duration: number;
   tsNode: boolean;
   cpuProf: boolean;
+  nodeArgs: string[];
   keep: boolean;
   dir: string;
 }
@@ -85,6 +87,7 @@ function options(argv: string[]): Options {
     duration: { type: "string" },
     "ts-node": { type: "boolean" },
     "cpu-prof": { type: "boolean" },
+    "node-args": { type: "string" },
     keep: { type: "boolean" },
     dir: { type: "string" },
   });
@@ -101,6 +104,7 @@ function options(argv: string[]): Options {
     duration: int(v.duration, "--duration", 10),
     tsNode: v["ts-node"] ?? false,
     cpuProf: v["cpu-prof"] ?? false,
+    nodeArgs: v["node-args"]?.split(/\s+/).filter(Boolean) ?? [],
     keep: v.keep ?? false,
     dir: v.dir ?? os.tmpdir(),
   };
@@ -342,7 +346,7 @@ async function main(): Promise<number> {
       require("../bin/build").ensureBuilt(() => log("compiling the sources into dist/ (missing or older than the sources)"));
       dist = path.join(__dirname, "..", "dist");
     }
-    const nodeArgs = [...(process.env.SERVICE_NODE_ARGS?.split(" ") ?? []), ...(o.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${path.join(tmp, "prof")}`, "--cpu-prof-interval=500"] : [])];
+    const nodeArgs = [...o.nodeArgs, ...(o.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${path.join(tmp, "prof")}`, "--cpu-prof-interval=500"] : [])];
     svc = await StowageProcess.start(dataDir, { dist, nodeArgs, env: { GC_INTERVAL_SECONDS: "0" } });
     log(`Stowage ${dist ? "(compiled build)" : "(ts-node)"} at ${svc.url}`);
     // The service's own database in its cluster (the one src/app.ts creates).

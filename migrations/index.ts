@@ -7,6 +7,7 @@ import { SegmentLiveBlocks1765100000000 } from "./1765100000000-segment-live-blo
 import { StagedRestores1765200000000 } from "./1765200000000-staged-restores";
 import { PendingBlobs1765300000000 } from "./1765300000000-pending-blobs";
 import { DropBackupExpiresAt1765400000000 } from "./1765400000000-drop-backup-expires-at";
+import { NbdExports1765500000000 } from "./1765500000000-nbd-exports";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
 export const migrations = [
@@ -19,4 +20,5 @@ export const migrations = [
   StagedRestores1765200000000,
   PendingBlobs1765300000000,
   DropBackupExpiresAt1765400000000,
+  NbdExports1765500000000,
 ];

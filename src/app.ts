@@ -9,6 +9,7 @@ import { createDataSource } from "./db/data-source";
 import { openEmbeddedPostgres, type PostgresHandle } from "./db/embedded-postgres";
 import { buildStowageSchema } from "./graphql/schema";
 import { startHttpServer, type HttpServer } from "./http/server";
+import { startNbdServer, type NbdServer } from "./nbd/server";
 import type { Logger } from "./logger";
 import { createServices, type Services } from "./services";
 import { RequestContext } from "./services/context";
@@ -120,6 +121,8 @@ export interface RunningService {
   /** Empty for a jobs-only worker. */
   url: string;
   http: HttpServer | null;
+  /** The NBD edge, when NBD_PORT is not 0 (API processes only). */
+  nbd: NbdServer | null;
   db: Database;
   services: Services;
   storage: Storage;
@@ -166,6 +169,8 @@ export async function startService(
   const runner = createJobRunner(db.ds, storage, events, config, logger, opts.runner, retainAfter);
   const scheduler = new Scheduler(db.ds, config, services.policyRuns, services.queue, logger);
   let gcTimer: NodeJS.Timeout | undefined;
+  let http: HttpServer | null = null;
+  let nbd: NbdServer | null = null;
   let compactTimer: NodeJS.Timeout | undefined;
   /** The compaction pass running, if any: a tick during one is skipped, and stop waits for it. */
   let compacting: Promise<void> | null = null;
@@ -180,7 +185,8 @@ export async function startService(
     // After the embedded cluster was restarted, the jobs whose end was lost with it end at once.
     db.embedded?.onRestart(() => void runner.recover().catch((err) => logger.error("job recovery failed", { error: err })));
     if (config.schedulerIntervalSeconds > 0) scheduler.start(config.schedulerIntervalSeconds * 1000);
-    const http = opts.api === false ? null : await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
+    http = opts.api === false ? null : await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
+    nbd = http && config.nbdPort !== 0 ? await startNbdServer({ config, logger, ds: db.ds, services, volumes: storage.volumes, registry: http.registry }) : null;
     if (config.gcIntervalSeconds > 0) {
       gcTimer = setInterval(
         () => void collectAllGarbage(db.ds, storage, config.gcGraceSeconds * 1000, logger).catch((err) => logger.error("garbage collection failed", { error: err })),
@@ -203,6 +209,7 @@ export async function startService(
     return {
       url: http?.url ?? "",
       http,
+      nbd,
       db,
       services,
       storage,
@@ -212,6 +219,7 @@ export async function startService(
         stopping ??= (async () => {
           clearInterval(gcTimer);
           clearInterval(compactTimer);
+          await nbd?.close();
           await http?.close();
           await scheduler.stop();
           await runner.stop();
@@ -226,6 +234,8 @@ export async function startService(
   } catch (err) {
     clearInterval(gcTimer);
     clearInterval(compactTimer);
+    await nbd?.close().catch(() => undefined);
+    await http?.close().catch(() => undefined);
     await scheduler.stop().catch(() => undefined);
     await runner.stop().catch(() => undefined);
     await events.close().catch(() => undefined);

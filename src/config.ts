@@ -64,6 +64,15 @@ export interface Config {
   logLevel: "debug" | "info" | "warn" | "error";
   /** When set, GET /metrics wants it as a bearer token, and shows GraphQL operation names. */
   metricsToken?: string;
+  /** Where disks are served over NBD; port 0: not at all. */
+  nbdHost: string;
+  nbdPort: number;
+  /** The host NBD URIs name (NBD_PUBLIC_HOST; else NBD_HOST, or this machine's name when that is a wildcard). */
+  nbdPublicHost: string;
+  /** TLS for NBD (NBD_OPT_STARTTLS): a certificate and key, or a PSK file (username:hexkey lines, as QEMU's tls-creds-psk reads). Required off loopback. */
+  nbdTls?: { certFile?: string; keyFile?: string; pskFile?: string };
+  /** Acknowledged NBD writes held in memory before their commit, over every disk of the process; a disk takes at most a quarter. */
+  nbdWriteBufferBytes: number;
 }
 
 export class ConfigError extends Error {}
@@ -118,6 +127,7 @@ export function loadConfig(env: Env = process.env): Config {
     throw new ConfigError(`MUTATION_BURST (${mutationBurst}) must be at least MAX_MUTATIONS_PER_REQUEST (${maxMutationsPerRequest})`);
   }
   const metricsToken = env.METRICS_TOKEN || undefined;
+  const nbd = nbdConfig(env);
   // A header cannot carry such a token, so /metrics would refuse everyone.
   if (metricsToken && !/^[\x21-\x7e]+$/.test(metricsToken)) throw new ConfigError("METRICS_TOKEN must be printable ASCII without spaces");
   return {
@@ -160,5 +170,30 @@ export function loadConfig(env: Env = process.env): Config {
     minFreeBytes: int(env, "MIN_FREE_BYTES", 2 ** 30, 0, Number.MAX_SAFE_INTEGER),
     logLevel,
     metricsToken,
+    ...nbd,
+  };
+}
+
+const LOOPBACK = /^(127\.\d+\.\d+\.\d+|::1|localhost)$/;
+
+function nbdConfig(env: Env): Pick<Config, "nbdHost" | "nbdPort" | "nbdPublicHost" | "nbdTls" | "nbdWriteBufferBytes"> {
+  const nbdHost = env.NBD_HOST || "127.0.0.1";
+  const nbdPort = int(env, "NBD_PORT", 10809, 0, 65535);
+  const certFile = env.NBD_TLS_CERT || undefined;
+  const keyFile = env.NBD_TLS_KEY || undefined;
+  const pskFile = env.NBD_TLS_PSK_FILE || undefined;
+  if (Boolean(certFile) !== Boolean(keyFile)) throw new ConfigError("NBD_TLS_CERT and NBD_TLS_KEY go together");
+  const nbdTls = certFile || pskFile ? { certFile, keyFile, pskFile } : undefined;
+  // An export name is a capability: sent in clear over a network, anyone on the path could use it.
+  if (nbdPort !== 0 && !nbdTls && !LOOPBACK.test(nbdHost)) {
+    throw new ConfigError(`NBD_HOST=${nbdHost} is not a loopback address: NBD needs TLS there (NBD_TLS_CERT and NBD_TLS_KEY, or NBD_TLS_PSK_FILE), or NBD_PORT=0 to turn it off`);
+  }
+  const wildcard = nbdHost === "0.0.0.0" || nbdHost === "::";
+  return {
+    nbdHost,
+    nbdPort,
+    nbdPublicHost: env.NBD_PUBLIC_HOST || (wildcard ? os.hostname() : nbdHost),
+    nbdTls,
+    nbdWriteBufferBytes: int(env, "NBD_WRITE_BUFFER_BYTES", 256 * 2 ** 20, 4 * 2 ** 20, 64 * 2 ** 30),
   };
 }

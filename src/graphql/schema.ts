@@ -5,6 +5,7 @@ import { BackupResolver } from "./resolvers/backup.resolver";
 import { DiskResolver } from "./resolvers/disk.resolver";
 import { ImageExportResolver, ImageResolver } from "./resolvers/image.resolver";
 import { JobResolver } from "./resolvers/job.resolver";
+import { NbdExportResolver } from "./resolvers/nbd.resolver";
 import { NodeResolver } from "./resolvers/node.resolver";
 import { PolicyResolver } from "./resolvers/policy.resolver";
 import { ServerResolver } from "./resolvers/server.resolver";
@@ -13,7 +14,19 @@ import { guardTextArguments } from "./text-arguments";
 import { NodeIdResolver } from "./types/node";
 import { DateTime } from "./types/scalars";
 
-export const resolvers = [NodeIdResolver, NodeResolver, ServerResolver, DiskResolver, BackupResolver, ImageResolver, ImageExportResolver, PolicyResolver, JobResolver, SubscriptionResolver] as const;
+export const resolvers = [
+  NodeIdResolver,
+  NodeResolver,
+  ServerResolver,
+  DiskResolver,
+  BackupResolver,
+  ImageResolver,
+  ImageExportResolver,
+  PolicyResolver,
+  JobResolver,
+  NbdExportResolver,
+  SubscriptionResolver,
+] as const;
 
 export function buildStowageSchema(): GraphQLSchema {
   const schema = buildSchemaSync({

@@ -1,3 +1,4 @@
+import type { Registry } from "prom-client";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import express from "express";
@@ -29,6 +30,8 @@ export interface HttpDeps {
 
 export interface HttpServer {
   server: http.Server;
+  /** Where /metrics reads from; the NBD edge adds its own. */
+  registry: Registry;
   url: string;
   close(): Promise<void>;
 }
@@ -75,6 +78,7 @@ export async function startHttpServer(deps: HttpDeps): Promise<HttpServer> {
   const host = addr.family === "IPv6" ? `[${addr.address}]` : addr.address;
   return {
     server,
+    registry: metrics.registry,
     url: `http://${host}:${addr.port}`,
     async close() {
       // Apollo's drain plugin stops accepting, waits for requests in flight, then closes WebSockets.

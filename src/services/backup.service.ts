@@ -1,3 +1,4 @@
+import { CaptureGate } from "../storage/capture-gate";
 import { In, type EntityManager } from "typeorm";
 import crypto from "node:crypto";
 import { rows } from "../db/sql";
@@ -84,7 +85,11 @@ const BUSY_BACKUP = { uq_backups_one_running: "a backup of this resource is alre
  * at least as large, never a data-disk backup onto a system disk.
  */
 export class BackupService {
-  constructor(private readonly queue: JobQueue) {}
+  constructor(
+    private readonly queue: JobQueue,
+    /** Backups capture disks through it, so writes acknowledged before their instant are in them. */
+    readonly capture: CaptureGate = new CaptureGate(),
+  ) {}
 
   list(ctx: RequestContext, list: (ListName & `${string}ackups`) | "backupChildren", key: string, args: PageArgs & { filter?: BackupFilter | null }, select?: ListSelection) {
     return ctx.loaders.connection(list, key, args, backupConditions(args.filter), select);
@@ -98,8 +103,8 @@ export class BackupService {
 
   /** Takes a backup now: the disks' block maps are captured in this transaction; the job copies their data into the vault. */
   async create(ctx: RequestContext, input: CreateBackupInput, opts: { trigger?: BackupTrigger; policyId?: string | null } = {}): Promise<{ backup: Backup; job: Job }> {
-    const result = await ctx.ds
-      .transaction((em) => this.createIn(em, ctx, input, opts))
+    const result = await this.capture
+      .hold(() => ctx.ds.transaction((em) => this.createIn(em, ctx, input, opts)))
       .catch((err) => {
         throw translateDbError(err, BUSY_BACKUP);
       });

@@ -4,6 +4,7 @@ import * as diskStatus from "../domain/status/disk";
 import type { BackupService } from "./backup.service";
 import type { ImageService } from "./image.service";
 import type { JobQueue } from "./job-queue";
+import type { NbdService } from "./nbd.service";
 import type { RequestContext } from "./context";
 import { translateDbError } from "./db-errors";
 import { badInput, conflict, DomainError, ErrorCode, failedPrecondition, notFound } from "../domain/errors";
@@ -56,6 +57,7 @@ export class DiskService {
     private readonly backups: BackupService,
     private readonly images: ImageService,
     private readonly queue: JobQueue,
+    private readonly nbd: NbdService,
   ) {}
 
   list(ctx: RequestContext, list: ListName & `${string}isks`, key: string, args: PageArgs & { filter?: DiskFilter | null }, select?: ListSelection) {
@@ -188,6 +190,8 @@ export class DiskService {
       if (!server || !disk || disk.serverId !== server.id) throw conflict("the disk's attachment changed concurrently; try again");
       if (disk.type === DiskType.SYSTEM) throw failedPrecondition("the system disk cannot be detached");
       if (disk.status !== DiskStatus.IN_USE) throw failedPrecondition(`disk is ${disk.status}; it can be detached when IN_USE`);
+      // A disk leaving its server leaves its NBD exports behind: whoever ran the server on it must not keep writing.
+      await this.nbd.revokeDisks(em, [disk.id]);
       return { disk: await diskStatus.detach(em, disk), server };
     });
     ctx.invalidate();

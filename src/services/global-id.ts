@@ -1,6 +1,6 @@
 import { badInput } from "../domain/errors";
 
-export const NODE_TYPES = ["Server", "Disk", "Backup", "Image", "ImageExport", "Policy", "Job", "Project"] as const;
+export const NODE_TYPES = ["Server", "Disk", "Backup", "Image", "ImageExport", "Policy", "Job", "Project", "NbdExport"] as const;
 export type NodeType = (typeof NODE_TYPES)[number];
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;

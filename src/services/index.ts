@@ -6,6 +6,7 @@ import { JobService } from "./job.service";
 import { PolicyRunner, PolicyService } from "./policy.service";
 import { ProjectService } from "./project.service";
 import { ServerService } from "./server.service";
+import { NbdService } from "./nbd.service";
 
 import type { EventBus } from "../jobs/events";
 import { MemoryEventBus } from "../jobs/events";
@@ -25,10 +26,12 @@ export function createServices(ds: DataSource, events: EventBus = new MemoryEven
   const queue = new JobQueue(events, storage?.space);
   const backups = new BackupService(queue);
   const images = new ImageService(queue, backups, uploads);
+  const nbd = new NbdService();
   return {
     projects: new ProjectService(ds),
     servers: new ServerService(queue, images),
-    disks: new DiskService(backups, images, queue),
+    disks: new DiskService(backups, images, queue, nbd),
+    nbd,
     backups,
     images,
     policies: new PolicyService(),

@@ -1,4 +1,4 @@
-import { Backup, Disk, Image, ImageExport, Job, Policy, PolicyRun, Server } from "../entities";
+import { Backup, Disk, Image, ImageExport, Job, NbdExport, Policy, PolicyRun, Server } from "../entities";
 import type { ListSource } from "./pagination";
 
 /** Every list of the graph: where its rows live and what groups them by parent. */
@@ -18,6 +18,7 @@ export const lists = {
   diskBackups: { entity: Backup, table: "backups", key: "t.disk_id" },
   diskImages: { entity: Image, table: "images", key: "t.source_disk_id" },
   diskPolicies: { entity: Policy, table: "policies", key: "b.disk_id", join: "JOIN policy_bindings b ON b.policy_id = t.id" },
+  diskNbdExports: { entity: NbdExport, table: "nbd_exports", key: "t.disk_id" },
 
   backupChildren: { entity: Backup, table: "backups", key: "t.parent_id" },
   backupImages: { entity: Image, table: "images", key: "t.source_backup_id" },

@@ -2,7 +2,7 @@ import DataLoader from "dataloader";
 import type { DataSource, EntityTarget, ObjectLiteral } from "typeorm";
 import { batchedReads, type Read } from "../db/read-batch";
 import { hydrate } from "../db/sql";
-import { Backup, Disk, DiskType, Image, ImageExport, Job, Policy, Server } from "../entities";
+import { Backup, Disk, DiskType, Image, ImageExport, Job, NbdExport, Policy, Server } from "../entities";
 import { lists, type ListName } from "./lists";
 import { loadCounts, loadPages, resolvePage, WHOLE_ROWS, type Condition, type ListSelection, type Page, type PageArgs, type ResolvedPage } from "./pagination";
 
@@ -103,6 +103,7 @@ export function createLoaders(ds: DataSource, projectId: string, maxPageSize: nu
     imageExport: byId(ds, read, ImageExport, projectId),
     policy: byId(ds, read, Policy, projectId),
     job: byId(ds, read, Job, projectId),
+    nbdExport: byId(ds, read, NbdExport, projectId),
     systemDisk: new DataLoader<string, Disk | null>(async (serverIds) => {
       const rows = await systemDisks(serverIds);
       const map = new Map(rows.map((d) => [d.serverId, d]));

@@ -276,6 +276,11 @@ export class PolicyRunner {
     private readonly queue: JobQueue,
   ) {}
 
+  /** What backups capture disks through (see CaptureGate). */
+  get capture() {
+    return this.backups.capture;
+  }
+
   async runIn(em: EntityManager, ctx: RequestContext, policy: Policy, trigger: "SCHEDULE" | "MANUAL", scheduledFor: Date): Promise<{ run: PolicyRun; jobs: Job[] }> {
     const targets = await rows<PolicyTarget>(
       em,
@@ -301,16 +306,18 @@ export class PolicyRunner {
   /** Runs a policy now (runPolicy): its backups, then retention. */
   async runNow(ctx: RequestContext, globalId: string): Promise<PolicyRun> {
     const id = decodeId(globalId, "Policy", "id");
-    const { run, jobs, policy } = await ctx.ds.transaction(async (em) => {
-      const p = await em.findOne(Policy, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
-      if (!p) throw notFound("policy", globalId);
-      // Asked for now, it is refused as a whole; a scheduled run records each resource as skipped instead.
-      await this.queue.checkSpaceFor(JobType.BACKUP);
-      const r = await this.runIn(em, ctx, p, "MANUAL", ctx.now());
-      p.lastRunAt = ctx.now();
-      await em.save(p);
-      return { ...r, policy: p };
-    });
+    const { run, jobs, policy } = await this.backups.capture.hold(() =>
+      ctx.ds.transaction(async (em) => {
+        const p = await em.findOne(Policy, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+        if (!p) throw notFound("policy", globalId);
+        // Asked for now, it is refused as a whole; a scheduled run records each resource as skipped instead.
+        await this.queue.checkSpaceFor(JobType.BACKUP);
+        const r = await this.runIn(em, ctx, p, "MANUAL", ctx.now());
+        p.lastRunAt = ctx.now();
+        await em.save(p);
+        return { ...r, policy: p };
+      }),
+    );
     await this.queue.announce(...jobs);
     run.deletedCount = await this.retain(ctx, policy, run);
     ctx.invalidate();

@@ -51,20 +51,22 @@ export class Scheduler {
   async tick(now: Date = this.clock()): Promise<PolicyRun[]> {
     const runs: PolicyRun[] = [];
     for (;;) {
-      const claimed = await this.ds.transaction(async (em) => {
-        const due = await rows(em, `SELECT * FROM policies WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED`, [now]);
-        if (!due.length) return null;
-        const [policy] = hydrate(this.ds, Policy, due);
-        const ctx = new RequestContext(policy.projectId, this.ds, this.config, () => now);
-        const occurrence = policy.nextRunAt!;
-        const { run, jobs } = await this.runner.runIn(em, ctx, policy, "SCHEDULE", occurrence);
-        // The next occurrence after now, not after the one served: downtime gives one catch-up run.
-        const next = await this.nextRun(policy, now);
-        await em.query(`UPDATE policies SET last_run_at = $2, next_run_at = $3, updated_at = now() WHERE id = $1`, [policy.id, occurrence, next]);
-        policy.lastRunAt = occurrence;
-        policy.nextRunAt = next;
-        return { run, jobs, policy, ctx };
-      });
+      const claimed = await this.runner.capture.hold(() =>
+        this.ds.transaction(async (em) => {
+          const due = await rows(em, `SELECT * FROM policies WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED`, [now]);
+          if (!due.length) return null;
+          const [policy] = hydrate(this.ds, Policy, due);
+          const ctx = new RequestContext(policy.projectId, this.ds, this.config, () => now);
+          const occurrence = policy.nextRunAt!;
+          const { run, jobs } = await this.runner.runIn(em, ctx, policy, "SCHEDULE", occurrence);
+          // The next occurrence after now, not after the one served: downtime gives one catch-up run.
+          const next = await this.nextRun(policy, now);
+          await em.query(`UPDATE policies SET last_run_at = $2, next_run_at = $3, updated_at = now() WHERE id = $1`, [policy.id, occurrence, next]);
+          policy.lastRunAt = occurrence;
+          policy.nextRunAt = next;
+          return { run, jobs, policy, ctx };
+        }),
+      );
       if (!claimed) break;
       await this.announce(claimed.jobs);
       runs.push(claimed.run);

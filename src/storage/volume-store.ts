@@ -347,7 +347,7 @@ export class VolumeStore {
 
   async readBlock(diskId: string, index: number): Promise<Buffer> {
     const block = Buffer.alloc(BLOCK_SIZE);
-    await this.fillBlocks(diskId, index, index, block);
+    await this.readBlocks(diskId, index, index, block);
     return block;
   }
 
@@ -364,7 +364,7 @@ export class VolumeStore {
     for (let batch = firstBlock; batch <= lastBlock; batch += READ_BATCH_BLOCKS) {
       const batchEnd = Math.min(lastBlock, batch + READ_BATCH_BLOCKS - 1);
       const buf = this.buffers.take((batchEnd - batch + 1) * BLOCK_SIZE);
-      await this.fillBlocks(diskId, batch, batchEnd, buf);
+      await this.readBlocks(diskId, batch, batchEnd, buf);
       if (sending) {
         await sending.done;
         this.buffers.give(sending.buf);
@@ -388,7 +388,7 @@ export class VolumeStore {
    * delete their old segment between reading the refs and reading the bytes:
    * then the refs are read again, and point where the blocks are now.
    */
-  private async fillBlocks(diskId: string, first: number, last: number, into: Buffer): Promise<void> {
+  async readBlocks(diskId: string, first: number, last: number, into: Buffer): Promise<void> {
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.fillBlocksOnce(diskId, first, last, into);

@@ -27,6 +27,8 @@ export interface TestService {
   runner: JobRunner;
   scheduler: Scheduler;
   dataDir: string;
+  /** The NBD edge's port (0 when off: pass NBD_PORT to turn it on). */
+  nbdPort: number;
   /** API keys of two projects, alpha and beta. */
   keys: { alpha: string; beta: string };
   projectIds: { alpha: string; beta: string };
@@ -54,6 +56,7 @@ export async function startTestService(env: Record<string, string> = {}, runner:
     GC_INTERVAL_SECONDS: "0",
     COMPACT_INTERVAL_SECONDS: "0",
     SCHEDULER_INTERVAL_SECONDS: "0",
+    NBD_PORT: "0",
     ...env,
   });
   const svc: RunningService = await startService(config, logger ?? (process.env.STOWAGE_TEST_LOG ? createLogger("error") : silentLogger), {
@@ -82,6 +85,7 @@ export async function startTestService(env: Record<string, string> = {}, runner:
     runner: svc.runner,
     scheduler: svc.scheduler,
     dataDir,
+    nbdPort: svc.nbd?.port ?? 0,
     keys: { alpha: alpha.apiKey, beta: beta.apiKey },
     projectIds: { alpha: alpha.project.id, beta: beta.project.id },
     gql,

@@ -4,9 +4,14 @@ import { Disk, DiskStatus } from "../../entities";
 
 /** Every status change of a disk. */
 
-/** Disks a restore writes: RESTORING until it ends. */
+/**
+ * Disks a restore writes: RESTORING until it ends. Their NBD exports are revoked: the
+ * restore replaces the bytes a client of them would be reading or writing (the NBD edge
+ * drops the connections within a second).
+ */
 export async function markRestoring(q: Queryable, ids: string[]): Promise<void> {
   await q.query(`UPDATE disks SET status = '${DiskStatus.RESTORING}', updated_at = now() WHERE id = ANY($1)`, [ids]);
+  await q.query(`DELETE FROM nbd_exports WHERE disk_id = ANY($1)`, [ids]);
 }
 
 /** A restore or creation published the disk's blocks: the status its plan gives it (IN_USE or AVAILABLE). */

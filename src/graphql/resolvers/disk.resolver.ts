@@ -6,7 +6,8 @@ import { toGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
 import { AttachDiskInput, BackupListArgs, CreateDiskInput, DetachDiskInput, DiskListArgs, IdInput, ImageListArgs, PolicyListArgs } from "../types/inputs.type";
 import { AttachmentPayload, DeleteDiskPayload, DiskPayload } from "../types/payloads.type";
-import { BackupConnection, BackupType, DiskConnection, DiskType_, ImageConnection, ImageType_, PolicyConnection, ServerType } from "../types/resources.type";
+import { BackupConnection, BackupType, DiskConnection, DiskType_, ImageConnection, ImageType_, NbdExportConnection, PolicyConnection, ServerType } from "../types/resources.type";
+import { PageArgs } from "../types/connection";
 
 @Resolver(() => DiskType_)
 export class DiskResolver {
@@ -70,5 +71,11 @@ export class DiskResolver {
   @FieldResolver(() => PolicyConnection)
   policies(@Root() disk: Disk, @Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
     return services.policies.list(ctx, "diskPolicies", disk.id, args, listSelection(info));
+  }
+
+  @Reads()
+  @FieldResolver(() => NbdExportConnection, { description: "Its exports over NBD, oldest first." })
+  nbdExports(@Root() disk: Disk, @Args() args: PageArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
+    return services.nbd.list(ctx, disk.id, args, listSelection(info));
   }
 }

@@ -49,6 +49,8 @@ export class NodeResolver {
         return l.policy.load(parsed.id);
       case "Job":
         return l.job.load(parsed.id);
+      case "NbdExport":
+        return l.nbdExport.load(parsed.id);
       case "Project":
         return parsed.id === project.id ? project : null;
     }

@@ -115,6 +115,12 @@ export class JobListArgs extends PageArgs {
 }
 
 @InputType()
+export class CreateNbdExportInput {
+  @Field(() => ID, { description: "The disk to serve." }) resourceId: string;
+  @Field({ defaultValue: false, description: "Serve it read-only." }) readOnly: boolean;
+}
+
+@InputType()
 export class IdInput {
   @Field(() => ID) id: string;
 }

@@ -1,5 +1,5 @@
 import { Field, FieldResolver, ID, InterfaceType, Resolver, Root } from "type-graphql";
-import { Backup, Disk, Image, ImageExport, Job, Policy, Project, Server } from "../../entities";
+import { Backup, Disk, Image, ImageExport, Job, NbdExport, Policy, Project, Server } from "../../entities";
 import { toGlobalId, type NodeType } from "../../services/global-id";
 import { Reads } from "../selection";
 
@@ -13,6 +13,7 @@ const TYPE_OF_ENTITY = new Map<abstract new () => { id: string }, NodeType>([
   [Policy, "Policy"],
   [Job, "Job"],
   [Project, "Project"],
+  [NbdExport, "NbdExport"],
 ]);
 
 /** The GraphQL type of an entity row. */

@@ -1,5 +1,5 @@
 import { Field, ID, ObjectType } from "type-graphql";
-import { BackupType, DiskType_, ImageExportType, ImageType_, JobType_, PolicyRunType, PolicyType, ServerType } from "./resources.type";
+import { BackupType, DiskType_, ImageExportType, ImageType_, JobType_, NbdExportType, PolicyRunType, PolicyType, ServerType } from "./resources.type";
 
 @ObjectType()
 export class CreateServerPayload {
@@ -93,6 +93,16 @@ export class ExportImagePayload {
 @ObjectType()
 export class DeleteImagePayload {
   @Field(() => ID) deletedImageId: string;
+}
+
+@ObjectType()
+export class CreateNbdExportPayload {
+  @Field(() => NbdExportType) nbdExport: unknown;
+}
+
+@ObjectType()
+export class DeleteNbdExportPayload {
+  @Field(() => ID) deletedNbdExportId: string;
 }
 
 @ObjectType()

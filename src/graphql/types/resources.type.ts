@@ -16,7 +16,7 @@ import {
   OsType,
   ServerStatus,
 } from "./enums";
-import { Backup, Disk, Image, ImageExport, Job, Policy, Project, Server } from "../../entities";
+import { Backup, Disk, Image, ImageExport, Job, NbdExport, Policy, Project, Server } from "../../entities";
 import { Node, sourceEntity } from "./node";
 import { DateTime, SafeInt } from "./scalars";
 
@@ -88,6 +88,16 @@ export class ImageExportType extends Node {
   @Field(() => DateTime) createdAt: Date;
 }
 
+@ObjectType("NbdExport", {
+  simpleResolvers: true,
+  implements: Node,
+  description: "A disk served over the Network Block Device protocol. Its URI's export name is a capability: whoever has it reaches the disk, in its mode, until the export is deleted.",
+})
+export class NbdExportType extends Node {
+  @Field({ description: "Whether clients may only read." }) readOnly: boolean;
+  @Field(() => DateTime) createdAt: Date;
+}
+
 @ObjectType("Retention", { simpleResolvers: true, description: "Which policy backups are kept; a backup any rule keeps stays." })
 export class RetentionType {
   @Field(() => Int, { nullable: true, description: "Keep the newest n backups of each resource." }) maxBackups: number | null;
@@ -153,6 +163,7 @@ export const ImageConnection = connectionOf("Image", ImageType_);
 export const ImageExportConnection = connectionOf("ImageExport", ImageExportType);
 export const PolicyConnection = connectionOf("Policy", PolicyType);
 export const JobConnection = connectionOf("Job", JobType_);
+export const NbdExportConnection = connectionOf("NbdExport", NbdExportType);
 
 @ObjectType("SkippedResource", { simpleResolvers: true, description: "A bound resource a policy run did not back up, and why." })
 export class SkippedResourceType {
@@ -189,3 +200,4 @@ sourceEntity(ImageExportType, ImageExport);
 sourceEntity(PolicyType, Policy);
 sourceEntity(JobType_, Job);
 sourceEntity(ProjectType, Project);
+sourceEntity(NbdExportType, NbdExport);

@@ -1,0 +1,248 @@
+import { BLOCK_SIZE } from "../storage/volume-store";
+
+/** What the write buffer needs of the volume store. */
+export interface BlockStore {
+  /** Fills `into` with blocks [first, last] as committed (unwritten ones as zeros). */
+  readBlocks(diskId: string, first: number, last: number, into: Buffer): Promise<void>;
+  /** Indexes of the blocks of [first, last] that hold data, ascending. */
+  dataBlocks(diskId: string, first: number, last: number): Promise<number[]>;
+  /** Makes blocks durable and the disk's (null: the block reads as zeros), as one write of the disk with changed-block tracking. */
+  commit(projectId: string, diskId: string, blocks: [number, Buffer | null][]): Promise<void>;
+}
+
+/** Bytes of acknowledged, uncommitted blocks across every disk of the process; past it, a write waits for its disk's commit. */
+export class WriteBudget {
+  used = 0;
+  constructor(readonly total: number) {}
+}
+
+/** One run of blocks for BLOCK_STATUS: `length` bytes from where the last one ended, holding data or not. */
+export interface Extent {
+  length: number;
+  data: boolean;
+}
+
+/**
+ * The writes of one disk through NBD, in this process. A write lands in whole
+ * 64 KiB blocks in memory (a block written in part is first read, so its other
+ * bytes stay) and is acknowledged from there: every later read sees it, because
+ * every read overlays these blocks on the committed ones. The blocks are
+ * committed to the volume store, durably and with changed-block tracking, on
+ * FLUSH or FUA, when the disk's share of memory is full, and `delayMs` after the
+ * first write of a batch. A block written again before its commit costs nothing
+ * more, so a file system rewriting its metadata stores it once per batch.
+ *
+ * A backup captures the disk through `hold`: everything acknowledged so far is
+ * committed and no further commit starts until the capture's transaction is over,
+ * so the backup holds exactly the writes acknowledged before its instant.
+ */
+export class DiskWrites {
+  private dirty = new Map<number, Buffer | null>();
+  private committing = new Map<number, Buffer | null>();
+  private chain: Promise<void> = Promise.resolve();
+  /** Mutations one at a time: a partial block's read and its copy are one step. */
+  private mutations: Promise<unknown> = Promise.resolve();
+  private holds = 0;
+  private released: (() => void)[] = [];
+  private timer: NodeJS.Timeout | null = null;
+  /** Why the last commit failed; every later request fails until the disk is let go. */
+  failure: Error | null = null;
+  /** Connections using these writes (the disk's entry goes when the last leaves). */
+  users = 0;
+
+  constructor(
+    private readonly store: BlockStore,
+    readonly projectId: string,
+    readonly diskId: string,
+    readonly sizeBytes: number,
+    private readonly budget: WriteBudget,
+    private readonly limits: { diskBytes: number; delayMs: number },
+  ) {}
+
+  get pendingBytes(): number {
+    return (this.dirty.size + this.committing.size) * BLOCK_SIZE;
+  }
+
+  /** Writes `data` at `offset` (a whole request, or the next piece of one). */
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.mutate(async () => {
+      let pos = offset;
+      let at = 0;
+      while (at < data.length) {
+        const index = Math.floor(pos / BLOCK_SIZE);
+        const inBlock = pos - index * BLOCK_SIZE;
+        const n = Math.min(BLOCK_SIZE - inBlock, data.length - at);
+        const block = await this.writable(index, inBlock === 0 && n === BLOCK_SIZE);
+        data.copy(block, inBlock, at, at + n);
+        pos += n;
+        at += n;
+      }
+    });
+  }
+
+  /** Makes [offset, offset + length) read as zeros: whole blocks become holes, the edges of partial ones are zeroed. */
+  zero(offset: number, length: number): Promise<void> {
+    return this.mutate(async () => {
+      let pos = offset;
+      const end = offset + length;
+      while (pos < end) {
+        const index = Math.floor(pos / BLOCK_SIZE);
+        const inBlock = pos - index * BLOCK_SIZE;
+        const n = Math.min(BLOCK_SIZE - inBlock, end - pos);
+        if (n === BLOCK_SIZE) await this.set(index, null);
+        else (await this.writable(index, false)).fill(0, inBlock, inBlock + n);
+        pos += n;
+      }
+    });
+  }
+
+  /** The bytes [offset, offset + length) as the last acknowledged writes left them. */
+  async read(offset: number, length: number): Promise<Buffer> {
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const last = Math.floor((offset + length - 1) / BLOCK_SIZE);
+    // The blocks not yet committed, as they are now: a commit that ends during the read
+    // has put the same bytes in the store, so laying these over it stays right.
+    const overlay: [number, Buffer | null][] = [];
+    if (this.dirty.size || this.committing.size) {
+      for (let i = first; i <= last; i++) {
+        const b = this.dirty.has(i) ? this.dirty.get(i)! : this.committing.get(i);
+        if (b !== undefined) overlay.push([i, b]);
+      }
+    }
+    const buf = Buffer.allocUnsafe((last - first + 1) * BLOCK_SIZE);
+    if (overlay.length < last - first + 1) await this.store.readBlocks(this.diskId, first, last, buf);
+    for (const [i, b] of overlay) {
+      if (b) b.copy(buf, (i - first) * BLOCK_SIZE);
+      else buf.fill(0, (i - first) * BLOCK_SIZE, (i - first + 1) * BLOCK_SIZE);
+    }
+    const from = offset - first * BLOCK_SIZE;
+    return buf.subarray(from, from + length);
+  }
+
+  /** Where [offset, offset + length) holds data, block by block, merged into runs; the first run starts at `offset`. */
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    const end = offset + length;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const last = Math.floor((end - 1) / BLOCK_SIZE);
+    const data = new Set(await this.store.dataBlocks(this.diskId, first, last));
+    for (const m of [this.committing, this.dirty]) {
+      for (const [i, b] of m) {
+        if (i < first || i > last) continue;
+        if (b) data.add(i);
+        else data.delete(i);
+      }
+    }
+    const out: Extent[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const index = Math.floor(pos / BLOCK_SIZE);
+      const isData = data.has(index);
+      const next = Math.min(end, (index + 1) * BLOCK_SIZE);
+      const lastRun = out[out.length - 1];
+      if (lastRun && lastRun.data === isData) lastRun.length += next - pos;
+      else out.push({ length: next - pos, data: isData });
+      pos = next;
+    }
+    return out;
+  }
+
+  /** Commits everything acknowledged before the call; resolves once it is durable. */
+  flush(): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    return this.enqueue(false);
+  }
+
+  /**
+   * Runs `capture` at an instant between writes: every write acknowledged before it
+   * is committed first, and none acknowledged after it is committed until it ends.
+   */
+  async hold<T>(capture: () => Promise<T>): Promise<T> {
+    this.holds++;
+    try {
+      await this.enqueue(true);
+      return await capture();
+    } finally {
+      this.holds--;
+      if (this.holds === 0) for (const r of this.released.splice(0)) r();
+    }
+  }
+
+  /** Drops the timer; what is still buffered is committed by the last `flush`. */
+  stop(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  private mutate(fn: () => Promise<void>): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    const run = this.mutations.then(fn);
+    this.mutations = run.catch(() => undefined);
+    return run;
+  }
+
+  /** The uncommitted buffer of block `index`, made from its current bytes unless the caller overwrites all of it. */
+  private async writable(index: number, whole: boolean): Promise<Buffer> {
+    const mine = this.dirty.get(index);
+    if (mine) return mine;
+    let block: Buffer;
+    if (whole) block = Buffer.allocUnsafe(BLOCK_SIZE);
+    else if (mine === null) block = Buffer.alloc(BLOCK_SIZE);
+    else {
+      const before = this.committing.get(index);
+      if (before !== undefined) block = before ? Buffer.from(before) : Buffer.alloc(BLOCK_SIZE);
+      else {
+        block = Buffer.allocUnsafe(BLOCK_SIZE);
+        await this.store.readBlocks(this.diskId, index, index, block);
+      }
+    }
+    await this.set(index, block);
+    return block;
+  }
+
+  private async set(index: number, block: Buffer | null): Promise<void> {
+    if (!this.dirty.has(index)) {
+      while ((this.dirty.size + 1) * BLOCK_SIZE > this.limits.diskBytes || (this.budget.used >= this.budget.total && this.dirty.size > 0)) {
+        await this.enqueue(false);
+        if (this.failure) throw this.failure;
+      }
+      this.budget.used += BLOCK_SIZE;
+    }
+    this.dirty.set(index, block);
+    if (!this.timer) {
+      this.timer = setTimeout(() => {
+        this.timer = null;
+        this.enqueue(false).catch(() => undefined); // the failure is kept and answers the next request
+      }, this.limits.delayMs);
+      this.timer.unref();
+    }
+  }
+
+  private enqueue(forced: boolean): Promise<void> {
+    const run = this.chain.then(() => this.commitOnce(forced));
+    this.chain = run.catch(() => undefined);
+    return run;
+  }
+
+  private async commitOnce(forced: boolean): Promise<void> {
+    while (!forced && this.holds > 0) await new Promise<void>((r) => this.released.push(r));
+    if (this.dirty.size === 0) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    this.committing = this.dirty;
+    this.dirty = new Map();
+    const blocks = [...this.committing].sort((a, b) => a[0] - b[0]);
+    try {
+      await this.store.commit(this.projectId, this.diskId, blocks);
+      this.budget.used -= this.committing.size * BLOCK_SIZE;
+    } catch (err) {
+      // Keep the bytes (newer writes win) so reads stay right, and fail what comes next.
+      for (const [i, b] of this.dirty) this.committing.set(i, b);
+      this.budget.used -= (blocks.length + this.dirty.size - this.committing.size) * BLOCK_SIZE;
+      this.dirty = this.committing;
+      this.failure ??= err as Error;
+      throw err;
+    } finally {
+      this.committing = new Map();
+    }
+  }
+}

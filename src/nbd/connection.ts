@@ -46,8 +46,6 @@ const PREFERRED_BLOCK = 64 * 1024;
 const READ_PIECE = 4 * 1024 * 1024;
 /** Bytes of reads in progress per connection; further requests wait (a client at depth 64 of 32 MiB reads holds no more). */
 const READ_BYTES_IN_FLIGHT = 64 * 1024 * 1024;
-/** One BLOCK_STATUS reply describes at most this much; the client asks again for the rest. */
-const STATUS_SPAN = 2 ** 30;
 
 /** What a connection asks of the server it belongs to. */
 export interface ConnectionHost {
@@ -471,10 +469,9 @@ export class NbdConnection {
   }
 
   private async blockStatus(cookie: Buffer, offset: number, length: number, one: boolean): Promise<void> {
-    const span = Math.min(length, STATUS_SPAN);
     let extents;
     try {
-      extents = span ? await this.writes!.extents(offset, span) : [];
+      extents = length ? await this.writes!.extents(offset, length) : [];
     } catch (err) {
       this.host.log("nbd block status failed", { error: (err as Error).message, disk: this.export?.diskId });
       return this.error(cookie, NbdErr.EIO, "the disk's map could not be read");

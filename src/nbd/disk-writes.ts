@@ -119,7 +119,7 @@ export class DiskWrites {
     return buf.subarray(from, from + length);
   }
 
-  /** Where [offset, offset + length) holds data, block by block, merged into runs; the first run starts at `offset`. */
+  /** Where [offset, offset + length) holds data, in runs of whole blocks (the first starts at `offset`); the work grows with the blocks that hold data, not with the length. */
   async extents(offset: number, length: number): Promise<Extent[]> {
     const end = offset + length;
     const first = Math.floor(offset / BLOCK_SIZE);
@@ -133,16 +133,19 @@ export class DiskWrites {
       }
     }
     const out: Extent[] = [];
-    let pos = offset;
-    while (pos < end) {
-      const index = Math.floor(pos / BLOCK_SIZE);
-      const isData = data.has(index);
-      const next = Math.min(end, (index + 1) * BLOCK_SIZE);
+    let at = offset;
+    const push = (to: number, isData: boolean) => {
+      if (to <= at) return;
       const lastRun = out[out.length - 1];
-      if (lastRun && lastRun.data === isData) lastRun.length += next - pos;
-      else out.push({ length: next - pos, data: isData });
-      pos = next;
+      if (lastRun && lastRun.data === isData) lastRun.length += to - at;
+      else out.push({ length: to - at, data: isData });
+      at = to;
+    };
+    for (const i of [...data].sort((x, y) => x - y)) {
+      push(Math.max(offset, i * BLOCK_SIZE), false);
+      push(Math.min(end, (i + 1) * BLOCK_SIZE), true);
     }
+    push(end, false);
     return out;
   }
 

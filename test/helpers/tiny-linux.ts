@@ -288,3 +288,9 @@ function newc(entries: Entry[]): Buffer {
   }
   return Buffer.concat(parts);
 }
+
+/** A guest script that makes an ext2 file system on /dev/vda and writes `content` to /file (base64 in a here-document), then syncs and unmounts. */
+export function writeFileScript(content: Buffer): string {
+  const b64 = content.toString("base64").replace(/.{1,76}/g, "$&\n");
+  return ["set -e", "mke2fs -q /dev/vda", "mount -t ext2 /dev/vda /mnt", "base64 -d > /mnt/file <<'EOF'", b64 + "EOF", "sync", "umount /mnt", "echo wrote the file"].join("\n") + "\n";
+}

@@ -1,12 +1,12 @@
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
 import path from "node:path";
 import { promisify } from "node:util";
 import { bytes } from "../helpers/data";
 import { requireProgram } from "../helpers/external";
 import { tmpDir } from "../helpers/formats";
-import { bootWithNbd, prepareLinux, type LinuxVm } from "../helpers/tiny-linux";
+import { freePort } from "../../bench/lib/proc";
+import { bootWithNbd, prepareLinux, writeFileScript, type LinuxVm } from "../helpers/tiny-linux";
 
 /**
  * The tiny-Linux helper on its own, against nbdkit's memory plugin instead of Stowage:
@@ -40,18 +40,6 @@ afterAll(async () => {
   work?.cleanup();
 });
 
-/** A free TCP port on 127.0.0.1 (free a moment ago; nbdkit failing to bind shows as its early exit). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
 /** `nbdkit memory 64M` on 127.0.0.1; ready once it wrote its pid file, which it does when it accepts connections. */
 async function startNbdkit(nbdkit: string, dir: string): Promise<{ uri: string; stop(): Promise<void> }> {
   const port = await freePort();
@@ -75,15 +63,9 @@ async function startNbdkit(nbdkit: string, dir: string): Promise<{ uri: string; 
   return { uri: `nbd://127.0.0.1:${port}/`, stop };
 }
 
-/** The guest's script: CONTENT as base64 in a here-document, decoded onto a fresh ext2 file system on /dev/vda. */
-function writeFileScript(): string {
-  const b64 = CONTENT.toString("base64").replace(/.{1,76}/g, "$&\n");
-  return ["set -e", "mke2fs -q /dev/vda", "mount -t ext2 /dev/vda /mnt", "base64 -d > /mnt/file <<'EOF'", b64 + "EOF", "sync", "umount /mnt", "echo wrote the file"].join("\n") + "\n";
-}
-
 test("a real Linux makes a file system on an NBD disk, and debugfs reads its file back from the disk's bytes", async () => {
   if (!vm || !tools || !nbd) return;
-  const text = await bootWithNbd(vm, nbd.uri, writeFileScript(), { timeoutMs: 120_000 });
+  const text = await bootWithNbd(vm, nbd.uri, writeFileScript(CONTENT), { timeoutMs: 120_000 });
   expect(text).toContain("wrote the file");
 
   const raw = path.join(work.dir, "disk.raw");

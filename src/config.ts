@@ -69,8 +69,8 @@ export interface Config {
   nbdPort: number;
   /** The host NBD URIs name (NBD_PUBLIC_HOST; else NBD_HOST, or this machine's name when that is a wildcard). */
   nbdPublicHost: string;
-  /** TLS for NBD (NBD_OPT_STARTTLS): a certificate and key, or a PSK file (username:hexkey lines, as QEMU's tls-creds-psk reads). Required off loopback. */
-  nbdTls?: { certFile?: string; keyFile?: string; pskFile?: string };
+  /** TLS for NBD (NBD_OPT_STARTTLS): a certificate (chain) and its key, PEM. Required off loopback. */
+  nbdTls?: { certFile: string; keyFile: string };
   /** Acknowledged NBD writes held in memory before their commit, over every disk of the process; a disk takes at most a quarter. */
   nbdWriteBufferBytes: number;
 }
@@ -181,12 +181,11 @@ function nbdConfig(env: Env): Pick<Config, "nbdHost" | "nbdPort" | "nbdPublicHos
   const nbdPort = int(env, "NBD_PORT", 10809, 0, 65535);
   const certFile = env.NBD_TLS_CERT || undefined;
   const keyFile = env.NBD_TLS_KEY || undefined;
-  const pskFile = env.NBD_TLS_PSK_FILE || undefined;
   if (Boolean(certFile) !== Boolean(keyFile)) throw new ConfigError("NBD_TLS_CERT and NBD_TLS_KEY go together");
-  const nbdTls = certFile || pskFile ? { certFile, keyFile, pskFile } : undefined;
+  const nbdTls = certFile && keyFile ? { certFile, keyFile } : undefined;
   // An export name is a capability: sent in clear over a network, anyone on the path could use it.
   if (nbdPort !== 0 && !nbdTls && !LOOPBACK.test(nbdHost)) {
-    throw new ConfigError(`NBD_HOST=${nbdHost} is not a loopback address: NBD needs TLS there (NBD_TLS_CERT and NBD_TLS_KEY, or NBD_TLS_PSK_FILE), or NBD_PORT=0 to turn it off`);
+    throw new ConfigError(`NBD_HOST=${nbdHost} is not a loopback address: NBD needs TLS there (NBD_TLS_CERT and NBD_TLS_KEY), or NBD_PORT=0 to turn it off`);
   }
   const wildcard = nbdHost === "0.0.0.0" || nbdHost === "::";
   return {

@@ -12,6 +12,8 @@ import { BLOCK_SIZE, type VolumeStore } from "../storage/volume-store";
 import { NbdConnection, type ConnectionHost } from "./connection";
 import { DiskWrites, WriteBudget, type BlockStore } from "./disk-writes";
 
+const LOOPBACK = /^(127\.\d+\.\d+\.\d+|::1|localhost)$/;
+
 /** A batch of acknowledged writes is committed at most this long after its first write. */
 const COMMIT_DELAY_MS = 200;
 /** How often the exports of open connections are checked (revoked in another process, or their disk deleted). */
@@ -51,17 +53,6 @@ function blockStore(deps: NbdServerDeps): BlockStore {
   };
 }
 
-/** PSK identities and keys from a file of `identity:hexkey` lines, the format of QEMU's tls-creds-psk keys.psk. */
-function readPsk(file: string): Map<string, Buffer> {
-  const keys = new Map<string, Buffer>();
-  for (const line of fs.readFileSync(file, "utf8").split(/\r?\n/)) {
-    const m = /^([^:]+):([0-9a-fA-F]+)$/.exec(line.trim());
-    if (m) keys.set(m[1], Buffer.from(m[2], "hex"));
-  }
-  if (!keys.size) throw new Error(`no identity:hexkey line in the NBD PSK file`);
-  return keys;
-}
-
 /**
  * Disks over the Network Block Device protocol, in the API process. An export name
  * is a capability checked against the database at the handshake; the connections of
@@ -93,10 +84,7 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   void buffered;
 
   const tlsOptions = config.nbdTls;
-  let secureContext: tls.SecureContext | null = null;
-  let psk: Map<string, Buffer> | null = null;
-  if (tlsOptions?.certFile && tlsOptions.keyFile) secureContext = tls.createSecureContext({ cert: fs.readFileSync(tlsOptions.certFile), key: fs.readFileSync(tlsOptions.keyFile) });
-  if (tlsOptions?.pskFile) psk = readPsk(tlsOptions.pskFile);
+  const secureContext = tlsOptions ? tls.createSecureContext({ cert: fs.readFileSync(tlsOptions.certFile), key: fs.readFileSync(tlsOptions.keyFile) }) : null;
 
   const host: ConnectionHost = {
     open: (name) => services.nbd.open(ds.manager, name),
@@ -125,30 +113,17 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
         disks.delete(exp.diskId);
       }
     },
-    tls:
-      secureContext || psk
-        ? {
-            required: !/^(127\.\d+\.\d+\.\d+|::1|localhost)$/.test(config.nbdHost),
-            upgrade: (socket: Duplex) =>
-              new Promise<Duplex>((resolve, reject) => {
-                const secure = new tls.TLSSocket(
-                  socket as net.Socket,
-                  {
-                    isServer: true,
-                    secureContext: secureContext ?? tls.createSecureContext({}),
-                    ...(psk
-                      ? {
-                          pskCallback: (_socket: tls.TLSSocket, identity: string) => psk!.get(identity) ?? null,
-                          ciphers: secureContext ? undefined : "PSK",
-                        }
-                      : {}),
-                  } as tls.TLSSocketOptions,
-                );
-                secure.once("secure", () => resolve(secure));
-                secure.once("error", reject);
-              }),
-          }
-        : null,
+    tls: secureContext
+      ? {
+          required: !LOOPBACK.test(config.nbdHost),
+          upgrade: (socket: Duplex) =>
+            new Promise<Duplex>((resolve, reject) => {
+              const secure = new tls.TLSSocket(socket as net.Socket, { isServer: true, secureContext });
+              secure.once("secure", () => resolve(secure));
+              secure.once("error", reject);
+            }),
+        }
+      : null,
     count(command, moved) {
       if (!moved) requests.inc({ command });
       if (moved?.read) bytes.inc({ direction: "read" }, moved.read);

@@ -44,8 +44,8 @@ export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 const PREFERRED_BLOCK = 64 * 1024;
 /** A READ answered in pieces of this size (structured replies), so it never sits whole in memory. */
 const READ_PIECE = 4 * 1024 * 1024;
-/** Bytes of reads in progress per connection; further requests wait (a client at depth 64 of 32 MiB reads holds no more). */
-const READ_BYTES_IN_FLIGHT = 64 * 1024 * 1024;
+/** Bytes of reads in progress per connection; further requests wait (a client at depth 64 of 32 MiB reads holds no more; one read larger than this runs alone). */
+const READ_BYTES_IN_FLIGHT = 16 * 1024 * 1024;
 
 /** What a connection asks of the server it belongs to. */
 export interface ConnectionHost {

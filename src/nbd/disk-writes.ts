@@ -1,14 +1,27 @@
+import { BlobNotFoundError } from "../storage/blob-store";
 import { BLOCK_SIZE } from "../storage/volume-store";
+
+/** Where a committed block's bytes are. */
+export interface StoredBlock {
+  index: number;
+  segmentId: string;
+  offset: number;
+}
 
 /** What the write buffer needs of the volume store. */
 export interface BlockStore {
-  /** Fills `into` with blocks [first, last] as committed (unwritten ones as zeros). */
-  readBlocks(diskId: string, first: number, last: number, into: Buffer): Promise<void>;
-  /** Indexes of the blocks of [first, last] that hold data, ascending. */
-  dataBlocks(diskId: string, first: number, last: number): Promise<number[]>;
+  /** The committed blocks of [first, last] that hold data, ascending. */
+  refs(diskId: string, first: number, last: number): Promise<StoredBlock[]>;
+  /** Fills `into` from a segment's bytes at `offset`; BlobNotFoundError when compaction has deleted it. */
+  readRun(diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void>;
   /** Makes blocks durable and the disk's (null: the block reads as zeros), as one write of the disk with changed-block tracking. */
   commit(projectId: string, diskId: string, blocks: [number, Buffer | null][]): Promise<void>;
 }
+
+/** Blocks of the block map read and kept at once: 64 MiB of disk per query. */
+const REGION_BLOCKS = 1024;
+/** Attempts of a read whose segment compaction deleted under it (the map is read again each time). */
+const READ_ATTEMPTS = 3;
 
 /** Bytes of acknowledged, uncommitted blocks across every disk of the process; past it, a write waits for its disk's commit. */
 export class WriteBudget {
@@ -38,6 +51,8 @@ export interface Extent {
  */
 export class DiskWrites {
   private dirty = new Map<number, Buffer | null>();
+  /** The committed block map, a region at a time, as read since the disk last changed. */
+  private readonly regions = new Map<number, Promise<Map<number, StoredBlock>>>();
   private committing = new Map<number, Buffer | null>();
   private chain: Promise<void> = Promise.resolve();
   /** Mutations one at a time: a partial block's read and its copy are one step. */
@@ -98,25 +113,86 @@ export class DiskWrites {
 
   /** The bytes [offset, offset + length) as the last acknowledged writes left them. */
   async read(offset: number, length: number): Promise<Buffer> {
-    const first = Math.floor(offset / BLOCK_SIZE);
-    const last = Math.floor((offset + length - 1) / BLOCK_SIZE);
-    // The blocks not yet committed, as they are now: a commit that ends during the read
-    // has put the same bytes in the store, so laying these over it stays right.
-    const overlay: [number, Buffer | null][] = [];
-    if (this.dirty.size || this.committing.size) {
-      for (let i = first; i <= last; i++) {
-        const b = this.dirty.has(i) ? this.dirty.get(i)! : this.committing.get(i);
-        if (b !== undefined) overlay.push([i, b]);
+    const buf = Buffer.allocUnsafe(length);
+    if (length) await this.fill(offset, buf, true);
+    return buf;
+  }
+
+  /** Forgets the block map read so far (the disk changed). */
+  invalidate(): void {
+    this.regions.clear();
+  }
+
+  private region(r: number): Promise<Map<number, StoredBlock>> {
+    let map = this.regions.get(r);
+    if (!map) {
+      const last = Math.min(Math.ceil(this.sizeBytes / BLOCK_SIZE) - 1, (r + 1) * REGION_BLOCKS - 1);
+      const loading = this.store.refs(this.diskId, r * REGION_BLOCKS, last).then((refs) => new Map(refs.map((x) => [x.index, x])));
+      loading.catch(() => {
+        if (this.regions.get(r) === loading) this.regions.delete(r);
+      });
+      this.regions.set(r, loading);
+      map = loading;
+    }
+    return map;
+  }
+
+  /** Fills `into` with the bytes from `offset`: with `overlay`, as acknowledged (uncommitted blocks first), else as committed. */
+  private async fill(offset: number, into: Buffer, overlay: boolean): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.fillOnce(offset, into, overlay);
+      } catch (err) {
+        if (!(err instanceof BlobNotFoundError) || attempt >= READ_ATTEMPTS) throw err;
+        this.invalidate();
       }
     }
-    const buf = Buffer.allocUnsafe((last - first + 1) * BLOCK_SIZE);
-    if (overlay.length < last - first + 1) await this.store.readBlocks(this.diskId, first, last, buf);
-    for (const [i, b] of overlay) {
-      if (b) b.copy(buf, (i - first) * BLOCK_SIZE);
-      else buf.fill(0, (i - first) * BLOCK_SIZE, (i - first + 1) * BLOCK_SIZE);
+  }
+
+  /** One range read per run of adjacent blocks in one segment, only the bytes asked for. */
+  private async fillOnce(offset: number, into: Buffer, overlay: boolean): Promise<void> {
+    const end = offset + into.length;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const last = Math.floor((end - 1) / BLOCK_SIZE);
+    // The uncommitted blocks as they are now: a commit that ends during the read has put
+    // the same bytes in the store, so laying these over what it reads stays right.
+    let pending: Map<number, Buffer | null> | null = null;
+    if (overlay && (this.dirty.size || this.committing.size)) {
+      pending = new Map();
+      for (let i = first; i <= last; i++) {
+        const b = this.dirty.has(i) ? this.dirty.get(i)! : this.committing.get(i);
+        if (b !== undefined) pending.set(i, b);
+      }
     }
-    const from = offset - first * BLOCK_SIZE;
-    return buf.subarray(from, from + length);
+    const reads: Promise<void>[] = [];
+    const span = (i: number) => [Math.max(offset, i * BLOCK_SIZE), Math.min(end, (i + 1) * BLOCK_SIZE)];
+    let i = first;
+    while (i <= last) {
+      const [from, to] = span(i);
+      const mine = pending?.get(i);
+      if (mine !== undefined) {
+        if (mine) mine.copy(into, from - offset, from - i * BLOCK_SIZE, to - i * BLOCK_SIZE);
+        else into.fill(0, from - offset, to - offset);
+        i++;
+        continue;
+      }
+      const ref = (await this.region(Math.floor(i / REGION_BLOCKS))).get(i);
+      if (!ref) {
+        into.fill(0, from - offset, to - offset);
+        i++;
+        continue;
+      }
+      let j = i;
+      while (j < last && pending?.get(j + 1) === undefined) {
+        const next = (await this.region(Math.floor((j + 1) / REGION_BLOCKS))).get(j + 1);
+        if (!next || next.segmentId !== ref.segmentId || next.offset !== ref.offset + (j + 1 - i) * BLOCK_SIZE) break;
+        j++;
+      }
+      const runEnd = span(j)[1];
+      reads.push(this.store.readRun(this.diskId, ref.segmentId, ref.offset + (from - i * BLOCK_SIZE), into.subarray(from - offset, runEnd - offset)));
+      i = j + 1;
+    }
+    await Promise.all(reads);
   }
 
   /** Where [offset, offset + length) holds data, in runs of whole blocks (the first starts at `offset`); the work grows with the blocks that hold data, not with the length. */
@@ -124,7 +200,7 @@ export class DiskWrites {
     const end = offset + length;
     const first = Math.floor(offset / BLOCK_SIZE);
     const last = Math.floor((end - 1) / BLOCK_SIZE);
-    const data = new Set(await this.store.dataBlocks(this.diskId, first, last));
+    const data = new Set((await this.store.refs(this.diskId, first, last)).map((r) => r.index));
     for (const m of [this.committing, this.dirty]) {
       for (const [i, b] of m) {
         if (i < first || i > last) continue;
@@ -195,7 +271,7 @@ export class DiskWrites {
       if (before !== undefined) block = before ? Buffer.from(before) : Buffer.alloc(BLOCK_SIZE);
       else {
         block = Buffer.allocUnsafe(BLOCK_SIZE);
-        await this.store.readBlocks(this.diskId, index, index, block);
+        await this.fill(index * BLOCK_SIZE, block, false);
       }
     }
     await this.set(index, block);

@@ -37,8 +37,8 @@ export interface NbdServer {
 function blockStore(deps: NbdServerDeps): BlockStore {
   const { volumes, ds, services } = deps;
   return {
-    readBlocks: (diskId, first, last, into) => volumes.readBlocks(diskId, first, last, into),
-    dataBlocks: async (diskId, first, last) => (await volumes.blockRefs(ds, diskId, first, last)).map((r) => r.index),
+    refs: (diskId, first, last) => volumes.blockRefs(ds, diskId, first, last),
+    readRun: (diskId, segmentId, offset, into) => volumes.readRunInto(diskId, segmentId, offset, into),
     commit: (projectId, diskId, blocks) =>
       volumes.withDiskLock(diskId, async () => {
         if (!(await services.nbd.writable(ds.manager, projectId, diskId))) throw new Error("the disk is no longer writable (deleted, or being restored)");
@@ -137,6 +137,8 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
     for (const c of connections) if (c.export && gone.has(c.export.id)) c.close();
   };
   services.nbd.onRevoke = (ids) => revoke(ids);
+  // A write to a disk, from here or through the data endpoint, makes its kept block map stale.
+  const unwatch = deps.volumes.onChange((diskId) => disks.get(diskId)?.invalidate());
   const unregister = services.backups.capture.register(<T>(capture: () => Promise<T>) => [...disks.values()].reduce<() => Promise<T>>((inner, writes) => () => writes.hold(inner), capture)());
 
   const checkTimer = setInterval(() => {
@@ -177,6 +179,7 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
     async close() {
       clearInterval(checkTimer);
       unregister();
+      unwatch();
       services.nbd.onRevoke = null;
       await new Promise<void>((resolve) => {
         server.close(() => resolve());

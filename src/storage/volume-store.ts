@@ -136,6 +136,7 @@ const READ_ATTEMPTS = 3;
 export class VolumeStore {
   /** Buffers of reads (two per read in progress). */
   private readonly buffers = new BufferPool(4);
+  private readonly changeListeners = new Set<(diskId: string) => void>();
 
   constructor(
     private readonly ds: DataSource,
@@ -271,6 +272,13 @@ export class VolumeStore {
       if (segment) await this.insertSegment(em, projectId, diskId, segment);
       await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros));
     });
+    for (const listener of this.changeListeners) listener(diskId);
+  }
+
+  /** Told, in this process, of every write committed to a disk (before the writer hears it is done): whoever keeps a disk's block map drops it. */
+  onChange(listener: (diskId: string) => void): () => void {
+    this.changeListeners.add(listener);
+    return () => this.changeListeners.delete(listener);
   }
 
   /** Indexes a durable segment written by this store, in the transaction that points blocks at it; it stops being pending. */

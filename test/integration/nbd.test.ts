@@ -7,7 +7,7 @@ import { freePort } from "../../bench/lib/proc";
 import { loadConfig } from "../../src/config";
 import { compactStorage } from "../../src/jobs";
 import { silentLogger } from "../../src/logger";
-import { backupNow, BLOCK, bytes, createDisk, readDisk, sha, succeed, writeDisk } from "../helpers/data";
+import { backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, succeed, writeDisk } from "../helpers/data";
 import { requireProgram } from "../helpers/external";
 import { RawNbd } from "../helpers/nbd-client";
 import { GiB, MiB, startTestService, type TestService } from "../helpers/service";
@@ -213,6 +213,15 @@ maybe("disks over NBD", () => {
     expect(await c3.go(nameOf(e.uri))).toMatchObject({ size: MiB });
     await svc.ok(`mutation ($d: ID!) { detachDisk(input: { diskId: $d }) { disk { id } } }`, { d: data });
     expect(await c3.closedWithin(1000)).toBe(true);
+
+    // A restore onto the disk replaces its bytes: its exports go, their connections within a second or two.
+    const backupId = await backupNow(svc, data);
+    const f = await exportOf(data);
+    const c4 = await RawNbd.connect(svc.nbdPort);
+    expect(await c4.go(nameOf(f.uri))).toMatchObject({ size: MiB });
+    await restoreNow(svc, { backupId });
+    expect(await c4.closedWithin(3000)).toBe(true);
+    expect((await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Disk { nbdExports { totalCount } } } }`, { id: data })).node.nbdExports.totalCount).toBe(0);
   });
 
   it("closes a connection that breaks the protocol and answers bad requests with their errors, leaving the disk and the service whole", async () => {

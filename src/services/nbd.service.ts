@@ -32,10 +32,10 @@ export class NbdService {
   }
 
   async create(ctx: RequestContext, input: { resourceId: string; readOnly?: boolean | null }): Promise<NbdExport> {
-    if (ctx.config.nbdPort === 0) throw failedPrecondition("NBD is turned off on this service (NBD_PORT=0)");
     const parsed = fromGlobalId(input.resourceId);
     if (parsed && (parsed.type === "Backup" || parsed.type === "Image")) throw badInput("resourceId", "only disks can be served over NBD");
     const diskId = decodeId(input.resourceId, "Disk", "resourceId");
+    if (ctx.config.nbdPort === 0) throw failedPrecondition("NBD is turned off on this service (NBD_PORT=0)");
     const readOnly = input.readOnly ?? false;
     const exp = await ctx.ds.transaction(async (em) => {
       const disk = await em.findOne(Disk, { where: { id: diskId, projectId: ctx.projectId }, lock: { mode: "pessimistic_read" } });

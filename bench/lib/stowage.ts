@@ -35,7 +35,7 @@ export class StowageProcess {
     fs.mkdirSync(dataDir, { recursive: true, mode: 0o755 });
     fs.chmodSync(dataDir, 0o755);
     const port = await freePort();
-    const env: NodeJS.ProcessEnv = { ...process.env, PORT: String(port), HOST: "127.0.0.1", STOWAGE_DATA_DIR: dataDir, LOG_LEVEL: "warn", ...opts.env };
+    const env: NodeJS.ProcessEnv = { ...process.env, PORT: String(port), HOST: "127.0.0.1", STOWAGE_DATA_DIR: dataDir, LOG_LEVEL: "warn", NBD_PORT: "0", ...opts.env };
     // The benchmark measures the defaults: embedded Postgres and blobs on the local filesystem.
     for (const k of Object.keys(env)) if (k === "DATABASE_URL" || k.startsWith("S3_")) delete env[k];
     const logFile = path.join(path.dirname(dataDir), "stowage.log");

@@ -296,14 +296,19 @@ export class DiskWrites {
     }
   }
 
-  private enqueue(forced: boolean): Promise<void> {
-    const run = this.chain.then(() => this.commitOnce(forced));
+  /**
+   * Queues a commit. One asked for while a capture holds the disk waits for the hold to
+   * end before it joins the queue: inside the queue it would stand in front of the
+   * capture's own commit and wait for it, which waits for the hold to end.
+   */
+  private async enqueue(forced: boolean): Promise<void> {
+    if (!forced) while (this.holds > 0) await new Promise<void>((r) => this.released.push(r));
+    const run = this.chain.then(() => this.commitOnce());
     this.chain = run.catch(() => undefined);
     return run;
   }
 
-  private async commitOnce(forced: boolean): Promise<void> {
-    while (!forced && this.holds > 0) await new Promise<void>((r) => this.released.push(r));
+  private async commitOnce(): Promise<void> {
     if (this.dirty.size === 0) return;
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;

@@ -27,7 +27,7 @@ export interface ChildService {
 const UNINHERITED = ["NODE_ENV", "STOWAGE_TEST_ADMIN_URL", "STOWAGE_DIST", "S3_BUCKET", "VOLUME_BACKEND", "VAULT_BACKEND", "LOG_LEVEL"];
 
 export async function serveChild(env: Record<string, string> & { STOWAGE_DATA_DIR: string }, readyMs = 60_000): Promise<ChildService> {
-  const full: NodeJS.ProcessEnv = { ...process.env, HOST: "127.0.0.1", PORT: "0", ...env };
+  const full: NodeJS.ProcessEnv = { ...process.env, HOST: "127.0.0.1", PORT: "0", NBD_PORT: "0", ...env };
   for (const name of UNINHERITED) if (!(name in env)) delete full[name];
   const child = spawn(process.execPath, [BIN, "serve"], { cwd: ROOT, env: full, stdio: ["ignore", "pipe", "pipe"] });
   let out = "";

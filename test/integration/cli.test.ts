@@ -52,7 +52,7 @@ function freePort(): Promise<number> {
 
 /** The environment of a plain `npm start`: no DATABASE_URL (embedded Postgres), no NODE_ENV=test from jest. */
 function cliEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = { ...process.env, STOWAGE_DATA_DIR: dataDir, PORT: String(port), HOST: "127.0.0.1", ...extra };
+  const env: NodeJS.ProcessEnv = { ...process.env, STOWAGE_DATA_DIR: dataDir, PORT: String(port), HOST: "127.0.0.1", NBD_PORT: "0", ...extra };
   for (const name of ["DATABASE_URL", "NODE_ENV", "LOG_LEVEL", "STOWAGE_TEST_ADMIN_URL", "STOWAGE_DIST", "S3_BUCKET"]) delete env[name];
   return env;
 }

@@ -72,6 +72,7 @@ async function serve(extra: Record<string, string>): Promise<Served> {
     STOWAGE_DATA_DIR: dataDir,
     HOST: "127.0.0.1",
     PORT: String(port),
+    NBD_PORT: "0",
     JOB_STALE_SECONDS: "2",
     ...extra,
   };

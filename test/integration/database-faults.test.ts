@@ -136,6 +136,7 @@ it("answers /readyz 503 within 2 s while the database is frozen or gone, ends re
     STOWAGE_DATA_DIR: dataDir,
     HOST: "127.0.0.1",
     PORT: "0",
+    NBD_PORT: "0",
     DB_STATEMENT_TIMEOUT_SECONDS: "3",
     DB_ACQUIRE_TIMEOUT_SECONDS: "2",
     SCHEDULER_INTERVAL_SECONDS: "0",

@@ -24,6 +24,7 @@ const TABLES = [
   "image_exports",
   "images",
   "jobs",
+  "nbd_exports",
   "pending_blobs",
   "policies",
   "policy_bindings",

@@ -125,7 +125,7 @@ function newDataDir(): string {
  * not reaped it yet does.
  */
 async function serve(dataDir: string, port: number, opts: { holder?: boolean; env?: Record<string, string> } = {}): Promise<Served> {
-  const env: NodeJS.ProcessEnv = { ...process.env, STOWAGE_DATA_DIR: dataDir, HOST: "127.0.0.1", PORT: String(port), GC_INTERVAL_SECONDS: "0", ...opts.env };
+  const env: NodeJS.ProcessEnv = { ...process.env, STOWAGE_DATA_DIR: dataDir, HOST: "127.0.0.1", PORT: String(port), NBD_PORT: "0", GC_INTERVAL_SECONDS: "0", ...opts.env };
   for (const name of ["DATABASE_URL", "NODE_ENV", "STOWAGE_TEST_ADMIN_URL", "STOWAGE_DIST", "S3_BUCKET", "VOLUME_BACKEND", "VAULT_BACKEND", "LOG_LEVEL"]) delete env[name];
   const child = opts.holder
     ? spawn("/bin/sh", ["-c", '"$0" "$1" serve & exec sleep 1000000', process.execPath, BIN], { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] })

@@ -30,7 +30,7 @@ interface Cli {
 
 /** `node bin/stowage.js …` in the copy, with the environment of a plain `npm start`. */
 function spawnCli(args: string[], dataDir: string): Cli {
-  const env: NodeJS.ProcessEnv = { ...process.env, STOWAGE_DATA_DIR: dataDir, PORT: "0", HOST: "127.0.0.1" };
+  const env: NodeJS.ProcessEnv = { ...process.env, STOWAGE_DATA_DIR: dataDir, PORT: "0", HOST: "127.0.0.1", NBD_PORT: "0" };
   for (const name of ["DATABASE_URL", "NODE_ENV", "LOG_LEVEL", "STOWAGE_TEST_ADMIN_URL", "STOWAGE_DIST", "S3_BUCKET"]) delete env[name];
   // The copy is the working directory, as it is for `npm start` there.
   const child = spawn(process.execPath, [path.join(checkout, "bin", "stowage.js"), ...args], { cwd: checkout, env, stdio: ["ignore", "pipe", "pipe"] });

@@ -193,6 +193,6 @@ function nbdConfig(env: Env): Pick<Config, "nbdHost" | "nbdPort" | "nbdPublicHos
     nbdPort,
     nbdPublicHost: env.NBD_PUBLIC_HOST || (wildcard ? os.hostname() : nbdHost),
     nbdTls,
-    nbdWriteBufferBytes: int(env, "NBD_WRITE_BUFFER_BYTES", 256 * 2 ** 20, 4 * 2 ** 20, 64 * 2 ** 30),
+    nbdWriteBufferBytes: int(env, "NBD_WRITE_BUFFER_BYTES", 64 * 2 ** 20, 4 * 2 ** 20, 64 * 2 ** 30),
   };
 }

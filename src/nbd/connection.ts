@@ -27,6 +27,7 @@ import {
   STATE_HOLE,
   STATE_ZERO,
   STRUCTURED_REPLY_MAGIC,
+  TF_CAN_MULTI_CONN,
   TF_HAS_FLAGS,
   TF_READ_ONLY,
   TF_SEND_DF,
@@ -45,7 +46,7 @@ const PREFERRED_BLOCK = 64 * 1024;
 /** A READ answered in pieces of this size (structured replies), so it never sits whole in memory. */
 const READ_PIECE = 4 * 1024 * 1024;
 /** Bytes of reads in progress per connection; further requests wait (a client at depth 64 of 32 MiB reads holds no more; one read larger than this runs alone). */
-const READ_BYTES_IN_FLIGHT = 16 * 1024 * 1024;
+const READ_BYTES_IN_FLIGHT = 8 * 1024 * 1024;
 
 /** What a connection asks of the server it belongs to. */
 export interface ConnectionHost {
@@ -53,6 +54,8 @@ export interface ConnectionHost {
   open(name: string): Promise<OpenedExport | null>;
   /** The shared writes of the export's disk in this process; a writable export fails when the disk has a writable connection already. */
   attach(conn: NbdConnection, exp: OpenedExport): DiskWrites | string;
+  /** The connection writes no more: another may take the disk's writable slot. */
+  release(conn: NbdConnection): void;
   detach(conn: NbdConnection): void;
   /** TLS is offered (STARTTLS); `required` when it is (a non-loopback address). */
   tls: { required: boolean; upgrade(socket: Duplex): Promise<Duplex> } | null;
@@ -99,6 +102,8 @@ export class NbdConnection {
   private readBytesInFlight = 0;
   private readWaiters: (() => void)[] = [];
   private readonly inFlight = new Set<Promise<void>>();
+  /** Resolves when the socket's full buffer has drained (one waiter for every reply waiting). */
+  private drained: Promise<void> | null = null;
 
   constructor(
     private readonly socket: Duplex,
@@ -116,6 +121,8 @@ export class NbdConnection {
       if (!(err instanceof ConnectionClosed)) this.host.log("nbd connection closed on an error", { error: (err as Error).message, protocol: err instanceof ProtocolError });
     } finally {
       await Promise.allSettled(this.inFlight);
+      // Another writer may connect now: it shares these writes, so its own come after them.
+      this.host.release(this);
       if (this.writes) {
         // What was acknowledged is committed even when the client left without a FLUSH.
         await this.writes.flush().catch((err: Error) => this.host.log("nbd writes could not be committed at disconnect", { error: err.message, disk: this.export?.diskId }));
@@ -284,7 +291,8 @@ export class NbdConnection {
 
   private flags(exp: OpenedExport): number {
     let f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_DF;
-    if (exp.readOnly) f |= TF_READ_ONLY;
+    // Read-only connections of a disk share its writes in this process: every one sees what any was told, so clients may spread reads over several.
+    if (exp.readOnly) f |= TF_READ_ONLY | TF_CAN_MULTI_CONN;
     else f |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
     return f;
   }
@@ -388,7 +396,8 @@ export class NbdConnection {
     let refusal: { errno: NbdErr; message: string } | null = null;
     if (exp.readOnly) refusal = { errno: NbdErr.EPERM, message: "the export is read-only" };
     else if (typeof range === "string") refusal = { errno: NbdErr.ENOSPC, message: range };
-    let pos = typeof range === "string" ? 0 : range.offset;
+    const start = typeof range === "string" ? 0 : range.offset;
+    let pos = start;
     let left = length;
     let failure: unknown = null;
     while (left > 0) {
@@ -396,7 +405,7 @@ export class NbdConnection {
       left -= piece.length;
       if (refusal || failure) continue;
       try {
-        await this.writes!.write(pos, piece);
+        await this.writes!.write(pos, piece, { start, end: start + length });
       } catch (err) {
         failure = err;
       }
@@ -520,19 +529,23 @@ export class NbdConnection {
     this.out.write(Buffer.concat([this.chunkHeader(cookie, REPLY_FLAG_DONE, offset === undefined ? Chunk.ERROR : Chunk.ERROR_OFFSET, body.length), body]));
   }
 
-  /** Writes one reply's parts back to back; waits while the socket's buffer is full. */
+  /** Writes one reply's parts back to back, as one write of the socket; waits while the socket's buffer is full. */
   private send(parts: Buffer[]): Promise<void> {
+    this.out.cork();
     let ok = true;
     for (const p of parts) ok = this.out.write(p);
+    this.out.uncork();
     if (ok || this.out.destroyed) return Promise.resolve();
-    return new Promise((resolve) => {
+    this.drained ??= new Promise<void>((resolve) => {
       const done = () => {
         this.out.off("drain", done);
         this.out.off("close", done);
+        this.drained = null;
         resolve();
       };
       this.out.on("drain", done);
       this.out.on("close", done);
     });
+    return this.drained;
   }
 }

@@ -63,6 +63,7 @@ export const TF_SEND_FUA = 1 << 3;
 export const TF_SEND_TRIM = 1 << 5;
 export const TF_SEND_WRITE_ZEROES = 1 << 6;
 export const TF_SEND_DF = 1 << 7;
+export const TF_CAN_MULTI_CONN = 1 << 8;
 export const TF_SEND_FAST_ZERO = 1 << 11;
 
 export enum Cmd {

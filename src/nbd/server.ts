@@ -38,7 +38,7 @@ function blockStore(deps: NbdServerDeps): BlockStore {
   const { volumes, ds, services } = deps;
   return {
     refs: (diskId, first, last) => volumes.blockRefs(ds, diskId, first, last),
-    readRun: (diskId, segmentId, offset, into) => volumes.readRunInto(diskId, segmentId, offset, into),
+    readRun: (diskId, segmentId, offset, into) => volumes.readSegmentInto(diskId, segmentId, offset, into),
     commit: (projectId, diskId, blocks) =>
       volumes.withDiskLock(diskId, async () => {
         if (!(await services.nbd.writable(ds.manager, projectId, diskId))) throw new Error("the disk is no longer writable (deleted, or being restored)");
@@ -101,6 +101,9 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
       writes.users++;
       connections.add(conn);
       return writes;
+    },
+    release(conn: NbdConnection) {
+      if (conn.export && writers.get(conn.export.diskId) === conn) writers.delete(conn.export.diskId);
     },
     detach(conn: NbdConnection) {
       connections.delete(conn);

@@ -31,6 +31,13 @@ export interface BlobStore {
   getRange(key: string, offset: number, length: number): Promise<Buffer>;
   /** Fills `into` with the bytes of a blob from `offset` on. */
   readInto(key: string, offset: number, into: Buffer): Promise<void>;
+  /**
+   * The same for a blob whose bytes never change once written (a volume segment): a store
+   * may keep it open between reads. Optional; readInto is used where a store lacks it.
+   */
+  readFixedInto?(key: string, offset: number, into: Buffer): Promise<void>;
+  /** Lets go of what the store keeps open (files of readFixedInto). */
+  closeFiles?(): void;
   /** A stream of the blob, or of [start, end] inclusive. */
   getStream(key: string, range?: { start: number; end: number }): Promise<Readable>;
   /** Size, or null when absent. */

@@ -235,7 +235,18 @@ class DirectWriter implements BlobWriter {
  * folder, are fsynced, renamed into place and the folder is fsynced, so a crash
  * leaves the old state or the whole new blob, never part of one.
  */
+/** A blob's file kept open for readFixedInto; closed once dropped and no read uses it. */
+interface KeptFile {
+  fd: Promise<number>;
+  users: number;
+  dropped: boolean;
+}
+
+/** Files readFixedInto keeps open: the segments a disk's random reads touch. */
+const KEPT_FILES = 64;
+
 export class FsBlobStore implements BlobStore {
+  private readonly keptFiles = new Map<string, KeptFile>();
   readonly name = "fs";
   private readonly root: string;
   /** Free aligned windows for writes that bypass the page cache (found on first use). */
@@ -401,6 +412,63 @@ export class FsBlobStore implements BlobStore {
     }
   }
 
+  async readFixedInto(key: string, offset: number, buf: Buffer): Promise<void> {
+    const file = this.kept(key);
+    file.users++;
+    try {
+      let fd: number;
+      try {
+        fd = await file.fd;
+      } catch (err) {
+        throw this.notFound(err, key);
+      }
+      let done = 0;
+      while (done < buf.length) {
+        const bytesRead = await new Promise<number>((resolve, reject) => fs.read(fd, buf, done, buf.length - done, offset + done, (err, n) => (err ? reject(err) : resolve(n))));
+        if (bytesRead === 0) throw new Error(`blob ${key} is shorter than ${offset + buf.length} bytes`);
+        done += bytesRead;
+      }
+    } finally {
+      file.users--;
+      if (file.dropped && file.users === 0) this.closeKept(file);
+    }
+  }
+
+  /** The kept file of a blob, opened now if it is not; the least recently used beyond KEPT_FILES are closed. */
+  private kept(key: string): KeptFile {
+    let file = this.keptFiles.get(key);
+    if (file) {
+      this.keptFiles.delete(key);
+      this.keptFiles.set(key, file);
+      return file;
+    }
+    const opening = new Promise<number>((resolve, reject) => fs.open(this.file(key), "r", (err, fd) => (err ? reject(err) : resolve(fd))));
+    file = { fd: opening, users: 0, dropped: false };
+    const made = file;
+    // A file that failed to open is not kept.
+    opening.catch(() => this.drop(key, made));
+    this.keptFiles.set(key, file);
+    for (const [k, f] of this.keptFiles) {
+      if (this.keptFiles.size <= KEPT_FILES) break;
+      this.drop(k, f);
+    }
+    return file;
+  }
+
+  private drop(key: string, file: KeptFile): void {
+    if (this.keptFiles.get(key) === file) this.keptFiles.delete(key);
+    file.dropped = true;
+    if (file.users === 0) this.closeKept(file);
+  }
+
+  private closeKept(file: KeptFile): void {
+    file.fd.then((fd) => fs.close(fd, () => undefined)).catch(() => undefined);
+  }
+
+  closeFiles(): void {
+    for (const [k, f] of [...this.keptFiles]) this.drop(k, f);
+  }
+
   async getStream(key: string, range?: { start: number; end: number }): Promise<Readable> {
     const file = this.file(key);
     try {
@@ -422,6 +490,8 @@ export class FsBlobStore implements BlobStore {
   }
 
   async delete(key: string): Promise<void> {
+    const kept = this.keptFiles.get(key);
+    if (kept) this.drop(key, kept);
     await fsp.rm(this.file(key), { force: true });
   }
 

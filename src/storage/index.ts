@@ -37,7 +37,10 @@ export function createStorage(config: Config, ds: DataSource): Storage {
     uploads: new UploadStore(ds, vault.blobs),
     space: new FreeSpace([volumes.blobs, vault.blobs], config.minFreeBytes),
     close() {
-      for (const s of made) if (s instanceof S3BlobStore) s.destroy();
+      for (const s of made) {
+        if (s instanceof S3BlobStore) s.destroy();
+        (s as BlobStore).closeFiles?.();
+      }
       void codec.close();
     },
   };

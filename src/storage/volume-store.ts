@@ -353,6 +353,15 @@ export class VolumeStore {
     return this.blobs.readInto(segmentKey(diskId, segmentId), offset, into);
   }
 
+  /**
+   * The same for many small reads of a few segments (a disk served over NBD): segments never
+   * change once written, so a store may keep their files open between reads.
+   */
+  readSegmentInto(diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void> {
+    const key = segmentKey(diskId, segmentId);
+    return this.blobs.readFixedInto ? this.blobs.readFixedInto(key, offset, into) : this.blobs.readInto(key, offset, into);
+  }
+
   async readBlock(diskId: string, index: number): Promise<Buffer> {
     const block = Buffer.alloc(BLOCK_SIZE);
     await this.readBlocks(diskId, index, index, block);

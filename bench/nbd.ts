@@ -17,9 +17,8 @@
  * to a sparse src.raw in a temp dir. Stowage runs from the compiled build as `npm start`
  * runs it, on a fresh data dir in the same temp dir with its embedded Postgres and local
  * blobs, NBD on a free port, and neither the collector nor the policy scheduler running
- * (GC_INTERVAL_SECONDS=0, SCHEDULER_INTERVAL_SECONDS=0: there are no policies; with the
- * scheduler on, its capture hold every 5 s can deadlock a writer whose buffer is full,
- * which the benchmark reports as a client stalled for 10 minutes). Each run makes a fresh
+ * (GC_INTERVAL_SECONDS=0, SCHEDULER_INTERVAL_SECONDS=0: there are no policies, and a client
+ * stalled for 10 minutes fails the run). Each run makes a fresh
  * disk of --size bytes with a writable and a read-only export; nbdkit serves a fresh
  * sparse raw file of --size bytes in the same temp dir (`nbdkit file`, no filters: its
  * FLUSH is fdatasync, Stowage's a durable commit of the buffered blocks to its segments
@@ -35,7 +34,7 @@
  *                     7 × `nbdcopy --connections=1 URI null:` from the read-only one (nbdkit: its one URI)
  * Throughput is the disk's size over nbdcopy's wall time (as for the issue's 1 GiB in 1.03 s);
  * IOPS are fio's. nbdcopy uses 4 connections where the server advertises multi-conn (nbdkit
- * does, Stowage does not): the rows use nbdcopy's defaults, and the details give nbdkit
+ * does; Stowage does on read-only exports): the rows use nbdcopy's defaults, and the details give nbdkit
  * with --connections=1 too (into a second fresh file). Peak RSS is the largest VmRSS of
  * the server's process seen during the 8-connection phase (sampled every 50 ms; Stowage's
  * node process, its Postgres runs in processes of its own); the details give the peaks

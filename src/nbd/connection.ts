@@ -104,6 +104,8 @@ export class NbdConnection {
   private readonly inFlight = new Set<Promise<void>>();
   /** Resolves when the socket's full buffer has drained (one waiter for every reply waiting). */
   private drained: Promise<void> | null = null;
+  /** The socket is corked until the end of this turn of the event loop. */
+  private corked = false;
 
   constructor(
     private readonly socket: Duplex,
@@ -513,12 +515,25 @@ export class NbdConnection {
     return b;
   }
 
+  /** Corks the socket until the end of this turn of the event loop. */
+  private batch(): void {
+    if (this.corked) return;
+    this.corked = true;
+    this.out.cork();
+    setImmediate(() => {
+      this.corked = false;
+      this.out.uncork();
+    });
+  }
+
   private done(cookie: Buffer): void {
+    this.batch();
     if (this.structured) this.out.write(this.chunkHeader(cookie, REPLY_FLAG_DONE, Chunk.NONE, 0));
     else this.out.write(this.simpleHeader(cookie, 0));
   }
 
   private error(cookie: Buffer, errno: NbdErr, message: string, offset?: number): void {
+    this.batch();
     if (!this.structured) return void this.out.write(this.simpleHeader(cookie, errno));
     const text = Buffer.from(message.slice(0, 200), "utf8");
     const body = Buffer.allocUnsafe(6 + text.length + (offset === undefined ? 0 : 8));
@@ -529,12 +544,15 @@ export class NbdConnection {
     this.out.write(Buffer.concat([this.chunkHeader(cookie, REPLY_FLAG_DONE, offset === undefined ? Chunk.ERROR : Chunk.ERROR_OFFSET, body.length), body]));
   }
 
-  /** Writes one reply's parts back to back, as one write of the socket; waits while the socket's buffer is full. */
+  /**
+   * Writes one reply's parts back to back; waits while the socket's buffer is full. The
+   * replies of one turn of the event loop leave in one write of the socket: many reads
+   * finish in the same turn, and a system call per reply cost more than the reads.
+   */
   private send(parts: Buffer[]): Promise<void> {
-    this.out.cork();
+    this.batch();
     let ok = true;
     for (const p of parts) ok = this.out.write(p);
-    this.out.uncork();
     if (ok || this.out.destroyed) return Promise.resolve();
     this.drained ??= new Promise<void>((resolve) => {
       const done = () => {

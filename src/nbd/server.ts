@@ -71,8 +71,29 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
 
   const opened = new Gauge({ name: "stowage_nbd_connections", help: "NBD connections open now.", registers: [deps.registry] });
   const accepted = new Counter({ name: "stowage_nbd_connections_total", help: "NBD connections accepted.", registers: [deps.registry] });
-  const requests = new Counter({ name: "stowage_nbd_requests_total", help: "NBD requests by command.", labelNames: ["command"] as const, registers: [deps.registry] });
-  const bytes = new Counter({ name: "stowage_nbd_bytes_total", help: "Bytes read and written over NBD.", labelNames: ["direction"] as const, registers: [deps.registry] });
+  // Counted in plain numbers per request and handed to the counters when /metrics is read: a label lookup per 4 KiB read costs more than the read's own bookkeeping.
+  const counted = { commands: new Map<string, number>(), read: 0, written: 0 };
+  new Counter({
+    name: "stowage_nbd_requests_total",
+    help: "NBD requests by command.",
+    labelNames: ["command"] as const,
+    registers: [deps.registry],
+    collect() {
+      for (const [command, n] of counted.commands) this.inc({ command }, n);
+      counted.commands.clear();
+    },
+  });
+  new Counter({
+    name: "stowage_nbd_bytes_total",
+    help: "Bytes read and written over NBD.",
+    labelNames: ["direction"] as const,
+    registers: [deps.registry],
+    collect() {
+      this.inc({ direction: "read" }, counted.read);
+      this.inc({ direction: "write" }, counted.written);
+      counted.read = counted.written = 0;
+    },
+  });
   const buffered = new Gauge({
     name: "stowage_nbd_buffered_bytes",
     help: "Acknowledged NBD writes not yet committed.",
@@ -128,9 +149,11 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
         }
       : null,
     count(command, moved) {
-      if (!moved) requests.inc({ command });
-      if (moved?.read) bytes.inc({ direction: "read" }, moved.read);
-      if (moved?.written) bytes.inc({ direction: "write" }, moved.written);
+      if (!moved) counted.commands.set(command, (counted.commands.get(command) ?? 0) + 1);
+      else {
+        counted.read += moved.read ?? 0;
+        counted.written += moved.written ?? 0;
+      }
     },
     log: (message, fields) => logger.warn(message, fields),
   };

@@ -26,9 +26,11 @@
  *
  * Each workload runs against Stowage, then against nbdkit, each after an untimed `sync`:
  *   sequential write  `nbdcopy --flush src.raw URI` into the empty disk (holes go as zero requests)
- *   sequential read   `nbdcopy URI null:`; then (untimed) both disks must read back src.raw by SHA-256
+ *   sequential read   `nbdcopy URI null:` (Stowage: the read-only export, as a reader would use; it
+ *                     advertises multi-conn); then (untimed) both disks must read back src.raw by SHA-256
  *   random reads      fill the whole disk with random bytes (untimed, fio, 1 MiB writes, then a
  *                     flush), then `fio --ioengine=nbd --rw=randread --bs=4k --iodepth=16` for --duration s
+ *                     (Stowage: on the read-only export)
  *   random writes     the same with --rw=randwrite --fsync=64 (an NBD FLUSH after every 64 writes)
  *   8 connections     at once: `nbdcopy --connections=1 --flush src.raw` into the writable export and
  *                     7 × `nbdcopy --connections=1 URI null:` from the read-only one (nbdkit: its one URI)
@@ -288,7 +290,7 @@ async function measure(o: Options, progs: Programs, svc: StowageProcess, stowage
       log(`${s.name} sequential write: ${seconds.toFixed(2)} s (${(mib(size) / seconds).toFixed(0)} MiB/s)`);
     }
     for (const s of both) {
-      const { seconds } = await phase(s, "sequential read", () => client(progs.nbdcopy, [s.rw, "null:"]));
+      const { seconds } = await phase(s, "sequential read", () => client(progs.nbdcopy, [s.ro, "null:"]));
       numbers[s.name].seqRead = seconds;
       log(`${s.name} sequential read: ${seconds.toFixed(2)} s (${(mib(size) / seconds).toFixed(0)} MiB/s)`);
     }
@@ -327,7 +329,7 @@ async function measure(o: Options, progs: Programs, svc: StowageProcess, stowage
     }
     const random = ["--bs=4k", "--iodepth=16", "--time_based", `--runtime=${o.duration}`, "--ramp_time=1", "--randrepeat=1", "--norandommap"];
     for (const s of both) {
-      const { result } = await phase(s, "4 KiB random reads", () => fio(progs.fio, s.rw, size, ["--rw=randread", ...random]));
+      const { result } = await phase(s, "4 KiB random reads", () => fio(progs.fio, s.ro, size, ["--rw=randread", ...random]));
       numbers[s.name].randRead = result;
       log(`${s.name} 4 KiB random reads: ${fmtInt(Math.round(result.iops))} IOPS (p50 ${result.p50.toFixed(0)} µs, p99 ${result.p99.toFixed(0)} µs)`);
     }

@@ -1,5 +1,6 @@
 import type { Duplex } from "node:stream";
 import type { OpenedExport } from "../services/nbd.service";
+import { BufferPool } from "../storage/buffer-pool";
 import type { DiskWrites } from "./disk-writes";
 import {
   ALLOCATION_CONTEXT_ID,
@@ -39,6 +40,16 @@ import {
 } from "./protocol";
 import { ConnectionClosed, SocketReader } from "./reader";
 
+/**
+ * Buffers of large reads, reused once the socket has taken their bytes: a fresh
+ * multi-MiB buffer per read is external memory that waits for a collection, and
+ * under several busy readers that waiting memory was most of the process's size.
+ */
+const READ_BUFFERS = new BufferPool(8);
+/** Reads up to this size take a fresh buffer (from Node's own small-buffer slabs). */
+const POOLED_FROM = 64 * 1024;
+const readBuffer = (n: number) => (n > POOLED_FROM ? READ_BUFFERS.take(n) : Buffer.allocUnsafe(n));
+
 /** Largest READ or WRITE: advertised as the maximum block size; clients split larger transfers. */
 export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 /** What a connection advertises as its preferred request size: the volume store's block. */
@@ -52,10 +63,8 @@ const READ_BYTES_IN_FLIGHT = 8 * 1024 * 1024;
 export interface ConnectionHost {
   /** The export a client names; null when no export has that name. */
   open(name: string): Promise<OpenedExport | null>;
-  /** The shared writes of the export's disk in this process; a writable export fails when the disk has a writable connection already. */
-  attach(conn: NbdConnection, exp: OpenedExport): DiskWrites | string;
-  /** The connection writes no more: another may take the disk's writable slot. */
-  release(conn: NbdConnection): void;
+  /** The shared writes of the export's disk in this process. */
+  attach(conn: NbdConnection, exp: OpenedExport): DiskWrites;
   detach(conn: NbdConnection): void;
   /** TLS is offered (STARTTLS); `required` when it is (a non-loopback address). */
   tls: { required: boolean; upgrade(socket: Duplex): Promise<Duplex> } | null;
@@ -123,8 +132,6 @@ export class NbdConnection {
       if (!(err instanceof ConnectionClosed)) this.host.log("nbd connection closed on an error", { error: (err as Error).message, protocol: err instanceof ProtocolError });
     } finally {
       await Promise.allSettled(this.inFlight);
-      // Another writer may connect now: it shares these writes, so its own come after them.
-      this.host.release(this);
       if (this.writes) {
         // What was acknowledged is committed even when the client left without a FLUSH.
         await this.writes.flush().catch((err: Error) => this.host.log("nbd writes could not be committed at disconnect", { error: err.message, disk: this.export?.diskId }));
@@ -172,8 +179,7 @@ export class NbdConnection {
         case Opt.EXPORT_NAME: {
           const exp = await this.host.open(data.toString("utf8"));
           if (!exp) throw new ProtocolError("unknown export"); // the protocol's only answer here
-          const refusal = this.enter(exp);
-          if (refusal) throw new ProtocolError(refusal);
+          this.enter(exp);
           const tail = Buffer.alloc(10 + (this.noZeroes ? 0 : 124));
           tail.writeBigUInt64BE(BigInt(exp.sizeBytes), 0);
           tail.writeUInt16BE(this.flags(exp), 8);
@@ -273,28 +279,22 @@ export class NbdConnection {
       this.reply(opt, Rep.ACK);
       return false;
     }
-    const refusal = this.enter(exp);
-    if (refusal) {
-      this.reply(opt, Rep.ERR_POLICY, refusal);
-      return false;
-    }
+    this.enter(exp);
     this.reply(opt, Rep.ACK);
     return true;
   }
 
-  /** Binds the connection to its export; a reason when it may not (a second writer). */
-  private enter(exp: OpenedExport): string | null {
-    const writes = this.host.attach(this, exp);
-    if (typeof writes === "string") return writes;
+  /** Binds the connection to its export and the writes of its disk. */
+  private enter(exp: OpenedExport): void {
     this.export = exp;
-    this.writes = writes;
-    return null;
+    this.writes = this.host.attach(this, exp);
   }
 
   private flags(exp: OpenedExport): number {
-    let f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_DF;
-    // Read-only connections of a disk share its writes in this process: every one sees what any was told, so clients may spread reads over several.
-    if (exp.readOnly) f |= TF_READ_ONLY | TF_CAN_MULTI_CONN;
+    // Every connection to a disk shares its writes in this process: a read on any sees what any was told, and a
+    // FLUSH on any commits what all were told. That is multi-connection consistency, so clients may use several.
+    let f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN;
+    if (exp.readOnly) f |= TF_READ_ONLY;
     else f |= TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
     return f;
   }
@@ -451,31 +451,33 @@ export class NbdConnection {
 
   private async read(cookie: Buffer, offset: number, length: number): Promise<void> {
     if (!this.structured) {
-      let data: Buffer;
+      const data = readBuffer(length);
       try {
-        data = length ? await this.writes!.read(offset, length) : Buffer.alloc(0);
+        await this.writes!.readInto(offset, data);
       } catch (err) {
+        READ_BUFFERS.give(data);
         this.host.log("nbd read failed", { error: (err as Error).message, disk: this.export?.diskId });
         return this.error(cookie, NbdErr.EIO, "the disk could not be read");
       }
       this.host.count("READ", { read: length });
-      await this.send([this.simpleHeader(cookie, 0), data]);
+      await this.send([this.simpleHeader(cookie, 0), data], () => READ_BUFFERS.give(data));
       return;
     }
     if (length === 0) return this.done(cookie);
     for (let at = 0; at < length; at += READ_PIECE) {
       const n = Math.min(READ_PIECE, length - at);
-      let data: Buffer;
+      const data = readBuffer(n);
       try {
-        data = await this.writes!.read(offset + at, n);
+        await this.writes!.readInto(offset + at, data);
       } catch (err) {
+        READ_BUFFERS.give(data);
         this.host.log("nbd read failed", { error: (err as Error).message, disk: this.export?.diskId });
         return this.error(cookie, NbdErr.EIO, "the disk could not be read", offset + at);
       }
       const last = at + n >= length;
       const head = this.chunkHeader(cookie, last ? REPLY_FLAG_DONE : 0, Chunk.OFFSET_DATA, 8 + n);
       this.host.count("READ", { read: n });
-      await this.send([head, u64(offset + at), data]);
+      await this.send([head, u64(offset + at), data], () => READ_BUFFERS.give(data));
     }
   }
 
@@ -549,10 +551,10 @@ export class NbdConnection {
    * replies of one turn of the event loop leave in one write of the socket: many reads
    * finish in the same turn, and a system call per reply cost more than the reads.
    */
-  private send(parts: Buffer[]): Promise<void> {
+  private send(parts: Buffer[], written?: () => void): Promise<void> {
     this.batch();
     let ok = true;
-    for (const p of parts) ok = this.out.write(p);
+    parts.forEach((p, i) => (ok = i === parts.length - 1 && written ? this.out.write(p, () => written()) : this.out.write(p)));
     if (ok || this.out.destroyed) return Promise.resolve();
     this.drained ??= new Promise<void>((resolve) => {
       const done = () => {

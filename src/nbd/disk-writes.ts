@@ -117,8 +117,13 @@ export class DiskWrites {
   /** The bytes [offset, offset + length) as the last acknowledged writes left them. */
   async read(offset: number, length: number): Promise<Buffer> {
     const buf = Buffer.allocUnsafe(length);
-    if (length) await this.fill(offset, buf, true);
+    await this.readInto(offset, buf);
     return buf;
+  }
+
+  /** The same into the caller's buffer. */
+  async readInto(offset: number, into: Buffer): Promise<void> {
+    if (into.length) await this.fill(offset, into, true);
   }
 
   /** Forgets the block map read so far (the disk changed). */

@@ -59,14 +59,13 @@ function blockStore(deps: NbdServerDeps): BlockStore {
  * an export revoked here are dropped at once, of one revoked elsewhere (or whose disk
  * was deleted or is being restored) within a second. The writes of one disk are
  * shared by its connections in this process, so a reader sees what the writer was
- * acknowledged; a disk has one writable connection at a time.
+ * acknowledged, and a FLUSH on any commits what all were told (multi-conn consistency).
  */
 export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   const { config, logger, ds, services } = deps;
   const store = blockStore(deps);
   const budget = new WriteBudget(config.nbdWriteBufferBytes);
   const disks = new Map<string, DiskWrites>();
-  const writers = new Map<string, NbdConnection>();
   const connections = new Set<NbdConnection>();
 
   const opened = new Gauge({ name: "stowage_nbd_connections", help: "NBD connections open now.", registers: [deps.registry] });
@@ -110,10 +109,6 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   const host: ConnectionHost = {
     open: (name) => services.nbd.open(ds.manager, name),
     attach(conn: NbdConnection, exp: OpenedExport) {
-      if (!exp.readOnly) {
-        if (writers.has(exp.diskId)) return "the disk already has a writable NBD connection";
-        writers.set(exp.diskId, conn);
-      }
       let writes = disks.get(exp.diskId);
       if (!writes) {
         writes = new DiskWrites(store, exp.projectId, exp.diskId, exp.sizeBytes, budget, { diskBytes: Math.max(4 * BLOCK_SIZE, Math.floor(budget.total / 4)), delayMs: COMMIT_DELAY_MS });
@@ -123,14 +118,10 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
       connections.add(conn);
       return writes;
     },
-    release(conn: NbdConnection) {
-      if (conn.export && writers.get(conn.export.diskId) === conn) writers.delete(conn.export.diskId);
-    },
     detach(conn: NbdConnection) {
       connections.delete(conn);
       const exp = conn.export;
       if (!exp || !conn.writes) return;
-      if (writers.get(exp.diskId) === conn) writers.delete(exp.diskId);
       const writes = conn.writes;
       if (--writes.users === 0 && disks.get(exp.diskId) === writes) {
         writes.stop();

@@ -18,7 +18,7 @@ export function nbdUri(config: Config, name: string): string {
 @Resolver(() => NbdExportType)
 export class NbdExportResolver {
   @Mutation(() => CreateNbdExportPayload, {
-    description: "Serves a disk over NBD (qemu, qemu-img, nbdinfo, nbdcopy, the Linux kernel) under a new capability URI; a disk has at most one writable connection at a time.",
+    description: "Serves a disk over NBD (qemu, qemu-img, nbdinfo, nbdcopy, the Linux kernel) under a new capability URI; its connections are consistent with each other (multi-conn).",
   })
   async createNbdExport(@Arg("input") input: CreateNbdExportInput, @Ctx() { ctx, services }: GraphQLContext) {
     return { nbdExport: await services.nbd.create(ctx, input) };

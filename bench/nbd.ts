@@ -35,9 +35,9 @@
  *   8 connections     at once: `nbdcopy --connections=1 --flush src.raw` into the writable export and
  *                     7 × `nbdcopy --connections=1 URI null:` from the read-only one (nbdkit: its one URI)
  * Throughput is the disk's size over nbdcopy's wall time (as for the issue's 1 GiB in 1.03 s);
- * IOPS are fio's. nbdcopy uses 4 connections where the server advertises multi-conn (nbdkit
- * does; Stowage does on read-only exports): the rows use nbdcopy's defaults, and the details give nbdkit
- * with --connections=1 too (into a second fresh file). Peak RSS is the largest VmRSS of
+ * IOPS are fio's. nbdcopy uses 4 connections where the server advertises multi-conn (both
+ * do): the rows use nbdcopy's defaults, and the details give nbdkit with --connections=1
+ * too (into a second fresh file). Peak RSS is the largest VmRSS of
  * the server's process seen during the 8-connection phase (sampled every 50 ms; Stowage's
  * node process, its Postgres runs in processes of its own); the details give the peaks
  * per phase and VmHWM over the run. CPU seconds per phase come from /proc.
@@ -414,7 +414,7 @@ function report(o: Options, runs: RunResult[], versions: string[]): string {
   lines.push(`- ${versions.join("; ")}`);
   const single = { write: median(runs.map((r) => r.single.write)), read: median(runs.map((r) => r.single.read)) };
   lines.push(
-    `- nbdkit advertises multi-conn, so plain nbdcopy opens 4 connections to it and 1 to Stowage; nbdkit with \`nbdcopy --connections=1\`: write ${throughput(rate(single.write), single.write)}, ` +
+    `- both advertise multi-conn, so plain nbdcopy opens 4 connections to each; nbdkit with \`nbdcopy --connections=1\`: write ${throughput(rate(single.write), single.write)}, ` +
       `read ${throughput(rate(single.read), single.read)} (Stowage/that: write ${x(ratioOf(s.seqWrite, rate(single.write)))}, read ${x(ratioOf(s.seqRead, rate(single.read)))})`,
   );
   for (const name of ["Stowage", "nbdkit"] as ServerName[]) {

@@ -1,6 +1,7 @@
 import type { Duplex } from "node:stream";
 import type { OpenedExport } from "../services/nbd.service";
 import { BufferPool } from "../storage/buffer-pool";
+import { BLOCK_SIZE as BLOCK_BYTES } from "../formats/types";
 import type { DiskWrites } from "./disk-writes";
 import {
   ALLOCATION_CONTEXT_ID,
@@ -53,7 +54,7 @@ const readBuffer = (n: number) => (n > POOLED_FROM ? READ_BUFFERS.take(n) : Buff
 /** Largest READ or WRITE: advertised as the maximum block size; clients split larger transfers. */
 export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
 /** What a connection advertises as its preferred request size: the volume store's block. */
-const PREFERRED_BLOCK = 64 * 1024;
+const PREFERRED_BLOCK = BLOCK_BYTES;
 /** A READ answered in pieces of this size (structured replies), so it never sits whole in memory. */
 const READ_PIECE = 4 * 1024 * 1024;
 /** Bytes of reads in progress per connection; further requests wait (a client at depth 64 of 32 MiB reads holds no more; one read larger than this runs alone). */
@@ -402,16 +403,29 @@ export class NbdConnection {
     let pos = start;
     let left = length;
     let failure: unknown = null;
+    // Pieces are handed on cut at block boundaries: a block the request covers whole then
+    // arrives whole, and is never read first to keep bytes the rest of the request replaces.
+    let carry: Buffer[] = [];
+    let carried = 0;
     while (left > 0) {
       const piece = await this.reader.readSome(left);
       left -= piece.length;
       if (refusal || failure) continue;
+      carry.push(piece);
+      carried += piece.length;
+      const end = pos + carried;
+      const cut = left === 0 ? end : Math.floor(end / BLOCK_BYTES) * BLOCK_BYTES;
+      if (cut <= pos) continue;
+      const data = carry.length === 1 ? carry[0] : Buffer.concat(carry, carried);
       try {
-        await this.writes!.write(pos, piece, { start, end: start + length });
+        await this.writes!.write(pos, data.subarray(0, cut - pos));
       } catch (err) {
         failure = err;
       }
-      pos += piece.length;
+      const rest = data.subarray(cut - pos);
+      carry = rest.length ? [rest] : [];
+      carried = rest.length;
+      pos = cut;
     }
     if (refusal) return this.error(cookie, refusal.errno, refusal.message);
     this.host.count("WRITE", { written: length });

@@ -78,11 +78,8 @@ export class DiskWrites {
     return (this.dirty.size + this.committing.size) * BLOCK_SIZE;
   }
 
-  /**
-   * Writes `data` at `offset`: a whole request, or the next piece of the request covering
-   * `request` (a block the request covers whole is not read first, whatever its pieces).
-   */
-  write(offset: number, data: Buffer, request: { start: number; end: number } = { start: offset, end: offset + data.length }): Promise<void> {
+  /** Writes `data` at `offset` (a whole request, or the next piece of one: the caller cuts pieces at block boundaries, so a block a request covers whole is never read first). */
+  write(offset: number, data: Buffer): Promise<void> {
     return this.mutate(async () => {
       let pos = offset;
       let at = 0;
@@ -90,7 +87,7 @@ export class DiskWrites {
         const index = Math.floor(pos / BLOCK_SIZE);
         const inBlock = pos - index * BLOCK_SIZE;
         const n = Math.min(BLOCK_SIZE - inBlock, data.length - at);
-        const block = await this.writable(index, index * BLOCK_SIZE >= request.start && (index + 1) * BLOCK_SIZE <= request.end);
+        const block = await this.writable(index, inBlock === 0 && n === BLOCK_SIZE);
         data.copy(block, inBlock, at, at + n);
         pos += n;
         at += n;
@@ -272,8 +269,7 @@ export class DiskWrites {
     const mine = this.dirty.get(index);
     if (mine) return mine;
     let block: Buffer;
-    // A block the request covers whole: until its last piece arrives the rest reads as zeros (a write not yet acknowledged may leave anything in its range).
-    if (whole) block = Buffer.alloc(BLOCK_SIZE);
+    if (whole) block = Buffer.allocUnsafe(BLOCK_SIZE);
     else if (mine === null) block = Buffer.alloc(BLOCK_SIZE);
     else {
       const before = this.committing.get(index);

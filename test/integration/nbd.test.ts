@@ -117,6 +117,21 @@ maybe("disks over NBD", () => {
     await run(qemuImg!, ["convert", "-n", "-f", "raw", "-O", "raw", src, uri]);
     await run(qemuImg!, ["compare", "-f", "raw", "-F", "raw", src, uri]);
     expect(sha(await readDisk(svc, disk))).toBe(sha(image));
+    // nbdcopy in over its 4 connections at once (multi-conn), into a service whose write buffer (1 MiB a disk)
+    // fills and commits in the middle of requests all the time: every byte lands.
+    const small = await startTestService({ NBD_PORT: String(await freePort()), NBD_WRITE_BUFFER_BYTES: String(4 * MiB) });
+    try {
+      const big = path.join(tmp, "big.raw");
+      const many = Buffer.concat([bytes(40 * MiB, 11), Buffer.alloc(8 * MiB), bytes(16 * MiB, 12)]);
+      fs.writeFileSync(big, many);
+      const bigDisk = await createDisk(small, "multi-writer", many.length);
+      const bigUri = (await small.ok(EXPORT, { id: bigDisk, ro: false })).createNbdExport.nbdExport.uri;
+      await run(nbdcopy!, ["--flush", "--request-size=1048576", big, bigUri]);
+      expect(sha(await readDisk(small, bigDisk))).toBe(sha(many));
+      fs.rmSync(big);
+    } finally {
+      await small.stop();
+    }
     // nbdcopy out of it gives the same file.
     const back = path.join(tmp, "back.raw");
     await run(nbdcopy!, [uri, back]);

@@ -130,7 +130,7 @@ function describeError(err: unknown): string {
   if (err instanceof Error && typeof code === "string") {
     // System errors (EADDRINUSE, EACCES, ECONNREFUSED…) and Postgres errors (28P01…).
     if (code === "EADDRINUSE" || code === "EADDRNOTAVAIL" || (code === "EACCES" && (err as { syscall?: string }).syscall === "listen")) {
-      return `cannot listen on ${(err as { address?: string }).address ?? "HOST"}:${(err as { port?: number }).port ?? "PORT"}: ${err.message} (set HOST or PORT)`;
+      return `cannot listen on ${(err as { address?: string }).address ?? "HOST"}:${(err as { port?: number }).port ?? "PORT"}: ${err.message} (set ${(err as { settings?: string }).settings ?? "HOST or PORT"})`;
     }
     return `stowage: ${err.message || code}`;
   }

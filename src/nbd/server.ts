@@ -182,7 +182,8 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
     });
   });
   await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
+    // A port in use is the operator's to change: the error names the settings.
+    server.once("error", (err) => reject(Object.assign(err, { settings: "NBD_HOST or NBD_PORT; NBD_PORT=0 turns NBD off" })));
     server.listen(config.nbdPort, config.nbdHost, () => {
       server.off("error", reject);
       resolve();

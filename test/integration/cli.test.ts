@@ -336,4 +336,22 @@ describe("stowage CLI with embedded Postgres", () => {
     expect(r.stderr).not.toMatch(STACK_LINE);
     expect(fs.existsSync(fresh)).toBe(false);
   });
+
+  test("8. an NBD port in use exits non-zero with one line naming NBD_PORT", async () => {
+    const busy = net.createServer();
+    await new Promise<void>((resolve) => busy.listen(0, "127.0.0.1", () => resolve()));
+    try {
+      const r = await runCli(["serve"], { NBD_PORT: String((busy.address() as net.AddressInfo).port), STOWAGE_DATA_DIR: path.join(dataDir, "nbd-busy") });
+      expect(r.code).toBe(1);
+      const lines = r.stderr
+        .trim()
+        .split("\n")
+        .filter((l) => !l.startsWith("{"));
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toMatch(/^cannot listen on 127\.0\.0\.1:\d+: .*EADDRINUSE.* \(set NBD_HOST or NBD_PORT; NBD_PORT=0 turns NBD off\)$/);
+      expect(r.stderr).not.toMatch(STACK_LINE);
+    } finally {
+      busy.close();
+    }
+  });
 });

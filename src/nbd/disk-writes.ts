@@ -322,6 +322,8 @@ export class DiskWrites {
     const blocks = [...this.committing].sort((a, b) => a[0] - b[0]);
     try {
       await this.store.commit(this.projectId, this.diskId, blocks);
+      // The block map read before this commit is stale now (the volume store also says so, for every writer).
+      this.invalidate();
       this.budget.used -= this.committing.size * BLOCK_SIZE;
     } catch (err) {
       // Keep the bytes (newer writes win) so reads stay right, and fail what comes next.

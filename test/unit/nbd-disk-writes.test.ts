@@ -100,3 +100,22 @@ test("a write waits for a commit when the disk's share is full, and a capture in
   expect((await w.read(4 * BS, 1))[0]).toBe(9);
   expect(store.blocks.size).toBe(5);
 });
+
+test("the two halves of a block written around a commit (one running, then one done) both stay", async () => {
+  const store = new MemoryStore();
+  const w = writes(store);
+  await w.write(0, Buffer.alloc(BS / 2, 0xaa));
+  const slow = opened();
+  store.gate = slow.promise;
+  const running = w.flush(); // the first half is being committed
+  await w.write(BS / 2, Buffer.alloc(BS / 4, 0xbb));
+  slow.open();
+  store.gate = null;
+  await running;
+  await w.flush(); // committed: the last quarter now comes from the store
+  await w.write((3 * BS) / 4, Buffer.alloc(BS / 4, 0xcc));
+  await w.flush();
+  const expected = Buffer.concat([Buffer.alloc(BS / 2, 0xaa), Buffer.alloc(BS / 4, 0xbb), Buffer.alloc(BS / 4, 0xcc)]);
+  expect(store.blocks.get(0)!.equals(expected)).toBe(true);
+  expect((await w.read(0, BS)).equals(expected)).toBe(true);
+});

@@ -42,6 +42,16 @@ const NESTED = `{
   }
 }`;
 
+/**
+ * The statements a request ran besides the API key's lookup: that lookup happens once per
+ * KEY_CACHE_MS, so on a slow machine it may fall inside any counted request.
+ */
+function withoutKeyLookup(statements: string[]) {
+  const rest = statements.filter((sql) => !/\bFROM api_keys\b/.test(sql));
+  expect(statements.length - rest.length).toBeLessThanOrEqual(1);
+  return rest.length;
+}
+
 async function addServers(n: number, policyId: string) {
   for (let i = 0; i < n; i++) {
     const s = (
@@ -65,10 +75,10 @@ it("runs the same number of statements for 3 servers as for 30", async () => {
   expect(large.result.servers.totalCount).toBe(30);
   expect(large.result.servers.nodes.every((s: any) => s.disks.totalCount === 3 && s.policies.nodes.length === 1)).toBe(true);
 
-  expect(large.count).toBe(small.count);
+  expect(withoutKeyLookup(large.statements)).toBe(withoutKeyLookup(small.statements));
   // One statement per level of the query (servers; their disks, backups, images and policies; what those
   // ask for), the key being known from the requests before.
-  expect(small.count).toBe(3);
+  expect(withoutKeyLookup(small.statements)).toBe(3);
 });
 
 /** Servers (a system and a data disk each) and loose disks, `n` resources in all, bound to a new policy without retention rules. */
@@ -120,7 +130,7 @@ async function measure(name: string, n: number) {
   const retain = await svc.countQueries(() => svc.services.policyRuns.retainPolicy(ctx, Buffer.from(policy, "base64url").toString().split(":")[1]));
   expect(retain.result).toBe(n);
   await drain();
-  return { run: run.count, retain: retain.count };
+  return { run: withoutKeyLookup(run.statements), retain: retain.count };
 }
 
 it("runs a policy and its retention in the same number of statements for 1 resource as for 20", async () => {
@@ -161,11 +171,11 @@ const SHAPES: [string, string, number][] = [
 
 it.each(SHAPES)("answers %s in a fixed number of statements, the key already known", async (_name, query, statements) => {
   await svc.ok(query);
-  const { result, count } = await svc.countQueries(() => svc.ok(query));
+  const { result, statements: sql } = await svc.countQueries(() => svc.ok(query));
   // The policy runs above left jobs pointing at servers, disks, backups and policies, and server backups with children.
   const rows = JSON.stringify(result).match(/"id"/g)?.length ?? 0;
   expect(rows).toBeGreaterThan(30);
-  expect(count).toBe(statements);
+  expect(withoutKeyLookup(sql)).toBe(statements);
 });
 
 it("looks a valid key up once per KEY_CACHE_MS, so a revoked key stops working within it", async () => {

@@ -8,6 +8,7 @@ import { StagedRestores1765200000000 } from "./1765200000000-staged-restores";
 import { PendingBlobs1765300000000 } from "./1765300000000-pending-blobs";
 import { DropBackupExpiresAt1765400000000 } from "./1765400000000-drop-backup-expires-at";
 import { NbdExports1765500000000 } from "./1765500000000-nbd-exports";
+import { NbdJournal1765600000000 } from "./1765600000000-nbd-journal";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
 export const migrations = [
@@ -21,4 +22,5 @@ export const migrations = [
   PendingBlobs1765300000000,
   DropBackupExpiresAt1765400000000,
   NbdExports1765500000000,
+  NbdJournal1765600000000,
 ];

@@ -73,6 +73,8 @@ export interface Config {
   nbdTls?: { certFile: string; keyFile: string };
   /** Acknowledged NBD writes held in memory before their commit, over every disk of the process; a disk takes at most a quarter. */
   nbdWriteBufferBytes: number;
+  /** Acknowledged NBD writes are committed into the disk's blocks at most this long after the first of a batch. */
+  nbdCommitDelayMs: number;
 }
 
 export class ConfigError extends Error {}
@@ -176,7 +178,7 @@ export function loadConfig(env: Env = process.env): Config {
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|::1|localhost)$/;
 
-function nbdConfig(env: Env): Pick<Config, "nbdHost" | "nbdPort" | "nbdPublicHost" | "nbdTls" | "nbdWriteBufferBytes"> {
+function nbdConfig(env: Env): Pick<Config, "nbdHost" | "nbdPort" | "nbdPublicHost" | "nbdTls" | "nbdWriteBufferBytes" | "nbdCommitDelayMs"> {
   const nbdHost = env.NBD_HOST || "127.0.0.1";
   const nbdPort = int(env, "NBD_PORT", 10809, 0, 65535);
   const certFile = env.NBD_TLS_CERT || undefined;
@@ -194,5 +196,6 @@ function nbdConfig(env: Env): Pick<Config, "nbdHost" | "nbdPort" | "nbdPublicHos
     nbdPublicHost: env.NBD_PUBLIC_HOST || (wildcard ? os.hostname() : nbdHost),
     nbdTls,
     nbdWriteBufferBytes: int(env, "NBD_WRITE_BUFFER_BYTES", 64 * 2 ** 20, 4 * 2 ** 20, 64 * 2 ** 30),
+    nbdCommitDelayMs: int(env, "NBD_COMMIT_DELAY_MS", 200, 1, 3_600_000),
   };
 }

@@ -12,4 +12,6 @@ export const AdvisoryLock = {
   DISK: 0x5708,
   /** One compaction pass at a time, across processes: (COMPACTION_PASS, 0). */
   COMPACTION_PASS: 0x5709,
+  /** The owner of a disk's NBD write journal, held by a session while its writes are served there: (NBD_JOURNAL, hashtext(disk)). */
+  NBD_JOURNAL: 0x570a,
 } as const;

@@ -135,7 +135,7 @@ export class NbdConnection {
       await Promise.allSettled(this.inFlight);
       if (this.writes) {
         // What was acknowledged is committed even when the client left without a FLUSH.
-        await this.writes.flush().catch((err: Error) => this.host.log("nbd writes could not be committed at disconnect", { error: err.message, disk: this.export?.diskId }));
+        await this.writes.commitNow().catch((err: Error) => this.host.log("nbd writes could not be committed at disconnect", { error: err.message, disk: this.export?.diskId }));
       }
       this.host.detach(this);
       this.out.destroy();

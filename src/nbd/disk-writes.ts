@@ -1,5 +1,6 @@
 import { BlobNotFoundError } from "../storage/blob-store";
 import { BLOCK_SIZE } from "../storage/volume-store";
+import { decodeRecords, encodeRecords, type JournalRecord, type WriteJournal } from "./journal";
 
 /** Where a committed block's bytes are. */
 export interface StoredBlock {
@@ -14,19 +15,37 @@ export interface BlockStore {
   refs(diskId: string, first: number, last: number): Promise<StoredBlock[]>;
   /** Fills `into` from a segment's bytes at `offset`; BlobNotFoundError when compaction has deleted it. */
   readRun(diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void>;
-  /** Makes blocks durable and the disk's (null: the block reads as zeros), as one write of the disk with changed-block tracking. */
-  commit(projectId: string, diskId: string, blocks: [number, Buffer | null][]): Promise<void>;
+  /** How many restores the disk has had (null: it is gone). */
+  restores(projectId: string, diskId: string): Promise<number | null>;
+  /**
+   * Makes blocks durable and the disk's (null: the block reads as zeros), as one write of the disk with
+   * changed-block tracking, and deletes the disk's journal rows up to `journalUpTo` in the same transaction.
+   * Refuses when the disk has had another restore than `restores` (the writes were made to bytes it
+   * replaced), is gone or is not writable. Resolves with where the blocks that hold data are now.
+   */
+  commit(projectId: string, diskId: string, blocks: [number, Buffer | null][], opts: { journalUpTo: number; restores: number | null; source: object }): Promise<StoredBlock[]>;
 }
 
 /** Blocks of the block map read and kept at once: 64 MiB of disk per query. */
 const REGION_BLOCKS = 1024;
 /** Attempts of a read whose segment compaction deleted under it (the map is read again each time). */
 const READ_ATTEMPTS = 3;
+/** Bytes of writes kept for the journal between two FLUSHes; past it the next FLUSH commits the blocks instead (a bulk copy is written once). */
+const JOURNAL_FLUSH_BYTES = 8 * 1024 * 1024;
+/** Journal rows applied per query when a disk's writes start. */
+const REPLAY_ROWS = 64;
 
 /** Bytes of acknowledged, uncommitted blocks across every disk of the process; past it, a write waits for its disk's commit. */
 export class WriteBudget {
   used = 0;
   constructor(readonly total: number) {}
+}
+
+/** A block buffer waiting for its earlier bytes: `written` holds [from, to) pairs of what was written into it meanwhile. */
+interface Unfilled {
+  block: Buffer;
+  written: number[];
+  done: Promise<void>;
 }
 
 /** One run of blocks for BLOCK_STATUS: `length` bytes from where the last one ended, holding data or not. */
@@ -40,10 +59,16 @@ export interface Extent {
  * 64 KiB blocks in memory (a block written in part is first read, so its other
  * bytes stay) and is acknowledged from there: every later read sees it, because
  * every read overlays these blocks on the committed ones. The blocks are
- * committed to the volume store, durably and with changed-block tracking, on
- * FLUSH or FUA, when the disk's share of memory is full, and `delayMs` after the
- * first write of a batch. A block written again before its commit costs nothing
- * more, so a file system rewriting its metadata stores it once per batch.
+ * committed to the volume store, durably and with changed-block tracking, when
+ * the disk's share of memory is full, `delayMs` after the first write of a batch,
+ * and when the last connection leaves. A block written again before its commit
+ * costs nothing more, so a file system rewriting its metadata stores it once per batch.
+ *
+ * FLUSH and FUA make what was acknowledged durable. With a journal (the process
+ * owns the disk's), a FLUSH appends the writes since the last one, as they came,
+ * to it: a file system's few KiB of metadata cost a few KiB, where a commit writes
+ * whole blocks, a segment and the block map. Past JOURNAL_FLUSH_BYTES of writes
+ * between two FLUSHes (a bulk copy), or without a journal, a FLUSH commits.
  *
  * A backup captures the disk through `hold`: everything acknowledged so far is
  * committed and no further commit starts until the capture's transaction is over,
@@ -53,13 +78,41 @@ export class DiskWrites {
   private dirty = new Map<number, Buffer | null>();
   /** The committed block map, a region at a time, as read since the disk last changed. */
   private readonly regions = new Map<number, Promise<Map<number, StoredBlock>>>();
+  /** The same regions once read. */
+  private readonly loaded = new Map<number, Map<number, StoredBlock>>();
   private committing = new Map<number, Buffer | null>();
+  /**
+   * Blocks written in part whose other bytes are still being read: the write is taken at once
+   * (a 4 KiB write costs no 64 KiB read on its way), and the block's earlier bytes fill in
+   * around what was written when they arrive. Reads and commits of such a block wait for it.
+   */
+  private readonly unfilled = new Map<number, Unfilled>();
   private chain: Promise<void> = Promise.resolve();
   /** Mutations one at a time: a partial block's read and its copy are one step. */
   private mutations: Promise<unknown> = Promise.resolve();
   private holds = 0;
   private released: (() => void)[] = [];
   private timer: NodeJS.Timeout | null = null;
+  /** The last commit queued, until it takes the blocks; and who waits for a commit to take them. */
+  private queued: Promise<void> | null = null;
+  private swapped: (() => void)[] = [];
+  private journal: WriteJournal | null = null;
+  /** Writes acknowledged since the journal's last append, as they came (copies). */
+  private log: JournalRecord[] = [];
+  private logBytes = 0;
+  /** Writes were acknowledged since the last append that no record holds: until a commit takes them, a FLUSH commits. */
+  private logOverflow = false;
+  /** The last journal row started, and the last deleted by a commit. */
+  private seq = 0;
+  private droppedSeq = 0;
+  /** Journal appends in order: a commit waits for those it covers before deleting them. */
+  private appending: Promise<void> = Promise.resolve();
+  /** The commit under way that takes writes no journal row holds (a FLUSH waits for it). */
+  private covering: Promise<void> | null = null;
+  /** The restores the disk had when its writes started here (null: not known, the writes never started). */
+  private restores: number | null = null;
+  /** The disk's writes start once what its journal held is applied; every request waits for it. */
+  private ready: Promise<void> = Promise.resolve();
   /** Why the last commit failed; every later request fails until the disk is let go. */
   failure: Error | null = null;
   /** Connections using these writes (the disk's entry goes when the last leaves). */
@@ -78,37 +131,100 @@ export class DiskWrites {
     return (this.dirty.size + this.committing.size) * BLOCK_SIZE;
   }
 
+  /**
+   * Starts the disk's writes: with `journal` (null when another process owns the disk's
+   * journal, or none is kept), what an earlier owner left in it is applied and committed
+   * first. Requests made meanwhile wait; a failure here fails them.
+   */
+  start(journal: Promise<WriteJournal | null>): Promise<void> {
+    this.ready = journal.then(async (j) => {
+      this.restores = await this.store.restores(this.projectId, this.diskId);
+      this.journal = j;
+      if (j) await this.replay(j);
+    });
+    this.ready = this.ready.catch((err: Error) => {
+      this.failure ??= err;
+    });
+    this.mutations = this.ready;
+    return this.ready;
+  }
+
+  private async replay(journal: WriteJournal): Promise<void> {
+    for (;;) {
+      const rows = await journal.rows(this.diskId, this.seq, REPLAY_ROWS);
+      if (!rows.length) break;
+      for (const row of rows) {
+        for (const r of decodeRecords(row.records)) {
+          if (r.offset + r.length > this.sizeBytes) throw new Error(`the journal holds a write past the end of the ${this.sizeBytes}-byte disk`);
+          if (r.data) await this.put(r.offset, r.data);
+          else await this.clear(r.offset, r.length);
+        }
+        // A commit that the disk's share of memory forces meanwhile covers the rows applied whole.
+        this.seq = row.seq;
+      }
+    }
+    await this.commitNow();
+  }
+
   /** Writes `data` at `offset` (a whole request, or the next piece of one: the caller cuts pieces at block boundaries, so a block a request covers whole is never read first). */
   write(offset: number, data: Buffer): Promise<void> {
     return this.mutate(async () => {
-      let pos = offset;
-      let at = 0;
-      while (at < data.length) {
-        const index = Math.floor(pos / BLOCK_SIZE);
-        const inBlock = pos - index * BLOCK_SIZE;
-        const n = Math.min(BLOCK_SIZE - inBlock, data.length - at);
-        const block = await this.writable(index, inBlock === 0 && n === BLOCK_SIZE);
-        data.copy(block, inBlock, at, at + n);
-        pos += n;
-        at += n;
-      }
+      await this.put(offset, data);
+      this.note({ offset, length: data.length, data: Buffer.from(data) });
     });
   }
 
   /** Makes [offset, offset + length) read as zeros: whole blocks become holes, the edges of partial ones are zeroed. */
   zero(offset: number, length: number): Promise<void> {
     return this.mutate(async () => {
-      let pos = offset;
-      const end = offset + length;
-      while (pos < end) {
-        const index = Math.floor(pos / BLOCK_SIZE);
-        const inBlock = pos - index * BLOCK_SIZE;
-        const n = Math.min(BLOCK_SIZE - inBlock, end - pos);
-        if (n === BLOCK_SIZE) await this.set(index, null);
-        else (await this.writable(index, false)).fill(0, inBlock, inBlock + n);
-        pos += n;
-      }
+      await this.clear(offset, length);
+      this.note({ offset, length, data: null });
     });
+  }
+
+  private async put(offset: number, data: Buffer): Promise<void> {
+    let pos = offset;
+    let at = 0;
+    while (at < data.length) {
+      const index = Math.floor(pos / BLOCK_SIZE);
+      const inBlock = pos - index * BLOCK_SIZE;
+      const n = Math.min(BLOCK_SIZE - inBlock, data.length - at);
+      const block = await this.writable(index, inBlock === 0 && n === BLOCK_SIZE);
+      data.copy(block, inBlock, at, at + n);
+      this.unfilled.get(index)?.written.push(inBlock, inBlock + n);
+      pos += n;
+      at += n;
+    }
+  }
+
+  private async clear(offset: number, length: number): Promise<void> {
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const index = Math.floor(pos / BLOCK_SIZE);
+      const inBlock = pos - index * BLOCK_SIZE;
+      const n = Math.min(BLOCK_SIZE - inBlock, end - pos);
+      if (n === BLOCK_SIZE) await this.set(index, null);
+      else {
+        (await this.writable(index, false)).fill(0, inBlock, inBlock + n);
+        this.unfilled.get(index)?.written.push(inBlock, inBlock + n);
+      }
+      pos += n;
+    }
+  }
+
+  /** Keeps an applied write for the next FLUSH's journal row, within JOURNAL_FLUSH_BYTES. */
+  private note(record: JournalRecord): void {
+    if (!this.journal || this.logOverflow) return;
+    const bytes = record.data ? record.length : 0;
+    if (this.logBytes + bytes > Math.min(JOURNAL_FLUSH_BYTES, this.limits.diskBytes)) {
+      this.logOverflow = true;
+      this.log = [];
+      this.logBytes = 0;
+      return;
+    }
+    this.log.push(record);
+    this.logBytes += bytes;
   }
 
   /** The bytes [offset, offset + length) as the last acknowledged writes left them. */
@@ -120,19 +236,43 @@ export class DiskWrites {
 
   /** The same into the caller's buffer. */
   async readInto(offset: number, into: Buffer): Promise<void> {
+    await this.ready;
+    if (this.failure) throw this.failure;
     if (into.length) await this.fill(offset, into, true);
   }
 
-  /** Forgets the block map read so far (the disk changed). */
+  /** Forgets the block map read so far (the disk changed elsewhere; a commit of these writes patches it instead). */
   invalidate(): void {
     this.regions.clear();
+    this.loaded.clear();
+  }
+
+  /** Points the kept block map at where a commit of these writes put `blocks` (the rest of them read as zeros now). */
+  private patch(blocks: [number, Buffer | null][], stored: StoredBlock[]): void {
+    const at = new Map(stored.map((s) => [s.index, s]));
+    for (const [index] of blocks) {
+      const r = Math.floor(index / REGION_BLOCKS);
+      const region = this.loaded.get(r);
+      if (!region) {
+        // Not read, or still loading (it may hold what was there before): read again when next needed.
+        this.regions.delete(r);
+        continue;
+      }
+      const ref = at.get(index);
+      if (ref) region.set(index, ref);
+      else region.delete(index);
+    }
   }
 
   private region(r: number): Promise<Map<number, StoredBlock>> {
     let map = this.regions.get(r);
     if (!map) {
       const last = Math.min(Math.ceil(this.sizeBytes / BLOCK_SIZE) - 1, (r + 1) * REGION_BLOCKS - 1);
-      const loading = this.store.refs(this.diskId, r * REGION_BLOCKS, last).then((refs) => new Map(refs.map((x) => [x.index, x])));
+      const loading = this.store.refs(this.diskId, r * REGION_BLOCKS, last).then((refs) => {
+        const region = new Map(refs.map((x) => [x.index, x]));
+        if (this.regions.get(r) === loading) this.loaded.set(r, region);
+        return region;
+      });
       loading.catch(() => {
         if (this.regions.get(r) === loading) this.regions.delete(r);
       });
@@ -176,6 +316,7 @@ export class DiskWrites {
       const [from, to] = span(i);
       const mine = pending?.get(i);
       if (mine !== undefined) {
+        if (mine) await this.filled(i, mine);
         if (mine) mine.copy(into, from - offset, from - i * BLOCK_SIZE, to - i * BLOCK_SIZE);
         else into.fill(0, from - offset, to - offset);
         i++;
@@ -202,6 +343,8 @@ export class DiskWrites {
 
   /** Where [offset, offset + length) holds data, in runs of whole blocks (the first starts at `offset`); the work grows with the blocks that hold data, not with the length. */
   async extents(offset: number, length: number): Promise<Extent[]> {
+    await this.ready;
+    if (this.failure) throw this.failure;
     const end = offset + length;
     const first = Math.floor(offset / BLOCK_SIZE);
     const last = Math.floor((end - 1) / BLOCK_SIZE);
@@ -230,9 +373,37 @@ export class DiskWrites {
     return out;
   }
 
-  /** Commits everything acknowledged before the call; resolves once it is durable. */
-  flush(): Promise<void> {
-    if (this.failure) return Promise.reject(this.failure);
+  /** Makes everything acknowledged before the call durable: in the journal, or committed. */
+  async flush(): Promise<void> {
+    await this.ready;
+    if (this.failure) throw this.failure;
+    if (!this.journal || this.logOverflow) return this.enqueue(false);
+    const records = this.log;
+    this.log = [];
+    this.logBytes = 0;
+    const covering = this.covering;
+    if (records.length) {
+      const seq = ++this.seq;
+      const journal = this.journal;
+      const row = encodeRecords(records);
+      const append = this.appending.then(() => journal.append(this.diskId, seq, row));
+      this.appending = append.catch(() => undefined);
+      try {
+        await append;
+      } catch {
+        // The journal did not take them (they may or may not be in it): a commit makes them durable all the same, and
+        // journaling stops, so no later row lands after one that may be missing.
+        this.journal = null;
+        return this.enqueue(false);
+      }
+    } else await this.appending;
+    if (covering) await covering;
+    if (this.failure) throw this.failure;
+  }
+
+  /** Commits everything acknowledged before the call into the disk's blocks (the last connection leaves, or the journal is drained). */
+  async commitNow(): Promise<void> {
+    if (this.failure) throw this.failure;
     return this.enqueue(false);
   }
 
@@ -241,6 +412,7 @@ export class DiskWrites {
    * is committed first, and none acknowledged after it is committed until it ends.
    */
   async hold<T>(capture: () => Promise<T>): Promise<T> {
+    await this.ready;
     this.holds++;
     try {
       await this.enqueue(true);
@@ -251,7 +423,7 @@ export class DiskWrites {
     }
   }
 
-  /** Drops the timer; what is still buffered is committed by the last `flush`. */
+  /** Drops the timer; what is still buffered is committed by the last `commitNow`. */
   stop(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
@@ -259,7 +431,10 @@ export class DiskWrites {
 
   private mutate(fn: () => Promise<void>): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
-    const run = this.mutations.then(fn);
+    const run = this.mutations.then(() => {
+      if (this.failure) throw this.failure;
+      return fn();
+    });
     this.mutations = run.catch(() => undefined);
     return run;
   }
@@ -269,24 +444,64 @@ export class DiskWrites {
     const mine = this.dirty.get(index);
     if (mine) return mine;
     let block: Buffer;
+    let base: Buffer | null = null;
     if (whole) block = Buffer.allocUnsafe(BLOCK_SIZE);
     else if (mine === null) block = Buffer.alloc(BLOCK_SIZE);
     else {
       const before = this.committing.get(index);
+      if (before) await this.filled(index, before);
       if (before !== undefined) block = before ? Buffer.from(before) : Buffer.alloc(BLOCK_SIZE);
       else {
         block = Buffer.allocUnsafe(BLOCK_SIZE);
-        await this.fill(index * BLOCK_SIZE, block, false);
+        base = Buffer.allocUnsafe(BLOCK_SIZE);
       }
     }
     await this.set(index, block);
+    if (base) this.fillIn(index, block, base);
     return block;
+  }
+
+  /** Reads block `index` as committed into `base`, then copies it into `block` around what was written there meanwhile. */
+  private fillIn(index: number, block: Buffer, base: Buffer): void {
+    const entry: Unfilled = { block, written: [], done: Promise.resolve() };
+    entry.done = this.fill(index * BLOCK_SIZE, base, false).then(
+      () => {
+        if (this.unfilled.get(index) === entry) this.unfilled.delete(index);
+        const w = entry.written;
+        const ranges: [number, number][] = [];
+        for (let k = 0; k < w.length; k += 2) ranges.push([w[k], w[k + 1]]);
+        ranges.sort((a, b) => a[0] - b[0]);
+        let pos = 0;
+        for (const [from, to] of ranges) {
+          if (from > pos) base.copy(block, pos, pos, from);
+          pos = Math.max(pos, to);
+        }
+        if (pos < BLOCK_SIZE) base.copy(block, pos, pos, BLOCK_SIZE);
+      },
+      (err: Error) => {
+        // The block's other bytes are lost to this buffer: the disk's writes fail from here on.
+        if (this.unfilled.get(index) === entry) this.unfilled.delete(index);
+        this.failure ??= err;
+        throw err;
+      },
+    );
+    entry.done.catch(() => undefined); // awaited by whoever reads or commits the block
+    this.unfilled.set(index, entry);
+  }
+
+  /** Waits until `block` (block `index`'s buffer) holds all its bytes. */
+  private async filled(index: number, block: Buffer): Promise<void> {
+    const entry = this.unfilled.get(index);
+    if (entry && entry.block === block) await entry.done;
   }
 
   private async set(index: number, block: Buffer | null): Promise<void> {
     if (!this.dirty.has(index)) {
       while ((this.dirty.size + 1) * BLOCK_SIZE > this.limits.diskBytes || (this.budget.used >= this.budget.total && this.dirty.size > 0)) {
-        await this.enqueue(false);
+        // Room comes when a commit takes the blocks (not when it ends): the writes go on while it runs.
+        const commit = this.queued ?? this.enqueue(false);
+        commit.catch(() => undefined); // its failure is kept, and thrown below
+        await Promise.race([commit, new Promise<void>((r) => this.swapped.push(r))]);
         if (this.failure) throw this.failure;
       }
       this.budget.used += BLOCK_SIZE;
@@ -310,20 +525,41 @@ export class DiskWrites {
     if (!forced) while (this.holds > 0) await new Promise<void>((r) => this.released.push(r));
     const run = this.chain.then(() => this.commitOnce());
     this.chain = run.catch(() => undefined);
+    this.queued = run;
+    void this.chain.then(() => {
+      if (this.queued === run) this.queued = null;
+    });
     return run;
   }
 
   private async commitOnce(): Promise<void> {
-    if (this.dirty.size === 0) return;
+    // Rows up to `upTo` hold only writes this commit takes (or earlier ones): it deletes them.
+    const upTo = this.seq;
+    if (this.dirty.size === 0 && upTo <= this.droppedSeq) return;
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     this.committing = this.dirty;
     this.dirty = new Map();
+    this.queued = null;
+    for (const r of this.swapped.splice(0)) r();
+    let covered: (() => void) | null = null;
+    let covering: Promise<void> | null = null;
+    if (this.logOverflow) {
+      // The writes no row holds are all in this commit: a FLUSH from now on waits for it, and journals what comes after.
+      this.logOverflow = false;
+      this.log = [];
+      this.logBytes = 0;
+      covering = new Promise<void>((resolve) => (covered = resolve));
+      this.covering = covering;
+    }
     const blocks = [...this.committing].sort((a, b) => a[0] - b[0]);
     try {
-      await this.store.commit(this.projectId, this.diskId, blocks);
-      // The block map read before this commit is stale now (the volume store also says so, for every writer).
-      this.invalidate();
+      await Promise.all(blocks.map(([i, b]) => (b ? this.filled(i, b) : undefined)));
+      await this.appending;
+      const stored = await this.store.commit(this.projectId, this.diskId, blocks, { journalUpTo: upTo, restores: this.restores, source: this });
+      this.droppedSeq = upTo;
+      // The kept block map now points where the blocks went (the volume store tells every other writer to forget theirs).
+      this.patch(blocks, stored);
       this.budget.used -= this.committing.size * BLOCK_SIZE;
     } catch (err) {
       // Keep the bytes (newer writes win) so reads stay right, and fail what comes next.
@@ -334,6 +570,8 @@ export class DiskWrites {
       throw err;
     } finally {
       this.committing = new Map();
+      if (covering && this.covering === covering) this.covering = null;
+      (covered as (() => void) | null)?.();
     }
   }
 }

@@ -3,19 +3,19 @@ import net from "node:net";
 import type { Duplex } from "node:stream";
 import tls from "node:tls";
 import { Counter, Gauge, type Registry } from "prom-client";
-import type { DataSource } from "typeorm";
+import type { DataSource, QueryRunner } from "typeorm";
 import type { Config } from "../config";
 import type { Logger } from "../logger";
 import type { Services } from "../services";
 import type { OpenedExport } from "../services/nbd.service";
 import { BLOCK_SIZE, type VolumeStore } from "../storage/volume-store";
+import { AdvisoryLock } from "../db/locks";
 import { NbdConnection, type ConnectionHost } from "./connection";
-import { DiskWrites, WriteBudget, type BlockStore } from "./disk-writes";
+import { DiskWrites, WriteBudget, type BlockStore, type StoredBlock } from "./disk-writes";
+import { DELETE_JOURNAL, postgresJournal, type WriteJournal } from "./journal";
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|::1|localhost)$/;
 
-/** A batch of acknowledged writes is committed at most this long after its first write. */
-const COMMIT_DELAY_MS = 200;
 /** How often the exports of open connections are checked (revoked in another process, or their disk deleted). */
 const REVOKE_CHECK_MS = 1000;
 
@@ -39,18 +39,82 @@ function blockStore(deps: NbdServerDeps): BlockStore {
   return {
     refs: (diskId, first, last) => volumes.blockRefs(ds, diskId, first, last),
     readRun: (diskId, segmentId, offset, into) => volumes.readSegmentInto(diskId, segmentId, offset, into),
-    commit: (projectId, diskId, blocks) =>
+    restores: async (projectId, diskId) => (await services.nbd.writeState(ds.manager, projectId, diskId)).restores,
+    commit: (projectId, diskId, blocks, { journalUpTo, restores, source }) =>
       volumes.withDiskLock(diskId, async () => {
-        if (!(await services.nbd.writable(ds.manager, projectId, diskId))) throw new Error("the disk is no longer writable (deleted, or being restored)");
+        const state = await services.nbd.writeState(ds.manager, projectId, diskId);
+        if (!state.writable) throw new Error("the disk is no longer writable (deleted, or being restored)");
+        if (restores !== null && state.restores !== restores) throw new Error("the disk was restored after these writes were made: they are dropped");
+        const stored: StoredBlock[] = [];
         await volumes.putBlocks(
           projectId,
           diskId,
           (async function* () {
             for (const [index, data] of blocks) yield { index, data };
           })(),
+          {
+            finish: journalUpTo > 0 ? (em) => em.query(DELETE_JOURNAL, [diskId, journalUpTo]) : undefined,
+            source,
+            onStored(segmentId, indexes, offsets) {
+              for (let k = 0; k < indexes.length; k++) stored.push({ index: indexes[k], segmentId: segmentId!, offset: offsets[k] });
+            },
+          },
         );
+        return stored;
       }),
   };
+}
+
+/**
+ * Which disks' journals this process owns: a session-level advisory lock per disk, on
+ * one connection kept for them, taken when the disk's writes start here and let go
+ * when they end. A disk served by two processes at once is journaled by one; the
+ * other commits on FLUSH. The locks are reentrant, so a disk whose writes end and
+ * start again at once stays owned throughout.
+ */
+class JournalOwnership {
+  private session: Promise<QueryRunner> | null = null;
+
+  constructor(
+    private readonly ds: DataSource,
+    private readonly logger: Logger,
+  ) {}
+
+  private connect(): Promise<QueryRunner> {
+    this.session ??= (async () => {
+      const runner = this.ds.createQueryRunner();
+      await runner.connect();
+      return runner;
+    })();
+    return this.session;
+  }
+
+  /** True when this process now owns the disk's journal. */
+  async take(diskId: string): Promise<boolean> {
+    try {
+      const [row] = await (await this.connect()).query(`SELECT pg_try_advisory_lock(${AdvisoryLock.NBD_JOURNAL}, hashtext($1)) AS ok`, [diskId]);
+      return row.ok === true;
+    } catch (err) {
+      // Without the lock the disk's writes commit on FLUSH; a new session is tried next time.
+      this.logger.warn("the NBD journal's lock could not be taken; FLUSH commits instead", { error: (err as Error).message, disk: diskId });
+      this.session = null;
+      return false;
+    }
+  }
+
+  async release(diskId: string): Promise<void> {
+    try {
+      await (await this.connect()).query(`SELECT pg_advisory_unlock(${AdvisoryLock.NBD_JOURNAL}, hashtext($1))`, [diskId]);
+    } catch {
+      this.session = null; // the session is gone, and its locks with it
+    }
+  }
+
+  async close(): Promise<void> {
+    const session = this.session;
+    this.session = null;
+    if (session) await (await session.catch(() => null))?.release();
+  }
 }
 
 /**
@@ -66,6 +130,33 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   const store = blockStore(deps);
   const budget = new WriteBudget(config.nbdWriteBufferBytes);
   const disks = new Map<string, DiskWrites>();
+  const journal: WriteJournal = postgresJournal(ds);
+  const ownership = new JournalOwnership(ds, logger);
+  /** Whether each disk's writes here own its journal. */
+  const owned = new Map<DiskWrites, Promise<boolean>>();
+
+  /** The shared writes of a disk in this process, started (its journal applied) the first time. */
+  const acquire = (projectId: string, diskId: string, sizeBytes: number): DiskWrites => {
+    let writes = disks.get(diskId);
+    if (!writes) {
+      writes = new DiskWrites(store, projectId, diskId, sizeBytes, budget, { diskBytes: Math.max(4 * BLOCK_SIZE, Math.floor(budget.total / 2)), delayMs: config.nbdCommitDelayMs });
+      const taken = ownership.take(diskId);
+      owned.set(writes, taken);
+      void writes.start(taken.then((ok) => (ok ? journal : null)));
+      disks.set(diskId, writes);
+    }
+    writes.users++;
+    return writes;
+  };
+  /** One user fewer; the last lets the disk's writes (and its journal) go, once it has committed them. */
+  const release = (writes: DiskWrites) => {
+    if (--writes.users > 0 || disks.get(writes.diskId) !== writes) return;
+    writes.stop();
+    disks.delete(writes.diskId);
+    const taken = owned.get(writes);
+    owned.delete(writes);
+    void taken?.then((ok) => (ok ? ownership.release(writes.diskId) : undefined));
+  };
   const connections = new Set<NbdConnection>();
 
   const opened = new Gauge({ name: "stowage_nbd_connections", help: "NBD connections open now.", registers: [deps.registry] });
@@ -109,24 +200,12 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   const host: ConnectionHost = {
     open: (name) => services.nbd.open(ds.manager, name),
     attach(conn: NbdConnection, exp: OpenedExport) {
-      let writes = disks.get(exp.diskId);
-      if (!writes) {
-        writes = new DiskWrites(store, exp.projectId, exp.diskId, exp.sizeBytes, budget, { diskBytes: Math.max(4 * BLOCK_SIZE, Math.floor(budget.total / 4)), delayMs: COMMIT_DELAY_MS });
-        disks.set(exp.diskId, writes);
-      }
-      writes.users++;
       connections.add(conn);
-      return writes;
+      return acquire(exp.projectId, exp.diskId, exp.sizeBytes);
     },
     detach(conn: NbdConnection) {
       connections.delete(conn);
-      const exp = conn.export;
-      if (!exp || !conn.writes) return;
-      const writes = conn.writes;
-      if (--writes.users === 0 && disks.get(exp.diskId) === writes) {
-        writes.stop();
-        disks.delete(exp.diskId);
-      }
+      if (conn.export && conn.writes) release(conn.writes);
     },
     tls: secureContext
       ? {
@@ -155,7 +234,10 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   };
   services.nbd.onRevoke = (ids) => revoke(ids);
   // A write to a disk, from here or through the data endpoint, makes its kept block map stale.
-  const unwatch = deps.volumes.onChange((diskId) => disks.get(diskId)?.invalidate());
+  const unwatch = deps.volumes.onChange((diskId, source) => {
+    const writes = disks.get(diskId);
+    if (writes && writes !== source) writes.invalidate();
+  });
   const unregister = services.backups.capture.register(<T>(capture: () => Promise<T>) => [...disks.values()].reduce<() => Promise<T>>((inner, writes) => () => writes.hold(inner), capture)());
 
   const checkTimer = setInterval(() => {
@@ -192,6 +274,25 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   const port = (server.address() as net.AddressInfo).port;
   logger.info("nbd listening", { host: config.nbdHost, port, tls: Boolean(host.tls), tlsRequired: Boolean(host.tls?.required) });
 
+  // Journals a stopped process left (a crash, or a commit that failed): their disks' writes are applied and committed
+  // now, by whichever process owns each first; a connection to one of those disks meanwhile waits for it.
+  const recovering = (async () => {
+    const left: { id: string; project_id: string; size_bytes: string }[] = await ds.query(
+      `SELECT d.id, d.project_id, d.size_bytes FROM disks d WHERE EXISTS (SELECT 1 FROM nbd_journal j WHERE j.disk_id = d.id)`,
+    );
+    for (const d of left) {
+      const writes = acquire(d.project_id, d.id, Number(d.size_bytes));
+      try {
+        await writes.commitNow();
+        logger.info("nbd journal applied", { disk: d.id });
+      } catch (err) {
+        logger.warn("an NBD journal could not be applied; it is tried again when the disk is next served", { error: (err as Error).message, disk: d.id });
+      } finally {
+        release(writes);
+      }
+    }
+  })().catch((err: Error) => logger.warn("looking for NBD journals failed", { error: err.message }));
+
   return {
     port,
     async close() {
@@ -203,6 +304,8 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
         server.close(() => resolve());
         for (const c of all) c.close();
       });
+      await recovering;
+      await ownership.close();
     },
   };
 }

@@ -89,10 +89,13 @@ export class NbdService {
     return new Set(rows.map((r) => r.id));
   }
 
-  /** Whether the disk's bytes may be written now (not being created or restored); read under the disk's write lock. */
-  async writable(em: EntityManager, projectId: string, diskId: string): Promise<boolean> {
-    const rows: { status: DiskStatus }[] = await em.query(`SELECT status FROM disks WHERE id = $1 AND project_id = $2`, [diskId, projectId]);
+  /**
+   * Whether the disk's bytes may be written now (not being created or restored), and how many
+   * restores it has had (null: the disk is gone); read under the disk's write lock.
+   */
+  async writeState(em: EntityManager, projectId: string, diskId: string): Promise<{ writable: boolean; restores: number | null }> {
+    const rows: { status: DiskStatus; restores: number }[] = await em.query(`SELECT status, restores FROM disks WHERE id = $1 AND project_id = $2`, [diskId, projectId]);
     const s = rows[0]?.status;
-    return s === DiskStatus.AVAILABLE || s === DiskStatus.IN_USE;
+    return { writable: s === DiskStatus.AVAILABLE || s === DiskStatus.IN_USE, restores: rows[0]?.restores ?? null };
   }
 }

@@ -136,7 +136,7 @@ const READ_ATTEMPTS = 3;
 export class VolumeStore {
   /** Buffers of reads (two per read in progress). */
   private readonly buffers = new BufferPool(4);
-  private readonly changeListeners = new Set<(diskId: string) => void>();
+  private readonly changeListeners = new Set<(diskId: string, source: unknown) => void>();
 
   constructor(
     private readonly ds: DataSource,
@@ -159,6 +159,12 @@ export class VolumeStore {
       bypassCache?: boolean;
       /** Stage the blocks under this job instead of changing the disk: publish() makes them the disk's, all at once. */
       stage?: string;
+      /** Runs in the transaction of the last commit (in one of its own when there is nothing to commit). */
+      finish?: (em: EntityManager) => Promise<void>;
+      /** Who writes, as change listeners hear it (a writer that keeps its own block map up to date ignores its own commits). */
+      source?: unknown;
+      /** Told where each commit put its blocks (`zeros`: blocks that now read as zeros), once it is committed. */
+      onStored?: (segmentId: string | null, indexes: readonly number[], offsets: readonly number[], zeros: readonly number[]) => void;
     } = {},
   ): Promise<number> {
     const { onCommit } = opts;
@@ -188,19 +194,21 @@ export class VolumeStore {
       if (segment && parts.length) await segment.writer.write(parts);
       parts = [];
     };
-    const flush = async () => {
+    const flush = async (last = false) => {
       await writeParts();
-      const seg = segment as typeof segment;
+      let seg = segment as typeof segment;
       const z = zeros;
       segment = null;
       zeros = [];
+      const end = last ? opts.finish : undefined;
       if (!seg?.blocks.indexes.length && !z.length) {
         if (seg) {
           await seg.writer.abort();
           await dropIntents(this.ds, [segmentKey(diskId, seg.id)]);
           pending.delete(segmentKey(diskId, seg.id));
+          seg = null;
         }
-        return;
+        if (!end) return;
       }
       while (closing.length >= CLOSING_SEGMENTS) await closing.shift();
       const before = closing[closing.length - 1];
@@ -211,7 +219,10 @@ export class VolumeStore {
         await before; // commits stay in order
         const written = seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null;
         if (opts.stage) await this.stageBlocks(projectId, diskId, opts.stage, written, z);
-        else await this.commit(projectId, diskId, written, z);
+        else {
+          await this.commit(projectId, diskId, written, z, end, opts.source);
+          opts.onStored?.(written?.id ?? null, written?.blocks.indexes ?? [], written?.blocks.offsets ?? [], z);
+        }
         if (seg) {
           if (!written) await dropIntents(this.ds, [segmentKey(diskId, seg.id)]); // an empty blob, indexed by nothing
           pending.delete(segmentKey(diskId, seg.id));
@@ -255,7 +266,7 @@ export class VolumeStore {
         }
         if ((segment as { size: number } | null) && segment!.size >= SEGMENT_BYTES) await flush();
       }
-      await flush();
+      await flush(true);
       while (closing.length) await closing.shift();
     } catch (err) {
       const seg = segment as { writer: BlobWriter } | null;
@@ -267,16 +278,25 @@ export class VolumeStore {
     return changed;
   }
 
-  private async commit(projectId: string, diskId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, zeros: number[]): Promise<void> {
+  private async commit(
+    projectId: string,
+    diskId: string,
+    segment: { id: string; size: number; blocks: SegmentBlocks } | null,
+    zeros: number[],
+    finish?: (em: EntityManager) => Promise<void>,
+    source?: unknown,
+  ): Promise<void> {
+    const changes = Boolean(segment || zeros.length);
     await this.ds.transaction(async (em) => {
       if (segment) await this.insertSegment(em, projectId, diskId, segment);
-      await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros));
+      if (changes) await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros));
+      await finish?.(em);
     });
-    for (const listener of this.changeListeners) listener(diskId);
+    if (changes) for (const listener of this.changeListeners) listener(diskId, source);
   }
 
-  /** Told, in this process, of every write committed to a disk (before the writer hears it is done): whoever keeps a disk's block map drops it. */
-  onChange(listener: (diskId: string) => void): () => void {
+  /** Told, in this process, of every write committed to a disk and by whom (before the writer hears it is done): whoever keeps a disk's block map drops it. */
+  onChange(listener: (diskId: string, source: unknown) => void): () => void {
     this.changeListeners.add(listener);
     return () => this.changeListeners.delete(listener);
   }
@@ -312,6 +332,9 @@ export class VolumeStore {
   async publish(em: EntityManager, diskId: string, jobId: string): Promise<void> {
     await applyBlocks(em, diskId, `SELECT block_index AS i, segment_id AS s, segment_offset AS o, hash AS h FROM staged_blocks WHERE job_id = $2 AND disk_id = $1`, [jobId]);
     await em.query(`DELETE FROM staged_blocks WHERE job_id = $1 AND disk_id = $2`, [jobId, diskId]);
+    // NBD writes journaled, or held in memory, and not yet in blocks were made to the bytes this replaces.
+    await em.query(`DELETE FROM nbd_journal WHERE disk_id = $1`, [diskId]);
+    await em.query(`UPDATE disks SET restores = restores + 1 WHERE id = $1`, [diskId]);
   }
 
   /** Drops what a job staged (it failed or was cancelled); its segments become garbage. */

@@ -25,6 +25,7 @@ const TABLES = [
   "images",
   "jobs",
   "nbd_exports",
+  "nbd_journal",
   "pending_blobs",
   "policies",
   "policy_bindings",

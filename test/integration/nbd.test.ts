@@ -6,6 +6,7 @@ import { promisify } from "node:util";
 import { freePort } from "../../bench/lib/proc";
 import { loadConfig } from "../../src/config";
 import { compactStorage } from "../../src/jobs";
+import { decodeRecords } from "../../src/nbd/journal";
 import { silentLogger } from "../../src/logger";
 import { backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, succeed, writeDisk } from "../helpers/data";
 import { requireProgram } from "../helpers/external";
@@ -37,11 +38,25 @@ const EXPORT = `mutation ($id: ID!, $ro: Boolean) { createNbdExport(input: { res
 const uuid = (gid: string) => Buffer.from(gid, "base64url").toString().split(":")[1];
 const nameOf = (uri: string) => new URL(uri).pathname.slice(1);
 
+/** Waits until `check` passes (it throws until then), for as long as a few of the service's commit delays. */
+async function eventually(check: () => Promise<void>, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await check();
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+}
+
 maybe("disks over NBD", () => {
   let svc: TestService;
   let tmp: string;
   beforeAll(async () => {
-    svc = await startTestService({ NBD_PORT: String(await freePort()) });
+    // Unflushed writes are committed 3 s after the first of a batch: long enough to see them journaled first.
+    svc = await startTestService({ NBD_PORT: String(await freePort()), NBD_COMMIT_DELAY_MS: "3000" });
     tmp = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-nbd-"));
   });
   afterAll(async () => {
@@ -176,8 +191,8 @@ maybe("disks over NBD", () => {
     expected.fill(0, 2 * MiB, 3 * MiB);
     expected.fill(0, 4 * MiB, 4 * MiB + 128 * 1024);
     expected.fill(0, 6 * MiB, 6 * MiB + 1000);
-    // Committed by the flush: the HTTP route reads them from the volume store.
-    expect(sha(await readDisk(svc, disk))).toBe(sha(expected));
+    // Committed within the commit delay (or when qemu-io left): the HTTP route reads them from the volume store.
+    await eventually(async () => expect(sha(await readDisk(svc, disk))).toBe(sha(expected)));
     // Whole zeroed blocks no longer hold data.
     const [{ used }] = await svc.ds.query(`SELECT used_bytes::bigint AS used FROM disks WHERE id = $1`, [uuid(disk)]);
     expect(Number(used)).toBe(8 * MiB - MiB - 2 * BLOCK);
@@ -299,7 +314,7 @@ maybe("disks over NBD", () => {
     expect((await svc.ok(`{ __typename }`)).__typename).toBe("Query");
   });
 
-  it("keeps several connections to a disk consistent, as it advertises: a read on any sees what any was told, a FLUSH on any commits it", async () => {
+  it("keeps several connections to a disk consistent, as it advertises: a read on any sees what any was told, a FLUSH on any makes it durable", async () => {
     const disk = await createDisk(svc, "multi", MiB);
     const rw = await exportOf(disk);
     const ro = await exportOf(disk, true);
@@ -322,11 +337,19 @@ maybe("disks over NBD", () => {
     expect((await r.reply(5)).data).toEqual(Buffer.from([0, 0x61, 0x62, 0x63, 0]));
     w2.request(0, 5000, 3, 4);
     expect((await w2.reply(3)).data.toString()).toBe("abc");
-    // A FLUSH on the reader's connection commits both writers' writes (the HTTP endpoint reads only what is committed).
+    // A FLUSH on the reader's connection makes both writers' writes durable: journaled, as they came.
     r.request(3, 0, 0, 5);
     expect(await r.reply()).toMatchObject({ error: 0, cookie: 5 });
-    expect((await readDisk(svc, disk, [5000, 5002])).toString()).toBe("abc");
+    const journaled: { records: Buffer }[] = await svc.ds.query(`SELECT records FROM nbd_journal WHERE disk_id = $1 ORDER BY seq`, [uuid(disk)]);
+    const records = decodeRecords(Buffer.concat(journaled.map((j) => j.records)));
+    expect(records.map((x) => [x.offset, x.data?.toString()])).toEqual([
+      [5000, "abc"],
+      [6000, "xyz"],
+    ]);
+    // Committed within the commit delay (the HTTP endpoint reads only what is committed), and the rows go with it.
+    await eventually(async () => expect((await readDisk(svc, disk, [5000, 5002])).toString()).toBe("abc"));
     expect((await readDisk(svc, disk, [6000, 6002])).toString()).toBe("xyz");
+    await eventually(async () => expect(await svc.ds.query(`SELECT 1 FROM nbd_journal WHERE disk_id = $1`, [uuid(disk)])).toEqual([]));
     for (const c of [w1, w2, r]) c.end();
   });
 

@@ -1,12 +1,35 @@
 import { DiskWrites, WriteBudget, type BlockStore, type StoredBlock } from "../../src/nbd/disk-writes";
+import { decodeRecords, type WriteJournal } from "../../src/nbd/journal";
 
 const BS = 64 * 1024;
 
-/** Blocks kept in memory; a commit waits for `gate` when one is set, and records what it committed. */
+/** Journal rows kept in memory. */
+class MemoryJournal implements WriteJournal {
+  readonly kept = new Map<number, Buffer>();
+  async append(_diskId: string, seq: number, records: Buffer): Promise<void> {
+    this.kept.set(seq, Buffer.from(records));
+  }
+  async rows(_diskId: string, afterSeq: number, limit: number) {
+    return [...this.kept]
+      .filter(([seq]) => seq > afterSeq)
+      .sort((a, b) => a[0] - b[0])
+      .slice(0, limit)
+      .map(([seq, records]) => ({ seq, records }));
+  }
+}
+
+/**
+ * Blocks kept in memory; a commit waits for `gate` when one is set, records what it committed,
+ * deletes the journal rows it covers (as the real store does, in the same step) and fails
+ * while `failing` is set. A read of the store waits for `readGate` when one is set.
+ */
 class MemoryStore implements BlockStore {
   readonly blocks = new Map<number, Buffer>();
   readonly commits: number[][] = [];
   gate: Promise<void> | null = null;
+  readGate: Promise<void> | null = null;
+  failing = false;
+  constructor(readonly journal: MemoryJournal | null = null) {}
 
   async refs(_diskId: string, first: number, last: number): Promise<StoredBlock[]> {
     return [...this.blocks.keys()]
@@ -16,22 +39,32 @@ class MemoryStore implements BlockStore {
   }
 
   async readRun(_diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void> {
+    if (this.readGate) await this.readGate;
     // One block per "segment" here: runs never span blocks.
     this.blocks.get(Number(segmentId))!.copy(into, 0, offset, offset + into.length);
   }
 
-  async commit(_projectId: string, _diskId: string, blocks: [number, Buffer | null][]): Promise<void> {
+  async restores(): Promise<number> {
+    return 0;
+  }
+
+  async commit(_projectId: string, _diskId: string, blocks: [number, Buffer | null][], { journalUpTo }: { journalUpTo: number }): Promise<StoredBlock[]> {
     if (this.gate) await this.gate;
+    if (this.failing) throw new Error("the store is failing");
     this.commits.push(blocks.map(([i]) => i));
+    for (const seq of [...(this.journal?.kept.keys() ?? [])]) if (seq <= journalUpTo) this.journal!.kept.delete(seq);
     for (const [i, b] of blocks) {
       if (b) this.blocks.set(i, Buffer.from(b));
       else this.blocks.delete(i);
     }
+    return blocks.filter(([, b]) => b).map(([index]) => ({ index, segmentId: String(index), offset: 0 }));
   }
 }
 
 function writes(store: MemoryStore, diskBytes = 64 * BS) {
-  return new DiskWrites(store, "p", "d", 256 * BS, new WriteBudget(1024 * BS), { diskBytes, delayMs: 60_000 });
+  const w = new DiskWrites(store, "p", "d", 256 * BS, new WriteBudget(1024 * BS), { diskBytes, delayMs: 60_000 });
+  if (store.journal) void w.start(Promise.resolve(store.journal));
+  return w;
 }
 
 function opened(): { promise: Promise<void>; open: () => void } {
@@ -118,4 +151,102 @@ test("the two halves of a block written around a commit (one running, then one d
   const expected = Buffer.concat([Buffer.alloc(BS / 2, 0xaa), Buffer.alloc(BS / 4, 0xbb), Buffer.alloc(BS / 4, 0xcc)]);
   expect(store.blocks.get(0)!.equals(expected)).toBe(true);
   expect((await w.read(0, BS)).equals(expected)).toBe(true);
+});
+
+/** What the disk reads as, whole, through a fresh owner of its writes (one that applied the journal). */
+async function afterRestart(store: MemoryStore): Promise<Buffer> {
+  const w = writes(store);
+  return w.read(0, 256 * BS);
+}
+
+test("a FLUSH journals the writes since the last one, as they came, and commits nothing; whoever next owns the disk applies and commits them", async () => {
+  const store = new MemoryStore(new MemoryJournal());
+  store.blocks.set(3, Buffer.alloc(BS, 7));
+  const w = writes(store);
+  await w.write(3 * BS + 100, Buffer.from("hello"));
+  await w.zero(3 * BS + 200, 10);
+  await w.write(9 * BS, Buffer.alloc(2 * BS, 5));
+  await w.flush();
+  expect(store.commits).toEqual([]);
+  const rows = [...store.journal!.kept.values()];
+  expect(rows).toHaveLength(1);
+  expect(decodeRecords(rows[0]).map((r) => [r.offset, r.length, r.data === null])).toEqual([
+    [3 * BS + 100, 5, false],
+    [3 * BS + 200, 10, true],
+    [9 * BS, 2 * BS, false],
+  ]);
+  // The process dies here: its memory is gone, the store and the journal stay.
+  const expected = Buffer.alloc(256 * BS);
+  expected.fill(7, 3 * BS, 4 * BS);
+  expected.write("hello", 3 * BS + 100);
+  expected.fill(0, 3 * BS + 200, 3 * BS + 210);
+  expected.fill(5, 9 * BS, 11 * BS);
+  expect((await afterRestart(store)).equals(expected)).toBe(true);
+  expect(store.commits).toEqual([[3, 9, 10]]);
+  expect(store.journal!.kept.size).toBe(0);
+});
+
+test("writes taken by a running commit and journaled after it are applied again in order, and a row a failed commit left stays for the next owner", async () => {
+  const store = new MemoryStore(new MemoryJournal());
+  const w = writes(store);
+  await w.write(0, Buffer.alloc(BS, 1)); // not journaled when the commit takes it
+  const slow = opened();
+  store.gate = slow.promise;
+  const running = w.commitNow();
+  await w.write(100, Buffer.alloc(10, 2)); // after the commit took block 0
+  await w.flush(); // one row: both writes, in order
+  slow.open();
+  store.gate = null;
+  await running;
+  expect(store.journal!.kept.size).toBe(1); // the second write is not committed yet
+  store.failing = true;
+  await expect(w.commitNow()).rejects.toThrow("failing");
+  await expect(w.write(0, Buffer.alloc(1))).rejects.toThrow("failing");
+  expect(store.journal!.kept.size).toBe(1);
+  store.failing = false;
+  const expected = Buffer.alloc(256 * BS);
+  expected.fill(1, 0, BS);
+  expected.fill(2, 100, 110);
+  expect((await afterRestart(store)).equals(expected)).toBe(true);
+  expect(store.journal!.kept.size).toBe(0);
+});
+
+test("more than a FLUSH's worth of journal between two FLUSHes commits instead, and what comes after is journaled again", async () => {
+  const store = new MemoryStore(new MemoryJournal());
+  const w = new DiskWrites(store, "p", "d", 1024 * BS, new WriteBudget(1024 * BS), { diskBytes: 512 * BS, delayMs: 60_000 });
+  void w.start(Promise.resolve(store.journal));
+  for (let i = 0; i < 130; i++) await w.write(i * BS, Buffer.alloc(BS, i % 251)); // 8.1 MiB
+  await w.flush();
+  expect(store.commits).toHaveLength(1);
+  expect(store.journal!.kept.size).toBe(0);
+  await w.write(5, Buffer.from("x"));
+  await w.flush();
+  expect(store.commits).toHaveLength(1);
+  expect(store.journal!.kept.size).toBe(1);
+});
+
+test("a write into part of a stored block is taken before the block's other bytes arrive; reads and commits wait for them, and later writes win", async () => {
+  const store = new MemoryStore();
+  store.blocks.set(2, Buffer.alloc(BS, 0x11));
+  const w = writes(store);
+  const slow = opened();
+  store.readGate = slow.promise;
+  await w.write(2 * BS + 10, Buffer.alloc(10, 0x22)); // acknowledged with the store's read still held
+  await w.write(2 * BS + 15, Buffer.alloc(10, 0x33));
+  await w.zero(2 * BS + 30, 5);
+  const reading = w.read(2 * BS, BS);
+  const committing = w.flush();
+  let settled = false;
+  void Promise.all([reading, committing]).then(() => (settled = true));
+  await new Promise((r) => setTimeout(r, 20));
+  expect(settled).toBe(false);
+  store.readGate = null;
+  slow.open();
+  const expected = Buffer.alloc(BS, 0x11);
+  expected.fill(0x22, 10, 15);
+  expected.fill(0x33, 15, 25);
+  expected.fill(0, 30, 35);
+  expect((await reading).equals(expected)).toBe(true);
+  await committing;
+  expect(store.blocks.get(2)!.equals(expected)).toBe(true);
 });

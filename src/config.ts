@@ -71,7 +71,7 @@ export interface Config {
   nbdPublicHost: string;
   /** TLS for NBD (NBD_OPT_STARTTLS): a certificate (chain) and its key, PEM. Required off loopback. */
   nbdTls?: { certFile: string; keyFile: string };
-  /** Acknowledged NBD writes held in memory before their commit, over every disk of the process; a disk takes at most a quarter. */
+  /** Acknowledged NBD writes held in memory before their commit, over every disk of the process; a disk takes at most half. */
   nbdWriteBufferBytes: number;
   /** Acknowledged NBD writes are committed into the disk's blocks at most this long after the first of a batch. */
   nbdCommitDelayMs: number;

@@ -44,9 +44,11 @@ import { ConnectionClosed, SocketReader } from "./reader";
 /**
  * Buffers of large reads, reused once the socket has taken their bytes: a fresh
  * multi-MiB buffer per read is external memory that waits for a collection, and
- * under several busy readers that waiting memory was most of the process's size.
+ * under several busy readers that waiting memory was most of the process's size
+ * (and the collections a third of a sequential read's time). Enough are kept for
+ * four connections' reads in flight (32 MiB of capacity per size).
  */
-const READ_BUFFERS = new BufferPool(8);
+const READ_BUFFERS = new BufferPool(64, false, 32 * 1024 * 1024);
 /** Reads up to this size take a fresh buffer (from Node's own small-buffer slabs). */
 const POOLED_FROM = 64 * 1024;
 const readBuffer = (n: number) => (n > POOLED_FROM ? READ_BUFFERS.take(n) : Buffer.allocUnsafe(n));

@@ -11,7 +11,8 @@ export class BufferPool {
   private readonly free = new Map<number, ArrayBufferLike[]>();
 
   /**
-   * At most `keep` idle buffers of each capacity are kept. `shared` buffers are
+   * At most `keep` idle buffers of each capacity are kept, and no more of a capacity than
+   * fit in `keepBytes`. `shared` buffers are
    * SharedArrayBuffer memory, which worker threads use in place: a call to a worker
    * then moves no buffer, and the main thread gets no new ArrayBuffer back, which V8
    * would count as fresh external memory (see ChunkCodec).
@@ -19,6 +20,7 @@ export class BufferPool {
   constructor(
     private readonly keep = 16,
     private readonly shared = false,
+    private readonly keepBytes = Infinity,
   ) {}
 
   /** A buffer of `size` bytes (contents undefined), the only user of its memory. */
@@ -34,6 +36,6 @@ export class BufferPool {
     if (!ab || !(this.shared ? ab instanceof SharedArrayBuffer : ab instanceof ArrayBuffer) || ab.byteLength < MIN_CLASS || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
     let list = this.free.get(ab.byteLength);
     if (!list) this.free.set(ab.byteLength, (list = []));
-    if (list.length < this.keep && !list.includes(ab)) list.push(ab);
+    if (list.length < this.keep && (list.length + 1) * ab.byteLength <= this.keepBytes && !list.includes(ab)) list.push(ab);
   }
 }

@@ -22,6 +22,17 @@ describe("BufferPool", () => {
     }
   });
 
+  it("keeps no more idle buffers of a capacity than fit in its byte budget", () => {
+    const pool = new BufferPool(64, false, 8 * MiB);
+    const small = Array.from({ length: 10 }, () => pool.take(MiB));
+    const large = Array.from({ length: 3 }, () => pool.take(4 * MiB));
+    for (const b of [...small, ...large]) pool.give(b);
+    const again = (n: number, size: number) => Array.from({ length: n }, () => pool.take(size).buffer);
+    // Eight 1 MiB buffers and two 4 MiB ones came back; the rest are new.
+    expect(again(10, MiB).filter((ab) => small.some((b) => b.buffer === ab))).toHaveLength(8);
+    expect(again(3, 4 * MiB).filter((ab) => large.some((b) => b.buffer === ab))).toHaveLength(2);
+  });
+
   it("hands out shared memory when asked, and takes back only its own kind", () => {
     const shared = new BufferPool(16, true);
     const a = shared.take(3 * MiB);

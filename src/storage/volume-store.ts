@@ -190,12 +190,31 @@ export class VolumeStore {
       };
       return segment;
     };
+    /** The segment's one write in flight: the next blocks are hashed while it runs. */
+    let writing: Promise<void> | null = null;
     const writeParts = async () => {
-      if (segment && parts.length) await segment.writer.write(parts);
+      if (writing) {
+        const w = writing;
+        writing = null;
+        await w;
+      }
+      if (segment && parts.length) {
+        writing = segment.writer.write(parts);
+        writing.catch(() => undefined); // awaited before the next write, or by drainParts
+      }
       parts = [];
     };
-    const flush = async (last = false) => {
+    /** Writes what waits and waits for it. */
+    const drainParts = async () => {
       await writeParts();
+      if (writing) {
+        const w = writing;
+        writing = null;
+        await w;
+      }
+    };
+    const flush = async (last = false) => {
+      await drainParts();
       let seg = segment as typeof segment;
       const z = zeros;
       segment = null;
@@ -239,7 +258,7 @@ export class VolumeStore {
     try {
       for await (const item of blocks) {
         if ("slots" in item) {
-          await writeParts();
+          await drainParts();
           const seg = segment ?? (await open());
           for (let k = 0; k < item.indexes.length; k++) {
             seg.blocks.indexes.push(item.indexes[k]);
@@ -269,6 +288,7 @@ export class VolumeStore {
       await flush(true);
       while (closing.length) await closing.shift();
     } catch (err) {
+      await (writing as Promise<void> | null)?.catch(() => undefined);
       const seg = segment as { writer: BlobWriter } | null;
       if (seg) await seg.writer.abort();
       await Promise.allSettled(closing);

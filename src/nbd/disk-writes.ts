@@ -401,6 +401,11 @@ export class DiskWrites {
     if (this.failure) throw this.failure;
   }
 
+  /** From now on a FLUSH commits (the journal is no longer this process's); rows already appended go with the next commit. */
+  stopJournaling(): void {
+    this.journal = null;
+  }
+
   /** Commits everything acknowledged before the call into the disk's blocks (the last connection leaves, or the journal is drained). */
   async commitNow(): Promise<void> {
     if (this.failure) throw this.failure;

@@ -110,6 +110,19 @@ class JournalOwnership {
     }
   }
 
+  /** False when the session holding the locks is gone (and the locks with it). */
+  async alive(): Promise<boolean> {
+    const session = this.session;
+    if (!session) return false;
+    try {
+      await (await session).query(`SELECT 1`);
+      return true;
+    } catch {
+      if (this.session === session) this.session = null;
+      return false;
+    }
+  }
+
   async close(): Promise<void> {
     const session = this.session;
     this.session = null;
@@ -240,7 +253,19 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   });
   const unregister = services.backups.capture.register(<T>(capture: () => Promise<T>) => [...disks.values()].reduce<() => Promise<T>>((inner, writes) => () => writes.hold(inner), capture)());
 
+  /** Disks whose journal this process owns stop journaling when the session holding their locks is gone: another process may take them now. */
+  const checkOwnership = async () => {
+    const mine = [];
+    for (const [writes, taken] of owned) if (await taken) mine.push(writes);
+    if (!mine.length || (await ownership.alive())) return;
+    logger.warn("the NBD journal's locks were lost with their database session; FLUSH commits on these disks from now on", { disks: mine.map((w) => w.diskId) });
+    for (const writes of mine) {
+      writes.stopJournaling();
+      owned.set(writes, Promise.resolve(false));
+    }
+  };
   const checkTimer = setInterval(() => {
+    void checkOwnership().catch((err: Error) => logger.warn("checking the NBD journal's locks failed", { error: err.message }));
     const ids = [...new Set([...connections].flatMap((c) => (c.export ? [c.export.id] : [])))];
     if (!ids.length) return;
     services.nbd

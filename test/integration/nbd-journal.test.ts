@@ -115,7 +115,7 @@ describe("a service killed after a FLUSH", () => {
   });
 });
 
-describe("a restore onto a disk with journaled writes", () => {
+describe("journaled writes in one service", () => {
   let svc: TestService;
   beforeAll(async () => {
     svc = await startTestService({ NBD_PORT: String(await freePort()), NBD_COMMIT_DELAY_MS: "600000" });
@@ -124,7 +124,7 @@ describe("a restore onto a disk with journaled writes", () => {
     await svc?.stop();
   });
 
-  it("leaves the backup's bytes and no journal row, whatever was flushed before it", async () => {
+  it("leaves a restored disk with the backup's bytes and no journal row, whatever was flushed before the restore", async () => {
     const disk = await createDisk(svc, "restored", 4 * MiB);
     const content = bytes(4 * MiB, 7);
     await writeDisk(svc, disk, content);
@@ -149,5 +149,36 @@ describe("a restore onto a disk with journaled writes", () => {
     again.request(0, 0, BLOCK, 3);
     expect((await again.reply(BLOCK)).data.equals(content.subarray(0, BLOCK))).toBe(true);
     again.end();
+  });
+
+  it("stops journaling a disk whose lock went with its database session: FLUSH commits, and the rows go", async () => {
+    const disk = await createDisk(svc, "lost-lock", MiB);
+    const { uri } = (await svc.ok(EXPORT, { id: disk })).createNbdExport.nbdExport;
+    const c = await RawNbd.connect(svc.nbdPort);
+    await c.go(nameOf(uri));
+    c.request(WRITE, 0, 5, 1, 0, Buffer.from("first"));
+    expect(await c.reply()).toMatchObject({ error: 0 });
+    c.request(FLUSH, 0, 0, 2);
+    expect(await c.reply()).toMatchObject({ error: 0 });
+    expect(await svc.ds.query(`SELECT seq FROM nbd_journal WHERE disk_id = $1`, [uuid(disk)])).toHaveLength(1);
+    // The session holding the journal's locks dies (a restarted database, a dropped connection).
+    const holders: { pid: number }[] = await svc.ds.query(`SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1`, [0x570a]);
+    expect(holders).toHaveLength(1);
+    await svc.ds.query(`SELECT pg_terminate_backend($1)`, [holders[0].pid]);
+    // Within the server's check (a second), a FLUSH commits what it was told and the rows with it.
+    let cookie = 3;
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      c.request(WRITE, 100, 6, cookie++, 0, Buffer.from("second"));
+      expect(await c.reply()).toMatchObject({ error: 0 });
+      c.request(FLUSH, 0, 0, cookie++);
+      expect(await c.reply()).toMatchObject({ error: 0 });
+      if (!(await svc.ds.query(`SELECT seq FROM nbd_journal WHERE disk_id = $1`, [uuid(disk)])).length) break;
+      if (Date.now() > deadline) throw new Error("FLUSH still journals after the lock was lost");
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    expect((await readDisk(svc, disk, [0, 4])).toString()).toBe("first");
+    expect((await readDisk(svc, disk, [100, 105])).toString()).toBe("second");
+    c.end();
   });
 });

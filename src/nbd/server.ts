@@ -16,6 +16,8 @@ import { DELETE_JOURNAL, postgresJournal, type WriteJournal } from "./journal";
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|::1|localhost)$/;
 
+/** How often journals that no process owns are looked for. */
+const JOURNAL_SWEEP_MS = 10_000;
 /** How often the exports of open connections are checked (revoked in another process, or their disk deleted). */
 const REVOKE_CHECK_MS = 1000;
 
@@ -299,29 +301,42 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   const port = (server.address() as net.AddressInfo).port;
   logger.info("nbd listening", { host: config.nbdHost, port, tls: Boolean(host.tls), tlsRequired: Boolean(host.tls?.required) });
 
-  // Journals a stopped process left (a crash, or a commit that failed): their disks' writes are applied and committed
-  // now, by whichever process owns each first; a connection to one of those disks meanwhile waits for it.
-  const recovering = (async () => {
+  // Journals no live process owns (a stopped one left them: a crash, or a commit that failed) are applied and
+  // committed by whichever process takes them first: at start, then every JOURNAL_SWEEP_MS, so a disk's flushed
+  // writes reach its blocks (and its backups) whether or not it is served again. A connection meanwhile waits.
+  const applyLeft = async () => {
     const left: { id: string; project_id: string; size_bytes: string }[] = await ds.query(
       `SELECT d.id, d.project_id, d.size_bytes FROM disks d WHERE EXISTS (SELECT 1 FROM nbd_journal j WHERE j.disk_id = d.id)`,
     );
     for (const d of left) {
+      if (disks.has(d.id)) continue; // served here: its own commits take the rows
       const writes = acquire(d.project_id, d.id, Number(d.size_bytes));
       try {
+        const mine = await owned.get(writes);
         await writes.commitNow();
-        logger.info("nbd journal applied", { disk: d.id });
+        if (mine) logger.info("nbd journal applied", { disk: d.id });
       } catch (err) {
-        logger.warn("an NBD journal could not be applied; it is tried again when the disk is next served", { error: (err as Error).message, disk: d.id });
+        logger.warn("an NBD journal could not be applied; it is tried again later", { error: (err as Error).message, disk: d.id });
       } finally {
         release(writes);
       }
     }
-  })().catch((err: Error) => logger.warn("looking for NBD journals failed", { error: err.message }));
+  };
+  let sweeping: Promise<void> | null = null;
+  const sweep = () => {
+    sweeping ??= applyLeft()
+      .catch((err: Error) => logger.warn("looking for NBD journals failed", { error: err.message }))
+      .finally(() => (sweeping = null));
+  };
+  sweep();
+  const sweepTimer = setInterval(sweep, JOURNAL_SWEEP_MS);
+  sweepTimer.unref();
 
   return {
     port,
     async close() {
       clearInterval(checkTimer);
+      clearInterval(sweepTimer);
       unregister();
       unwatch();
       services.nbd.onRevoke = null;
@@ -329,7 +344,7 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
         server.close(() => resolve());
         for (const c of all) c.close();
       });
-      await recovering;
+      await sweeping;
       await ownership.close();
     },
   };

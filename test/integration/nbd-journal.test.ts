@@ -11,6 +11,7 @@ import { freePort } from "../../bench/lib/proc";
 import { backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, writeDisk } from "../helpers/data";
 import { gqlAt, serveChild, type ChildService } from "../helpers/child-service";
 import { createTestDatabase, type TestDatabase } from "../helpers/db";
+import { encodeRecords } from "../../src/nbd/journal";
 import { RawNbd } from "../helpers/nbd-client";
 import { MiB, startTestService, type TestService } from "../helpers/service";
 
@@ -180,5 +181,25 @@ describe("journaled writes in one service", () => {
     expect((await readDisk(svc, disk, [0, 4])).toString()).toBe("first");
     expect((await readDisk(svc, disk, [100, 105])).toString()).toBe("second");
     c.end();
+  });
+
+  it("applies, within its sweep, a journal that no process owns (its writer died) on a disk nobody serves", async () => {
+    const disk = await createDisk(svc, "orphan", MiB);
+    await writeDisk(svc, disk, Buffer.alloc(MiB, 0x11));
+    // What a process that died after a FLUSH leaves behind: rows, and no lock.
+    const records = encodeRecords([
+      { offset: 10, length: 5, data: Buffer.from("alive") },
+      { offset: BLOCK, length: BLOCK, data: null },
+    ]);
+    await svc.ds.query(`INSERT INTO nbd_journal (disk_id, seq, records) VALUES ($1, 7, $2)`, [uuid(disk), records]);
+    const deadline = Date.now() + 20_000;
+    while ((await svc.ds.query(`SELECT 1 FROM nbd_journal WHERE disk_id = $1`, [uuid(disk)])).length) {
+      if (Date.now() > deadline) throw new Error("the journal was not applied");
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const expected = Buffer.alloc(MiB, 0x11);
+    expected.write("alive", 10);
+    expected.fill(0, BLOCK, 2 * BLOCK);
+    expect(sha(await readDisk(svc, disk))).toBe(sha(expected));
   });
 });

@@ -170,7 +170,7 @@ export class DiskWrites {
   write(offset: number, data: Buffer): Promise<void> {
     return this.mutate(async () => {
       await this.put(offset, data);
-      this.note({ offset, length: data.length, data: Buffer.from(data) });
+      this.note(offset, data.length, data);
     });
   }
 
@@ -178,7 +178,7 @@ export class DiskWrites {
   zero(offset: number, length: number): Promise<void> {
     return this.mutate(async () => {
       await this.clear(offset, length);
-      this.note({ offset, length, data: null });
+      this.note(offset, length, null);
     });
   }
 
@@ -213,17 +213,17 @@ export class DiskWrites {
     }
   }
 
-  /** Keeps an applied write for the next FLUSH's journal row, within JOURNAL_FLUSH_BYTES. */
-  private note(record: JournalRecord): void {
+  /** Keeps a copy of an applied write (`data` null: zeros) for the next FLUSH's journal row, within JOURNAL_FLUSH_BYTES. */
+  private note(offset: number, length: number, data: Buffer | null): void {
     if (!this.journal || this.logOverflow) return;
-    const bytes = record.data ? record.length : 0;
+    const bytes = data ? length : 0;
     if (this.logBytes + bytes > Math.min(JOURNAL_FLUSH_BYTES, this.limits.diskBytes)) {
       this.logOverflow = true;
       this.log = [];
       this.logBytes = 0;
       return;
     }
-    this.log.push(record);
+    this.log.push({ offset, length, data: data && Buffer.from(data) });
     this.logBytes += bytes;
   }
 
@@ -316,9 +316,10 @@ export class DiskWrites {
       const [from, to] = span(i);
       const mine = pending?.get(i);
       if (mine !== undefined) {
-        if (mine) await this.filled(i, mine);
-        if (mine) mine.copy(into, from - offset, from - i * BLOCK_SIZE, to - i * BLOCK_SIZE);
-        else into.fill(0, from - offset, to - offset);
+        if (mine) {
+          await this.filled(i, mine);
+          mine.copy(into, from - offset, from - i * BLOCK_SIZE, to - i * BLOCK_SIZE);
+        } else into.fill(0, from - offset, to - offset);
         i++;
         continue;
       }

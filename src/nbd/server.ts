@@ -305,8 +305,9 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   // committed by whichever process takes them first: at start, then every JOURNAL_SWEEP_MS, so a disk's flushed
   // writes reach its blocks (and its backups) whether or not it is served again. A connection meanwhile waits.
   const applyLeft = async () => {
+    // From the journal's side: it is nearly always empty, where the disks are many.
     const left: { id: string; project_id: string; size_bytes: string }[] = await ds.query(
-      `SELECT d.id, d.project_id, d.size_bytes FROM disks d WHERE EXISTS (SELECT 1 FROM nbd_journal j WHERE j.disk_id = d.id)`,
+      `SELECT d.id, d.project_id, d.size_bytes FROM (SELECT DISTINCT disk_id FROM nbd_journal) j JOIN disks d ON d.id = j.disk_id`,
     );
     for (const d of left) {
       if (disks.has(d.id)) continue; // served here: its own commits take the rows

@@ -192,12 +192,13 @@ export class VolumeStore {
     };
     /** The segment's one write in flight: the next blocks are hashed while it runs. */
     let writing: Promise<void> | null = null;
+    const writeDone = async () => {
+      const w = writing;
+      writing = null;
+      await w;
+    };
     const writeParts = async () => {
-      if (writing) {
-        const w = writing;
-        writing = null;
-        await w;
-      }
+      await writeDone();
       if (segment && parts.length) {
         writing = segment.writer.write(parts);
         writing.catch(() => undefined); // awaited before the next write, or by drainParts
@@ -207,11 +208,7 @@ export class VolumeStore {
     /** Writes what waits and waits for it. */
     const drainParts = async () => {
       await writeParts();
-      if (writing) {
-        const w = writing;
-        writing = null;
-        await w;
-      }
+      await writeDone();
     };
     const flush = async (last = false) => {
       await drainParts();

@@ -9,6 +9,7 @@ import { PendingBlobs1765300000000 } from "./1765300000000-pending-blobs";
 import { DropBackupExpiresAt1765400000000 } from "./1765400000000-drop-backup-expires-at";
 import { NbdExports1765500000000 } from "./1765500000000-nbd-exports";
 import { NbdJournal1765600000000 } from "./1765600000000-nbd-journal";
+import { VaultExports1765700000000 } from "./1765700000000-vault-exports";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
 export const migrations = [
@@ -23,4 +24,5 @@ export const migrations = [
   DropBackupExpiresAt1765400000000,
   NbdExports1765500000000,
   NbdJournal1765600000000,
+  VaultExports1765700000000,
 ];

@@ -186,7 +186,7 @@ export async function startService(
     db.embedded?.onRestart(() => void runner.recover().catch((err) => logger.error("job recovery failed", { error: err })));
     if (config.schedulerIntervalSeconds > 0) scheduler.start(config.schedulerIntervalSeconds * 1000);
     http = opts.api === false ? null : await withoutNewSignalHandlers(() => startHttpServer({ config, logger, ds: db.ds, services, storage, schema: buildStowageSchema() }));
-    nbd = http && config.nbdPort !== 0 ? await startNbdServer({ config, logger, ds: db.ds, services, volumes: storage.volumes, registry: http.registry }) : null;
+    nbd = http && config.nbdPort !== 0 ? await startNbdServer({ config, logger, ds: db.ds, services, volumes: storage.volumes, vault: storage.vault, registry: http.registry }) : null;
     if (config.gcIntervalSeconds > 0) {
       gcTimer = setInterval(
         () => void collectAllGarbage(db.ds, storage, config.gcGraceSeconds * 1000, logger).catch((err) => logger.error("garbage collection failed", { error: err })),

@@ -51,6 +51,8 @@ export interface Config {
   compactIntervalSeconds: number;
   /** Worker threads compressing vault chunks beside the main thread (0: the main thread alone). */
   codecThreads: number;
+  /** Decompressed vault chunks kept for backups and images read as they are (over NBD). */
+  vaultCacheBytes: number;
   /** How often the policy scheduler looks for due policies (0: never, in this process). */
   schedulerIntervalSeconds: number;
   /** Largest image file POST /v1/uploads takes. */
@@ -165,6 +167,7 @@ export function loadConfig(env: Env = process.env): Config {
     compactIntervalSeconds: int(env, "COMPACT_INTERVAL_SECONDS", 60, 0, 86400),
     schedulerIntervalSeconds: int(env, "SCHEDULER_INTERVAL_SECONDS", 5, 0, 3600),
     codecThreads: int(env, "CODEC_THREADS", os.availableParallelism(), 0, 64),
+    vaultCacheBytes: int(env, "VAULT_CACHE_BYTES", 64 * 1024 * 1024, 0, 2 ** 40),
     uploadMaxBytes: int(env, "UPLOAD_MAX_BYTES", 64 * 2 ** 30, 512, Number.MAX_SAFE_INTEGER),
     uploadTtlSeconds: int(env, "UPLOAD_TTL_SECONDS", 86400, 60, 365 * 86400),
     exportTtlSeconds: int(env, "EXPORT_TTL_SECONDS", 86400, 1, 365 * 86400),

@@ -2,7 +2,7 @@ import type { Duplex } from "node:stream";
 import type { OpenedExport } from "../services/nbd.service";
 import { BufferPool } from "../storage/buffer-pool";
 import { BLOCK_SIZE as BLOCK_BYTES } from "../formats/types";
-import type { DiskWrites } from "./disk-writes";
+import type { ServedBytes } from "./vault-device";
 import {
   ALLOCATION_CONTEXT_ID,
   BASE_ALLOCATION,
@@ -66,8 +66,8 @@ const READ_BYTES_IN_FLIGHT = 8 * 1024 * 1024;
 export interface ConnectionHost {
   /** The export a client names; null when no export has that name. */
   open(name: string): Promise<OpenedExport | null>;
-  /** The shared writes of the export's disk in this process. */
-  attach(conn: NbdConnection, exp: OpenedExport): DiskWrites;
+  /** What the export serves: its disk's shared writes in this process, or a backup or image read from the vault. */
+  attach(conn: NbdConnection, exp: OpenedExport): ServedBytes;
   detach(conn: NbdConnection): void;
   /** TLS is offered (STARTTLS); `required` when it is (a non-loopback address). */
   tls: { required: boolean; upgrade(socket: Duplex): Promise<Duplex> } | null;
@@ -109,7 +109,7 @@ export class NbdConnection {
   private tlsDone = false;
   private noZeroes = false;
   export: OpenedExport | null = null;
-  writes: DiskWrites | null = null;
+  writes: ServedBytes | null = null;
   private closing = false;
   private readBytesInFlight = 0;
   private readWaiters: (() => void)[] = [];

@@ -8,11 +8,14 @@ import type { Config } from "../config";
 import type { Logger } from "../logger";
 import type { Services } from "../services";
 import type { OpenedExport } from "../services/nbd.service";
+import { sourceBlocks } from "../storage/manifest";
+import type { Vault } from "../storage/vault";
 import { BLOCK_SIZE, type VolumeStore } from "../storage/volume-store";
 import { AdvisoryLock } from "../db/locks";
 import { NbdConnection, type ConnectionHost } from "./connection";
 import { DiskWrites, WriteBudget, type BlockStore, type StoredBlock } from "./disk-writes";
 import { DELETE_JOURNAL, postgresJournal, type WriteJournal } from "./journal";
+import { VaultDevice, type ServedBytes } from "./vault-device";
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|::1|localhost)$/;
 
@@ -27,6 +30,7 @@ export interface NbdServerDeps {
   ds: DataSource;
   services: Services;
   volumes: VolumeStore;
+  vault: Vault;
   registry: Registry;
 }
 
@@ -214,13 +218,18 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
 
   const host: ConnectionHost = {
     open: (name) => services.nbd.open(ds.manager, name),
-    attach(conn: NbdConnection, exp: OpenedExport) {
+    attach(conn: NbdConnection, exp: OpenedExport): ServedBytes {
       connections.add(conn);
-      return acquire(exp.projectId, exp.diskId, exp.sizeBytes);
+      if (exp.diskId) return acquire(exp.projectId, exp.diskId, exp.sizeBytes);
+      const source = exp.vault!;
+      return new VaultDevice({
+        refs: (first, last) => sourceBlocks(ds, source, first, last),
+        read: (hashes) => deps.vault.blocks.read(exp.projectId, hashes),
+      });
     },
     detach(conn: NbdConnection) {
       connections.delete(conn);
-      if (conn.export && conn.writes) release(conn.writes);
+      if (conn.export && conn.writes instanceof DiskWrites) release(conn.writes);
     },
     tls: secureContext
       ? {

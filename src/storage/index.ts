@@ -29,7 +29,7 @@ export function createStorage(config: Config, ds: DataSource): Storage {
     return store;
   };
   const codec = new ChunkCodec(1, config.codecThreads);
-  const vault = new Vault(ds, open(config.vaultBackend), codec);
+  const vault = new Vault(ds, open(config.vaultBackend), codec, config.vaultCacheBytes);
   const volumes = new VolumeStore(ds, open(config.volumeBackend));
   return {
     volumes,

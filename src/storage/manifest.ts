@@ -71,6 +71,19 @@ export function manifestOf(source: BlockSource): string {
 }
 
 /**
+ * The blocks of [first, last] of `source` that hold data, ascending, each with the
+ * SHA-256 naming its chunk: the block list of a backup or an image read as it is.
+ */
+export async function sourceBlocks(q: Queryable, source: BlockSource, first: number, last: number): Promise<{ index: number; hash: Buffer }[]> {
+  const found = await rows<{ i: string; h: Buffer }>(q, `${manifestOf(source)} SELECT block_index AS i, hash AS h FROM m WHERE hash IS NOT NULL ORDER BY block_index`, [
+    source.imageDiskId ?? source.backupId,
+    first,
+    last,
+  ]);
+  return found.map((r) => ({ index: Number(r.i), hash: r.h }));
+}
+
+/**
  * The ranges [first, last] of block indexes that together hold every block the
  * source records (and every block disk `diskId` holds data in, when given), each
  * holding at most `size` of them (`firstSize` for the first one); ranges where

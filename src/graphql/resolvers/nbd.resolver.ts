@@ -18,7 +18,8 @@ export function nbdUri(config: Config, name: string): string {
 @Resolver(() => NbdExportType)
 export class NbdExportResolver {
   @Mutation(() => CreateNbdExportPayload, {
-    description: "Serves a disk over NBD (qemu, qemu-img, nbdinfo, nbdcopy, the Linux kernel) under a new capability URI; its connections are consistent with each other (multi-conn).",
+    description:
+      "Serves a disk over NBD (qemu, qemu-img, nbdinfo, nbdcopy, the Linux kernel) under a new capability URI; its connections are consistent with each other (multi-conn). A disk backup or a SYSTEM_DISK/DATA_DISK image is served read-only, straight from the vault (a live mount, no copy).",
   })
   async createNbdExport(@Arg("input") input: CreateNbdExportInput, @Ctx() { ctx, services }: GraphQLContext) {
     return { nbdExport: await services.nbd.create(ctx, input) };
@@ -36,9 +37,11 @@ export class NbdExportResolver {
     return nbdUri(ctx.config, exp.name);
   }
 
-  @Reads("diskId")
-  @FieldResolver(() => Node, { nullable: true, description: "What is served: a disk. Null once it is gone." })
+  @Reads("diskId", "backupId", "imageId")
+  @FieldResolver(() => Node, { nullable: true, description: "What is served: a disk, a backup or an image. Null once it is gone." })
   resource(@Root() exp: NbdExport, @Ctx() { ctx }: GraphQLContext) {
-    return ctx.loaders.disk.load(exp.diskId);
+    if (exp.backupId) return ctx.loaders.backup.load(exp.backupId);
+    if (exp.imageId) return ctx.loaders.image.load(exp.imageId);
+    return exp.diskId ? ctx.loaders.disk.load(exp.diskId) : null;
   }
 }

@@ -116,8 +116,10 @@ export class JobListArgs extends PageArgs {
 
 @InputType()
 export class CreateNbdExportInput {
-  @Field(() => ID, { description: "The disk to serve." }) resourceId: string;
-  @Field({ defaultValue: false, description: "Serve it read-only." }) readOnly: boolean;
+  @Field(() => ID, { description: "What to serve: a disk, a disk backup, or a SYSTEM_DISK or DATA_DISK image (backups and images read straight from the vault, no copy)." })
+  resourceId: string;
+  @Field(() => Boolean, { nullable: true, description: "Serve it read-only. A disk is served read-write unless this is true; backups and images are always read-only." })
+  readOnly?: boolean | null;
 }
 
 @InputType()

@@ -8,12 +8,14 @@ import { GarbageCollector, type Reclaimed } from "./garbage";
 import { PackWriter, type BlobIntents } from "./pack-writer";
 import { dropIntents, intendBlob } from "../pending-blobs";
 import { ChunkReader } from "./reader";
+import { VaultBlocks } from "./block-cache";
 import { countRestoreBlocks, planRestore, type RestoreBatch } from "./restore-plan";
 
 export { ChunkError, hex, packKey, type PackChunks, type ReadOptions } from "./chunk";
 export { PACK_BYTES, type PackWriter } from "./pack-writer";
 export type { PackToWrite, RestoreBatch } from "./restore-plan";
 export type { Reclaimed } from "./garbage";
+export type { VaultBlocks } from "./block-cache";
 
 /**
  * The vault: content-addressed, compressed, deduplicated chunks of every backup
@@ -25,6 +27,8 @@ export class Vault {
   private readonly index: ChunkIndex;
   private readonly reader: ChunkReader;
   private readonly garbage: GarbageCollector;
+  /** Blocks read as they are (backups and images served over NBD), through a bounded cache. */
+  readonly blocks: VaultBlocks;
   private readonly intents: BlobIntents = {
     intend: (key) => intendBlob(this.ds, key),
     giveUp: (keys) => dropIntents(this.ds, keys),
@@ -34,9 +38,11 @@ export class Vault {
     private readonly ds: DataSource,
     readonly blobs: BlobStore,
     readonly codec: ChunkCodec = new ChunkCodec(1, 0),
+    cacheBytes = 64 * 1024 * 1024,
   ) {
     this.index = new ChunkIndex(ds);
     this.reader = new ChunkReader(blobs, codec, this.index);
+    this.blocks = new VaultBlocks(this.reader, cacheBytes);
     // A rewritten pack holds chunks the index has: indexing it repoints them.
     this.garbage = new GarbageCollector(ds, blobs, codec, (projectId) => new PackWriter(blobs, codec, projectId, (id, size, idx) => this.index.movePack(projectId, id, size, idx), this.intents));
   }

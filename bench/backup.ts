@@ -295,7 +295,8 @@ async function measure(opts: Options, progs: Programs | null, dir: string, runNo
 
     // ---- full restores, each checked (the check is not timed) ---------------------------
     const restored = await stowagePhase("full restore", async () => {
-      const r = await svc.gql(`mutation ($b: ID!) { createDisk(input: { name: "restored", backupId: $b }) { disk { id } job { id } } }`, { b: second.result });
+      // Hydrated: every block copied into the new disk's own storage, the work restic's restore does.
+      const r = await svc.gql(`mutation ($b: ID!) { createDisk(input: { name: "restored", backupId: $b, hydrate: true }) { disk { id } job { id } } }`, { b: second.result });
       return { jobId: r.createDisk.job.id as string, result: r.createDisk.disk.id as string };
     });
     results.stowage.restore = restored.seconds;

@@ -10,6 +10,7 @@ import { DropBackupExpiresAt1765400000000 } from "./1765400000000-drop-backup-ex
 import { NbdExports1765500000000 } from "./1765500000000-nbd-exports";
 import { NbdJournal1765600000000 } from "./1765600000000-nbd-journal";
 import { VaultExports1765700000000 } from "./1765700000000-vault-exports";
+import { Clones1765800000000 } from "./1765800000000-clones";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
 export const migrations = [
@@ -25,4 +26,5 @@ export const migrations = [
   NbdExports1765500000000,
   NbdJournal1765600000000,
   VaultExports1765700000000,
+  Clones1765800000000,
 ];

@@ -11,6 +11,8 @@ export enum ErrorCode {
   RATE_LIMITED = "RATE_LIMITED",
   /** The HTTP request itself is malformed (a body that is not JSON, or too large), as Apollo names it. */
   BAD_REQUEST = "BAD_REQUEST",
+  /** Bytes the request reads live in a vault chunk that is missing or fails its checksum (a disk made from a backup or image, read from the vault). */
+  CORRUPT_CHUNK = "CORRUPT_CHUNK",
   /** The database does not answer; the request may be tried again shortly. */
   UNAVAILABLE = "UNAVAILABLE",
   /** A bug: logged, and answered with no message, stack, SQL or path. */
@@ -107,6 +109,7 @@ function statusOf(err: DomainError): number {
       return 429;
     case ErrorCode.UNAVAILABLE:
       return 503;
+    case ErrorCode.CORRUPT_CHUNK:
     case ErrorCode.INTERNAL:
       return 500;
     default:

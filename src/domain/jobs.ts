@@ -62,7 +62,8 @@ type NoPayload = Record<string, never>;
 export interface JobPayloads {
   [JobType.BACKUP]: NoPayload;
   [JobType.RESTORE]: { plan: RestorePlan };
-  [JobType.CREATE_DISK]: { plan: RestorePlan };
+  /** `hydrate`: the clones whose source blocks are copied into their own storage (a plan: a copy into a new disk, as queued before clones). */
+  [JobType.CREATE_DISK]: { plan: RestorePlan } | { hydrate: string[] };
   [JobType.DELETE_BACKUP]: NoPayload;
   [JobType.VERIFY_BACKUP]: NoPayload;
   [JobType.CREATE_IMAGE]: CreateImagePayload;

@@ -15,6 +15,11 @@ export class Disk {
   @Column("text", { nullable: true }) device: string | null;
   @Column("uuid", { nullable: true }) sourceImageId: string | null;
   @Column("uuid", { nullable: true }) sourceBackupId: string | null;
+  /** A clone's source (at most one): the blocks it has not written read as this disk backup's (through its chain), image disk's or clone manifest's. */
+  @Column("uuid", { nullable: true }) cloneBackupId: string | null;
+  @Column("uuid", { nullable: true }) cloneImageId: string | null;
+  @Column("uuid", { nullable: true }) cloneImageDiskId: string | null;
+  @Column("uuid", { nullable: true }) cloneManifestId: string | null;
   /** Bumped by every committed write; a backup records the version it captured. */
   @Column("bigint", { transformer: bigintNumber, default: 0 }) writeVersion: number;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;

@@ -4,6 +4,7 @@ import type { Logger } from "../logger";
 import { isDatabaseUnavailable } from "../db/errors";
 import { answerOf, badRequest, BodyFault, DomainError, ErrorCode, internal, noSpace, unavailable } from "../domain/errors";
 import { isNoSpace } from "../storage/free-space";
+import { ChunkError } from "../storage/vault";
 
 /** A refused body up to this size is read and thrown away, so that its keep-alive connection carries the next request; a larger one closes the connection. */
 const DRAIN_MAX_BYTES = 16 * 2 ** 20;
@@ -80,6 +81,10 @@ function answerFor(err: unknown, logger: Logger, where: Record<string, unknown>)
   if (isDatabaseUnavailable(err)) {
     logger.warn("the database did not answer a request", { error: err instanceof Error ? err.message : String(err), ...where });
     return unavailable();
+  }
+  if (err instanceof ChunkError) {
+    logger.error("a read met a damaged vault chunk", { error: err.message, ...where });
+    return new DomainError(ErrorCode.CORRUPT_CHUNK, `the data read is damaged in the vault: ${err.message}; verify the backup or image it comes from`);
   }
   if (isNoSpace(err)) {
     logger.warn("a write ran out of space", { error: err instanceof Error ? err : String(err), ...where });

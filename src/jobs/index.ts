@@ -9,6 +9,7 @@ import { compactVolumes } from "../storage/compaction";
 import type { EventBus } from "./events";
 import { BackupHandler } from "./handlers/backup.handler";
 import { DeleteBackupHandler } from "./handlers/delete-backup.handler";
+import { HydrateHandler } from "./handlers/hydrate.handler";
 import { RestoreHandler } from "./handlers/restore.handler";
 import { VerifyHandler } from "./handlers/verify.handler";
 import { CreateImageHandler } from "./handlers/image.handler";
@@ -33,7 +34,7 @@ export function createJobRunner(
     [
       new BackupHandler(ds, volumes, vault, onPolicyBackup),
       new RestoreHandler(JobType.RESTORE, ds, volumes, vault),
-      new RestoreHandler(JobType.CREATE_DISK, ds, volumes, vault),
+      new HydrateHandler(ds, volumes, vault, new RestoreHandler(JobType.CREATE_DISK, ds, volumes, vault)),
       new DeleteBackupHandler(ds, vault, () => config.gcGraceSeconds * 1000, logger),
       new VerifyHandler(ds, vault),
       new CreateImageHandler(ds, volumes, vault),

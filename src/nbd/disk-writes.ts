@@ -2,11 +2,12 @@ import { BlobNotFoundError } from "../storage/blob-store";
 import { BLOCK_SIZE } from "../storage/volume-store";
 import { decodeRecords, encodeRecords, type JournalRecord, type WriteJournal } from "./journal";
 
-/** Where a committed block's bytes are. */
+/** Where a committed block's bytes are: in a segment of the disk, or (segmentId null: a clone's source block) in the vault, named by `hash`. */
 export interface StoredBlock {
   index: number;
-  segmentId: string;
+  segmentId: string | null;
   offset: number;
+  hash?: Buffer;
 }
 
 /** What the write buffer needs of the volume store. */
@@ -15,6 +16,8 @@ export interface BlockStore {
   refs(diskId: string, first: number, last: number): Promise<StoredBlock[]>;
   /** Fills `into` from a segment's bytes at `offset`; BlobNotFoundError when compaction has deleted it. */
   readRun(diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void>;
+  /** The bytes of chunks of the project's vault (a clone's blocks it has not written), in order; copied out of, never into. */
+  readVault(projectId: string, hashes: Buffer[]): Promise<Buffer[]>;
   /** How many restores the disk has had (null: it is gone). */
   restores(projectId: string, diskId: string): Promise<number | null>;
   /**
@@ -310,6 +313,9 @@ export class DiskWrites {
       }
     }
     const reads: Promise<void>[] = [];
+    /** A clone's blocks read from its source, in the vault: one read for all of them. */
+    const inVault: number[] = [];
+    const hashes: Buffer[] = [];
     const span = (i: number) => [Math.max(offset, i * BLOCK_SIZE), Math.min(end, (i + 1) * BLOCK_SIZE)];
     let i = first;
     while (i <= last) {
@@ -329,6 +335,12 @@ export class DiskWrites {
         i++;
         continue;
       }
+      if (ref.segmentId === null) {
+        inVault.push(i);
+        hashes.push(ref.hash!);
+        i++;
+        continue;
+      }
       let j = i;
       while (j < last && pending?.get(j + 1) === undefined) {
         const next = (await this.region(Math.floor((j + 1) / REGION_BLOCKS))).get(j + 1);
@@ -338,6 +350,16 @@ export class DiskWrites {
       const runEnd = span(j)[1];
       reads.push(this.store.readRun(this.diskId, ref.segmentId, ref.offset + (from - i * BLOCK_SIZE), into.subarray(from - offset, runEnd - offset)));
       i = j + 1;
+    }
+    if (hashes.length) {
+      reads.push(
+        this.store.readVault(this.projectId, hashes).then((blocks) => {
+          for (let k = 0; k < inVault.length; k++) {
+            const [from, to] = span(inVault[k]);
+            blocks[k].copy(into, from - offset, from - inVault[k] * BLOCK_SIZE, to - inVault[k] * BLOCK_SIZE);
+          }
+        }),
+      );
     }
     await Promise.all(reads);
   }

@@ -45,6 +45,7 @@ function blockStore(deps: NbdServerDeps): BlockStore {
   return {
     refs: (diskId, first, last) => volumes.blockRefs(ds, diskId, first, last),
     readRun: (diskId, segmentId, offset, into) => volumes.readSegmentInto(diskId, segmentId, offset, into),
+    readVault: (projectId, hashes) => volumes.readVaultBlocks(projectId, hashes),
     restores: async (projectId, diskId) => (await services.nbd.writeState(ds.manager, projectId, diskId)).restores,
     commit: (projectId, diskId, blocks, { journalUpTo, restores, source }) =>
       volumes.withDiskLock(diskId, async () => {

@@ -1,4 +1,5 @@
 import { CaptureGate } from "../storage/capture-gate";
+import { captureSourceSql } from "../storage/clones";
 import { In, type EntityManager } from "typeorm";
 import crypto from "node:crypto";
 import { rows } from "../db/sql";
@@ -335,6 +336,17 @@ export class BackupService {
          JOIN disk_blocks b ON b.disk_id = x.disk_id AND b.version > x.since AND (x.has_base OR b.hash IS NOT NULL)`,
       [JSON.stringify(blocks)],
     );
+    // A clone's first backup also names the blocks it still reads from its source: chunks the vault holds already.
+    if (blocks.some((b) => !b.has_base)) {
+      await em.query(
+        captureSourceSql(
+          "backup_blocks",
+          "backup_id",
+          `SELECT x.backup_id AS owner, x.disk_id FROM jsonb_to_recordset($1::jsonb) AS x(backup_id uuid, disk_id uuid, has_base boolean) WHERE NOT x.has_base`,
+        ),
+        [JSON.stringify(blocks)],
+      );
+    }
     const order = new Map(jobSpecs.map((j, i) => [j.id, i]));
     return { jobs: jobs.sort((a, b) => order.get(a.id)! - order.get(b.id)!), skipped };
   }
@@ -384,6 +396,8 @@ export class BackupService {
         WHERE disk_id = $2 AND version > $3 AND ($4 OR hash IS NOT NULL)`,
       [backup.id, disk.id, base ? Number(base.snapshot_version) : -1, Boolean(base)],
     );
+    // A clone's first backup also names the blocks it still reads from its source: chunks the vault holds already.
+    if (!base) await em.query(captureSourceSql("backup_blocks", "backup_id", `SELECT $1::uuid AS owner, $2::uuid AS disk_id`), [backup.id, disk.id]);
     backup.baseId = base?.id ?? null;
     backup.snapshotVersion = disk.writeVersion;
     backup.diskSizeBytes = disk.sizeBytes;
@@ -481,15 +495,20 @@ export class BackupService {
     return result;
   }
 
-  /** A new data disk holding a disk backup's bytes (createDisk with backupId). */
-  async createDisk(ctx: RequestContext, input: { name: string; sizeBytes?: number | null; backupId: string }, maxBytes: number): Promise<{ disk: Disk; job: Job }> {
+  /**
+   * A new data disk reading as a disk backup (createDisk with backupId), at once: a clone
+   * whose blocks come from the backup's chain in the vault until written. Nothing is
+   * copied and nothing is written per block; with `hydrate`, a job copies the blocks into
+   * the disk's own storage in the background while it is in use.
+   */
+  async createDisk(ctx: RequestContext, input: { name: string; sizeBytes?: number | null; backupId: string; hydrate?: boolean | null }, maxBytes: number): Promise<{ disk: Disk; job: Job | null }> {
     const name = resourceName(input.name, "name");
     const backupId = decodeId(input.backupId, "Backup", "backupId");
     const result = await ctx.ds.transaction(async (em) => {
-      const backup = await em.findOne(Backup, { where: { id: backupId, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      const backup = await em.findOne(Backup, { where: { id: backupId, projectId: ctx.projectId }, lock: { mode: "pessimistic_read" } });
       if (!backup) throw notFound("backup", input.backupId);
       if (backup.resourceType !== BackupResourceType.DISK) throw badInput("backupId", "a server backup holds several disks; use one of its children");
-      this.checkRestorable(backup);
+      this.checkClonable(backup);
       const source = backup.diskSizeBytes ?? 0;
       const size = input.sizeBytes ?? source;
       if (size < source) throw badInput("sizeBytes", `must be at least the backed-up disk's ${source} bytes`);
@@ -500,22 +519,27 @@ export class BackupService {
           name,
           type: DiskType.DATA,
           sizeBytes: size,
-          usedBytes: 0,
-          status: DiskStatus.CREATING,
+          usedBytes: backup.sizeBytes,
+          status: DiskStatus.AVAILABLE,
           serverId: null,
           device: null,
           sourceImageId: null,
           sourceBackupId: backup.id,
+          cloneBackupId: backup.id,
         }),
       );
-      const plan: RestorePlan = { targets: [{ backupId: backup.id, diskId: disk.id }], serverId: null, powerOn: false, diskStatus: { [disk.id]: DiskStatus.AVAILABLE } };
-      await backupStatus.markRestoring(em, [backup.id]);
-      const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, backupId: backup.id, diskId: disk.id, payload: { plan } });
+      const job = input.hydrate ? await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, backupId: backup.id, diskId: disk.id, payload: { hydrate: [disk.id] } }) : null;
       return { disk, job };
     });
-    await this.queue.announce(result.job);
+    if (result.job) await this.queue.announce(result.job);
     ctx.invalidate();
     return result;
+  }
+
+  /** A disk backup a new disk may read from: one of its own (a child of a server backup is one too), AVAILABLE or being restored from. */
+  private checkClonable(backup: Backup) {
+    if (backup.status === BackupStatus.CREATING || backup.status === BackupStatus.DELETING) throw conflict(`the backup is ${backup.status}; try again when it is AVAILABLE`);
+    if (backup.status !== BackupStatus.AVAILABLE && backup.status !== BackupStatus.RESTORING) throw failedPrecondition(`only AVAILABLE backups make disks; this one is ${backup.status}`);
   }
 
   private checkRestorable(backup: Backup) {

@@ -1,5 +1,6 @@
 import { Disk, DiskStatus, DiskType, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
-import type { RestorePlan } from "../domain/jobs";
+import { rows } from "../db/sql";
+import { hydrationOf, imageDataBytes } from "../storage/clones";
 import * as diskStatus from "../domain/status/disk";
 import type { BackupService } from "./backup.service";
 import type { ImageService } from "./image.service";
@@ -29,6 +30,8 @@ export interface CreateDiskInput {
   sizeBytes?: number | null;
   imageId?: string | null;
   backupId?: string | null;
+  /** Copy the source's blocks into the disk's own storage in the background. */
+  hydrate?: boolean | null;
 }
 
 export interface AttachDiskInput {
@@ -88,8 +91,8 @@ export class DiskService {
   async create(ctx: RequestContext, input: CreateDiskInput): Promise<{ disk: Disk; job: Job | null }> {
     const name = resourceName(input.name, "name");
     if (input.imageId && input.backupId) throw badInput("backupId", "give imageId or backupId, not both");
-    if (input.imageId) return this.fromImage(ctx, name, input.imageId, input.sizeBytes ?? null);
-    if (input.backupId) return this.backups.createDisk(ctx, { name, sizeBytes: input.sizeBytes, backupId: input.backupId }, ctx.config.maxDiskBytes);
+    if (input.imageId) return this.fromImage(ctx, name, input.imageId, input.sizeBytes ?? null, Boolean(input.hydrate));
+    if (input.backupId) return this.backups.createDisk(ctx, { name, sizeBytes: input.sizeBytes, backupId: input.backupId, hydrate: input.hydrate }, ctx.config.maxDiskBytes);
     if (input.sizeBytes == null) throw badInput("sizeBytes", "is required for a blank disk");
     const sizeBytes = diskSize(input.sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
     const repo = ctx.ds.getRepository(Disk);
@@ -111,30 +114,62 @@ export class DiskService {
     return { disk, job: null };
   }
 
-  /** A data disk holding a DATA_DISK image's bytes, at least the image's minimum size. */
-  private async fromImage(ctx: RequestContext, name: string, imageGlobalId: string, sizeBytes: number | null): Promise<{ disk: Disk; job: Job }> {
+  /**
+   * A data disk reading as a DATA_DISK image, at least the image's minimum size, at once: a
+   * clone whose blocks come from the image in the vault until written (with `hydrate`, a job
+   * copies them into the disk's own storage in the background).
+   */
+  private async fromImage(ctx: RequestContext, name: string, imageGlobalId: string, sizeBytes: number | null, hydrate: boolean): Promise<{ disk: Disk; job: Job | null }> {
     const result = await ctx.ds.transaction(async (em) => {
       const { image, disks } = await this.images.imageDisks(em, ctx, imageGlobalId, "imageId");
       if (image.type !== ImageType.DATA_DISK) throw badInput("imageId", `a ${image.type} image makes servers; disks are made from DATA_DISK images`);
       const minimum = Math.ceil(Math.max(disks[0].sizeBytes, image.minDiskBytes) / MiB) * MiB;
       const size = sizeBytes == null ? minimum : diskSize(sizeBytes, "sizeBytes", ctx.config.maxDiskBytes);
       if (size < minimum) throw badInput("sizeBytes", `must be at least the image's ${minimum} bytes`);
+      const [used] = await imageDataBytes(em, [disks[0].id]);
       const disk = await em.save(
         em.create(Disk, {
           projectId: ctx.projectId,
           name,
           type: DiskType.DATA,
           sizeBytes: size,
-          usedBytes: 0,
-          status: DiskStatus.CREATING,
+          usedBytes: used,
+          status: DiskStatus.AVAILABLE,
           serverId: null,
           device: null,
           sourceImageId: image.id,
           sourceBackupId: null,
+          cloneImageId: image.id,
+          cloneImageDiskId: disks[0].id,
         }),
       );
-      const plan: RestorePlan = { targets: [{ imageDiskId: disks[0].id, diskId: disk.id }], serverId: null, powerOn: false, diskStatus: { [disk.id]: DiskStatus.AVAILABLE } };
-      const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, diskId: disk.id, imageId: image.id, payload: { plan } });
+      const job = hydrate ? await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, diskId: disk.id, imageId: image.id, payload: { hydrate: [disk.id] } }) : null;
+      return { disk, job };
+    });
+    if (result.job) await this.queue.announce(result.job);
+    ctx.invalidate();
+    return result;
+  }
+
+  /** Where a disk's data lives (Disk.hydration). */
+  hydration(ctx: RequestContext, diskId: string): Promise<{ bytesInVault: number; bytesLocal: number }> {
+    return hydrationOf(ctx.ds, diskId);
+  }
+
+  /** hydrateDisk: copies the blocks a clone still reads from its source into its own storage, as a job; the disk stays in use. */
+  async hydrate(ctx: RequestContext, globalId: string): Promise<{ disk: Disk; job: Job }> {
+    const id = decodeId(globalId, "Disk", "id");
+    const result = await ctx.ds.transaction(async (em) => {
+      const disk = await em.findOne(Disk, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      if (!disk) throw notFound("disk", globalId);
+      if (!disk.cloneBackupId && !disk.cloneImageDiskId && !disk.cloneManifestId) throw failedPrecondition("every block of the disk is in its own storage already");
+      const [running] = await rows<{ id: string }>(
+        em,
+        `SELECT id FROM jobs WHERE project_id = $1 AND type = 'CREATE_DISK' AND status IN ('QUEUED', 'RUNNING') AND (disk_id = $2 OR payload->'hydrate' ? $2::text) LIMIT 1`,
+        [ctx.projectId, disk.id],
+      );
+      if (running) throw conflict("the disk is being hydrated already");
+      const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, diskId: disk.id, payload: { hydrate: [disk.id] } });
       return { disk, job };
     });
     await this.queue.announce(result.job);

@@ -1,3 +1,4 @@
+import { captureSourceSql, detachClones } from "../storage/clones";
 import type { EntityManager } from "typeorm";
 import { rows } from "../db/sql";
 import {
@@ -182,6 +183,8 @@ export class ImageService {
          SELECT $1, block_index, hash, segment_id, segment_offset FROM disk_blocks WHERE disk_id = $2 AND hash IS NOT NULL`,
         [imageDisk.id, disk.id],
       );
+      // A clone's blocks still read from its source are named by their chunks, which the vault holds already.
+      await em.query(captureSourceSql("image_blocks", "image_disk_id", `SELECT $1::uuid AS owner, $2::uuid AS disk_id`), [imageDisk.id, disk.id]);
       const payload: CreateImagePayload = { sourceDiskId: disk.id };
       const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_IMAGE, imageId: image.id, diskId: disk.id, serverId: server?.id ?? null, payload: { ...payload } });
       return { image, job };
@@ -337,6 +340,9 @@ export class ImageService {
       if (building) throw conflict("disks are being created from this image; delete it when they are ready");
       const exports = await em.find(ImageExport, { where: { imageId: id }, lock: { mode: "pessimistic_write" } });
       if (exports.some((e) => e.status === ExportStatus.QUEUED || e.status === ExportStatus.RUNNING)) throw conflict("the image is being exported; cancel the export job first");
+      // Disks made from it (clones) read from its block list from now on, kept as it is.
+      const parts = await rows<{ id: string }>(em, `SELECT id FROM image_disks WHERE image_id = $1`, [id]);
+      await detachClones(em, { imageDiskIds: parts.map((p) => p.id) });
       await em.delete(Image, { id }); // its exports' rows go with it (ON DELETE CASCADE)
       return { image: img, exports };
     });

@@ -1,6 +1,6 @@
 import type { EntityManager } from "typeorm";
 import { Disk, DiskStatus, DiskType, ImageType, JobType, OsType, Server, ServerStatus, type Job } from "../entities";
-import type { RestorePlan } from "../domain/jobs";
+import { imageDataBytes } from "../storage/clones";
 import * as diskStatus from "../domain/status/disk";
 import * as serverStatus from "../domain/status/server";
 import type { ImageService } from "./image.service";
@@ -28,6 +28,8 @@ export interface CreateServerInput {
   imageId?: string | null;
   systemDiskSizeBytes?: number | null;
   dataDisks?: { name?: string | null; sizeBytes?: number | null; imageId?: string | null }[] | null;
+  /** Copy the blocks of disks made from images into their own storage in the background. */
+  hydrate?: boolean | null;
 }
 
 /** Device names in attachment order: the system disk is vda, data disks vdb to vdz. */
@@ -64,9 +66,10 @@ export class ServerService {
 
   /**
    * Creates a server with a system disk (/dev/vda) and data disks (/dev/vdb, …):
-   * blank, or filled from images. A SYSTEM_DISK image fills the system disk; a
-   * FULL_SERVER image recreates every disk it holds; DATA_DISK images fill data
-   * disks. The server is BUILDING until a job has written the images' bytes.
+   * blank, or made from images. A SYSTEM_DISK image makes the system disk; a
+   * FULL_SERVER image recreates every disk it holds; DATA_DISK images make data
+   * disks. Disks from images are clones, so the server is ACTIVE at once; with
+   * `hydrate`, a job copies their blocks into their own storage in the background.
    */
   async create(ctx: RequestContext, input: CreateServerInput): Promise<{ server: Server; disks: Disk[]; job: Job | null }> {
     const name = resourceName(input.name, "name");
@@ -120,10 +123,13 @@ export class ServerService {
         });
       }
       if (specs.length > DEVICES.length) throw badInput("dataDisks", `at most ${MAX_DATA_DISKS} data disks`);
-      const building = specs.some((s) => s.imageDiskId);
-      const server = await em.save(
-        em.create(Server, { projectId: ctx.projectId, name, vcpus, memoryMib, osType: osType ?? OsType.LINUX, status: building ? ServerStatus.BUILDING : ServerStatus.ACTIVE, sourceImageId }),
+      // Disks from images are clones: usable at once, their blocks read from the images in the vault until written.
+      const used = await imageDataBytes(
+        em,
+        specs.flatMap((s) => (s.imageDiskId ? [s.imageDiskId] : [])),
       );
+      let u = 0;
+      const server = await em.save(em.create(Server, { projectId: ctx.projectId, name, vcpus, memoryMib, osType: osType ?? OsType.LINUX, status: ServerStatus.ACTIVE, sourceImageId }));
       const disks = await em.save(
         specs.map((s, i) =>
           em.create(Disk, {
@@ -131,25 +137,20 @@ export class ServerService {
             name: s.name,
             type: s.type,
             sizeBytes: s.sizeBytes,
-            usedBytes: 0,
-            status: s.imageDiskId ? DiskStatus.CREATING : DiskStatus.IN_USE,
+            usedBytes: s.imageDiskId ? used[u++] : 0,
+            status: DiskStatus.IN_USE,
             serverId: server.id,
             device: DEVICES[i],
             sourceImageId: s.imageId,
             sourceBackupId: null,
+            cloneImageId: s.imageDiskId ? s.imageId : null,
+            cloneImageDiskId: s.imageDiskId,
           }),
         ),
       );
-      let job: Job | null = null;
-      if (building) {
-        const plan: RestorePlan = {
-          targets: specs.flatMap((s, i) => (s.imageDiskId ? [{ imageDiskId: s.imageDiskId, diskId: disks[i].id }] : [])),
-          serverId: server.id,
-          powerOn: true,
-          diskStatus: Object.fromEntries(disks.map((d) => [d.id, DiskStatus.IN_USE])),
-        };
-        job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, serverId: server.id, imageId: sourceImageId, payload: { plan } });
-      }
+      const clones = disks.filter((_, i) => specs[i].imageDiskId).map((d) => d.id);
+      const job =
+        input.hydrate && clones.length ? await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, serverId: server.id, imageId: sourceImageId, payload: { hydrate: clones } }) : null;
       return { server, disks, job };
     });
     if (result.job) await this.queue.announce(result.job);

@@ -30,7 +30,7 @@ export function createStorage(config: Config, ds: DataSource): Storage {
   };
   const codec = new ChunkCodec(1, config.codecThreads);
   const vault = new Vault(ds, open(config.vaultBackend), codec, config.vaultCacheBytes);
-  const volumes = new VolumeStore(ds, open(config.volumeBackend));
+  const volumes = new VolumeStore(ds, open(config.volumeBackend), vault.blocks);
   return {
     volumes,
     vault,

@@ -2,6 +2,7 @@ import type { EntityManager } from "typeorm";
 import type { Queryable } from "../db/sql";
 import { rows } from "../db/sql";
 import { DiskType, type Backup } from "../entities";
+import { sourceCtes } from "./clones";
 
 /** Block indexes read per statement when walking a whole disk. */
 export const MANIFEST_BATCH = 4096;
@@ -67,7 +68,7 @@ export interface BlockSource {
  * (a restore's plan); no caller outside it composes SQL with it.
  */
 export function manifestOf(source: BlockSource): string {
-  return source.imageDiskId ? `WITH m AS (SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3)` : MANIFEST;
+  return source.imageDiskId ? `WITH RECURSIVE m AS (SELECT block_index, hash FROM image_blocks WHERE image_disk_id = $1 AND block_index BETWEEN $2 AND $3)` : MANIFEST;
 }
 
 /**
@@ -95,14 +96,21 @@ export async function dataRanges(q: Queryable, source: BlockSource, opts: { disk
   const size = opts.size ?? MANIFEST_BATCH;
   const firstSize = opts.firstSize ?? size;
   const recorded = source.imageDiskId ? `SELECT block_index FROM image_blocks WHERE image_disk_id = $1` : `SELECT bb.block_index FROM backup_blocks bb WHERE bb.backup_id IN (SELECT id FROM chain)`;
-  const chain = source.imageDiskId
-    ? ""
-    : `WITH RECURSIVE chain AS (
+  const ctes = [
+    ...(source.imageDiskId
+      ? []
+      : [
+          `chain AS (
          SELECT id, base_id FROM backups WHERE id = $1
          UNION ALL
          SELECT b.id, b.base_id FROM backups b JOIN chain c ON b.id = c.base_id
-       )`;
-  const own = opts.diskId ? `UNION SELECT block_index FROM disk_blocks WHERE disk_id = $4 AND hash IS NOT NULL` : "";
+       )`,
+        ]),
+    ...(opts.diskId ? [sourceCtes("$4", () => "true")] : []),
+  ];
+  const chain = ctes.length ? `WITH RECURSIVE ${ctes.join(", ")}` : "";
+  // The disk's own blocks holding data, and (a clone's) those it reads from its source.
+  const own = opts.diskId ? `UNION SELECT block_index FROM disk_blocks WHERE disk_id = $4 AND hash IS NOT NULL UNION SELECT block_index FROM src` : "";
   const found = await rows<{ first: string; last: string }>(
     q,
     `${chain}

@@ -6,6 +6,7 @@ import { TERMINAL_JOB_STATUSES_SQL } from "../domain/jobs";
 import { BLOCK_SIZE, isZeros } from "../formats/types";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
+import { between, IS_CLONE, viewCtes } from "./clones";
 import { HashList } from "./hash-list";
 import { dropIntents, fulfilBlob, INDEXED_OR_PENDING, intendBlob, pendingUnder } from "./pending-blobs";
 
@@ -20,11 +21,17 @@ const READ_BATCH_BLOCKS = 64;
 
 export const sha256 = (data: Buffer) => crypto.createHash("sha256").update(data).digest();
 
+/** Where a block holding data is: in a segment of the disk, or (segmentId null) in the vault, a clone's source block named by its hash. */
 export interface BlockRef {
   index: number;
-  segmentId: string;
+  segmentId: string | null;
   offset: number;
   hash: Buffer;
+}
+
+/** Reads chunks of a project's vault (a clone's blocks it has not written), checked; copied out of, never into. */
+export interface VaultBlockReader {
+  read(projectId: string, hashes: Buffer[]): Promise<Buffer[]>;
 }
 
 /**
@@ -87,14 +94,23 @@ const VERSION = `(SELECT write_version FROM disks WHERE id = $1)`;
 async function applyBlocks(em: EntityManager, diskId: string, blocks: string, params: unknown[]): Promise<void> {
   const args = [diskId, ...params];
   // Used bytes grow by the blocks that now hold data and shrink by those that held it before.
-  await em.query(
+  const [{ clone }] = await rows<{ clone: boolean }>(
+    em,
     `WITH x AS (${blocks})
-     UPDATE disks SET write_version = write_version + 1,
+     UPDATE disks d SET write_version = write_version + 1,
             used_bytes = used_bytes + ${BLOCK_SIZE} * ((SELECT count(*) FROM x WHERE x.s IS NOT NULL)
                                       - (SELECT count(*) FROM disk_blocks b JOIN x ON b.block_index = x.i WHERE b.disk_id = $1 AND b.hash IS NOT NULL))
-      WHERE id = $1`,
+      WHERE id = $1 RETURNING ${IS_CLONE("d")} AS clone`,
     args,
   );
+  // A clone's blocks with no row of their own read as its source's: those held data too.
+  if (clone) {
+    await em.query(
+      `WITH RECURSIVE x AS (${blocks}), ${viewCtes("$1", (c) => `${c} IN (SELECT i FROM x)`)}
+       UPDATE disks SET used_bytes = used_bytes - ${BLOCK_SIZE} * (SELECT count(*) FROM view v WHERE v.segment_id IS NULL AND v.hash IS NOT NULL) WHERE id = $1`,
+      args,
+    );
+  }
   await em.query(
     `INSERT INTO disk_blocks (disk_id, block_index, segment_id, segment_offset, hash, version)
      SELECT $1, x.i, x.s, x.o, x.h, ${VERSION} FROM (${blocks}) AS x WHERE x.s IS NOT NULL
@@ -109,6 +125,15 @@ async function applyBlocks(em: EntityManager, diskId: string, blocks: string, pa
        FROM (${blocks}) AS x WHERE x.s IS NULL AND b.disk_id = $1 AND b.block_index = x.i AND b.hash IS NOT NULL`,
     args,
   );
+  // A clone's block with no row reads as its source's: zeroing it takes a tombstone of its own.
+  if (clone) {
+    await em.query(
+      `INSERT INTO disk_blocks (disk_id, block_index, segment_id, segment_offset, hash, version)
+       SELECT $1, x.i, NULL, NULL, NULL, ${VERSION} FROM (${blocks}) AS x WHERE x.s IS NULL
+       ON CONFLICT (disk_id, block_index) DO NOTHING`,
+      args,
+    );
+  }
 }
 
 /**
@@ -141,6 +166,8 @@ export class VolumeStore {
   constructor(
     private readonly ds: DataSource,
     readonly blobs: BlobStore,
+    /** Where a clone's blocks it has not written are read from. */
+    private readonly vault?: VaultBlockReader,
   ) {}
 
   /**
@@ -159,6 +186,12 @@ export class VolumeStore {
       bypassCache?: boolean;
       /** Stage the blocks under this job instead of changing the disk: publish() makes them the disk's, all at once. */
       stage?: string;
+      /**
+       * Hydration: the blocks are a clone's source blocks, copied into its own storage. Each
+       * becomes the disk's only where it still has no row of its own (a write made meanwhile
+       * wins), as version 0: the disk's content, used bytes and changes since its backups stay.
+       */
+      fill?: boolean;
       /** Runs in the transaction of the last commit (in one of its own when there is nothing to commit). */
       finish?: (em: EntityManager) => Promise<void>;
       /** Who writes, as change listeners hear it (a writer that keeps its own block map up to date ignores its own commits). */
@@ -235,6 +268,7 @@ export class VolumeStore {
         await before; // commits stay in order
         const written = seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null;
         if (opts.stage) await this.stageBlocks(projectId, diskId, opts.stage, written, z);
+        else if (opts.fill) await this.fillBlocks(projectId, diskId, written, end);
         else {
           await this.commit(projectId, diskId, written, z, end, opts.source);
           opts.onStored?.(written?.id ?? null, written?.blocks.indexes ?? [], written?.blocks.offsets ?? [], z);
@@ -312,6 +346,25 @@ export class VolumeStore {
     if (changes) for (const listener of this.changeListeners) listener(diskId, source);
   }
 
+  /** Hydration's commit (see putBlocks' `fill`): the segment, and its blocks where the disk has none of its own. */
+  private async fillBlocks(projectId: string, diskId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, finish?: (em: EntityManager) => Promise<void>): Promise<void> {
+    await this.ds.transaction(async (em) => {
+      // The disk's write lock, for this transaction only: a write's commit sees the disk's rows either before or after these.
+      await em.query(`SELECT pg_advisory_xact_lock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
+      if (segment) {
+        await this.insertSegment(em, projectId, diskId, segment);
+        await em.query(
+          `INSERT INTO disk_blocks (disk_id, block_index, segment_id, segment_offset, hash, version)
+           SELECT $1, x.i, x.s, x.o, x.h, 0 FROM (${blocksOf(2)}) AS x WHERE x.s IS NOT NULL
+           ON CONFLICT (disk_id, block_index) DO NOTHING`,
+          [diskId, ...segmentParams(segment, [])],
+        );
+      }
+      await finish?.(em);
+    });
+    if (segment) for (const listener of this.changeListeners) listener(diskId, undefined);
+  }
+
   /** Told, in this process, of every write committed to a disk and by whom (before the writer hears it is done): whoever keeps a disk's block map drops it. */
   onChange(listener: (diskId: string, source: unknown) => void): () => void {
     this.changeListeners.add(listener);
@@ -378,14 +431,20 @@ export class VolumeStore {
     }
   }
 
-  /** The stored blocks of [first, last] that hold data, in block order. */
+  /** The blocks of [first, last] that hold data, in block order: stored in the disk's segments, or (a clone's) in the vault. */
   async blockRefs(em: EntityManager | DataSource, diskId: string, first: number, last: number): Promise<BlockRef[]> {
-    const rows: { i: string; s: string; o: string; h: Buffer }[] = await em.query(
-      `SELECT block_index AS i, segment_id AS s, segment_offset AS o, hash AS h FROM disk_blocks
-        WHERE disk_id = $1 AND block_index BETWEEN $2 AND $3 AND segment_id IS NOT NULL ORDER BY block_index`,
+    const rows: { i: string; s: string | null; o: string | null; h: Buffer }[] = await em.query(
+      `WITH RECURSIVE ${viewCtes("$1", between("$2", "$3"))}
+       SELECT block_index AS i, segment_id AS s, segment_offset AS o, hash AS h FROM view WHERE hash IS NOT NULL ORDER BY block_index`,
       [diskId, first, last],
     );
-    return rows.map((r) => ({ index: Number(r.i), segmentId: r.s, offset: Number(r.o), hash: r.h }));
+    return rows.map((r) => ({ index: Number(r.i), segmentId: r.s, offset: Number(r.o ?? 0), hash: r.h }));
+  }
+
+  /** The bytes of a clone's blocks that live in the vault (`hashes`, of its project's chunks), in order. */
+  readVaultBlocks(projectId: string, hashes: Buffer[]): Promise<Buffer[]> {
+    if (!this.vault) throw new Error("this volume store reads no vault");
+    return this.vault.read(projectId, hashes);
   }
 
   /** Fills `into` with adjacent blocks of one segment, from `offset` on, with one range read. */
@@ -456,7 +515,9 @@ export class VolumeStore {
   }
 
   private async fillBlocksOnce(diskId: string, first: number, last: number, into: Buffer): Promise<void> {
-    const refs = await this.blockRefs(this.ds, diskId, first, last);
+    const all = await this.blockRefs(this.ds, diskId, first, last);
+    const inVault = all.filter((r) => r.segmentId === null);
+    const refs = inVault.length ? all.filter((r) => r.segmentId !== null) : all;
     let at = first; // blocks before `at` are filled
     let i = 0;
     while (i < refs.length) {
@@ -464,11 +525,19 @@ export class VolumeStore {
       while (j < refs.length && refs[j].index === refs[j - 1].index + 1 && refs[j].segmentId === refs[i].segmentId && refs[j].offset === refs[j - 1].offset + BLOCK_SIZE) j++;
       const from = refs[i].index;
       into.fill(0, (at - first) * BLOCK_SIZE, (from - first) * BLOCK_SIZE);
-      await this.blobs.readInto(segmentKey(diskId, refs[i].segmentId), refs[i].offset, into.subarray((from - first) * BLOCK_SIZE, (refs[j - 1].index + 1 - first) * BLOCK_SIZE));
+      await this.blobs.readInto(segmentKey(diskId, refs[i].segmentId!), refs[i].offset, into.subarray((from - first) * BLOCK_SIZE, (refs[j - 1].index + 1 - first) * BLOCK_SIZE));
       at = refs[j - 1].index + 1;
       i = j;
     }
     into.fill(0, (at - first) * BLOCK_SIZE, (last + 1 - first) * BLOCK_SIZE);
+    if (inVault.length) {
+      const [{ project_id }] = await rows<{ project_id: string }>(this.ds, `SELECT project_id FROM disks WHERE id = $1`, [diskId]);
+      const blocks = await this.readVaultBlocks(
+        project_id,
+        inVault.map((r) => r.hash),
+      );
+      for (let k = 0; k < inVault.length; k++) blocks[k].copy(into, (inVault[k].index - first) * BLOCK_SIZE);
+    }
   }
 
   /**

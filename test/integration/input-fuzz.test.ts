@@ -170,9 +170,21 @@ test(`random text in every argument is never an internal error (seed ${SEED})`, 
     "Mutation.unbindPolicy": { input: { policyId: policy, resourceIds: [disk] } },
     "Mutation.createNbdExport": { input: { resourceId: disk, readOnly: true } },
     ...Object.fromEntries(
-      ["startServer", "stopServer", "deleteServer", "deleteDisk", "deleteBackup", "verifyBackup", "deleteImage", "deleteImageExport", "deleteNbdExport", "cancelJob", "deletePolicy", "runPolicy"].map(
-        (m) => [`Mutation.${m}`, any],
-      ),
+      [
+        "startServer",
+        "stopServer",
+        "deleteServer",
+        "deleteDisk",
+        "hydrateDisk",
+        "deleteBackup",
+        "verifyBackup",
+        "deleteImage",
+        "deleteImageExport",
+        "deleteNbdExport",
+        "cancelJob",
+        "deletePolicy",
+        "runPolicy",
+      ].map((m) => [`Mutation.${m}`, any]),
     ),
   };
 

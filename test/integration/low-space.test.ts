@@ -99,9 +99,9 @@ describe("below MIN_FREE_BYTES", () => {
       [`mutation ($s: ID!) { createImage(input: { name: "x", serverId: $s, type: FULL_SERVER }) { image { id } } }`, { s: ids.server }],
       [`mutation ($u: String!) { importImage(input: { name: "x", uploadId: $u }) { image { id } } }`, { u: ids.upload }],
       [`mutation ($i: ID!) { exportImage(input: { imageId: $i, format: QCOW2 }) { export { id } } }`, { i: ids.image }],
-      [`mutation ($i: ID!) { createDisk(input: { name: "x", imageId: $i }) { disk { id } } }`, { i: ids.image }],
-      [`mutation ($b: ID!) { createDisk(input: { name: "x", backupId: $b }) { disk { id } } }`, { b: ids.backup }],
-      [`mutation ($i: ID!) { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, imageId: $i }) { server { id } } }`, { i: ids.systemImage }],
+      [`mutation ($i: ID!) { createDisk(input: { name: "x", imageId: $i, hydrate: true }) { disk { id } } }`, { i: ids.image }],
+      [`mutation ($b: ID!) { createDisk(input: { name: "x", backupId: $b, hydrate: true }) { disk { id } } }`, { b: ids.backup }],
+      [`mutation ($i: ID!) { createServer(input: { name: "x", vcpus: 1, memoryMiB: 512, imageId: $i, hydrate: true }) { server { id } } }`, { i: ids.systemImage }],
       [`mutation ($p: ID!) { runPolicy(input: { id: $p }) { run { backupCount } } }`, { p: ids.policy }],
     ];
     for (const [query, variables] of calls) {
@@ -112,6 +112,10 @@ describe("below MIN_FREE_BYTES", () => {
     expect(await state()).toEqual(before);
     // A request at fault is told so first.
     expect(code(await svc.gql(`mutation { createBackup(input: { resourceId: "nope" }) { backup { id } } }`))).toBe("BAD_USER_INPUT");
+    // A disk made from a backup without hydration writes no data: it is made, and its blocks stay in the vault.
+    const clone = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "x", backupId: $b }) { disk { id } job { id } } }`, { b: ids.backup })).createDisk;
+    expect(clone.job).toBeNull();
+    await svc.ok(`mutation ($id: ID!) { deleteDisk(input: { id: $id }) { deletedDiskId } }`, { id: clone.disk.id });
   });
 
   it("a scheduled policy run records every resource as skipped for lack of space", async () => {

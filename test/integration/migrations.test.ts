@@ -17,6 +17,8 @@ const TABLES = [
   "api_keys",
   "backup_blocks",
   "backups",
+  "clone_manifest_blocks",
+  "clone_manifests",
   "disk_blocks",
   "disks",
   "image_blocks",

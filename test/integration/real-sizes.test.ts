@@ -131,7 +131,7 @@ describe("a sparse 10 GiB QCOW2 cloud image, end to end", () => {
     "becomes a server, which is backed up, damaged, restored, and exported in every format",
     async () => {
       if (!q || !curl) return expect(process.env.STOWAGE_SKIP_EXTERNAL).toBe("1");
-      const made = (await svc.ok(SERVER, { i: { name: "cloud-1", vcpus: 2, memoryMiB: 2048, imageId } })).createServer;
+      const made = (await svc.ok(SERVER, { i: { name: "cloud-1", vcpus: 2, memoryMiB: 2048, imageId, hydrate: true } })).createServer;
       await succeed(svc, made.job.id);
       const sys = made.server.disks.nodes.find((d: any) => d.type === "SYSTEM");
       expect(sys.sizeBytes).toBe(size);
@@ -250,8 +250,8 @@ describe("a 1 TiB disk costs what it holds", () => {
       const own = (await svc.ok(`mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { backup { id } job { id } } }`, { r: data.id })).createBackup;
       await succeed(svc, own.job.id);
       expect(await visited(own.job.id)).toBe(0);
-      // A new 1 TiB disk from it, through its chain, and the system disk restored in place.
-      const copy = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "huge-copy", backupId: $b }) { disk { id sizeBytes } job { id } } }`, { b: own.backup.id })).createDisk;
+      // A new 1 TiB disk from it, through its chain, hydrated: the work is the data's, and the system disk restored in place.
+      const copy = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "huge-copy", backupId: $b, hydrate: true }) { disk { id sizeBytes } job { id } } }`, { b: own.backup.id })).createDisk;
       const copied = await succeed(svc, copy.job.id);
       expect(copied.bytesTotal).toBe(4 * MiB);
       expect(await visited(copy.job.id)).toBeLessThanOrEqual((4 * MiB) / BLOCK);

@@ -137,21 +137,25 @@ describe("a restore that meets a damaged chunk", () => {
     ]);
   });
 
-  it("a missing pack fails the same way, and a disk being created from the backup ends ERROR", async () => {
+  it("a missing pack fails the same way: a disk made from the backup stays in use, its hydration fails and the backup is marked ERROR", async () => {
     const disk = await createDisk(svc, "lost-pack", 4 * MiB);
     await writeDisk(svc, disk, bytes(4 * MiB, 4));
     const b = await backupNow(svc, disk, "lost");
     const packs: { pack_id: string }[] = await svc.ds.query(`SELECT DISTINCT c.pack_id FROM backup_blocks bb JOIN vault_chunks c ON c.hash = bb.hash WHERE bb.backup_id = $1`, [uuidOf(b)]);
     for (const { pack_id } of packs) fs.rmSync(path.join(svc.dataDir, "blobs", "vault", svc.projectIds.alpha, "packs", pack_id.slice(0, 2), pack_id));
-    const r = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "from-lost", backupId: $b }) { disk { id } job { id } } }`, { b })).createDisk;
+    const r = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "from-lost", backupId: $b, hydrate: true }) { disk { id } job { id } } }`, { b })).createDisk;
     const job = await waitJob(svc, r.job.id);
     expect(job.status).toBe("FAILED");
     expect(job.error.code).toBe("CORRUPT_CHUNK");
     expect(job.error.message).toMatch(/^backup lost is damaged \(chunk [0-9a-f]{16}… is missing/);
     expect(await backupRow(b)).toMatchObject({ status: "ERROR", error_code: "CORRUPT_CHUNK" });
     const [created] = await svc.ds.query(`SELECT status, used_bytes FROM disks WHERE id = $1`, [uuidOf(r.disk.id)]);
-    expect(created).toEqual({ status: "ERROR", used_bytes: "0" });
-    expect(await staged(r.job.id)).toBe(0);
+    expect(created).toEqual({ status: "AVAILABLE", used_bytes: String(4 * MiB) });
+    // Nothing of it was hydrated, and reading it says why.
+    expect(Number((await svc.ds.query(`SELECT count(*) AS n FROM disk_blocks WHERE disk_id = $1`, [uuidOf(r.disk.id)]))[0].n)).toBe(0);
+    const read = await svc.http(`/v1/disks/${r.disk.id}/data`, { headers: { range: "bytes=0-99" } });
+    expect(read.status).toBe(500);
+    expect(((await read.json()) as { error: { code: string } }).error.code).toBe("CORRUPT_CHUNK");
   });
 });
 

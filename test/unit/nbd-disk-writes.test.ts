@@ -25,6 +25,9 @@ class MemoryJournal implements WriteJournal {
  */
 class MemoryStore implements BlockStore {
   readonly blocks = new Map<number, Buffer>();
+  /** A clone's source: its blocks read where the disk has committed nothing of its own (not even zeros). */
+  readonly source = new Map<number, Buffer>();
+  private readonly own = new Set<number>();
   readonly commits: number[][] = [];
   gate: Promise<void> | null = null;
   readGate: Promise<void> | null = null;
@@ -32,10 +35,16 @@ class MemoryStore implements BlockStore {
   constructor(readonly journal: MemoryJournal | null = null) {}
 
   async refs(_diskId: string, first: number, last: number): Promise<StoredBlock[]> {
-    return [...this.blocks.keys()]
+    const sourced = [...this.source.keys()].filter((i) => !this.own.has(i) && !this.blocks.has(i));
+    return [...this.blocks.keys(), ...sourced]
       .filter((i) => i >= first && i <= last)
       .sort((a, b) => a - b)
-      .map((index) => ({ index, segmentId: String(index), offset: 0 }));
+      .map((index) => (this.blocks.has(index) ? { index, segmentId: String(index), offset: 0 } : { index, segmentId: null, offset: 0, hash: Buffer.from(String(index)) }));
+  }
+
+  async readVault(_projectId: string, hashes: Buffer[]): Promise<Buffer[]> {
+    if (this.readGate) await this.readGate;
+    return hashes.map((h) => this.source.get(Number(h.toString()))!);
   }
 
   async readRun(_diskId: string, segmentId: string, offset: number, into: Buffer): Promise<void> {
@@ -54,6 +63,7 @@ class MemoryStore implements BlockStore {
     this.commits.push(blocks.map(([i]) => i));
     for (const seq of [...(this.journal?.kept.keys() ?? [])]) if (seq <= journalUpTo) this.journal!.kept.delete(seq);
     for (const [i, b] of blocks) {
+      this.own.add(i);
       if (b) this.blocks.set(i, Buffer.from(b));
       else this.blocks.delete(i);
     }
@@ -86,6 +96,30 @@ test("reads see acknowledged writes before and after their commit, partial block
   await w.zero(0, 3 * BS);
   expect((await w.extents(0, 4 * BS)).length).toBe(1);
   expect((await w.read(BS, BS)).equals(Buffer.alloc(BS))).toBe(true);
+});
+
+test("a clone reads its source's blocks until it writes them; a partial write keeps the source's other bytes, zeros hide them", async () => {
+  const store = new MemoryStore();
+  store.source.set(1, Buffer.alloc(BS, 5));
+  store.source.set(2, Buffer.alloc(BS, 6));
+  store.source.set(3, Buffer.alloc(BS, 8));
+  const w = writes(store);
+  expect((await w.read(BS - 2, 4)).toString("hex")).toBe("00000505");
+  await w.write(BS + 10, Buffer.from("hi"));
+  await w.zero(2 * BS, BS);
+  expect((await w.read(BS + 8, 6)).toString("latin1")).toBe("\x05\x05hi\x05\x05");
+  expect(await w.extents(0, 4 * BS)).toEqual([
+    { length: BS, data: false },
+    { length: BS, data: true },
+    { length: BS, data: false },
+    { length: BS, data: true },
+  ]);
+  await w.flush();
+  expect(store.commits).toEqual([[1, 2]]);
+  // Committed: the partial block whole in the disk's own blocks, the zeroed one no longer reading the source.
+  expect(store.blocks.get(1)!.subarray(8, 14).toString("latin1")).toBe("\x05\x05hi\x05\x05");
+  w.invalidate();
+  expect((await w.read(2 * BS, 2 * BS)).equals(Buffer.concat([Buffer.alloc(BS), Buffer.alloc(BS, 8)]))).toBe(true);
 });
 
 test("a capture taken while a commit runs and another waits completes, and holds exactly the writes acknowledged before its instant", async () => {

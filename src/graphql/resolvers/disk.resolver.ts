@@ -6,7 +6,7 @@ import { toGlobalId } from "../../services/global-id";
 import type { GraphQLContext } from "../context";
 import { AttachDiskInput, BackupListArgs, CreateDiskInput, DetachDiskInput, DiskListArgs, IdInput, ImageListArgs, PolicyListArgs } from "../types/inputs.type";
 import { AttachmentPayload, DeleteDiskPayload, DiskPayload } from "../types/payloads.type";
-import { BackupConnection, BackupType, DiskConnection, DiskType_, ImageConnection, ImageType_, NbdExportConnection, PolicyConnection, ServerType } from "../types/resources.type";
+import { BackupConnection, BackupType, DiskConnection, DiskHydrationType, DiskType_, ImageConnection, ImageType_, NbdExportConnection, PolicyConnection, ServerType } from "../types/resources.type";
 import { PageArgs } from "../types/connection";
 
 @Resolver(() => DiskType_)
@@ -19,6 +19,11 @@ export class DiskResolver {
   @Mutation(() => DiskPayload, { description: "Creates a blank data disk, or one filled from an image or a backup." })
   createDisk(@Arg("input") input: CreateDiskInput, @Ctx() { ctx, services }: GraphQLContext) {
     return services.disks.create(ctx, input);
+  }
+
+  @Mutation(() => DiskPayload, { description: "Copies the blocks a disk made from a backup or image still reads from the vault into its own storage, as a job; the disk stays in use." })
+  hydrateDisk(@Arg("input") input: IdInput, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.disks.hydrate(ctx, input.id);
   }
 
   @Mutation(() => AttachmentPayload)
@@ -71,6 +76,12 @@ export class DiskResolver {
   @FieldResolver(() => PolicyConnection)
   policies(@Root() disk: Disk, @Args() args: PolicyListArgs, @Ctx() { ctx, services }: GraphQLContext, @Info() info: GraphQLResolveInfo) {
     return services.policies.list(ctx, "diskPolicies", disk.id, args, listSelection(info));
+  }
+
+  @Reads("id")
+  @FieldResolver(() => DiskHydrationType, { description: "How much of its data is still read from the vault (a disk made from a backup or image) and how much is its own." })
+  hydration(@Root() disk: Disk, @Ctx() { ctx, services }: GraphQLContext) {
+    return services.disks.hydration(ctx, disk.id);
   }
 
   @Reads()

@@ -35,8 +35,10 @@ export class DiskFilter {
   @Field(() => String, nameFilter) name?: string;
   @Field(() => ID, { nullable: true }) serverId?: string;
   @Field(() => Boolean, { nullable: true }) attached?: boolean;
-  @Field(() => ID, { nullable: true }) imageId?: string;
-  @Field(() => ID, { nullable: true }) backupId?: string;
+  @Field(() => ID, { nullable: true, description: "A DATA_DISK image: the disk reads as it at once (a clone), its blocks coming from the vault until written." }) imageId?: string;
+  @Field(() => ID, { nullable: true, description: "A disk backup: the disk reads as it at once (a clone), its blocks coming from the vault until written." }) backupId?: string;
+  @Field(() => Boolean, { nullable: true, description: "With imageId or backupId: copy the blocks into the disk's own storage in the background, as a job, while it is in use." })
+  hydrate?: boolean;
 }
 
 @InputType()
@@ -143,6 +145,8 @@ export class CreateServerInput {
   @Field(() => ID, { nullable: true, description: "A SYSTEM_DISK or FULL_SERVER image." }) imageId?: string;
   @Field(() => SafeInt, { nullable: true, description: "Required without imageId; a whole number of MiB." }) systemDiskSizeBytes?: number;
   @Field(() => [DataDiskInput], { nullable: true }) dataDisks?: DataDiskInput[];
+  @Field(() => Boolean, { nullable: true, description: "Copy the blocks of disks made from images into their own storage in the background, as a job, while the server runs." })
+  hydrate?: boolean;
 }
 
 @InputType()
@@ -156,8 +160,10 @@ export class DeleteServerInput {
 export class CreateDiskInput {
   @Field() name: string;
   @Field(() => SafeInt, { nullable: true, description: "Required for a blank disk; a whole number of MiB." }) sizeBytes?: number;
-  @Field(() => ID, { nullable: true }) imageId?: string;
-  @Field(() => ID, { nullable: true }) backupId?: string;
+  @Field(() => ID, { nullable: true, description: "A DATA_DISK image: the disk reads as it at once (a clone), its blocks coming from the vault until written." }) imageId?: string;
+  @Field(() => ID, { nullable: true, description: "A disk backup: the disk reads as it at once (a clone), its blocks coming from the vault until written." }) backupId?: string;
+  @Field(() => Boolean, { nullable: true, description: "With imageId or backupId: copy the blocks into the disk's own storage in the background, as a job, while it is in use." })
+  hydrate?: boolean;
 }
 
 @InputType()

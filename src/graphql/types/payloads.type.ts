@@ -22,7 +22,8 @@ export class DeleteServerPayload {
 @ObjectType()
 export class DiskPayload {
   @Field(() => DiskType_) disk: unknown;
-  @Field(() => JobType_, { nullable: true, description: "The job filling the disk from a backup or image; null for a blank disk." }) job: unknown;
+  @Field(() => JobType_, { nullable: true, description: "The job copying a disk made from a backup or image into its own storage (hydrate); null otherwise: the disk is usable at once." })
+  job: unknown;
 }
 
 @ObjectType()

@@ -42,6 +42,12 @@ export class DiskType_ extends Node {
   @Field(() => DateTime) updatedAt: Date;
 }
 
+@ObjectType("DiskHydration", { simpleResolvers: true, description: "Where a disk's data lives: a disk made from a backup or image (a clone) reads the blocks it has not written from the vault." })
+export class DiskHydrationType {
+  @Field(() => SafeInt, { description: "Data still read from the backup or image in the vault; 0 once hydrated." }) bytesInVault: number;
+  @Field(() => SafeInt, { description: "Data in the disk's own storage." }) bytesLocal: number;
+}
+
 @ObjectType("Backup", { simpleResolvers: true, implements: Node, description: "The state of a server (all its disks) or of one disk at one point in time." })
 export class BackupType extends Node {
   @Field() name: string;

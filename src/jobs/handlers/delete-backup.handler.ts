@@ -4,14 +4,16 @@ import type { JobOf } from "../../domain/jobs";
 import * as backupStatus from "../../domain/status/backup";
 import { JobType } from "../../entities";
 import type { Logger } from "../../logger";
+import { detachClones } from "../../storage/clones";
 import type { Vault } from "../../storage/vault";
 import type { JobContext, JobHandler, JobOutcome } from "../runner";
 
 /**
  * Deletes a backup without breaking any other: the blocks it recorded that its
  * successors (the backups based on it) still need move to them, the successors
- * are re-based onto its own base, then its rows go and garbage collection
- * reclaims the chunks nothing references any more.
+ * are re-based onto its own base, disks made from it keep its block list (see
+ * detachClones), then its rows go and garbage collection reclaims the chunks
+ * nothing references any more.
  */
 export class DeleteBackupHandler implements JobHandler<JobType.DELETE_BACKUP> {
   readonly type = JobType.DELETE_BACKUP;
@@ -28,6 +30,8 @@ export class DeleteBackupHandler implements JobHandler<JobType.DELETE_BACKUP> {
     await ctx.progress(0, 1);
     await ctx.commit(async (em) => {
       const parts = await rows<{ id: string; base_id: string | null }>(em, `SELECT id, base_id FROM backups WHERE id = $1 OR parent_id = $1 FOR UPDATE`, [job.backupId]);
+      // Disks made from it (clones) read from its block list from now on, kept as it is.
+      await detachClones(em, { backupIds: parts.map((p) => p.id) });
       for (const part of parts) {
         const successors = await rows<{ id: string }>(em, `SELECT id FROM backups WHERE base_id = $1 AND id <> $1 FOR UPDATE`, [part.id]);
         for (const s of successors) {

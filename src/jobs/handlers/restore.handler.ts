@@ -1,6 +1,6 @@
 import type { DataSource } from "typeorm";
 import { HASH_BYTES, rows } from "../../db/sql";
-import { FailureCode, type JobOf } from "../../domain/jobs";
+import { FailureCode, type JobOf, type RestorePlan } from "../../domain/jobs";
 import * as backupStatus from "../../domain/status/backup";
 import * as diskStatus from "../../domain/status/disk";
 import * as serverStatus from "../../domain/status/server";
@@ -18,8 +18,8 @@ const FIRST_BATCH = 512;
 /**
  * Makes disks read back exactly a backup's bytes, writing only the blocks whose
  * content differs (compared by SHA-256, without reading the disk) and zeroing
- * blocks the backup does not hold. Serves restoreBackup, and createDisk and
- * createServer from a backup or an image.
+ * blocks the backup does not hold. Serves restoreBackup (and CREATE_DISK jobs
+ * queued before disks were made as clones).
  */
 type RestoreJobType = JobType.RESTORE | JobType.CREATE_DISK;
 
@@ -33,7 +33,7 @@ export class RestoreHandler implements JobHandler<RestoreJobType> {
 
   async run(ctx: JobContext<RestoreJobType>): Promise<void> {
     const { job } = ctx;
-    const { plan } = job.payload;
+    const { plan } = job.payload as { plan: RestorePlan };
     // The batches cover the blocks the source records or the disk holds, whatever the disk's size.
     const targets: (Source & { diskId: string; ranges: [number, number][] })[] = [];
     for (const t of plan.targets) targets.push({ ...t, ranges: await dataRanges(this.ds, t, { diskId: t.diskId, firstSize: FIRST_BATCH }) });
@@ -120,7 +120,7 @@ export class RestoreHandler implements JobHandler<RestoreJobType> {
    * stopped. The backup is usable again, unless it turned out damaged (ERROR).
    */
   async cleanup(job: JobOf<RestoreJobType>, outcome: JobOutcome): Promise<void> {
-    const { plan } = job.payload;
+    const { plan } = job.payload as { plan: RestorePlan };
     await this.ds.transaction(async (em) => {
       await this.volumes.discardStaged(em, job.id);
       const before = job.type === JobType.CREATE_DISK ? null : (plan.diskStatusBefore ?? plan.diskStatus);

@@ -12,11 +12,13 @@ const REPACK_BELOW = 0.5;
 /** Chunks a rewrite hands the pack writer at once (one gathered write). */
 const REPACK_CHUNKS = 64;
 
-/** SQL: no backup or image of its project references chunk `c` (an alias of vault_chunks). */
+/** SQL: no backup, image or clone manifest (the block list of a source deleted under its clones) of its project references chunk `c` (an alias of vault_chunks). */
 const CHUNK_UNREFERENCED = (c: string) =>
   `NOT EXISTS (SELECT 1 FROM backup_blocks bb JOIN backups b ON b.id = bb.backup_id WHERE bb.hash = ${c}.hash AND b.project_id = ${c}.project_id)
    AND NOT EXISTS (SELECT 1 FROM image_blocks ib JOIN image_disks d ON d.id = ib.image_disk_id JOIN images i ON i.id = d.image_id
-                    WHERE ib.hash = ${c}.hash AND i.project_id = ${c}.project_id)`;
+                    WHERE ib.hash = ${c}.hash AND i.project_id = ${c}.project_id)
+   AND NOT EXISTS (SELECT 1 FROM clone_manifest_blocks mb JOIN clone_manifests m ON m.id = mb.manifest_id
+                    WHERE mb.hash = ${c}.hash AND m.project_id = ${c}.project_id)`;
 
 interface ChunkLocation {
   hash: Buffer;
@@ -110,6 +112,8 @@ export class GarbageCollector {
   }
 
   private async collect(projectId: string, graceMs: number): Promise<Reclaimed> {
+    // Block lists kept for clones that are gone, or no longer read from them (hydrated).
+    await this.ds.query(`DELETE FROM clone_manifests m WHERE m.project_id = $1 AND NOT EXISTS (SELECT 1 FROM disks d WHERE d.clone_manifest_id = m.id)`, [projectId]);
     const deadChunks = await rows(this.ds, `DELETE FROM vault_chunks c WHERE c.project_id = $1 AND ${CHUNK_UNREFERENCED("c")} RETURNING hash`, [projectId]);
     let packs = 0;
     let bytes = 0;

@@ -1,4 +1,5 @@
 import { int8At, rows, type Queryable } from "../../db/sql";
+import { between, viewCtes } from "../clones";
 import { manifestOf, type BlockSource } from "../manifest";
 import type { PackChunks } from "./chunk";
 import { CHUNK_AT, PACKED_CHUNKS, readPackedChunks, type PackedChunksRow } from "./chunk-index";
@@ -23,8 +24,8 @@ export interface RestoreBatch {
  * (block_index, hash; a null hash reads as zeros): `now`, the disk's blocks
  * holding data, and `w`, the blocks to write, whose hash differs.
  */
-const diffOf = (source: BlockSource) => `${manifestOf(source)},
-    now AS (SELECT block_index, hash FROM disk_blocks WHERE disk_id = $4 AND block_index BETWEEN $2 AND $3 AND hash IS NOT NULL),
+const diffOf = (source: BlockSource) => `${manifestOf(source)}, ${viewCtes("$4", between("$2", "$3"))},
+    now AS (SELECT block_index, hash FROM view WHERE hash IS NOT NULL),
     w AS (SELECT m.block_index, m.hash FROM m LEFT JOIN now USING (block_index) WHERE m.hash IS NOT NULL AND m.hash IS DISTINCT FROM now.hash)`;
 
 /**

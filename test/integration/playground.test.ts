@@ -330,6 +330,15 @@ describe("playground at /", () => {
     const pg = await Playground.open(browser!, `${url}/`);
     try {
       await pg.setQuery("query WrongKey { viewer { name } }", "WrongKey");
+      // GraphiQL fetches the schema again for the new key and writes its failure into the response
+      // pane whenever it answers: it is held until the subscription below was refused, to answer last.
+      let release!: () => void;
+      const held = new Promise<void>((resolve) => (release = resolve));
+      const isSchemaFetch = (r: Request) => (r.postData() ?? "").includes("IntrospectionQuery") && r.headers()["authorization"] === `Bearer ${BAD_KEY}`;
+      await pg.page.route(`${url}/graphql`, async (route) => {
+        if (isSchemaFetch(route.request())) await held;
+        await route.continue();
+      });
       await pg.pasteKey(BAD_KEY);
       const [answer] = await Promise.all([pg.page.waitForResponse((r) => (r.request().postData() ?? "").includes("WrongKey")), pg.run()]);
       expect(answer.status()).toBe(401);
@@ -343,8 +352,17 @@ describe("playground at /", () => {
       await pg.run();
       const pane = await pg.responseWith("refused", 3_000);
       expect(Date.now() - t0).toBeLessThan(3_000);
-      expect(JSON.parse(pane)).toEqual({ errors: [{ message: expect.stringMatching(/API key in the bar was refused/), extensions: { code: "UNAUTHENTICATED" } }] });
+      const refused = { errors: [{ message: expect.stringMatching(/API key in the bar was refused/), extensions: { code: "UNAUTHENTICATED" } }] };
+      expect(JSON.parse(pane)).toEqual(refused);
       expect(pg.frame(false, "connection_ack")).toBeUndefined();
+      // The schema fetch's refusal, answering now, says the same in the pane (GraphiQL tries it twice: with subscriptions, then without).
+      release();
+      for (const deadline = Date.now() + 5_000; pg.requests.filter(isSchemaFetch).length < 2; await pg.page.waitForTimeout(20)) {
+        if (Date.now() > deadline) throw new Error("GraphiQL did not fetch the schema twice with the refused key");
+      }
+      await Promise.all(pg.requests.filter(isSchemaFetch).map((r) => r.response()));
+      await pg.page.waitForFunction(([sel, before]) => document.querySelector(sel)?.CodeMirror.getValue() !== before, [RESPONSE, pane] as const, { timeout: 2_000 }).catch(() => undefined);
+      expect(JSON.parse(await pg.response())).toEqual(refused);
       expect((await pg.keyState()).kind).toBe("refused");
       expect(await pg.pageText()).not.toMatch(STACK);
       // GraphiQL is no longer busy with it: the Run button runs again.

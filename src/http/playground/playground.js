@@ -49,6 +49,15 @@
     var fix = cred.source === "bar" ? "Paste a valid key into the bar at the top." : "Fix the Authorization header in the Headers tab, or remove it to use the key in the bar.";
     return "The API key " + WHERE[cred.source] + " was refused (" + how + "). " + fix;
   }
+  /**
+   * A refused key's GraphQL response, in the playground's words whichever request met it.
+   * GraphiQL writes a failed schema fetch into the response pane when it answers, over what
+   * a Run put there meanwhile: the schema fetch that a new key starts can answer after a Run
+   * with that key was refused, and the service's own message then replaced the Run's.
+   */
+  function refusal(cred, how) {
+    return { errors: [{ message: refusedMessage(cred, how), extensions: { code: "UNAUTHENTICATED" } }] };
+  }
 
   /**
    * Whether the operation to run is a subscription, read from the text that is sent:
@@ -78,6 +87,7 @@
               });
             if (params.operationName === "IntrospectionQuery") schemaMissing = !(body && body.data);
             if (refused || res.status < 500) verdict(cred, !refused);
+            if (refused && !(body && body.data)) return refusal(cred, "the service answered " + (res.status === 401 ? "401 Unauthorized" : "UNAUTHENTICATED"));
             return body;
           },
           function () {
@@ -126,7 +136,7 @@
   function failure(err, cred) {
     if (Array.isArray(err)) return { errors: err };
     if (isCloseEvent(err)) {
-      if (err.code === 4403) return { errors: [{ message: refusedMessage(cred, "the WebSocket was closed with 4403 Forbidden"), extensions: { code: "UNAUTHENTICATED" } }] };
+      if (err.code === 4403) return refusal(cred, "the WebSocket was closed with 4403 Forbidden");
       return { errors: [{ message: "The subscription's WebSocket closed: " + (err.code + " " + (err.reason || "")).trim() + "." }] };
     }
     if (err instanceof Error) return { errors: [{ message: err.message }] };

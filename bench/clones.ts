@@ -7,13 +7,13 @@
  *   options: --servers N (default 100), --image-size SIZE (default 1G), --keep, --dir DIR,
  *   --seed N, --dist[=DIR] (the compiled build; default dist/, as `npm start` runs it)
  *
- * Needs qemu-img (qemu-utils) and nbdcopy, nbdinfo (libnbd-bin). Stowage runs on a fresh
+ * Needs qemu-img, qemu-io (qemu-utils) and nbdcopy (libnbd-bin). Stowage runs on a fresh
  * data dir in a temp dir, with its embedded Postgres and local blobs, NBD on a free port.
  * The data is the generator of bench/backup.ts: a third zeros never written, a third
  * random bytes, a third English-like text.
  *
  *   first byte        a disk of --size holding the data is backed up (untimed). Timed: from
- *                     `createDisk(backupId)` to the first 4 KiB read over NBD by `nbdcopy`
+ *                     `createDisk(backupId)` to the first 4 KiB read over NBD by `qemu-io`
  *                     (createDisk, createNbdExport, the read), against restoring the same
  *                     backup by copy onto a blank disk (`restoreBackup`, until its job
  *                     succeeds, then the same export and read). Target: at most 1 s.
@@ -62,6 +62,7 @@ async function fill(svc: StowageProcess, diskId: string, file: string, regions: 
 async function main(): Promise<number> {
   const opts = options(process.argv.slice(2));
   const qemuImg = requireProgram("qemu-img", "qemu-utils");
+  const qemuIo = requireProgram("qemu-io", "qemu-utils");
   const nbdcopy = requireProgram("nbdcopy", "libnbd-bin");
   const tmp = await fsp.mkdtemp(path.join(opts.dir, "stowage-bench-clones-"));
   let svc: StowageProcess | null = null;
@@ -76,11 +77,8 @@ async function main(): Promise<number> {
     const s = svc;
     const exportOf = async (id: string) => (await s.gql(`mutation ($id: ID!) { createNbdExport(input: { resourceId: $id }) { nbdExport { uri } } }`, { id })).createNbdExport.nbdExport.uri as string;
     const firstByte = async (uri: string) => {
-      const out = path.join(tmp, "first.raw");
-      await run(nbdcopy, ["--length=4096", uri, out]).then((r) => {
-        if (r.code !== 0) throw new Error(`nbdcopy: ${r.stderr}`);
-      });
-      await fsp.rm(out, { force: true });
+      const r = await run(qemuIo, ["-f", "raw", "-r", "-c", "read 0 4096", uri]);
+      if (r.code !== 0 || !r.stdout.includes("read 4096/4096 bytes")) throw new Error(`qemu-io: ${r.stdout} ${r.stderr}`);
     };
 
     // 1. The first byte of a disk made from a backup.

@@ -45,7 +45,7 @@ function blockStore(deps: NbdServerDeps): BlockStore {
   return {
     refs: (diskId, first, last) => volumes.blockRefs(ds, diskId, first, last),
     readRun: (diskId, segmentId, offset, into) => volumes.readSegmentInto(diskId, segmentId, offset, into),
-    readVault: (projectId, hashes) => volumes.readVaultBlocks(projectId, hashes),
+    readVault: (projectId, hashes, ahead) => volumes.readVaultBlocks(projectId, hashes, ahead),
     restores: async (projectId, diskId) => (await services.nbd.writeState(ds.manager, projectId, diskId)).restores,
     commit: (projectId, diskId, blocks, { journalUpTo, restores, source }) =>
       volumes.withDiskLock(diskId, async () => {
@@ -225,7 +225,7 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
       const source = exp.vault!;
       return new VaultDevice({
         refs: (first, last) => sourceBlocks(ds, source, first, last),
-        read: (hashes) => deps.vault.blocks.read(exp.projectId, hashes),
+        read: (hashes, ahead) => deps.vault.blocks.read(exp.projectId, hashes, ahead),
       });
     },
     detach(conn: NbdConnection) {

@@ -31,7 +31,7 @@ export interface BlockRef {
 
 /** Reads chunks of a project's vault (a clone's blocks it has not written), checked; copied out of, never into. */
 export interface VaultBlockReader {
-  read(projectId: string, hashes: Buffer[]): Promise<Buffer[]>;
+  read(projectId: string, hashes: Buffer[], ahead?: Buffer[]): Promise<Buffer[]>;
 }
 
 /**
@@ -442,9 +442,9 @@ export class VolumeStore {
   }
 
   /** The bytes of a clone's blocks that live in the vault (`hashes`, of its project's chunks), in order. */
-  readVaultBlocks(projectId: string, hashes: Buffer[]): Promise<Buffer[]> {
+  readVaultBlocks(projectId: string, hashes: Buffer[], ahead?: Buffer[]): Promise<Buffer[]> {
     if (!this.vault) throw new Error("this volume store reads no vault");
-    return this.vault.read(projectId, hashes);
+    return this.vault.read(projectId, hashes, ahead);
   }
 
   /** Fills `into` with adjacent blocks of one segment, from `offset` on, with one range read. */

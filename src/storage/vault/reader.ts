@@ -77,11 +77,6 @@ export class ChunkReader {
     );
   }
 
-  /** Gives back a run's buffer (see readRuns) once its bytes are taken. */
-  giveBack(data: Buffer): void {
-    this.codec.buffers.give(data);
-  }
-
   /** Chunks of a pack close to each other, up to RUN_CHUNKS of them, make one range read: [from, to) of the pack's list. */
   private runs(pack: PackChunks): [number, number][] {
     const out: [number, number][] = [];

@@ -19,6 +19,7 @@ export interface StorageUsage {
   backupCount: number;
   imageCount: number;
   logicalBytes: number;
+  cloneSourceBytes: number;
   storedBytes: number;
   dedupRatio: number;
   vaultBytes: number;
@@ -103,7 +104,9 @@ export class ProjectService {
    * (their per-disk parts) and its images represent, each counted in full; stored
    * bytes are the distinct compressed chunks its vault holds, whatever refers to
    * them. Backups and images share chunks, so an image of a backed-up disk adds
-   * logical bytes and next to nothing stored.
+   * logical bytes and next to nothing stored. Backups and images deleted while disks
+   * made from them still read from them leave their block lists behind (clone
+   * sources), whose chunks stay stored until those disks are gone or hydrated.
    */
   async usage(ctx: RequestContext): Promise<StorageUsage> {
     const [row] = await this.ds.query(
@@ -114,6 +117,7 @@ export class ProjectService {
          (SELECT coalesce(sum(size_bytes), 0) FROM backups WHERE project_id = $1 AND resource_type = 'DISK' AND status IN ('AVAILABLE', 'RESTORING')) AS backup_logical,
          (SELECT count(*) * $2 FROM images i JOIN image_disks d ON d.image_id = i.id JOIN image_blocks b ON b.image_disk_id = d.id
            WHERE i.project_id = $1 AND i.status = 'ACTIVE') AS image_logical,
+         (SELECT count(*) * $2 FROM clone_manifests m JOIN clone_manifest_blocks b ON b.manifest_id = m.id WHERE m.project_id = $1) AS clone_source_bytes,
          (SELECT coalesce(sum(stored_size), 0) FROM vault_chunks WHERE project_id = $1) AS stored_bytes,
          (SELECT coalesce(sum(size_bytes), 0) FROM vault_packs WHERE project_id = $1) AS vault_bytes,
          (SELECT coalesce(sum(size_bytes), 0) FROM image_exports WHERE project_id = $1 AND status = 'READY') AS export_bytes,
@@ -127,6 +131,7 @@ export class ProjectService {
       backupCount: Number(row.backup_count),
       imageCount: Number(row.image_count),
       logicalBytes,
+      cloneSourceBytes: Number(row.clone_source_bytes),
       storedBytes,
       dedupRatio: storedBytes > 0 ? logicalBytes / storedBytes : 1,
       vaultBytes: Number(row.vault_bytes),

@@ -123,6 +123,9 @@ describe("a disk from a backup", () => {
     await succeed(svc, job);
     await collect();
     expect(await count(`SELECT count(*) AS n FROM disks WHERE id = $1 AND clone_manifest_id IS NOT NULL`, [uuid(clone)])).toBe(1);
+    // The vault says what it keeps for them: the deleted backup's 8 blocks, once (the clone of the clone reads through the clone's backup).
+    const usage = async () => (await svc.ok(`{ viewer { storage { cloneSourceBytes } } }`)).viewer.storage.cloneSourceBytes;
+    expect(await usage()).toBe(8 * BLOCK);
     await run(qemuImg!, ["compare", "-f", "raw", "-F", "raw", expected, uri]);
     await expectReads(cloneOfClone, [...src.parts, [5 * BLOCK, bytes(BLOCK, 77)]]);
     fs.rmSync(expected);
@@ -131,6 +134,7 @@ describe("a disk from a backup", () => {
     await svc.ok(`mutation ($id: ID!) { deleteDisk(input: { id: $id }) { deletedDiskId } }`, { id: clone });
     await collect();
     expect(await count(`SELECT count(*) AS n FROM clone_manifests m WHERE NOT EXISTS (SELECT 1 FROM disks d WHERE d.clone_manifest_id = m.id)`)).toBe(0);
+    expect(await usage()).toBe(0);
   });
 
   it("hydrates in the background while it is written, and then reads nothing from the vault", async () => {

@@ -149,6 +149,10 @@ export class StorageUsageType {
   @Field(() => Int) backupCount: number;
   @Field(() => Int) imageCount: number;
   @Field(() => SafeInt, { description: "Written data the AVAILABLE backups and ACTIVE images represent, each counted in full: before dedup and compression." }) logicalBytes: number;
+  @Field(() => SafeInt, {
+    description: "Data the vault keeps for disks made from backups and images deleted since (their block lists, counted in full): it stays stored until those disks are deleted or hydrated.",
+  })
+  cloneSourceBytes: number;
   @Field(() => SafeInt, { description: "What the vault stores: its distinct chunks, compressed, whatever refers to them (backups, images, or nothing until garbage collection)." }) storedBytes: number;
   @Field(() => Float, { description: "logicalBytes / storedBytes (1 while the vault is empty)." }) dedupRatio: number;
   @Field(() => SafeInt, { description: "Bytes of the vault's pack files: storedBytes, plus chunks garbage collection has dropped from packs it has not rewritten yet." }) vaultBytes: number;

@@ -1,4 +1,4 @@
-import type { DataSource } from "typeorm";
+import { QueryFailedError, type DataSource } from "typeorm";
 import type { Config } from "../config";
 import { hydrate, rows } from "../db/sql";
 import { Policy, type Job, type PolicyRun } from "../entities";
@@ -52,20 +52,22 @@ export class Scheduler {
     const runs: PolicyRun[] = [];
     for (;;) {
       const claimed = await this.runner.capture.hold(() =>
-        this.ds.transaction(async (em) => {
-          const due = await rows(em, `SELECT * FROM policies WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED`, [now]);
-          if (!due.length) return null;
-          const [policy] = hydrate(this.ds, Policy, due);
-          const ctx = new RequestContext(policy.projectId, this.ds, this.config, () => now);
-          const occurrence = policy.nextRunAt!;
-          const { run, jobs } = await this.runner.runIn(em, ctx, policy, "SCHEDULE", occurrence);
-          // The next occurrence after now, not after the one served: downtime gives one catch-up run.
-          const next = await this.nextRun(policy, now);
-          await em.query(`UPDATE policies SET last_run_at = $2, next_run_at = $3, updated_at = now() WHERE id = $1`, [policy.id, occurrence, next]);
-          policy.lastRunAt = occurrence;
-          policy.nextRunAt = next;
-          return { run, jobs, policy, ctx };
-        }),
+        retryDeadlocks(() =>
+          this.ds.transaction(async (em) => {
+            const due = await rows(em, `SELECT * FROM policies WHERE enabled AND next_run_at <= $1 ORDER BY next_run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED`, [now]);
+            if (!due.length) return null;
+            const [policy] = hydrate(this.ds, Policy, due);
+            const ctx = new RequestContext(policy.projectId, this.ds, this.config, () => now);
+            const occurrence = policy.nextRunAt!;
+            const { run, jobs } = await this.runner.runIn(em, ctx, policy, "SCHEDULE", occurrence);
+            // The next occurrence after now, not after the one served: downtime gives one catch-up run.
+            const next = await this.nextRun(policy, now);
+            await em.query(`UPDATE policies SET last_run_at = $2, next_run_at = $3, updated_at = now() WHERE id = $1`, [policy.id, occurrence, next]);
+            policy.lastRunAt = occurrence;
+            policy.nextRunAt = next;
+            return { run, jobs, policy, ctx };
+          }),
+        ),
       );
       if (!claimed) break;
       await this.announce(claimed.jobs);
@@ -97,5 +99,25 @@ export class Scheduler {
 
   private async announce(jobs: Job[]): Promise<void> {
     await this.queue.announce(...jobs);
+  }
+}
+
+/** Attempts of a policy run that Postgres chose as a deadlock's victim. */
+const DEADLOCK_ATTEMPTS = 3;
+
+/**
+ * Runs `fn` (one transaction) again when Postgres aborts it to break a deadlock: a policy
+ * run locks servers, disks and backups while retention after a policy backup (in the job
+ * runner) locks some of the same rows. The aborted transaction left nothing, and the
+ * policy is claimed again, so the run still happens exactly once.
+ */
+async function retryDeadlocks<T>(fn: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await fn();
+    } catch (err) {
+      const code = err instanceof QueryFailedError ? (err.driverError as { code?: string }).code : undefined;
+      if (code !== "40P01" || attempt >= DEADLOCK_ATTEMPTS) throw err;
+    }
   }
 }

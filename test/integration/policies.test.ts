@@ -198,6 +198,33 @@ it("a resource has one policy; deleting a policy keeps its backups", async () =>
   expect(left).toEqual([{ status: "AVAILABLE", trigger: "POLICY", policy: null }]);
 });
 
+it("runs a policy once when Postgres aborts its run to break a deadlock (retention after a backup locks the same rows)", async () => {
+  const disk = (await svc.ok(`mutation { createDisk(input: { name: "contended", sizeBytes: ${MiB} }) { disk { id } } }`)).createDisk.disk.id;
+  const p = await policy({ name: "contended", schedule: ["FREQ=HOURLY;BYMINUTE=0"], timezone: "UTC" }, [disk]);
+  const at = new Date(new Date(p.nextRunAt).getTime() + 1000);
+  // Another transaction holds the disk, then waits for the policy the run has claimed: a cycle
+  // Postgres breaks by aborting the run, which waited first.
+  const other = svc.ds.createQueryRunner();
+  await other.connect();
+  try {
+    await other.startTransaction();
+    await other.query(`SELECT 1 FROM disks WHERE id = $1 FOR UPDATE`, [uuid(disk)]);
+    const ticking = svc.scheduler.tick(at);
+    ticking.catch(() => undefined); // awaited below
+    await new Promise((r) => setTimeout(r, 300));
+    await other.query(`SELECT 1 FROM policies WHERE id = $1 FOR UPDATE`, [uuid(p.id)]);
+    await other.rollbackTransaction();
+    const runs = (await ticking).filter((r) => r.policyId === uuid(p.id));
+    expect(runs).toHaveLength(1);
+    expect(runs[0].backupCount).toBe(1);
+  } finally {
+    if (other.isTransactionActive) await other.rollbackTransaction();
+    await other.release();
+  }
+  await settle();
+  expect((await view(p.id)).backups.totalCount).toBe(1);
+});
+
 it("follows daylight-saving changes both ways and months without day 31, tick by tick", async () => {
   const walk = async (input: Record<string, unknown>, start: string, ticks: number) => {
     const p = await policy(input, []);

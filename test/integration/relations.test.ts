@@ -359,6 +359,16 @@ describe("lists read only what the selection needs", () => {
     for (const [name, field] of fields) {
       const selection = ask(name, field.type);
       const listed = (await svc.ok(`{ ${list}(first: 100) { nodes { id ${selection} } } }`))[list].nodes;
+      if (name === "etaSeconds") {
+        // A running job's ETA is computed from the clock at each read, and the two reads may be seconds apart.
+        const close = (n: Record<string, unknown>, k: number) => {
+          const a = n[name] as number | null;
+          const b = reference[k][name] as number | null;
+          return [n.id, a === null || b === null ? a === b : Math.abs(a - b) <= 3];
+        };
+        expect(listed.map(close)).toEqual(reference.map((n: Record<string, unknown>) => [n.id, true]));
+        continue;
+      }
       expect(listed.map((n: Record<string, unknown>) => [n.id, n[name]])).toEqual(reference.map((n: Record<string, unknown>) => [n.id, n[name]]));
     }
   });

@@ -59,6 +59,25 @@ export interface Extent {
   data: boolean;
 }
 
+/** The runs of [offset, end) for BLOCK_STATUS, given the blocks holding data in it, ascending. */
+export function extentsOf(offset: number, end: number, dataBlocks: Iterable<number>): Extent[] {
+  const out: Extent[] = [];
+  let at = offset;
+  const push = (to: number, isData: boolean) => {
+    if (to <= at) return;
+    const lastRun = out[out.length - 1];
+    if (lastRun && lastRun.data === isData) lastRun.length += to - at;
+    else out.push({ length: to - at, data: isData });
+    at = to;
+  };
+  for (const i of dataBlocks) {
+    push(Math.max(offset, i * BLOCK_SIZE), false);
+    push(Math.min(end, (i + 1) * BLOCK_SIZE), true);
+  }
+  push(end, false);
+  return out;
+}
+
 /**
  * The writes of one disk through NBD, in this process. A write lands in whole
  * 64 KiB blocks in memory (a block written in part is first read, so its other
@@ -389,21 +408,11 @@ export class DiskWrites {
         else data.delete(i);
       }
     }
-    const out: Extent[] = [];
-    let at = offset;
-    const push = (to: number, isData: boolean) => {
-      if (to <= at) return;
-      const lastRun = out[out.length - 1];
-      if (lastRun && lastRun.data === isData) lastRun.length += to - at;
-      else out.push({ length: to - at, data: isData });
-      at = to;
-    };
-    for (const i of [...data].sort((x, y) => x - y)) {
-      push(Math.max(offset, i * BLOCK_SIZE), false);
-      push(Math.min(end, (i + 1) * BLOCK_SIZE), true);
-    }
-    push(end, false);
-    return out;
+    return extentsOf(
+      offset,
+      end,
+      [...data].sort((x, y) => x - y),
+    );
   }
 
   /** Makes everything acknowledged before the call durable: in the journal, or committed. */

@@ -1,5 +1,5 @@
 import { BLOCK_SIZE } from "../storage/volume-store";
-import type { Extent } from "./disk-writes";
+import { extentsOf, type Extent } from "./disk-writes";
 
 /** The bytes a connection serves: a disk's shared writes, or a backup or image read from the vault. */
 export interface ServedBytes {
@@ -87,21 +87,11 @@ export class VaultDevice implements ServedBytes {
   async extents(offset: number, length: number): Promise<Extent[]> {
     const end = offset + length;
     const refs = await this.source.refs(Math.floor(offset / BLOCK_SIZE), Math.floor((end - 1) / BLOCK_SIZE));
-    const out: Extent[] = [];
-    let at = offset;
-    const push = (to: number, data: boolean) => {
-      if (to <= at) return;
-      const lastRun = out[out.length - 1];
-      if (lastRun && lastRun.data === data) lastRun.length += to - at;
-      else out.push({ length: to - at, data });
-      at = to;
-    };
-    for (const { index } of refs) {
-      push(Math.max(offset, index * BLOCK_SIZE), false);
-      push(Math.min(end, (index + 1) * BLOCK_SIZE), true);
-    }
-    push(end, false);
-    return out;
+    return extentsOf(
+      offset,
+      end,
+      refs.map((r) => r.index),
+    );
   }
 
   // Vault exports are read-only: the connection refuses writes before they get here.

@@ -27,6 +27,8 @@ export interface BlockRef {
   segmentId: string | null;
   offset: number;
   hash: Buffer;
+  /** A block in the vault: the project whose chunk it reads. */
+  projectId?: string;
 }
 
 /** Reads chunks of a project's vault (a clone's blocks it has not written), checked; copied out of, never into. */
@@ -433,12 +435,14 @@ export class VolumeStore {
 
   /** The blocks of [first, last] that hold data, in block order: stored in the disk's segments, or (a clone's) in the vault. */
   async blockRefs(em: EntityManager | DataSource, diskId: string, first: number, last: number): Promise<BlockRef[]> {
-    const rows: { i: string; s: string | null; o: string | null; h: Buffer }[] = await em.query(
+    const rows: { i: string; s: string | null; o: string | null; h: Buffer; p: string | null }[] = await em.query(
       `WITH RECURSIVE ${viewCtes("$1", between("$2", "$3"))}
-       SELECT block_index AS i, segment_id AS s, segment_offset AS o, hash AS h FROM view WHERE hash IS NOT NULL ORDER BY block_index`,
+       SELECT block_index AS i, segment_id AS s, segment_offset AS o, hash AS h,
+              CASE WHEN segment_id IS NULL THEN (SELECT project_id FROM disks WHERE id = $1) END AS p
+         FROM view WHERE hash IS NOT NULL ORDER BY block_index`,
       [diskId, first, last],
     );
-    return rows.map((r) => ({ index: Number(r.i), segmentId: r.s, offset: Number(r.o ?? 0), hash: r.h }));
+    return rows.map((r) => (r.p ? { index: Number(r.i), segmentId: null, offset: 0, hash: r.h, projectId: r.p } : { index: Number(r.i), segmentId: r.s, offset: Number(r.o), hash: r.h }));
   }
 
   /** The bytes of a clone's blocks that live in the vault (`hashes`, of its project's chunks), in order. */
@@ -531,9 +535,8 @@ export class VolumeStore {
     }
     into.fill(0, (at - first) * BLOCK_SIZE, (last + 1 - first) * BLOCK_SIZE);
     if (inVault.length) {
-      const [{ project_id }] = await rows<{ project_id: string }>(this.ds, `SELECT project_id FROM disks WHERE id = $1`, [diskId]);
       const blocks = await this.readVaultBlocks(
-        project_id,
+        inVault[0].projectId!,
         inVault.map((r) => r.hash),
       );
       for (let k = 0; k < inVault.length; k++) blocks[k].copy(into, (inVault[k].index - first) * BLOCK_SIZE);

@@ -35,10 +35,8 @@ export class DiskFilter {
   @Field(() => String, nameFilter) name?: string;
   @Field(() => ID, { nullable: true }) serverId?: string;
   @Field(() => Boolean, { nullable: true }) attached?: boolean;
-  @Field(() => ID, { nullable: true, description: "A DATA_DISK image: the disk reads as it at once (a clone), its blocks coming from the vault until written." }) imageId?: string;
-  @Field(() => ID, { nullable: true, description: "A disk backup: the disk reads as it at once (a clone), its blocks coming from the vault until written." }) backupId?: string;
-  @Field(() => Boolean, { nullable: true, description: "With imageId or backupId: copy the blocks into the disk's own storage in the background, as a job, while it is in use." })
-  hydrate?: boolean;
+  @Field(() => ID, { nullable: true }) imageId?: string;
+  @Field(() => ID, { nullable: true }) backupId?: string;
 }
 
 @InputType()

@@ -11,6 +11,7 @@ import { NbdExports1765500000000 } from "./1765500000000-nbd-exports";
 import { NbdJournal1765600000000 } from "./1765600000000-nbd-journal";
 import { VaultExports1765700000000 } from "./1765700000000-vault-exports";
 import { Clones1765800000000 } from "./1765800000000-clones";
+import { InstantRestore1765900000000 } from "./1765900000000-instant-restore";
 
 /** Every migration, in order. Listed explicitly so the same set runs under ts-node, jest and the build. */
 export const migrations = [
@@ -27,4 +28,5 @@ export const migrations = [
   NbdJournal1765600000000,
   VaultExports1765700000000,
   Clones1765800000000,
+  InstantRestore1765900000000,
 ];

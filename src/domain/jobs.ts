@@ -61,7 +61,8 @@ type NoPayload = Record<string, never>;
 /** The payload of each job type (the `jobs.payload` column). */
 export interface JobPayloads {
   [JobType.BACKUP]: NoPayload;
-  [JobType.RESTORE]: { plan: RestorePlan };
+  /** `hydrate`: the restored disks whose blocks are copied into their own storage (none: the restore was all done when it was asked for); a plan: a staged copy, as queued before restores were instant. */
+  [JobType.RESTORE]: { plan: RestorePlan } | { hydrate: string[] };
   /** `hydrate`: the clones whose source blocks are copied into their own storage (a plan: a copy into a new disk, as queued before clones). */
   [JobType.CREATE_DISK]: { plan: RestorePlan } | { hydrate: string[] };
   [JobType.DELETE_BACKUP]: NoPayload;

@@ -22,6 +22,8 @@ export class Disk {
   @Column("uuid", { nullable: true }) cloneManifestId: string | null;
   /** Bumped by every committed write; a backup records the version it captured. */
   @Column("bigint", { transformer: bigintNumber, default: 0 }) writeVersion: number;
+  /** The least snapshot version a base of its next backup may have: a restore replaced its bytes at this version, and earlier backups are no bases for what changed since. */
+  @Column("bigint", { transformer: bigintNumber, default: 0 }) backupFloor: number;
   @CreateDateColumn({ type: "timestamptz" }) createdAt: Date;
   @UpdateDateColumn({ type: "timestamptz" }) updatedAt: Date;
 }

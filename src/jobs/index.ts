@@ -33,8 +33,8 @@ export function createJobRunner(
     logger,
     [
       new BackupHandler(ds, volumes, vault, onPolicyBackup),
-      new RestoreHandler(JobType.RESTORE, ds, volumes, vault),
-      new HydrateHandler(ds, volumes, vault, new RestoreHandler(JobType.CREATE_DISK, ds, volumes, vault)),
+      new HydrateHandler(JobType.RESTORE, ds, volumes, vault, new RestoreHandler(JobType.RESTORE, ds, volumes, vault)),
+      new HydrateHandler(JobType.CREATE_DISK, ds, volumes, vault, new RestoreHandler(JobType.CREATE_DISK, ds, volumes, vault)),
       new DeleteBackupHandler(ds, vault, () => config.gcGraceSeconds * 1000, logger),
       new VerifyHandler(ds, vault),
       new CreateImageHandler(ds, volumes, vault),

@@ -1,10 +1,10 @@
 import { CaptureGate } from "../storage/capture-gate";
-import { captureSourceSql } from "../storage/clones";
+import { captureSourceSql, lockDisk, restoreAsClone, runningHydration } from "../storage/clones";
 import { In, type EntityManager } from "typeorm";
 import crypto from "node:crypto";
 import { rows } from "../db/sql";
 import { Backup, BackupResourceType, BackupStatus, BackupTrigger, Disk, DiskStatus, DiskType, Image, ImageStatus, ImageType, Job, JobType, Server, ServerStatus } from "../entities";
-import type { NewJob, RestorePlan } from "../domain/jobs";
+import type { NewJob } from "../domain/jobs";
 import * as backupStatus from "../domain/status/backup";
 import * as diskStatus from "../domain/status/disk";
 import * as serverStatus from "../domain/status/server";
@@ -13,6 +13,7 @@ import { translateDbError } from "./db-errors";
 import { badInput, conflict, DomainError, failedPrecondition, notFound } from "../domain/errors";
 import { decodeId, fromGlobalId, shortId, toGlobalId } from "./global-id";
 import type { JobQueue } from "./job-queue";
+import type { NbdService } from "./nbd.service";
 import type { ListName } from "./lists";
 import { likeSubstring, type Condition, type PageArgs, type ListSelection } from "./pagination";
 import { derivedName, description as validDescription, resourceName } from "./validate";
@@ -39,6 +40,7 @@ export interface RestoreBackupInput {
   targetDiskId?: string | null;
   mappings?: { backupId: string; diskId: string }[] | null;
   powerOn?: boolean | null;
+  hydrate?: boolean | null;
 }
 
 export function backupConditions(filter: BackupFilter | null | undefined): Condition[] {
@@ -88,6 +90,7 @@ const BUSY_BACKUP = { uq_backups_one_running: "a backup of this resource is alre
 export class BackupService {
   constructor(
     private readonly queue: JobQueue,
+    private readonly nbd: NbdService,
     /** Backups capture disks through it, so writes acknowledged before their instant are in them. */
     readonly capture: CaptureGate = new CaptureGate(),
   ) {}
@@ -257,9 +260,11 @@ export class BackupService {
       (
         await rows<{ disk_id: string; id: string; snapshot_version: string }>(
           em,
-          `SELECT d.id AS disk_id, b.id, b.snapshot_version FROM unnest($1::uuid[]) AS d(id)
+          `SELECT d.id AS disk_id, b.id, b.snapshot_version FROM disks d
              CROSS JOIN LATERAL (SELECT id, snapshot_version FROM backups WHERE resource_id = d.id AND resource_type = 'DISK' AND status IN ('AVAILABLE', 'RESTORING')
-                                  ORDER BY snapshot_version DESC, created_at DESC LIMIT 1) b`,
+                                    AND snapshot_version >= d.backup_floor
+                                  ORDER BY snapshot_version DESC, created_at DESC LIMIT 1) b
+            WHERE d.id = ANY($1::uuid[])`,
           [snapshotted],
         )
       ).map((b) => [b.disk_id, b]),
@@ -386,9 +391,9 @@ export class BackupService {
   private async snapshot(em: EntityManager, backup: Backup, disk: Disk): Promise<number> {
     const [base] = await rows<{ id: string; snapshot_version: string }>(
       em,
-      `SELECT id, snapshot_version FROM backups WHERE resource_id = $1 AND resource_type = 'DISK' AND status IN ('AVAILABLE', 'RESTORING')
+      `SELECT id, snapshot_version FROM backups WHERE resource_id = $1 AND resource_type = 'DISK' AND status IN ('AVAILABLE', 'RESTORING') AND snapshot_version >= $2
         ORDER BY snapshot_version DESC, created_at DESC LIMIT 1`,
-      [disk.id],
+      [disk.id, disk.backupFloor],
     );
     await em.query(
       `INSERT INTO backup_blocks (backup_id, block_index, hash, src_segment, src_offset)
@@ -441,8 +446,12 @@ export class BackupService {
         }
         const targets = new Set(pairs.map((p) => p.diskId));
         if (targets.size !== pairs.length) throw badInput("mappings", "each disk can be the target of one disk backup");
+        const damaged = pairs.find((p) => p.source.status === BackupStatus.ERROR);
+        if (damaged) throw failedPrecondition(`backup ${damaged.source.name} is damaged (${damaged.source.error ?? "ERROR"}); restore another backup`);
       }
 
+      // The disks' write locks before their rows, in the order writers take them: a write commits wholly before the restore or after it.
+      for (const id of pairs.map((p) => p.diskId).sort()) await lockDisk(em, id);
       const disks = await em.find(Disk, { where: { id: In(pairs.map((p) => p.diskId)), projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
       const serverIds = new Set<string>();
       for (const p of pairs) {
@@ -457,36 +466,32 @@ export class BackupService {
       }
       const busy = await em.find(Backup, { where: { resourceId: In([...disks.map((d) => d.id), ...serverIds]), status: BackupStatus.CREATING } });
       if (busy.length) throw conflict("a backup of the target is running; restore when it has finished");
+      const diskIds = pairs.map((p) => p.diskId);
+      const hydrating = await runningHydration(em, ctx.projectId, diskIds);
+      if (hydrating) throw conflict(`a target disk is being hydrated by job ${toGlobalId("Job", hydrating)}; cancel it or restore when it has finished`);
       if (serverIds.size > 1) throw badInput("mappings", "all target disks must belong to one server");
       const serverId = [...serverIds][0] ?? null;
       if (serverId) {
         const server = await em.findOne(Server, { where: { id: serverId }, lock: { mode: "pessimistic_write" } });
         if (!server) throw notFound("server");
         if (server.status === ServerStatus.RESTORING || server.status === ServerStatus.BUILDING) throw conflict(`the server is busy (${server.status})`);
-        // The server is stopped for the restore (RESTORING) and started afterwards when powerOn.
-        await serverStatus.markRestoring(em, serverId);
       }
-      const plan: RestorePlan = {
-        targets: pairs.map((p) => ({ backupId: p.source.id, diskId: p.diskId })),
-        serverId,
-        powerOn,
-        diskStatus: Object.fromEntries(disks.map((d) => [d.id, d.serverId ? DiskStatus.IN_USE : DiskStatus.AVAILABLE])),
-        diskStatusBefore: Object.fromEntries(disks.map((d) => [d.id, d.status])),
-      };
-      await diskStatus.markRestoring(
-        em,
-        disks.map((d) => d.id),
-      );
-      await backupStatus.markRestoring(em, [backup.id, ...children.map((c) => c.id)]);
+      // Each disk reads as its backup once this commits; nothing is copied. A client of the
+      // disk's old bytes over NBD is cut off (as when the server is stopped for the restore).
+      for (const p of pairs) await restoreAsClone(em, p.diskId, p.source);
+      await this.nbd.revokeDisks(em, diskIds);
+      // A disk in ERROR is whole again.
+      for (const d of disks) await diskStatus.markRestored(em, d.id, d.serverId ? DiskStatus.IN_USE : DiskStatus.AVAILABLE);
+      if (serverId) await serverStatus.markRestored(em, serverId, powerOn);
+      // The job records the restore and, with hydrate, copies the disks' blocks into their own storage.
       const job = await this.queue.add(em, ctx.projectId, {
         type: JobType.RESTORE,
         backupId: backup.id,
         serverId,
         diskId: pairs.length === 1 ? pairs[0].diskId : null,
-        payload: { plan },
+        payload: { hydrate: input.hydrate ? diskIds : [] },
       });
       await em.update(Backup, { id: backup.id }, { jobId: job.id });
-      backup.status = BackupStatus.RESTORING;
       backup.jobId = job.id;
       return { backup, job };
     });

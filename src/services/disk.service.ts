@@ -1,6 +1,5 @@
 import { Disk, DiskStatus, DiskType, ImageType, JobType, Server, ServerStatus, type Job } from "../entities";
-import { rows } from "../db/sql";
-import { hydrationOf, imageDataBytes } from "../storage/clones";
+import { hydrationOf, imageDataBytes, runningHydration } from "../storage/clones";
 import * as diskStatus from "../domain/status/disk";
 import type { BackupService } from "./backup.service";
 import type { ImageService } from "./image.service";
@@ -163,12 +162,7 @@ export class DiskService {
       const disk = await em.findOne(Disk, { where: { id, projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
       if (!disk) throw notFound("disk", globalId);
       if (!disk.cloneBackupId && !disk.cloneImageDiskId && !disk.cloneManifestId) throw failedPrecondition("every block of the disk is in its own storage already");
-      const [running] = await rows<{ id: string }>(
-        em,
-        `SELECT id FROM jobs WHERE project_id = $1 AND type = 'CREATE_DISK' AND status IN ('QUEUED', 'RUNNING') AND (disk_id = $2 OR payload->'hydrate' ? $2::text) LIMIT 1`,
-        [ctx.projectId, disk.id],
-      );
-      if (running) throw conflict("the disk is being hydrated already");
+      if (await runningHydration(em, ctx.projectId, [disk.id])) throw conflict("the disk is being hydrated already");
       const job = await this.queue.add(em, ctx.projectId, { type: JobType.CREATE_DISK, diskId: disk.id, payload: { hydrate: [disk.id] } });
       return { disk, job };
     });

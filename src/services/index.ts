@@ -24,9 +24,9 @@ export interface ServiceStorage {
 export function createServices(ds: DataSource, events: EventBus = new MemoryEventBus(), storage?: ServiceStorage) {
   const uploads = storage?.uploads;
   const queue = new JobQueue(events, storage?.space);
-  const backups = new BackupService(queue);
-  const images = new ImageService(queue, backups, uploads);
   const nbd = new NbdService();
+  const backups = new BackupService(queue, nbd);
+  const images = new ImageService(queue, backups, uploads);
   return {
     projects: new ProjectService(ds),
     servers: new ServerService(queue, images),

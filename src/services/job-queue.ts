@@ -34,7 +34,9 @@ export class JobQueue {
   }
 
   async add(em: EntityManager, projectId: string, spec: NewJob): Promise<Job> {
-    await this.checkSpaceFor(spec.type);
+    // A restore with nothing to hydrate writes no data: its disks read from the vault.
+    const noData = spec.type === JobType.RESTORE && (spec.payload as { hydrate?: string[] } | undefined)?.hydrate?.length === 0;
+    if (!noData) await this.checkSpaceFor(spec.type);
     return em.save(
       em.create(Job, {
         projectId,

@@ -1,4 +1,5 @@
 import type { EntityManager } from "typeorm";
+import { AdvisoryLock } from "../db/locks";
 import { rows, type Queryable } from "../db/sql";
 import { BLOCK_SIZE } from "../formats/types";
 
@@ -13,6 +14,16 @@ import { BLOCK_SIZE } from "../formats/types";
  * statements; every statement that reads a disk's blocks as a whole reads them
  * through `diskView`.
  */
+
+/** The job of project `projectId` hydrating any of these disks, not ended yet, or null: one hydration of a disk at a time, and no restore under one. */
+export async function runningHydration(q: Queryable, projectId: string, diskIds: string[]): Promise<string | null> {
+  const [job] = await rows<{ id: string }>(
+    q,
+    `SELECT id FROM jobs WHERE project_id = $1 AND type IN ('CREATE_DISK', 'RESTORE') AND status IN ('QUEUED', 'RUNNING') AND payload->'hydrate' ?| $2::text[] LIMIT 1`,
+    [projectId, diskIds],
+  );
+  return job?.id ?? null;
+}
 
 /** Is disk `d` (SQL) a clone? SQL over an alias of disks. */
 export const IS_CLONE = (d: string) => `num_nonnulls(${d}.clone_backup_id, ${d}.clone_image_disk_id, ${d}.clone_manifest_id) > 0`;
@@ -152,4 +163,44 @@ export async function detachClones(em: EntityManager, sources: { backupIds?: str
     }
   }
   return clones.length;
+}
+
+/**
+ * Takes the disk's write lock until the transaction ends (again, if it holds it already):
+ * a write's commit sees the disk's blocks either before or after what the transaction does.
+ * Writers take it before they touch the disk's row; so must whoever takes both.
+ */
+export async function lockDisk(em: EntityManager, diskId: string): Promise<void> {
+  await em.query(`SELECT pg_advisory_xact_lock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
+}
+
+/**
+ * Makes a disk read exactly as disk backup `backup` at once, in the caller's transaction
+ * (restoreBackup): the disk becomes the backup's clone and keeps only its own blocks that
+ * hold what the backup holds there (compared by hash, looked up through the backup's chain
+ * of bases); the rest read from the vault until written or hydrated. Nothing is copied:
+ * the work grows with the blocks the disk holds, not with its size or the backup's. Its
+ * next backup takes no base from before this (`backup_floor`: its change tracking no longer
+ * says what changed since them); its NBD journal is dropped and its restores counted, so
+ * NBD writes made to the bytes this replaces are refused.
+ */
+export async function restoreAsClone(em: EntityManager, diskId: string, backup: { id: string; sizeBytes: number }): Promise<void> {
+  await lockDisk(em, diskId);
+  await em.query(
+    `WITH RECURSIVE chain AS (
+       SELECT id, base_id, 0 AS depth FROM backups WHERE id = $2
+       UNION ALL
+       SELECT b.id, b.base_id, c.depth + 1 FROM backups b JOIN chain c ON b.id = c.base_id
+     )
+     DELETE FROM disk_blocks d WHERE d.disk_id = $1
+        AND d.hash IS DISTINCT FROM (SELECT bb.hash FROM backup_blocks bb JOIN chain c ON c.id = bb.backup_id WHERE bb.block_index = d.block_index ORDER BY c.depth LIMIT 1)`,
+    [diskId, backup.id],
+  );
+  await em.query(`DELETE FROM nbd_journal WHERE disk_id = $1`, [diskId]);
+  await em.query(
+    `UPDATE disks SET clone_backup_id = $2, clone_image_id = NULL, clone_image_disk_id = NULL, clone_manifest_id = NULL, used_bytes = $3,
+            write_version = write_version + 1, backup_floor = write_version + 1, restores = restores + 1, updated_at = now()
+      WHERE id = $1`,
+    [diskId, backup.id, backup.sizeBytes],
+  );
 }

@@ -91,7 +91,8 @@ const VERSION = `(SELECT write_version FROM disks WHERE id = $1)`;
  * Points blocks of disk $1 at new bytes, as one new write version of the disk:
  * `blocks` is SQL giving rows (i, s, o, h) as blocksOf does, its parameters
  * `params` from $2 on. Writes and the publishing of staged blocks both go
- * through here; these are the only statements that change disk_blocks.
+ * through here; besides these, only hydration (fillBlocks, which adds blocks a clone has
+ * no row for) and an instant restore (restoreAsClone, which drops rows) change disk_blocks.
  */
 async function applyBlocks(em: EntityManager, diskId: string, blocks: string, params: unknown[]): Promise<void> {
   const args = [diskId, ...params];
@@ -153,6 +154,13 @@ export const SEGMENT_UNHELD = (s: string) =>
 /** Attempts of a read whose segment compaction deleted under it (each with fresh block refs). */
 const READ_ATTEMPTS = 3;
 
+/** A hydration's blocks came from a source a restore has replaced since (or the disk is gone): they were not stored. */
+export class DiskReplacedError extends Error {
+  constructor(readonly diskId: string) {
+    super("the disk was restored or deleted while it was hydrated");
+  }
+}
+
 /**
  * The bytes of disks. Writes append blocks to a new segment blob; once the blob
  * is durable, one transaction points the disk's block map at it and bumps the
@@ -192,8 +200,10 @@ export class VolumeStore {
        * Hydration: the blocks are a clone's source blocks, copied into its own storage. Each
        * becomes the disk's only where it still has no row of its own (a write made meanwhile
        * wins), as version 0: the disk's content, used bytes and changes since its backups stay.
+       * `restores`: the restores the disk had when the blocks were looked up; a restore since
+       * replaced the source they come from, and the fill fails with DiskReplacedError.
        */
-      fill?: boolean;
+      fill?: { restores: number };
       /** Runs in the transaction of the last commit (in one of its own when there is nothing to commit). */
       finish?: (em: EntityManager) => Promise<void>;
       /** Who writes, as change listeners hear it (a writer that keeps its own block map up to date ignores its own commits). */
@@ -270,7 +280,7 @@ export class VolumeStore {
         await before; // commits stay in order
         const written = seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null;
         if (opts.stage) await this.stageBlocks(projectId, diskId, opts.stage, written, z);
-        else if (opts.fill) await this.fillBlocks(projectId, diskId, written, end);
+        else if (opts.fill) await this.fillBlocks(projectId, diskId, opts.fill.restores, written, end);
         else {
           await this.commit(projectId, diskId, written, z, end, opts.source);
           opts.onStored?.(written?.id ?? null, written?.blocks.indexes ?? [], written?.blocks.offsets ?? [], z);
@@ -349,10 +359,18 @@ export class VolumeStore {
   }
 
   /** Hydration's commit (see putBlocks' `fill`): the segment, and its blocks where the disk has none of its own. */
-  private async fillBlocks(projectId: string, diskId: string, segment: { id: string; size: number; blocks: SegmentBlocks } | null, finish?: (em: EntityManager) => Promise<void>): Promise<void> {
+  private async fillBlocks(
+    projectId: string,
+    diskId: string,
+    restores: number,
+    segment: { id: string; size: number; blocks: SegmentBlocks } | null,
+    finish?: (em: EntityManager) => Promise<void>,
+  ): Promise<void> {
     await this.ds.transaction(async (em) => {
       // The disk's write lock, for this transaction only: a write's commit sees the disk's rows either before or after these.
       await em.query(`SELECT pg_advisory_xact_lock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
+      const [disk] = await rows<{ restores: number }>(em, `SELECT restores FROM disks WHERE id = $1`, [diskId]);
+      if (disk?.restores !== restores) throw new DiskReplacedError(diskId);
       if (segment) {
         await this.insertSegment(em, projectId, diskId, segment);
         await em.query(

@@ -90,9 +90,9 @@ describe("disk backups", () => {
 
     // Each restores on its own.
     await writeDisk(svc, disk, Buffer.alloc(32 * MiB));
-    await restoreNow(svc, { backupId: incremental });
+    await restoreNow(svc, { backupId: incremental, hydrate: true });
     expect((await readDisk(svc, disk)).equals(v2)).toBe(true);
-    const back = await restoreNow(svc, { backupId: full });
+    const back = await restoreNow(svc, { backupId: full, hydrate: true });
     expect(back.bytesTotal).toBe(changed.length * BLOCK); // only the blocks that differ are written
     expect((await readDisk(svc, disk)).equals(v1)).toBe(true);
   });
@@ -129,7 +129,7 @@ describe("disk backups", () => {
     await del(ids[0]); // the full one at the root
     for (const i of [2, 3]) {
       const target = await createDisk(svc, `chain-${i}`, 8 * MiB);
-      await restoreNow(svc, { backupId: ids[i], targetDiskId: target });
+      await restoreNow(svc, { backupId: ids[i], targetDiskId: target, hydrate: true }); // hydrated: the disks read nothing of the backups
       expect((await readDisk(svc, target)).equals(states[i])).toBe(true);
     }
     expect((await svc.ok(`query ($id: ID!) { node(id: $id) { id } }`, { id: ids[0] })).node).toBeNull();
@@ -143,8 +143,7 @@ describe("disk backups", () => {
     expect(await vaultBytes()).toBeLessThan(before - 7 * MiB);
   });
 
-  it("restores a disk whose blocks span several planning batches, writing and zeroing in each", async () => {
-    // A restore plans 512 blocks (32 MiB) first, then 4,096 blocks (256 MiB) at a time, and reads on across the borders.
+  it("restores onto a disk holding other data across 640 MiB: what differs goes at once, and the hydration copies exactly the backup's data", async () => {
     const size = 640 * MiB;
     const source = await createDisk(svc, "batches", size);
     const pieces: [number, Buffer][] = [
@@ -156,12 +155,12 @@ describe("disk backups", () => {
     ];
     for (const [off, data] of pieces) await writeDisk(svc, source, data, off);
     const b = await backupNow(svc, source);
-    // The target holds other data, some where the backup has none (to be zeroed) in every batch.
+    // The target holds other data, some where the backup has none (to read as zeros).
     const target = await createDisk(svc, "batches-target", size);
     for (const off of [5 * MiB, 40 * MiB, 290 * MiB, 560 * MiB, 300 * MiB + BLOCK]) await writeDisk(svc, target, bytes(2 * BLOCK, off), off);
-    const job = await restoreNow(svc, { backupId: b, targetDiskId: target });
+    const job = await restoreNow(svc, { backupId: b, targetDiskId: target, hydrate: true });
     expect(sha(await readDisk(svc, target))).toBe(sha(await readDisk(svc, source)));
-    // Every block of the backup differs from the target's, in every batch; the zeroed ones are not counted.
+    // Every block of the backup differs from the target's; the ones that read as zeros cost nothing.
     const written = pieces.reduce((n, [, data]) => n + data.length, 0);
     expect(job).toMatchObject({ bytesTotal: written, bytesDone: written });
   });

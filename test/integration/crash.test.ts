@@ -332,7 +332,7 @@ it("a backup killed mid-way ends ERROR, its job FAILED (INTERRUPTED), the earlie
   const third = await serve({ GC_INTERVAL_SECONDS: "1", GC_GRACE_SECONDS: "60" });
   lap("restart2");
   expect((await pg.query(`SELECT id FROM jobs WHERE status IN ('RUNNING', 'QUEUED')`)).rows).toEqual([]);
-  const restore = (await gql(third, key, `mutation ($b: ID!) { restoreBackup(input: { backupId: $b }) { job { id } } }`, { b: b1.backup.id })).restoreBackup.job.id;
+  const restore = (await gql(third, key, `mutation ($b: ID!) { restoreBackup(input: { backupId: $b, hydrate: true }) { job { id } } }`, { b: b1.backup.id })).restoreBackup.job.id;
   const restored = await waitJob(third, key, restore);
   expect(restored).toMatchObject({ status: "SUCCEEDED", error: null });
   expect(restored.bytesTotal).toBe(CHANGED); // only the blocks that differ

@@ -93,7 +93,7 @@ describe("below MIN_FREE_BYTES", () => {
     const calls: [string, Record<string, unknown>][] = [
       [`mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { backup { id } } }`, { r: ids.disk }],
       [`mutation ($r: ID!) { createBackup(input: { resourceId: $r }) { backup { id } } }`, { r: ids.server }],
-      [`mutation ($b: ID!) { restoreBackup(input: { backupId: $b }) { job { id } } }`, { b: ids.backup }],
+      [`mutation ($b: ID!) { restoreBackup(input: { backupId: $b, hydrate: true }) { job { id } } }`, { b: ids.backup }],
       [`mutation ($d: ID!) { createImage(input: { name: "x", diskId: $d }) { image { id } } }`, { d: ids.disk }],
       [`mutation ($b: ID!) { createImage(input: { name: "x", backupId: $b }) { image { id } } }`, { b: ids.backup }],
       [`mutation ($s: ID!) { createImage(input: { name: "x", serverId: $s, type: FULL_SERVER }) { image { id } } }`, { s: ids.server }],
@@ -115,6 +115,9 @@ describe("below MIN_FREE_BYTES", () => {
     // A disk made from a backup without hydration writes no data: it is made, and its blocks stay in the vault.
     const clone = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "x", backupId: $b }) { disk { id } job { id } } }`, { b: ids.backup })).createDisk;
     expect(clone.job).toBeNull();
+    // So does a restore without hydration: the disk reads the backup from the vault at once.
+    const restored = (await svc.ok(`mutation ($b: ID!, $d: ID!) { restoreBackup(input: { backupId: $b, targetDiskId: $d }) { job { id } } }`, { b: ids.backup, d: clone.disk.id })).restoreBackup;
+    expect((await succeed(svc, restored.job.id)).bytesTotal).toBe(0);
     await svc.ok(`mutation ($id: ID!) { deleteDisk(input: { id: $id }) { deletedDiskId } }`, { id: clone.disk.id });
   });
 

@@ -1,16 +1,22 @@
 /**
- * Restores are all-or-nothing: a restore stages what it writes and the disk
- * changes in one commit at its end, so a restore that meets a damaged chunk or is
- * cancelled leaves the disk exactly as it was (bytes, used bytes, block versions)
- * and in its status; the damaged backup is marked ERROR with CORRUPT_CHUNK.
+ * Restores. restoreBackup is instant and all-or-nothing: in one transaction each
+ * target disk becomes a clone of its disk backup, keeping only its own blocks that
+ * already hold the backup's bytes, so the disk reads as the backup when the call
+ * returns and nothing is copied; with `hydrate` a job copies the rest from the vault
+ * while the disk is in use. A damaged chunk fails the hydration, marks the backup
+ * ERROR and leaves the disk in use. Restores queued before restores were instant
+ * (a staged copy, planned in the job) still stage what they write and change the
+ * disk in one commit at their end: one that meets a damaged chunk, is cancelled or
+ * loses its job leaves the disk exactly as it was (bytes, used bytes, block versions).
  */
 import fs from "node:fs";
 import path from "node:path";
-import { FailureCode, type JobOf } from "../../src/domain/jobs";
-import { Job, JobStatus, JobType } from "../../src/entities";
+import { FailureCode, type JobOf, type RestorePlan } from "../../src/domain/jobs";
+import { DiskStatus, Job, JobStatus, JobType } from "../../src/entities";
 import { RestoreHandler } from "../../src/jobs/handlers/restore.handler";
 import { silentLogger } from "../../src/logger";
 import { segmentKey } from "../../src/storage/volume-store";
+import { toGlobalId } from "../../src/services/global-id";
 import { backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, waitJob, writeDisk } from "../helpers/data";
 import { GiB, MiB, startTestService, type TestService } from "../helpers/service";
 
@@ -67,44 +73,60 @@ async function startRestore(input: Record<string, unknown>): Promise<string> {
   return (await svc.ok(`mutation ($i: RestoreBackupInput!) { restoreBackup(input: $i) { job { id } } }`, { i: input })).restoreBackup.job.id;
 }
 
+/**
+ * A restore as queued before restores were instant: a RESTORE job with a plan (a staged
+ * copy), its disk and backup RESTORING until it ends, as the service queued it then.
+ */
+async function legacyRestore(backup: string, disk: string): Promise<string> {
+  const [backupId, diskId] = [uuidOf(backup), uuidOf(disk)];
+  const job = await svc.ds.transaction(async (em) => {
+    const [{ status }]: { status: DiskStatus }[] = await em.query(`SELECT status FROM disks WHERE id = $1`, [diskId]);
+    await em.query(`UPDATE disks SET status = 'RESTORING' WHERE id = $1`, [diskId]);
+    await em.query(`UPDATE backups SET status = 'RESTORING' WHERE id = $1`, [backupId]);
+    const plan: RestorePlan = { targets: [{ backupId, diskId }], serverId: null, powerOn: false, diskStatus: { [diskId]: status }, diskStatusBefore: { [diskId]: status } };
+    return svc.services.queue.add(em, svc.projectIds.alpha, { type: JobType.RESTORE, backupId, diskId, serverId: null, payload: { plan } });
+  });
+  await svc.services.queue.announce(job);
+  return toGlobalId("Job", job.id);
+}
+
 /** 64 KiB blocks that are all alike but not zeros: many blocks of data that cost the vault one chunk. */
 const alike = (n: number) => Buffer.alloc(n, 0x5a);
 
-describe("a restore that meets a damaged chunk", () => {
-  it("fails CORRUPT_CHUNK, marks the backup ERROR and leaves the changed original disk exactly as it was", async () => {
-    const disk = await createDisk(svc, "damaged", 16 * MiB);
-    await writeDisk(svc, disk, bytes(8 * MiB, 1));
-    const b = await backupNow(svc, disk, "to-damage");
-    // Since the backup: half of what it holds changed, and data came where it holds none.
-    await writeDisk(svc, disk, bytes(4 * MiB, 2));
-    await writeDisk(svc, disk, bytes(2 * MiB, 3), 12 * MiB);
-    const pre = await backupNow(svc, disk);
-    const before = await state(disk);
-    expect(before.status).toBe("AVAILABLE");
+describe("a restore whose hydration meets a damaged chunk", () => {
+  it("restores at once, then fails the hydration with CORRUPT_CHUNK and marks the backup ERROR; the disk stays in use and reads the backup but for that block", async () => {
+    const disk = await createDisk(svc, "damaged-hydrated", 16 * MiB);
+    await writeDisk(svc, disk, bytes(8 * MiB, 5));
+    const b = await backupNow(svc, disk, "to-damage-hydrated");
+    await writeDisk(svc, disk, bytes(4 * MiB, 6));
+    await writeDisk(svc, disk, bytes(2 * MiB, 7), 12 * MiB);
     await corruptChunk(b, 30);
 
-    const jobId = await startRestore({ backupId: b });
+    const jobId = await startRestore({ backupId: b, hydrate: true });
+    // Restored when the call returned: what it reads never touched the damaged chunk.
+    expect((await readDisk(svc, disk, [0, 30 * BLOCK - 1])).equals(bytes(8 * MiB, 5).subarray(0, 30 * BLOCK))).toBe(true);
+    expect((await readDisk(svc, disk, [12 * MiB, 14 * MiB - 1])).equals(Buffer.alloc(2 * MiB))).toBe(true);
     const job = await waitJob(svc, jobId);
     expect(job.status).toBe("FAILED");
     expect(job.error.code).toBe("CORRUPT_CHUNK");
-    expect(job.error.message).toMatch(/^backup to-damage is damaged \(chunk [0-9a-f]{16}… is corrupt/);
+    expect(job.error.message).toMatch(/^backup to-damage-hydrated is damaged \(chunk [0-9a-f]{16}… is corrupt/);
     expect(job.error.message).not.toMatch(/\//); // no paths
     expect(await backupRow(b)).toEqual({ status: "ERROR", error_code: "CORRUPT_CHUNK", error: job.error.message });
-    const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Backup { status error } } }`, { id: b });
-    expect(node).toEqual({ status: "ERROR", error: job.error.message });
 
-    expect(await state(disk)).toEqual(before);
-    expect(await staged(jobId)).toBe(0);
-    // The next backup finds nothing changed since the one before the restore.
-    const after = await backupNow(svc, disk);
-    expect(await deltaRows(after)).toBe(0);
-    expect((await backupRow(pre)).status).toBe("AVAILABLE");
-    // A damaged backup is not restored again.
+    const after = await state(disk, [[31 * BLOCK, 8 * MiB - 1]]);
+    expect(after.status).toBe("AVAILABLE");
+    expect(after.data[0]).toBe(sha(bytes(8 * MiB, 5).subarray(31 * BLOCK)));
+    const read = await svc.http(`/v1/disks/${disk}/data`, { headers: { range: `bytes=${30 * BLOCK}-${30 * BLOCK + 99}` } });
+    expect(read.status).toBe(500);
+    expect(((await read.json()) as { error: { code: string } }).error.code).toBe("CORRUPT_CHUNK");
+    // Writing the block makes it whole; a damaged backup is not restored again.
+    await writeDisk(svc, disk, bytes(BLOCK, 8), 30 * BLOCK);
+    expect(sha(await readDisk(svc, disk, [30 * BLOCK, 31 * BLOCK - 1]))).toBe(sha(bytes(BLOCK, 8)));
     const again = await svc.gql(`mutation ($b: ID!) { restoreBackup(input: { backupId: $b }) { job { id } } }`, { b });
     expect(again.errors?.[0]?.extensions?.code).toBe("FAILED_PRECONDITION");
   });
 
-  it("restores none of a server's disks when one of its disk backups is damaged", async () => {
+  it("restores every disk of a server at once, the server ACTIVE when the call returns; a damaged disk backup fails the hydration and its server backup does not restore again", async () => {
     const server = (
       await svc.ok(`mutation { createServer(input: { name: "two-disks", vcpus: 1, memoryMiB: 512, systemDiskSizeBytes: ${4 * MiB}, dataDisks: [{ sizeBytes: ${4 * MiB} }] }) {
         server { id disks { nodes { id } } } } }`)
@@ -112,29 +134,25 @@ describe("a restore that meets a damaged chunk", () => {
     const disks: string[] = server.disks.nodes.map((d: { id: string }) => d.id);
     for (const [i, d] of disks.entries()) await writeDisk(svc, d, bytes(2 * MiB, 70 + i));
     const b = await backupNow(svc, server.id, "two-disks-backup");
-    for (const [i, d] of disks.entries()) await writeDisk(svc, d, bytes(MiB, 80 + i));
-    const before = await Promise.all(disks.map((d) => state(d)));
-    expect(before.map((s) => s.status)).toEqual(["IN_USE", "IN_USE"]);
-    // The data disk's backup is damaged; the system disk's is whole and is staged first (targets go in device order).
+    for (const [i, d] of disks.entries()) await writeDisk(svc, d, bytes(MiB, 80 + i)); // the damaged block among what differs
+    await svc.ok(`mutation ($id: ID!) { stopServer(input: { id: $id }) { server { status } } }`, { id: server.id });
     const [child] = await svc.ds.query(`SELECT id FROM backups WHERE parent_id = $1 AND disk_id = $2`, [uuidOf(b), uuidOf(disks[1])]);
-    const [loc] = await svc.ds.query(`SELECT block_index FROM backup_blocks WHERE backup_id = $1 AND block_index = 3`, [child.id]);
-    expect(loc).toBeDefined();
-    const childId = Buffer.from(`Backup:${child.id}`).toString("base64url");
+    const childId = toGlobalId("Backup", child.id);
     await corruptChunk(childId, 3);
 
-    const job = await waitJob(svc, await startRestore({ backupId: b }));
+    const jobId = await startRestore({ backupId: b, hydrate: true });
+    const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Server { status } } }`, { id: server.id });
+    expect(node.status).toBe("ACTIVE");
+    expect(sha(await readDisk(svc, disks[0]))).toBe(sha(Buffer.concat([bytes(2 * MiB, 70), Buffer.alloc(2 * MiB)])));
+    expect(sha(await readDisk(svc, disks[1], [4 * BLOCK, 4 * MiB - 1]))).toBe(sha(Buffer.concat([bytes(2 * MiB, 71).subarray(4 * BLOCK), Buffer.alloc(2 * MiB)])));
+
+    const job = await waitJob(svc, jobId);
     expect(job.error?.code).toBe("CORRUPT_CHUNK");
     expect(job.error.message).toMatch(/^backup two-disks-backup-vdb is damaged/);
-    for (const [i, d] of disks.entries()) expect(await state(d)).toEqual(before[i]);
-    const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Server { status } } }`, { id: server.id });
-    expect(node.status).toBe("SHUTOFF");
-    expect(
-      (await svc.ds.query(`SELECT status, error_code FROM backups WHERE id = $1 OR parent_id = $1 ORDER BY parent_id NULLS FIRST, name`, [uuidOf(b)])).map((r: any) => [r.status, r.error_code]),
-    ).toEqual([
-      ["ERROR", "CORRUPT_CHUNK"],
-      ["ERROR", "CORRUPT_CHUNK"],
-      ["ERROR", "CORRUPT_CHUNK"],
-    ]);
+    expect((await backupRow(childId)).status).toBe("ERROR");
+    const again = await svc.gql(`mutation ($b: ID!) { restoreBackup(input: { backupId: $b }) { job { id } } }`, { b });
+    expect(again.errors?.[0]?.extensions?.code).toBe("FAILED_PRECONDITION");
+    expect(again.errors?.[0]?.message).toMatch(/two-disks-backup-vdb is damaged/);
   });
 
   it("a missing pack fails the same way: a disk made from the backup stays in use, its hydration fails and the backup is marked ERROR", async () => {
@@ -159,8 +177,41 @@ describe("a restore that meets a damaged chunk", () => {
   });
 });
 
-describe("a cancelled restore", () => {
-  it("leaves the disk exactly as it was, though it had staged blocks, and its staged segments become garbage", async () => {
+describe("a restore queued before restores were instant", () => {
+  it("one that meets a damaged chunk fails CORRUPT_CHUNK, marks the backup ERROR and leaves the changed original disk exactly as it was", async () => {
+    const disk = await createDisk(svc, "damaged", 16 * MiB);
+    await writeDisk(svc, disk, bytes(8 * MiB, 1));
+    const b = await backupNow(svc, disk, "to-damage");
+    // Since the backup: half of what it holds changed, and data came where it holds none.
+    await writeDisk(svc, disk, bytes(4 * MiB, 2));
+    await writeDisk(svc, disk, bytes(2 * MiB, 3), 12 * MiB);
+    const pre = await backupNow(svc, disk);
+    const before = await state(disk);
+    expect(before.status).toBe("AVAILABLE");
+    await corruptChunk(b, 30);
+
+    const jobId = await legacyRestore(b, disk);
+    const job = await waitJob(svc, jobId);
+    expect(job.status).toBe("FAILED");
+    expect(job.error.code).toBe("CORRUPT_CHUNK");
+    expect(job.error.message).toMatch(/^backup to-damage is damaged \(chunk [0-9a-f]{16}… is corrupt/);
+    expect(job.error.message).not.toMatch(/\//); // no paths
+    expect(await backupRow(b)).toEqual({ status: "ERROR", error_code: "CORRUPT_CHUNK", error: job.error.message });
+    const { node } = await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Backup { status error } } }`, { id: b });
+    expect(node).toEqual({ status: "ERROR", error: job.error.message });
+
+    expect(await state(disk)).toEqual(before);
+    expect(await staged(jobId)).toBe(0);
+    // The next backup finds nothing changed since the one before the restore.
+    const after = await backupNow(svc, disk);
+    expect(await deltaRows(after)).toBe(0);
+    expect((await backupRow(pre)).status).toBe("AVAILABLE");
+    // A damaged backup is not restored again.
+    const again = await svc.gql(`mutation ($b: ID!) { restoreBackup(input: { backupId: $b }) { job { id } } }`, { b });
+    expect(again.errors?.[0]?.extensions?.code).toBe("FAILED_PRECONDITION");
+  });
+
+  it("cancelled, leaves the disk exactly as it was, though it had staged blocks, and its staged segments become garbage", async () => {
     // The backup holds 8 MiB at the end; since, the disk holds 256 MiB where the backup holds
     // nothing (the restore zeroes it: 4,096 blocks, staged on their own before any data).
     const disk = await createDisk(svc, "cancelled", 296 * MiB);
@@ -182,7 +233,7 @@ describe("a cancelled restore", () => {
     let jobId: string;
     try {
       await hold.query(`LOCK TABLE volume_segments IN SHARE MODE`);
-      jobId = await startRestore({ backupId: b });
+      jobId = await legacyRestore(b, disk);
       for (let i = 0; (await staged(jobId)) === 0; i++) {
         if (i > 1200) throw new Error("the restore staged nothing within a minute");
         await sleep(50);
@@ -217,10 +268,8 @@ describe("a cancelled restore", () => {
     await restoreNow(svc, { backupId: b });
     expect((await readDisk(svc, disk)).equals(Buffer.concat([Buffer.alloc(288 * MiB), bytes(8 * MiB, 11)]))).toBe(true);
   });
-});
 
-describe("a restore whose process lost the job", () => {
-  it("publishes nothing when it goes on: the disk stays as the process that failed the job left it, and what it staged is garbage", async () => {
+  it("whose process lost the job publishes nothing when it goes on: the disk stays as the process that failed the job left it, and what it staged is garbage", async () => {
     const disk = await createDisk(svc, "fenced", 8 * MiB);
     await writeDisk(svc, disk, bytes(4 * MiB, 61));
     const b = await backupNow(svc, disk);
@@ -235,7 +284,7 @@ describe("a restore whose process lost the job", () => {
     let jobId: string;
     try {
       await hold.query(`LOCK TABLE volume_segments IN SHARE MODE`);
-      jobId = await startRestore({ backupId: b });
+      jobId = await legacyRestore(b, disk);
       const waiting = async () => Number((await svc.ds.query(`SELECT count(*) AS n FROM pg_locks WHERE relation = 'volume_segments'::regclass AND NOT granted`))[0].n);
       for (let i = 0; (await waiting()) === 0; i++) {
         if (i > 1200) throw new Error("the restore never reached its segment within a minute");
@@ -278,34 +327,54 @@ async function waitJobStatus(jobId: string): Promise<{ status: string }> {
 }
 
 describe("a successful restore", () => {
-  it("changes the disk in one write version, and the incremental backup after it holds exactly what changed", async () => {
+  const vaultChunks = async () => Number((await svc.ds.query(`SELECT count(*) AS n FROM vault_chunks`))[0].n);
+  const hydration = async (disk: string) =>
+    (await svc.ok(`query ($id: ID!) { node(id: $id) { ... on Disk { hydration { bytesInVault bytesLocal } } } }`, { id: disk })).node.hydration as { bytesInVault: number; bytesLocal: number };
+
+  it("changes the disk in one write version when it is asked for, keeping its blocks that hold the backup's bytes; the next backup stores nothing new", async () => {
     const disk = await createDisk(svc, "restored", 16 * MiB);
     await writeDisk(svc, disk, bytes(12 * MiB, 21));
     const b = await backupNow(svc, disk);
     const image = await readDisk(svc, disk);
-    await writeDisk(svc, disk, bytes(2 * MiB, 22), 2 * MiB); // 32 blocks to write back
-    await writeDisk(svc, disk, bytes(MiB, 23), 14 * MiB); // 16 blocks to zero
+    await writeDisk(svc, disk, bytes(2 * MiB, 22), 2 * MiB); // 32 blocks that differ from the backup
+    await writeDisk(svc, disk, bytes(MiB, 23), 14 * MiB); // 16 blocks it holds nothing in
     await backupNow(svc, disk);
     const before = await state(disk);
-    const job = await restoreNow(svc, { backupId: b });
-    expect(job.bytesTotal).toBe(2 * MiB);
+
+    const jobId = await startRestore({ backupId: b });
     const after = await state(disk);
     expect((await readDisk(svc, disk)).equals(image)).toBe(true);
     expect(after.writeVersion).toBe(before.writeVersion + 1);
     expect(after.usedBytes).toBe(12 * MiB);
     expect(after.api).toEqual({ status: "AVAILABLE", usedBytes: 12 * MiB });
-    expect(await staged(job.id)).toBe(0);
-    const changed: { n: string }[] = await svc.ds.query(`SELECT count(*) AS n FROM disk_blocks WHERE disk_id = $1 AND version = $2`, [uuidOf(disk), after.writeVersion]);
-    expect(Number(changed[0].n)).toBe(32 + 16);
+    // Its 160 blocks that hold what the backup holds stay; the 32 that differ read from the vault.
+    expect(Number((await svc.ds.query(`SELECT count(*) AS n FROM disk_blocks WHERE disk_id = $1`, [uuidOf(disk)]))[0].n)).toBe(160);
+    expect(await hydration(disk)).toEqual({ bytesInVault: 2 * MiB, bytesLocal: 10 * MiB });
+    const job = await waitJob(svc, jobId);
+    expect(job).toMatchObject({ status: "SUCCEEDED", bytesTotal: 0 });
 
+    // The first backup after it names every block (its tracked changes say nothing of the restore)
+    // and stores nothing the vault did not hold; the one after that is incremental again.
+    const chunks = await vaultChunks();
+    const full = await backupNow(svc, disk);
+    expect(await deltaRows(full)).toBe(192);
+    expect(await vaultChunks()).toBe(chunks);
+    await writeDisk(svc, disk, bytes(BLOCK, 24), 5 * BLOCK);
     const inc = await backupNow(svc, disk);
-    expect(await deltaRows(inc)).toBe(48);
+    expect(await deltaRows(inc)).toBe(1);
+    const expected = Buffer.from(image);
+    bytes(BLOCK, 24).copy(expected, 5 * BLOCK);
+
+    // Restored onto an empty disk and hydrated: every block is copied, and the disk is a clone no more.
     const copy = await createDisk(svc, "restored-copy", 16 * MiB);
-    await restoreNow(svc, { backupId: inc, targetDiskId: copy });
-    expect((await readDisk(svc, copy)).equals(image)).toBe(true);
+    const hydrated = await restoreNow(svc, { backupId: inc, targetDiskId: copy, hydrate: true });
+    expect(hydrated.bytesTotal).toBe(12 * MiB);
+    expect(await hydration(copy)).toEqual({ bytesInVault: 0, bytesLocal: 12 * MiB });
+    expect((await svc.ds.query(`SELECT clone_backup_id FROM disks WHERE id = $1`, [uuidOf(copy)]))[0].clone_backup_id).toBeNull();
+    expect((await readDisk(svc, copy)).equals(expected)).toBe(true);
   });
 
-  it("restores a 1 TiB sparse disk with work that follows its data", async () => {
+  it("restores a 1 TiB sparse disk with statements that do not grow with it, and hydrates only the blocks that differ", async () => {
     const TiB = 1024 * GiB;
     const disk = await createDisk(svc, "sparse", TiB);
     await writeDisk(svc, disk, bytes(MiB, 31));
@@ -313,13 +382,35 @@ describe("a successful restore", () => {
     const b = await backupNow(svc, disk);
     await writeDisk(svc, disk, bytes(MiB, 33));
     await writeDisk(svc, disk, bytes(MiB, 34), 512 * GiB);
-    const job = await restoreNow(svc, { backupId: b });
-    const [{ blocks_visited: visited }] = await svc.ds.query(`SELECT blocks_visited FROM jobs WHERE id = $1`, [uuidOf(job.id)]);
-    expect(Number(visited)).toBeLessThanOrEqual(64); // 16 blocks written, 16 zeroed
+    const { result: jobId, count } = await svc.countQueries(() => startRestore({ backupId: b, hydrate: true }));
+    expect(count).toBeLessThan(30);
     expect(sha(await readDisk(svc, disk, [0, MiB - 1]))).toBe(sha(bytes(MiB, 31)));
     expect((await readDisk(svc, disk, [512 * GiB, 512 * GiB + MiB - 1])).equals(Buffer.alloc(MiB))).toBe(true);
     expect(sha(await readDisk(svc, disk, [TiB - MiB, TiB - 1]))).toBe(sha(bytes(MiB, 32)));
     expect((await state(disk, [[0, 0]])).usedBytes).toBe(2 * MiB);
+    const job = await waitJob(svc, jobId);
+    expect(job.status).toBe("SUCCEEDED");
+    const [{ blocks_visited: visited }] = await svc.ds.query(`SELECT blocks_visited FROM jobs WHERE id = $1`, [uuidOf(jobId)]);
+    expect(Number(visited)).toBe(16); // the first MiB; the last one held the backup's bytes already
+    expect(sha(await readDisk(svc, disk, [0, MiB - 1]))).toBe(sha(bytes(MiB, 31)));
+  });
+
+  it("refuses while a target disk is being hydrated, and goes on after", async () => {
+    const disk = await createDisk(svc, "busy-hydrating", 8 * MiB);
+    await writeDisk(svc, disk, bytes(8 * MiB, 35));
+    const b = await backupNow(svc, disk);
+    const clone = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "busy-clone", backupId: $b }) { disk { id } } }`, { b })).createDisk.disk.id;
+    // A hydration another process runs.
+    const [{ id: queued }] = await svc.ds.query(
+      `INSERT INTO jobs (project_id, type, status, disk_id, payload, worker_id, heartbeat_at, started_at) VALUES ($1, 'CREATE_DISK', 'RUNNING', $2, $3, 'elsewhere:1:test', now(), now()) RETURNING id`,
+      [svc.projectIds.alpha, uuidOf(clone), { hydrate: [uuidOf(clone)] }],
+    );
+    const refused = await svc.gql(`mutation ($b: ID!, $d: ID!) { restoreBackup(input: { backupId: $b, targetDiskId: $d }) { job { id } } }`, { b, d: clone });
+    expect(refused.errors?.[0]?.extensions?.code).toBe("CONFLICT");
+    expect(refused.errors?.[0]?.message).toContain(toGlobalId("Job", queued));
+    await svc.ds.query(`UPDATE jobs SET status = 'CANCELLED', finished_at = now() WHERE id = $1`, [queued]);
+    await restoreNow(svc, { backupId: b, targetDiskId: clone });
+    expect(sha(await readDisk(svc, clone))).toBe(sha(bytes(8 * MiB, 35)));
   });
 });
 

@@ -8,11 +8,6 @@ import { FailureCode } from "../jobs";
  * change with it where the statement names `(id = $1 OR parent_id = $1)`.
  */
 
-/** The backups restore from: RESTORING until the restore ends. */
-export async function markRestoring(q: Queryable, ids: string[]): Promise<void> {
-  await q.query(`UPDATE backups SET status = '${BackupStatus.RESTORING}', updated_at = now() WHERE id = ANY($1)`, [ids]);
-}
-
 /** A backup and its children are being deleted: DELETING until the job has removed them. */
 export async function markDeleting(q: Queryable, id: string): Promise<void> {
   await q.query(`UPDATE backups SET status = '${BackupStatus.DELETING}', updated_at = now() WHERE id = $1 OR parent_id = $1`, [id]);

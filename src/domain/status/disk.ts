@@ -4,16 +4,6 @@ import { Disk, DiskStatus } from "../../entities";
 
 /** Every status change of a disk. */
 
-/**
- * Disks a restore writes: RESTORING until it ends. Their NBD exports are revoked: the
- * restore replaces the bytes a client of them would be reading or writing (the NBD edge
- * drops the connections within a second).
- */
-export async function markRestoring(q: Queryable, ids: string[]): Promise<void> {
-  await q.query(`UPDATE disks SET status = '${DiskStatus.RESTORING}', updated_at = now() WHERE id = ANY($1)`, [ids]);
-  await q.query(`DELETE FROM nbd_exports WHERE disk_id = ANY($1)`, [ids]);
-}
-
 /** A restore or creation published the disk's blocks: the status its plan gives it (IN_USE or AVAILABLE). */
 export async function markRestored(q: Queryable, id: string, status: DiskStatus): Promise<void> {
   await q.query(`UPDATE disks SET status = $2, updated_at = now() WHERE id = $1`, [id, status]);

@@ -10,11 +10,6 @@ export async function switchPower(em: EntityManager, server: Server, to: ServerS
   return em.save(server);
 }
 
-/** Stopped for a restore of its disks: RESTORING until it ends. */
-export async function markRestoring(q: Queryable, id: string): Promise<void> {
-  await q.query(`UPDATE servers SET status = '${ServerStatus.RESTORING}', updated_at = now() WHERE id = $1`, [id]);
-}
-
 /** Its disks were restored or built: ACTIVE when asked to power on, SHUTOFF otherwise. */
 export async function markRestored(q: Queryable, id: string, powerOn: boolean): Promise<void> {
   await q.query(`UPDATE servers SET status = $2, updated_at = now() WHERE id = $1`, [id, powerOn ? ServerStatus.ACTIVE : ServerStatus.SHUTOFF]);

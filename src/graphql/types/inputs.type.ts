@@ -232,6 +232,12 @@ export class RestoreBackupInput {
   @Field(() => [RestoreMappingInput], { nullable: true, description: "Server backups: which disk each disk backup goes to; by default each to its original disk." })
   mappings?: RestoreMappingInput[];
   @Field(() => Boolean, { nullable: true, defaultValue: true, description: "Start the server after the restore." }) powerOn?: boolean;
+  @Field(() => Boolean, {
+    nullable: true,
+    description:
+      "The disks read as the backup as soon as the call returns, their blocks coming from the vault until written; with hydrate, the job copies those blocks into the disks' own storage in the background while they are in use.",
+  })
+  hydrate?: boolean;
 }
 
 @InputType()

@@ -1,41 +1,44 @@
 import type { DataSource } from "typeorm";
 import { rows, type Queryable } from "../../db/sql";
-import { FailureCode, type JobOf, type RestorePlan } from "../../domain/jobs";
+import { FailureCode, type JobOf } from "../../domain/jobs";
 import * as backupStatus from "../../domain/status/backup";
 import { JobType } from "../../entities";
 import { hydrationOf, IS_CLONE, sourcedRanges, stillSourced } from "../../storage/clones";
 import { ChunkError, hex, type Vault } from "../../storage/vault";
-import { BLOCK_SIZE, type BlockBatch, type VolumeStore } from "../../storage/volume-store";
+import { BLOCK_SIZE, DiskReplacedError, type BlockBatch, type VolumeStore } from "../../storage/volume-store";
 import { JobFailure, type JobContext, type JobHandler, type JobOutcome } from "../runner";
 import type { RestoreHandler } from "./restore.handler";
 
 /** Blocks looked up per statement while walking a clone's source. */
 const BATCH_BLOCKS = 4096;
 
+/** The jobs that hydrate: CREATE_DISK (a new disk or server from a backup or image, hydrateDisk) and RESTORE (restoreBackup). */
+type HydrateJobType = JobType.CREATE_DISK | JobType.RESTORE;
+
 /**
- * Hydrates clones (createDisk or createServer with `hydrate`, hydrateDisk): copies the
+ * Hydrates clones (createDisk or createServer with `hydrate`, hydrateDisk, restoreBackup): copies the
  * blocks each still reads from its source in the vault into its own storage, while the
  * disk is in use. Every batch commits on its own and only where the disk still has no
  * block of its own (a write made meanwhile wins), so a crash or a cancellation at any
  * instant leaves a whole disk, partly hydrated, and running the job again goes on from
  * there. Once nothing is read from the source, the disk stops being a clone. A
- * CREATE_DISK job with a plan (queued before disks were clones) is a copy, as before.
+ * restore without `hydrate` has nothing to copy: its job ends at once. A job with a
+ * plan (queued before disks were clones) is a copy, as before.
  */
-export class HydrateHandler implements JobHandler<JobType.CREATE_DISK> {
-  readonly type = JobType.CREATE_DISK;
-
+export class HydrateHandler implements JobHandler<HydrateJobType> {
   constructor(
+    readonly type: HydrateJobType,
     private readonly ds: DataSource,
     private readonly volumes: VolumeStore,
     private readonly vault: Vault,
     private readonly copy: RestoreHandler,
   ) {}
 
-  async run(ctx: JobContext<JobType.CREATE_DISK>): Promise<void> {
+  async run(ctx: JobContext<HydrateJobType>): Promise<void> {
     const payload = ctx.job.payload;
     if ("plan" in payload) return this.copy.run(ctx);
     const { job } = ctx;
-    const disks = await rows<{ id: string; size_bytes: string }>(this.ds, `SELECT id, size_bytes FROM disks d WHERE id = ANY($1) AND project_id = $2 AND ${IS_CLONE("d")}`, [
+    const disks = await rows<{ id: string; name: string; restores: number }>(this.ds, `SELECT id, name, restores FROM disks d WHERE id = ANY($1) AND project_id = $2 AND ${IS_CLONE("d")}`, [
       payload.hydrate,
       job.projectId,
     ]);
@@ -51,9 +54,14 @@ export class HydrateHandler implements JobHandler<JobType.CREATE_DISK> {
         ctx.checkCancelled();
         ctx.visit(todo.length);
         try {
-          await this.volumes.putBlocks(job.projectId, d.id, this.blocks(job.projectId, todo), { fill: true, bypassCache: true });
+          await this.volumes.putBlocks(job.projectId, d.id, this.blocks(job.projectId, todo), { fill: { restores: d.restores }, bypassCache: true });
         } catch (err) {
           if (err instanceof ChunkError) throw new JobFailure(FailureCode.CORRUPT_CHUNK, await this.damaged(d.id, err));
+          if (err instanceof DiskReplacedError) {
+            const [still] = await rows(this.ds, `SELECT 1 FROM disks WHERE id = $1`, [d.id]);
+            if (!still) break; // deleted: nothing left to hydrate
+            throw new JobFailure(FailureCode.INTERRUPTED, `disk ${d.name} was restored while it was hydrated; hydrateDisk hydrates it from what it was restored from`);
+          }
           throw err;
         }
         done += todo.length * BLOCK_SIZE;
@@ -118,8 +126,8 @@ export class HydrateHandler implements JobHandler<JobType.CREATE_DISK> {
     }
   }
 
-  async cleanup(job: JobOf<JobType.CREATE_DISK>, outcome: JobOutcome): Promise<void> {
+  async cleanup(job: JobOf<HydrateJobType>, outcome: JobOutcome): Promise<void> {
     // A hydration stopped half way leaves the disk whole and in use: what it copied stays, the rest reads from the source.
-    if ("plan" in job.payload) return this.copy.cleanup(job as JobOf<JobType.CREATE_DISK> & { payload: { plan: RestorePlan } }, outcome);
+    if ("plan" in job.payload) return this.copy.cleanup(job, outcome);
   }
 }

@@ -1,5 +1,5 @@
 import "reflect-metadata";
-import { lexicographicSortSchema, printSchema, type GraphQLSchema } from "graphql";
+import { isObjectType, lexicographicSortSchema, printSchema, type GraphQLInterfaceType, type GraphQLSchema } from "graphql";
 import { buildSchemaSync } from "type-graphql";
 import { BackupResolver } from "./resolvers/backup.resolver";
 import { DiskResolver } from "./resolvers/disk.resolver";
@@ -11,7 +11,7 @@ import { PolicyResolver } from "./resolvers/policy.resolver";
 import { ServerResolver } from "./resolvers/server.resolver";
 import { SubscriptionResolver } from "./resolvers/subscription.resolver";
 import { guardTextArguments } from "./text-arguments";
-import { NodeIdResolver } from "./types/node";
+import { NodeIdResolver, nodeTypeOf } from "./types/node";
 import { DateTime } from "./types/scalars";
 
 export const resolvers = [
@@ -44,6 +44,17 @@ export function buildStowageSchema(): GraphQLSchema {
       },
     },
   });
+  // type-graphql makes the interface's type resolver async; the type of a row is known at once, and
+  // compiled execution takes a type, not a promise of one.
+  (schema.getType("Node") as GraphQLInterfaceType).resolveType = (value) => nodeTypeOf(value);
+  // A list's size may come later than its page (a promise); compiled execution awaits what a
+  // field's resolver returns, not a property read as it is.
+  for (const type of Object.values(schema.getTypeMap())) {
+    if (isObjectType(type) && type.name.endsWith("Connection")) {
+      const field = type.getFields().totalCount;
+      if (field && !field.resolve) field.resolve = (connection: { totalCount: number | Promise<number> }) => connection.totalCount;
+    }
+  }
   return guardTextArguments(schema);
 }
 

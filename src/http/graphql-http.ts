@@ -6,6 +6,7 @@ import { expressMiddleware } from "@as-integrations/express5";
 import express, { type RequestHandler } from "express";
 import type { GraphQLSchema } from "graphql";
 import type { GraphQLContext } from "../graphql/context";
+import { compiledExecution } from "./compiled-execution";
 import { refuseHttpSubscriptions } from "../graphql/http-subscriptions";
 import type { GraphQLOperations } from "./graphql-operations";
 import type { Metrics } from "./metrics";
@@ -22,7 +23,8 @@ export async function graphqlOverHttp(
 ): Promise<{ middleware: RequestHandler[]; stop(): Promise<void> }> {
   const { report } = operations;
   const apollo = new ApolloServer<GraphQLContext>({
-    schema: deps.schema,
+    // Operations run compiled once per document; Apollo still parses, validates and runs the plugins.
+    gateway: compiledExecution(deps.schema),
     introspection: true,
     csrfPrevention: false, // every request carries a bearer key that a browser never adds by itself
     includeStacktraceInErrorResponses: false,

@@ -17,7 +17,7 @@ const TYPE_OF_ENTITY = new Map<abstract new () => { id: string }, NodeType>([
 ]);
 
 /** The GraphQL type of an entity row. */
-function nodeTypeOf(value: unknown): NodeType | undefined {
+export function nodeTypeOf(value: unknown): NodeType | undefined {
   if (value === null || typeof value !== "object") return undefined;
   return TYPE_OF_ENTITY.get(value.constructor as new () => { id: string });
 }

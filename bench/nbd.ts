@@ -9,7 +9,8 @@
  *   options: --duration S (seconds of each random workload, after 1 s of warm-up; default 15),
  *   --keep (keep the temp dir), --dir DIR (where the temp dir goes; default $TMPDIR), --seed N,
  *   --dist[=DIR] (run the compiled build DIR/src/main.js; default dist/, built first when missing or stale),
- *   --ts-node (run the service under ts-node instead of the compiled build)
+ *   --ts-node (run the service under ts-node instead of the compiled build), --node-args=FLAGS (node flags for the
+ *   service after npm start's, e.g. --node-args=--max-semi-space-size=16)
  *
  * Needs nbdkit (Debian package nbdkit), nbdcopy (libnbd-bin) and fio with its nbd engine
  * (fio). The source image (about a third zeros never written, a third random bytes, a
@@ -61,11 +62,12 @@ import { StowageProcess } from "./lib/stowage";
 interface Options extends CommonOptions {
   duration: number;
   tsNode: boolean;
+  nodeArgs: string[];
 }
 
 function options(argv: string[]): Options {
-  const v = parseFlags(__filename, argv, { ...COMMON_FLAGS, duration: { type: "string" }, "ts-node": { type: "boolean" } }, BARE_DIST);
-  return { ...commonOptions(v), duration: int(v.duration, "--duration", 15), tsNode: v["ts-node"] ?? false };
+  const v = parseFlags(__filename, argv, { ...COMMON_FLAGS, duration: { type: "string" }, "ts-node": { type: "boolean" }, "node-args": { type: "string" } }, BARE_DIST);
+  return { ...commonOptions(v), duration: int(v.duration, "--duration", 15), tsNode: v["ts-node"] ?? false, nodeArgs: v["node-args"]?.split(/\s+/).filter(Boolean) ?? [] };
 }
 
 interface Programs {
@@ -493,7 +495,7 @@ async function main(): Promise<number> {
     t = hrSeconds();
     const svc = await StowageProcess.start(path.join(tmp, "stowage"), {
       dist,
-      nodeArgs: o.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${profDir}`] : [],
+      nodeArgs: [...o.nodeArgs, ...(o.cpuProf ? ["--cpu-prof", `--cpu-prof-dir=${profDir}`] : [])],
       env: { NBD_PORT: String(await freePort()), GC_INTERVAL_SECONDS: "0", SCHEDULER_INTERVAL_SECONDS: "0" },
     });
     live.svc = svc;

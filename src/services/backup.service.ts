@@ -450,9 +450,10 @@ export class BackupService {
         if (damaged) throw failedPrecondition(`backup ${damaged.source.name} is damaged (${damaged.source.error ?? "ERROR"}); restore another backup`);
       }
 
+      const diskIds = pairs.map((p) => p.diskId);
       // The disks' write locks before their rows, in the order writers take them: a write commits wholly before the restore or after it.
-      for (const id of pairs.map((p) => p.diskId).sort()) await lockDisk(em, id);
-      const disks = await em.find(Disk, { where: { id: In(pairs.map((p) => p.diskId)), projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
+      for (const id of [...diskIds].sort()) await lockDisk(em, id);
+      const disks = await em.find(Disk, { where: { id: In(diskIds), projectId: ctx.projectId }, lock: { mode: "pessimistic_write" } });
       const serverIds = new Set<string>();
       for (const p of pairs) {
         const disk = disks.find((d) => d.id === p.diskId);
@@ -466,7 +467,6 @@ export class BackupService {
       }
       const busy = await em.find(Backup, { where: { resourceId: In([...disks.map((d) => d.id), ...serverIds]), status: BackupStatus.CREATING } });
       if (busy.length) throw conflict("a backup of the target is running; restore when it has finished");
-      const diskIds = pairs.map((p) => p.diskId);
       const hydrating = await runningHydration(em, ctx.projectId, diskIds);
       if (hydrating) throw conflict(`a target disk is being hydrated by job ${toGlobalId("Job", hydrating)}; cancel it or restore when it has finished`);
       if (serverIds.size > 1) throw badInput("mappings", "all target disks must belong to one server");

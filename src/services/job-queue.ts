@@ -17,6 +17,12 @@ const WRITES_DATA: Record<JobType, boolean> = {
   [JobType.VERIFY_BACKUP]: false,
 };
 
+/** Whether a job writes data: as its type does, but a restore with nothing to hydrate writes none (its disks read from the vault). */
+function writesData(spec: NewJob): boolean {
+  const hydrate = (spec.payload as { hydrate?: string[] } | undefined)?.hydrate;
+  return WRITES_DATA[spec.type] && !(spec.type === JobType.RESTORE && hydrate?.length === 0);
+}
+
 /**
  * Adds jobs inside the caller's transaction, and announces them once it has
  * committed. A job that writes data is refused (NO_SPACE) while the blob stores are
@@ -34,9 +40,7 @@ export class JobQueue {
   }
 
   async add(em: EntityManager, projectId: string, spec: NewJob): Promise<Job> {
-    // A restore with nothing to hydrate writes no data: its disks read from the vault.
-    const noData = spec.type === JobType.RESTORE && (spec.payload as { hydrate?: string[] } | undefined)?.hydrate?.length === 0;
-    if (!noData) await this.checkSpaceFor(spec.type);
+    if (writesData(spec)) await this.space?.check();
     return em.save(
       em.create(Job, {
         projectId,

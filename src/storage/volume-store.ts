@@ -6,7 +6,7 @@ import { TERMINAL_JOB_STATUSES_SQL } from "../domain/jobs";
 import { BLOCK_SIZE, isZeros } from "../formats/types";
 import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store";
 import { BufferPool } from "./buffer-pool";
-import { between, IS_CLONE, viewCtes } from "./clones";
+import { between, IS_CLONE, lockDisk, viewCtes } from "./clones";
 import { HashList } from "./hash-list";
 import { dropIntents, fulfilBlob, INDEXED_OR_PENDING, intendBlob, pendingUnder } from "./pending-blobs";
 
@@ -154,10 +154,13 @@ export const SEGMENT_UNHELD = (s: string) =>
 /** Attempts of a read whose segment compaction deleted under it (each with fresh block refs). */
 const READ_ATTEMPTS = 3;
 
-/** A hydration's blocks came from a source a restore has replaced since (or the disk is gone): they were not stored. */
+/** A hydration's blocks came from a source a restore has replaced since, or the disk is gone (`gone`): they were not stored. */
 export class DiskReplacedError extends Error {
-  constructor(readonly diskId: string) {
-    super("the disk was restored or deleted while it was hydrated");
+  constructor(
+    readonly diskId: string,
+    readonly gone: boolean,
+  ) {
+    super(gone ? "the disk was deleted while it was hydrated" : "the disk was restored while it was hydrated");
   }
 }
 
@@ -367,10 +370,9 @@ export class VolumeStore {
     finish?: (em: EntityManager) => Promise<void>,
   ): Promise<void> {
     await this.ds.transaction(async (em) => {
-      // The disk's write lock, for this transaction only: a write's commit sees the disk's rows either before or after these.
-      await em.query(`SELECT pg_advisory_xact_lock(${AdvisoryLock.DISK}, hashtext($1))`, [diskId]);
+      await lockDisk(em, diskId);
       const [disk] = await rows<{ restores: number }>(em, `SELECT restores FROM disks WHERE id = $1`, [diskId]);
-      if (disk?.restores !== restores) throw new DiskReplacedError(diskId);
+      if (disk?.restores !== restores) throw new DiskReplacedError(diskId, !disk);
       if (segment) {
         await this.insertSegment(em, projectId, diskId, segment);
         await em.query(

@@ -15,7 +15,7 @@ import { FailureCode, type JobOf, type RestorePlan } from "../../src/domain/jobs
 import { DiskStatus, Job, JobStatus, JobType } from "../../src/entities";
 import { RestoreHandler } from "../../src/jobs/handlers/restore.handler";
 import { silentLogger } from "../../src/logger";
-import { segmentKey } from "../../src/storage/volume-store";
+import { DiskReplacedError, segmentKey } from "../../src/storage/volume-store";
 import { toGlobalId } from "../../src/services/global-id";
 import { backupNow, BLOCK, bytes, createDisk, readDisk, restoreNow, sha, waitJob, writeDisk } from "../helpers/data";
 import { GiB, MiB, startTestService, type TestService } from "../helpers/service";
@@ -90,16 +90,22 @@ async function legacyRestore(backup: string, disk: string): Promise<string> {
   return toGlobalId("Job", job.id);
 }
 
+/** A 16 MiB disk holding 8 MiB when backed up (as `backupName`), then changed: half of what the backup holds, and 2 MiB where it holds none. */
+async function changedSinceBackup(name: string, backupName: string, seed: number): Promise<{ disk: string; b: string }> {
+  const disk = await createDisk(svc, name, 16 * MiB);
+  await writeDisk(svc, disk, bytes(8 * MiB, seed));
+  const b = await backupNow(svc, disk, backupName);
+  await writeDisk(svc, disk, bytes(4 * MiB, seed + 1));
+  await writeDisk(svc, disk, bytes(2 * MiB, seed + 2), 12 * MiB);
+  return { disk, b };
+}
+
 /** 64 KiB blocks that are all alike but not zeros: many blocks of data that cost the vault one chunk. */
 const alike = (n: number) => Buffer.alloc(n, 0x5a);
 
 describe("a restore whose hydration meets a damaged chunk", () => {
   it("restores at once, then fails the hydration with CORRUPT_CHUNK and marks the backup ERROR; the disk stays in use and reads the backup but for that block", async () => {
-    const disk = await createDisk(svc, "damaged-hydrated", 16 * MiB);
-    await writeDisk(svc, disk, bytes(8 * MiB, 5));
-    const b = await backupNow(svc, disk, "to-damage-hydrated");
-    await writeDisk(svc, disk, bytes(4 * MiB, 6));
-    await writeDisk(svc, disk, bytes(2 * MiB, 7), 12 * MiB);
+    const { disk, b } = await changedSinceBackup("damaged-hydrated", "to-damage-hydrated", 5);
     await corruptChunk(b, 30);
 
     const jobId = await startRestore({ backupId: b, hydrate: true });
@@ -179,12 +185,7 @@ describe("a restore whose hydration meets a damaged chunk", () => {
 
 describe("a restore queued before restores were instant", () => {
   it("one that meets a damaged chunk fails CORRUPT_CHUNK, marks the backup ERROR and leaves the changed original disk exactly as it was", async () => {
-    const disk = await createDisk(svc, "damaged", 16 * MiB);
-    await writeDisk(svc, disk, bytes(8 * MiB, 1));
-    const b = await backupNow(svc, disk, "to-damage");
-    // Since the backup: half of what it holds changed, and data came where it holds none.
-    await writeDisk(svc, disk, bytes(4 * MiB, 2));
-    await writeDisk(svc, disk, bytes(2 * MiB, 3), 12 * MiB);
+    const { disk, b } = await changedSinceBackup("damaged", "to-damage", 1);
     const pre = await backupNow(svc, disk);
     const before = await state(disk);
     expect(before.status).toBe("AVAILABLE");
@@ -393,6 +394,27 @@ describe("a successful restore", () => {
     const [{ blocks_visited: visited }] = await svc.ds.query(`SELECT blocks_visited FROM jobs WHERE id = $1`, [uuidOf(jobId)]);
     expect(Number(visited)).toBe(16); // the first MiB; the last one held the backup's bytes already
     expect(sha(await readDisk(svc, disk, [0, MiB - 1]))).toBe(sha(bytes(MiB, 31)));
+  });
+
+  it("refuses a hydration's blocks looked up before a restore, and says when the disk is gone", async () => {
+    const source = await createDisk(svc, "fill-source", 4 * MiB);
+    await writeDisk(svc, source, bytes(MiB, 36));
+    const b = await backupNow(svc, source);
+    const clone = (await svc.ok(`mutation ($b: ID!) { createDisk(input: { name: "fill-clone", backupId: $b }) { disk { id } } }`, { b })).createDisk.disk.id;
+    const restoresOf = async () => Number((await svc.ds.query(`SELECT restores FROM disks WHERE id = $1`, [uuidOf(clone)]))[0].restores);
+    const looked = await restoresOf();
+    await restoreNow(svc, { backupId: b, targetDiskId: clone });
+    expect(await restoresOf()).toBe(looked + 1);
+    async function* block() {
+      yield { index: 0, data: bytes(BLOCK, 37) };
+    }
+    const fill = (restores: number) => svc.storage.volumes.putBlocks(svc.projectIds.alpha, uuidOf(clone), block(), { fill: { restores } });
+    await expect(fill(looked)).rejects.toMatchObject({ constructor: DiskReplacedError, gone: false });
+    expect(Number((await svc.ds.query(`SELECT count(*) AS n FROM disk_blocks WHERE disk_id = $1`, [uuidOf(clone)]))[0].n)).toBe(0);
+    expect(sha(await readDisk(svc, clone, [0, MiB - 1]))).toBe(sha(bytes(MiB, 36)));
+    const current = await restoresOf();
+    await svc.ok(`mutation ($id: ID!) { deleteDisk(input: { id: $id }) { deletedDiskId } }`, { id: clone });
+    await expect(fill(current)).rejects.toMatchObject({ constructor: DiskReplacedError, gone: true });
   });
 
   it("refuses while a target disk is being hydrated, and goes on after", async () => {

@@ -58,8 +58,7 @@ export class HydrateHandler implements JobHandler<HydrateJobType> {
         } catch (err) {
           if (err instanceof ChunkError) throw new JobFailure(FailureCode.CORRUPT_CHUNK, await this.damaged(d.id, err));
           if (err instanceof DiskReplacedError) {
-            const [still] = await rows(this.ds, `SELECT 1 FROM disks WHERE id = $1`, [d.id]);
-            if (!still) break; // deleted: nothing left to hydrate
+            if (err.gone) break; // deleted: nothing left to hydrate
             throw new JobFailure(FailureCode.INTERRUPTED, `disk ${d.name} was restored while it was hydrated; hydrateDisk hydrates it from what it was restored from`);
           }
           throw err;

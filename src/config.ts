@@ -198,7 +198,7 @@ function nbdConfig(env: Env): Pick<Config, "nbdHost" | "nbdPort" | "nbdPublicHos
     nbdPort,
     nbdPublicHost: env.NBD_PUBLIC_HOST || (wildcard ? os.hostname() : nbdHost),
     nbdTls,
-    nbdWriteBufferBytes: int(env, "NBD_WRITE_BUFFER_BYTES", 64 * 2 ** 20, 4 * 2 ** 20, 64 * 2 ** 30),
+    nbdWriteBufferBytes: int(env, "NBD_WRITE_BUFFER_BYTES", 32 * 2 ** 20, 4 * 2 ** 20, 64 * 2 ** 30),
     nbdCommitDelayMs: int(env, "NBD_COMMIT_DELAY_MS", 200, 1, 3_600_000),
   };
 }

@@ -42,16 +42,35 @@ import {
 import { ConnectionClosed, SocketReader } from "./reader";
 
 /**
- * Buffers of large reads, reused once the socket has taken their bytes: a fresh
- * multi-MiB buffer per read is external memory that waits for a collection, and
- * under several busy readers that waiting memory was most of the process's size
- * (and the collections a third of a sequential read's time). Enough are kept for
- * four connections' reads in flight (32 MiB of capacity per size).
+ * Bytes of reads in progress across every connection of the process, and the most kept of each size of read
+ * buffer: the buffers of reads in flight are all reused. A fresh buffer per read is external memory that waits
+ * for a collection (under several busy readers, most of the process's size and a third of a sequential read's
+ * time), and memory the C library keeps once it is freed.
  */
-const READ_BUFFERS = new BufferPool(64, false, 32 * 1024 * 1024);
-/** Reads up to this size take a fresh buffer (from Node's own small-buffer slabs). */
-const POOLED_FROM = 64 * 1024;
+const READ_BYTES_TOTAL = 32 * 1024 * 1024;
+/** Buffers of reads, in power-of-two sizes from 8 KiB, reused once the socket has taken their bytes. */
+const READ_BUFFERS = new BufferPool(Infinity, false, READ_BYTES_TOTAL, 8 * 1024);
+/** Reads up to this size take a fresh buffer from Node's own small-buffer slabs. */
+const POOLED_FROM = 4 * 1024;
 const readBuffer = (n: number) => (n > POOLED_FROM ? READ_BUFFERS.take(n) : Buffer.allocUnsafe(n));
+
+/** A number of bytes shared by whoever takes them; a take waits until they fit (one larger than all of it runs alone). */
+class ByteBudget {
+  private used = 0;
+  private waiters: (() => void)[] = [];
+  constructor(private readonly total: number) {}
+
+  async take(n: number): Promise<void> {
+    while (this.used > 0 && this.used + n > this.total) await new Promise<void>((r) => this.waiters.push(r));
+    this.used += n;
+  }
+
+  give(n: number): void {
+    this.used -= n;
+    for (const w of this.waiters.splice(0)) w();
+  }
+}
+const PROCESS_READS = new ByteBudget(READ_BYTES_TOTAL);
 
 /** Largest READ or WRITE: advertised as the maximum block size; clients split larger transfers. */
 export const MAX_REQUEST_BYTES = 32 * 1024 * 1024;
@@ -111,8 +130,7 @@ export class NbdConnection {
   export: OpenedExport | null = null;
   writes: ServedBytes | null = null;
   private closing = false;
-  private readBytesInFlight = 0;
-  private readWaiters: (() => void)[] = [];
+  private readonly reads = new ByteBudget(READ_BYTES_IN_FLIGHT);
   private readonly inFlight = new Set<Promise<void>>();
   /** Resolves when the socket's full buffer has drained (one waiter for every reply waiting). */
   private drained: Promise<void> | null = null;
@@ -407,6 +425,7 @@ export class NbdConnection {
     let failure: unknown = null;
     // Pieces are handed on cut at block boundaries: a block the request covers whole then
     // arrives whole, and is never read first to keep bytes the rest of the request replaces.
+    // They go as they came off the socket, never copied into one buffer first.
     let carry: Buffer[] = [];
     let carried = 0;
     while (left > 0) {
@@ -418,15 +437,18 @@ export class NbdConnection {
       const end = pos + carried;
       const cut = left === 0 ? end : Math.floor(end / BLOCK_BYTES) * BLOCK_BYTES;
       if (cut <= pos) continue;
-      const data = carry.length === 1 ? carry[0] : Buffer.concat(carry, carried);
+      // The last piece straddles the cut: its head goes now, its tail with what follows.
+      const over = end - cut;
+      const last = carry[carry.length - 1];
+      const rest = over ? last.subarray(last.length - over) : null;
+      if (rest) carry[carry.length - 1] = last.subarray(0, last.length - over);
       try {
-        await this.writes!.write(pos, data.subarray(0, cut - pos));
+        await this.writes!.write(pos, carry);
       } catch (err) {
         failure = err;
       }
-      const rest = data.subarray(cut - pos);
-      carry = rest.length ? [rest] : [];
-      carried = rest.length;
+      carry = rest ? [rest] : [];
+      carried = over;
       pos = cut;
     }
     if (refusal) return this.error(cookie, refusal.errno, refusal.message);
@@ -451,16 +473,16 @@ export class NbdConnection {
     }
   }
 
-  /** Starts `fn` beside the requests that follow, within the connection's budget of read bytes in flight. */
+  /** Starts `fn` beside the requests that follow, within the connection's and the process's budgets of read bytes in flight. */
   private async concurrently(bytes: number, fn: () => Promise<void>): Promise<void> {
-    while (this.readBytesInFlight > 0 && this.readBytesInFlight + bytes > READ_BYTES_IN_FLIGHT) await new Promise<void>((r) => this.readWaiters.push(r));
-    this.readBytesInFlight += bytes;
+    await this.reads.take(bytes);
+    await PROCESS_READS.take(bytes);
     const run = fn()
       .catch((err: Error) => this.host.log("nbd request failed", { error: err.message, disk: this.export?.diskId }))
       .finally(() => {
-        this.readBytesInFlight -= bytes;
+        PROCESS_READS.give(bytes);
+        this.reads.give(bytes);
         this.inFlight.delete(run);
-        for (const w of this.readWaiters.splice(0)) w();
       });
     this.inFlight.add(run);
   }

@@ -1,4 +1,5 @@
 import { BlobNotFoundError } from "../storage/blob-store";
+import { BufferPool } from "../storage/buffer-pool";
 import { BLOCK_SIZE } from "../storage/volume-store";
 import { decodeRecords, encodeRecords, type JournalRecord, type WriteJournal } from "./journal";
 
@@ -40,10 +41,18 @@ const JOURNAL_FLUSH_BYTES = 8 * 1024 * 1024;
 /** Journal rows applied per query when a disk's writes start. */
 const REPLAY_ROWS = 64;
 
-/** Bytes of acknowledged, uncommitted blocks across every disk of the process; past it, a write waits for its disk's commit. */
+/**
+ * Bytes of acknowledged, uncommitted blocks across every disk of the process; past it, a write waits for its disk's commit.
+ * The block buffers are reused: a committed block's buffer goes back to `blocks` for the next write. A fresh 64 KiB
+ * buffer per written block is memory the C library hands out between the socket's buffers and keeps when it is
+ * freed, so a day of writes grew the process by far more than the budget.
+ */
 export class WriteBudget {
   used = 0;
-  constructor(readonly total: number) {}
+  readonly blocks: BufferPool;
+  constructor(readonly total: number) {
+    this.blocks = new BufferPool(Infinity, false, total, BLOCK_SIZE);
+  }
 }
 
 /** A block buffer waiting for its earlier bytes: `written` holds [from, to) pairs of what was written into it meanwhile. */
@@ -180,7 +189,7 @@ export class DiskWrites {
       for (const row of rows) {
         for (const r of decodeRecords(row.records)) {
           if (r.offset + r.length > this.sizeBytes) throw new Error(`the journal holds a write past the end of the ${this.sizeBytes}-byte disk`);
-          if (r.data) await this.put(r.offset, r.data);
+          if (r.data) await this.put(r.offset, [r.data]);
           else await this.clear(r.offset, r.length);
         }
         // A commit that the disk's share of memory forces meanwhile covers the rows applied whole.
@@ -190,11 +199,15 @@ export class DiskWrites {
     await this.commitNow();
   }
 
-  /** Writes `data` at `offset` (a whole request, or the next piece of one: the caller cuts pieces at block boundaries, so a block a request covers whole is never read first). */
-  write(offset: number, data: Buffer): Promise<void> {
+  /**
+   * Writes `data` (one buffer, or pieces back to back) at `offset`: a whole request, or the next part of one. The
+   * caller cuts parts at block boundaries, so a block a request covers whole is never read first.
+   */
+  write(offset: number, data: Buffer | readonly Buffer[]): Promise<void> {
+    const pieces = Buffer.isBuffer(data) ? [data] : data;
     return this.mutate(async () => {
-      await this.put(offset, data);
-      this.note(offset, data.length, data);
+      const length = await this.put(offset, pieces);
+      this.note(offset, length, pieces);
     });
   }
 
@@ -206,19 +219,35 @@ export class DiskWrites {
     });
   }
 
-  private async put(offset: number, data: Buffer): Promise<void> {
+  /** Copies `pieces` into the blocks from `offset`; resolves with their length. */
+  private async put(offset: number, pieces: readonly Buffer[]): Promise<number> {
+    let length = 0;
+    for (const p of pieces) length += p.length;
+    const end = offset + length;
     let pos = offset;
-    let at = 0;
-    while (at < data.length) {
+    /** The next byte to copy: pieces[p] at pAt. */
+    let p = 0;
+    let pAt = 0;
+    while (pos < end) {
       const index = Math.floor(pos / BLOCK_SIZE);
       const inBlock = pos - index * BLOCK_SIZE;
-      const n = Math.min(BLOCK_SIZE - inBlock, data.length - at);
+      const n = Math.min(BLOCK_SIZE - inBlock, end - pos);
       const block = await this.writable(index, inBlock === 0 && n === BLOCK_SIZE);
-      data.copy(block, inBlock, at, at + n);
+      for (let k = 0; k < n;) {
+        const piece = pieces[p];
+        const m = Math.min(n - k, piece.length - pAt);
+        piece.copy(block, inBlock + k, pAt, pAt + m);
+        k += m;
+        pAt += m;
+        if (pAt === piece.length) {
+          p++;
+          pAt = 0;
+        }
+      }
       this.unfilled.get(index)?.written.push(inBlock, inBlock + n);
       pos += n;
-      at += n;
     }
+    return length;
   }
 
   private async clear(offset: number, length: number): Promise<void> {
@@ -237,8 +266,14 @@ export class DiskWrites {
     }
   }
 
-  /** Keeps a copy of an applied write (`data` null: zeros) for the next FLUSH's journal row, within JOURNAL_FLUSH_BYTES. */
-  private note(offset: number, length: number, data: Buffer | null): void {
+  /**
+   * Keeps an applied write (`data` null: zeros) for the next FLUSH's journal row, within JOURNAL_FLUSH_BYTES: a
+   * record per piece. A piece that is most of its own memory (what the socket read) is kept as it is, nobody
+   * writes into it; a small slice of a larger buffer is copied, so it does not keep the rest alive. A bulk copy
+   * without FLUSHes overflows the journal again after every commit: copying what it kept cost a tenth of a
+   * sequential write's CPU and a share of its garbage collections.
+   */
+  private note(offset: number, length: number, data: readonly Buffer[] | null): void {
     if (!this.journal || this.logOverflow) return;
     const bytes = data ? length : 0;
     if (this.logBytes + bytes > Math.min(JOURNAL_FLUSH_BYTES, this.limits.diskBytes)) {
@@ -247,7 +282,15 @@ export class DiskWrites {
       this.logBytes = 0;
       return;
     }
-    this.log.push({ offset, length, data: data && Buffer.from(data) });
+    if (!data) this.log.push({ offset, length, data: null });
+    else {
+      let at = offset;
+      for (const piece of data) {
+        const own = piece.length * 2 >= piece.buffer.byteLength;
+        this.log.push({ offset: at, length: piece.length, data: own ? piece : Buffer.from(piece) });
+        at += piece.length;
+      }
+    }
     this.logBytes += bytes;
   }
 
@@ -323,16 +366,15 @@ export class DiskWrites {
     const end = offset + into.length;
     const first = Math.floor(offset / BLOCK_SIZE);
     const last = Math.floor((end - 1) / BLOCK_SIZE);
-    // The uncommitted blocks as they are now: a commit that ends during the read has put
-    // the same bytes in the store, so laying these over what it reads stays right.
-    let pending: Map<number, Buffer | null> | null = null;
-    if (overlay && (this.dirty.size || this.committing.size)) {
-      pending = new Map();
-      for (let i = first; i <= last; i++) {
-        const b = this.dirty.has(i) ? this.dirty.get(i)! : this.committing.get(i);
-        if (b !== undefined) pending.set(i, b);
-      }
-    }
+    // An uncommitted block is looked up when its turn comes and copied at once: its buffer goes back to the
+    // pool when its commit ends. A block not pending then is in the block map (a commit that ended before
+    // has patched it, or dropped the region), or is written later, which a read running beside the write
+    // may or may not see.
+    const pending = (i: number): Buffer | null | undefined => {
+      if (!overlay) return undefined;
+      const b = this.dirty.get(i);
+      return b !== undefined ? b : this.committing.get(i);
+    };
     const reads: Promise<void>[] = [];
     /** A clone's blocks read from its source, in the vault: one read for all of them. */
     const inVault: number[] = [];
@@ -341,12 +383,14 @@ export class DiskWrites {
     let i = first;
     while (i <= last) {
       const [from, to] = span(i);
-      const mine = pending?.get(i);
+      const mine = pending(i);
       if (mine !== undefined) {
-        if (mine) {
+        if (mine && this.unfilled.get(i)?.block === mine) {
           await this.filled(i, mine);
-          mine.copy(into, from - offset, from - i * BLOCK_SIZE, to - i * BLOCK_SIZE);
-        } else into.fill(0, from - offset, to - offset);
+          continue; // look again: the block may have been committed meanwhile
+        }
+        if (mine) mine.copy(into, from - offset, from - i * BLOCK_SIZE, to - i * BLOCK_SIZE);
+        else into.fill(0, from - offset, to - offset);
         i++;
         continue;
       }
@@ -363,7 +407,7 @@ export class DiskWrites {
         continue;
       }
       let j = i;
-      while (j < last && pending?.get(j + 1) === undefined) {
+      while (j < last && pending(j + 1) === undefined) {
         const next = (await this.region(Math.floor((j + 1) / REGION_BLOCKS))).get(j + 1);
         if (!next || next.segmentId !== ref.segmentId || next.offset !== ref.offset + (j + 1 - i) * BLOCK_SIZE) break;
         j++;
@@ -490,27 +534,44 @@ export class DiskWrites {
   private async writable(index: number, whole: boolean): Promise<Buffer> {
     const mine = this.dirty.get(index);
     if (mine) return mine;
+    const pool = this.budget.blocks;
     let block: Buffer;
     let base: Buffer | null = null;
-    if (whole) block = Buffer.allocUnsafe(BLOCK_SIZE);
-    else if (mine === null) block = Buffer.alloc(BLOCK_SIZE);
+    if (whole) block = pool.take(BLOCK_SIZE);
+    else if (mine === null) block = pool.take(BLOCK_SIZE).fill(0);
     else {
-      const before = this.committing.get(index);
-      if (before) await this.filled(index, before);
-      if (before !== undefined) block = before ? Buffer.from(before) : Buffer.alloc(BLOCK_SIZE);
-      else {
-        block = Buffer.allocUnsafe(BLOCK_SIZE);
-        base = Buffer.allocUnsafe(BLOCK_SIZE);
+      let before = this.committing.get(index);
+      while (before && this.unfilled.get(index)?.block === before) {
+        await this.filled(index, before);
+        before = this.committing.get(index); // its commit may have ended meanwhile (and its buffer gone back)
       }
+      block = pool.take(BLOCK_SIZE);
+      if (before) before.copy(block);
+      else if (before === null) block.fill(0);
+      else base = pool.take(BLOCK_SIZE);
     }
     await this.set(index, block);
     if (base) this.fillIn(index, block, base);
     return block;
   }
 
+  /** Gives a block's buffer back to the pool once nothing fills it any more. */
+  private drop(index: number, block: Buffer | null | undefined): void {
+    if (!block) return;
+    const entry = this.unfilled.get(index);
+    const pool = this.budget.blocks;
+    if (entry?.block === block)
+      void entry.done.then(
+        () => pool.give(block),
+        () => pool.give(block),
+      );
+    else pool.give(block);
+  }
+
   /** Reads block `index` as committed into `base`, then copies it into `block` around what was written there meanwhile. */
   private fillIn(index: number, block: Buffer, base: Buffer): void {
     const entry: Unfilled = { block, written: [], done: Promise.resolve() };
+    const pool = this.budget.blocks;
     entry.done = this.fill(index * BLOCK_SIZE, base, false).then(
       () => {
         if (this.unfilled.get(index) === entry) this.unfilled.delete(index);
@@ -524,9 +585,11 @@ export class DiskWrites {
           pos = Math.max(pos, to);
         }
         if (pos < BLOCK_SIZE) base.copy(block, pos, pos, BLOCK_SIZE);
+        pool.give(base);
       },
       (err: Error) => {
         // The block's other bytes are lost to this buffer: the disk's writes fail from here on.
+        pool.give(base);
         if (this.unfilled.get(index) === entry) this.unfilled.delete(index);
         this.failure ??= err;
         throw err;
@@ -553,6 +616,8 @@ export class DiskWrites {
       }
       this.budget.used += BLOCK_SIZE;
     }
+    const old = this.dirty.get(index);
+    if (old !== block) this.drop(index, old);
     this.dirty.set(index, block);
     if (!this.timer) {
       this.timer = setTimeout(() => {
@@ -608,9 +673,15 @@ export class DiskWrites {
       // The kept block map now points where the blocks went (the volume store tells every other writer to forget theirs).
       this.patch(blocks, stored);
       this.budget.used -= this.committing.size * BLOCK_SIZE;
+      // Every read copies a pending block in the turn it finds it, and no fill is left: the buffers are free.
+      for (const [, b] of blocks) if (b) this.budget.blocks.give(b);
     } catch (err) {
       // Keep the bytes (newer writes win) so reads stay right, and fail what comes next.
-      for (const [i, b] of this.dirty) this.committing.set(i, b);
+      for (const [i, b] of this.dirty) {
+        const old = this.committing.get(i);
+        if (old !== b) this.drop(i, old);
+        this.committing.set(i, b);
+      }
       this.budget.used -= (blocks.length + this.dirty.size - this.committing.size) * BLOCK_SIZE;
       this.dirty = this.committing;
       this.failure ??= err as Error;

@@ -1,7 +1,7 @@
 import type { Duplex } from "node:stream";
 
 /** The socket is paused while this much has arrived and not been taken, so a client that sends faster than writes commit holds little. */
-const HIGH_WATER = 8 * 1024 * 1024;
+const HIGH_WATER = 1024 * 1024;
 
 const EMPTY = Buffer.alloc(0);
 

@@ -5,7 +5,7 @@ import { extentsOf, type Extent } from "./disk-writes";
 export interface ServedBytes {
   readInto(offset: number, into: Buffer): Promise<void>;
   extents(offset: number, length: number): Promise<Extent[]>;
-  write(offset: number, data: Buffer): Promise<void>;
+  write(offset: number, data: Buffer | readonly Buffer[]): Promise<void>;
   zero(offset: number, length: number): Promise<void>;
   flush(): Promise<void>;
   commitNow(): Promise<void>;

@@ -21,11 +21,13 @@ export class BufferPool {
     private readonly keep = 16,
     private readonly shared = false,
     private readonly keepBytes = Infinity,
+    /** The smallest capacity (a power of two). */
+    private readonly minClass = MIN_CLASS,
   ) {}
 
   /** A buffer of `size` bytes (contents undefined), the only user of its memory. */
   take(size: number): Buffer {
-    const capacity = Math.max(MIN_CLASS, 2 ** Math.ceil(Math.log2(Math.max(1, size))));
+    const capacity = Math.max(this.minClass, 2 ** Math.ceil(Math.log2(Math.max(1, size))));
     const ab = this.free.get(capacity)?.pop() ?? (this.shared ? new SharedArrayBuffer(capacity) : Buffer.allocUnsafeSlow(capacity).buffer);
     return Buffer.from(ab, 0, size);
   }
@@ -33,7 +35,7 @@ export class BufferPool {
   /** Returns a buffer from `take` (or its subarray); nothing may use its memory afterwards. */
   give(buf: Buffer | null | undefined): void {
     const ab = buf?.buffer;
-    if (!ab || !(this.shared ? ab instanceof SharedArrayBuffer : ab instanceof ArrayBuffer) || ab.byteLength < MIN_CLASS || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
+    if (!ab || !(this.shared ? ab instanceof SharedArrayBuffer : ab instanceof ArrayBuffer) || ab.byteLength < this.minClass || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
     let list = this.free.get(ab.byteLength);
     if (!list) this.free.set(ab.byteLength, (list = []));
     if (list.length < this.keep && (list.length + 1) * ab.byteLength <= this.keepBytes && !list.includes(ab)) list.push(ab);

@@ -31,10 +31,13 @@ class MemoryStore implements BlockStore {
   readonly commits: number[][] = [];
   gate: Promise<void> | null = null;
   readGate: Promise<void> | null = null;
+  /** A read of the block map waits for it when one is set. */
+  refsGate: Promise<void> | null = null;
   failing = false;
   constructor(readonly journal: MemoryJournal | null = null) {}
 
   async refs(_diskId: string, first: number, last: number): Promise<StoredBlock[]> {
+    if (this.refsGate) await this.refsGate;
     const sourced = [...this.source.keys()].filter((i) => !this.own.has(i) && !this.blocks.has(i));
     return [...this.blocks.keys(), ...sourced]
       .filter((i) => i >= first && i <= last)
@@ -283,4 +286,49 @@ test("a write into part of a stored block is taken before the block's other byte
   expect((await reading).equals(expected)).toBe(true);
   await committing;
   expect(store.blocks.get(2)!.equals(expected)).toBe(true);
+});
+
+test("a block's buffer goes back to the pool when its commit ends: a read that met the block pending takes the committed bytes, not the next write's", async () => {
+  const store = new MemoryStore();
+  store.blocks.set(1, Buffer.alloc(BS, 1));
+  const w = writes(store);
+  await w.write(2 * BS, Buffer.alloc(BS, 2));
+  const commit = opened();
+  store.gate = commit.promise;
+  const committed = w.commitNow(); // block 2 is being committed
+  // The read finds block 1 in the store (its map is still being read) and block 2 pending.
+  const map = opened();
+  store.refsGate = map.promise;
+  const reading = w.read(BS, 2 * BS);
+  await new Promise((r) => setImmediate(r));
+  store.gate = null;
+  commit.open();
+  await committed;
+  // The next write takes the buffer block 2 had (the pool gives back the last one returned) and fills it.
+  await w.write(5 * BS, Buffer.alloc(BS, 5));
+  store.refsGate = null;
+  map.open();
+  const read = await reading;
+  expect(read.subarray(0, BS).equals(Buffer.alloc(BS, 1))).toBe(true);
+  expect(read.subarray(BS).equals(Buffer.alloc(BS, 2))).toBe(true);
+  expect((await w.read(5 * BS, BS)).equals(Buffer.alloc(BS, 5))).toBe(true);
+});
+
+test("block buffers are reused from commit to commit: rewriting the same blocks takes no new ones", async () => {
+  const store = new MemoryStore();
+  const budget = new WriteBudget(1024 * BS);
+  const w = new DiskWrites(store, "p", "d", 256 * BS, budget, { diskBytes: 64 * BS, delayMs: 60_000 });
+  const taken = new Set<ArrayBufferLike>();
+  const take = budget.blocks.take.bind(budget.blocks);
+  budget.blocks.take = (n: number) => {
+    const b = take(n);
+    taken.add(b.buffer);
+    return b;
+  };
+  for (let round = 0; round < 5; round++) {
+    for (let i = 0; i < 16; i++) await w.write(i * BS, Buffer.alloc(BS, round + 1));
+    await w.commitNow();
+  }
+  expect(taken.size).toBe(16);
+  expect((await w.read(15 * BS, BS)).equals(Buffer.alloc(BS, 5))).toBe(true);
 });

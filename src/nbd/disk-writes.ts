@@ -25,9 +25,10 @@ export interface BlockStore {
    * Makes blocks durable and the disk's (null: the block reads as zeros), as one write of the disk with
    * changed-block tracking, and deletes the disk's journal rows up to `journalUpTo` in the same transaction.
    * Refuses when the disk has had another restore than `restores` (the writes were made to bytes it
-   * replaced), is gone or is not writable. Resolves with where the blocks that hold data are now.
+   * replaced), is gone or is not writable. Resolves with where the blocks that hold data are now. The blocks
+   * may be stored at once, but are the disk's only after `after` (the commit before) has ended; its failure fails this one.
    */
-  commit(projectId: string, diskId: string, blocks: [number, Buffer | null][], opts: { journalUpTo: number; restores: number | null; source: object }): Promise<StoredBlock[]>;
+  commit(projectId: string, diskId: string, blocks: [number, Buffer | null][], opts: { journalUpTo: number; restores: number | null; source: object; after: Promise<unknown> }): Promise<StoredBlock[]>;
 }
 
 /** Blocks of the block map read and kept at once: 64 MiB of disk per query. */
@@ -113,7 +114,8 @@ export class DiskWrites {
   private readonly regions = new Map<number, Promise<Map<number, StoredBlock>>>();
   /** The same regions once read. */
   private readonly loaded = new Map<number, Map<number, StoredBlock>>();
-  private committing = new Map<number, Buffer | null>();
+  /** The blocks of the commits under way, oldest first (two at most: one indexing its segment, one writing the next). */
+  private committing: Map<number, Buffer | null>[] = [];
   /**
    * Blocks written in part whose other bytes are still being read: the write is taken at once
    * (a 4 KiB write costs no 64 KiB read on its way), and the block's earlier bytes fill in
@@ -126,18 +128,20 @@ export class DiskWrites {
   private holds = 0;
   private released: (() => void)[] = [];
   private timer: NodeJS.Timeout | null = null;
-  /** The last commit queued, until it takes the blocks; and who waits for a commit to take them. */
+  /** The last commit queued, until it takes the blocks; and who waits for room (a commit took blocks, or ended). */
   private queued: Promise<void> | null = null;
-  private swapped: (() => void)[] = [];
+  private room: (() => void)[] = [];
+  /** The end of the last commit started: the next one indexes its blocks after it. */
+  private lastEnd: Promise<void> = Promise.resolve();
   private journal: WriteJournal | null = null;
   /** Writes acknowledged since the journal's last append, as they came (copies). */
   private log: JournalRecord[] = [];
   private logBytes = 0;
   /** Writes were acknowledged since the last append that no record holds: until a commit takes them, a FLUSH commits. */
   private logOverflow = false;
-  /** The last journal row started, and the last deleted by a commit. */
+  /** The last journal row started, and the last a commit (under way or done) deletes. */
   private seq = 0;
-  private droppedSeq = 0;
+  private takenSeq = 0;
   /** Journal appends in order: a commit waits for those it covers before deleting them. */
   private appending: Promise<void> = Promise.resolve();
   /** The commit under way that takes writes no journal row holds (a FLUSH waits for it). */
@@ -161,7 +165,9 @@ export class DiskWrites {
   ) {}
 
   get pendingBytes(): number {
-    return (this.dirty.size + this.committing.size) * BLOCK_SIZE;
+    let blocks = this.dirty.size;
+    for (const m of this.committing) blocks += m.size;
+    return blocks * BLOCK_SIZE;
   }
 
   /**
@@ -373,7 +379,7 @@ export class DiskWrites {
     const pending = (i: number): Buffer | null | undefined => {
       if (!overlay) return undefined;
       const b = this.dirty.get(i);
-      return b !== undefined ? b : this.committing.get(i);
+      return b !== undefined ? b : this.committed(i);
     };
     const reads: Promise<void>[] = [];
     /** A clone's blocks read from its source, in the vault: one read for all of them. */
@@ -445,7 +451,7 @@ export class DiskWrites {
     const first = Math.floor(offset / BLOCK_SIZE);
     const last = Math.floor((end - 1) / BLOCK_SIZE);
     const data = new Set((await this.store.refs(this.diskId, first, last)).map((r) => r.index));
-    for (const m of [this.committing, this.dirty]) {
+    for (const m of [...this.committing, this.dirty]) {
       for (const [i, b] of m) {
         if (i < first || i > last) continue;
         if (b) data.add(i);
@@ -540,10 +546,10 @@ export class DiskWrites {
     if (whole) block = pool.take(BLOCK_SIZE);
     else if (mine === null) block = pool.take(BLOCK_SIZE).fill(0);
     else {
-      let before = this.committing.get(index);
+      let before = this.committed(index);
       while (before && this.unfilled.get(index)?.block === before) {
         await this.filled(index, before);
-        before = this.committing.get(index); // its commit may have ended meanwhile (and its buffer gone back)
+        before = this.committed(index); // its commit may have ended meanwhile (and its buffer gone back)
       }
       block = pool.take(BLOCK_SIZE);
       if (before) before.copy(block);
@@ -599,6 +605,15 @@ export class DiskWrites {
     this.unfilled.set(index, entry);
   }
 
+  /** Block `index` as the newest commit under way takes it (null: zeros; undefined: none takes it). */
+  private committed(index: number): Buffer | null | undefined {
+    for (let k = this.committing.length - 1; k >= 0; k--) {
+      const b = this.committing[k].get(index);
+      if (b !== undefined) return b;
+    }
+    return undefined;
+  }
+
   /** Waits until `block` (block `index`'s buffer) holds all its bytes. */
   private async filled(index: number, block: Buffer): Promise<void> {
     const entry = this.unfilled.get(index);
@@ -607,11 +622,15 @@ export class DiskWrites {
 
   private async set(index: number, block: Buffer | null): Promise<void> {
     if (!this.dirty.has(index)) {
-      while ((this.dirty.size + 1) * BLOCK_SIZE > this.limits.diskBytes || (this.budget.used >= this.budget.total && this.dirty.size > 0)) {
-        // Room comes when a commit takes the blocks (not when it ends): the writes go on while it runs.
-        const commit = this.queued ?? this.enqueue(false);
-        commit.catch(() => undefined); // its failure is kept, and thrown below
-        await Promise.race([commit, new Promise<void>((r) => this.swapped.push(r))]);
+      for (;;) {
+        const full = (this.dirty.size + 1) * BLOCK_SIZE > this.limits.diskBytes;
+        if (!full && !(this.budget.used >= this.budget.total && this.dirty.size > 0)) break;
+        // Room comes when a commit takes the blocks (not when it ends): the writes go on while it runs. When the
+        // memory is held by commits under way and the disk's share is not full, their end makes room instead of a
+        // commit of the few blocks written since.
+        const room = new Promise<void>((r) => this.room.push(r));
+        if (full || this.committing.length === 0) (this.queued ?? this.enqueue(false)).catch(() => undefined); // its failure is kept, and thrown below
+        await room;
         if (this.failure) throw this.failure;
       }
       this.budget.used += BLOCK_SIZE;
@@ -629,31 +648,45 @@ export class DiskWrites {
   }
 
   /**
-   * Queues a commit. One asked for while a capture holds the disk waits for the hold to
-   * end before it joins the queue: inside the queue it would stand in front of the
-   * capture's own commit and wait for it, which waits for the hold to end.
+   * Queues a commit; resolves when it has ended (and so every commit before it). One asked for while a capture
+   * holds the disk waits for the hold to end before it joins the queue: inside the queue it would stand in front
+   * of the capture's own commit and wait for it, which waits for the hold to end. A commit takes its blocks once
+   * the one before the last has ended: the next segment is hashed, written and made durable while the last one is
+   * indexed, and at most two batches are under way.
    */
   private async enqueue(forced: boolean): Promise<void> {
     if (!forced) while (this.holds > 0) await new Promise<void>((r) => this.released.push(r));
     const run = this.chain.then(() => this.commitOnce());
-    this.chain = run.catch(() => undefined);
-    this.queued = run;
+    this.chain = run.then(
+      (c) => c.next,
+      () => undefined,
+    );
+    const ended = run.then((c) => c.ended);
+    this.queued = ended;
     void this.chain.then(() => {
-      if (this.queued === run) this.queued = null;
+      if (this.queued === ended) this.queued = null;
     });
-    return run;
+    return ended;
   }
 
-  private async commitOnce(): Promise<void> {
+  /** Takes the blocks written so far into a commit; `ended` settles with it, `next` when the next may start. */
+  private commitOnce(): { ended: Promise<void>; next: Promise<void> } {
+    const before = this.lastEnd;
+    const next = before.then(
+      () => undefined,
+      () => undefined,
+    );
     // Rows up to `upTo` hold only writes this commit takes (or earlier ones): it deletes them.
     const upTo = this.seq;
-    if (this.dirty.size === 0 && upTo <= this.droppedSeq) return;
+    if (this.dirty.size === 0 && upTo <= this.takenSeq) return { ended: before, next };
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
-    this.committing = this.dirty;
+    const taken = this.dirty;
+    this.committing.push(taken);
     this.dirty = new Map();
+    this.takenSeq = upTo;
     this.queued = null;
-    for (const r of this.swapped.splice(0)) r();
+    this.makeRoom();
     let covered: (() => void) | null = null;
     let covering: Promise<void> | null = null;
     if (this.logOverflow) {
@@ -664,32 +697,34 @@ export class DiskWrites {
       covering = new Promise<void>((resolve) => (covered = resolve));
       this.covering = covering;
     }
-    const blocks = [...this.committing].sort((a, b) => a[0] - b[0]);
-    try {
-      await Promise.all(blocks.map(([i, b]) => (b ? this.filled(i, b) : undefined)));
-      await this.appending;
-      const stored = await this.store.commit(this.projectId, this.diskId, blocks, { journalUpTo: upTo, restores: this.restores, source: this });
-      this.droppedSeq = upTo;
-      // The kept block map now points where the blocks went (the volume store tells every other writer to forget theirs).
-      this.patch(blocks, stored);
-      this.budget.used -= this.committing.size * BLOCK_SIZE;
-      // Every read copies a pending block in the turn it finds it, and no fill is left: the buffers are free.
-      for (const [, b] of blocks) if (b) this.budget.blocks.give(b);
-    } catch (err) {
-      // Keep the bytes (newer writes win) so reads stay right, and fail what comes next.
-      for (const [i, b] of this.dirty) {
-        const old = this.committing.get(i);
-        if (old !== b) this.drop(i, old);
-        this.committing.set(i, b);
+    const blocks = [...taken].sort((a, b) => a[0] - b[0]);
+    const ended = (async () => {
+      try {
+        await Promise.all(blocks.map(([i, b]) => (b ? this.filled(i, b) : undefined)));
+        await this.appending;
+        const stored = await this.store.commit(this.projectId, this.diskId, blocks, { journalUpTo: upTo, restores: this.restores, source: this, after: before });
+        // The kept block map now points where the blocks went (the volume store tells every other writer to forget theirs).
+        this.patch(blocks, stored);
+        this.committing.splice(this.committing.indexOf(taken), 1);
+        this.budget.used -= taken.size * BLOCK_SIZE;
+        // Every read copies a pending block in the turn it finds it, and no fill is left: the buffers are free.
+        for (const [, b] of blocks) if (b) this.budget.blocks.give(b);
+      } catch (err) {
+        // The blocks stay where reads find them, under newer writes; what comes next fails.
+        this.failure ??= err as Error;
+        throw err;
+      } finally {
+        if (covering && this.covering === covering) this.covering = null;
+        (covered as (() => void) | null)?.();
+        this.makeRoom();
       }
-      this.budget.used -= (blocks.length + this.dirty.size - this.committing.size) * BLOCK_SIZE;
-      this.dirty = this.committing;
-      this.failure ??= err as Error;
-      throw err;
-    } finally {
-      this.committing = new Map();
-      if (covering && this.covering === covering) this.covering = null;
-      (covered as (() => void) | null)?.();
-    }
+    })();
+    ended.catch(() => undefined); // the next commit and whoever queued this one see the failure
+    this.lastEnd = ended;
+    return { ended, next };
+  }
+
+  private makeRoom(): void {
+    for (const r of this.room.splice(0)) r();
   }
 }

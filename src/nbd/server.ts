@@ -8,6 +8,7 @@ import type { Config } from "../config";
 import type { Logger } from "../logger";
 import type { Services } from "../services";
 import type { OpenedExport } from "../services/nbd.service";
+import { lockDisk } from "../storage/clones";
 import { sourceBlocks } from "../storage/manifest";
 import type { Vault } from "../storage/vault";
 import { BLOCK_SIZE, type VolumeStore } from "../storage/volume-store";
@@ -47,28 +48,33 @@ function blockStore(deps: NbdServerDeps): BlockStore {
     readRun: (diskId, segmentId, offset, into) => volumes.readSegmentInto(diskId, segmentId, offset, into),
     readVault: (projectId, hashes, ahead) => volumes.readVaultBlocks(projectId, hashes, ahead),
     restores: async (projectId, diskId) => (await services.nbd.writeState(ds.manager, projectId, diskId)).restores,
-    commit: (projectId, diskId, blocks, { journalUpTo, restores, source }) =>
-      volumes.withDiskLock(diskId, async () => {
-        const state = await services.nbd.writeState(ds.manager, projectId, diskId);
-        if (!state.writable) throw new Error("the disk is no longer writable (deleted, or being restored)");
-        if (restores !== null && state.restores !== restores) throw new Error("the disk was restored after these writes were made: they are dropped");
-        const stored: StoredBlock[] = [];
-        await volumes.putBlocks(
-          projectId,
-          diskId,
-          (async function* () {
-            for (const [index, data] of blocks) yield { index, data };
-          })(),
-          {
-            finish: journalUpTo > 0 ? (em) => em.query(DELETE_JOURNAL, [diskId, journalUpTo]) : undefined,
-            source,
-            onStored(segmentId, indexes, offsets) {
-              for (let k = 0; k < indexes.length; k++) stored.push({ index: indexes[k], segmentId: segmentId!, offset: offsets[k] });
-            },
+    // The segment is written and made durable beside the commit before it (which `after` ends); the disk's
+    // lock is taken, and whether it may still be written checked, in the transaction that indexes it.
+    commit: async (projectId, diskId, blocks, { journalUpTo, restores, source, after }) => {
+      const stored: StoredBlock[] = [];
+      await volumes.putBlocks(
+        projectId,
+        diskId,
+        (async function* () {
+          for (const [index, data] of blocks) yield { index, data };
+        })(),
+        {
+          after,
+          async begin(em) {
+            await lockDisk(em, diskId);
+            const state = await services.nbd.writeState(em, projectId, diskId);
+            if (!state.writable) throw new Error("the disk is no longer writable (deleted, or being restored)");
+            if (restores !== null && state.restores !== restores) throw new Error("the disk was restored after these writes were made: they are dropped");
           },
-        );
-        return stored;
-      }),
+          finish: journalUpTo > 0 ? (em) => em.query(DELETE_JOURNAL, [diskId, journalUpTo]) : undefined,
+          source,
+          onStored(segmentId, indexes, offsets) {
+            for (let k = 0; k < indexes.length; k++) stored.push({ index: indexes[k], segmentId: segmentId!, offset: offsets[k] });
+          },
+        },
+      );
+      return stored;
+    },
   };
 }
 

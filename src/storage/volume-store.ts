@@ -209,6 +209,10 @@ export class VolumeStore {
       fill?: { restores: number };
       /** Runs in the transaction of the last commit (in one of its own when there is nothing to commit). */
       finish?: (em: EntityManager) => Promise<void>;
+      /** Runs first in the transaction of every commit (a writer takes the disk's lock and checks it may still write). */
+      begin?: (em: EntityManager) => Promise<void>;
+      /** The first commit waits for this, after its segment is durable: the commits of writes made one after another stay in order. Its failure fails this call. */
+      after?: Promise<unknown>;
       /** Who writes, as change listeners hear it (a writer that keeps its own block map up to date ignores its own commits). */
       source?: unknown;
       /** Told where each commit put its blocks (`zeros`: blocks that now read as zeros), once it is committed. */
@@ -281,11 +285,12 @@ export class VolumeStore {
       const finish = async () => {
         await durable;
         await before; // commits stay in order
+        await opts.after;
         const written = seg && seg.blocks.indexes.length ? { id: seg.id, size: seg.size, blocks: seg.blocks } : null;
         if (opts.stage) await this.stageBlocks(projectId, diskId, opts.stage, written, z);
         else if (opts.fill) await this.fillBlocks(projectId, diskId, opts.fill.restores, written, end);
         else {
-          await this.commit(projectId, diskId, written, z, end, opts.source);
+          await this.commit(projectId, diskId, written, z, end, opts.source, opts.begin);
           opts.onStored?.(written?.id ?? null, written?.blocks.indexes ?? [], written?.blocks.offsets ?? [], z);
         }
         if (seg) {
@@ -351,9 +356,11 @@ export class VolumeStore {
     zeros: number[],
     finish?: (em: EntityManager) => Promise<void>,
     source?: unknown,
+    begin?: (em: EntityManager) => Promise<void>,
   ): Promise<void> {
     const changes = Boolean(segment || zeros.length);
     await this.ds.transaction(async (em) => {
+      await begin?.(em);
       if (segment) await this.insertSegment(em, projectId, diskId, segment);
       if (changes) await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros));
       await finish?.(em);

@@ -29,6 +29,8 @@ class MemoryStore implements BlockStore {
   readonly source = new Map<number, Buffer>();
   private readonly own = new Set<number>();
   readonly commits: number[][] = [];
+  /** The blocks of every commit asked for, as it starts (before its gate and the commit before it). */
+  readonly started: number[][] = [];
   gate: Promise<void> | null = null;
   readGate: Promise<void> | null = null;
   /** A read of the block map waits for it when one is set. */
@@ -60,8 +62,11 @@ class MemoryStore implements BlockStore {
     return 0;
   }
 
-  async commit(_projectId: string, _diskId: string, blocks: [number, Buffer | null][], { journalUpTo }: { journalUpTo: number }): Promise<StoredBlock[]> {
+  async commit(_projectId: string, _diskId: string, blocks: [number, Buffer | null][], { journalUpTo, after }: { journalUpTo: number; after: Promise<unknown> }): Promise<StoredBlock[]> {
+    this.started.push(blocks.map(([i]) => i));
     if (this.gate) await this.gate;
+    if (this.failing) throw new Error("the store is failing");
+    await after; // as the volume store does: the blocks are stored, and become the disk's after the commit before
     if (this.failing) throw new Error("the store is failing");
     this.commits.push(blocks.map(([i]) => i));
     for (const seq of [...(this.journal?.kept.keys() ?? [])]) if (seq <= journalUpTo) this.journal!.kept.delete(seq);
@@ -331,4 +336,48 @@ test("block buffers are reused from commit to commit: rewriting the same blocks 
   }
   expect(taken.size).toBe(16);
   expect((await w.read(15 * BS, BS)).equals(Buffer.alloc(BS, 5))).toBe(true);
+});
+
+/** Block 0 (ones) committed behind a closed gate, then blocks `next` (twos) committed beside it; both have started. */
+async function twoUnderWay(next: number[]) {
+  const store = new MemoryStore();
+  const w = writes(store);
+  await w.write(0, Buffer.alloc(BS, 1));
+  const gate = opened();
+  store.gate = gate.promise;
+  const first = w.commitNow();
+  for (const i of next) await w.write(i * BS, Buffer.alloc(BS, 2));
+  const second = w.commitNow();
+  await new Promise((r) => setImmediate(r));
+  expect(store.started).toEqual([[0], next]);
+  return { store, w, gate, first, second };
+}
+
+test("two commits are under way at once: the second stores its blocks while the first runs and becomes the disk's after it; reads see the newest", async () => {
+  const { store, w, gate, first, second } = await twoUnderWay([0, 1]);
+  expect(store.commits).toEqual([]);
+  expect((await w.read(0, 2 * BS)).equals(Buffer.alloc(2 * BS, 2))).toBe(true);
+  // A third waits until the first has ended: no more than two batches are held.
+  await w.write(2 * BS, Buffer.alloc(BS, 3));
+  const third = w.commitNow();
+  await new Promise((r) => setImmediate(r));
+  expect(store.started).toHaveLength(2);
+  store.gate = null;
+  gate.open();
+  await Promise.all([first, second, third]);
+  expect(store.commits).toEqual([[0], [0, 1], [2]]);
+  expect(store.blocks.get(0)!.equals(Buffer.alloc(BS, 2))).toBe(true);
+  expect((await w.read(0, 3 * BS)).equals(Buffer.concat([Buffer.alloc(2 * BS, 2), Buffer.alloc(BS, 3)]))).toBe(true);
+});
+
+test("when the first of two commits under way fails, the second does not index its blocks, and the disk's writes fail", async () => {
+  const { store, w, gate, first, second } = await twoUnderWay([1]);
+  store.failing = true;
+  store.gate = null;
+  gate.open();
+  await expect(first).rejects.toThrow("the store is failing");
+  await expect(second).rejects.toThrow("the store is failing");
+  expect(store.commits).toEqual([]);
+  await expect(w.write(2 * BS, Buffer.alloc(BS, 3))).rejects.toThrow("the store is failing");
+  await expect(w.read(0, BS)).rejects.toThrow("the store is failing");
 });

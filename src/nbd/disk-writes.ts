@@ -43,6 +43,14 @@ const JOURNAL_FLUSH_BYTES = 8 * 1024 * 1024;
 const REPLAY_ROWS = 64;
 
 /**
+ * What an uncommitted block costs of the write budget: its buffer, or for a block that reads as zeros (TRIM,
+ * WRITE_ZEROES) about what its map entry takes. Counted as a whole block, a discard of a whole disk (what
+ * `mkfs` does first) made a commit per 256 blocks, and the holes of a sparse image took a third of every batch.
+ */
+const ZERO_COST = 64;
+const cost = (block: Buffer | null) => (block ? BLOCK_SIZE : ZERO_COST);
+
+/**
  * Bytes of acknowledged, uncommitted blocks across every disk of the process; past it, a write waits for its disk's commit.
  * The block buffers are reused: a committed block's buffer goes back to `blocks` for the next write. A fresh 64 KiB
  * buffer per written block is memory the C library hands out between the socket's buffers and keeps when it is
@@ -110,6 +118,8 @@ export function extentsOf(offset: number, end: number, dataBlocks: Iterable<numb
  */
 export class DiskWrites {
   private dirty = new Map<number, Buffer | null>();
+  /** What the uncommitted blocks cost of the write budget (see `cost`). */
+  private dirtyBytes = 0;
   /** The committed block map, a region at a time, as read since the disk last changed. */
   private readonly regions = new Map<number, Promise<Map<number, StoredBlock>>>();
   /** The same regions once read. */
@@ -163,12 +173,6 @@ export class DiskWrites {
     private readonly budget: WriteBudget,
     private readonly limits: { diskBytes: number; delayMs: number },
   ) {}
-
-  get pendingBytes(): number {
-    let blocks = this.dirty.size;
-    for (const m of this.committing) blocks += m.size;
-    return blocks * BLOCK_SIZE;
-  }
 
   /**
    * Starts the disk's writes: with `journal` (null when another process owns the disk's
@@ -621,22 +625,24 @@ export class DiskWrites {
   }
 
   private async set(index: number, block: Buffer | null): Promise<void> {
-    if (!this.dirty.has(index)) {
-      for (;;) {
-        const full = (this.dirty.size + 1) * BLOCK_SIZE > this.limits.diskBytes;
-        if (!full && !(this.budget.used >= this.budget.total && this.dirty.size > 0)) break;
-        // Room comes when a commit takes the blocks (not when it ends): the writes go on while it runs. When the
-        // memory is held by commits under way and the disk's share is not full, their end makes room instead of a
-        // commit of the few blocks written since.
-        const room = new Promise<void>((r) => this.room.push(r));
-        if (full || this.committing.length === 0) (this.queued ?? this.enqueue(false)).catch(() => undefined); // its failure is kept, and thrown below
-        await room;
-        if (this.failure) throw this.failure;
+    for (;;) {
+      const old = this.dirty.get(index);
+      const grows = cost(block) - (old === undefined ? 0 : cost(old));
+      const full = grows > 0 && this.dirty.size > 0 && this.dirtyBytes + grows > this.limits.diskBytes;
+      if (!full && !(grows > 0 && this.dirty.size > 0 && this.budget.used >= this.budget.total)) {
+        this.budget.used += grows;
+        this.dirtyBytes += grows;
+        if (old !== block) this.drop(index, old);
+        break;
       }
-      this.budget.used += BLOCK_SIZE;
+      // Room comes when a commit takes the blocks (not when it ends): the writes go on while it runs. When the
+      // memory is held by commits under way and the disk's share is not full, their end makes room instead of a
+      // commit of the few blocks written since.
+      const room = new Promise<void>((r) => this.room.push(r));
+      if (full || this.committing.length === 0) (this.queued ?? this.enqueue(false)).catch(() => undefined); // its failure is kept, and thrown below
+      await room;
+      if (this.failure) throw this.failure;
     }
-    const old = this.dirty.get(index);
-    if (old !== block) this.drop(index, old);
     this.dirty.set(index, block);
     if (!this.timer) {
       this.timer = setTimeout(() => {
@@ -682,8 +688,10 @@ export class DiskWrites {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     const taken = this.dirty;
+    const takenBytes = this.dirtyBytes;
     this.committing.push(taken);
     this.dirty = new Map();
+    this.dirtyBytes = 0;
     this.takenSeq = upTo;
     this.queued = null;
     this.makeRoom();
@@ -706,7 +714,7 @@ export class DiskWrites {
         // The kept block map now points where the blocks went (the volume store tells every other writer to forget theirs).
         this.patch(blocks, stored);
         this.committing.splice(this.committing.indexOf(taken), 1);
-        this.budget.used -= taken.size * BLOCK_SIZE;
+        this.budget.used -= takenBytes;
         // Every read copies a pending block in the turn it finds it, and no fill is left: the buffers are free.
         for (const [, b] of blocks) if (b) this.budget.blocks.give(b);
       } catch (err) {

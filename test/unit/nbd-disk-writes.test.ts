@@ -381,3 +381,20 @@ test("when the first of two commits under way fails, the second does not index i
   await expect(w.write(2 * BS, Buffer.alloc(BS, 3))).rejects.toThrow("the store is failing");
   await expect(w.read(0, BS)).rejects.toThrow("the store is failing");
 });
+
+test("zeroing a whole disk costs its map entries, not a block each: one commit, however many blocks the disk's share would hold", async () => {
+  const store = new MemoryStore();
+  store.blocks.set(3, Buffer.alloc(BS, 3));
+  store.blocks.set(200, Buffer.alloc(BS, 200 % 256));
+  const budget = new WriteBudget(8 * BS);
+  const w = new DiskWrites(store, "p", "d", 256 * BS, budget, { diskBytes: 4 * BS, delayMs: 60_000 });
+  await w.zero(0, 256 * BS);
+  expect(store.commits).toEqual([]);
+  await w.write(5 * BS, Buffer.alloc(BS, 5)); // a block of data beside them still fits
+  await w.commitNow();
+  expect(store.commits).toHaveLength(1);
+  expect(store.commits[0]).toHaveLength(256);
+  expect(budget.used).toBe(0);
+  expect(store.blocks.has(3) || store.blocks.has(200)).toBe(false);
+  expect((await w.read(0, 8 * BS)).equals(Buffer.concat([Buffer.alloc(5 * BS), Buffer.alloc(BS, 5), Buffer.alloc(2 * BS)]))).toBe(true);
+});

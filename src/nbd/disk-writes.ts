@@ -260,15 +260,29 @@ export class DiskWrites {
     return length;
   }
 
+  /**
+   * Zeros [offset, offset + length). A whole block that holds no data already reads as zeros and is left alone,
+   * so a discard of a whole disk (what `mkfs` does first) costs what the disk holds, not its size: one read of
+   * the block map for the range, and an entry per block that held data.
+   */
   private async clear(offset: number, length: number): Promise<void> {
     let pos = offset;
     const end = offset + length;
+    const first = Math.ceil(offset / BLOCK_SIZE);
+    const last = Math.floor(end / BLOCK_SIZE) - 1;
+    const holding = new Set<number>();
+    if (last >= first) {
+      // Blocks pending now may be committed while the map is read: they count as holding data.
+      for (const m of [...this.committing, this.dirty]) for (const [i, b] of m) if (b && i >= first && i <= last) holding.add(i);
+      for (const r of await this.store.refs(this.diskId, first, last)) holding.add(r.index);
+    }
     while (pos < end) {
       const index = Math.floor(pos / BLOCK_SIZE);
       const inBlock = pos - index * BLOCK_SIZE;
       const n = Math.min(BLOCK_SIZE - inBlock, end - pos);
-      if (n === BLOCK_SIZE) await this.set(index, null);
-      else {
+      if (n === BLOCK_SIZE) {
+        if (holding.has(index) || this.dirty.get(index) || this.committed(index)) await this.set(index, null);
+      } else {
         (await this.writable(index, false)).fill(0, inBlock, inBlock + n);
         this.unfilled.get(index)?.written.push(inBlock, inBlock + n);
       }

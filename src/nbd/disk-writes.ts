@@ -272,7 +272,8 @@ export class DiskWrites {
     const last = Math.floor(end / BLOCK_SIZE) - 1;
     const holding = new Set<number>();
     if (last >= first) {
-      // Blocks pending now may be committed while the map is read: they count as holding data.
+      // Blocks pending now may be committed while the map is read: they count as holding data. Nothing else
+      // becomes pending meanwhile (writes wait for this one), so the set is the whole answer.
       for (const m of [...this.committing, this.dirty]) for (const [i, b] of m) if (b && i >= first && i <= last) holding.add(i);
       for (const r of await this.store.refs(this.diskId, first, last)) holding.add(r.index);
     }
@@ -281,7 +282,7 @@ export class DiskWrites {
       const inBlock = pos - index * BLOCK_SIZE;
       const n = Math.min(BLOCK_SIZE - inBlock, end - pos);
       if (n === BLOCK_SIZE) {
-        if (holding.has(index) || this.dirty.get(index) || this.committed(index)) await this.set(index, null);
+        if (holding.has(index)) await this.set(index, null);
       } else {
         (await this.writable(index, false)).fill(0, inBlock, inBlock + n);
         this.unfilled.get(index)?.written.push(inBlock, inBlock + n);
@@ -642,8 +643,10 @@ export class DiskWrites {
     for (;;) {
       const old = this.dirty.get(index);
       const grows = cost(block) - (old === undefined ? 0 : cost(old));
-      const full = grows > 0 && this.dirty.size > 0 && this.dirtyBytes + grows > this.limits.diskBytes;
-      if (!full && !(grows > 0 && this.dirty.size > 0 && this.budget.used >= this.budget.total)) {
+      // A write that adds nothing, or the first of a batch, always goes in.
+      const bounded = grows > 0 && this.dirty.size > 0;
+      const full = bounded && this.dirtyBytes + grows > this.limits.diskBytes;
+      if (!full && !(bounded && this.budget.used >= this.budget.total)) {
         this.budget.used += grows;
         this.dirtyBytes += grows;
         if (old !== block) this.drop(index, old);

@@ -211,7 +211,7 @@ export class VolumeStore {
       finish?: (em: EntityManager) => Promise<void>;
       /** Runs first in the transaction of every commit (a writer takes the disk's lock and checks it may still write). */
       begin?: (em: EntityManager) => Promise<void>;
-      /** The first commit waits for this, after its segment is durable: the commits of writes made one after another stay in order. Its failure fails this call. */
+      /** Each commit waits for this, after its segment is durable: the commits of writes made one after another stay in order. Its failure fails this call. */
       after?: Promise<unknown>;
       /** Who writes, as change listeners hear it (a writer that keeps its own block map up to date ignores its own commits). */
       source?: unknown;

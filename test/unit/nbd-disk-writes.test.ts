@@ -60,6 +60,16 @@ class MemoryStore implements BlockStore {
     this.blocks.get(Number(segmentId))!.copy(into, 0, offset, offset + into.length);
   }
 
+  /** Holds every commit ("gate") or read of the block map ("refsGate") until the returned function is called. */
+  hold(which: "gate" | "refsGate"): () => void {
+    const held = opened();
+    this[which] = held.promise;
+    return () => {
+      this[which] = null;
+      held.open();
+    };
+  }
+
   async restores(): Promise<number> {
     return 0;
   }
@@ -300,21 +310,17 @@ test("a block's buffer goes back to the pool when its commit ends: a read that m
   store.blocks.set(1, Buffer.alloc(BS, 1));
   const w = writes(store);
   await w.write(2 * BS, Buffer.alloc(BS, 2));
-  const commit = opened();
-  store.gate = commit.promise;
+  const endCommit = store.hold("gate");
   const committed = w.commitNow(); // block 2 is being committed
   // The read finds block 1 in the store (its map is still being read) and block 2 pending.
-  const map = opened();
-  store.refsGate = map.promise;
+  const endMapRead = store.hold("refsGate");
   const reading = w.read(BS, 2 * BS);
   await new Promise((r) => setImmediate(r));
-  store.gate = null;
-  commit.open();
+  endCommit();
   await committed;
   // The next write takes the buffer block 2 had (the pool gives back the last one returned) and fills it.
   await w.write(5 * BS, Buffer.alloc(BS, 5));
-  store.refsGate = null;
-  map.open();
+  endMapRead();
   const read = await reading;
   expect(read.subarray(0, BS).equals(Buffer.alloc(BS, 1))).toBe(true);
   expect(read.subarray(BS).equals(Buffer.alloc(BS, 2))).toBe(true);
@@ -345,18 +351,17 @@ async function twoUnderWay(next: number[]) {
   const store = new MemoryStore();
   const w = writes(store);
   await w.write(0, Buffer.alloc(BS, 1));
-  const gate = opened();
-  store.gate = gate.promise;
+  const endCommits = store.hold("gate");
   const first = w.commitNow();
   for (const i of next) await w.write(i * BS, Buffer.alloc(BS, 2));
   const second = w.commitNow();
   await new Promise((r) => setImmediate(r));
   expect(store.started).toEqual([[0], next]);
-  return { store, w, gate, first, second };
+  return { store, w, endCommits, first, second };
 }
 
 test("two commits are under way at once: the second stores its blocks while the first runs and becomes the disk's after it; reads see the newest", async () => {
-  const { store, w, gate, first, second } = await twoUnderWay([0, 1]);
+  const { store, w, endCommits, first, second } = await twoUnderWay([0, 1]);
   expect(store.commits).toEqual([]);
   expect((await w.read(0, 2 * BS)).equals(Buffer.alloc(2 * BS, 2))).toBe(true);
   // A third waits until the first has ended: no more than two batches are held.
@@ -364,8 +369,7 @@ test("two commits are under way at once: the second stores its blocks while the 
   const third = w.commitNow();
   await new Promise((r) => setImmediate(r));
   expect(store.started).toHaveLength(2);
-  store.gate = null;
-  gate.open();
+  endCommits();
   await Promise.all([first, second, third]);
   expect(store.commits).toEqual([[0], [0, 1], [2]]);
   expect(store.blocks.get(0)!.equals(Buffer.alloc(BS, 2))).toBe(true);
@@ -373,10 +377,9 @@ test("two commits are under way at once: the second stores its blocks while the 
 });
 
 test("when the first of two commits under way fails, the second does not index its blocks, and the disk's writes fail", async () => {
-  const { store, w, gate, first, second } = await twoUnderWay([1]);
+  const { store, w, endCommits, first, second } = await twoUnderWay([1]);
   store.failing = true;
-  store.gate = null;
-  gate.open();
+  endCommits();
   await expect(first).rejects.toThrow("the store is failing");
   await expect(second).rejects.toThrow("the store is failing");
   expect(store.commits).toEqual([]);
@@ -405,19 +408,15 @@ test("zeroing a whole disk touches only the blocks that hold data: stored, pendi
   store.blocks.set(3, Buffer.alloc(BS, 3));
   const w = writes(store);
   await w.write(7 * BS, Buffer.alloc(BS, 7));
-  const gate = opened();
-  store.gate = gate.promise;
+  const endCommit = store.hold("gate");
   const committing = w.commitNow(); // block 7 is being committed
   await w.write(9 * BS, Buffer.alloc(BS, 9)); // block 9 is pending
-  const map = opened();
-  store.refsGate = map.promise;
+  const endMapRead = store.hold("refsGate");
   const zeroing = w.zero(0, 256 * BS);
   await new Promise((r) => setImmediate(r));
-  store.gate = null;
-  gate.open();
+  endCommit();
   await committing; // block 7 is stored now, and the map read before it ended does not show it
-  store.refsGate = null;
-  map.open();
+  endMapRead();
   await zeroing;
   await w.commitNow();
   expect(store.commits).toEqual([[7], [3, 7, 9]]);

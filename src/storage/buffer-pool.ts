@@ -9,6 +9,12 @@ const MIN_CLASS = 1024 * 1024;
  */
 export class BufferPool {
   private readonly free = new Map<number, ArrayBufferLike[]>();
+  /**
+   * A plain pool's buffers handed out and not given back. Only these are taken back: never a slice of Node's
+   * shared slab (whose other slices other code still uses), never one buffer twice. A shared pool's buffers
+   * come back from worker threads as other objects over the same memory, so it checks by capacity alone.
+   */
+  private readonly out = new WeakSet<ArrayBufferLike>();
 
   /**
    * At most `keep` idle buffers of each capacity are kept, and no more of a capacity than
@@ -29,15 +35,17 @@ export class BufferPool {
   take(size: number): Buffer {
     const capacity = Math.max(this.minClass, 2 ** Math.ceil(Math.log2(Math.max(1, size))));
     const ab = this.free.get(capacity)?.pop() ?? (this.shared ? new SharedArrayBuffer(capacity) : Buffer.allocUnsafeSlow(capacity).buffer);
+    if (!this.shared) this.out.add(ab);
     return Buffer.from(ab, 0, size);
   }
 
-  /** Returns a buffer from `take` (or its subarray); nothing may use its memory afterwards. */
+  /** Returns a buffer from `take` (or its subarray); nothing may use its memory afterwards. Any other buffer is ignored. */
   give(buf: Buffer | null | undefined): void {
     const ab = buf?.buffer;
     if (!ab || !(this.shared ? ab instanceof SharedArrayBuffer : ab instanceof ArrayBuffer) || ab.byteLength < this.minClass || (ab.byteLength & (ab.byteLength - 1)) !== 0) return;
+    if (!this.shared && !this.out.delete(ab)) return;
     let list = this.free.get(ab.byteLength);
     if (!list) this.free.set(ab.byteLength, (list = []));
-    if (list.length < this.keep && (list.length + 1) * ab.byteLength <= this.keepBytes && !list.includes(ab)) list.push(ab);
+    if (list.length < this.keep && (list.length + 1) * ab.byteLength <= this.keepBytes && (!this.shared || !list.includes(ab))) list.push(ab);
   }
 }

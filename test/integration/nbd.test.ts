@@ -224,6 +224,19 @@ maybe("disks over NBD", () => {
     expect(Number(used)).toBe(8 * MiB - MiB - 2 * BLOCK);
   });
 
+  it("answers reads of every size with the disk's bytes, a small read's buffer never becoming memory a later reply uses", async () => {
+    const disk = await createDisk(svc, "sizes", 4 * MiB);
+    await writeDisk(svc, disk, Buffer.alloc(4 * MiB, 0x5a));
+    const { uri } = await exportOf(disk, true);
+    // Reads under 4 KiB take their buffers from Node's shared slab, where the replies' headers are cut too; reads
+    // over 4 KiB take pooled buffers. A slab given to the pool came back for the next read with headers written into it.
+    const reads = [];
+    for (let i = 0; i < 20; i++) reads.push("-c", `read -P 0x5a ${i * 4096} 512`, "-c", `read -P 0x5a ${MiB + i * 8192} 8k`, "-c", `read -P 0x5a ${2 * MiB + i} 6000`);
+    const text = await run(qemuIo!, ["-f", "raw", "-r", ...reads, uri]);
+    expect(text).not.toMatch(/error|Pattern verification failed/i);
+    expect(text.match(/^read \d+\/\d+ bytes/gm)).toHaveLength(60);
+  });
+
   it("refuses a wrong or revoked name exactly like an unknown one, and lists nothing", async () => {
     const disk = await createDisk(svc, "names", MiB);
     const good = await exportOf(disk);

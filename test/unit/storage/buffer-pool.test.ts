@@ -94,6 +94,23 @@ describe("BufferPool", () => {
     expect(again.filter((m) => taken.some((t) => t.buffer === m))).toHaveLength(2);
   });
 
+  it("takes back only buffers it handed out: never a slice of Node's shared slab, though its capacity fits a class", () => {
+    const pool = new BufferPool(Infinity, false, Infinity, 8 * 1024);
+    const slice = Buffer.allocUnsafe(512); // a slice of Node's 8 KiB slab, which later small buffers are cut from too
+    expect(slice.buffer.byteLength).toBe(Buffer.poolSize);
+    pool.give(slice);
+    const foreign = Buffer.allocUnsafeSlow(16 * 1024);
+    pool.give(foreign);
+    expect(pool.take(8 * 1024).buffer).not.toBe(slice.buffer);
+    expect(pool.take(16 * 1024).buffer).not.toBe(foreign.buffer);
+    // Its own come back, once each.
+    const own = pool.take(8 * 1024);
+    pool.give(own);
+    pool.give(own);
+    expect(pool.take(8 * 1024).buffer).toBe(own.buffer);
+    expect(pool.take(8 * 1024).buffer).not.toBe(own.buffer);
+  });
+
   it("ignores small buffers, buffers of Node's shared pool, odd capacities, shared memory and nothing", () => {
     const pool = new BufferPool();
     const small = Buffer.allocUnsafeSlow(64 * 1024);

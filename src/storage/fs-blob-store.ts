@@ -4,6 +4,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import { BlobNotFoundError, checkKey, checkPrefix, type BlobInfo, type BlobStore, type BlobWriter } from "./blob-store";
+import { SYNC_READ_BYTES, SyncReads } from "./sync-reads";
 
 const WRITE_BATCH = 1024 * 1024;
 
@@ -237,16 +238,20 @@ class DirectWriter implements BlobWriter {
  */
 /** A blob's file kept open for readFixedInto; closed once dropped and no read uses it. */
 interface KeptFile {
-  fd: Promise<number>;
+  /** The descriptor, once open. */
+  fd: number | null;
+  /** Its opening in the thread pool, while that runs. */
+  opening: Promise<number> | null;
   users: number;
   dropped: boolean;
 }
 
-/** Files readFixedInto keeps open: the segments a disk's random reads touch. */
-const KEPT_FILES = 64;
+/** Files readFixedInto keeps open: the segments a disk's random reads and writes touch (a flush every few writes makes a small segment each). */
+const KEPT_FILES = 256;
 
 export class FsBlobStore implements BlobStore {
   private readonly keptFiles = new Map<string, KeptFile>();
+  private readonly syncReads = new SyncReads();
   readonly name = "fs";
   private readonly root: string;
   /** Free aligned windows for writes that bypass the page cache (found on first use). */
@@ -413,18 +418,25 @@ export class FsBlobStore implements BlobStore {
   }
 
   async readFixedInto(key: string, offset: number, buf: Buffer): Promise<void> {
-    const file = this.kept(key);
+    const sync = buf.length <= SYNC_READ_BYTES && this.syncReads.allowed();
+    const file = this.kept(key, sync);
     file.users++;
     try {
-      let fd: number;
-      try {
-        fd = await file.fd;
-      } catch (err) {
-        throw this.notFound(err, key);
+      let fd = file.fd;
+      if (fd === null) {
+        try {
+          fd = await file.opening!;
+        } catch (err) {
+          throw this.notFound(err, key);
+        }
       }
+      const open = fd;
       let done = 0;
       while (done < buf.length) {
-        const bytesRead = await new Promise<number>((resolve, reject) => fs.read(fd, buf, done, buf.length - done, offset + done, (err, n) => (err ? reject(err) : resolve(n))));
+        const at = done;
+        const bytesRead = sync
+          ? this.syncReads.run(() => fs.readSync(open, buf, at, buf.length - at, offset + at))
+          : await new Promise<number>((resolve, reject) => fs.read(open, buf, at, buf.length - at, offset + at, (err, n) => (err ? reject(err) : resolve(n))));
         if (bytesRead === 0) throw new Error(`blob ${key} is shorter than ${offset + buf.length} bytes`);
         done += bytesRead;
       }
@@ -434,19 +446,35 @@ export class FsBlobStore implements BlobStore {
     }
   }
 
-  /** The kept file of a blob, opened now if it is not; the least recently used beyond KEPT_FILES are closed. */
-  private kept(key: string): KeptFile {
+  /** The kept file of a blob, opened now if it is not (`sync`: on the event loop); the least recently used beyond KEPT_FILES are closed. */
+  private kept(key: string, sync: boolean): KeptFile {
     let file = this.keptFiles.get(key);
     if (file) {
       this.keptFiles.delete(key);
       this.keptFiles.set(key, file);
       return file;
     }
-    const opening = new Promise<number>((resolve, reject) => fs.open(this.file(key), "r", (err, fd) => (err ? reject(err) : resolve(fd))));
-    file = { fd: opening, users: 0, dropped: false };
-    const made = file;
-    // A file that failed to open is not kept.
-    opening.catch(() => this.drop(key, made));
+    if (sync) {
+      let fd: number;
+      try {
+        fd = this.syncReads.run(() => fs.openSync(this.file(key), "r"));
+      } catch (err) {
+        throw this.notFound(err, key);
+      }
+      file = { fd, opening: null, users: 0, dropped: false };
+    } else {
+      const opening = new Promise<number>((resolve, reject) => fs.open(this.file(key), "r", (err, fd) => (err ? reject(err) : resolve(fd))));
+      const made: KeptFile = { fd: null, opening, users: 0, dropped: false };
+      // A file that failed to open is not kept.
+      opening.then(
+        (fd) => {
+          made.fd = fd;
+          made.opening = null;
+        },
+        () => this.drop(key, made),
+      );
+      file = made;
+    }
     this.keptFiles.set(key, file);
     for (const [k, f] of this.keptFiles) {
       if (this.keptFiles.size <= KEPT_FILES) break;
@@ -462,7 +490,8 @@ export class FsBlobStore implements BlobStore {
   }
 
   private closeKept(file: KeptFile): void {
-    file.fd.then((fd) => fs.close(fd, () => undefined)).catch(() => undefined);
+    if (file.fd !== null) fs.close(file.fd, () => undefined);
+    else file.opening?.then((fd) => fs.close(fd, () => undefined)).catch(() => undefined);
   }
 
   closeFiles(): void {

@@ -144,3 +144,55 @@ describe("filesystem blob store crash safety", () => {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 });
+
+describe("filesystem blob store reads of kept files", () => {
+  let dir: string;
+  let store: FsBlobStore;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "stowage-blobs-"));
+    store = new FsBlobStore(dir);
+  });
+  afterEach(() => {
+    jest.restoreAllMocks();
+    store.closeFiles();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("reads a block or less on the event loop and more in the thread pool, the same bytes either way", async () => {
+    const data = crypto.randomBytes(1024 * 1024);
+    await store.put("volumes/d/s", data);
+    const sync = jest.spyOn(fs, "readSync");
+    const pooled = jest.spyOn(fs, "read");
+
+    for (const [offset, length] of [
+      [0, 4096],
+      [123_457, 65_536],
+      [data.length - 100, 100],
+    ]) {
+      const buf = Buffer.alloc(length);
+      await store.readFixedInto("volumes/d/s", offset, buf);
+      expect(buf.equals(data.subarray(offset, offset + length))).toBe(true);
+    }
+    expect(sync).toHaveBeenCalledTimes(3);
+    expect(pooled).not.toHaveBeenCalled();
+
+    const big = Buffer.alloc(65_537);
+    await store.readFixedInto("volumes/d/s", 7, big);
+    expect(big.equals(data.subarray(7, 7 + big.length))).toBe(true);
+    expect(pooled).toHaveBeenCalledTimes(1);
+    expect(sync).toHaveBeenCalledTimes(3);
+  });
+
+  it("reports a missing or deleted blob as BlobNotFoundError on either path, and a read past its end as an error", async () => {
+    await store.put("volumes/d/s", Buffer.alloc(200_000, 7));
+    await store.readFixedInto("volumes/d/s", 0, Buffer.alloc(10)); // kept open now
+    await store.delete("volumes/d/s");
+    for (const n of [4096, 100_000]) {
+      await expect(store.readFixedInto("volumes/d/s", 0, Buffer.alloc(n))).rejects.toBeInstanceOf(BlobNotFoundError);
+      await expect(store.readFixedInto("volumes/d/none", 0, Buffer.alloc(n))).rejects.toBeInstanceOf(BlobNotFoundError);
+    }
+    await store.put("volumes/d/short", Buffer.alloc(1000, 1));
+    await expect(store.readFixedInto("volumes/d/short", 900, Buffer.alloc(200))).rejects.toThrow(/shorter than 1100 bytes/);
+    await expect(store.readFixedInto("volumes/d/short", 900, Buffer.alloc(100_000))).rejects.toThrow(/shorter than 100900 bytes/);
+  });
+});

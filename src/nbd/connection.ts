@@ -60,8 +60,21 @@ class ByteBudget {
   private waiters: (() => void)[] = [];
   constructor(private readonly total: number) {}
 
-  async take(n: number): Promise<void> {
-    while (this.used > 0 && this.used + n > this.total) await new Promise<void>((r) => this.waiters.push(r));
+  /** Takes `n` bytes: at once (undefined) when they fit, else a promise of them. */
+  take(n: number): Promise<void> | undefined {
+    if (this.fits(n)) {
+      this.used += n;
+      return undefined;
+    }
+    return this.wait(n);
+  }
+
+  private fits(n: number): boolean {
+    return this.used === 0 || this.used + n <= this.total;
+  }
+
+  private async wait(n: number): Promise<void> {
+    while (!this.fits(n)) await new Promise<void>((r) => this.waiters.push(r));
     this.used += n;
   }
 
@@ -106,12 +119,6 @@ class RequestError extends Error {
     super(message);
   }
 }
-
-const u64 = (n: number | bigint) => {
-  const b = Buffer.allocUnsafe(8);
-  b.writeBigUInt64BE(BigInt(n));
-  return b;
-};
 
 /**
  * One NBD client: the fixed newstyle handshake, then requests until it disconnects
@@ -377,11 +384,17 @@ export class NbdConnection {
       switch (type) {
         case Cmd.READ:
           if (length > MAX_REQUEST_BYTES) this.error(cookie, NbdErr.EINVAL, `a read of ${length} bytes is over the ${MAX_REQUEST_BYTES}-byte maximum`);
-          else await this.concurrently(length, () => this.read(cookie, range.offset, length));
+          else {
+            const waiting = this.concurrently(length, () => this.read(cookie, range.offset, length));
+            if (waiting) await waiting;
+          }
           break;
         case Cmd.BLOCK_STATUS:
           if (!this.allocationContext) this.error(cookie, NbdErr.EINVAL, "no meta context was negotiated");
-          else await this.concurrently(0, () => this.blockStatus(cookie, range.offset, length, Boolean(flags & CMD_FLAG_REQ_ONE)));
+          else {
+            const waiting = this.concurrently(0, () => this.blockStatus(cookie, range.offset, length, Boolean(flags & CMD_FLAG_REQ_ONE)));
+            if (waiting) await waiting;
+          }
           break;
         case Cmd.FLUSH:
           await this.settle(cookie, () => this.writes!.flush());
@@ -473,17 +486,30 @@ export class NbdConnection {
     }
   }
 
-  /** Starts `fn` beside the requests that follow, within the connection's and the process's budgets of read bytes in flight. */
-  private async concurrently(bytes: number, fn: () => Promise<void>): Promise<void> {
-    await this.reads.take(bytes);
-    await PROCESS_READS.take(bytes);
-    const run = fn()
-      .catch((err: Error) => this.host.log("nbd request failed", { error: err.message, disk: this.export?.diskId }))
-      .finally(() => {
-        PROCESS_READS.give(bytes);
-        this.reads.give(bytes);
-        this.inFlight.delete(run);
-      });
+  /**
+   * Starts `fn` beside the requests that follow, within the connection's and the process's budgets of read
+   * bytes in flight. Returns a promise only when it must wait for them: a request that fits goes on in the
+   * same turn (thousands a second each pay every turn they wait).
+   */
+  private concurrently(bytes: number, fn: () => Promise<void>): Promise<void> | undefined {
+    const mine = this.reads.take(bytes);
+    if (mine) return mine.then(() => PROCESS_READS.take(bytes)).then(() => this.start(bytes, fn));
+    const all = PROCESS_READS.take(bytes);
+    if (all) return all.then(() => this.start(bytes, fn));
+    this.start(bytes, fn);
+    return undefined;
+  }
+
+  private start(bytes: number, fn: () => Promise<void>): void {
+    const end = () => {
+      PROCESS_READS.give(bytes);
+      this.reads.give(bytes);
+      this.inFlight.delete(run);
+    };
+    const run: Promise<void> = fn().then(end, (err: Error) => {
+      this.host.log("nbd request failed", { error: err.message, disk: this.export?.diskId });
+      end();
+    });
     this.inFlight.add(run);
   }
 
@@ -513,9 +539,11 @@ export class NbdConnection {
         return this.error(cookie, NbdErr.EIO, "the disk could not be read", offset + at);
       }
       const last = at + n >= length;
-      const head = this.chunkHeader(cookie, last ? REPLY_FLAG_DONE : 0, Chunk.OFFSET_DATA, 8 + n);
+      // The chunk's header and the offset its data starts at, in one buffer.
+      const head = this.chunkHeader(cookie, last ? REPLY_FLAG_DONE : 0, Chunk.OFFSET_DATA, 8 + n, 8);
+      head.writeBigUInt64BE(BigInt(offset + at), 20);
       this.host.count("READ", { read: n });
-      await this.send([head, u64(offset + at), data], () => READ_BUFFERS.give(data));
+      await this.send([head, data], () => READ_BUFFERS.give(data));
     }
   }
 
@@ -545,8 +573,9 @@ export class NbdConnection {
     return b;
   }
 
-  private chunkHeader(cookie: Buffer, flags: number, type: Chunk, length: number): Buffer {
-    const b = Buffer.allocUnsafe(20);
+  /** A structured reply chunk's header, with room for `extra` bytes of its payload after it. */
+  private chunkHeader(cookie: Buffer, flags: number, type: Chunk, length: number, extra = 0): Buffer {
+    const b = Buffer.allocUnsafe(20 + extra);
     b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
     b.writeUInt16BE(flags, 4);
     b.writeUInt16BE(type, 6);

@@ -160,6 +160,8 @@ export class DiskWrites {
   private restores: number | null = null;
   /** The disk's writes start once what its journal held is applied; every request waits for it. */
   private ready: Promise<void> = Promise.resolve();
+  /** Whether `ready` has settled: a read then need not wait a turn for it. */
+  private started = true;
   /** Why the last commit failed; every later request fails until the disk is let go. */
   failure: Error | null = null;
   /** Connections using these writes (the disk's entry goes when the last leaves). */
@@ -180,14 +182,17 @@ export class DiskWrites {
    * first. Requests made meanwhile wait; a failure here fails them.
    */
   start(journal: Promise<WriteJournal | null>): Promise<void> {
+    this.started = false;
     this.ready = journal.then(async (j) => {
       this.restores = await this.store.restores(this.projectId, this.diskId);
       this.journal = j;
       if (j) await this.replay(j);
     });
-    this.ready = this.ready.catch((err: Error) => {
-      this.failure ??= err;
-    });
+    this.ready = this.ready
+      .catch((err: Error) => {
+        this.failure ??= err;
+      })
+      .finally(() => (this.started = true));
     this.mutations = this.ready;
     return this.ready;
   }
@@ -328,7 +333,7 @@ export class DiskWrites {
 
   /** The same into the caller's buffer. */
   async readInto(offset: number, into: Buffer): Promise<void> {
-    await this.ready;
+    if (!this.started) await this.ready;
     if (this.failure) throw this.failure;
     if (into.length) await this.fill(offset, into, true);
   }
@@ -354,6 +359,11 @@ export class DiskWrites {
       if (ref) region.set(index, ref);
       else region.delete(index);
     }
+  }
+
+  /** Region `r` of the block map: at once when it is loaded, else once read. */
+  private regionNow(r: number): Map<number, StoredBlock> | Promise<Map<number, StoredBlock>> {
+    return this.loaded.get(r) ?? this.region(r);
   }
 
   private region(r: number): Promise<Map<number, StoredBlock>> {
@@ -419,7 +429,9 @@ export class DiskWrites {
         i++;
         continue;
       }
-      const ref = (await this.region(Math.floor(i / REGION_BLOCKS))).get(i);
+      let map = this.regionNow(Math.floor(i / REGION_BLOCKS));
+      if (!(map instanceof Map)) map = await map;
+      const ref = map.get(i);
       if (!ref) {
         into.fill(0, from - offset, to - offset);
         i++;
@@ -433,7 +445,9 @@ export class DiskWrites {
       }
       let j = i;
       while (j < last && pending(j + 1) === undefined) {
-        const next = (await this.region(Math.floor((j + 1) / REGION_BLOCKS))).get(j + 1);
+        let around = this.regionNow(Math.floor((j + 1) / REGION_BLOCKS));
+        if (!(around instanceof Map)) around = await around;
+        const next = around.get(j + 1);
         if (!next || next.segmentId !== ref.segmentId || next.offset !== ref.offset + (j + 1 - i) * BLOCK_SIZE) break;
         j++;
       }
@@ -459,7 +473,8 @@ export class DiskWrites {
         }),
       );
     }
-    await Promise.all(reads);
+    if (reads.length === 1) await reads[0];
+    else if (reads.length) await Promise.all(reads);
   }
 
   /** Where [offset, offset + length) holds data, in runs of whole blocks (the first starts at `offset`); the work grows with the blocks that hold data, not with the length. */

@@ -244,6 +244,8 @@ interface KeptFile {
   opening: Promise<number> | null;
   users: number;
   dropped: boolean;
+  /** When it was last used, on the store's count of uses. */
+  used: number;
 }
 
 /** Files readFixedInto keeps open: the segments a disk's random reads and writes touch (a flush every few writes makes a small segment each). */
@@ -252,6 +254,8 @@ const KEPT_FILES = 256;
 export class FsBlobStore implements BlobStore {
   private readonly keptFiles = new Map<string, KeptFile>();
   private readonly syncReads = new SyncReads();
+  /** Uses of kept files so far: the least recently used is the one with the lowest mark. */
+  private uses = 0;
   readonly name = "fs";
   private readonly root: string;
   /** Free aligned windows for writes that bypass the page cache (found on first use). */
@@ -450,8 +454,7 @@ export class FsBlobStore implements BlobStore {
   private kept(key: string, sync: boolean): KeptFile {
     let file = this.keptFiles.get(key);
     if (file) {
-      this.keptFiles.delete(key);
-      this.keptFiles.set(key, file);
+      file.used = ++this.uses;
       return file;
     }
     if (sync) {
@@ -461,10 +464,10 @@ export class FsBlobStore implements BlobStore {
       } catch (err) {
         throw this.notFound(err, key);
       }
-      file = { fd, opening: null, users: 0, dropped: false };
+      file = { fd, opening: null, users: 0, dropped: false, used: ++this.uses };
     } else {
       const opening = new Promise<number>((resolve, reject) => fs.open(this.file(key), "r", (err, fd) => (err ? reject(err) : resolve(fd))));
-      const made: KeptFile = { fd: null, opening, users: 0, dropped: false };
+      const made: KeptFile = { fd: null, opening, users: 0, dropped: false, used: ++this.uses };
       // A file that failed to open is not kept.
       opening.then(
         (fd) => {
@@ -476,9 +479,11 @@ export class FsBlobStore implements BlobStore {
       file = made;
     }
     this.keptFiles.set(key, file);
-    for (const [k, f] of this.keptFiles) {
-      if (this.keptFiles.size <= KEPT_FILES) break;
-      this.drop(k, f);
+    if (this.keptFiles.size > KEPT_FILES) {
+      // A scan of the few kept files once per opening, rather than reordering them on every read.
+      let oldest: [string, KeptFile] | null = null;
+      for (const entry of this.keptFiles) if (!oldest || entry[1].used < oldest[1].used) oldest = entry;
+      this.drop(...oldest!);
     }
     return file;
   }

@@ -34,9 +34,18 @@ export async function intendBlob(q: Queryable, key: string): Promise<void> {
 
 /** In the transaction that indexes the blob: it is no longer pending. Throws when a collector took the intent for abandoned. */
 export async function fulfilBlob(em: EntityManager, key: string): Promise<void> {
-  const done = await rows(em, `DELETE FROM pending_blobs WHERE key = $1 RETURNING key`, [key]);
-  if (!done.length) throw new Error(`blob ${key} was taken for abandoned before it was indexed`);
+  const done = await rows(em, fulfilling("$1"), [key]);
+  if (!done.length) throw abandoned(key);
 }
+
+/**
+ * The same as SQL for a statement that indexes the blob in one round trip: a CTE whose one row (the key) says the
+ * intent was fulfilled. The statement must write nothing when it has no row, and its caller then throws `abandoned`.
+ */
+export const fulfilling = (keyParam: string) => `DELETE FROM pending_blobs WHERE key = ${keyParam} RETURNING key`;
+
+/** A collector took the intent for abandoned: the blob may be gone, and must not be indexed. */
+export const abandoned = (key: string) => new Error(`blob ${key} was taken for abandoned before it was indexed`);
 
 /** The writes of `keys` were given up (their blobs aborted or never indexed): the blobs are ordinary garbage now. */
 export async function dropIntents(q: Queryable, keys: Iterable<string>): Promise<void> {

@@ -8,7 +8,7 @@ import { BlobNotFoundError, type BlobStore, type BlobWriter } from "./blob-store
 import { BufferPool } from "./buffer-pool";
 import { between, IS_CLONE, lockDisk, viewCtes } from "./clones";
 import { HashList } from "./hash-list";
-import { dropIntents, fulfilBlob, INDEXED_OR_PENDING, intendBlob, pendingUnder } from "./pending-blobs";
+import { abandoned, dropIntents, fulfilling, INDEXED_OR_PENDING, intendBlob, pendingUnder } from "./pending-blobs";
 
 /** Disks are made of 64 KiB blocks: the unit of sparse storage, change tracking and dedup. */
 export { BLOCK_SIZE };
@@ -94,7 +94,7 @@ const VERSION = `(SELECT write_version FROM disks WHERE id = $1)`;
  * through here; besides these, only hydration (fillBlocks, which adds blocks a clone has
  * no row for) and an instant restore (restoreAsClone, which drops rows) change disk_blocks.
  */
-async function applyBlocks(em: EntityManager, diskId: string, blocks: string, params: unknown[]): Promise<void> {
+async function applyBlocks(em: EntityManager, diskId: string, blocks: string, params: unknown[], zeros = true): Promise<void> {
   const args = [diskId, ...params];
   // Used bytes grow by the blocks that now hold data and shrink by those that held it before.
   const [{ clone }] = await rows<{ clone: boolean }>(
@@ -122,7 +122,8 @@ async function applyBlocks(em: EntityManager, diskId: string, blocks: string, pa
     args,
   );
   // Zeroing a block that was never written changes nothing; a written one keeps a tombstone
-  // so the next incremental backup sees the change.
+  // so the next incremental backup sees the change. (`zeros` false: the blocks zero nothing.)
+  if (!zeros) return;
   await em.query(
     `UPDATE disk_blocks b SET segment_id = NULL, segment_offset = NULL, hash = NULL, version = ${VERSION}
        FROM (${blocks}) AS x WHERE x.s IS NULL AND b.disk_id = $1 AND b.block_index = x.i AND b.hash IS NOT NULL`,
@@ -362,7 +363,7 @@ export class VolumeStore {
     await this.ds.transaction(async (em) => {
       await begin?.(em);
       if (segment) await this.insertSegment(em, projectId, diskId, segment);
-      if (changes) await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros));
+      if (changes) await applyBlocks(em, diskId, blocksOf(2), segmentParams(segment, zeros), zeros.length > 0);
       await finish?.(em);
     });
     if (changes) for (const listener of this.changeListeners) listener(diskId, source);
@@ -402,8 +403,15 @@ export class VolumeStore {
 
   /** Indexes a durable segment written by this store, in the transaction that points blocks at it; it stops being pending. */
   async insertSegment(em: EntityManager, projectId: string, diskId: string, segment: { id: string; size: number }): Promise<void> {
-    await em.query(`INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) VALUES ($1, $2, $3, $4)`, [segment.id, projectId, diskId, segment.size]);
-    await fulfilBlob(em, segmentKey(diskId, segment.id));
+    // One round trip: a commit's statements wait for a busy event loop's turn each.
+    const key = segmentKey(diskId, segment.id);
+    const done = await rows(
+      em,
+      `WITH done AS (${fulfilling("$5")})
+       INSERT INTO volume_segments (id, project_id, disk_id, size_bytes) SELECT $1, $2, $3, $4 FROM done RETURNING id`,
+      [segment.id, projectId, diskId, segment.size, key],
+    );
+    if (!done.length) throw abandoned(key);
   }
 
   /**

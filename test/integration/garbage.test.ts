@@ -106,6 +106,26 @@ describe("a blob between being written and being indexed is never collected (GC_
     expect((await svc.storage.volumes.readBlock(diskId, 1)).equals(data.subarray(BLOCK_SIZE))).toBe(true);
   });
 
+  it("does not index a segment whose intent a collector took for abandoned: the write fails and the disk stays as it was", async () => {
+    const diskId = uuid(await createDisk(svc, "abandoned-segment", 4 * MiB));
+    let open!: () => void;
+    const gate = new Promise<void>((r) => (open = r));
+    const write = svc.storage.volumes.putBlocks(svc.projectIds.alpha, diskId, blocksOf(bytes(2 * BLOCK_SIZE, 13), gate));
+    write.catch(() => undefined);
+    let key: string | undefined;
+    while (!key) {
+      [{ key } = { key: undefined }] = await svc.ds.query(`SELECT key FROM pending_blobs WHERE starts_with(key, $1)`, [`volumes/${diskId}/`]);
+      if (!key) await new Promise((r) => setTimeout(r, 20));
+    }
+    await svc.ds.query(`DELETE FROM pending_blobs WHERE key = $1`, [key]); // what a collector does with an abandoned intent
+    open();
+    await expect(write).rejects.toThrow(`blob ${key} was taken for abandoned before it was indexed`);
+    expect(await svc.ds.query(`SELECT 1 FROM volume_segments WHERE disk_id = $1`, [diskId])).toEqual([]);
+    expect(await svc.ds.query(`SELECT 1 FROM disk_blocks WHERE disk_id = $1`, [diskId])).toEqual([]);
+    const [{ used }] = await svc.ds.query(`SELECT used_bytes::bigint AS used FROM disks WHERE id = $1`, [diskId]);
+    expect(Number(used)).toBe(0);
+  });
+
   it("keeps a vault pack whose index waits, and its chunks read back", async () => {
     const project = svc.projectIds.alpha;
     const chunk = bytes(BLOCK_SIZE, 13);

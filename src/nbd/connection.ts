@@ -49,11 +49,15 @@ import { ConnectionClosed, SocketReader } from "./reader";
  * fast as 32 did, and 7 readers beside a writer no longer grow the C library's heap.
  */
 const READ_BYTES_TOTAL = 16 * 1024 * 1024;
-/** Buffers of reads, in power-of-two sizes from 8 KiB, reused once the socket has taken their bytes. */
-const READ_BUFFERS = new BufferPool(Infinity, false, READ_BYTES_TOTAL, 8 * 1024);
-/** Reads up to this size take a fresh buffer from Node's own small-buffer slabs. */
+/** Buffers of reads, in power-of-two sizes from 4 KiB, reused once the socket has taken their bytes. */
+const READ_BUFFERS = new BufferPool(Infinity, false, READ_BYTES_TOTAL, 4 * 1024);
+/**
+ * Reads from this size take a pooled buffer; smaller ones a slice of Node's own 8 KiB slabs. Node cuts only
+ * buffers under 4 KiB from its slabs: a 4 KiB read (a file system's block, a random reader's request) had a
+ * fresh ArrayBuffer of its own each time, thousands a second for the garbage collector.
+ */
 const POOLED_FROM = 4 * 1024;
-const readBuffer = (n: number) => (n > POOLED_FROM ? READ_BUFFERS.take(n) : Buffer.allocUnsafe(n));
+const readBuffer = (n: number) => (n >= POOLED_FROM ? READ_BUFFERS.take(n) : Buffer.allocUnsafe(n));
 
 /** A number of bytes shared by whoever takes them; a take waits until they fit (one larger than all of it runs alone). */
 class ByteBudget {

@@ -229,7 +229,7 @@ maybe("disks over NBD", () => {
     await writeDisk(svc, disk, Buffer.alloc(4 * MiB, 0x5a));
     const { uri } = await exportOf(disk, true);
     // Reads under 4 KiB take their buffers from Node's shared slab, where the replies' headers are cut too; reads
-    // over 4 KiB take pooled buffers. A slab given to the pool came back for the next read with headers written into it.
+    // of 4 KiB and more take pooled buffers. A slab given to the pool came back for the next read with headers written into it.
     const reads = [];
     for (let i = 0; i < 20; i++) reads.push("-c", `read -P 0x5a ${i * 4096} 512`, "-c", `read -P 0x5a ${MiB + i * 8192} 8k`, "-c", `read -P 0x5a ${2 * MiB + i} 6000`);
     const text = await run(qemuIo!, ["-f", "raw", "-r", ...reads, uri]);

@@ -22,15 +22,29 @@ describe("BufferPool", () => {
     }
   });
 
-  it("keeps no more idle buffers of a capacity than fit in its byte budget", () => {
+  it("keeps at most its byte budget of idle buffers over all capacities, the latest given taking the room of others", () => {
     const pool = new BufferPool(64, false, 8 * MiB);
     const small = Array.from({ length: 10 }, () => pool.take(MiB));
     const large = Array.from({ length: 3 }, () => pool.take(4 * MiB));
-    for (const b of [...small, ...large]) pool.give(b);
     const again = (n: number, size: number) => Array.from({ length: n }, () => pool.take(size).buffer);
-    // Eight 1 MiB buffers and two 4 MiB ones came back; the rest are new.
-    expect(again(10, MiB).filter((ab) => small.some((b) => b.buffer === ab))).toHaveLength(8);
+    for (const b of small) pool.give(b);
+    // Eight 1 MiB buffers fit; then each 4 MiB buffer takes the room of four of them, and the third finds none.
+    for (const b of large) pool.give(b);
     expect(again(3, 4 * MiB).filter((ab) => large.some((b) => b.buffer === ab))).toHaveLength(2);
+    expect(again(10, MiB).filter((ab) => small.some((b) => b.buffer === ab))).toHaveLength(0);
+  });
+
+  it("takes room from the capacity holding the most idle bytes", () => {
+    const pool = new BufferPool(64, false, 8 * MiB);
+    const ones = Array.from({ length: 4 }, () => pool.take(MiB));
+    const two = pool.take(2 * MiB);
+    const four = pool.take(4 * MiB);
+    for (const b of [...ones, two, four]) pool.give(b);
+    // 4 MiB of 1 MiB buffers and 2 MiB of one 2 MiB buffer were idle: the 4 MiB buffer took two of the 1 MiB ones.
+    expect(pool.take(4 * MiB).buffer).toBe(four.buffer);
+    expect(pool.take(2 * MiB).buffer).toBe(two.buffer);
+    const back = Array.from({ length: 4 }, () => pool.take(MiB).buffer);
+    expect(back.filter((ab) => ones.some((b) => b.buffer === ab))).toHaveLength(2);
   });
 
   it("hands out shared memory when asked, and takes back only its own kind", () => {

@@ -554,10 +554,29 @@ export class DiskWrites {
     }
   }
 
-  /** Drops the timer; what is still buffered is committed by the last `commitNow`. */
-  stop(): void {
+  /**
+   * Drops the timer; what is still buffered is committed by the last `commitNow`. After a failure
+   * no commit takes the blocks left, pending or in the commits that failed: once those commits
+   * have ended, their memory goes back to the process's write budget and its pool (nobody reads
+   * them once the last connection has left), or every failed disk would hold some of it until
+   * the process ends.
+   */
+  stop(): Promise<void> {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
+    const giveBack = () => {
+      if (!this.failure) return;
+      for (const blocks of [this.dirty, ...this.committing]) {
+        for (const [index, b] of blocks) {
+          this.budget.used -= cost(b);
+          this.drop(index, b); // once no fill writes into it
+        }
+      }
+      this.dirty = new Map();
+      this.dirtyBytes = 0;
+      this.committing = [];
+    };
+    return this.lastEnd.then(giveBack, giveBack);
   }
 
   private mutate(fn: () => Promise<void>): Promise<void> {

@@ -177,7 +177,7 @@ export async function startNbdServer(deps: NbdServerDeps): Promise<NbdServer> {
   /** One user fewer; the last lets the disk's writes (and its journal) go, once it has committed them. */
   const release = (writes: DiskWrites) => {
     if (--writes.users > 0 || disks.get(writes.diskId) !== writes) return;
-    writes.stop();
+    void writes.stop();
     disks.delete(writes.diskId);
     const taken = owned.get(writes);
     owned.delete(writes);

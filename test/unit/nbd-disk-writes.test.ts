@@ -387,6 +387,34 @@ test("when the first of two commits under way fails, the second does not index i
   await expect(w.read(0, BS)).rejects.toThrow("the store is failing");
 });
 
+test("a disk whose commit failed gives its blocks back to the process's write budget and its pool once its writes are let go", async () => {
+  const store = new MemoryStore();
+  store.blocks.set(9, Buffer.alloc(BS, 9));
+  const budget = new WriteBudget(1024 * BS);
+  const w = new DiskWrites(store, "p", "d", 256 * BS, budget, { diskBytes: 64 * BS, delayMs: 60_000 });
+  const given = jest.spyOn(budget.blocks, "give");
+  await w.write(0, Buffer.alloc(3 * BS, 1));
+  const endCommit = store.hold("gate");
+  const committing = w.commitNow(); // blocks 0-2
+  await w.write(5 * BS, Buffer.alloc(BS, 5)); // pending beside it
+  await w.zero(9 * BS, BS); // a zeroed block that held data: it costs its map entry
+  store.failing = true;
+  endCommit();
+  await expect(committing).rejects.toThrow("the store is failing");
+  expect(budget.used).toBe(4 * BS + 64);
+  expect(given).not.toHaveBeenCalled();
+  await w.stop();
+  expect(budget.used).toBe(0);
+  expect(given).toHaveBeenCalledTimes(4);
+  // A disk let go without a failure has nothing left to give back: its commit gave back its block already.
+  const other = new WriteBudget(1024 * BS);
+  const healthy = new DiskWrites(new MemoryStore(), "p", "e", 256 * BS, other, { diskBytes: 64 * BS, delayMs: 60_000 });
+  await healthy.write(0, Buffer.alloc(BS, 1));
+  await healthy.commitNow();
+  await healthy.stop();
+  expect(other.used).toBe(0);
+});
+
 test("zeroing blocks costs their map entries, not a block each: one commit, however many blocks the disk's share would hold", async () => {
   const store = new MemoryStore();
   for (let i = 0; i < 200; i++) store.blocks.set(i, Buffer.alloc(BS, 1));

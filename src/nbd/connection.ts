@@ -43,11 +43,11 @@ import { ConnectionClosed, SocketReader } from "./reader";
 
 /**
  * Bytes of reads in progress across every connection of the process, and the most kept of idle read buffers
- * of all sizes (per size, clients asking for a dozen sizes kept a dozen times this): the buffers of reads in
- * flight are all reused. A fresh buffer per read is external memory that waits
- * for a collection (under several busy readers, most of the process's size and a third of a sequential read's
- * time), and memory the C library keeps once it is freed. 16 MiB keeps a sequential reader's four connections as
- * fast as 32 did, and 7 readers beside a writer no longer grow the C library's heap.
+ * over all sizes (kept per size, clients asking for a dozen sizes kept a dozen times this). The buffers of reads
+ * in flight are all reused: a fresh buffer per read is external memory that waits for a collection (under
+ * several busy readers, most of the process's size and a third of a sequential read's time), and memory the C
+ * library keeps once it is freed. 16 MiB keeps a sequential reader's four connections as fast as 32 did, and
+ * 7 readers beside a writer no longer grow the C library's heap.
  */
 const READ_BYTES_TOTAL = 16 * 1024 * 1024;
 /** Buffers of reads, in power-of-two sizes from 4 KiB, reused once the socket has taken their bytes. */

@@ -112,11 +112,10 @@ describe("a blob between being written and being indexed is never collected (GC_
     const gate = new Promise<void>((r) => (open = r));
     const write = svc.storage.volumes.putBlocks(svc.projectIds.alpha, diskId, blocksOf(bytes(2 * BLOCK_SIZE, 13), gate));
     write.catch(() => undefined);
+    // The segment's intent, once the write has recorded it (its first block is written, the second held by the gate).
+    const intent = async (): Promise<string | undefined> => (await svc.ds.query(`SELECT key FROM pending_blobs WHERE starts_with(key, $1)`, [`volumes/${diskId}/`]))[0]?.key;
     let key: string | undefined;
-    while (!key) {
-      [{ key } = { key: undefined }] = await svc.ds.query(`SELECT key FROM pending_blobs WHERE starts_with(key, $1)`, [`volumes/${diskId}/`]);
-      if (!key) await new Promise((r) => setTimeout(r, 20));
-    }
+    while (!(key = await intent())) await new Promise((r) => setTimeout(r, 20));
     await svc.ds.query(`DELETE FROM pending_blobs WHERE key = $1`, [key]); // what a collector does with an abandoned intent
     open();
     await expect(write).rejects.toThrow(`blob ${key} was taken for abandoned before it was indexed`);

@@ -158,6 +158,16 @@ maybe("disks over NBD", () => {
     await run(qemuImg!, ["convert", "-n", "-f", "raw", "-O", "raw", src, uri]);
     await run(qemuImg!, ["compare", "-f", "raw", "-F", "raw", src, uri]);
     expect(sha(await readDisk(svc, disk))).toBe(sha(image));
+    // Each stored block is named by the SHA-256 of its bytes (backups deduplicate by it), and blocks of zeros are holes.
+    const named: [number, string][] = [];
+    for (let i = 0; i < size / BLOCK; i++) {
+      const block = image.subarray(i * BLOCK, (i + 1) * BLOCK);
+      if (block.some((b) => b !== 0)) named.push([i, sha(block)]);
+    }
+    await eventually(async () => {
+      const rows = await svc.ds.query(`SELECT block_index::bigint AS i, hash FROM disk_blocks WHERE disk_id = $1 AND hash IS NOT NULL ORDER BY block_index`, [uuid(disk)]);
+      expect(rows.map((r: { i: string; hash: Buffer }) => [Number(r.i), r.hash.toString("hex")])).toEqual(named);
+    });
     // nbdcopy in over its 4 connections at once (multi-conn), into a service whose write buffer (1 MiB a disk)
     // fills and commits in the middle of requests all the time: every byte lands.
     const small = await startTestService({ NBD_PORT: String(await freePort()), NBD_WRITE_BUFFER_BYTES: String(4 * MiB) });

@@ -96,20 +96,23 @@ const VERSION = `(SELECT write_version FROM disks WHERE id = $1)`;
  */
 async function applyBlocks(em: EntityManager, diskId: string, blocks: string, params: unknown[], zeros = true): Promise<void> {
   const args = [diskId, ...params];
-  // Used bytes grow by the blocks that now hold data and shrink by those that held it before.
+  // Used bytes grow by the blocks that now hold data and shrink by those that held it before. The rows
+  // before are looked up by key (`= ANY` of the block list), whatever the statistics say: as a join,
+  // while the statistics were behind a disk that had grown (any disk being filled), the planner read
+  // every row of the disk for each commit, a cost that grew with what the disk holds.
   const [{ clone }] = await rows<{ clone: boolean }>(
     em,
     `WITH x AS (${blocks})
      UPDATE disks d SET write_version = write_version + 1,
             used_bytes = used_bytes + ${BLOCK_SIZE} * ((SELECT count(*) FROM x WHERE x.s IS NOT NULL)
-                                      - (SELECT count(*) FROM disk_blocks b JOIN x ON b.block_index = x.i WHERE b.disk_id = $1 AND b.hash IS NOT NULL))
+                                      - (SELECT count(*) FROM disk_blocks b WHERE b.disk_id = $1 AND b.block_index = ANY(ARRAY(SELECT x.i FROM x)) AND b.hash IS NOT NULL))
       WHERE id = $1 RETURNING ${IS_CLONE("d")} AS clone`,
     args,
   );
   // A clone's blocks with no row of their own read as its source's: those held data too.
   if (clone) {
     await em.query(
-      `WITH RECURSIVE x AS (${blocks}), ${viewCtes("$1", (c) => `${c} IN (SELECT i FROM x)`)}
+      `WITH RECURSIVE x AS (${blocks}), ${viewCtes("$1", (c) => `${c} = ANY(ARRAY(SELECT i FROM x))`)}
        UPDATE disks SET used_bytes = used_bytes - ${BLOCK_SIZE} * (SELECT count(*) FROM view v WHERE v.segment_id IS NULL AND v.hash IS NOT NULL) WHERE id = $1`,
       args,
     );
@@ -126,7 +129,7 @@ async function applyBlocks(em: EntityManager, diskId: string, blocks: string, pa
   if (!zeros) return;
   await em.query(
     `UPDATE disk_blocks b SET segment_id = NULL, segment_offset = NULL, hash = NULL, version = ${VERSION}
-       FROM (${blocks}) AS x WHERE x.s IS NULL AND b.disk_id = $1 AND b.block_index = x.i AND b.hash IS NOT NULL`,
+      WHERE b.disk_id = $1 AND b.block_index = ANY(ARRAY(SELECT x.i FROM (${blocks}) AS x WHERE x.s IS NULL)) AND b.hash IS NOT NULL`,
     args,
   );
   // A clone's block with no row reads as its source's: zeroing it takes a tombstone of its own.

@@ -59,6 +59,12 @@ export class BufferPool {
     this.idle += capacity;
   }
 
+  /** Drops every idle buffer (their memory goes once nothing else holds it); buffers handed out may still come back. */
+  clear(): void {
+    this.free.clear();
+    this.idle = 0;
+  }
+
   /** Drops an idle buffer of the capacity other than `keep` that holds the most idle bytes. */
   private evict(keep: number): void {
     let most: number | null = null;

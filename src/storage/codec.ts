@@ -104,19 +104,33 @@ interface Slot {
 }
 
 /**
+ * How long the workers stay without work (and no digest open) before they stop, and the pool's idle
+ * buffers go with them. Two idle workers are about 19 MiB of a process that may only serve the API or
+ * NBD for hours; the next operation starts them again, a few milliseconds before a job's first batch.
+ */
+const IDLE_MS = 30_000;
+
+/**
  * The data path's hashing, compression and checked decompression, spread over
  * worker threads so the main thread keeps reading, writing and talking to
  * Postgres meanwhile. Buffers of the pool (shared memory) are used in place;
  * other buffers handed to an operation are moved to the worker
  * (the caller's copy becomes empty) and come back in the result. With no
- * workers, the same code runs inline.
+ * workers, the same code runs inline. The workers start with the first
+ * operation and stop after `idleMs` without one.
  */
 export class ChunkCodec {
-  private readonly slots: Slot[] = [];
+  /** The running workers: none until an operation needs them, and none again once they have been idle for `idleMs`. */
+  private slots: Slot[] = [];
   private readonly pending = new Map<number, { resolve(r: Record<string, unknown>): void; reject(e: Error): void }>();
   private readonly inline: Ops | null;
   private next = 0;
   private streams = 0;
+  /** Digests started and not finished: their state lives in a worker, which must not stop meanwhile. */
+  private openDigests = 0;
+  /** When the last operation ended, and the timer that stops idle workers. */
+  private lastUsed = 0;
+  private idleTimer: NodeJS.Timeout | null = null;
   private closed = false;
   /**
    * Buffers the data path reuses, in shared memory: the workers work in them in
@@ -128,17 +142,25 @@ export class ChunkCodec {
 
   constructor(
     readonly level = 1,
-    threads = os.availableParallelism(),
+    /** Worker threads (0: every operation runs inline, on the caller's thread). */
+    readonly threads = os.availableParallelism(),
+    private readonly idleMs = IDLE_MS,
   ) {
     this.inline = threads === 0 ? makeOps(level) : null;
-    for (let i = 0; i < threads; i++) {
-      const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { level, ops: path.join(__dirname, "codec-ops.js") } });
+  }
+
+  /** The workers, started if they are not running. */
+  private workers(): Slot[] {
+    if (this.slots.length) return this.slots;
+    for (let i = 0; i < this.threads; i++) {
+      const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { level: this.level, ops: path.join(__dirname, "codec-ops.js") } });
       worker.unref();
       const slot = { worker, busy: 0 };
       worker.on("message", ({ id, result, error }: { id: number; result?: Record<string, unknown>; error?: string }) => {
         slot.busy--;
         const p = this.pending.get(id);
         this.pending.delete(id);
+        if (this.pending.size === 0) this.idle();
         if (error !== undefined) p?.reject(new Error(error));
         else p?.resolve(result!);
       });
@@ -148,10 +170,27 @@ export class ChunkCodec {
       });
       this.slots.push(slot);
     }
+    return this.slots;
   }
 
-  get threads(): number {
-    return this.slots.length;
+  /** No operation is under way: the workers stop once `idleMs` passes without one (and with no digest open). */
+  private idle(): void {
+    this.lastUsed = performance.now();
+    if (this.idleTimer) return;
+    const check = () => {
+      this.idleTimer = null;
+      if (this.closed || !this.slots.length || this.pending.size || this.openDigests) return;
+      const left = this.lastUsed + this.idleMs - performance.now();
+      if (left > 0) {
+        this.idleTimer = setTimeout(check, left).unref();
+        return;
+      }
+      const stopping = this.slots;
+      this.slots = [];
+      for (const s of stopping) void s.worker.terminate();
+      this.buffers.clear();
+    };
+    this.idleTimer = setTimeout(check, this.idleMs).unref();
   }
 
   /** The most bytes `compress` makes of `blocks` blocks of `size` bytes. */
@@ -168,7 +207,7 @@ export class ChunkCodec {
         return Promise.reject(err as Error);
       }
     }
-    const target = slot ?? this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
+    const target = slot ?? this.workers().reduce((a, b) => (b.busy < a.busy ? b : a));
     const id = this.next++;
     target.busy++;
     return new Promise<Record<string, unknown>>((resolve, reject) => {
@@ -238,6 +277,7 @@ export class ChunkCodec {
 
   /** A SHA-256 over a stream of buffers, computed on one worker in the order they are given. */
   digest(): StreamDigest {
+    this.openDigests++;
     return new StreamDigest(this, this.streams++);
   }
 
@@ -251,13 +291,17 @@ export class ChunkCodec {
       input = this.inline && parts.length === 1 ? parts[0] : this.buffers.take(total);
       if (input !== parts[0]) for (let i = 0, at = 0; i < parts.length; at += parts[i].length, i++) parts[i].copy(input, at);
     }
-    const slot = this.slots.length ? this.slots[stream % this.slots.length] : undefined;
-    const r = await this.call("digest", { stream, zeros: args.zeros, done: args.done, data: input }, input && !this.inline ? [input] : [], slot);
+    const slots = this.inline ? [] : this.workers();
+    const slot = slots.length ? slots[stream % slots.length] : undefined;
+    const r = await this.call("digest", { stream, zeros: args.zeros, done: args.done, data: input }, input && !this.inline ? [input] : [], slot).finally(() => {
+      if (args.done) this.openDigests--;
+    });
     if (input && input !== parts[0]) this.buffers.give(asBuffer(r.data as Uint8Array));
     return r;
   }
 
   async close(): Promise<void> {
+    if (this.idleTimer) clearTimeout(this.idleTimer);
     await Promise.all(this.slots.map((s) => s.worker.terminate()));
     this.closed = true;
     for (const p of this.pending.values()) p.reject(new Error("the codec's workers are stopped"));

@@ -335,6 +335,56 @@ describe("ChunkCodec.bound", () => {
   });
 });
 
+describe("ChunkCodec's workers", () => {
+  type Workers = { slots: { worker: import("node:worker_threads").Worker }[] };
+  const workersOf = (codec: ChunkCodec) => (codec as unknown as Workers).slots.map((s) => s.worker);
+  const exited = (workers: import("node:worker_threads").Worker[]) => Promise.all(workers.map((w) => new Promise<number>((resolve) => w.once("exit", resolve))));
+  const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+  let codec: ChunkCodec;
+  afterEach(async () => {
+    await codec.close();
+  });
+
+  it("start with the first operation", async () => {
+    codec = new ChunkCodec(1, 2);
+    expect(workersOf(codec)).toHaveLength(0);
+    expect((await codec.hash(Buffer.from(TEXT), BLOCK)).hashes[0]!.equals(sha256(TEXT))).toBe(true);
+    expect(workersOf(codec)).toHaveLength(2);
+  });
+
+  it("stop once idle, with the pool's idle buffers, and start again for the next operation", async () => {
+    codec = new ChunkCodec(1, 2, 50);
+    const pooled = codec.buffers.take(2 ** 20);
+    codec.buffers.give(pooled);
+    await codec.hash(Buffer.from(TEXT), BLOCK);
+    const first = workersOf(codec);
+    expect(await exited(first)).toHaveLength(2);
+    expect(workersOf(codec)).toHaveLength(0);
+    expect(codec.buffers.take(2 ** 20).buffer).not.toBe(pooled.buffer);
+    const original = sample();
+    const { hashes } = await codec.hash(Buffer.from(original), BLOCK);
+    expect(hashes[3]!.equals(sha256(blockOf(original, 3)))).toBe(true);
+    const second = workersOf(codec);
+    expect(second).toHaveLength(2);
+    expect(second.some((w) => first.includes(w))).toBe(false);
+  });
+
+  it("stay while a digest is open, whose state lives in one of them", async () => {
+    codec = new ChunkCodec(1, 2, 50);
+    const digest = codec.digest();
+    const a = bytes(3 * BLOCK, 21);
+    const b = bytes(BLOCK, 22);
+    await digest.update(a);
+    const workers = workersOf(codec);
+    await sleep(200);
+    expect(workersOf(codec)).toEqual(workers);
+    await digest.update(b);
+    expect((await digest.digest()).equals(sha256(Buffer.concat([a, b])))).toBe(true);
+    expect(await exited(workers)).toHaveLength(2);
+    expect(workersOf(codec)).toHaveLength(0);
+  });
+});
+
 describe("ChunkCodec.close", () => {
   it("terminates its workers", async () => {
     const codec = new ChunkCodec(1, 2);

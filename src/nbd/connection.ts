@@ -402,9 +402,12 @@ export class NbdConnection {
             if (waiting) await waiting;
           }
           break;
-        case Cmd.FLUSH:
-          await this.settle(cookie, () => this.writes!.flush());
+        case Cmd.FLUSH: {
+          // Beside the requests after it: FLUSHes that come while one is being made durable share the next journal row.
+          const waiting = this.concurrently(0, () => this.settle(cookie, () => this.writes!.flush()));
+          if (waiting) await waiting;
           break;
+        }
         case Cmd.TRIM:
         case Cmd.WRITE_ZEROES:
           if (exp.readOnly) this.error(cookie, NbdErr.EPERM, "the export is read-only");

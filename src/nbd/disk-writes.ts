@@ -154,6 +154,8 @@ export class DiskWrites {
   private takenSeq = 0;
   /** Journal appends in order: a commit waits for those it covers before deleting them. */
   private appending: Promise<void> = Promise.resolve();
+  /** The next append, not started yet: a FLUSH that comes meanwhile waits for it rather than making a row of its own. */
+  private joining: Promise<void> | null = null;
   /** The commit under way that takes writes no journal row holds (a FLUSH waits for it). */
   private covering: Promise<void> | null = null;
   /** The restores the disk had when its writes started here (null: not known, the writes never started). */
@@ -504,27 +506,43 @@ export class DiskWrites {
     await this.ready;
     if (this.failure) throw this.failure;
     if (!this.journal || this.logOverflow) return this.enqueue(false);
-    const records = this.log;
-    this.log = [];
-    this.logBytes = 0;
     const covering = this.covering;
-    if (records.length) {
-      const seq = ++this.seq;
+    await (this.joining ??= this.append());
+    if (covering) await covering;
+    if (this.failure) throw this.failure;
+  }
+
+  /**
+   * Once the appends before it have ended, appends what was acknowledged until then as one row: the FLUSHes that
+   * came while those ran share it (a guest flushing from several queues, or `fio` at depth 16 with a FLUSH about
+   * every fifth write, pays one Postgres commit for them all). Resolves once that is durable, in the journal or
+   * (the journal failed or overflowed meanwhile) by a commit.
+   */
+  private append(): Promise<void> {
+    let commit = false;
+    const appended = this.appending.then(async () => {
+      this.joining = null;
       const journal = this.journal;
-      const row = encodeRecords(records);
-      const append = this.appending.then(() => journal.append(this.diskId, seq, row));
-      this.appending = append.catch(() => undefined);
+      if (!journal || this.logOverflow) {
+        commit = true;
+        return;
+      }
+      const records = this.log;
+      this.log = [];
+      this.logBytes = 0;
+      if (!records.length) return;
       try {
-        await append;
+        await journal.append(this.diskId, ++this.seq, encodeRecords(records));
       } catch {
         // The journal did not take them (they may or may not be in it): a commit makes them durable all the same, and
         // journaling stops, so no later row lands after one that may be missing.
         this.journal = null;
-        return this.enqueue(false);
+        commit = true;
       }
-    } else await this.appending;
-    if (covering) await covering;
-    if (this.failure) throw this.failure;
+    });
+    // A commit waits for the appends before it, but not for the commit one of them falls back to.
+    this.appending = appended.catch(() => undefined);
+    return appended.then(() => (commit ? this.enqueue(false) : undefined));
   }
 
   /** From now on a FLUSH commits (the journal is no longer this process's); rows already appended go with the next commit. */

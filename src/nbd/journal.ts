@@ -3,7 +3,8 @@ import type { DataSource } from "typeorm";
 /**
  * The NBD write journal. A FLUSH makes the writes acknowledged since the last one
  * durable by appending them, as they came, to the disk's journal (one row, one
- * Postgres commit): a few KiB for a file system's metadata, where committing them
+ * Postgres commit, shared by the FLUSHes that came while the row before it was
+ * appended): a few KiB for a file system's metadata, where committing them
  * would write whole 64 KiB blocks, a segment and the block map. The blocks are
  * committed later, in batches, and that commit deletes the rows it covers in its
  * own transaction. Whoever next owns the disk's writes (after a crash, the same

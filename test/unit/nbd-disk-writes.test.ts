@@ -6,7 +6,13 @@ const BS = 64 * 1024;
 /** Journal rows kept in memory. */
 class MemoryJournal implements WriteJournal {
   readonly kept = new Map<number, Buffer>();
+  /** Appends started; each waits for the next of `gates` there is, in turn. */
+  appends = 0;
+  gates: Promise<void>[] = [];
   async append(_diskId: string, seq: number, records: Buffer): Promise<void> {
+    this.appends++;
+    const gate = this.gates.shift();
+    if (gate) await gate;
     this.kept.set(seq, Buffer.from(records));
   }
   async rows(_diskId: string, afterSeq: number, limit: number) {
@@ -263,6 +269,43 @@ test("writes taken by a running commit and journaled after it are applied again 
   expected.fill(2, 100, 110);
   expect((await afterRestart(store)).equals(expected)).toBe(true);
   expect(store.journal!.kept.size).toBe(0);
+});
+
+test("FLUSHes that come while the journal appends share its next row, and each returns once a row holds its writes", async () => {
+  const journal = new MemoryJournal();
+  const store = new MemoryStore(journal);
+  const w = writes(store);
+  const [slow1, slow2] = [opened(), opened()];
+  journal.gates = [slow1.promise, slow2.promise];
+  const returned: string[] = [];
+  const flush = (name: string) => w.flush().then(() => returned.push(name));
+  await w.write(0, Buffer.from("a"));
+  const first = flush("first");
+  await new Promise((r) => setTimeout(r, 5));
+  expect(journal.appends).toBe(1);
+  await w.write(10, Buffer.from("b"));
+  const second = flush("second");
+  await w.write(20, Buffer.from("c"));
+  const third = flush("third");
+  await new Promise((r) => setTimeout(r, 5));
+  expect(returned).toEqual([]);
+  slow1.open();
+  await first;
+  await new Promise((r) => setTimeout(r, 5));
+  expect(returned).toEqual(["first"]);
+  expect(journal.appends).toBe(2);
+  slow2.open();
+  await Promise.all([second, third]);
+  expect(returned).toEqual(["first", "second", "third"]);
+  const rows = [...journal.kept.entries()].sort((a, b) => a[0] - b[0]).map(([, r]) => decodeRecords(r).map((x) => [x.offset, x.data!.toString()]));
+  expect(rows).toEqual([
+    [[0, "a"]],
+    [
+      [10, "b"],
+      [20, "c"],
+    ],
+  ]);
+  expect(store.commits).toEqual([]);
 });
 
 test("more than a FLUSH's worth of journal between two FLUSHes commits instead, and what comes after is journaled again", async () => {

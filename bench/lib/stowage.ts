@@ -11,10 +11,12 @@ import { log } from "./report";
 const ROOT = path.join(__dirname, "..", "..");
 
 /** `node bin/stowage.js serve` on a fresh data directory, with its own embedded Postgres. */
-/** The node flags of package.json's `start` script (`node <flags> bin/stowage.js …`). */
-function startFlags(): string[] {
+/** The environment and node flags of package.json's `start` script (`NAME=value … node <flags> bin/stowage.js …`). */
+function startCommand(): { env: Record<string, string>; flags: string[] } {
   const start = (JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8")) as { scripts: { start: string } }).scripts.start.split(/\s+/);
-  return start.slice(start.indexOf("node") + 1, start.indexOf("bin/stowage.js"));
+  const node = start.indexOf("node");
+  const env = Object.fromEntries(start.slice(0, node).map((a) => [a.slice(0, a.indexOf("=")), a.slice(a.indexOf("=") + 1)]));
+  return { env, flags: start.slice(node + 1, start.indexOf("bin/stowage.js")) };
 }
 
 export class StowageProcess {
@@ -46,8 +48,11 @@ export class StowageProcess {
       const main = path.join(opts.dist, "src", "main.js");
       if (!fs.existsSync(main)) throw new Error(`--dist: ${main} does not exist (run \`npm run build\` first)`);
       entry = ["-e", `require(${JSON.stringify(main)}).run(["serve"])`];
-      // The compiled build runs as `npm start` runs it: its node flags, NODE_ENV=production unless set.
-      nodeArgs = [...startFlags(), ...nodeArgs];
+      // The compiled build runs as `npm start` runs it: its environment and node flags (what the caller set wins),
+      // NODE_ENV=production unless set.
+      const start = startCommand();
+      for (const [k, v] of Object.entries(start.env)) env[k] ??= v;
+      nodeArgs = [...start.flags, ...nodeArgs];
       env.NODE_ENV ??= "production";
     }
     const child = spawn(process.execPath, [...nodeArgs, ...entry], { cwd: ROOT, env, stdio: ["ignore", "pipe", log] });

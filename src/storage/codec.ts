@@ -342,6 +342,14 @@ export class StreamDigest {
     }
   }
 
+  /** Ends the stream without its digest (the work it hashed failed): its worker lets go of it, and may stop once idle. */
+  async abandon(): Promise<void> {
+    await Promise.allSettled(this.inflight.map((u) => u.done));
+    this.inflight = [];
+    this.bytes = 0;
+    await this.codec.feed(this.stream, { done: true }).catch(() => undefined);
+  }
+
   async digest(): Promise<Buffer> {
     await Promise.all(this.inflight.map((u) => u.done));
     this.inflight = [];

@@ -227,6 +227,7 @@ export class ExportImageHandler implements JobHandler<JobType.EXPORT_IMAGE> {
       size = await out.close();
     } catch (err) {
       await out.abort();
+      await digest?.abandon();
       throw err;
     }
     const sha256 = digest ? (await digest.digest()).toString("hex") : null;

@@ -383,6 +383,16 @@ describe("ChunkCodec's workers", () => {
     expect(await exited(workers)).toHaveLength(2);
     expect(workersOf(codec)).toHaveLength(0);
   });
+
+  it("stop once idle after a digest is abandoned (the work it hashed failed)", async () => {
+    codec = new ChunkCodec(1, 2, 50);
+    const digest = codec.digest();
+    await digest.update(bytes(BLOCK, 23));
+    const workers = workersOf(codec);
+    await digest.abandon();
+    expect(await exited(workers)).toHaveLength(2);
+    expect(workersOf(codec)).toHaveLength(0);
+  });
 });
 
 describe("ChunkCodec.close", () => {

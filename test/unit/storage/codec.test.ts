@@ -1,4 +1,5 @@
 import crypto from "node:crypto";
+import type { Worker } from "node:worker_threads";
 import { CCtx, compressBound, CParameter } from "zstd-napi/binding";
 import { ChunkCodec, DecodeError, type StoredChunk } from "../../../src/storage/codec";
 import { BLOCK, bytes, KiB } from "../../helpers/data";
@@ -335,10 +336,11 @@ describe("ChunkCodec.bound", () => {
   });
 });
 
+/** The codec's running worker threads, and a promise of their exits. */
+const workersOf = (codec: ChunkCodec) => (codec as unknown as { slots: { worker: Worker }[] }).slots.map((s) => s.worker);
+const exited = (workers: Worker[]) => Promise.all(workers.map((w) => new Promise<number>((resolve) => w.once("exit", resolve))));
+
 describe("ChunkCodec's workers", () => {
-  type Workers = { slots: { worker: import("node:worker_threads").Worker }[] };
-  const workersOf = (codec: ChunkCodec) => (codec as unknown as Workers).slots.map((s) => s.worker);
-  const exited = (workers: import("node:worker_threads").Worker[]) => Promise.all(workers.map((w) => new Promise<number>((resolve) => w.once("exit", resolve))));
   const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
   let codec: ChunkCodec;
   afterEach(async () => {
@@ -399,9 +401,9 @@ describe("ChunkCodec.close", () => {
   it("terminates its workers", async () => {
     const codec = new ChunkCodec(1, 2);
     expect((await codec.hash(Buffer.from(TEXT), BLOCK)).hashes[0]!.equals(sha256(TEXT))).toBe(true);
-    const exits = (codec as unknown as { slots: { worker: import("node:worker_threads").Worker }[] }).slots.map((s) => new Promise<number>((resolve) => s.worker.once("exit", resolve)));
+    const exits = exited(workersOf(codec));
     await codec.close();
-    expect(await Promise.all(exits)).toHaveLength(2);
+    expect(await exits).toHaveLength(2);
   });
 
   it("is a no-op with no workers", async () => {
